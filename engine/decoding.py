@@ -1,0 +1,320 @@
+"""KV-cached decoding for Hugging Face causal LMs: greedy, sampling and beam search.
+
+Why our own loop instead of ``model.generate``: the relevance trace needs, for every emitted token,
+the row it belongs to, whether the row was still generating, the processed scores, and (for beam
+search) which beam slot each token of the *returned* sequence came from. ``generate`` hides most
+of that, and it cannot hand a token to a streaming callback before the next forward pass.
+
+The loop reproduces ``generate`` for the settings it supports: greedy and beam search return the
+same token ids, and sampling draws the same tokens as ``torch.manual_seed(seed)`` followed by
+``generate(do_sample=True, ...)`` (same warpers, same ``torch.multinomial`` draws). Logits
+processors configured in a checkpoint's ``generation_config`` (repetition penalty, ...) are not
+applied: only the arguments given here are.
+
+Prompts are left padded; positions follow the attention mask (``cumsum - 1``) exactly as in
+``generate``, so left padding does not shift absolute position embeddings.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+NEG_INF = -1.0e9  # the "impossible" score of transformers' beam search, kept for identical ties
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """What to decode. ``top_k`` None or 0 and ``top_p`` None or 1 disable those warpers."""
+
+    max_new_tokens: int = 50
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    seed: int | None = None
+
+
+@dataclass
+class Step:
+    """One emitted token per row: what a streaming consumer needs as soon as it exists."""
+
+    index: int
+    tokens: Tensor  # [B] long
+    scores: Tensor  # [B, V] processed scores the token was chosen from
+    token_logits: Tensor  # [B] raw logit of the emitted token
+    active: Tensor  # [B] bool: False where the row had already finished (token is padding)
+
+
+@dataclass
+class Decoded:
+    """A finished decode. ``sequences`` = left-padded prompt followed by N generated tokens."""
+
+    sequences: Tensor  # [B, P + N]
+    prompt_mask: Tensor  # [B, P]
+    active: Tensor  # [B, N] bool
+    token_logits: Tensor  # [B, N]
+    scores: list[Tensor] | None  # N x [B, V]
+
+    @property
+    def prompt_len(self) -> int:
+        return self.prompt_mask.shape[1]
+
+    @property
+    def num_steps(self) -> int:
+        return self.sequences.shape[1] - self.prompt_len
+
+
+def position_ids_from_mask(mask: Tensor) -> Tensor:
+    """Positions that count only real tokens, as ``generate`` builds them for left padding."""
+    positions = mask.long().cumsum(-1) - 1
+    return positions.masked_fill(mask == 0, 0)
+
+
+def process_scores(logits: Tensor, cfg: DecodingConfig) -> Tensor:
+    """Temperature, top-k and top-p warpers in the order and with the semantics of transformers."""
+    if not cfg.do_sample:
+        return logits
+    scores = logits
+    if cfg.temperature != 1.0:
+        scores = scores / cfg.temperature
+    if cfg.top_k:
+        k = min(cfg.top_k, scores.shape[-1])
+        kth = torch.topk(scores, k).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if cfg.top_p is not None and cfg.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        remove_sorted = cumulative <= (1 - cfg.top_p)
+        remove_sorted[..., -1:] = False  # always keep the most likely token
+        remove = remove_sorted.scatter(1, order, remove_sorted)
+        scores = scores.masked_fill(remove, -float("inf"))
+    return scores
+
+
+class CachedLM:
+    """Calls an HF causal LM with its KV cache; knows which optional arguments its forward takes."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        params = inspect.signature(model.forward).parameters
+        self.takes_positions = "position_ids" in params
+        self.takes_logits_to_keep = "logits_to_keep" in params
+
+    def __call__(self, input_ids: Tensor, mask: Tensor, positions: Tensor, cache=None):
+        """Logits of the last position [B, V] (float32) and the updated cache."""
+        kwargs = {"attention_mask": mask, "use_cache": True}
+        if cache is not None:
+            kwargs["cache"] = cache
+        if self.takes_positions:
+            kwargs["position_ids"] = positions
+        if self.takes_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=input_ids, **kwargs)
+        return out.logits[:, -1].float(), out.cache
+
+
+def _check(cfg: DecodingConfig) -> None:
+    if cfg.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
+    if cfg.num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {cfg.num_beams}")
+    if cfg.num_beams > 1 and cfg.do_sample:
+        raise ValueError("beam sampling (num_beams > 1 with do_sample) is not supported")
+    if cfg.do_sample and cfg.temperature <= 0:
+        raise ValueError(f"sampling needs temperature > 0, got {cfg.temperature}")
+
+
+@torch.no_grad()
+def iter_decode(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, cfg: DecodingConfig
+) -> Iterator[Step]:
+    """Greedy or sampled decoding, one ``Step`` per emitted token, as soon as it is chosen.
+
+    Rows that emit an EOS token continue with ``cfg.pad_token_id`` (marked inactive) until every
+    row has finished or ``max_new_tokens`` tokens were emitted, as in ``generate``.
+    """
+    _check(cfg)
+    if cfg.num_beams > 1:
+        raise ValueError("iter_decode does greedy or sampling; use beam_search for num_beams > 1")
+    lm = CachedLM(model)
+    generator = None
+    if cfg.do_sample:
+        generator = torch.Generator(device=input_ids.device)
+        generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+    eos = torch.tensor(cfg.eos_token_ids, dtype=torch.long, device=input_ids.device)
+    mask = attention_mask.long()
+    positions = position_ids_from_mask(mask)
+    logits, cache = lm(input_ids, mask, positions)
+    active = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for index in range(cfg.max_new_tokens):
+        scores = process_scores(logits, cfg)
+        if cfg.do_sample:
+            tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+        else:
+            tokens = scores.argmax(-1)
+        tokens = torch.where(active, tokens, cfg.pad_token_id)
+        token_logits = logits.gather(1, tokens[:, None]).squeeze(1)
+        yield Step(index, tokens, scores, token_logits, active.clone())
+        active &= ~torch.isin(tokens, eos)
+        if not active.any() or index + 1 == cfg.max_new_tokens:
+            return
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        logits, cache = lm(tokens[:, None], mask, positions, cache)
+
+
+def decode(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    cfg: DecodingConfig,
+    keep_scores: bool = False,
+) -> Decoded:
+    """Decode to the end (greedy, sampling or beam search) and collect what the traces need."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if cfg.num_beams > 1:
+        return beam_search(model, input_ids, attention_mask, cfg, keep_scores)
+    steps = list(iter_decode(model, input_ids, attention_mask, cfg))
+    return Decoded(
+        sequences=torch.cat([input_ids, torch.stack([s.tokens for s in steps], 1)], dim=1),
+        prompt_mask=attention_mask.long(),
+        active=torch.stack([s.active for s in steps], 1),
+        token_logits=torch.stack([s.token_logits for s in steps], 1),
+        scores=[s.scores for s in steps] if keep_scores else None,
+    )
+
+
+def _gather_beams(tensor: Tensor, index: Tensor) -> Tensor:
+    """tensor [B, S, ...] indexed along dim 1 by index [B, S']."""
+    index = index.reshape(index.shape + (1,) * (tensor.dim() - index.dim()))
+    return torch.take_along_dim(tensor, index, dim=1)
+
+
+@torch.no_grad()
+def beam_search(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    cfg: DecodingConfig,
+    keep_scores: bool = False,
+) -> Decoded:
+    """Beam search with the semantics of transformers' ``generate(num_beams=...)``.
+
+    Each beam carries, besides its tokens, the slot it came from at every step and the raw logit
+    of every token it emitted, so that the returned (best finished) sequence can be traced back:
+    ``scores[i]`` holds, for each row, the log-probabilities of the beam that is the returned
+    sequence's ancestor at step i (not beam slot 0, which need not be an ancestor).
+    """
+    _check(cfg)
+    lm = CachedLM(model)
+    batch, prompt_len = input_ids.shape
+    beams, steps = cfg.num_beams, cfg.max_new_tokens
+    max_len = prompt_len + steps
+    device = input_ids.device
+    eos = torch.tensor(cfg.eos_token_ids, dtype=torch.long, device=device)
+    keep = max(2, 1 + len(cfg.eos_token_ids)) * beams
+    in_top_beams = torch.arange(keep, device=device) < beams
+
+    running = torch.full((batch, beams, max_len), cfg.pad_token_id, dtype=torch.long, device=device)
+    running[:, :, :prompt_len] = input_ids[:, None]
+    running_from = torch.full((batch, beams, steps), -1, dtype=torch.long, device=device)
+    running_logit = torch.zeros((batch, beams, steps), device=device)
+    running_scores = torch.zeros((batch, beams), device=device)
+    running_scores[:, 1:] = NEG_INF  # only beam 0 is live at first: no duplicate candidates
+    done, done_from, done_logit = running.clone(), running_from.clone(), running_logit.clone()
+    done_scores = torch.full((batch, beams), NEG_INF, device=device)
+    done_flag = torch.zeros((batch, beams), dtype=torch.bool, device=device)
+    improvable = torch.ones((batch, 1), dtype=torch.bool, device=device)
+    step_log_probs: list[Tensor] = []
+
+    mask = attention_mask.long().repeat_interleave(beams, 0)
+    positions = position_ids_from_mask(mask)
+    logits, cache = lm(input_ids.repeat_interleave(beams, 0), mask, positions)
+    cur = prompt_len
+    while True:
+        step = cur - prompt_len
+        vocab = logits.shape[-1]
+        log_probs = logits.log_softmax(-1).view(batch, beams, vocab)
+        if keep_scores:
+            step_log_probs.append(log_probs)
+        total = (log_probs + running_scores[..., None]).view(batch, beams * vocab)
+        cand_scores, cand = torch.topk(total, keep)
+        cand_beam, cand_token = cand // vocab, cand % vocab
+        cand_seq = _gather_beams(running, cand_beam)
+        cand_seq[:, :, cur] = cand_token
+        cand_from = _gather_beams(running_from, cand_beam)
+        cand_from[:, :, step] = cand_beam
+        cand_logit = _gather_beams(running_logit, cand_beam)
+        cand_logit[:, :, step] = logits.view(batch, beams * vocab).gather(1, cand)
+        stops = torch.isin(cand_token, eos) | (cur + 1 >= max_len)
+
+        # Live beams for the next step: the best candidates that did not stop.
+        live_scores = cand_scores + stops.float() * NEG_INF
+        live = torch.topk(live_scores, beams).indices
+        running, running_scores = _gather_beams(cand_seq, live), _gather_beams(live_scores, live)
+        running_from = _gather_beams(cand_from, live)
+        running_logit = _gather_beams(cand_logit, live)
+
+        # Finished hypotheses: candidates among the top `beams` that stopped, length-penalised.
+        just_done = stops & in_top_beams[None, :]
+        final = cand_scores / ((cur + 1 - prompt_len) ** cfg.length_penalty)
+        full = done_flag.all(-1, keepdim=True) & (cfg.early_stopping is True)
+        final = final + full.float() * NEG_INF
+        final = final + (~improvable).float() * NEG_INF
+        final = final + (~just_done) * NEG_INF
+        best = torch.topk(torch.cat([done_scores, final], 1), beams).indices
+        done = _gather_beams(torch.cat([done, cand_seq], 1), best)
+        done_scores = _gather_beams(torch.cat([done_scores, final], 1), best)
+        done_from = _gather_beams(torch.cat([done_from, cand_from], 1), best)
+        done_logit = _gather_beams(torch.cat([done_logit, cand_logit], 1), best)
+        done_flag = _gather_beams(torch.cat([done_flag, just_done], 1), best)
+
+        cur += 1
+        if cfg.early_stopping == "never" and cfg.length_penalty > 0.0:
+            best_len = max_len - prompt_len
+        else:
+            best_len = cur - prompt_len
+        best_running = running_scores[:, :1] / (best_len**cfg.length_penalty)
+        worst_done = torch.where(done_flag, done_scores.min(1, keepdim=True).values, NEG_INF)
+        improvable = improvable & (best_running > worst_done).any(-1, keepdim=True)
+        all_full = bool(done_flag.all()) and cfg.early_stopping is True
+        if not improvable.any() or all_full or bool(stops.all()):
+            break
+
+        parent = running_from[:, :, step] + torch.arange(batch, device=device)[:, None] * beams
+        cache.reorder_cache(parent.reshape(-1))
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        logits, cache = lm(running[:, :, cur - 1].reshape(-1, 1), mask, positions, cache)
+
+    sequences, came_from, token_logits = done[:, 0], done_from[:, 0], done_logit[:, 0]
+    lengths = (came_from >= 0).sum(1)
+    num_steps = int(lengths.max())
+    active = torch.arange(num_steps, device=device)[None, :] < lengths[:, None]
+    scores = None
+    if keep_scores:
+        ancestors = came_from.clamp(min=0)
+        scores = [
+            _gather_beams(step_log_probs[i], ancestors[:, i, None])
+            .squeeze(1)
+            .masked_fill(~active[:, i, None], 0.0)
+            for i in range(num_steps)
+        ]
+    return Decoded(
+        sequences=sequences[:, : prompt_len + num_steps],
+        prompt_mask=attention_mask.long(),
+        active=active,
+        token_logits=token_logits[:, :num_steps],
+        scores=scores,
+    )
