@@ -36,10 +36,14 @@ def test_compose_spec_schema():
 def test_docker_compose_config():
     cli = _compose_cli()
     if not cli:
-        pytest.skip("no `docker compose` plugin on this machine; the compose-spec schema "
-                    "test and the checks below cover the file")
-    run([*cli, "-f", str(COMPOSE), "--profile", "gpu", "--profile", "tools", "config", "-q"],
-        cwd=ROOT)
+        pytest.skip(
+            "no `docker compose` plugin on this machine; the compose-spec schema "
+            "test and the checks below cover the file"
+        )
+    run(
+        [*cli, "-f", str(COMPOSE), "--profile", "gpu", "--profile", "tools", "config", "-q"],
+        cwd=ROOT,
+    )
 
 
 def test_services(compose):

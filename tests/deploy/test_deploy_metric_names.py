@@ -16,8 +16,10 @@ from deploy_helpers import (
 @pytest.mark.parametrize(
     "expr, names",
     [
-        ('sum by (route, status) (rate(backtrace_http_requests_total{route="/x"}[5m]))',
-         {"backtrace_http_requests_total"}),
+        (
+            'sum by (route, status) (rate(backtrace_http_requests_total{route="/x"}[5m]))',
+            {"backtrace_http_requests_total"},
+        ),
         ("histogram_quantile(0.99, sum by (le) (rate(a_bucket[$__rate_interval])))", {"a_bucket"}),
         ("max(x) < 1 and on() sum(y) > 0", {"x", "y"}),
         ("sum(rate(a_total[5m] offset 1h)) / clamp_min(b, 1e-9) > bool 2", {"a_total", "b"}),
