@@ -1,0 +1,353 @@
+"""``DLBacktrace``: the public entry point, with the API of the dl-backtrace package."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, fx
+
+from .capture import Captured, Inputs, bind_inputs, capture
+from .sweep import Explanation, Seed, Sweeper, forward
+
+log = logging.getLogger("engine")
+
+CLASSIFICATION_TASKS = ("text-classification", "image-classification", "tabular-classification")
+TASKS = ("auto", "generation", *CLASSIFICATION_TASKS)
+
+
+class DLBacktrace:
+    """Layer-wise relevance for a PyTorch model, captured once with ``torch.export``.
+
+    >>> dlb = DLBacktrace(model, (input_ids, attention_mask))
+    >>> res = dlb.run_task(task="text-classification", inputs={"input_ids": ..., ...})
+    >>> res["relevance"]["input_ids"]  # [B, T]
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        input_for_graph: Inputs,
+        device: str | torch.device = "cpu",
+        verbose: bool = False,
+    ):
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' was asked for but torch sees no CUDA device")
+        self.model = model.eval().to(self.device)
+        self.verbose = verbose
+        self._graphs: list[tuple[Captured, Sweeper]] = []
+        self._graph_for(self._prepare(input_for_graph))
+        self.node_io: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------ capture and sweep
+
+    def _prepare(self, inputs: Inputs) -> dict[str, Tensor]:
+        bound = bind_inputs(self.model, inputs)
+        return {k: v.to(self.device) for k, v in bound.items() if v is not None}
+
+    def _graph_for(self, inputs: dict[str, Tensor]) -> tuple[Captured, Sweeper]:
+        """The captured graph that serves these inputs; capture again only when the shapes
+        fall outside every graph so far (a model that forced a static dimension)."""
+        for entry in self._graphs:
+            if entry[0].accepts(inputs):
+                return entry
+        captured = capture(self.model, inputs, verbose=self.verbose)
+        entry = (captured, Sweeper(captured, _explained_output(captured)))
+        self._graphs.append(entry)
+        return entry
+
+    @property
+    def captured(self) -> Captured:
+        return self._graphs[0][0]
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.captured.graph
+
+    def explain(
+        self,
+        inputs: Inputs,
+        seed: Seed,
+        mode: str = "default",
+        relevance_nodes: str | Sequence[str] = "all",
+    ) -> Explanation:
+        """One forward over ``inputs`` and one sweep for all ``seed.K`` seeds."""
+        prepared = self._prepare(inputs)
+        captured, sweeper = self._graph_for(prepared)
+        sweeper.check_rules()
+        with torch.no_grad():
+            env, outputs = forward(captured, prepared)
+            batch = next(iter(prepared.values())).shape[0]
+            keep = relevance_nodes if isinstance(relevance_nodes, str) else set(relevance_nodes)
+            if keep not in ("all", "inputs") and not isinstance(keep, set):
+                raise ValueError(
+                    f"relevance_nodes must be 'all', 'inputs' or a list of node names, got {keep!r}"
+                )
+            keep = set() if keep == "inputs" else keep
+            relevance, seed_total, at_inputs, sinks = sweeper.run(env, seed, mode, keep, batch)
+        return Explanation(relevance, seed_total, at_inputs, sinks, outputs, env)
+
+    # ------------------------------------------------------------ public API
+
+    def predict(self, inputs: Inputs, temperature: float = 1.0) -> dict[str, Any]:
+        """Run the recorded forward; returns ``node_io`` and keeps it on ``self.node_io``."""
+        prepared = self._prepare(inputs)
+        captured, _ = self._graph_for(prepared)
+        with torch.no_grad():
+            env, outputs = forward(captured, prepared)
+        self.node_io = Explanation({}, None, None, None, outputs, env).node_io(captured)
+        self.predictions = _to_numpy(outputs[0]) / temperature
+        return self.node_io
+
+    def run_task(
+        self,
+        task: str = "auto",
+        inputs: Inputs | None = None,
+        tokenizer: Any = None,
+        mode: str = "default",
+        multiplier: float = 100.0,
+        scaler: float = 1.0,
+        thresholding: float = 0.5,
+        temperature: float = 1.0,
+        return_scores: bool = False,
+        return_relevance: bool = False,
+        return_layerwise_output: bool = False,
+        debug: bool = False,
+        relevance_nodes: str | Sequence[str] = "all",
+        target: int | Sequence[int] | None = None,
+        **generation_kwargs: Any,
+    ) -> dict[str, Any]:
+        """Predict and explain in one call (see ``dlbacktrace-pipeline.md``).
+
+        ``multiplier`` is the seed's size and ``scaler`` multiplies every reported relevance
+        value (so inputs + sinks = multiplier * scaler). ``temperature`` divides the logits
+        reported as ``predictions``. ``thresholding`` is the decision threshold on the sigmoid
+        of a single-logit binary classifier. ``target`` explains a given class instead of the
+        predicted one.
+        """
+        if inputs is None:
+            raise ValueError("run_task needs inputs")
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if task == "auto":
+            task = self.detect_task(inputs, tokenizer)
+        if task == "generation":
+            from .generation import run_generation
+
+            return run_generation(
+                self,
+                inputs,
+                tokenizer,
+                mode=mode,
+                multiplier=multiplier,
+                scaler=scaler,
+                temperature=temperature,
+                return_scores=return_scores,
+                return_relevance=return_relevance,
+                return_layerwise_output=return_layerwise_output,
+                debug=debug,
+                relevance_nodes="inputs" if relevance_nodes == "all" else relevance_nodes,
+                **generation_kwargs,
+            )
+        if generation_kwargs:
+            raise TypeError(f"unexpected arguments for {task}: {sorted(generation_kwargs)}")
+        return self._classify(
+            task,
+            inputs,
+            mode,
+            multiplier,
+            scaler,
+            thresholding,
+            temperature,
+            return_scores,
+            return_relevance,
+            return_layerwise_output,
+            debug,
+            relevance_nodes,
+            target,
+        )
+
+    def _classify(
+        self,
+        task,
+        inputs,
+        mode,
+        multiplier,
+        scaler,
+        thresholding,
+        temperature,
+        return_scores,
+        return_relevance,
+        return_layerwise_output,
+        debug,
+        relevance_nodes,
+        target,
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
+        prepared = self._prepare(inputs)
+        captured, sweeper = self._graph_for(prepared)
+        sweeper.check_rules()
+        with torch.no_grad():
+            env, outputs = forward(captured, prepared)
+        logits = env[sweeper.seed_node]
+        scaled = logits.float() / temperature
+        single = scaled.dim() == 1 or scaled.shape[-1] == 1
+        batch = logits.shape[0]
+        if single:
+            labels = (torch.sigmoid(scaled.reshape(batch)) >= thresholding).long()
+        else:
+            labels = scaled.argmax(-1)
+        explained = labels if target is None else _targets(target, batch, logits.device)
+        unit = torch.zeros_like(explained) if single else explained
+        sign = torch.ones(batch, device=logits.device)
+        if single and mode == "contrast":
+            # The evidence for "negative" is the evidence against the logit.
+            sign = torch.where(explained == 1, 1.0, -1.0)
+        rows = torch.arange(batch, device=logits.device)
+        index = torch.stack([rows, unit], -1) if logits.dim() == 2 else rows[:, None]
+        seed = Seed(index[None], (sign * multiplier)[None])
+        keep = relevance_nodes if isinstance(relevance_nodes, str) else set(relevance_nodes)
+        keep = set() if keep == "inputs" else keep
+        with torch.no_grad():
+            relevance, seed_total, at_inputs, sinks = sweeper.run(env, seed, mode, keep, batch)
+        relevance = {k: v[0] * scaler for k, v in relevance.items()}
+        exp = Explanation(relevance, seed_total, at_inputs, sinks, outputs, env)
+        node_io = exp.node_io(captured)
+        self.node_io = node_io
+        predictions = _to_numpy(scaled)
+        result: dict[str, Any] = {
+            "task": task,
+            "node_io": node_io,
+            "relevance": relevance,
+            "relevance_computed": True,
+            "predictions": predictions,
+            "predicted_labels": _to_numpy(labels),
+            "target": _to_numpy(explained),
+            "mode": mode,
+            "conservation": {
+                "seed": _to_numpy(seed_total[0]) * scaler,
+                "inputs": _to_numpy(at_inputs[0]) * scaler,
+                "sinks": _to_numpy(sinks[0]) * scaler,
+            },
+            "timings": {"total_s": time.perf_counter() - started},
+        }
+        if mode == "contrast":
+            names = captured.input_names
+            result["relevance_positive"] = {
+                k: v.clamp(min=0) for k, v in relevance.items() if k in names
+            }
+            result["relevance_negative"] = {
+                k: v.clamp(max=0) for k, v in relevance.items() if k in names
+            }
+        if return_scores:
+            result["scores_trace"] = [predictions]
+        if return_relevance:
+            result["relevance_trace"] = [relevance]
+        if return_layerwise_output:
+            result["layerwise_output_trace"] = [{k: v["output_values"] for k, v in node_io.items()}]
+        if debug:
+            c = result["conservation"]
+            log.warning(
+                "run_task %s: seed %s, inputs %s, sinks %s, %.3fs",
+                task,
+                c["seed"],
+                c["inputs"],
+                c["sinks"],
+                result["timings"]["total_s"],
+            )
+        return result
+
+    def detect_task(self, inputs: Inputs, tokenizer: Any = None) -> str:
+        """Causal LM (even behind a wrapper) -> generation; token ids -> text; images -> image;
+        2-D float rows -> tabular."""
+        try:
+            from .generation import is_causal_lm
+        except ImportError:  # generation support not installed in this tree yet
+            is_causal_lm = None
+        if is_causal_lm is not None and is_causal_lm(self.model):
+            return "generation"
+        prepared = self._prepare(inputs)
+        first = next(iter(prepared.values()))
+        if not first.is_floating_point():
+            return "text-classification"
+        if first.dim() >= 3:
+            return "image-classification"
+        if first.dim() == 2:
+            return "tabular-classification"
+        raise ValueError(
+            f"cannot tell the task from an input of shape {tuple(first.shape)}: pass task="
+        )
+
+    def diagnose_model_compatibility(self) -> dict[str, Any]:
+        """Ops on the relevance path and those without a rule, from the graph alone."""
+        report = {"supported": True, "unsupported": [], "ops": {}}
+        for captured, sweeper in self._graphs:
+            missing = sweeper.provenance.unsupported()
+            report["unsupported"] += [{"node": n, "op": op} for n, op in missing]
+            report["ops"].update(sweeper.provenance.op_counts())
+        report["supported"] = not report["unsupported"]
+        if self.verbose:
+            for item in report["unsupported"]:
+                print(f"[diagnose] no rule for {item['op']} at {item['node']}")
+        return report
+
+    def debug_execution_differences(self, *inputs: Any, **named: Tensor) -> dict[str, Any]:
+        """Compare the recorded graph's outputs with the eager model on the same inputs."""
+        given: Inputs = named if named else (inputs[0] if len(inputs) == 1 else tuple(inputs))
+        prepared = self._prepare(given)
+        captured, _ = self._graph_for(prepared)
+        with torch.no_grad():
+            _, graph_out = forward(captured, prepared)
+            eager = self.model(**prepared)
+        eager_flat = [t for t in torch.utils._pytree.tree_leaves(eager) if isinstance(t, Tensor)]
+        diffs = [
+            float((g.float() - e.float()).abs().max()) if g.shape == e.shape else float("inf")
+            for g, e in zip(graph_out, eager_flat, strict=False)
+        ]
+        return {"max_abs_diff": diffs, "match": all(d <= 1e-4 for d in diffs)}
+
+    def evaluation(self, result: dict[str, Any], top_k: int = 5) -> dict[str, Any]:
+        """Summary of a run_task result: conservation error and the strongest input features."""
+        c = result["conservation"]
+        error = np.abs(c["inputs"] + c["sinks"] - c["seed"]) / np.maximum(np.abs(c["seed"]), 1e-12)
+        top = {}
+        for name in self.captured.input_names:
+            rel = result["relevance"].get(name)
+            if rel is None:
+                continue
+            flat = rel.reshape(rel.shape[0], -1)
+            k = min(top_k, flat.shape[1])
+            values, index = flat.topk(k, dim=1)
+            top[name] = {"index": _to_numpy(index), "value": _to_numpy(values)}
+        return {
+            "conservation_error": error,
+            "input_share": c["inputs"] / np.where(c["seed"] == 0, 1, c["seed"]),
+            "top_features": top,
+        }
+
+
+def _explained_output(captured: Captured) -> fx.Node:
+    """The first floating-point tensor the model returns (logits)."""
+    outputs = captured.output.args[0]
+    outputs = outputs if isinstance(outputs, list | tuple) else (outputs,)
+    for node in outputs:
+        val = node.meta.get("val") if isinstance(node, fx.Node) else None
+        if isinstance(val, Tensor) and val.is_floating_point():
+            return node
+    raise ValueError("the model returns no floating-point tensor to explain")
+
+
+def _targets(target: int | Sequence[int], batch: int, device) -> Tensor:
+    t = torch.as_tensor(target, device=device).long().reshape(-1)
+    return t.expand(batch) if t.numel() == 1 else t
+
+
+def _to_numpy(t: Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()

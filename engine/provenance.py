@@ -1,0 +1,166 @@
+"""Static facts about a captured graph: op arguments by schema name, which tensors carry
+relevance, and which nodes the sweep will visit.
+
+As in autograd, relevance only flows along floating-point paths that start at a floating-point
+input or at an embedding lookup of an input's ids. Everything else (parameters, buffers,
+attention masks, position ids, rotary tables) is a constant: where it meets a data tensor its
+share is a sink. Decided by data provenance in the graph, never by node names.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import fx
+
+from .rules import RULES
+
+aten = torch.ops.aten
+
+# Ops whose output is a normaliser or attention/routing weights: treated as constants, so a
+# product with them passes all relevance to the other operand (hand-written RMSNorm, explicit
+# softmax attention, mixture-of-experts routing).
+CONSTANT_OPS = {
+    aten.softmax.int,
+    aten._softmax.default,
+    aten.rsqrt.default,
+    aten.sqrt.default,
+    aten.reciprocal.default,
+    aten.var.correction,
+    aten.var.dim,
+    aten.std.correction,
+    aten.std.dim,
+    aten.var_mean.correction,
+}
+
+# Ops that move integer ids around without computing with them: an embedding lookup after
+# them still traces back to the input's ids.
+ID_PATH_OPS = {
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.flatten.using_ints,
+    aten.expand.default,
+    aten.slice.Tensor,
+    aten.select.int,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.alias.default,
+    aten.permute.default,
+    aten.transpose.int,
+}
+
+# Arguments a rule never sends relevance to, although they may be data.
+SILENT_ARGS = {aten.scaled_dot_product_attention.default: {"query", "key", "attn_mask"}}
+
+
+class UnsupportedOpError(NotImplementedError):
+    """An op on the relevance path has no rule."""
+
+
+def bind(node: fx.Node) -> dict[str, Any]:
+    """The node's arguments by schema name, defaults filled in."""
+    schema = node.target._schema
+    bound: dict[str, Any] = {}
+    positional = list(node.args)
+    for arg in schema.arguments:
+        if positional and not arg.kwarg_only:
+            bound[arg.name] = positional.pop(0)
+        elif arg.name in node.kwargs:
+            bound[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            bound[arg.name] = arg.default_value
+        else:
+            bound[arg.name] = None
+    return bound
+
+
+def _value(node: fx.Node) -> Any:
+    return node.meta.get("val")
+
+
+def _floating(val: Any) -> bool:
+    return isinstance(val, torch.Tensor) and val.is_floating_point()
+
+
+def _tensor_args(bound: dict[str, Any]):
+    """(name, index, node) for every fx.Node argument, lists included."""
+    for name, arg in bound.items():
+        if isinstance(arg, fx.Node):
+            yield name, None, arg
+        elif isinstance(arg, list | tuple):
+            for i, item in enumerate(arg):
+                if isinstance(item, fx.Node):
+                    yield name, i, item
+
+
+class Provenance:
+    """Per node: bound arguments, whether it carries relevance, whether the sweep visits it."""
+
+    def __init__(self, nodes: list[fx.Node], input_names: list[str], output: fx.Node):
+        self.bound: dict[fx.Node, dict[str, Any]] = {}
+        self.data: dict[fx.Node, bool] = {}
+        for node in nodes:
+            if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+                self.bound[node] = bind(node)
+            self.data[node] = self._is_data(node, input_names)
+        self.output = output
+        self.visited = self._reach(nodes, output)
+
+    def _is_data(self, node: fx.Node, input_names: list[str]) -> bool:
+        if node.op == "placeholder":
+            return node.name in input_names
+        if node.op != "call_function":
+            return False
+        val = _value(node)
+        if node.target is operator.getitem:
+            parent, index = node.args
+            return self.data.get(parent, False) and _floating(val)
+        if node not in self.bound or node.target in CONSTANT_OPS:
+            return False
+        args = list(_tensor_args(self.bound[node]))
+        if node.target is aten.embedding.default:
+            return self.data.get(self.bound[node]["indices"], False)
+        if isinstance(val, list | tuple):
+            return any(self.data.get(a, False) and _floating(_value(a)) for _, _, a in args)
+        if _floating(val):
+            return any(self.data.get(a, False) and _floating(_value(a)) for _, _, a in args)
+        if isinstance(val, torch.Tensor) and node.target in ID_PATH_OPS:
+            return self.data.get(args[0][2], False)
+        return False
+
+    def _reach(self, nodes: list[fx.Node], output: fx.Node) -> set[fx.Node]:
+        """Nodes that relevance from ``output`` can reach, in the rules' own terms."""
+        reached = {output}
+        for node in reversed(nodes):
+            if node not in reached:
+                continue
+            if node.target is operator.getitem:
+                reached.add(node.args[0])
+                continue
+            if node not in self.bound:
+                continue
+            silent = SILENT_ARGS.get(node.target, set())
+            for name, _, arg in _tensor_args(self.bound[node]):
+                if name not in silent and self.data.get(arg, False):
+                    reached.add(arg)
+        return reached
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        """(node name, op) for every node on the relevance path without a rule."""
+        missing = []
+        for node in self.visited:
+            if node.op != "call_function" or node.target is operator.getitem:
+                continue
+            if node.target not in RULES:
+                missing.append((node.name, str(node.target)))
+        return sorted(missing)
+
+    def op_counts(self) -> Counter:
+        return Counter(str(n.target) for n in self.visited if n.op == "call_function")

@@ -1,0 +1,218 @@
+"""The forward pass that records activations and the backward sweep that applies the rules.
+
+The sweep carries ``K`` seeds at once: every relevance tensor has a leading seed axis. A
+classification batch needs one (each sample's seed lives in its own batch row); generation
+explains every emitted token of a sequence in one sweep with one seed per step.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, fx
+
+from .capture import Captured
+from .provenance import Provenance, UnsupportedOpError
+from .rules import MODES, RULES, Ctx
+
+aten = torch.ops.aten
+_PASS_THROUGH = {aten._to_copy.default, aten.clone.default, aten.alias.default}
+
+
+@dataclass
+class Seed:
+    """K seeds on the explained output: seed k puts ``value[k, e]`` at ``output[index[k, e]]``.
+
+    Entries are sparse so that a seed on a [B, T, V] language-model output never becomes a
+    dense tensor of that size.
+    """
+
+    index: Tensor  # [K, E, output.ndim], long
+    value: Tensor  # [K, E]
+
+    @property
+    def K(self) -> int:
+        return self.index.shape[0]
+
+    def dense(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+        R = torch.zeros(self.K, *shape, dtype=dtype, device=device)
+        k = torch.arange(self.K, device=device)[:, None].expand_as(self.value)
+        R.index_put_(
+            (k, *self.index.to(device).unbind(-1)), self.value.to(device, dtype), accumulate=True
+        )
+        return R
+
+
+@dataclass
+class Explanation:
+    """Relevance of one sweep. Tensors have a leading seed axis K."""
+
+    relevance: dict[str, Tensor]
+    seed: Tensor  # [K, B] seed value per sample
+    inputs: Tensor  # [K, B] relevance that reached the inputs
+    sinks: Tensor  # [K, B] relevance left in biases, constants and cancelled shares
+    outputs: tuple
+    env: dict[fx.Node, Any] = field(repr=False, default_factory=dict)
+
+    def node_io(self, captured: Captured) -> dict[str, dict[str, Any]]:
+        """The public ``node_io`` form: recorded inputs and output of every op."""
+        io = {}
+        for node in captured.nodes:
+            if node.op != "call_function":
+                continue
+            ins = [self.env[a] for a in node.all_input_nodes if a in self.env]
+            io[node.name] = {"input_values": ins, "output_values": self.env.get(node)}
+        return io
+
+
+def forward(captured: Captured, inputs: dict[str, Tensor]) -> tuple[dict[fx.Node, Any], tuple]:
+    """Run the exported graph, keeping every value. Op errors propagate unchanged."""
+    env: dict[fx.Node, Any] = {}
+    for node in captured.nodes:
+        if node.op == "placeholder":
+            env[node] = inputs[node.name] if node.name in inputs else captured.constants[node.name]
+        elif node.op == "call_function":
+            args = fx.node.map_arg(node.args, env.__getitem__)
+            kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+            env[node] = node.target(*args, **kwargs)
+        elif node.op == "output":
+            outputs = fx.node.map_arg(node.args[0], env.__getitem__)
+            return env, tuple(outputs) if isinstance(outputs, list | tuple) else (outputs,)
+    raise RuntimeError("graph has no output node")
+
+
+class Sweeper:
+    """Applies the rules over one captured graph; caches |W| across runs."""
+
+    def __init__(self, captured: Captured, seed_node: fx.Node):
+        self.captured = captured
+        self.seed_node = seed_node
+        self.provenance = Provenance(captured.nodes, captured.input_names, seed_node)
+        self._abs: dict[int, Tensor] = {}
+        self._order = [n for n in captured.nodes if n in self.provenance.visited]
+
+    def check_rules(self) -> None:
+        missing = self.provenance.unsupported()
+        if missing:
+            listed = ", ".join(f"{op} at node {name!r}" for name, op in missing)
+            raise UnsupportedOpError(f"no relevance rule for: {listed}")
+
+    def abs_of(self, t: Tensor) -> Tensor:
+        """|t| for parameters, cached: the same weights are swept on every request."""
+        key = id(t)
+        hit = self._abs.get(key)
+        if hit is None or hit[0] is not t:
+            hit = (t, t.abs())
+            self._abs[key] = hit
+        return hit[1]
+
+    def per_sample(self, t: Tensor, node: fx.Node, batch: int) -> Tensor:
+        """Sum a [K, *shape] tensor of ``node`` to [K, batch]."""
+        K = t.shape[0]
+        axis = self.captured.batch_axis.get(node)
+        if axis is None:
+            sizes = list(t.shape[1:])
+            axis = sizes.index(batch) if batch in sizes else None
+        if axis is None:
+            # Not a per-sample tensor (only possible for batch size 1 or static captures).
+            return (t.reshape(K, -1).sum(1) / batch)[:, None].expand(K, batch)
+        t = t.movedim(axis + 1, 1)
+        return t.reshape(K, batch, -1).sum(-1)
+
+    def run(
+        self, env: dict[fx.Node, Any], seed: Seed, mode: str, keep: str | set[str], batch: int
+    ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.check_rules()
+        prov = self.provenance
+        out = env[self.seed_node]
+        K = seed.K
+        sinks = torch.zeros(K, batch, dtype=torch.float32, device=out.device)
+        seed_total = self._seed_per_sample(seed, batch, out.device)
+        R: dict[fx.Node, Any] = self._seed(env, seed, mode, sinks, batch)
+        kept: dict[str, Tensor] = {}
+        inputs = torch.zeros_like(sinks)
+        for node in reversed(self._order):
+            r = R.pop(node, None)
+            if r is None:
+                continue
+            if keep == "all" or node.name in keep:
+                if isinstance(r, Tensor):
+                    kept[node.name] = r
+            if node.op == "placeholder":
+                kept[node.name] = r
+                inputs += self.per_sample(r.float(), node, batch)
+                continue
+            if node.target is operator.getitem:
+                parent, index = node.args
+                parts = R.setdefault(parent, {})
+                parts[index] = parts[index] + r if index in parts else r
+                continue
+            ctx = Ctx(
+                node=node,
+                args=fx.node.map_aggregate(
+                    prov.bound[node], lambda a: env.get(a, a) if isinstance(a, fx.Node) else a
+                ),
+                out=env[node],
+                R=r,
+                mode=mode,
+                is_data=lambda name, i=None, n=node: self._arg_is_data(n, name, i),
+                abs_of=self.abs_of,
+            )
+            grads, sink = RULES[node.target](ctx)
+            if sink is not None:
+                sinks += self.per_sample(sink.float(), node, batch)
+            for name, g in grads.items():
+                arg = prov.bound[node][name]
+                pairs = zip(arg, g, strict=True) if isinstance(arg, list | tuple) else [(arg, g)]
+                for a, gi in pairs:
+                    if gi is None or not isinstance(a, fx.Node):
+                        continue
+                    if prov.data.get(a, False):
+                        R[a] = R[a] + gi if a in R else gi
+                    else:
+                        sinks += self.per_sample(gi.float(), a, batch)
+        return kept, seed_total, inputs, sinks
+
+    def _arg_is_data(self, node: fx.Node, name: str, index: int | None) -> bool:
+        arg = self.provenance.bound[node][name]
+        if index is not None:
+            arg = arg[index]
+        return isinstance(arg, fx.Node) and self.provenance.data.get(arg, False)
+
+    def _seed_per_sample(self, seed: Seed, batch: int, device) -> Tensor:
+        axis = self.captured.batch_axis.get(self.seed_node) or 0
+        b = seed.index[..., axis].to(device) if batch > 1 else torch.zeros_like(seed.value).long()
+        total = torch.zeros(seed.K, batch, device=device)
+        return total.scatter_add_(1, b.to(device), seed.value.to(device, torch.float32))
+
+    def _seed(self, env, seed: Seed, mode: str, sinks: Tensor, batch: int) -> dict:
+        """Place the seeds. Where the explained output is a linear layer (a classifier or a
+        language-model head), apply its rule to the sparse entries directly."""
+        head = self.seed_node
+        while head.target in _PASS_THROUGH:
+            head = head.all_input_nodes[0]
+        out = env[self.seed_node]
+        if head.target is not aten.linear.default:
+            return {self.seed_node: seed.dense(out.shape, out.dtype, out.device)}
+        args = self.provenance.bound[head]
+        x, w, b = env[args["input"]], env[args["weight"]], env.get(args["bias"])
+        dev = x.device
+        index, value = seed.index.to(dev), seed.value.to(dev, x.dtype)
+        pos, unit = index[..., :-1].unbind(-1), index[..., -1]
+        xs, ws = x[pos], w[unit]  # [K, E, in]
+        c_abs = xs.abs() * ws.abs()
+        D = c_abs.sum(-1) + (b[unit].abs() if b is not None else 0)
+        ratio = torch.where(D != 0, value / torch.where(D != 0, D, 1), 0)
+        rows = (xs * ws if mode == "contrast" else c_abs) * ratio[..., None]
+        k = torch.arange(seed.K, device=dev)[:, None].expand_as(value)
+        R = torch.zeros(seed.K, *x.shape, dtype=x.dtype, device=dev)
+        R.index_put_((k, *pos), rows, accumulate=True)
+        axis = self.captured.batch_axis.get(head) or 0
+        sample = index[..., axis] if batch > 1 else torch.zeros_like(unit)
+        sinks.scatter_add_(1, sample, (value - rows.sum(-1)).float())
+        return {args["input"]: R}
