@@ -77,12 +77,13 @@ ENV PYTHONPATH=/app \
     BACKTRACE_REGISTRY=/opt/backtrace/demo/registry.yaml \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
+    BACKTRACE_DATA_DIR=/var/cache/backtrace/models \
     HF_HOME=/var/cache/backtrace/hf \
     MPLCONFIGDIR=/var/cache/backtrace/mpl \
     HEALTHCHECK_URL=http://127.0.0.1:8000/healthz
 WORKDIR /app
 USER 10001:10001
-# 8000: API; 9101: a worker's /metrics (set HEALTHCHECK_URL=http://127.0.0.1:9101/metrics there).
+# 8000: API; 9101: a worker's /metrics (WORKER_METRICS_PORT; set HEALTHCHECK_URL to it there).
 EXPOSE 8000 9101
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['HEALTHCHECK_URL'], timeout=4)"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -141,6 +143,11 @@ def load_all(path: Path) -> list[dict]:
 
 def tool(name: str) -> str | None:
     """An executable from PATH or from the running venv's bin folder."""
-    import sys
-
     return shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+
+
+def run(cmd, **kw) -> subprocess.CompletedProcess:
+    """Run a command; on failure, the assertion message carries its output."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc

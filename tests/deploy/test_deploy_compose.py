@@ -6,8 +6,7 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import run
-from deploy_helpers import DEPLOY, ROOT, tool
+from deploy_helpers import DEPLOY, ROOT, run, tool
 
 COMPOSE = ROOT / "docker-compose.yml"
 
@@ -72,7 +71,8 @@ def test_workers_outlive_the_job_timeout(compose):
         svc = compose["services"][name]
         timeout = int(svc["environment"]["BACKTRACE_JOB_TIMEOUT"])
         assert _seconds(svc["stop_grace_period"]) > timeout
-        assert "9101" in " ".join(svc["command"])
+        assert svc["environment"]["WORKER_METRICS_PORT"] == "9101"
+        assert svc["healthcheck"]["test"][-1].count(":9101/metrics") == 1
 
 
 def test_gpu_worker_reserves_a_gpu_and_builds_cuda(compose):

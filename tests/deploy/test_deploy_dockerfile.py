@@ -5,8 +5,7 @@ argument, non-root, health check, the demo registry built in."""
 import fnmatch
 
 import pytest
-from conftest import run
-from deploy_helpers import ROOT, tool
+from deploy_helpers import ROOT, run, tool
 
 dockerfile = pytest.importorskip("dockerfile", reason="pip install dockerfile")
 

@@ -155,3 +155,21 @@ def test_embedded_scrape_config_passes_promtool(promtool, tmp_path):
             [promtool, "check", "config", str(path)], capture_output=True, text=True
         )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_worker_metrics_port_matches_its_annotation():
+    tpl = find("Deployment", "backtrace-worker")["spec"]["template"]
+    (c,) = tpl["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["WORKER_METRICS_PORT"] == tpl["metadata"]["annotations"]["prometheus.io/port"]
+
+
+def test_registry_configmap_loads_with_the_service(tmp_path):
+    registry = pytest.importorskip("service.registry", reason="service/ not importable yet")
+    path = tmp_path / "registry.yaml"
+    path.write_text(find("ConfigMap", "backtrace-registry")["data"]["registry.yaml"])
+    reg = registry.load_registry(path)
+    demo_ids = {m["id"] for m in registry.DEMO_REGISTRY}
+    assert set(reg.models) == demo_ids
+    for spec in reg.models.values():
+        assert spec.source.path == f"/opt/backtrace/demo/{spec.source.name}"

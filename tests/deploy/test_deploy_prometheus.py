@@ -2,8 +2,7 @@
 
 from pathlib import Path
 
-from conftest import run
-from deploy_helpers import PROMETHEUS, ROOT, alert_rules
+from deploy_helpers import PROMETHEUS, ROOT, alert_rules, run
 
 HERE = Path(__file__).parent
 
