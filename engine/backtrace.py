@@ -89,7 +89,7 @@ class DLBacktrace:
                     f"relevance_nodes must be 'all', 'inputs' or a list of node names, got {keep!r}"
                 )
             keep = set() if keep == "inputs" else keep
-            relevance, seed_total, at_inputs, sinks = sweeper.run(env, seed, mode, keep, batch)
+            relevance, seed_total, at_inputs, sinks = sweeper.run(env, prepared, seed, mode, keep)
         return Explanation(relevance, seed_total, at_inputs, sinks, outputs, env)
 
     # ------------------------------------------------------------ public API
@@ -216,7 +216,7 @@ class DLBacktrace:
         keep = relevance_nodes if isinstance(relevance_nodes, str) else set(relevance_nodes)
         keep = set() if keep == "inputs" else keep
         with torch.no_grad():
-            relevance, seed_total, at_inputs, sinks = sweeper.run(env, seed, mode, keep, batch)
+            relevance, seed_total, at_inputs, sinks = sweeper.run(env, prepared, seed, mode, keep)
         relevance = {k: v[0] * scaler for k, v in relevance.items()}
         exp = Explanation(relevance, seed_total, at_inputs, sinks, outputs, env)
         node_io = exp.node_io(captured)

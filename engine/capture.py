@@ -14,8 +14,9 @@ import inspect
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+import sympy
 import torch
-from torch import fx
+from torch import SymInt, fx
 from torch.export import Dim, ExportedProgram
 
 Inputs = torch.Tensor | tuple | list | Mapping[str, torch.Tensor]
@@ -97,11 +98,23 @@ class Captured:
     input_names: list[str]
     constants: dict[str, torch.Tensor]
     output: fx.Node
-    batch_axis: dict[fx.Node, int | None] = field(default_factory=dict)
+    batch_axis: dict[fx.Node, BatchAxis | None] = field(default_factory=dict)
 
     @property
     def graph(self) -> fx.Graph:
         return self.program.graph
+
+    def sizes(self, inputs: Mapping[str, torch.Tensor]) -> dict[sympy.Symbol, int]:
+        """Values of the shape symbols for these run-time inputs."""
+        values = {}
+        for node in self.nodes:
+            if node.op == "placeholder" and node.name in inputs:
+                for size, actual in zip(
+                    node.meta["val"].shape, inputs[node.name].shape, strict=True
+                ):
+                    if isinstance(size, SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                        values[size.node.expr] = actual
+        return values
 
     def accepts(self, inputs: Mapping[str, torch.Tensor]) -> bool:
         """Whether run-time inputs fit the captured shapes (static dims equal, dynamic dims
@@ -173,31 +186,63 @@ def _wrap(program: ExportedProgram) -> Captured:
     return captured
 
 
-def _batch_axes(captured: Captured) -> dict[fx.Node, int | None]:
-    """Which axis of each node's value is the batch, read from the symbolic shapes.
+def _batch_axes(captured: Captured) -> dict[fx.Node, BatchAxis | None]:
+    """Where the batch lives in each node's value, read from the symbolic shapes.
 
-    The conservation report is per sample, so every sink must be summed per sample; the symbol
-    export gave the inputs' first dimension identifies that axis exactly, even after reshapes
-    that fold batch and sequence into one dimension (the axis whose size mentions the symbol).
+    The conservation report is per sample, so every sink must be summed per sample. The
+    symbol export gave the inputs' first dimension marks the batch axis exactly. Reshapes may
+    fold batch and other dimensions into one axis, with the batch outside ([B*T, E] from
+    [B, T, E]) or inside ([T*B, E] from [T, B, E]): along such an axis the sample of index i
+    is (i // inner) % B, with ``inner`` derived from the reshape's input shape.
     """
     symbols = set()
     for node in captured.nodes:
         if node.op == "placeholder" and node.name in captured.input_names:
             val = node.meta.get("val")
-            if (
-                isinstance(val, torch.Tensor)
-                and val.dim() > 0
-                and isinstance(val.shape[0], torch.SymInt)
-            ):
+            if isinstance(val, torch.Tensor) and val.dim() and isinstance(val.shape[0], SymInt):
                 symbols |= val.shape[0].node.expr.free_symbols
-    axes: dict[fx.Node, int | None] = {}
+    axes: dict[fx.Node, BatchAxis | None] = {}
     for node in captured.nodes:
         val = node.meta.get("val")
+        if isinstance(val, list | tuple) and val and isinstance(val[0], torch.Tensor):
+            val = val[0]
         axes[node] = None
         if not isinstance(val, torch.Tensor):
             continue
         for axis, size in enumerate(val.shape):
-            if isinstance(size, torch.SymInt) and size.node.expr.free_symbols & symbols:
-                axes[node] = axis
+            if isinstance(size, SymInt) and size.node.expr.free_symbols & symbols:
+                axes[node] = BatchAxis(axis, _inner(node, axis, axes))
                 break
     return axes
+
+
+@dataclass(frozen=True)
+class BatchAxis:
+    axis: int
+    inner: sympy.Expr | int = 1
+
+
+def _expr(size) -> sympy.Expr:
+    return size.node.expr if isinstance(size, SymInt) else sympy.Integer(size)
+
+
+def _inner(node: fx.Node, axis: int, axes: dict) -> sympy.Expr | int:
+    """``inner`` of a folded batch axis, following the reshape that folded it."""
+    val = node.meta["val"]
+    out = val[0] if isinstance(val, list | tuple) else val
+    out_shape = out.shape
+    size = _expr(out_shape[axis])
+    if not isinstance(size, sympy.Mul):
+        return 1
+    for arg in node.all_input_nodes:
+        known = axes.get(arg)
+        val = arg.meta.get("val")
+        if known is None or not isinstance(val, torch.Tensor):
+            continue
+        if val.dim() > known.axis and _expr(val.shape[known.axis]) == size:
+            return known.inner  # same folded axis passed through (linear, elementwise)
+        if val.numel() == out.numel():  # a reshape: count strides
+            after_in = sympy.Mul(*[_expr(s) for s in val.shape[known.axis + 1 :]])
+            after_out = sympy.Mul(*[_expr(s) for s in out_shape[axis + 1 :]])
+            return sympy.simplify(after_in * known.inner / after_out)
+    return 1

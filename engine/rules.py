@@ -72,7 +72,7 @@ def rule(*targets: Any) -> Callable[[Rule], Rule]:
 
 def _ratio(R: Tensor, D: Tensor) -> Tensor:
     """R / D with 0 where D is 0: that relevance cannot be passed on and becomes a sink."""
-    return torch.where(D != 0, R / torch.where(D != 0, D, 1), 0)
+    return (R / D).nan_to_num_(0.0, 0.0, 0.0)
 
 
 def _unbroadcast(r: Tensor, shape: torch.Size) -> Tensor:
@@ -170,18 +170,23 @@ def batch_norm(ctx: Ctx) -> Propagation:
     a = ctx.args
     x = a["input"]
     shape = (-1,) + (1,) * (x.dim() - 2)
+    scale, shift = batch_norm_affine(a)
+    R = ctx.R[0]  # relevance of output 0; the saved statistics carry none
+    c = x * scale.view(shape)
+    ac = c.abs()
+    r_in = R * _ratio(c if ctx.signed else ac, ac + shift.abs().view(shape))
+    return {"input": r_in}, R - r_in
+
+
+def batch_norm_affine(a: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """Eval batch norm as y = x * scale + shift, per channel."""
     scale = torch.rsqrt(a["running_var"] + a["eps"])
     if a["weight"] is not None:
         scale = scale * a["weight"]
     shift = -a["running_mean"] * scale
     if a["bias"] is not None:
         shift = shift + a["bias"]
-    c = x * scale.view(shape)
-    D = c.abs() + shift.abs().view(shape)
-    R = ctx.R[0]  # relevance of output 0; the saved statistics carry none
-    ratio = _ratio(R, D)
-    r_in = ratio * (c if ctx.signed else c.abs())
-    return {"input": r_in}, R - r_in
+    return scale, shift
 
 
 def _product(ctx: Ctx, f: Callable, a: Tensor, b: Tensor, data: tuple[bool, bool]):
@@ -388,16 +393,14 @@ def add(ctx: Ctx) -> Propagation:
     aa = a.abs() if isinstance(a, Tensor) else abs(a)
     ab = b.abs() if isinstance(b, Tensor) else abs(b)
     ratio = _ratio(ctx.R, aa + ab)
-    grads, sink = {}, ctx.R * 0
+    grads, passed = {}, None
     for name, mag, value in ((first, aa, a), (second, ab, b)):
-        share = ratio * mag
         if isinstance(value, Tensor) and ctx.is_data(name):
+            share = ratio * mag
             grads[name] = _unbroadcast(share, value.shape)
-        else:
-            sink = sink + share
-    # where both magnitudes are 0 nothing can be passed on
-    sink = sink + torch.where(aa + ab == 0, ctx.R, 0)
-    return grads, sink
+            passed = share if passed is None else passed + share
+    # the constant's share, and where both magnitudes are 0 (nothing can be passed on)
+    return grads, ctx.R if passed is None else ctx.R - passed
 
 
 @rule(aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)

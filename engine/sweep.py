@@ -16,7 +16,7 @@ from torch import Tensor, fx
 
 from .capture import Captured
 from .provenance import Provenance, UnsupportedOpError
-from .rules import MODES, RULES, Ctx
+from .rules import MODES, RULES, Ctx, batch_norm_affine
 
 aten = torch.ops.aten
 _PASS_THROUGH = {aten._to_copy.default, aten.clone.default, aten.alias.default}
@@ -93,6 +93,33 @@ class Sweeper:
         self.provenance = Provenance(captured.nodes, captured.input_names, seed_node)
         self._abs: dict[int, Tensor] = {}
         self._order = [n for n in captured.nodes if n in self.provenance.visited]
+        self._folded = self._fold_batch_norms()
+
+    def _fold_batch_norms(self) -> dict[fx.Node, dict[str, Tensor]]:
+        """Fold eval batch norms into the convolution before them.
+
+        conv followed by batch norm is one affine map; the |z| rule over the folded weights
+        sinks only the folded bias, where a separate batch-norm rule would sink the whole
+        shift of every channel. It also saves a rule application per layer.
+        """
+        folded = {}
+        bound = self.provenance.bound
+        for node in self._order:
+            if node.target is not aten._native_batch_norm_legit_no_training.default:
+                continue
+            conv = bound[node]["input"]
+            if conv.target is not aten.conv2d.default or len(conv.users) != 1:
+                continue
+            value = lambda a: None if a is None else self.captured.constants.get(a.name)  # noqa: E731
+            bn = {k: (value(v) if isinstance(v, fx.Node) else v) for k, v in bound[node].items()}
+            weight, bias = value(bound[conv]["weight"]), value(bound[conv]["bias"])
+            if weight is None or any(bn[k] is None for k in ("running_mean", "running_var")):
+                continue
+            scale, shift = batch_norm_affine(bn)
+            bias = shift if bias is None else bias * scale + shift
+            folded[conv] = {"weight": weight * scale.view(-1, 1, 1, 1), "bias": bias}
+            folded[node] = {}
+        return folded
 
     def check_rules(self) -> None:
         missing = self.provenance.unsupported()
@@ -112,22 +139,40 @@ class Sweeper:
     def per_sample(self, t: Tensor, node: fx.Node, batch: int) -> Tensor:
         """Sum a [K, *shape] tensor of ``node`` to [K, batch]."""
         K = t.shape[0]
-        axis = self.captured.batch_axis.get(node)
-        if axis is None:
+        where = self.captured.batch_axis.get(node)
+        if where is None:
             sizes = list(t.shape[1:])
-            axis = sizes.index(batch) if batch in sizes else None
-        if axis is None:
-            # Not a per-sample tensor (only possible for batch size 1 or static captures).
-            return (t.reshape(K, -1).sum(1) / batch)[:, None].expand(K, batch)
-        t = t.movedim(axis + 1, 1)
-        return t.reshape(K, batch, -1).sum(-1)
+            if batch not in sizes:
+                # Not a per-sample tensor (only for batch size 1 or static captures).
+                return (t.reshape(K, -1).sum(1) / batch)[:, None].expand(K, batch)
+            axis, inner = sizes.index(batch), 1
+        else:
+            axis, inner = where.axis, where.inner
+            if not isinstance(inner, int):
+                inner = int(inner.subs(self._sizes))
+        t = t.movedim(axis + 1, -1)
+        n = t.shape[-1]
+        t = t.reshape(K, -1, n).sum(1)
+        if inner == 1 and n == batch:
+            return t
+        sample = (torch.arange(n, device=t.device) // inner) % batch
+        return torch.zeros(K, batch, dtype=t.dtype, device=t.device).index_add_(1, sample, t)
 
     def run(
-        self, env: dict[fx.Node, Any], seed: Seed, mode: str, keep: str | set[str], batch: int
+        self,
+        env: dict[fx.Node, Any],
+        inputs: dict[str, Tensor],
+        seed: Seed,
+        mode: str,
+        keep: str | set[str],
     ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
+        """Sweep ``seed`` back to ``inputs``; returns the kept relevance and, per seed and
+        sample, the seed, the relevance at the inputs and the sinks."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.check_rules()
+        batch = next(iter(inputs.values())).shape[0]
+        self._sizes = self.captured.sizes(inputs)
         prov = self.provenance
         out = env[self.seed_node]
         K = seed.K
@@ -152,11 +197,19 @@ class Sweeper:
                 parts = R.setdefault(parent, {})
                 parts[index] = parts[index] + r if index in parts else r
                 continue
+            if node in self._folded and not self._folded[node]:  # batch norm folded away
+                r = r[0]
+                conv = prov.bound[node]["input"]
+                R[conv] = R[conv] + r if conv in R else r
+                continue
             ctx = Ctx(
                 node=node,
-                args=fx.node.map_aggregate(
-                    prov.bound[node], lambda a: env.get(a, a) if isinstance(a, fx.Node) else a
-                ),
+                args={
+                    **fx.node.map_aggregate(
+                        prov.bound[node], lambda a: env.get(a, a) if isinstance(a, fx.Node) else a
+                    ),
+                    **self._folded.get(node, {}),
+                },
                 out=env[node],
                 R=r,
                 mode=mode,
@@ -185,7 +238,8 @@ class Sweeper:
         return isinstance(arg, fx.Node) and self.provenance.data.get(arg, False)
 
     def _seed_per_sample(self, seed: Seed, batch: int, device) -> Tensor:
-        axis = self.captured.batch_axis.get(self.seed_node) or 0
+        where = self.captured.batch_axis.get(self.seed_node)
+        axis = where.axis if where else 0
         b = seed.index[..., axis].to(device) if batch > 1 else torch.zeros_like(seed.value).long()
         total = torch.zeros(seed.K, batch, device=device)
         return total.scatter_add_(1, b.to(device), seed.value.to(device, torch.float32))
@@ -212,7 +266,8 @@ class Sweeper:
         k = torch.arange(seed.K, device=dev)[:, None].expand_as(value)
         R = torch.zeros(seed.K, *x.shape, dtype=x.dtype, device=dev)
         R.index_put_((k, *pos), rows, accumulate=True)
-        axis = self.captured.batch_axis.get(head) or 0
+        where = self.captured.batch_axis.get(head)
+        axis = where.axis if where else 0
         sample = index[..., axis] if batch > 1 else torch.zeros_like(unit)
         sinks.scatter_add_(1, sample, (value - rows.sum(-1)).float())
         return {args["input"]: R}
