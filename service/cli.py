@@ -1,0 +1,244 @@
+"""``python -m service serve|worker|run|build-demo``.
+
+``serve --all-in-one`` is the one-command start on one machine: a private redis-server when
+REDIS_URL is unset, worker process(es), and the API on port 8000 with the demo registry.
+``run`` is one request end to end (against --url, or a throwaway all-in-one stack): it prints
+the result and writes the heatmap."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Settings
+
+log = logging.getLogger("service")
+
+
+def _settings(**overrides: Any) -> Settings:
+    s = Settings()
+    return dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
+
+
+class Stack:
+    """Redis (private unless REDIS_URL is set) and N worker processes, stopped together."""
+
+    def __init__(self, workers: int = 1, metrics_port: int = 9101, warm: str | None = None):
+        from .redis_server import PrivateRedis, free_port
+
+        self.redis = None
+        url = os.environ.get("REDIS_URL")
+        if not url:
+            self.redis = PrivateRedis()
+            url = self.redis.url
+            log.info("private redis-server at %s", url)
+        self.url = url
+        env = {**os.environ, "REDIS_URL": url, "HF_HUB_OFFLINE": "1"}
+        if warm is not None:
+            env["BACKTRACE_WARM_MODELS"] = warm
+        self.procs = []
+        for i in range(workers):
+            port = metrics_port + i if metrics_port else free_port()
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "service", "worker", "--metrics-port", str(port)]
+                    + (["--no-warm"] if warm == "" else []),
+                    env=env,
+                )
+            )
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        """Until every worker has a heartbeat (first start builds the demo models)."""
+        from . import store
+
+        r = store.connect(self.url)
+        deadline = time.time() + timeout
+        while len(store.live_workers(r)) < len(self.procs):
+            if any(p.poll() is not None for p in self.procs):
+                raise RuntimeError("a worker exited during start-up")
+            if time.time() > deadline:
+                raise TimeoutError("workers not ready")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if self.redis is not None:
+            self.redis.stop()
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    import uvicorn
+
+    from .api import create_app
+
+    stack = None
+    if a.all_in_one:
+        stack = Stack(a.workers, a.metrics_port)
+        os.environ["REDIS_URL"] = stack.url
+    try:
+        settings = _settings(redis_url=os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0")
+        uvicorn.run(
+            create_app(settings),
+            host=a.host,
+            port=a.port,
+            log_level=a.log_level,
+            access_log=a.log_level == "debug",
+        )
+    finally:
+        if stack is not None:
+            stack.stop()
+
+
+def cmd_worker(a: argparse.Namespace) -> None:
+    from .worker import run_worker
+
+    settings = _settings(redis_url=os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0")
+    run_worker(
+        settings,
+        burst=a.burst,
+        max_jobs=a.max_jobs,
+        metrics_port=a.metrics_port,
+        warm=() if a.no_warm else None,
+    )
+
+
+def cmd_build_demo(a: argparse.Namespace) -> None:
+    """Build every demo model into --out and write --out/registry.yaml pointing at them
+    (relative paths, so the folder can be copied into an image)."""
+    from .demo import DEMO_IDS, ensure_built
+    from .registry import DEMO_REGISTRY, dump_registry
+
+    out = Path(a.out)
+    entries = []
+    for model_id in DEMO_IDS:
+        ensure_built(model_id, out)
+        print(f"built {model_id} -> {out / model_id}", flush=True)
+    for entry in DEMO_REGISTRY:
+        entries.append({**entry, "source": {**entry["source"], "path": entry["id"]}})
+    (out / "registry.yaml").write_text(dump_registry(entries))
+    print(f"wrote {out / 'registry.yaml'}")
+
+
+def cmd_run(a: argparse.Namespace) -> None:
+    from .client import Client
+
+    inputs: dict[str, Any]
+    if a.image:
+        inputs = {"image": base64.b64encode(Path(a.image).read_bytes()).decode()}
+    elif a.features:
+        inputs = {"features": [float(x) for x in a.features.split(",")]}
+    else:
+        inputs = {"text": a.text}
+    body: dict[str, Any] = {"model": a.model, "inputs": inputs}
+    if a.max_new_tokens:
+        body["generation"] = {"max_new_tokens": a.max_new_tokens}
+    stack, server = None, None
+    url = a.url
+    if url is None:
+        from .redis_server import free_port
+
+        stack = Stack(1, 0, warm=a.model)
+        port = free_port()
+        env = {**os.environ, "REDIS_URL": stack.url}
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "serve",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+        )
+        url = f"http://127.0.0.1:{port}"
+    try:
+        client = Client(url)
+        if stack is not None:
+            client.wait_ready(timeout=600)
+        job = client.submit(body)
+        if body["model"] and job.get("task") == "generation":
+            for event, data in client.stream(job["job_id"]):
+                if event == "token":
+                    print(data["text"][0], end="", flush=True, file=sys.stderr)
+            print(file=sys.stderr)
+        view = client.wait(job["job_id"], timeout=a.timeout)
+        print(json.dumps(view, indent=1)[: a.max_chars])
+        if view["status"] == "finished" and a.out:
+            try:
+                Path(a.out).write_bytes(client.heatmap(job["job_id"]))
+                print(f"heatmap: {a.out}", file=sys.stderr)
+            except Exception as exc:  # noqa: BLE001
+                print(f"no heatmap: {exc}", file=sys.stderr)
+        if view["status"] != "finished":
+            sys.exit(1)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(10)
+        if stack is not None:
+            stack.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    p = argparse.ArgumentParser(prog="python -m service")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="the HTTP API (and, with --all-in-one, redis + workers)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--all-in-one",
+        action="store_true",
+        help="also start redis-server (when REDIS_URL is unset) and workers",
+    )
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--metrics-port", type=int, default=9101, help="first worker's /metrics")
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(fn=cmd_serve)
+    w = sub.add_parser("worker", help="an RQ SimpleWorker with a model cache")
+    w.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="/metrics port (WORKER_METRICS_PORT, 9101); 0 for none",
+    )
+    w.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    w.add_argument("--max-jobs", type=int, default=None, help="exit after N jobs (recycling)")
+    w.add_argument("--no-warm", action="store_true", help="load models on first use only")
+    w.set_defaults(fn=cmd_worker)
+    b = sub.add_parser("build-demo", help="build the demo models and their registry.yaml")
+    b.add_argument("--out", default="var/models")
+    b.set_defaults(fn=cmd_build_demo)
+    r = sub.add_parser("run", help="one request end to end; prints the result")
+    r.add_argument("--model", required=True)
+    r.add_argument("--text", default=None)
+    r.add_argument("--image", default=None, help="path to a PNG or JPEG")
+    r.add_argument("--features", default=None, help="comma-separated numbers")
+    r.add_argument("--max-new-tokens", type=int, default=None)
+    r.add_argument("--url", default=None, help="a running API (default: start a private one)")
+    r.add_argument("--out", default="heatmap.png")
+    r.add_argument("--timeout", type=float, default=600)
+    r.add_argument("--max-chars", type=int, default=20000)
+    r.set_defaults(fn=cmd_run)
+    a = p.parse_args(argv)
+    a.fn(a)

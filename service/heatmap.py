@@ -1,0 +1,64 @@
+"""PNG heatmaps drawn with numpy and Pillow only (the API process has no torch or
+matplotlib): red for positive relevance, blue for negative, white for none."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+
+def diverging(values: np.ndarray) -> np.ndarray:
+    """uint8 RGB for values scaled by their largest magnitude (symmetric, so 0 stays white)."""
+    v = np.asarray(values, dtype=np.float32)
+    peak = float(np.abs(v).max()) or 1.0
+    v = np.clip(v / peak, -1, 1)
+    pos, neg = np.clip(v, 0, 1), np.clip(-v, 0, 1)
+    rgb = np.stack([1 - neg, 1 - pos - neg, 1 - pos], -1)
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_overlay(image_png_b64: str, relevance_map: np.ndarray, size: int = 256) -> bytes:
+    """The input picture (grey) with the relevance map blended over it, side by side with the
+    map alone."""
+    base = Image.open(io.BytesIO(base64.b64decode(image_png_b64))).convert("L").convert("RGB")
+    base = base.resize((size, size), Image.Resampling.NEAREST)
+    heat = Image.fromarray(diverging(relevance_map)).resize((size, size), Image.Resampling.NEAREST)
+    out = Image.new("RGB", (2 * size + 8, size), "white")
+    out.paste(Image.blend(base, heat, 0.55), (0, 0))
+    out.paste(heat, (size + 8, 0))
+    return _png(out)
+
+
+def token_grid(rows: list[np.ndarray], col_labels: list[str], row_labels: list[str]) -> bytes:
+    """One row per explained step (or per text), one cell per token; rows may be shorter
+    than the widest (a generation step sees only the tokens before it)."""
+    font = ImageFont.load_default()
+    cell_w, cell_h, left, top = 28, 18, 90, 70
+    width = max((len(r) for r in rows), default=0)
+    img = Image.new(
+        "RGB", (left + cell_w * max(width, 1) + 4, top + cell_h * max(len(rows), 1) + 4), "white"
+    )
+    draw = ImageDraw.Draw(img)
+    for i, row in enumerate(rows):
+        colours = diverging(row)
+        for j in range(len(row)):
+            x, y = left + j * cell_w, top + i * cell_h
+            draw.rectangle([x, y, x + cell_w - 1, y + cell_h - 1], fill=tuple(colours[j].tolist()))
+        if i < len(row_labels):
+            draw.text((4, top + i * cell_h + 3), row_labels[i][:14], fill="black", font=font)
+    for j, label in enumerate(col_labels[:width]):
+        tile = Image.new("RGBA", (top - 4, cell_w), (255, 255, 255, 0))
+        ImageDraw.Draw(tile).text((2, 8), label[:10], fill="black", font=font)
+        img.paste(
+            tile.rotate(90, expand=True), (left + j * cell_w, 2), tile.rotate(90, expand=True)
+        )
+    return _png(img)

@@ -1,0 +1,489 @@
+"""The job the API enqueues by dotted path (``service.jobs.run_job``): prepare inputs, run
+the engine on a cached model, stream events and store the result in Redis.
+
+Runs inside an RQ ``SimpleWorker``. Arguments and return value go through RQ's JSON
+serializer, so only plain JSON crosses the queue; arrays are written by us as raw bytes."""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import io
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from rq import get_current_job
+
+from . import __version__, codec, store
+from . import worker_metrics as m
+from .config import Settings
+from .models import ModelCache
+from .registry import ModelSpec, Registry, load_registry
+
+
+class JobCanceled(Exception):
+    """Raised at a checkpoint when a client asked to cancel the running job."""
+
+
+@dataclass
+class WorkerState:
+    settings: Settings
+    registry: Registry
+    cache: ModelCache
+    name: str
+
+
+_STATE: WorkerState | None = None
+
+
+def init_worker(settings: Settings | None = None, name: str | None = None) -> WorkerState:
+    """Process-wide state: the registry and the model cache (kept across jobs)."""
+    global _STATE
+    settings = settings or Settings()
+    registry = load_registry(settings.registry_path)
+    cache = ModelCache(registry, settings.data_dir, settings.cache_bytes)
+    _STATE = WorkerState(settings, registry, cache, name or store.worker_id())
+    return _STATE
+
+
+def state() -> WorkerState:
+    return _STATE or init_worker()
+
+
+def warm(spec: ModelSpec) -> None:
+    """Load a model ahead of the first request (counted as a cache miss)."""
+    entry, hit = state().cache.get(spec)
+    if not hit:
+        m.CACHE_MISSES.labels(model=spec.id).inc()
+        m.LOAD.labels(model=spec.id).observe(entry.load_s)
+
+
+# ---------------------------------------------------------------------- inputs
+
+
+def _texts(inputs: dict[str, Any]) -> list[str]:
+    text = inputs["text"]
+    return [text] if isinstance(text, str) else list(text)
+
+
+def _token_batch(spec: ModelSpec, entry: Any, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask from texts or raw ids, checked against max_tokens."""
+    tok = entry.dm.tokenizer
+    if inputs.get("token_ids") is not None:
+        ids = inputs["token_ids"]
+        rows = [ids] if ids and isinstance(ids[0], int) else ids
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+        left = tok is not None and tok.padding_side == "left"
+        ids_t = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            sl = slice(width - len(r), width) if left else slice(0, len(r))
+            ids_t[i, sl] = torch.tensor(r)
+            mask[i, sl] = 1
+        if tok is not None and ids_t.max() >= len(tok):
+            raise ValueError(f"inputs.token_ids: id {int(ids_t.max())} is not in the vocabulary")
+        enc = {"input_ids": ids_t, "attention_mask": mask}
+    else:
+        enc = dict(tok(_texts(inputs), padding=True, return_tensors="pt"))
+        enc = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    length = enc["input_ids"].shape[1]
+    if length > spec.limits.max_tokens:
+        raise ValueError(
+            f"inputs: {length} tokens, more than max_tokens={spec.limits.max_tokens} "
+            f"for model {spec.id}"
+        )
+    return enc
+
+
+def _image_batch(entry: Any, inputs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], bytes]:
+    """The model's input tensor [1, C, S, S] and the resized picture (PNG) for the heatmap."""
+    from PIL import Image
+
+    spec = entry.dm.image or {"channels": 3, "size": 224, "mean": [0.0] * 3, "std": [1.0] * 3}
+    raw = inputs["image"].split(",", 1)[-1]
+    img = Image.open(io.BytesIO(base64.b64decode(raw)))
+    img = img.convert(spec.get("mode", "RGB" if spec["channels"] == 3 else "L"))
+    img = img.resize((spec["size"], spec["size"]), Image.Resampling.BILINEAR)
+    png = io.BytesIO()
+    img.save(png, format="PNG")
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    mean = np.asarray(spec["mean"], dtype=np.float32)[:, None, None]
+    std = np.asarray(spec["std"], dtype=np.float32)[:, None, None]
+    x = torch.from_numpy((arr - mean) / std)[None]
+    return {_input_name(entry.dm.model): x}, png.getvalue()
+
+
+def _input_name(model: torch.nn.Module) -> str:
+    """The name of forward's first argument: the engine names the input node after it."""
+    params = inspect.signature(model.forward).parameters
+    return next(iter(params)) if params else "x"
+
+
+# ---------------------------------------------------------------------- the job
+
+
+def run_job(request: dict[str, Any]) -> dict[str, Any]:
+    """Entry point enqueued by the API as ``service.jobs.run_job``.
+
+    Every failure inside is deterministic (bad input, the model raised, timeout), so it is
+    recorded with its message and not retried; RQ's Retry only re-runs jobs whose worker
+    died under them."""
+    st = state()
+    job = get_current_job()
+    job_id = job.id if job is not None else request.get("job_id", "local")
+    r = job.connection if job is not None else store.connect(st.settings.redis_url)
+    ttl = st.settings.result_ttl
+    spec = st.registry.get(request["model"])
+    task = request.get("task") or (spec.task if spec else "unknown")
+    model_id = request["model"]
+    started = time.time()
+    if job is not None and job.enqueued_at is not None:
+        wait = max(0.0, started - job.enqueued_at.timestamp())
+        m.QUEUE_WAIT.labels(task=task, model=model_id).observe(wait)
+    else:
+        wait = None
+    written = 0
+
+    def emit(event: str, data: dict[str, Any]) -> None:
+        nonlocal written
+        store.add_event(r, job_id, event, data, ttl, st.settings.stream_maxlen)
+        written += len(json.dumps(data))
+
+    def checkpoint() -> None:
+        if store.cancel_requested(r, job_id):
+            raise JobCanceled("canceled by request")
+
+    try:
+        if spec is None:
+            raise ValueError(f"model {model_id!r} is not in this worker's registry")
+        checkpoint()
+        emit("started", {"worker": st.name, "attempt": _attempt(job)})
+        doc, n = _execute(st, spec, task, request, job_id, r, checkpoint)
+        written += n
+        checkpoint()
+        doc["timings"] = {"queue_wait_s": wait, **doc["timings"], "total_s": time.time() - started}
+        written += store.set_result(r, job_id, doc, ttl)
+        emit("done", {"status": "finished", "summary": doc.get("summary", {})})
+        m.JOBS.labels(task=task, model=model_id, status="finished").inc()
+        return {"status": "finished"}
+    except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised for RQ
+        canceled = isinstance(exc, JobCanceled)
+        status = "canceled" if canceled else "failed"
+        error = {"type": type(exc).__name__, "message": _message(exc)}
+        doc = {"status": status, "model": model_id, "task": task, "error": error}
+        try:
+            written += store.set_result(r, job_id, doc, ttl)
+            emit("canceled" if canceled else "error", error)
+        finally:
+            m.JOBS.labels(task=task, model=model_id, status=status).inc()
+            if job is not None:
+                job.retries_left = 0  # deterministic: a retry would fail the same way
+        raise
+    finally:
+        m.RUN.labels(task=task, model=model_id).observe(time.time() - started)
+        m.TRACE_BYTES.labels(model=model_id).inc(written)
+        m.update_gpu_memory()
+
+
+def _attempt(job: Any) -> int:
+    if job is None or job.retries_left is None:
+        return 1
+    return 1 + max(0, state().settings.retries - job.retries_left)
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, ModuleNotFoundError) and "engine.generation" in str(exc):
+        return "generation is not available in this engine yet (issue 3): " + str(exc)
+    if isinstance(exc, NotImplementedError):
+        return f"not implemented in the engine: {exc}" if str(exc) else "not implemented"
+    return str(exc) or type(exc).__name__
+
+
+def _execute(
+    st: WorkerState,
+    spec: ModelSpec,
+    task: str,
+    req: dict[str, Any],
+    job_id: str,
+    r: Any,
+    checkpoint: Any,
+) -> tuple[dict[str, Any], int]:
+    entry, hit = st.cache.get(spec)
+    (m.CACHE_HITS if hit else m.CACHE_MISSES).labels(model=spec.id).inc()
+    if not hit:
+        m.LOAD.labels(model=spec.id).observe(entry.load_s)
+    checkpoint()
+    inputs, out, rel = req["inputs"], req.get("output", {}), req.get("relevance", {})
+    encoding, dtype = out.get("encoding", "base64"), out.get("dtype", "float16")
+    png = None
+    if task == "image-classification":
+        batch, png = _image_batch(entry, inputs)
+    elif task == "tabular-classification":
+        rows = np.asarray(inputs["features"], dtype=np.float32)
+        batch = {
+            _input_name(entry.dm.model): torch.from_numpy(rows[None] if rows.ndim == 1 else rows)
+        }
+    else:
+        batch = _token_batch(spec, entry, inputs)
+    t0 = time.perf_counter()
+    dlb = entry.backtrace(batch)
+    capture_s = time.perf_counter() - t0
+    device_batch = {k: v.to(entry.device) for k, v in batch.items()}
+    wanted = out.get("relevance", "inputs")
+    params = {
+        "mode": rel.get("mode", "default"),
+        "multiplier": rel.get("multiplier", 100.0),
+        "scaler": rel.get("scaler", 1.0),
+        "thresholding": rel.get("thresholding", 0.5),
+        "temperature": rel.get("temperature", 1.0),
+    }
+    receipt = {
+        "model": spec.id,
+        "revision": entry.revision,
+        "engine_version": _engine_version(),
+        "service_version": __version__,
+        "torch_version": torch.__version__,
+        "device": entry.device,
+        "dtype": entry.dtype,
+        "worker": st.name,
+        "task": task,
+        "parameters": {**params, "relevance_nodes": wanted},
+    }
+    t0 = time.perf_counter()
+    written = 0
+    if task == "generation":
+        doc, written = _generate(
+            st, spec, entry, dlb, device_batch, req, params, job_id, r, checkpoint, encoding, dtype
+        )
+        receipt["parameters"]["generation"] = req.get("generation", {})
+    else:
+        res = dlb.run_task(
+            task=task,
+            inputs=device_batch,
+            relevance_nodes=wanted,
+            target=rel.get("target"),
+            **params,
+        )
+        doc = _classification_doc(entry, task, batch, res, wanted, encoding, dtype, png)
+    doc.update(
+        {
+            "status": "finished",
+            "model": spec.id,
+            "task": task,
+            "receipt": receipt,
+            "timings": {
+                "load_s": 0.0 if hit else entry.load_s,
+                "capture_s": capture_s,
+                "run_s": time.perf_counter() - t0,
+                "cache": "hit" if hit else "miss",
+            },
+        }
+    )
+    return doc, written
+
+
+def _engine_version() -> str:
+    import engine
+
+    return getattr(engine, "__version__", "unknown")
+
+
+def _classification_doc(
+    entry: Any,
+    task: str,
+    batch: dict[str, torch.Tensor],
+    res: dict[str, Any],
+    wanted: Any,
+    encoding: str,
+    dtype: str,
+    png: bytes | None,
+) -> dict[str, Any]:
+    labels = entry.dm.labels
+    logits = np.asarray(res["predictions"], dtype=np.float64)
+    logits = logits.reshape(logits.shape[0], -1)
+    if logits.shape[1] == 1:
+        p1 = 1 / (1 + np.exp(-logits[:, 0]))
+        probs = np.stack([1 - p1, p1], 1)
+    else:
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        probs = e / e.sum(1, keepdims=True)
+    predicted = np.asarray(res["predicted_labels"]).astype(int).reshape(-1)
+    predictions = []
+    for i, k in enumerate(predicted):
+        names = labels or [str(j) for j in range(probs.shape[1])]
+        predictions.append(
+            {
+                "index": int(k),
+                "label": names[k] if k < len(names) else str(k),
+                "score": float(probs[i, k]),
+                "logits": logits[i].tolist(),
+                "scores": {
+                    names[j] if j < len(names) else str(j): float(probs[i, j])
+                    for j in range(probs.shape[1])
+                },
+            }
+        )
+    relevance = {k: v.detach().float().cpu().numpy() for k, v in res["relevance"].items()}
+    items: list[dict[str, Any]] = []
+    if "input_ids" in batch:
+        ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+        tok = entry.dm.tokenizer
+        per_token = relevance.get("input_ids")
+        for i in range(ids.shape[0]):
+            keep = mask[i].numpy()
+            row_ids = ids[i][mask[i]].tolist()
+            item: dict[str, Any] = {
+                "token_ids": row_ids,
+                "tokens": tok.convert_ids_to_tokens(row_ids) if tok is not None else None,
+            }
+            if per_token is not None:
+                item["relevance"] = codec.encode(per_token[i][keep], encoding, dtype)
+            items.append(item)
+    else:
+        name = next(iter(batch))
+        x_rel = relevance.get(name)
+        for i in range(next(iter(batch.values())).shape[0]):
+            item = {}
+            if x_rel is not None:
+                item["relevance"] = codec.encode(x_rel[i], encoding, dtype)
+                if task == "image-classification":
+                    item["relevance_map"] = codec.encode(x_rel[i].sum(0), encoding, dtype)
+            items.append(item)
+    doc: dict[str, Any] = {
+        "predictions": predictions,
+        "inputs": items,
+        "conservation": {
+            k: np.asarray(v).reshape(-1).tolist() for k, v in res["conservation"].items()
+        },
+        "summary": {
+            "labels": [p["label"] for p in predictions],
+            "scores": [p["score"] for p in predictions],
+        },
+    }
+    if png is not None:
+        doc["image_png_b64"] = base64.b64encode(png).decode()
+    if wanted != "inputs":
+        names = set(batch)
+        doc["layers"] = {
+            k: codec.encode(v, encoding, dtype) for k, v in relevance.items() if k not in names
+        }
+    return doc
+
+
+def _generate(
+    st: WorkerState,
+    spec: ModelSpec,
+    entry: Any,
+    dlb: Any,
+    batch: dict[str, torch.Tensor],
+    req: dict[str, Any],
+    params: dict[str, Any],
+    job_id: str,
+    r: Any,
+    checkpoint: Any,
+    encoding: str,
+    dtype: str,
+) -> tuple[dict[str, Any], int]:
+    """Run generation, streaming one ``token`` event per step (and ``relevance`` events when
+    the engine hands relevance to the callback) as soon as the step exists."""
+    gen = {k: v for k, v in req.get("generation", {}).items() if v is not None}
+    top_n = int(req.get("output", {}).get("top_scores", 5))
+    tok = entry.dm.tokenizer
+    ttl, maxlen = st.settings.result_ttl, st.settings.stream_maxlen
+    written = 0
+    last = [time.perf_counter()]
+    seen: set[int] = set()
+
+    def on_step(
+        step: int,
+        token_ids: torch.Tensor,
+        scores: torch.Tensor | None,
+        relevance: dict[str, torch.Tensor] | None,
+    ) -> None:
+        nonlocal written
+        # The engine calls once as the token is chosen (relevance None) and again when the
+        # step's relevance is ready; in the stepwise path both come in one call.
+        if step not in seen:
+            seen.add(step)
+            now = time.perf_counter()
+            m.TOKEN.labels(model=spec.id).observe(now - last[0])
+            last[0] = now
+            written += _token_event(r, job_id, step, token_ids, scores, tok, top_n, ttl, maxlen)
+        if relevance is not None and "input_ids" in relevance:
+            arr = relevance["input_ids"].detach().float().cpu().numpy()
+            rel_data = {"step": step, "input_ids": codec.encode(arr, encoding, dtype)}
+            store.add_event(r, job_id, "relevance", rel_data, ttl, maxlen)
+            written += len(json.dumps(rel_data))
+        checkpoint()
+
+    res = dlb.run_task(
+        task="generation",
+        inputs=batch,
+        tokenizer=tok,
+        return_relevance=True,
+        return_scores=False,
+        on_step=on_step,
+        **params,
+        **gen,
+    )
+    ids = torch.as_tensor(res["generated_ids"]).cpu()
+    prompt_len = batch["input_ids"].shape[1]
+    new = ids[:, prompt_len:] if ids.shape[1] > prompt_len else ids
+    trace = [
+        codec.encode(t["input_ids"].detach().float().cpu().numpy(), encoding, dtype)
+        for t in res.get("relevance_trace") or []
+        if t is not None and "input_ids" in t
+    ]
+    prompt_tokens = [tok.convert_ids_to_tokens(row) for row in batch["input_ids"].cpu().tolist()]
+    texts = [tok.decode(row, skip_special_tokens=True) for row in new.tolist()]
+    doc = {
+        "generation": {
+            "generated_ids": ids.tolist(),
+            "new_token_ids": new.tolist(),
+            "new_tokens": [tok.convert_ids_to_tokens(row) for row in new.tolist()],
+            "text": texts,
+            "prompt_tokens": prompt_tokens,
+            "relevance_trace": trace,
+        },
+        "summary": {"text": texts},
+    }
+    return doc, written
+
+
+def _token_event(
+    r: Any,
+    job_id: str,
+    step: int,
+    token_ids: torch.Tensor,
+    scores: torch.Tensor | None,
+    tok: Any,
+    top_n: int,
+    ttl: int,
+    maxlen: int,
+) -> int:
+    """One ``token`` event: ids, token strings, text pieces and the top scores per row."""
+    ids = [int(t) for t in torch.as_tensor(token_ids).reshape(-1).tolist()]
+    data: dict[str, Any] = {
+        "step": step,
+        "token_ids": ids,
+        "tokens": tok.convert_ids_to_tokens(ids),
+        "text": [tok.decode([t]) for t in ids],
+    }
+    if scores is not None and top_n > 0:
+        probs = torch.softmax(scores.detach().float().cpu(), -1)
+        p, ix = probs.topk(min(top_n, probs.shape[-1]), -1)
+        data["top"] = [
+            [
+                {"id": int(j), "token": tok.convert_ids_to_tokens(int(j)), "prob": float(q)}
+                for q, j in zip(p[b].tolist(), ix[b].tolist(), strict=True)
+            ]
+            for b in range(p.shape[0])
+        ]
+    store.add_event(r, job_id, "token", data, ttl, maxlen)
+    return len(json.dumps(data))

@@ -1,0 +1,165 @@
+"""Worker side: load registry models and keep them, with their captured graphs, in an LRU
+cache bounded by bytes of parameters.
+
+Capturing with ``torch.export`` costs seconds; a warm entry serves the next request in
+milliseconds. The cache lives in the worker process, which is why workers are RQ
+``SimpleWorker``s (no fork per job)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .demo import DemoModel, ensure_built, load_demo_model
+from .registry import ModelSpec, Registry
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(spec: ModelSpec) -> str:
+    if spec.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return spec.device
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def load_model(spec: ModelSpec, registry: Registry, data_dir: str) -> tuple[DemoModel, str]:
+    """The model for a registry entry and its revision (hash of the weights file)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    src = spec.source
+    if src.kind == "demo":
+        name = src.name or spec.id
+        path = registry.resolve(src.path) or ensure_built(name, data_dir)
+        dm = load_demo_model(path, name)
+    elif src.kind == "transformers":
+        dm, path = _load_transformers(spec, registry)
+    elif src.kind == "torchvision":
+        dm, path = _load_torchvision(spec, registry)
+    else:
+        module, _, fn = (src.factory or "").partition(":")
+        dm = getattr(importlib.import_module(module), fn)()
+        path = None
+    dm.model_id = spec.id
+    dm.labels = spec.labels or dm.labels
+    dm.image = spec.image or dm.image
+    weights = next(iter(sorted(Path(path).glob("*.safetensors"))), None) if path else None
+    return dm, (_sha(weights) if weights else "unversioned")
+
+
+def _load_transformers(spec: ModelSpec, registry: Registry) -> tuple[DemoModel, Path | None]:
+    import transformers as tf
+
+    src = spec.source
+    where = registry.resolve(src.path) or src.hub_id
+    if where is None:
+        raise ValueError(f"registry entry {spec.id}: transformers source needs path or hub_id")
+    local = src.path is not None
+    head = {
+        "sequence-classification": tf.AutoModelForSequenceClassification,
+        "image-classification": tf.AutoModelForImageClassification,
+        "causal-lm": tf.AutoModelForCausalLM,
+    }[src.head or ("causal-lm" if spec.task == "generation" else "sequence-classification")]
+    kw = {"local_files_only": local, "trust_remote_code": False, "use_safetensors": True}
+    model = head.from_pretrained(where, **kw).eval()
+    tok = (
+        None
+        if spec.task == "image-classification"
+        else tf.AutoTokenizer.from_pretrained(where, **kw)
+    )
+    labels = spec.labels or [model.config.id2label[i] for i in range(len(model.config.id2label))]
+    return DemoModel(spec.id, spec.task, model, tok, labels), Path(where) if local else None
+
+
+def _load_torchvision(spec: ModelSpec, registry: Registry) -> tuple[DemoModel, Path | None]:
+    import torchvision
+    from safetensors.torch import load_file
+
+    src = spec.source
+    model = getattr(torchvision.models, src.arch or "")(weights=None, num_classes=src.num_classes)
+    weights = registry.resolve(src.weights)
+    if weights is None:
+        raise ValueError(f"registry entry {spec.id}: torchvision source needs weights")
+    model.load_state_dict(load_file(str(weights)))
+    image = spec.image or {
+        "channels": 3,
+        "size": 224,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "mode": "RGB",
+    }
+    return DemoModel(spec.id, spec.task, model.eval(), None, spec.labels, image), weights.parent
+
+
+@dataclass
+class Entry:
+    """One cached model with its engine object (captured graphs) per input signature."""
+
+    dm: DemoModel
+    revision: str
+    device: str
+    dtype: str
+    nbytes: int
+    load_s: float
+    backtraces: dict[tuple, Any] = field(default_factory=dict)
+
+    def backtrace(self, inputs: dict[str, torch.Tensor]) -> Any:
+        """The DLBacktrace for these input names and ranks, captured on first use. The engine
+        marks batch and sequence dims dynamic, so one capture serves all lengths."""
+        from engine import DLBacktrace
+
+        key = tuple((k, v.dim()) for k, v in inputs.items())
+        if key not in self.backtraces:
+            self.backtraces[key] = DLBacktrace(self.dm.model, inputs, device=self.device)
+        return self.backtraces[key]
+
+
+class ModelCache:
+    """LRU over registry ids, evicting least recently used models beyond ``max_bytes``."""
+
+    def __init__(self, registry: Registry, data_dir: str, max_bytes: int):
+        self.registry, self.data_dir, self.max_bytes = registry, data_dir, max_bytes
+        self.entries: OrderedDict[str, Entry] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, spec: ModelSpec) -> tuple[Entry, bool]:
+        """(entry, hit). Loads on a miss and evicts to stay within the byte bound (the entry
+        just loaded always stays, even if it alone is over the bound)."""
+        with self.lock:
+            if spec.id in self.entries:
+                self.entries.move_to_end(spec.id)
+                return self.entries[spec.id], True
+        t0 = time.perf_counter()
+        dm, revision = load_model(spec, self.registry, self.data_dir)
+        device = pick_device(spec)
+        dm.model = dm.model.to(device=device, dtype=DTYPES[spec.dtype]).eval()
+        nbytes = sum(t.numel() * t.element_size() for t in dm.model.state_dict().values())
+        entry = Entry(dm, revision, device, spec.dtype, nbytes, time.perf_counter() - t0)
+        with self.lock:
+            self.entries[spec.id] = entry
+            while len(self.entries) > 1 and self.total_bytes() > self.max_bytes:
+                self.entries.popitem(last=False)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        return entry, False
+
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    def warm_ids(self) -> list[str]:
+        return list(self.entries)

@@ -1,0 +1,136 @@
+"""The model registry: the server-side allow-list of models a client may name.
+
+A client only ever sends a registry id; sources (local folders, hub ids, torchvision
+architectures with safetensors weights, or the built-in demo models) are written here by the
+operator. Relative paths are resolved against the registry file's folder, so a registry and
+its models can be copied together (``python -m service build-demo --out DIR``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+Task = Literal[
+    "text-classification", "image-classification", "tabular-classification", "generation"
+]
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_tokens: int = 128
+    max_image_size: int = 1024  # pixels, each side, of the uploaded image
+    max_new_tokens: int = 64
+    max_beams: int = 4
+    max_batch: int = 8
+    max_features: int = 512
+
+
+class Source(BaseModel):
+    """Where the worker gets the model. ``kind``:
+
+    - ``demo``: a built-in demo model (``name``); ``path`` is a prebuilt copy, else it is built
+      under the data dir on first use.
+    - ``transformers``: ``path`` (a local folder) or ``hub_id`` (only where a hub is reachable);
+      ``head`` is ``sequence-classification``, ``image-classification`` or ``causal-lm``.
+    - ``torchvision``: ``arch`` and a safetensors ``weights`` file, ``num_classes``.
+    - ``python``: ``factory`` (``module:function``) returning a DemoModel; for operators'
+      own code (and the tests' failing model). Never reachable from a request.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["demo", "transformers", "torchvision", "python"]
+    name: str | None = None
+    path: str | None = None
+    hub_id: str | None = None
+    head: str | None = None
+    arch: str | None = None
+    weights: str | None = None
+    num_classes: int | None = None
+    factory: str | None = None
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    task: Task
+    description: str = ""
+    source: Source
+    labels: list[str] | None = None
+    limits: Limits = Field(default_factory=Limits)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = "auto"  # auto: cuda when there is one
+    warm: bool = False  # load when a worker starts
+    image: dict[str, Any] | None = None  # channels, size, mean, std, mode
+
+
+DEMO_REGISTRY: list[dict[str, Any]] = [
+    {
+        "id": "minilm-sentiment",
+        "task": "text-classification",
+        "description": "Sentiment (negative/positive) on the real MiniLM-L6 encoder with a head "
+        "fitted on a built-in corpus",
+        "source": {"kind": "demo", "name": "minilm-sentiment"},
+        "labels": ["negative", "positive"],
+        "limits": {"max_tokens": 128},
+        "warm": True,
+    },
+    {
+        "id": "digits-cnn",
+        "task": "image-classification",
+        "description": "Handwritten digit (0-9) CNN trained on scikit-learn's digits, 16x16 grey",
+        "source": {"kind": "demo", "name": "digits-cnn"},
+        "labels": [str(d) for d in range(10)],
+        "limits": {"max_image_size": 512},
+        "image": {"channels": 1, "size": 16, "mean": [0.0], "std": [1.0], "mode": "L"},
+        "warm": True,
+    },
+    {
+        "id": "tiny-lookup-lm",
+        "task": "generation",
+        "description": "2-layer GPT-2 trained on key-value lookup: 'a3 c1 f9 h0 ? c' -> '1'",
+        "source": {"kind": "demo", "name": "tiny-lookup-lm"},
+        "limits": {"max_tokens": 24, "max_new_tokens": 8},
+    },
+    {
+        "id": "gpt2-small-config",
+        "task": "generation",
+        "description": "GPT-2 architecture, 6 layers, width 256, random weights, char tokenizer",
+        "source": {"kind": "demo", "name": "gpt2-small-config"},
+        "limits": {"max_tokens": 128, "max_new_tokens": 64},
+    },
+]
+
+
+class Registry:
+    """Registry entries by id, plus the folder relative paths are resolved against."""
+
+    def __init__(self, specs: list[ModelSpec], base_dir: Path | None = None):
+        self.models = {s.id: s for s in specs}
+        self.base_dir = base_dir
+
+    def get(self, model_id: str) -> ModelSpec | None:
+        return self.models.get(model_id)
+
+    def resolve(self, path: str | None) -> Path | None:
+        if path is None:
+            return None
+        p = Path(path)
+        return p if p.is_absolute() or self.base_dir is None else self.base_dir / p
+
+
+def load_registry(path: str | Path | None = None) -> Registry:
+    """The registry at ``path``, or the built-in demo registry when ``path`` is None."""
+    if path is None:
+        return Registry([ModelSpec.model_validate(m) for m in DEMO_REGISTRY])
+    p = Path(path)
+    doc = yaml.safe_load(p.read_text()) or {}
+    return Registry(
+        [ModelSpec.model_validate(m) for m in doc.get("models", [])], p.parent.resolve()
+    )
+
+
+def dump_registry(specs: list[dict[str, Any]]) -> str:
+    return yaml.safe_dump({"models": specs}, sort_keys=False)

@@ -1,0 +1,74 @@
+"""Redis keys and the few operations on them that the API and the workers share.
+
+Per job: an RQ job (status, timings), a stream of events ``bt:events:<id>`` (``XADD`` with an
+approximate MAXLEN and an EXPIRE, so every reader sees every entry and can resume from an
+entry id), the final document ``bt:result:<id>`` and a cancel flag ``bt:cancel:<id>``.
+Per worker: a heartbeat key with the models it holds warm. No torch here."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Any
+
+import redis
+
+EVENTS = "bt:events:{}"
+RESULT = "bt:result:{}"
+CANCEL = "bt:cancel:{}"
+WORKER = "bt:worker:{}"
+TERMINAL_EVENTS = ("done", "error", "canceled")
+
+
+def connect(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+
+
+def add_event(
+    r: redis.Redis, job_id: str, event: str, data: dict[str, Any], ttl: int, maxlen: int = 10000
+) -> str:
+    """Append one event to the job's stream and push its expiry out; returns the entry id."""
+    key = EVENTS.format(job_id)
+    pipe = r.pipeline(transaction=False)
+    pipe.xadd(key, {"event": event, "data": json.dumps(data)}, maxlen=maxlen, approximate=True)
+    pipe.expire(key, ttl)
+    entry_id = pipe.execute()[0]
+    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+
+def set_result(r: redis.Redis, job_id: str, doc: dict[str, Any], ttl: int) -> int:
+    """Store the job's final document; returns its size in bytes (for the trace-bytes metric)."""
+    raw = json.dumps(doc, separators=(",", ":"))
+    r.set(RESULT.format(job_id), raw, ex=ttl)
+    return len(raw)
+
+
+def get_result(r: redis.Redis, job_id: str) -> dict[str, Any] | None:
+    raw = r.get(RESULT.format(job_id))
+    return json.loads(raw) if raw else None
+
+
+def request_cancel(r: redis.Redis, job_id: str, ttl: int) -> None:
+    r.set(CANCEL.format(job_id), "1", ex=ttl)
+
+
+def cancel_requested(r: redis.Redis, job_id: str) -> bool:
+    return bool(r.exists(CANCEL.format(job_id)))
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}.{os.getpid()}"
+
+
+def heartbeat(r: redis.Redis, name: str, info: dict[str, Any], ttl: int = 15) -> None:
+    r.set(WORKER.format(name), json.dumps(info), ex=ttl)
+
+
+def live_workers(r: redis.Redis) -> list[dict[str, Any]]:
+    """Workers whose heartbeat has not expired. RQ's own worker keys outlive a killed
+    SimpleWorker by minutes (no heartbeat during a job), so readiness uses ours."""
+    keys = list(r.scan_iter(match=WORKER.format("*"), count=100))
+    if not keys:
+        return []
+    return [json.loads(v) for v in r.mget(keys) if v]

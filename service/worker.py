@@ -1,0 +1,84 @@
+"""An RQ ``SimpleWorker`` with a warm model cache, a heartbeat and its own /metrics.
+
+``SimpleWorker`` runs jobs in this process (no fork per job), which is what keeps models and
+captured graphs warm and makes CUDA usable; one such process per GPU. Recycle it with
+``max_jobs`` under a supervisor to bound memory growth."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from prometheus_client import start_http_server
+from rq import Queue, SimpleWorker
+from rq.serializers import JSONSerializer
+
+from . import jobs, store
+from .config import Settings
+
+log = logging.getLogger("service.worker")
+
+
+def _heartbeat_loop(settings: Settings, name: str, stop: threading.Event) -> None:
+    """Our own liveness key, refreshed every 5 s from a thread: RQ's SimpleWorker sends no
+    heartbeat while a job runs, and a killed worker stays registered for minutes."""
+    r = store.connect(settings.redis_url)
+    st = jobs.state()
+    while not stop.is_set():
+        try:
+            store.heartbeat(
+                r,
+                name,
+                {
+                    "name": name,
+                    "pid": os.getpid(),
+                    "queue": settings.queue,
+                    "models": st.cache.warm_ids(),
+                },
+            )
+        except Exception:  # noqa: BLE001 - Redis blips must not kill the worker
+            log.warning("heartbeat failed", exc_info=True)
+        stop.wait(5)
+    r.delete(store.WORKER.format(name))
+
+
+def run_worker(
+    settings: Settings | None = None,
+    burst: bool = False,
+    max_jobs: int | None = None,
+    metrics_port: int | None = None,
+    warm: tuple[str, ...] | None = None,
+) -> None:
+    settings = settings or Settings()
+    name = store.worker_id()
+    st = jobs.init_worker(settings, name)
+    port = settings.metrics_port if metrics_port is None else metrics_port
+    if port:
+        start_http_server(port)
+    wanted = warm if warm is not None else settings.warm_models
+    for spec in st.registry.models.values():
+        if spec.warm or spec.id in wanted:
+            log.info("warming %s", spec.id)
+            try:
+                jobs.warm(spec)
+            except Exception:  # noqa: BLE001 - a broken entry must not stop the others
+                log.exception("could not warm %s", spec.id)
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat_loop, args=(settings, name, stop), daemon=True)
+    beat.start()
+    r = store.connect(settings.redis_url)
+    queue = Queue(settings.queue, connection=r, serializer=JSONSerializer)
+    worker = SimpleWorker(
+        [queue],
+        connection=r,
+        serializer=JSONSerializer,
+        name=name,
+        # Find jobs abandoned by a dead worker within minutes, not the default 10.
+        maintenance_interval=60,
+    )
+    try:
+        worker.work(burst=burst, max_jobs=max_jobs, logging_level="INFO")
+    finally:
+        stop.set()
+        beat.join(timeout=10)

@@ -1,0 +1,63 @@
+"""The worker's Prometheus metrics, exported by ``prometheus_client.start_http_server`` on
+WORKER_METRICS_PORT (the API has its own set). Names are what dashboards and alerts use:
+do not rename. No job id is ever a label."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Relevance jobs run for minutes on big models: buckets go to 600 s (the job timeout).
+RUN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+QUEUE_WAIT = Histogram(
+    "backtrace_job_queue_wait_seconds",
+    "Enqueue to start of a job",
+    ["task", "model"],
+    buckets=RUN_BUCKETS,
+)
+RUN = Histogram(
+    "backtrace_job_run_seconds",
+    "Start to end of a job in the worker",
+    ["task", "model"],
+    buckets=RUN_BUCKETS,
+)
+TOKEN = Histogram(
+    "backtrace_token_seconds",
+    "Time per generated token (with its relevance)",
+    ["model"],
+    buckets=TOKEN_BUCKETS,
+)
+JOBS = Counter(
+    "backtrace_jobs_total",
+    "Jobs by final status (finished|failed|canceled)",
+    ["task", "model", "status"],
+)
+CACHE_HITS = Counter("backtrace_model_cache_hits_total", "Model cache hits", ["model"])
+CACHE_MISSES = Counter("backtrace_model_cache_misses_total", "Model cache misses", ["model"])
+LOAD = Histogram(
+    "backtrace_model_load_seconds",
+    "Model load (and build) time on a cache miss",
+    ["model"],
+    buckets=RUN_BUCKETS,
+)
+TRACE_BYTES = Counter(
+    "backtrace_trace_bytes_total", "Bytes of events and results written to Redis", ["model"]
+)
+GPU_ALLOCATED = Gauge(
+    "backtrace_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated", ["device"]
+)
+GPU_RESERVED = Gauge(
+    "backtrace_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved", ["device"]
+)
+
+
+def update_gpu_memory() -> None:
+    """Set the GPU gauges (only when CUDA exists, so CPU workers export no GPU series)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    for i in range(torch.cuda.device_count()):
+        GPU_ALLOCATED.labels(device=f"cuda:{i}").set(torch.cuda.memory_allocated(i))
+        GPU_RESERVED.labels(device=f"cuda:{i}").set(torch.cuda.memory_reserved(i))
