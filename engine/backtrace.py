@@ -82,13 +82,7 @@ class DLBacktrace:
         sweeper.check_rules()
         with torch.no_grad():
             env, outputs = forward(captured, prepared)
-            batch = next(iter(prepared.values())).shape[0]
-            keep = relevance_nodes if isinstance(relevance_nodes, str) else set(relevance_nodes)
-            if keep not in ("all", "inputs") and not isinstance(keep, set):
-                raise ValueError(
-                    f"relevance_nodes must be 'all', 'inputs' or a list of node names, got {keep!r}"
-                )
-            keep = set() if keep == "inputs" else keep
+            keep = _keep(relevance_nodes)
             relevance, seed_total, at_inputs, sinks = sweeper.run(env, prepared, seed, mode, keep)
         return Explanation(relevance, seed_total, at_inputs, sinks, outputs, env)
 
@@ -213,8 +207,7 @@ class DLBacktrace:
         rows = torch.arange(batch, device=logits.device)
         index = torch.stack([rows, unit], -1) if logits.dim() == 2 else rows[:, None]
         seed = Seed(index[None], (sign * multiplier)[None])
-        keep = relevance_nodes if isinstance(relevance_nodes, str) else set(relevance_nodes)
-        keep = set() if keep == "inputs" else keep
+        keep = _keep(relevance_nodes)
         with torch.no_grad():
             relevance, seed_total, at_inputs, sinks = sweeper.run(env, prepared, seed, mode, keep)
         relevance = {k: v[0] * scaler for k, v in relevance.items()}
@@ -288,7 +281,7 @@ class DLBacktrace:
     def diagnose_model_compatibility(self) -> dict[str, Any]:
         """Ops on the relevance path and those without a rule, from the graph alone."""
         report = {"supported": True, "unsupported": [], "ops": {}}
-        for captured, sweeper in self._graphs:
+        for _, sweeper in self._graphs:
             missing = sweeper.provenance.unsupported()
             report["unsupported"] += [{"node": n, "op": op} for n, op in missing]
             report["ops"].update(sweeper.provenance.op_counts())
@@ -342,6 +335,18 @@ def _explained_output(captured: Captured) -> fx.Node:
         if isinstance(val, Tensor) and val.is_floating_point():
             return node
     raise ValueError("the model returns no floating-point tensor to explain")
+
+
+def _keep(relevance_nodes: str | Sequence[str]) -> str | set[str]:
+    """ "all", or the set of node names to keep besides the inputs."""
+    if relevance_nodes in ("all", "inputs"):
+        return "all" if relevance_nodes == "all" else set()
+    if isinstance(relevance_nodes, str):
+        raise ValueError(
+            "relevance_nodes must be 'all', 'inputs' or a list of node names, "
+            f"got {relevance_nodes!r}"
+        )
+    return set(relevance_nodes)
 
 
 def _targets(target: int | Sequence[int], batch: int, device) -> Tensor:

@@ -1,0 +1,137 @@
+"""The public API around run_task: input forms, asking for less, task detection, missing
+rules reported before any work, diagnostics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from engine import DLBacktrace, Seed, UnsupportedOpError
+
+from .zoo import ZOO
+
+
+@pytest.fixture(scope="module")
+def bert():
+    model, inputs = ZOO["bert"]()
+    return model, inputs, DLBacktrace(model, (inputs["input_ids"], inputs["attention_mask"]))
+
+
+def test_tuple_dict_and_tensor_inputs_agree(bert):
+    _, inputs, dlb = bert
+    as_dict = dlb.run_task(task="text-classification", inputs=inputs, relevance_nodes="inputs")
+    as_tuple = dlb.run_task(
+        inputs=(inputs["input_ids"], inputs["attention_mask"]), relevance_nodes="inputs"
+    )
+    assert as_tuple["task"] == "text-classification"
+    torch.testing.assert_close(
+        as_dict["relevance"]["input_ids"], as_tuple["relevance"]["input_ids"]
+    )
+
+
+def test_new_sequence_length_reuses_the_graph(bert):
+    _, inputs, dlb = bert
+    longer = {k: torch.cat([v, v[:, :4]], dim=1) for k, v in inputs.items()}
+    res = dlb.run_task(inputs=longer, relevance_nodes="inputs")
+    assert res["relevance"]["input_ids"].shape == longer["input_ids"].shape
+    assert len(dlb._graphs) == 1  # dynamic sequence dimension: no second capture
+
+
+def test_all_nodes_by_default_and_less_on_request(bert):
+    _, inputs, dlb = bert
+    everything = dlb.run_task(inputs=inputs)
+    assert len(everything["relevance"]) > 30
+    assert "input_ids" in everything["relevance"]
+    assert "node_io" in everything and everything["relevance_computed"]
+    some = [n for n in everything["relevance"] if n.startswith("linear")][:2]
+    chosen = dlb.run_task(inputs=inputs, relevance_nodes=some)
+    assert set(chosen["relevance"]) == set(some) | {"input_ids"}
+    for name in some:
+        torch.testing.assert_close(chosen["relevance"][name], everything["relevance"][name])
+    only = dlb.run_task(inputs=inputs, relevance_nodes="inputs")
+    assert set(only["relevance"]) == {"input_ids"}
+
+
+def test_optional_traces(bert):
+    _, inputs, dlb = bert
+    res = dlb.run_task(
+        inputs=inputs,
+        return_scores=True,
+        return_relevance=True,
+        return_layerwise_output=True,
+        relevance_nodes="inputs",
+    )
+    assert len(res["scores_trace"]) == len(res["relevance_trace"]) == 1
+    assert res["layerwise_output_trace"][0]
+
+
+def test_explain_many_seeds_at_once(bert):
+    """K seeds in one sweep equal K separate sweeps (the generation fast path relies on it)."""
+    _, inputs, dlb = bert
+    classes = [0, 1, 2]
+    seeds = Seed(index=torch.tensor([[[0, c]] for c in classes]), value=torch.full((3, 1), 100.0))
+    together = dlb.explain(inputs, seeds, relevance_nodes="inputs")
+    for k, c in enumerate(classes):
+        alone = dlb.run_task(inputs=inputs, target=c, relevance_nodes="inputs")
+        torch.testing.assert_close(
+            together.relevance["input_ids"][k, 0], alone["relevance"]["input_ids"][0]
+        )
+    assert torch.allclose(together.inputs + together.sinks, together.seed, atol=1e-3)
+
+
+class Unruly(nn.Module):
+    def forward(self, x):
+        return torch.cumprod(x, dim=1) @ torch.ones(x.shape[1], 2)
+
+
+def test_missing_rule_is_named_before_any_work():
+    x = torch.randn(2, 4)
+    dlb = DLBacktrace(Unruly(), x)
+    report = dlb.diagnose_model_compatibility()
+    assert not report["supported"]
+    assert report["unsupported"][0]["op"] == "aten.cumprod.default"
+    with pytest.raises(UnsupportedOpError, match=r"aten\.cumprod\.default at node 'cumprod'"):
+        dlb.run_task(inputs=x)
+
+
+def test_diagnose_lists_ops_of_a_supported_model(bert):
+    _, _, dlb = bert
+    report = dlb.diagnose_model_compatibility()
+    assert report["supported"] and report["unsupported"] == []
+    assert report["ops"]["aten.scaled_dot_product_attention.default"] == 2
+
+
+def test_evaluation_summarises_a_result(bert):
+    _, inputs, dlb = bert
+    res = dlb.run_task(inputs=inputs, relevance_nodes="inputs")
+    summary = dlb.evaluation(res, top_k=3)
+    assert (summary["conservation_error"] < 1e-4).all()
+    assert summary["top_features"]["input_ids"]["index"].shape == (2, 3)
+
+
+def test_predict_returns_node_io(bert):
+    model, inputs, dlb = bert
+    node_io = dlb.predict(inputs, temperature=2.0)
+    assert any("output_values" in v for v in node_io.values())
+    with torch.no_grad():
+        eager = model(**inputs).logits / 2.0
+    torch.testing.assert_close(torch.as_tensor(dlb.predictions), eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["resnet18", "bert", "mobilenet_v2"])
+def test_cuda_matches_cpu(name):
+    model, inputs = ZOO[name]()
+    cpu = DLBacktrace(model, inputs).run_task(inputs=inputs, relevance_nodes="inputs")
+    gpu = DLBacktrace(model, inputs, device="cuda").run_task(
+        inputs=inputs, relevance_nodes="inputs"
+    )
+    key = next(iter(cpu["relevance"]))
+    assert gpu["relevance"][key].device.type == "cuda"
+    torch.testing.assert_close(
+        gpu["relevance"][key].cpu(), cpu["relevance"][key], rtol=1e-3, atol=1e-3
+    )
+    c = gpu["conservation"]
+    assert abs(c["inputs"] + c["sinks"] - c["seed"]).max() < 1e-2

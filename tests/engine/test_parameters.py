@@ -1,0 +1,109 @@
+"""mode, multiplier, scaler, thresholding, temperature and target each change the result as
+documented in ``DLBacktrace.run_task``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from engine import DLBacktrace
+
+from .zoo import ZOO
+
+
+@pytest.fixture(scope="module")
+def tabular():
+    model, inputs = ZOO["tabular"]()
+    return model, inputs, DLBacktrace(model, inputs)
+
+
+def _run(dlb, inputs, **kw):
+    return dlb.run_task(inputs=inputs, relevance_nodes="inputs", **kw)
+
+
+def test_multiplier_scales_relevance_linearly(tabular):
+    _, inputs, dlb = tabular
+    a = _run(dlb, inputs, multiplier=100.0)
+    b = _run(dlb, inputs, multiplier=250.0)
+    torch.testing.assert_close(b["relevance"]["input"], a["relevance"]["input"] * 2.5)
+    assert np.allclose(b["conservation"]["seed"], 250.0)
+
+
+def test_scaler_multiplies_every_reported_value(tabular):
+    _, inputs, dlb = tabular
+    a = _run(dlb, inputs)
+    b = _run(dlb, inputs, scaler=0.5)
+    torch.testing.assert_close(b["relevance"]["input"], a["relevance"]["input"] * 0.5)
+    c = b["conservation"]
+    assert np.allclose(c["inputs"] + c["sinks"], 100.0 * 0.5, rtol=1e-5)
+
+
+def test_contrast_mode_is_signed_and_split(tabular):
+    _, inputs, dlb = tabular
+    default = _run(dlb, inputs)["relevance"]["input"]
+    res = _run(dlb, inputs, mode="contrast")
+    signed = res["relevance"]["input"]
+    assert (default >= 0).all()
+    assert (signed < 0).any() and (signed > 0).any()
+    torch.testing.assert_close(
+        res["relevance_positive"]["input"] + res["relevance_negative"]["input"], signed
+    )
+    # the magnitudes of the first layer's shares are the default rule's
+    assert not torch.allclose(signed.abs(), default)
+
+
+def test_temperature_divides_reported_logits(tabular):
+    model, inputs, dlb = tabular
+    a = _run(dlb, inputs, temperature=1.0)
+    b = _run(dlb, inputs, temperature=4.0)
+    assert np.allclose(b["predictions"], a["predictions"] / 4.0, rtol=1e-6)
+    # the argmax decision and so the explanation do not change with temperature
+    torch.testing.assert_close(a["relevance"]["input"], b["relevance"]["input"])
+
+
+def test_target_explains_another_class(tabular):
+    _, inputs, dlb = tabular
+    a = _run(dlb, inputs)
+    other = [(int(t) + 1) % 3 for t in a["predicted_labels"]]
+    b = _run(dlb, inputs, target=other)
+    assert list(b["target"]) == other
+    assert not torch.allclose(a["relevance"]["input"], b["relevance"]["input"])
+
+
+def test_thresholding_decides_single_logit_classifiers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 1)).eval()
+    x = torch.randn(16, 5)
+    dlb = DLBacktrace(model, x)
+    with torch.no_grad():
+        p = torch.sigmoid(model(x)).squeeze(1)
+    cut = float(p.median())
+    low = _run(dlb, x, thresholding=0.0)
+    high = _run(dlb, x, thresholding=1.01)
+    mid = _run(dlb, x, thresholding=cut, mode="contrast")
+    assert low["predicted_labels"].tolist() == [1.0] * 16
+    assert high["predicted_labels"].tolist() == [0.0] * 16
+    assert mid["predicted_labels"].tolist() == (p >= cut).float().tolist()
+    # in contrast mode a "negative" decision is explained by the evidence against the logit
+    pos = _run(dlb, x, thresholding=0.0, mode="contrast")["relevance"]["input"]
+    neg = mid["relevance"]["input"]
+    below = p < cut
+    torch.testing.assert_close(neg[below], -pos[below])
+    torch.testing.assert_close(neg[~below], pos[~below])
+    c = mid["conservation"]
+    assert np.allclose(c["inputs"] + c["sinks"], c["seed"], atol=1e-3)
+    assert np.allclose(np.abs(c["seed"]), 100.0)
+
+
+def test_bad_arguments_are_named(tabular):
+    _, inputs, dlb = tabular
+    with pytest.raises(ValueError, match="mode"):
+        _run(dlb, inputs, mode="bogus")
+    with pytest.raises(ValueError, match="task"):
+        dlb.run_task(task="translation", inputs=inputs)
+    with pytest.raises(ValueError, match="temperature"):
+        _run(dlb, inputs, temperature=0)
+    with pytest.raises(ValueError, match="relevance_nodes"):
+        dlb.run_task(inputs=inputs, relevance_nodes="some")
