@@ -226,7 +226,9 @@ def beam_search(
     keep = max(2, 1 + len(cfg.eos_token_ids)) * beams
     in_top_beams = torch.arange(keep, device=device) < beams
 
-    running = torch.full((batch, beams, max_len), cfg.pad_token_id, dtype=torch.long, device=device)
+    # Filler after EOS as in transformers, which treats pad id 0 as unset here.
+    fill = cfg.pad_token_id or (cfg.eos_token_ids[0] if cfg.eos_token_ids else -1)
+    running = torch.full((batch, beams, max_len), fill, dtype=torch.long, device=device)
     running[:, :, :prompt_len] = input_ids[:, None]
     running_from = torch.full((batch, beams, steps), -1, dtype=torch.long, device=device)
     running_logit = torch.zeros((batch, beams, steps), device=device)
