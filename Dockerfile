@@ -46,7 +46,8 @@ ENV HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH=/app
 COPY engine /app/engine
 COPY service /app/service
 WORKDIR /app
-RUN python -m service build-demo --out "${DEMO_DIR}"
+# The builds land in mkdtemp folders (mode 0700, owner root): open them to the runtime user.
+RUN python -m service build-demo --out "${DEMO_DIR}" && chmod -R a+rX "${DEMO_DIR}"
 
 # --- API-only image (smaller; for Kubernetes API pods) ----------------------------------------
 FROM base AS api

@@ -42,3 +42,13 @@ def test_service_command_accepts_its_options(cmd):
     for arg in cmd[4:]:
         if arg.startswith("--"):
             assert arg in helptext, f"{' '.join(cmd)}: {arg} unknown"
+
+
+def test_api_runs_without_torch():
+    """The `api` image target has no torch: the API side of the service must not import it."""
+    code = (
+        "import sys; import service.api, service.cli, service.registry; "
+        "service.api.create_app; "
+        "assert 'torch' not in sys.modules, 'service.api imports torch'"
+    )
+    run([sys.executable, "-c", code], cwd=ROOT)
