@@ -531,6 +531,8 @@ def _check_inputs(spec: ModelSpec, req: RunTaskRequest) -> None:
         _check_image(value, lim.max_image_size)
     if spec.task == "generation":
         g = req.generation
+        if g.max_new_tokens is None:
+            g.max_new_tokens = min(16, lim.max_new_tokens)
         if g.max_new_tokens > lim.max_new_tokens:
             raise _invalid(
                 ["generation", "max_new_tokens"],

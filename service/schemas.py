@@ -55,7 +55,9 @@ class RelevanceParams(BaseModel):
 
 class GenerationParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    max_new_tokens: int = Field(default=16, ge=1, le=4096)
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, le=4096, description="default: min(16, the model's limit)"
+    )
     top_k: int | None = Field(default=None, ge=0, le=1000)
     top_p: float | None = Field(default=None, gt=0, le=1)
     num_beams: int = Field(default=1, ge=1, le=64)
