@@ -173,3 +173,43 @@ def test_registry_configmap_loads_with_the_service(tmp_path):
     assert set(reg.models) == demo_ids
     for spec in reg.models.values():
         assert spec.source.path == f"/opt/backtrace/demo/{spec.source.name}"
+
+
+MONITORING = K8S / "monitoring"
+OPERATOR_SCHEMAS = {"PodMonitor": "podmonitor.json", "PrometheusRule": "prometheusrule.json"}
+
+
+def monitoring() -> dict[str, dict]:
+    docs = [
+        d
+        for p in sorted(MONITORING.glob("*.yaml"))
+        if p.name != "kustomization.yaml"
+        for d in load_all(p)
+    ]
+    return {d["kind"]: d for d in docs}
+
+
+def test_operator_resources_validate_and_are_listed():
+    docs = monitoring()
+    assert set(docs) == set(OPERATOR_SCHEMAS)
+    for kind, doc in docs.items():
+        jsonschema.validate(doc, json.loads((SCHEMAS / OPERATOR_SCHEMAS[kind]).read_text()))
+    kust = yaml.safe_load((MONITORING / "kustomization.yaml").read_text())
+    assert sorted(kust["resources"]) == ["podmonitor.yaml", "prometheusrule.yaml"]
+
+
+def test_prometheusrule_equals_alerts_yml():
+    from deploy_helpers import PROMETHEUS
+
+    alerts = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())
+    assert monitoring()["PrometheusRule"]["spec"] == alerts
+
+
+def test_podmonitor_scrapes_the_named_ports_of_both_pods():
+    pm = monitoring()["PodMonitor"]["spec"]
+    ports = {e["port"] for e in pm["podMetricsEndpoints"]}
+    for name in ("backtrace-api", "backtrace-worker"):
+        tpl = find("Deployment", name)["spec"]["template"]
+        assert pm["selector"]["matchLabels"].items() <= tpl["metadata"]["labels"].items()
+        (c,) = tpl["spec"]["containers"]
+        assert ports & {p["name"] for p in c["ports"]}, name
