@@ -51,6 +51,11 @@ def run_worker(
     warm: tuple[str, ...] | None = None,
 ) -> None:
     settings = settings or Settings()
+    threads = os.environ.get("BACKTRACE_TORCH_THREADS")
+    if threads:  # one thread per worker process is faster for small models on shared CPUs
+        import torch
+
+        torch.set_num_threads(int(threads))
     name = store.worker_id()
     st = jobs.init_worker(settings, name)
     port = settings.metrics_port if metrics_port is None else metrics_port

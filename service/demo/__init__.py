@@ -70,6 +70,7 @@ def ensure_built(model_id: str, data_dir: str | Path | None = None) -> Path:
         try:
             info = _builders()[model_id][0](tmp)
             (tmp / "build.json").write_text(json.dumps({"model_id": model_id, **info}, indent=1))
+            os.chmod(tmp, 0o755)  # mkdtemp makes 0700: other users (a service user) must read
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

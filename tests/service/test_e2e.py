@@ -308,12 +308,23 @@ def test_oversized_body_is_413(client: httpx.Client) -> None:
     assert resp.status_code == 413
 
 
-def test_model_that_raises_ends_failed_with_its_message(client: httpx.Client) -> None:
+def test_model_that_raises_ends_failed_with_its_message(client: httpx.Client, stack) -> None:
+    import redis
+
     job = submit(client, {"model": "faulty", "inputs": {"features": [1, 2, 3, 4]}})
     evs = events(client, job["job_id"])
     assert evs[-1][1] == "error" and MESSAGE in evs[-1][2]["message"]
     view = wait(client, job["job_id"])
     assert view["status"] == "failed" and MESSAGE in view["error"]["message"]
+    # Deterministic failures are not retried: RQ ends the job failed after one attempt.
+    r = redis.Redis.from_url(stack.redis_url)
+    deadline = time.time() + 10
+    while r.hget(f"rq:job:{job['job_id']}", "status") != b"failed" and time.time() < deadline:
+        time.sleep(0.05)
+    assert r.hget(f"rq:job:{job['job_id']}", "status") == b"failed"
+    time.sleep(0.5)
+    stream = r.xrange(f"bt:events:{job['job_id']}")
+    assert [f[b"event"] for _, f in stream].count(b"started") == 1
     assert client.get(f"/jobs/{job['job_id']}/heatmap.png").status_code == 404
 
 

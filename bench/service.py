@@ -1,0 +1,172 @@
+"""``python -m bench.service``: start the service on loopback (private redis-server, worker
+processes, the API under uvicorn) and drive it with concurrent clients; prints JSON.
+
+Each request is timed from POST /run_task to the ``done`` event on its SSE stream (so no
+polling interval inflates it). ``overhead_*`` is that end-to-end time minus the engine's own
+time for the job (``timings.engine_s`` measured in the worker around ``run_task``): HTTP,
+validation, enqueue, queue wait, dequeue, input preparation, result encoding and delivery."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from service.client import parse_sse
+from service.redis_server import PrivateRedis, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
+
+
+def body_for(model: str) -> dict:
+    if model == "digits-cnn":
+        from service.demo.digits import sample_png
+
+        return {"model": model, "inputs": {"image": base64.b64encode(sample_png(0)).decode()}}
+    return {"model": model, "inputs": {"text": "the movie was wonderful"}}
+
+
+def one(client: httpx.Client, body: dict) -> tuple[float, float, float]:
+    """(end-to-end s, engine s, queue wait s) for one request."""
+    t0 = time.perf_counter()
+    resp = client.post("/run_task", json=body)
+    resp.raise_for_status()
+    job_id = resp.json()["job_id"]
+    with client.stream("GET", f"/jobs/{job_id}/events") as stream:
+        for event, data, _ in parse_sse(stream.iter_lines()):
+            if event in ("done", "error", "canceled"):
+                if event != "done":
+                    raise RuntimeError(f"{event}: {data}")
+                break
+    e2e = time.perf_counter() - t0
+    timings = client.get(f"/jobs/{job_id}").json()["result"]["timings"]
+    return e2e, timings["engine_s"], timings["queue_wait_s"] or 0.0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.service")
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--model", default="digits-cnn")
+    p.add_argument("--warmup", type=int, default=10)
+    a = p.parse_args()
+
+    redis_server = PrivateRedis()
+    port = free_port()
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_server.url,
+        "HF_HUB_OFFLINE": "1",
+        "BACKTRACE_WARM_MODELS": a.model,
+        "PYTHONPATH": str(ROOT),
+    }
+    env.pop("BACKTRACE_REGISTRY", None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "service", "worker", "--metrics-port", "0", "--no-warm"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(a.workers)
+    ]
+    procs.append(
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "serve",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.time() > deadline or any(pr.poll() is not None for pr in procs):
+                raise SystemExit("service did not start")
+            time.sleep(0.2)
+        body = body_for(a.model)
+        local = threading.local()
+
+        def run(_: int) -> tuple[float, float, float] | Exception:
+            if not hasattr(local, "client"):
+                local.client = httpx.Client(base_url=url, timeout=120)
+            try:
+                return one(local.client, body)
+            except Exception as exc:  # noqa: BLE001 - counted as an error
+                return exc
+
+        with ThreadPoolExecutor(a.concurrency) as pool:
+            list(pool.map(run, range(a.warmup)))  # loads the model, captures its graph
+            t0 = time.perf_counter()
+            results = list(pool.map(run, range(a.requests)))
+            wall = time.perf_counter() - t0
+        ok = [r for r in results if not isinstance(r, Exception)]
+        e2e = [r[0] for r in ok]
+        over = [r[0] - r[1] for r in ok]
+        print(
+            json.dumps(
+                {
+                    "requests": a.requests,
+                    "concurrency": a.concurrency,
+                    "workers": a.workers,
+                    "model": a.model,
+                    "errors": len(results) - len(ok),
+                    "p50_ms": round(1000 * statistics.median(e2e), 2),
+                    "p99_ms": round(1000 * pct(e2e, 99), 2),
+                    "throughput_rps": round(len(ok) / wall, 1),
+                    "engine_p50_ms": round(1000 * statistics.median(r[1] for r in ok), 2),
+                    "queue_wait_p50_ms": round(1000 * statistics.median(r[2] for r in ok), 2),
+                    "overhead_p50_ms": round(1000 * statistics.median(over), 2),
+                    "overhead_p99_ms": round(1000 * pct(over, 99), 2),
+                    # without the time spent waiting behind other jobs for the worker:
+                    "overhead_excl_queue_p50_ms": round(
+                        1000 * statistics.median(r[0] - r[1] - r[2] for r in ok), 2
+                    ),
+                    "cpus": os.cpu_count(),
+                },
+                indent=1,
+            )
+        )
+    finally:
+        for pr in procs:
+            pr.terminate()
+        for pr in procs:
+            pr.wait(30)
+        redis_server.stop()
+
+
+if __name__ == "__main__":
+    main()
