@@ -136,31 +136,43 @@ def linear(ctx: Ctx) -> Propagation:
     return {"input": r_in}, ctx.R - ratio * Z
 
 
-_CONV_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input}
+_CONV = {1: (F.conv1d, F.conv_transpose1d), 2: (F.conv2d, F.conv_transpose2d)}
 
 
 @rule(aten.conv1d.default, aten.conv2d.default)
 def conv(ctx: Ctx) -> Propagation:
     """The |z| rule for convolutions of any stride, padding, dilation and groups: the backward
-    pass is a transposed convolution with |W| (``conv*d_input`` gets output padding right)."""
+    pass is a transposed convolution with |W| and the same geometry."""
     a = ctx.args
     x, w, b = a["input"], a["weight"], a["bias"]
-    geometry = dict(stride=a["stride"], padding=a["padding"], dilation=a["dilation"])
-    conv_fn = F.conv1d if w.dim() == 3 else F.conv2d
-    input_grad = _CONV_INPUT_GRAD[w.dim() - 2]
+    spatial = w.dim() - 2
+    conv_fn, transposed = _CONV[spatial]
+    geometry = dict(
+        stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"]
+    )
     aw = ctx.abs_of(w)
     ax = x.abs()
-    Z = conv_fn(ax, aw, None, groups=a["groups"], **geometry)
-    D = Z + ctx.abs_of(b).view(-1, *[1] * (w.dim() - 2)) if b is not None else Z
+    Z = conv_fn(ax, aw, None, **geometry)
+    D = Z + ctx.abs_of(b).view(-1, *[1] * spatial) if b is not None else Z
     ratio = _ratio(ctx.R, D)
     K = ctx.K
-    size = (K * x.shape[0], *x.shape[1:])
+    # output_padding recovers input sizes that a strided conv rounded down
+    stride, pad, dil = (_expand(a[k], spatial) for k in ("stride", "padding", "dilation"))
+    extra = [
+        x.shape[2 + i]
+        - ((Z.shape[2 + i] - 1) * stride[i] - 2 * pad[i] + dil[i] * (w.shape[2 + i] - 1) + 1)
+        for i in range(spatial)
+    ]
     weight, source = (w, x) if ctx.signed else (aw, ax)
-    back = input_grad(size, weight, _fold(ratio), groups=a["groups"], **geometry)
+    back = transposed(_fold(ratio), weight, None, stride, pad, extra, a["groups"], dil)
     r_in = source * back.view(K, *x.shape)
     if ctx.signed:
-        Z = conv_fn(x, w, None, groups=a["groups"], **geometry)
+        Z = conv_fn(x, w, None, **geometry)
     return {"input": r_in}, ctx.R - ratio * Z
+
+
+def _expand(v: int | list[int], n: int) -> list[int]:
+    return list(v) * (n // len(v)) if isinstance(v, list | tuple) else [v] * n
 
 
 @rule(aten._native_batch_norm_legit_no_training.default)
