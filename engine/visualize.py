@@ -146,10 +146,19 @@ def visualize_input_heatmap_for_token(
 
 
 def _drawn_nodes(graph: fx.Graph, inputs: Sequence[str] | None) -> list[fx.Node]:
-    """Ops, the output, and the user inputs (weights and buffers are placeholders too, but
-    drawing them would hide the data flow)."""
+    """Ops that produce tensors, the output, and the user inputs. Weights and buffers are
+    placeholders too, and shape queries and assertions are ops, but drawing them would hide the
+    data flow."""
     keep = set(inputs) if inputs is not None else None
-    return [n for n in graph.nodes if n.op != "placeholder" or keep is None or n.name in keep]
+    return [
+        n
+        for n in graph.nodes
+        if n.op == "output"
+        or (
+            isinstance(n.meta.get("val"), torch.Tensor)
+            and (n.op != "placeholder" or keep is None or n.name in keep)
+        )
+    ]
 
 
 def _label(node: fx.Node) -> str:
