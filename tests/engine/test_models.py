@@ -58,18 +58,31 @@ def test_conservation(name, mode):
         assert (c["inputs"] > 1.0).all(), c
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "bert", "xlnet", "tabular"])
-def test_batch_equals_single_runs(name):
+def _four(inputs: dict) -> dict:
+    """A batch of four distinct samples from the zoo's batch of two."""
+    if "input_ids" in inputs:
+        return {k: torch.cat([v, v.roll(1, dims=1)]) for k, v in inputs.items()}
+    return {k: torch.cat([v, -v])[:4] for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize(
+    "name", ["resnet18", "mobilenet_v2", "vit_b_16", "bert", "xlnet", "tabular"]
+)
+def test_batch_of_four_equals_four_single_runs(name):
     _, inputs, dlb = built(name)
+    inputs = _four(inputs)
     batched = dlb.run_task(inputs=inputs, relevance_nodes="inputs")
     key = dlb.captured.input_names[0]
-    for i in range(inputs[key].shape[0]):
+    assert inputs[key].shape[0] == 4
+    for i in range(4):
         single = dlb.run_task(
             inputs={k: v[i : i + 1] for k, v in inputs.items()}, relevance_nodes="inputs"
         )
         torch.testing.assert_close(
             single["relevance"][key][0], batched["relevance"][key][i], rtol=1e-4, atol=1e-4
         )
+        for part in ("seed", "inputs", "sinks"):
+            assert abs(single["conservation"][part][0] - batched["conservation"][part][i]) < 1e-3
 
 
 @pytest.mark.parametrize("name", list(TEXT) + ["minilm"])

@@ -31,7 +31,7 @@ def train(model: nn.Module, x, y, steps: int, lr: float, batch: int = 64) -> nn.
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for step in range(steps):
-        i = torch.randint(0, len(x), (batch,), generator=torch.Generator().manual_seed(step))
+        i = torch.randint(0, len(y), (batch,), generator=torch.Generator().manual_seed(step))
         out = (
             model(x[i]) if isinstance(x, torch.Tensor) else model(**{k: v[i] for k, v in x.items()})
         )
