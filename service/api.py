@@ -367,8 +367,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "task": view.get("task"),
                     "error": error,
                 }
-                store.set_result(r, job_id, doc, settings.result_ttl)
-                store.add_event(r, job_id, "canceled", error, settings.result_ttl)
+                store.finish(r, job_id, doc, "canceled", error, settings.result_ttl)
                 return JSONResponse({"job_id": job_id, "status": "canceled"}, 200)
         return JSONResponse({"job_id": job_id, "status": "canceling"}, 202)
 

@@ -150,11 +150,6 @@ def run_job(request: dict[str, Any]) -> dict[str, Any]:
         wait = None
     written = 0
 
-    def emit(event: str, data: dict[str, Any]) -> None:
-        nonlocal written
-        store.add_event(r, job_id, event, data, ttl, st.settings.stream_maxlen)
-        written += len(json.dumps(data))
-
     def checkpoint() -> None:
         if store.cancel_requested(r, job_id):
             raise JobCanceled("canceled by request")
@@ -162,14 +157,15 @@ def run_job(request: dict[str, Any]) -> dict[str, Any]:
     try:
         if spec is None:
             raise ValueError(f"model {model_id!r} is not in this worker's registry")
-        checkpoint()
-        emit("started", {"worker": st.name, "attempt": _attempt(job)})
+        started_data = {"worker": st.name, "attempt": _attempt(job)}
+        if store.start(r, job_id, started_data, ttl, st.settings.stream_maxlen):
+            raise JobCanceled("canceled by request")
         doc, n = _execute(st, spec, task, request, job_id, r, checkpoint)
         written += n
         checkpoint()
         doc["timings"] = {"queue_wait_s": wait, **doc["timings"], "total_s": time.time() - started}
-        written += store.set_result(r, job_id, doc, ttl)
-        emit("done", {"status": "finished", "summary": doc.get("summary", {})})
+        done = {"status": "finished", "summary": doc.get("summary", {})}
+        written += store.finish(r, job_id, doc, "done", done, ttl, st.settings.stream_maxlen)
         m.JOBS.labels(task=task, model=model_id, status="finished").inc()
         return {"status": "finished"}
     except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised for RQ
@@ -177,9 +173,9 @@ def run_job(request: dict[str, Any]) -> dict[str, Any]:
         status = "canceled" if canceled else "failed"
         error = {"type": type(exc).__name__, "message": _message(exc)}
         doc = {"status": status, "model": model_id, "task": task, "error": error}
+        event = "canceled" if canceled else "error"
         try:
-            written += store.set_result(r, job_id, doc, ttl)
-            emit("canceled" if canceled else "error", error)
+            written += store.finish(r, job_id, doc, event, error, ttl, st.settings.stream_maxlen)
         finally:
             m.JOBS.labels(task=task, model=model_id, status=status).inc()
             if job is not None:
@@ -218,7 +214,7 @@ def _execute(
     (m.CACHE_HITS if hit else m.CACHE_MISSES).labels(model=spec.id).inc()
     if not hit:
         m.LOAD.labels(model=spec.id).observe(entry.load_s)
-    checkpoint()
+        checkpoint()  # loading may have taken a while
     inputs, out, rel = req["inputs"], req.get("output", {}), req.get("relevance", {})
     encoding, dtype = out.get("encoding", "base64"), out.get("dtype", "float16")
     png = None

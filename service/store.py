@@ -37,6 +37,38 @@ def add_event(
     return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
 
+def start(r: redis.Redis, job_id: str, data: dict[str, Any], ttl: int, maxlen: int = 10000) -> bool:
+    """The worker's first write: a ``started`` event, and whether cancel was asked (one round
+    trip; per-job Redis round trips are most of a small job's overhead)."""
+    key = EVENTS.format(job_id)
+    pipe = r.pipeline(transaction=False)
+    pipe.exists(CANCEL.format(job_id))
+    pipe.xadd(key, {"event": "started", "data": json.dumps(data)}, maxlen=maxlen, approximate=True)
+    pipe.expire(key, ttl)
+    return bool(pipe.execute()[0])
+
+
+def finish(
+    r: redis.Redis,
+    job_id: str,
+    doc: dict[str, Any],
+    event: str,
+    data: dict[str, Any],
+    ttl: int,
+    maxlen: int = 10000,
+) -> int:
+    """Store the final document and append the terminal event together, in one transaction,
+    so a stream reader that sees ``done`` can always read the result. Returns bytes written."""
+    raw, payload = json.dumps(doc, separators=(",", ":")), json.dumps(data)
+    key = EVENTS.format(job_id)
+    pipe = r.pipeline(transaction=True)
+    pipe.set(RESULT.format(job_id), raw, ex=ttl)
+    pipe.xadd(key, {"event": event, "data": payload}, maxlen=maxlen, approximate=True)
+    pipe.expire(key, ttl)
+    pipe.execute()
+    return len(raw) + len(payload)
+
+
 def set_result(r: redis.Redis, job_id: str, doc: dict[str, Any], ttl: int) -> int:
     """Store the job's final document; returns its size in bytes (for the trace-bytes metric)."""
     raw = json.dumps(doc, separators=(",", ":"))
