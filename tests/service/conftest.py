@@ -35,6 +35,7 @@ class Stack:
     redis_url: str
     worker_metrics: str
     env: dict[str, str]
+    tmp: Path
 
 
 @pytest.fixture(scope="session")
@@ -63,9 +64,74 @@ def _registry(tmp: Path) -> Path:
             "labels": ["a", "b"],
         }
     )
+    # The other source kinds, from files made here: a transformers folder (the built
+    # sentiment model) and a torchvision architecture with a safetensors weights file.
+    data_dir = Path(os.environ.get("BACKTRACE_DATA_DIR", ROOT / "var" / "models"))
+    models.append(
+        {
+            "id": "minilm-hf",
+            "task": "text-classification",
+            "source": {"kind": "transformers", "path": str(data_dir / "minilm-sentiment")},
+            "limits": {"max_tokens": 64},
+        }
+    )
+    models.append(
+        {
+            "id": "resnet18-random",
+            "task": "image-classification",
+            "source": {
+                "kind": "torchvision",
+                "arch": "resnet18",
+                "weights": "resnet18.safetensors",
+                "num_classes": 3,
+            },
+            "labels": ["cat", "dog", "bird"],
+            "image": {
+                "channels": 3,
+                "size": 64,
+                "mean": [0.5] * 3,
+                "std": [0.25] * 3,
+                "mode": "RGB",
+            },
+        }
+    )
+    _torchvision_weights(tmp / "resnet18.safetensors")
     path = tmp / "registry.yaml"
     path.write_text(yaml.safe_dump({"models": models}))
     return path
+
+
+def _torchvision_weights(path: Path) -> None:
+    """Seeded random resnet18 weights, written in a subprocess so that this test process
+    stays torch-free like the API (it is not, but the weights file is all we need)."""
+    code = (
+        "import torch, torchvision, sys; from safetensors.torch import save_file; "
+        "torch.manual_seed(0); m = torchvision.models.resnet18(weights=None, num_classes=3); "
+        "save_file(m.state_dict(), sys.argv[1])"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+
+
+def start_api(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    """An API process (uvicorn) on a free loopback port, returned once /healthz answers."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        cwd=ROOT,
+        stdout=open(log, "a"),
+        stderr=subprocess.STDOUT,  # noqa: SIM115
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            httpx.get(f"{url}/healthz", timeout=2)
+            return proc, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("API did not start: " + log.read_text()[-3000:])
 
 
 @pytest.fixture(scope="session")
@@ -110,7 +176,7 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                 logs.flush()
                 pytest.fail("stack did not start:\n" + (tmp / "stack.log").read_text()[-5000:])
             time.sleep(0.3)
-        yield Stack(url, redis_url, f"http://127.0.0.1:{metrics_port}/metrics", env)
+        yield Stack(url, redis_url, f"http://127.0.0.1:{metrics_port}/metrics", env, tmp)
     finally:
         for p in (api, worker):
             p.terminate()

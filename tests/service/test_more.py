@@ -1,0 +1,138 @@
+"""Registry source kinds, API keys, back-pressure, dead-job streams and the CLI, against the
+session's real stack (and extra API processes where settings differ)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import redis
+from PIL import Image
+
+from service.client import parse_sse
+
+from .conftest import ROOT, start_api
+from .test_e2e import events, submit, wait
+
+
+def test_transformers_source_kind(client: httpx.Client) -> None:
+    job = submit(client, {"model": "minilm-hf", "inputs": {"text": "the trip was wonderful"}})
+    view = wait(client, job["job_id"])
+    assert view["status"] == "finished", view
+    assert view["result"]["predictions"][0]["label"] == "positive"  # id2label from config.json
+
+
+def test_torchvision_source_kind(client: httpx.Client) -> None:
+    rgb = (np.random.default_rng(0).random((40, 30, 3)) * 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG")
+    body = {
+        "model": "resnet18-random",
+        "inputs": {"image": base64.b64encode(buf.getvalue()).decode()},
+    }
+    view = wait(client, submit(client, body)["job_id"])
+    assert view["status"] == "finished", view
+    res = view["result"]
+    assert res["predictions"][0]["label"] in ("cat", "dog", "bird")
+    assert res["inputs"][0]["relevance"]["shape"] == [3, 64, 64]
+    assert client.get(f"/jobs/{view['job_id']}/heatmap.png").status_code == 200
+
+
+def test_api_keys_and_back_pressure(stack) -> None:
+    env = {**stack.env, "BACKTRACE_API_KEYS": "k1,k2", "BACKTRACE_MAX_QUEUE": "0"}
+    proc, url = start_api(env, stack.tmp / "api-keys.log")
+    try:
+        body = {"model": "minilm-sentiment", "inputs": {"text": "fine"}}
+        assert httpx.get(f"{url}/healthz").status_code == 200  # probes need no key
+        assert httpx.get(f"{url}/models").status_code == 401
+        assert httpx.post(f"{url}/run_task", json=body).status_code == 401
+        wrong = httpx.post(f"{url}/run_task", json=body, headers={"X-API-Key": "k3"})
+        assert wrong.status_code == 401
+        assert httpx.get(f"{url}/models", headers={"Authorization": "Bearer k2"}).status_code == 200
+        full = httpx.post(f"{url}/run_task", json=body, headers={"X-API-Key": "k1"})
+        assert full.status_code == 503 and full.headers["retry-after"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_stream_of_a_job_whose_worker_died_ends_with_error(client: httpx.Client, stack) -> None:
+    """What a killed worker leaves behind: events up to 'started', RQ status failed (after
+    RQ's abandoned-job cleanup), no terminal event. The stream must still end."""
+    r = redis.Redis.from_url(stack.redis_url)
+    job_id = "deadbeef" * 4
+    r.xadd(f"bt:events:{job_id}", {"event": "queued", "data": "{}"})
+    r.xadd(f"bt:events:{job_id}", {"event": "started", "data": "{}"})
+    r.hset(f"rq:job:{job_id}", mapping={"status": "failed"})
+    r.expire(f"bt:events:{job_id}", 60)
+    r.expire(f"rq:job:{job_id}", 60)
+    t0 = time.time()
+    evs = events(client, job_id)
+    assert [e for _, e, _ in evs] == ["queued", "started", "error"]
+    assert "without a result" in evs[-1][2]["message"] and time.time() - t0 < 10
+
+
+def test_cli_run_against_a_running_service(stack, tmp_path) -> None:
+    from service.demo.digits import sample_png
+
+    img = tmp_path / "digit.png"
+    img.write_bytes(sample_png(0))
+    out = tmp_path / "heat.png"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "run",
+            "--url",
+            stack.url,
+            "--model",
+            "digits-cnn",
+            "--image",
+            str(img),
+            "--out",
+            str(out),
+        ],
+        env=stack.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    view = json.loads(proc.stdout)
+    assert view["status"] == "finished" and view["result"]["predictions"][0]["label"] == "0"
+    assert Image.open(out).size[0] > 0
+
+
+def test_sse_client_disconnect_is_noticed(client: httpx.Client, stack) -> None:
+    """A client that goes away stops being counted (and read for) within a keep-alive."""
+    long = {
+        "model": "gpt2-small-config",
+        "inputs": {"text": "xyz"},
+        "generation": {"max_new_tokens": 64, "path": "stepwise"},
+    }
+    job = submit(client, long)["job_id"]
+    with (
+        httpx.Client(base_url=stack.url) as other,
+        other.stream("GET", f"/jobs/{job}/events") as resp,
+    ):
+        for event, _, _ in parse_sse(resp.iter_lines()):
+            if event == "started":
+                break
+    client.delete(f"/jobs/{job}")
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        metrics = client.get("/metrics").text
+        line = next(x for x in metrics.splitlines() if x.startswith("backtrace_sse_clients "))
+        if float(line.split()[1]) == 0:
+            break
+        time.sleep(0.2)
+    assert float(line.split()[1]) == 0
+    wait(client, job)
