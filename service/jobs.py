@@ -398,6 +398,7 @@ def _generate(
     written = 0
     last = [time.perf_counter()]
     seen: set[int] = set()
+    steps: list[dict[str, Any]] = []  # the token events, kept for the result too
 
     def on_step(
         step: int,
@@ -413,7 +414,10 @@ def _generate(
             now = time.perf_counter()
             m.TOKEN.labels(model=spec.id).observe(now - last[0])
             last[0] = now
-            written += _token_event(r, job_id, step, token_ids, scores, tok, top_n, ttl, maxlen)
+            data = _token_event(step, token_ids, scores, tok, top_n)
+            store.add_event(r, job_id, "token", data, ttl, maxlen)
+            written += len(json.dumps(data))
+            steps.append(data)
         if relevance is not None and "input_ids" in relevance:
             arr = relevance["input_ids"].detach().float().cpu().numpy()
             rel_data = {"step": step, "input_ids": codec.encode(arr, encoding, dtype)}
@@ -449,6 +453,7 @@ def _generate(
             "text": texts,
             "prompt_tokens": prompt_tokens,
             "relevance_trace": trace,
+            "steps": steps,
         },
         "summary": {"text": texts},
     }
@@ -456,16 +461,8 @@ def _generate(
 
 
 def _token_event(
-    r: Any,
-    job_id: str,
-    step: int,
-    token_ids: torch.Tensor,
-    scores: torch.Tensor | None,
-    tok: Any,
-    top_n: int,
-    ttl: int,
-    maxlen: int,
-) -> int:
+    step: int, token_ids: torch.Tensor, scores: torch.Tensor | None, tok: Any, top_n: int
+) -> dict[str, Any]:
     """One ``token`` event: ids, token strings, text pieces and the top scores per row."""
     ids = [int(t) for t in torch.as_tensor(token_ids).reshape(-1).tolist()]
     data: dict[str, Any] = {
@@ -484,5 +481,4 @@ def _token_event(
             ]
             for b in range(p.shape[0])
         ]
-    store.add_event(r, job_id, "token", data, ttl, maxlen)
-    return len(json.dumps(data))
+    return data

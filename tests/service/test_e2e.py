@@ -172,7 +172,10 @@ def test_generation_over_sse(client: httpx.Client) -> None:
         ids
     )
     view = wait(client, job["job_id"])
-    assert view["result"]["generation"]["text"][0].startswith("1")
+    gen = view["result"]["generation"]
+    assert gen["text"][0].startswith("1") and gen["new_tokens"][0][0] == "1"
+    assert [s["tokens"] for s in gen["steps"]] == [t["tokens"] for t in tokens]
+    assert len(gen["relevance_trace"]) == len(tokens)
     png = client.get(f"/jobs/{job['job_id']}/heatmap.png")
     assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).size[1] > 0
 
