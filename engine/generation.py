@@ -35,6 +35,19 @@ from .sweep import Explanation, Seed
 
 OnStep = Callable[[int, Tensor, Tensor, dict[str, Tensor] | None], None]
 
+
+def _grouped_mm_ops() -> tuple[Any, ...]:
+    """The grouped matmuls mixture-of-experts layers of transformers run their experts with
+    (rows sorted by expert, ``offs`` = cumulative rows per expert)."""
+    try:
+        import transformers.integrations.moe  # noqa: F401 - registers the custom op
+    except ImportError:
+        return ()
+    ops = [getattr(torch.ops.aten, "_grouped_mm", None)]
+    ops.append(getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None))
+    return tuple(op.default for op in ops if op is not None and hasattr(op, "default"))
+
+
 SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 0.9}
 
 
@@ -221,6 +234,12 @@ class StepExplainer:
                 " capture the model with input_ids (and attention_mask) only"
             )
         self.seq_axes = _sequence_axes(dlb.captured, self.token_input)
+        experts = _grouped_mm_ops()
+        self.expert_nodes = [n for n in dlb.captured.nodes if n.target in experts]
+        self.hidden: set[str] = set()  # kept for per-expert totals, not for the trace
+        if self.expert_nodes and nodes == "inputs":
+            self.hidden = {n.args[0].name for n in self.expert_nodes}
+            self.nodes = sorted(self.hidden)
 
     def graph_inputs(self, sequence: Tensor) -> dict[str, Tensor]:
         ids, mask = self.layout.compact(sequence)
@@ -253,10 +272,31 @@ class StepExplainer:
         length = self.layout.prompt_len + step
         out = {}
         for name, rel in exp.relevance.items():
+            if name in self.hidden:
+                continue
             if name in self.dlb.captured.input_names:
                 out[name] = self.layout.restore(rel[k : k + 1])[0, :, :length] * scaler
             else:
                 out[name] = _cut(rel[k], self.seq_axes.get(name, ()), length) * scaler
+        return out
+
+    def expert_relevance(self, exp: Explanation, k: int, scaler: float) -> dict[str, Tensor]:
+        """Relevance that passed through each expert, per grouped matmul: {node: [experts]}.
+
+        The rows entering a grouped matmul are (token, expert) pairs sorted by expert, and
+        ``offs`` ends each expert's block, so the relevance of those rows summed per block is
+        what each expert carried (summed over the batch and tokens)."""
+        out = {}
+        for node in self.expert_nodes:
+            rel = exp.relevance.get(node.args[0].name)
+            if rel is None:
+                continue
+            offs = exp.env[node.args[2] if len(node.args) > 2 else node.kwargs["offs"]]
+            rows = rel[k].reshape(rel.shape[1], -1).sum(-1)
+            expert = torch.searchsorted(offs, torch.arange(rows.shape[0], device=offs.device),
+                                        right=True)  # fmt: skip
+            totals = torch.zeros(offs.shape[0], dtype=rows.dtype, device=rows.device)
+            out[node.name] = totals.index_add_(0, expert, rows) * scaler
         return out
 
     def layer_outputs(self, exp: Explanation, step: int) -> dict[str, Tensor]:
@@ -383,7 +423,9 @@ def run_generation(
     + i], ``scores_trace[i]`` [B, V] (processed scores; log-probabilities for beam search),
     ``layerwise_output_trace[i]``, ``conservation_trace[i]`` ({seed, inputs, sinks} per row),
     ``relevance`` / ``conservation`` / ``node_io`` of the last explained step, ``active``
-    [B, N] (False after a row finished; such steps get zero seed and zero relevance).
+    [B, N] (False after a row finished; such steps get zero seed and zero relevance). For
+    mixture-of-experts models, ``expert_relevance_trace[i]`` gives, per grouped expert matmul
+    node, the relevance each expert carried for step i ([num_experts], summed over the batch).
     """
     if path not in ("batched", "stepwise"):
         raise ValueError(f"path must be 'batched' or 'stepwise', got {path!r}")
@@ -466,6 +508,12 @@ def run_generation(
     ]
     if return_relevance:
         result["relevance_trace"] = [traces.get(s) for s in range(n)]
+    if explainer.expert_nodes:
+        experts = {
+            s: explainer.expert_relevance(explained[s], seed_of[s], scaler) for s in explained
+        }
+        result["expert_relevance"] = experts[last] if last is not None else {}
+        result["expert_relevance_trace"] = [experts.get(s) for s in range(n)]
     if return_scores:
         result["scores_trace"] = decoded.scores
     if return_layerwise_output:

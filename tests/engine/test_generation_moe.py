@@ -1,0 +1,70 @@
+"""Mixture-of-experts causal LMs: decoding, relevance through routed experts, per expert."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import DLBacktrace
+from engine.decoding import DecodingConfig, decode
+from engine.generation import run_generation
+from tests.engine.lm_models import EOS, PAD, prompts, tiny_lm
+
+FAMILIES = ["mixtral", "qwen2_moe", "olmoe"]
+NEW = 4
+
+# transformers 5 runs experts as grouped matmuls (rows sorted by expert); the engine has no
+# rule for that op yet, and the per-sample sink report cannot map the expert-sorted rows back
+# to samples (Sweeper.per_sample divides by a zero "inner" size on the sums after the experts).
+NO_MOE_RULE = pytest.mark.xfail(
+    reason="engine: no rule for transformers.grouped_mm_fallback; per_sample fails after it",
+    strict=False,
+)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def moe(request):
+    model = tiny_lm(request.param)
+    return model, prompts(2, 6, seed=4, pads=(0, 2))
+
+
+def test_moe_greedy_and_beam_equal_generate(moe):
+    model, batch = moe
+    for beams in (1, 3):
+        cfg = DecodingConfig(max_new_tokens=NEW, num_beams=beams, eos_token_ids=(EOS,),
+                             pad_token_id=PAD)  # fmt: skip
+        got = decode(model, batch["input_ids"], batch["attention_mask"], cfg)
+        expected = model.generate(**batch, max_new_tokens=NEW, num_beams=beams, do_sample=False)
+        assert torch.equal(got.sequences, expected)
+
+
+@NO_MOE_RULE
+def test_moe_relevance_conserved_and_batched_equals_stepwise(moe):
+    model, batch = moe
+    dlb = DLBacktrace(model, batch)
+    batched = run_generation(dlb, batch, max_new_tokens=NEW, return_relevance=True)
+    stepwise = run_generation(dlb, batch, max_new_tokens=NEW, return_relevance=True,
+                              path="stepwise")  # fmt: skip
+    for i in range(NEW):
+        a = batched["relevance_trace"][i]["input_ids"]
+        b = stepwise["relevance_trace"][i]["input_ids"]
+        assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
+        c = batched["conservation_trace"][i]
+        torch.testing.assert_close(a.sum(-1) + c["sinks"], c["seed"], rtol=1e-4, atol=1e-4)
+
+
+@NO_MOE_RULE
+def test_moe_per_expert_relevance(moe):
+    model, batch = moe
+    dlb = DLBacktrace(model, batch)
+    result = run_generation(dlb, batch, max_new_tokens=NEW, return_relevance=True)
+    trace = result["expert_relevance_trace"]
+    assert len(trace) == NEW and result["expert_relevance"] == trace[-1]
+    experts = model.config.num_local_experts if hasattr(model.config, "num_local_experts") \
+        else model.config.num_experts  # fmt: skip
+    for step in trace:
+        # One entry per grouped matmul (two per MoE layer), one value per expert.
+        assert len(step) == 2 * model.config.num_hidden_layers
+        for totals in step.values():
+            assert totals.shape == (experts,)
+            assert (totals >= 0).all() and totals.sum() > 0
