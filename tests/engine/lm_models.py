@@ -138,3 +138,15 @@ def train_lookup_lm(task: LookupTask = LookupTask(), seed: int = 0) -> nn.Module
         if loss.item() < 1e-2:
             break
     return model.eval()
+
+
+def word_tokenizer():
+    """A word-level fast tokenizer over ``VOCAB`` ids ("w3" ... ), built in memory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {"<pad>": PAD, "<eos>": EOS, "<bos>": 2} | {f"w{i}": i for i in range(3, VOCAB)}
+    core = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
+    )

@@ -8,7 +8,7 @@ from torch import nn
 
 from engine import DLBacktrace
 from engine.generation import is_causal_lm, run_generation, select_steps
-from tests.engine.lm_models import LookupTask, prompts, tiny_lm, train_lookup_lm
+from tests.engine.lm_models import LookupTask, prompts, tiny_lm, train_lookup_lm, word_tokenizer
 
 NEW = 6
 
@@ -152,3 +152,23 @@ def test_planted_evidence_relevance_peaks_at_the_copied_token(lookup):
     assert (result["generated_ids"][:, -1] == answer).float().mean() >= 0.95
     peak = _rel(result, 0).argmax(1)
     assert (peak == source).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_run_task_with_text_prompts(family):
+    """The reference call: run_task(task="generation", tokenizer=..., return_relevance=...),
+    with a batch of text prompts of different lengths (left padded by run_generation)."""
+    tokenizer = word_tokenizer()
+    texts = ["w5 w9 w17 w30 w8", "w40 w41"]
+    model = tiny_lm(family, sharpen=5.0)
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+    dlb = DLBacktrace(model, dict(encoded))
+    result = dlb.run_task(task="generation", inputs=texts, tokenizer=tokenizer,
+                          max_new_tokens=4, return_relevance=True, return_scores=True)  # fmt: skip
+    expected = model.generate(**encoded, max_new_tokens=4, do_sample=False)
+    assert torch.equal(result["generated_ids"], expected)
+    assert result["generated_text"][1].startswith("w40 w41")
+    for i in range(4):
+        rel, c = _rel(result, i), result["conservation_trace"][i]
+        assert rel.shape == (2, 5 + i) and not rel[1, :3].any()
+        torch.testing.assert_close(rel.sum(-1) + c["sinks"], c["seed"], rtol=1e-4, atol=1e-4)
