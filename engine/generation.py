@@ -21,6 +21,7 @@ shifted back, so ``relevance_trace[i]["input_ids"]`` lines up with ``generated_i
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -173,7 +174,10 @@ def _decoding_config(
 
 
 def select_steps(steps: str | int | Sequence[int] | None, num_steps: int) -> list[int]:
-    """Which steps to explain: "all", "none" (or None), the first N (an int), or a list."""
+    """Which steps to explain: "all", "none" (or None), the first N (an int), or a list.
+
+    List entries may be negative (from the end); entries past the end are ignored, since a
+    generation can stop early at EOS."""
     if steps is None or steps == "none":
         return []
     if steps == "all":
@@ -182,11 +186,8 @@ def select_steps(steps: str | int | Sequence[int] | None, num_steps: int) -> lis
         return list(range(min(steps, num_steps)))
     if isinstance(steps, str):
         raise ValueError(f"steps must be 'all', 'none', an int or a list, got {steps!r}")
-    chosen = sorted({s + num_steps if s < 0 else s for s in steps})
-    bad = [s for s in chosen if not 0 <= s < num_steps]
-    if bad:
-        raise ValueError(f"steps {bad} outside the {num_steps} generated steps")
-    return chosen
+    chosen = {s + num_steps if s < 0 else s for s in steps}
+    return sorted(s for s in chosen if 0 <= s < num_steps)
 
 
 # ------------------------------------------------------------------ explanation
@@ -450,7 +451,7 @@ def run_generation(
         )
     else:
         decoded = decode(lm, ids, mask, cfg, keep_scores)
-        if on_step is not None and cfg.num_beams == 1:
+        if on_step is not None:
             for i in range(decoded.num_steps):
                 on_step(i, decoded.sequences[:, layout.prompt_len + i], decoded.scores[i], None)
     tokens = decoded.sequences[:, layout.prompt_len :]
@@ -488,7 +489,7 @@ def run_generation(
         "active": decoded.active,
         "explained_steps": sorted(explained),
         "mode": mode,
-        "decoding": cfg,
+        "decoding": dataclasses.asdict(cfg),
     }
     if tokenizer is not None:
         result["generated_text"] = tokenizer.batch_decode(
@@ -535,8 +536,9 @@ def _decode_stepwise(
 ) -> Decoded:
     """Greedy / sampled decode that explains each selected step as soon as it is emitted.
 
-    Which steps to explain must be known before the number of steps is: "all" and first-N
-    are, a list is taken as given (steps past the end never happen)."""
+    Steps are chosen before the number of steps is known; a negative list entry counts from
+    ``max_new_tokens`` here, and run_generation explains it afterwards if the generation
+    stopped early."""
     chosen = set(select_steps(steps, cfg.max_new_tokens))
     emitted: list[Step] = []
     for step in iter_decode(lm, ids, mask, cfg):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -35,8 +37,10 @@ def _assert_close_relative(a, b, rtol=1e-5):
 @pytest.mark.parametrize("beams", [1, 3])
 def test_batched_sweep_equals_stepwise(dlb, batch, beams):
     kw = dict(max_new_tokens=NEW, num_beams=beams, return_relevance=True)
-    batched = run_generation(dlb, batch, **kw)
-    stepwise = run_generation(dlb, batch, path="stepwise", **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # graph logits must match the decode's (beam ancestry)
+        batched = run_generation(dlb, batch, **kw)
+        stepwise = run_generation(dlb, batch, path="stepwise", **kw)
     assert torch.equal(batched["generated_ids"], stepwise["generated_ids"])
     for i in range(NEW):
         assert _rel(batched, i).shape == (3, 7 + i)
@@ -102,8 +106,9 @@ def test_select_steps():
     assert select_steps("none", 3) == select_steps(None, 3) == []
     assert select_steps(2, 5) == [0, 1]
     assert select_steps([4, -1, 0], 5) == [0, 4]
+    assert select_steps([1, 7], 5) == [1]  # past the end: the generation stopped early
     with pytest.raises(ValueError):
-        select_steps([7], 5)
+        select_steps("some", 5)
 
 
 def test_sampling_reproducible_from_seed(dlb, batch):
@@ -112,7 +117,7 @@ def test_sampling_reproducible_from_seed(dlb, batch):
     other = run_generation(dlb, batch, **{**kw, "seed": 4})
     assert torch.equal(first["generated_ids"], again["generated_ids"])
     assert not torch.equal(first["generated_ids"], other["generated_ids"])
-    assert first["decoding"].do_sample and first["decoding"].top_p == 0.9
+    assert first["decoding"]["do_sample"] and first["decoding"]["top_p"] == 0.9
 
 
 class Wrapper(nn.Module):
@@ -136,6 +141,19 @@ def test_wrapped_lm_is_detected_and_explained(batch):
     assert result["task"] == "generation"
     assert torch.equal(result["generated_ids"], lm.generate(**batch, max_new_tokens=3))
     assert _rel(result, 2).shape == (3, 9)
+
+
+class Scaled(Wrapper):
+    """A wrapper whose logits differ from the LM's own: the decode and the graph disagree."""
+
+    def forward(self, input_ids, attention_mask):
+        return 2.0 * super().forward(input_ids, attention_mask)
+
+
+def test_warns_when_graph_logits_differ_from_the_decode(batch):
+    dlb = DLBacktrace(Scaled(tiny_lm("llama")), batch)
+    with pytest.warns(RuntimeWarning, match="graph logits differ"):
+        run_generation(dlb, batch, max_new_tokens=2)
 
 
 @pytest.fixture(scope="module")
