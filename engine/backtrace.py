@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, fx
 
 from .capture import Captured, Inputs, bind_inputs, capture
-from .sweep import Explanation, Seed, Sweeper, forward
+from .sweep import Explanation, Seed, Sweeper
 
 log = logging.getLogger("engine")
 
@@ -81,7 +81,7 @@ class DLBacktrace:
         captured, sweeper = self._graph_for(prepared)
         sweeper.check_rules()
         with torch.no_grad():
-            env, outputs = forward(captured, prepared)
+            env, outputs = sweeper.forward(prepared)
             keep = _keep(relevance_nodes)
             relevance, seed_total, at_inputs, sinks = sweeper.run(env, prepared, seed, mode, keep)
         return Explanation(relevance, seed_total, at_inputs, sinks, outputs, env)
@@ -91,9 +91,9 @@ class DLBacktrace:
     def predict(self, inputs: Inputs, temperature: float = 1.0) -> dict[str, Any]:
         """Run the recorded forward; returns ``node_io`` and keeps it on ``self.node_io``."""
         prepared = self._prepare(inputs)
-        captured, _ = self._graph_for(prepared)
+        captured, sweeper = self._graph_for(prepared)
         with torch.no_grad():
-            env, outputs = forward(captured, prepared)
+            env, outputs = sweeper.forward(prepared)
         self.node_io = Explanation({}, None, None, None, outputs, env).node_io(captured)
         self.predictions = _to_numpy(outputs[0]) / temperature
         return self.node_io
@@ -189,7 +189,7 @@ class DLBacktrace:
         captured, sweeper = self._graph_for(prepared)
         sweeper.check_rules()
         with torch.no_grad():
-            env, outputs = forward(captured, prepared)
+            env, outputs = sweeper.forward(prepared)
         logits = env[sweeper.seed_node]
         scaled = logits.float() / temperature
         single = scaled.dim() == 1 or scaled.shape[-1] == 1
@@ -295,9 +295,9 @@ class DLBacktrace:
         """Compare the recorded graph's outputs with the eager model on the same inputs."""
         given: Inputs = named if named else (inputs[0] if len(inputs) == 1 else tuple(inputs))
         prepared = self._prepare(given)
-        captured, _ = self._graph_for(prepared)
+        _, sweeper = self._graph_for(prepared)
         with torch.no_grad():
-            _, graph_out = forward(captured, prepared)
+            _, graph_out = sweeper.forward(prepared)
             eager = self.model(**prepared)
         eager_flat = [t for t in torch.utils._pytree.tree_leaves(eager) if isinstance(t, Tensor)]
         diffs = [

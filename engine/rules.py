@@ -37,6 +37,7 @@ class Ctx:
     mode: str
     is_data: Callable[..., bool]
     abs_of: Callable[[Tensor], Tensor]
+    bias_term: Callable[[Tensor | None, int, Tensor], Tensor]
 
     @property
     def first(self) -> str:
@@ -70,9 +71,11 @@ def rule(*targets: Any) -> Callable[[Rule], Rule]:
     return register
 
 
-def _ratio(R: Tensor, D: Tensor) -> Tensor:
-    """R / D with 0 where D is 0: that relevance cannot be passed on and becomes a sink."""
-    return (R / D).nan_to_num_(0.0, 0.0, 0.0)
+# Added to every denominator. R / D stays finite where D = 0 (no contribution at all, so no
+# input can take a share: 0 * R / TINY = 0), and the share R * TINY / D withheld from the
+# inputs is then all of R, reported as a sink; where D > 0 it is below float precision.
+# It also lets the |b| + TINY term ride inside the matmul or convolution as its bias.
+TINY = 1e-20
 
 
 def _unbroadcast(r: Tensor, shape: torch.Size) -> Tensor:
@@ -105,15 +108,12 @@ def _proportional(
     is returned as sink: R - (R / D) * Z with Z the sum of the propagated contributions.
     """
     ax = x.abs()
-    Z = f_abs(ax)
-    D = Z + bias.abs() if bias is not None else Z
-    ratio = _ratio(R, D)
+    extra = bias.abs() + TINY if bias is not None else TINY
+    ratio = R / (f_abs(ax) + extra)
     if ctx.signed:
-        r_in = x * _vjp(f_signed, x, ratio)
-        Z = f_signed(x)
-    else:
-        r_in = ax * _vjp(f_abs, ax, ratio)
-    return r_in, R - ratio * Z
+        return x * _vjp(f_signed, x, ratio), R - ratio * f_signed(x)
+    # the contributions add up to D - extra, so exactly R - ratio * (D - extra) stays behind
+    return ax * _vjp(f_abs, ax, ratio), ratio * extra
 
 
 # ---------------------------------------------------------------- weighted maps
@@ -123,17 +123,12 @@ def _proportional(
 def linear(ctx: Ctx) -> Propagation:
     """Two matrix products: D = |X||W|^T + |b|, R_in = |X| * ((R / D) |W|)."""
     x, w, b = ctx.args["input"], ctx.args["weight"], ctx.args["bias"]
-    aw = ctx.abs_of(w)
+    aw, extra = ctx.abs_of(w), ctx.bias_term(b, w.shape[0], x)
     ax = x.abs()
-    Z = F.linear(ax, aw)
-    D = Z + ctx.abs_of(b) if b is not None else Z
-    ratio = _ratio(ctx.R, D)
+    ratio = ctx.R / F.linear(ax, aw, extra)
     if ctx.signed:
-        r_in = x * (ratio @ w)
-        Z = F.linear(x, w)
-    else:
-        r_in = ax * (ratio @ aw)
-    return {"input": r_in}, ctx.R - ratio * Z
+        return {"input": x * (ratio @ w)}, ctx.R - ratio * F.linear(x, w)
+    return {"input": ax * (ratio @ aw)}, ratio @ extra
 
 
 _CONV = {1: (F.conv1d, F.conv_transpose1d), 2: (F.conv2d, F.conv_transpose2d)}
@@ -147,28 +142,24 @@ def conv(ctx: Ctx) -> Propagation:
     x, w, b = a["input"], a["weight"], a["bias"]
     spatial = w.dim() - 2
     conv_fn, transposed = _CONV[spatial]
-    geometry = dict(
-        stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"]
-    )
-    aw = ctx.abs_of(w)
-    ax = x.abs()
-    Z = conv_fn(ax, aw, None, **geometry)
-    D = Z + ctx.abs_of(b).view(-1, *[1] * spatial) if b is not None else Z
-    ratio = _ratio(ctx.R, D)
-    K = ctx.K
-    # output_padding recovers input sizes that a strided conv rounded down
     stride, pad, dil = (_expand(a[k], spatial) for k in ("stride", "padding", "dilation"))
-    extra = [
+    groups = a["groups"]
+    aw, extra = ctx.abs_of(w), ctx.bias_term(b, w.shape[0], x)
+    ax = x.abs()
+    ratio = ctx.R / conv_fn(ax, aw, extra, stride, pad, dil, groups)
+    # output_padding recovers input sizes that a strided conv rounded down
+    out_pad = [
         x.shape[2 + i]
-        - ((Z.shape[2 + i] - 1) * stride[i] - 2 * pad[i] + dil[i] * (w.shape[2 + i] - 1) + 1)
+        - ((ratio.shape[3 + i] - 1) * stride[i] - 2 * pad[i] + dil[i] * (w.shape[2 + i] - 1) + 1)
         for i in range(spatial)
     ]
+    K = ctx.K
     weight, source = (w, x) if ctx.signed else (aw, ax)
-    back = transposed(_fold(ratio), weight, None, stride, pad, extra, a["groups"], dil)
+    back = transposed(_fold(ratio), weight, None, stride, pad, out_pad, groups, dil)
     r_in = source * back.view(K, *x.shape)
     if ctx.signed:
-        Z = conv_fn(x, w, None, **geometry)
-    return {"input": r_in}, ctx.R - ratio * Z
+        return {"input": r_in}, ctx.R - ratio * conv_fn(x, w, None, stride, pad, dil, groups)
+    return {"input": r_in}, ratio.flatten(3).sum(-1) * extra
 
 
 def _expand(v: int | list[int], n: int) -> list[int]:
@@ -186,7 +177,7 @@ def batch_norm(ctx: Ctx) -> Propagation:
     R = ctx.R[0]  # relevance of output 0; the saved statistics carry none
     c = x * scale.view(shape)
     ac = c.abs()
-    r_in = R * _ratio(c if ctx.signed else ac, ac + shift.abs().view(shape))
+    r_in = R * ((c if ctx.signed else ac) / (ac + shift.abs().view(shape) + TINY))
     return {"input": r_in}, R - r_in
 
 
@@ -404,7 +395,7 @@ def add(ctx: Ctx) -> Propagation:
     a, b = ctx.args[first], ctx.args[second] * ctx.args.get("alpha", 1)
     aa = a.abs() if isinstance(a, Tensor) else abs(a)
     ab = b.abs() if isinstance(b, Tensor) else abs(b)
-    ratio = _ratio(ctx.R, aa + ab)
+    ratio = ctx.R / (aa + ab + TINY)
     grads, passed = {}, None
     for name, mag, value in ((first, aa, a), (second, ab, b)):
         if isinstance(value, Tensor) and ctx.is_data(name):

@@ -16,7 +16,7 @@ from torch import Tensor, fx
 
 from .capture import Captured
 from .provenance import Provenance, UnsupportedOpError
-from .rules import MODES, RULES, Ctx, batch_norm_affine
+from .rules import MODES, RULES, TINY, Ctx, batch_norm_affine
 
 aten = torch.ops.aten
 _PASS_THROUGH = {aten._to_copy.default, aten.clone.default, aten.alias.default}
@@ -68,12 +68,27 @@ class Explanation:
         return io
 
 
-def forward(captured: Captured, inputs: dict[str, Tensor]) -> tuple[dict[fx.Node, Any], tuple]:
-    """Run the exported graph, keeping every value. Op errors propagate unchanged."""
+def forward(
+    captured: Captured,
+    inputs: dict[str, Tensor],
+    fused: dict[fx.Node, dict[str, Any]] | None = None,
+) -> tuple[dict[fx.Node, Any], tuple]:
+    """Run the exported graph, keeping every value. Op errors propagate unchanged.
+
+    ``fused`` maps a convolution to its arguments with a following eval batch norm folded in
+    (the batch norm node, mapped to {}, then just passes the convolution's output on), as
+    inference engines do: one op instead of two, and what the sweep's rule sees.
+    """
+    fused = fused or {}
     env: dict[fx.Node, Any] = {}
     for node in captured.nodes:
         if node.op == "placeholder":
             env[node] = inputs[node.name] if node.name in inputs else captured.constants[node.name]
+        elif node in fused and not fused[node]:
+            out = env[node.args[0]]
+            env[node] = (out, out.new_empty(0), out.new_empty(0))
+        elif node in fused:
+            env[node] = node.target(**fx.node.map_arg(fused[node], env.__getitem__))
         elif node.op == "call_function":
             args = fx.node.map_arg(node.args, env.__getitem__)
             kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
@@ -117,9 +132,17 @@ class Sweeper:
                 continue
             scale, shift = batch_norm_affine(bn)
             bias = shift if bias is None else bias * scale + shift
-            folded[conv] = {"weight": weight * scale.view(-1, 1, 1, 1), "bias": bias}
+            folded[conv] = {
+                **bound[conv],
+                "weight": weight * scale.view(-1, 1, 1, 1),
+                "bias": bias,
+            }
             folded[node] = {}
         return folded
+
+    def forward(self, inputs: dict[str, Tensor]) -> tuple[dict[fx.Node, Any], tuple]:
+        """The recorded forward, with batch norms fused into their convolutions."""
+        return forward(self.captured, inputs, self._folded)
 
     def check_rules(self) -> None:
         missing = self.provenance.unsupported()
@@ -133,6 +156,16 @@ class Sweeper:
         hit = self._abs.get(key)
         if hit is None or hit[0] is not t:
             hit = (t, t.abs())
+            self._abs[key] = hit
+        return hit[1]
+
+    def bias_term(self, bias: Tensor | None, n: int, like: Tensor) -> Tensor:
+        """|b| + TINY (or TINY alone), the denominator's bias, cached per parameter."""
+        key = (id(bias), n, like.dtype, like.device)
+        hit = self._abs.get(key)
+        if hit is None or hit[0] is not bias:
+            term = torch.full((n,), TINY, dtype=like.dtype, device=like.device)
+            hit = (bias, term if bias is None else bias.abs() + TINY)
             self._abs[key] = hit
         return hit[1]
 
@@ -204,17 +237,16 @@ class Sweeper:
                 continue
             ctx = Ctx(
                 node=node,
-                args={
-                    **fx.node.map_aggregate(
-                        prov.bound[node], lambda a: env.get(a, a) if isinstance(a, fx.Node) else a
-                    ),
-                    **self._folded.get(node, {}),
-                },
+                args=fx.node.map_aggregate(
+                    self._folded.get(node) or prov.bound[node],
+                    lambda a: env.get(a, a) if isinstance(a, fx.Node) else a,
+                ),
                 out=env[node],
                 R=r,
                 mode=mode,
                 is_data=lambda name, i=None, n=node: self._arg_is_data(n, name, i),
                 abs_of=self.abs_of,
+                bias_term=self.bias_term,
             )
             grads, sink = RULES[node.target](ctx)
             if sink is not None:
