@@ -2,17 +2,17 @@
 
 ``python -m bench.engine`` prints one JSON object per model with ``forward_s``, ``run_task_s``
 (medians of several repeats, relevance for the inputs only, as the service asks for it),
-``ratio`` = run_task_s / forward_s, and ``peak_extra_mb``: the peak resident memory of a
-process doing forward + run_task minus that of a process doing the forward alone.
+``ratio`` = run_task_s / forward_s, and ``peak_extra_mb``: the peak resident memory of run_task
+above its starting level, minus the same figure for the forward pass.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
-import subprocess
-import sys
+import threading
 import time
 
 import torch
@@ -73,21 +73,46 @@ def measure(name: str, repeats: int) -> dict:
     }
 
 
-def peak_rss_mb(name: str, with_relevance: bool) -> float:
-    """Peak RSS of a fresh process running the forward (and run_task) once."""
-    code = (
-        "import resource, torch; from bench.engine import build; from engine import DLBacktrace\n"
-        f"m, x = build({name!r})\n"
-        "with torch.no_grad(): m(**x)\n"
-        + (
-            "DLBacktrace(m, x).run_task(inputs=x, relevance_nodes='inputs')\n"
-            if with_relevance
-            else ""
-        )
-        + "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled from /proc every millisecond."""
+
+    def __enter__(self) -> PeakRSS:
+        self.base = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def extra_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_extra_mb(name: str) -> float:
+    """Peak memory of run_task over that of the forward pass, same inputs, same process."""
+    from engine import DLBacktrace
+
+    model, inputs = build(name)
+    dlb = DLBacktrace(model, inputs)
+    with torch.no_grad(), PeakRSS() as fwd:
+        model(**inputs)
+    with PeakRSS() as run:
+        dlb.run_task(inputs=inputs, relevance_nodes="inputs")
+    return run.extra_mb - fwd.extra_mb
 
 
 def main() -> None:
@@ -99,7 +124,7 @@ def main() -> None:
     for name in args.models:
         row = measure(name, args.repeats)
         if not args.no_memory:
-            row["peak_extra_mb"] = round(peak_rss_mb(name, True) - peak_rss_mb(name, False), 1)
+            row["peak_extra_mb"] = round(peak_extra_mb(name), 1)
         print(json.dumps(row), flush=True)
 
 
