@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,7 @@ class DLBacktrace:
         self._graphs: list[tuple[Captured, Sweeper]] = []
         self._graph_for(self._prepare(input_for_graph))
         self.node_io: dict[str, Any] | None = None
+        self.relevance: dict[str, Tensor] | None = None
 
     # ------------------------------------------------------------ capture and sweep
 
@@ -135,7 +137,7 @@ class DLBacktrace:
         if task == "generation":
             from .generation import run_generation
 
-            return run_generation(
+            result = run_generation(
                 self,
                 inputs,
                 tokenizer,
@@ -150,23 +152,16 @@ class DLBacktrace:
                 relevance_nodes="inputs" if relevance_nodes == "all" else relevance_nodes,
                 **generation_kwargs,
             )
-        if generation_kwargs:
-            raise TypeError(f"unexpected arguments for {task}: {sorted(generation_kwargs)}")
-        return self._classify(
-            task,
-            inputs,
-            mode,
-            multiplier,
-            scaler,
-            thresholding,
-            temperature,
-            return_scores,
-            return_relevance,
-            return_layerwise_output,
-            debug,
-            relevance_nodes,
-            target,
-        )
+        else:
+            if generation_kwargs:
+                raise TypeError(f"unexpected arguments for {task}: {sorted(generation_kwargs)}")
+            result = self._classify(
+                task, inputs, mode, multiplier, scaler, thresholding, temperature,
+                return_scores, return_relevance, return_layerwise_output, debug,
+                relevance_nodes, target,
+            )  # fmt: skip
+        self.relevance = result.get("relevance")
+        return result
 
     def _classify(
         self,
@@ -256,6 +251,65 @@ class DLBacktrace:
                 result["timings"]["total_s"],
             )
         return result
+
+    # ------------------------------------------------------------ visualisations
+
+    def visualize(self, save_path: str | Path = "graph.png", label_limit: int = 1500) -> Path:
+        """Draw the captured computation graph (PNG, SVG, PDF, or Graphviz .dot text)."""
+        from .visualize import visualize_graph
+
+        return visualize_graph(self.graph, save_path, inputs=self.captured.input_names,
+                               label_limit=label_limit)  # fmt: skip
+
+    def visualize_dlbacktrace(
+        self,
+        output_path: str | Path = "backtrace_graph",
+        engine_auto_threshold: int = 1500,
+        relevance: dict[str, Tensor] | None = None,
+    ) -> Path:
+        """The graph coloured by each node's total relevance, from the last ``run_task`` (or
+        ``relevance``). Graphs above ``engine_auto_threshold`` nodes are drawn unlabelled."""
+        from .visualize import visualize_graph
+
+        relevance = relevance if relevance is not None else self.relevance
+        if relevance is None:
+            raise ValueError("no relevance yet: call run_task first or pass relevance=")
+        return visualize_graph(self.graph, output_path, relevance=relevance,
+                               inputs=self.captured.input_names,
+                               label_limit=engine_auto_threshold)  # fmt: skip
+
+    def visualize_tokenwise_relevance_map(
+        self,
+        timewise_relevance_out,
+        input_ids,
+        tokenizer=None,
+        generated_ids=None,
+        figsize=(12, 6),
+        **kwargs,
+    ):
+        """Heatmap of every generated token's relevance over its context (see visualize.py)."""
+        from .visualize import visualize_tokenwise_relevance_map
+
+        return visualize_tokenwise_relevance_map(
+            timewise_relevance_out, input_ids, tokenizer, generated_ids, figsize, **kwargs
+        )
+
+    def visualize_input_heatmap_for_token(
+        self,
+        timewise_relevance_out,
+        n,
+        input_ids,
+        tokenizer=None,
+        generated_ids=None,
+        figsize=(10, 3),
+        **kwargs,
+    ):
+        """Relevance of every context token for the ``n``-th generated token."""
+        from .visualize import visualize_input_heatmap_for_token
+
+        return visualize_input_heatmap_for_token(
+            timewise_relevance_out, n, input_ids, tokenizer, generated_ids, figsize, **kwargs
+        )
 
     def detect_task(self, inputs: Inputs, tokenizer: Any = None) -> str:
         """Causal LM (even behind a wrapper) -> generation; token ids -> text; images -> image;
