@@ -79,7 +79,7 @@ def main() -> None:
     env.pop("BACKTRACE_REGISTRY", None)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "service", "worker", "--metrics-port", "0", "--no-warm"],
+            [sys.executable, "-m", "service", "worker", "--metrics-port", "0"],
             env=env,
             cwd=ROOT,
             stdout=subprocess.DEVNULL,

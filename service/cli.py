@@ -182,7 +182,7 @@ def cmd_run(a: argparse.Namespace) -> None:
                     print(data["text"][0], end="", flush=True, file=sys.stderr)
             print(file=sys.stderr)
         view = client.wait(job["job_id"], timeout=a.timeout)
-        print(json.dumps(view, indent=1)[: a.max_chars])
+        print(json.dumps(view, indent=1) if a.json else summary(view))
         if view["status"] == "finished" and a.out:
             try:
                 Path(a.out).write_bytes(client.heatmap(job["job_id"]))
@@ -199,8 +199,38 @@ def cmd_run(a: argparse.Namespace) -> None:
             stack.stop()
 
 
+def summary(view: dict[str, Any]) -> str:
+    """A few readable lines: the prediction or generated text, relevance per token."""
+    from . import codec
+
+    if view["status"] != "finished":
+        return f"{view['status']}: {(view.get('error') or {}).get('message')}"
+    res = view["result"]
+    lines = [f"job {view['job_id']} finished ({res['task']})"]
+    for pred, item in zip(res.get("predictions", []), res.get("inputs", []), strict=False):
+        lines.append(f"prediction: {pred['label']} ({pred['score']:.3f})")
+        if item.get("tokens") and "relevance" in item:
+            rel = codec.decode(item["relevance"])
+            lines.append(
+                "relevance: "
+                + " ".join(
+                    f"{t}:{v:+.1f}" for t, v in zip(item["tokens"], rel.tolist(), strict=False)
+                )
+            )
+    if "generation" in res:
+        g = res["generation"]
+        lines.append(f"generated: {g['text'][0]!r} tokens {g['new_tokens'][0]}")
+    t = res.get("timings", {})
+    lines.append(
+        f"timings: total {t.get('total_s', 0):.3f}s, engine {t.get('engine_s', 0):.3f}s, "
+        f"cache {t.get('cache')}"
+    )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     p = argparse.ArgumentParser(prog="python -m service")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="the HTTP API (and, with --all-in-one, redis + workers)")
@@ -238,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--url", default=None, help="a running API (default: start a private one)")
     r.add_argument("--out", default="heatmap.png")
     r.add_argument("--timeout", type=float, default=600)
-    r.add_argument("--max-chars", type=int, default=20000)
+    r.add_argument("--json", action="store_true", help="print the whole job view as JSON")
     r.set_defaults(fn=cmd_run)
     a = p.parse_args(argv)
     a.fn(a)

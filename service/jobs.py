@@ -55,11 +55,28 @@ def state() -> WorkerState:
 
 
 def warm(spec: ModelSpec) -> None:
-    """Load a model ahead of the first request (counted as a cache miss)."""
+    """Load a model, capture its graph and run it once on a sample input, so that the first
+    request pays none of that (export, lazy initialisation of the rule sweep)."""
     entry, hit = state().cache.get(spec)
     if not hit:
         m.CACHE_MISSES.labels(model=spec.id).inc()
         m.LOAD.labels(model=spec.id).observe(entry.load_s)
+    if spec.task == "tabular-classification":
+        return  # the row width is not known before a request
+    if spec.task == "image-classification":
+        img = entry.dm.image or {"channels": 3, "size": 224}
+        name = _input_name(entry.dm.model)
+        batch = {name: torch.zeros(1, img["channels"], img["size"], img["size"])}
+    else:
+        batch = _token_batch(spec, entry, {"text": "warm up"})
+    batch = {k: v.to(entry.device) for k, v in batch.items()}
+    dlb = entry.backtrace(batch)
+    if spec.task == "generation":
+        dlb.run_task(
+            task="generation", inputs=batch, tokenizer=entry.dm.tokenizer, max_new_tokens=1
+        )
+    else:
+        dlb.run_task(task=spec.task, inputs=batch, relevance_nodes="inputs")
 
 
 # ---------------------------------------------------------------------- inputs

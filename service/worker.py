@@ -61,14 +61,23 @@ def run_worker(
     port = settings.metrics_port if metrics_port is None else metrics_port
     if port:
         start_http_server(port)
-    wanted = warm if warm is not None else settings.warm_models
-    for spec in st.registry.models.values():
-        if spec.warm or spec.id in wanted:
-            log.info("warming %s", spec.id)
-            try:
-                jobs.warm(spec)
-            except Exception:  # noqa: BLE001 - a broken entry must not stop the others
-                log.exception("could not warm %s", spec.id)
+    # Explicit list (--no-warm gives none) > BACKTRACE_WARM_MODELS > the registry's flags.
+    if warm is not None:
+        wanted = set(warm)
+    elif settings.warm_models:
+        wanted = set(settings.warm_models)
+    else:
+        wanted = {s.id for s in st.registry.models.values() if s.warm}
+    for model_id in sorted(wanted):
+        spec = st.registry.get(model_id)
+        if spec is None:
+            log.warning("cannot warm %s: not in the registry", model_id)
+            continue
+        log.info("warming %s", model_id)
+        try:
+            jobs.warm(spec)
+        except Exception:  # noqa: BLE001 - a broken entry must not stop the others
+            log.exception("could not warm %s", model_id)
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat_loop, args=(settings, name, stop), daemon=True)
     beat.start()

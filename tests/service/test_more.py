@@ -98,6 +98,7 @@ def test_cli_run_against_a_running_service(stack, tmp_path) -> None:
             str(img),
             "--out",
             str(out),
+            "--json",
         ],
         env=stack.env,
         cwd=ROOT,
