@@ -208,13 +208,6 @@ class Layout:
         ids = sequence.gather(1, j.clamp(max=length - 1)).masked_fill(~valid, 0)
         return ids, valid.long()
 
-    def restore(self, relevance: Tensor) -> Tensor:
-        """[K, B, T] relevance over the compact layout, back to left padding (zeros there)."""
-        length = relevance.shape[-1]
-        t = torch.arange(length, device=relevance.device)[None] - self.shift[:, None]
-        out = relevance.gather(-1, t.clamp(min=0)[None].expand_as(relevance))
-        return out.masked_fill((t < 0)[None], 0)
-
     def position(self, step: int) -> Tensor:
         """[B] compact position whose logits chose the token of ``step``."""
         return self.prompt_len + step - 1 - self.shift
@@ -234,7 +227,7 @@ class StepExplainer:
                 f"the captured graph takes inputs {sorted(unknown)} that generation cannot fill;"
                 " capture the model with input_ids (and attention_mask) only"
             )
-        self.seq_axes = _sequence_axes(dlb.captured, self.token_input)
+        self.axes = _node_axes(dlb.captured, self.token_input)
         experts = _grouped_mm_ops()
         self.expert_nodes = [n for n in dlb.captured.nodes if n.target in experts]
         self.hidden: set[str] = set()  # kept for per-expert totals, not for the trace
@@ -267,19 +260,15 @@ class StepExplainer:
         )
 
     def trace(self, exp: Explanation, k: int, step: int, scaler: float) -> dict[str, Tensor]:
-        """Relevance of seed k as the trace entry of ``step``: inputs over the prompt and the
-        tokens before the emitted one ([B, prompt_len + step]); other nodes cut to the same
-        number of positions along their sequence axes (in the compact layout)."""
+        """Relevance of seed k as the trace entry of ``step``: over the prompt and the tokens
+        before the emitted one ([B, prompt_len + step] for the token ids), and for other kept
+        nodes cut to the same positions along their sequence axes."""
         length = self.layout.prompt_len + step
-        out = {}
-        for name, rel in exp.relevance.items():
-            if name in self.hidden:
-                continue
-            if name in self.dlb.captured.input_names:
-                out[name] = self.layout.restore(rel[k : k + 1])[0, :, :length] * scaler
-            else:
-                out[name] = _cut(rel[k], self.seq_axes.get(name, ()), length) * scaler
-        return out
+        return {
+            name: _visible(rel[k], self.axes.get(name), self.layout, length) * scaler
+            for name, rel in exp.relevance.items()
+            if name not in self.hidden
+        }
 
     def expert_relevance(self, exp: Explanation, k: int, scaler: float) -> dict[str, Tensor]:
         """Relevance that passed through each expert, per grouped matmul: {node: [experts]}.
@@ -301,42 +290,68 @@ class StepExplainer:
         return out
 
     def layer_outputs(self, exp: Explanation, step: int) -> dict[str, Tensor]:
-        """Every op's output, cut to the positions ``step`` could see (compact layout)."""
+        """Every op's output as step ``step`` saw it (positions it could see, left padded)."""
         length = self.layout.prompt_len + step
-        outputs = {}
-        for node, value in exp.env.items():
-            if node.op == "call_function" and isinstance(value, Tensor):
-                outputs[node.name] = _cut(value, self.seq_axes.get(node.name, ()), length)
-        return outputs
+        return {
+            node.name: _visible(value, self.axes.get(node.name), self.layout, length)
+            for node, value in exp.env.items()
+            if node.op == "call_function" and isinstance(value, Tensor)
+        }
 
 
-def _sequence_axes(captured: Any, token_input: str) -> dict[str, tuple[int, ...]]:
-    """Axes of each node whose size is exactly the sequence length symbol (dim 1 of the token
-    ids). Read from the exported symbolic shapes, so attention scores [B, H, T, T] get both
-    axes and a folded [B*T, H] axis gets none."""
-    ids = next(n for n in captured.nodes if n.op == "placeholder" and n.name == token_input)
-    size = ids.meta["val"].shape[1]
-    if not isinstance(size, torch.SymInt):
-        return {}
-    symbol = size.node.expr
-    axes = {}
+@dataclass(frozen=True)
+class Axes:
+    """Where a node's value keeps the batch and the sequence positions (None / empty: not as
+    a whole axis, e.g. folded into [B*T, H])."""
+
+    batch: int | None
+    seq: tuple[int, ...]
+
+
+def _node_axes(captured: Any, token_input: str) -> dict[str, Axes]:
+    """Batch and sequence axes of every node, read from the exported symbolic shapes: an axis
+    whose size is exactly the batch (or sequence) symbol of the token ids. Attention scores
+    [B, H, T, T] get two sequence axes; a folded [B*T, H] axis gets none."""
+
+    def expr(size):
+        return size.node.expr if isinstance(size, torch.SymInt) else None
+
+    inputs = [n for n in captured.nodes if n.op == "placeholder" and n.name in captured.input_names]
+    t_sym = expr(next(n for n in inputs if n.name == token_input).meta["val"].shape[1])
+    # Export may give each input its own batch symbol (they are never compared).
+    b_syms = {expr(n.meta["val"].shape[0]) for n in inputs if n.meta["val"].dim() > 0} - {None}
+    axes = {token_input: Axes(0, (1,))}
+    if t_sym is None:
+        return axes
     for node in captured.nodes:
         val = node.meta.get("val")
-        if isinstance(val, Tensor):
-            found = tuple(
-                i
-                for i, s in enumerate(val.shape)
-                if isinstance(s, torch.SymInt) and s.node.expr == symbol
-            )
-            if found:
-                axes[node.name] = found
+        if not isinstance(val, Tensor) or node.name in axes:
+            continue
+        exprs = [expr(s) for s in val.shape]
+        seq = tuple(i for i, e in enumerate(exprs) if e == t_sym)
+        if seq:
+            batch = next((i for i, e in enumerate(exprs) if e in b_syms), None)
+            axes[node.name] = Axes(batch, seq)
     return axes
 
 
-def _cut(t: Tensor, axes: tuple[int, ...], length: int) -> Tensor:
-    """Keep the first ``length`` positions along ``axes`` of a node value."""
-    for axis in axes:
+def _visible(t: Tensor, axes: Axes | None, layout: Layout, length: int) -> Tensor:
+    """A node value (or its relevance) as step ``length - prompt_len`` saw it: the first
+    ``length`` positions, shifted back to the left-padded layout of ``generated_ids`` (zeros
+    at padding). Without a sequence axis the value is returned as is."""
+    if axes is None:
+        return t
+    for axis in axes.seq:
         t = t.narrow(axis, 0, min(length, t.shape[axis]))
+    if axes.batch is None or not bool(layout.shift.any()):
+        return t
+    for axis in axes.seq:
+        moved = t.movedim((axes.batch, axis), (0, -1))  # [B, ..., T]
+        pos = torch.arange(moved.shape[-1], device=t.device)[None] - layout.shift[:, None]
+        shape = (moved.shape[0],) + (1,) * (moved.dim() - 2) + (moved.shape[-1],)
+        index = pos.clamp(min=0).reshape(shape).expand_as(moved)
+        moved = moved.gather(-1, index).masked_fill((pos < 0).reshape(shape), 0)
+        t = moved.movedim((0, -1), (axes.batch, axis))
     return t
 
 

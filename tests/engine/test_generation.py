@@ -190,3 +190,21 @@ def test_run_task_with_text_prompts(family):
         rel, c = _rel(result, i), result["conservation_trace"][i]
         assert rel.shape == (2, 5 + i) and not rel[1, :3].any()
         torch.testing.assert_close(rel.sum(-1) + c["sinks"], c["seed"], rtol=1e-4, atol=1e-4)
+
+
+def test_every_node_trace_agrees_between_paths():
+    """With relevance_nodes="all", node relevance and layer outputs are cut to the positions a
+    step could see (sequence axes read from the symbolic shapes), so both paths agree."""
+    batch = prompts(2, 5, pads=(0, 2))
+    dlb = DLBacktrace(tiny_lm("llama"), batch)
+    kw = dict(max_new_tokens=3, return_relevance=True, relevance_nodes="all",
+              return_layerwise_output=True)  # fmt: skip
+    batched = run_generation(dlb, batch, **kw)
+    stepwise = run_generation(dlb, batch, path="stepwise", **kw)
+    for i in range(3):
+        assert len(batched["relevance_trace"][i]) > 20
+        for key in ("relevance_trace", "layerwise_output_trace"):
+            for name, value in batched[key][i].items():
+                other = stepwise[key][i][name]
+                assert value.shape == other.shape, (key, i, name)
+                _assert_close_relative(value.float(), other.float(), rtol=1e-5)
