@@ -15,8 +15,10 @@ Both give the same numbers (tested to 1e-5 relative).
 Left padding is moved out of the way for the explanation forward: each row is shifted left so
 that its first real token sits at position 0 and its padding at the end. With causal attention,
 trailing padding influences nothing before it, and a graph that builds positions with ``arange``
-(no ``position_ids`` input) then sees exactly the positions the decode used. Input relevance is
-shifted back, so ``relevance_trace[i]["input_ids"]`` lines up with ``generated_ids``.
+(no ``position_ids`` input) then sees exactly the positions the decode used. Relevance and
+layer outputs are shifted back (per node, along the batch and sequence axes read from the
+exported symbolic shapes), so ``relevance_trace[i]["input_ids"]`` lines up with
+``generated_ids`` and padding positions hold zeros.
 """
 
 from __future__ import annotations
