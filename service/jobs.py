@@ -185,7 +185,8 @@ def run_job(request: dict[str, Any]) -> dict[str, Any]:
         written += store.finish(r, job_id, doc, "done", done, ttl, st.settings.stream_maxlen)
         m.JOBS.labels(task=task, model=model_id, status="finished").inc()
         return {"status": "finished"}
-    except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised for RQ
+    except Exception as exc:  # recorded, then re-raised for RQ. A BaseException (a cold
+        # shutdown of the worker) is left to RQ: the job is then abandoned and retried.
         canceled = isinstance(exc, JobCanceled)
         status = "canceled" if canceled else "failed"
         error = {"type": type(exc).__name__, "message": _message(exc)}
@@ -247,7 +248,12 @@ def _execute(
     t0 = time.perf_counter()
     dlb = entry.backtrace(batch)
     capture_s = time.perf_counter() - t0
-    device_batch = {k: v.to(entry.device) for k, v in batch.items()}
+    first = next(entry.dm.model.parameters(), None)
+    dtype_t = first.dtype if first is not None else torch.float32
+    device_batch = {
+        k: v.to(entry.device, dtype=dtype_t if v.is_floating_point() else v.dtype)
+        for k, v in batch.items()
+    }
     wanted = out.get("relevance", "inputs")
     params = {
         "mode": rel.get("mode", "default"),

@@ -137,3 +137,24 @@ def test_sse_client_disconnect_is_noticed(client: httpx.Client, stack) -> None:
         time.sleep(0.2)
     assert float(line.split()[1]) == 0
     wait(client, job)
+
+
+def test_job_timeout_ends_failed_with_the_reason(stack) -> None:
+    """The API sets RQ's job timeout (BACKTRACE_JOB_TIMEOUT); a job past it ends failed,
+    with RQ's timeout message, and its stream ends with an error event."""
+    proc, url = start_api({**stack.env, "BACKTRACE_JOB_TIMEOUT": "1"}, stack.tmp / "timeout.log")
+    try:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            long = {
+                "model": "gpt2-small-config",
+                "inputs": {"text": "timeout"},
+                "generation": {"max_new_tokens": 64, "path": "stepwise"},
+            }
+            job = submit(c, long)["job_id"]
+            evs = events(c, job)
+            assert evs[-1][1] == "error" and "timeout" in evs[-1][2]["message"].lower()
+            view = wait(c, job)
+            assert view["status"] == "failed" and view["error"]["type"] == "JobTimeoutException"
+    finally:
+        proc.terminate()
+        proc.wait(10)
