@@ -374,3 +374,32 @@ def test_python_client_round_trip(stack) -> None:
     kinds = [e for e, _ in c.stream(job["job_id"])]
     assert kinds[-1] == "done" and "token" in kinds
     assert json.loads(json.dumps(c.job(job["job_id"])))["status"] == "finished"
+
+
+@pytest.mark.parametrize(
+    "generation",
+    [
+        {"num_beams": 2, "max_new_tokens": 3},
+        {"top_k": 3, "seed": 7, "max_new_tokens": 3},
+        {"path": "stepwise", "max_new_tokens": 3},
+        {"steps": "none", "max_new_tokens": 3},
+    ],
+)
+def test_generation_settings(client: httpx.Client, generation: dict) -> None:
+    job = submit(
+        client,
+        {
+            "model": "tiny-lookup-lm",
+            "inputs": {"text": ["a3 c1 f9 h0 ? h"]},
+            "generation": generation,
+        },
+    )
+    evs = events(client, job["job_id"])
+    assert evs[-1][1] == "done", evs[-1]
+    steps = [d["step"] for _, e, d in evs if e == "token"]
+    assert steps == list(range(len(steps))) and steps
+    rel = [d["step"] for _, e, d in evs if e == "relevance"]
+    assert rel == ([] if generation.get("steps") == "none" else steps)
+    gen = wait(client, job["job_id"])["result"]["generation"]
+    if "top_k" not in generation:
+        assert gen["new_tokens"][0][0] == "0"
