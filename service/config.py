@@ -15,7 +15,9 @@ def _int(name: str, default: int) -> int:
 
 @dataclass(frozen=True)
 class Settings:
-    redis_url: str = field(default_factory=lambda: os.environ.get("REDIS_URL", ""))
+    redis_url: str = field(
+        default_factory=lambda: os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    )
     queue: str = field(default_factory=lambda: os.environ.get("BACKTRACE_QUEUE", "default"))
     registry_path: str | None = field(
         default_factory=lambda: os.environ.get("BACKTRACE_REGISTRY") or None
