@@ -90,6 +90,9 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
     stack = None
     if a.all_in_one:
+        # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into SystemExit so
+        # the finally below still stops the workers and the private redis-server.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         stack = Stack(a.workers, a.metrics_port)
         os.environ["REDIS_URL"] = stack.url
     try:
