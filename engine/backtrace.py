@@ -216,8 +216,8 @@ class DLBacktrace:
             "relevance": relevance,
             "relevance_computed": True,
             "predictions": predictions,
-            "predicted_labels": _to_numpy(labels),
-            "target": _to_numpy(explained),
+            "predicted_labels": labels.cpu().numpy(),
+            "target": explained.cpu().numpy(),
             "mode": mode,
             "conservation": {
                 "seed": _to_numpy(seed_total[0]) * scaler,

@@ -38,16 +38,24 @@ def bind_inputs(model: torch.nn.Module, inputs: Inputs) -> dict[str, torch.Tenso
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
     params = [
-        p
+        p.name
         for p in inspect.signature(model.forward).parameters.values()
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
+    main = getattr(model, "main_input_name", None)
+    if main in params:
+        # transformers models: a tuple means (input_ids, attention_mask, token_type_ids), as
+        # in the reference examples, whatever the forward's order (GPT-2 puts the cache second)
+        params = [n for n in (main, *_HF_ORDER) if n in params]
     if len(inputs) > len(params):
         raise TypeError(
-            f"{type(model).__name__}.forward takes {len(params)} positional inputs, "
-            f"got {len(inputs)}"
+            f"{type(model).__name__}.forward takes {len(params)} tensor inputs "
+            f"({', '.join(params)}), got {len(inputs)}"
         )
-    return {p.name: t for p, t in zip(params, inputs, strict=False)}
+    return dict(zip(params, inputs, strict=False))
+
+
+_HF_ORDER = ("attention_mask", "token_type_ids", "position_ids")
 
 
 @contextlib.contextmanager

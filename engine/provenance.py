@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from .rules import RULES
+from .rules import RULES, register_grouped_mm
 
 aten = torch.ops.aten
 
@@ -104,6 +104,7 @@ class Provenance:
     """Per node: bound arguments, whether it carries relevance, whether the sweep visits it."""
 
     def __init__(self, nodes: list[fx.Node], input_names: list[str], output: fx.Node):
+        register_grouped_mm()
         self.bound: dict[fx.Node, dict[str, Any]] = {}
         self.data: dict[fx.Node, bool] = {}
         for node in nodes:

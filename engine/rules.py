@@ -119,16 +119,63 @@ def _proportional(
 # ---------------------------------------------------------------- weighted maps
 
 
-@rule(aten.linear.default)
-def linear(ctx: Ctx) -> Propagation:
-    """Two matrix products: D = |X||W|^T + |b|, R_in = |X| * ((R / D) |W|)."""
-    x, w, b = ctx.args["input"], ctx.args["weight"], ctx.args["bias"]
-    aw, extra = ctx.abs_of(w), ctx.bias_term(b, w.shape[0], x)
+def _dense(ctx: Ctx, x: Tensor, w: Tensor, aw: Tensor, extra: Tensor) -> Propagation:
+    """The |z| rule of y = x W^T + b in two matrix products: D = |X||W|^T + |b|,
+    R_in = |X| * ((R / D) |W|). ``aw`` is |W| and ``extra`` is |b| + TINY."""
     ax = x.abs()
     ratio = ctx.R / F.linear(ax, aw, extra)
     if ctx.signed:
-        return {"input": x * (ratio @ w)}, ctx.R - ratio * F.linear(x, w)
-    return {"input": ax * (ratio @ aw)}, ratio @ extra
+        return x * (ratio @ w), ctx.R - ratio * F.linear(x, w)
+    return ax * (ratio @ aw), ratio @ extra
+
+
+@rule(aten.linear.default)
+def linear(ctx: Ctx) -> Propagation:
+    x, w, b = ctx.args["input"], ctx.args["weight"], ctx.args["bias"]
+    r_in, sink = _dense(ctx, x, w, ctx.abs_of(w), ctx.bias_term(b, w.shape[0], x))
+    return {"input": r_in}, sink
+
+
+@rule(aten.addmm.default)
+def addmm(ctx: Ctx) -> Propagation:
+    """b + x @ W, as GPT-2's Conv1D writes a linear layer."""
+    x, w, b = ctx.args["mat1"], ctx.args["mat2"], ctx.args["self"]
+    if b.dim() > 1:  # a per-row bias is data-shaped: not a linear layer's bias
+        r_in, sink = _proportional(ctx, ctx.R, x, lambda u: u @ w.abs(), lambda u: u @ w, bias=b)
+    else:
+        r_in, sink = _dense(ctx, x, w.t(), ctx.abs_of(w).t(), ctx.bias_term(b, w.shape[1], x))
+    return {"mat1": r_in}, sink
+
+
+def grouped_mm(ctx: Ctx) -> Propagation:
+    """Mixture-of-experts expert matmuls: rows (token, expert pairs) sorted by expert, row i
+    multiplied by its expert's weight W_e ([E, in, out]), ``offs`` the cumulative row counts.
+
+    The |z| rule per row, with the op itself for both products: D = gmm(|X|, |W|), and the
+    backward gmm(R / D, |W|^T). The K seeds ride along as extra rows: seed-major rows become
+    row-major blocks of K, so the expert offsets scale by K.
+    """
+    first, second, third = list(ctx.args)[:3]
+    x, w, offs = ctx.args[first], ctx.args[second], ctx.args[third]
+    gmm = ctx.node.target
+    ax, aw = x.abs(), w.abs()
+    ratio = ctx.R / (gmm(ax, aw, offs) + TINY)
+    K, S = ratio.shape[:2]
+    rows = ratio.transpose(0, 1).reshape(S * K, -1)
+    weight, source = (w, x) if ctx.signed else (aw, ax)
+    back = gmm(rows, weight.transpose(1, 2).contiguous(), offs * K)
+    r_in = source * back.view(S, K, -1).transpose(0, 1)
+    if ctx.signed:
+        return {first: r_in}, ctx.R - ratio * gmm(x, w, offs)
+    return {first: r_in}, ratio * TINY
+
+
+def register_grouped_mm() -> None:
+    """The grouped matmul ops exist only once torch (or transformers) registered them."""
+    for namespace, name in (("aten", "_grouped_mm"), ("transformers", "grouped_mm_fallback")):
+        packet = getattr(getattr(torch.ops, namespace, None), name, None)
+        if packet is not None and packet.default not in RULES:
+            RULES[packet.default] = grouped_mm
 
 
 _CONV = {1: (F.conv1d, F.conv_transpose1d), 2: (F.conv2d, F.conv_transpose2d)}
@@ -235,14 +282,6 @@ def einsum(ctx: Ctx) -> Propagation:
     data = (ctx.is_data("tensors", 0), ctx.is_data("tensors", 1))
     outs, sink = _product(ctx, lambda u, v: torch.einsum(eq, u, v), *operands, data)
     return {"tensors": outs}, sink
-
-
-@rule(aten.addmm.default)
-def addmm(ctx: Ctx) -> Propagation:
-    """bias + x @ W, as GPT-2's Conv1D writes a linear layer."""
-    x, w, b = ctx.args["mat1"], ctx.args["mat2"], ctx.args["self"]
-    r_in, sink = _proportional(ctx, ctx.R, x, lambda u: u @ w.abs(), lambda u: u @ w, bias=b)
-    return {"mat1": r_in}, sink
 
 
 @rule(aten.scaled_dot_product_attention.default)

@@ -109,6 +109,9 @@ class Sweeper:
         self._abs: dict[int, Tensor] = {}
         self._order = [n for n in captured.nodes if n in self.provenance.visited]
         self._folded = self._fold_batch_norms()
+        self._constant_ids = {id(t) for t in captured.constants.values()} | {
+            id(args[k]) for args in self._folded.values() for k in ("weight", "bias") if k in args
+        }
 
     def _fold_batch_norms(self) -> dict[fx.Node, dict[str, Tensor]]:
         """Fold eval batch norms into the convolution before them.
@@ -151,13 +154,15 @@ class Sweeper:
             raise UnsupportedOpError(f"no relevance rule for: {listed}")
 
     def abs_of(self, t: Tensor) -> Tensor:
-        """|t| for parameters, cached: the same weights are swept on every request."""
-        key = id(t)
-        hit = self._abs.get(key)
-        if hit is None or hit[0] is not t:
-            hit = (t, t.abs())
-            self._abs[key] = hit
-        return hit[1]
+        """|t|, cached for the graph's constants (parameters, folded weights): the same weights
+        are swept on every request. Anything else is computed afresh."""
+        hit = self._abs.get(id(t))
+        if hit is not None and hit[0] is t:
+            return hit[1]
+        if id(t) not in self._constant_ids:
+            return t.abs()
+        self._abs[id(t)] = (t, t.abs())
+        return self._abs[id(t)][1]
 
     def bias_term(self, bias: Tensor | None, n: int, like: Tensor) -> Tensor:
         """|b| + TINY (or TINY alone), the denominator's bias, cached per parameter."""
@@ -182,7 +187,12 @@ class Sweeper:
         else:
             axis, inner = where.axis, where.inner
             if not isinstance(inner, int):
-                inner = int(inner.subs(self._sizes))
+                inner = inner.subs(self._sizes)
+                if not (inner.is_Integer and inner >= 1):
+                    # Rows mixed across samples (mixture-of-experts rows are sorted by
+                    # expert): not attributable per sample, so shared evenly.
+                    return (t.reshape(K, -1).sum(1) / batch)[:, None].expand(K, batch)
+                inner = int(inner)
         t = t.movedim(axis + 1, -1)
         n = t.shape[-1]
         t = t.reshape(K, -1, n).sum(1)

@@ -80,6 +80,19 @@ def test_explain_many_seeds_at_once(bert):
     assert torch.allclose(together.inputs + together.sinks, together.seed, atol=1e-3)
 
 
+def test_reference_tuple_form_for_a_causal_lm():
+    """(input_ids, attention_mask) binds by name although GPT-2's forward takes the cache
+    second, and run_task then generates and explains."""
+    from .lm_models import prompts, tiny_lm
+
+    batch = prompts(1, 5)
+    dlb = DLBacktrace(tiny_lm("gpt2"), (batch["input_ids"], batch["attention_mask"]))
+    assert dlb.captured.input_names == ["input_ids", "attention_mask"]
+    res = dlb.run_task(task="auto", inputs=batch, max_new_tokens=2, return_relevance=True)
+    assert res["task"] == "generation"
+    assert res["relevance_trace"][1]["input_ids"].shape == (1, 6)
+
+
 class Unruly(nn.Module):
     def forward(self, x):
         return torch.cumprod(x, dim=1) @ torch.ones(x.shape[1], 2)

@@ -13,15 +13,10 @@ from tests.engine.lm_models import EOS, PAD, prompts, tiny_lm
 FAMILIES = ["mixtral", "qwen2_moe", "olmoe"]
 NEW = 4
 
+
 # transformers 5 runs experts as grouped matmuls (rows sorted by expert); the engine has no
 # rule for that op yet, and the per-sample sink report cannot map the expert-sorted rows back
 # to samples (Sweeper.per_sample divides by a zero "inner" size on the sums after the experts).
-NO_MOE_RULE = pytest.mark.xfail(
-    reason="engine: no rule for transformers.grouped_mm_fallback; per_sample fails after it",
-    strict=False,
-)
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def moe(request):
     model = tiny_lm(request.param)
@@ -38,7 +33,6 @@ def test_moe_greedy_and_beam_equal_generate(moe):
         assert torch.equal(got.sequences, expected)
 
 
-@NO_MOE_RULE
 def test_moe_relevance_conserved_and_batched_equals_stepwise(moe):
     model, batch = moe
     dlb = DLBacktrace(model, batch)
@@ -53,7 +47,6 @@ def test_moe_relevance_conserved_and_batched_equals_stepwise(moe):
         torch.testing.assert_close(a.sum(-1) + c["sinks"], c["seed"], rtol=1e-4, atol=1e-4)
 
 
-@NO_MOE_RULE
 def test_moe_per_expert_relevance(moe):
     model, batch = moe
     dlb = DLBacktrace(model, batch)

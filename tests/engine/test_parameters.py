@@ -83,9 +83,9 @@ def test_thresholding_decides_single_logit_classifiers():
     low = _run(dlb, x, thresholding=0.0)
     high = _run(dlb, x, thresholding=1.01)
     mid = _run(dlb, x, thresholding=cut, mode="contrast")
-    assert low["predicted_labels"].tolist() == [1.0] * 16
-    assert high["predicted_labels"].tolist() == [0.0] * 16
-    assert mid["predicted_labels"].tolist() == (p >= cut).float().tolist()
+    assert low["predicted_labels"].tolist() == [1] * 16
+    assert high["predicted_labels"].tolist() == [0] * 16
+    assert mid["predicted_labels"].tolist() == (p >= cut).long().tolist()
     # in contrast mode a "negative" decision is explained by the evidence against the logit
     pos = _run(dlb, x, thresholding=0.0, mode="contrast")["relevance"]["input"]
     neg = mid["relevance"]["input"]
