@@ -3,7 +3,8 @@
 A rule receives the relevance ``R`` of a node's output, shaped ``[K, *output.shape]`` (``K``
 seeds swept at once), and the values recorded in the forward pass. It returns the relevance
 of each tensor argument (by schema name) and the part of ``R`` that stays behind (bias and
-constant shares: the sinks of the conservation report), in the shape of ``R``.
+constant shares: the sinks of the conservation report), shaped like ``R`` or reduced over
+trailing non-batch axes; the sweep sums it per sample.
 
 Mode ``"default"`` is the |z| rule of Backtrace: contributions ``|x_k w_jk|`` share ``R_j`` in
 proportion, ``|b_j|`` takes the rest. Mode ``"contrast"`` uses signed contributions over the
@@ -13,7 +14,6 @@ pass on is reported as sink.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -598,5 +598,3 @@ def pad(ctx: Ctx) -> Propagation:
     sink[tuple(index)] = 0
     return {"self": kept.reshape(ctx.K, *x.shape)}, sink
 
-
-GETITEM = operator.getitem
