@@ -412,8 +412,10 @@ def _generate(
     encoding: str,
     dtype: str,
 ) -> tuple[dict[str, Any], int]:
-    """Run generation, streaming one ``token`` event per step (and ``relevance`` events when
-    the engine hands relevance to the callback) as soon as the step exists."""
+    """Run generation, streaming a ``prompt`` event first (the prompt's tokens, so that a
+    client can label relevance before the result exists), then one ``token`` event per step
+    (and ``relevance`` events when the engine hands relevance to the callback) as soon as the
+    step exists."""
     gen = {k: v for k, v in req.get("generation", {}).items() if v is not None}
     top_n = int(req.get("output", {}).get("top_scores", 5))
     tok = entry.dm.tokenizer
@@ -448,6 +450,15 @@ def _generate(
             written += len(json.dumps(rel_data))
         checkpoint()
 
+    prompt_ids = batch["input_ids"].cpu().tolist()
+    prompt_tokens = [tok.convert_ids_to_tokens(row) for row in prompt_ids]
+    prompt = {
+        "token_ids": prompt_ids,
+        "tokens": prompt_tokens,
+        "text": [[tok.decode([t]) for t in row] for row in prompt_ids],
+    }
+    store.add_event(r, job_id, "prompt", prompt, ttl, maxlen)
+    written += len(json.dumps(prompt))
     res = dlb.run_task(
         task="generation",
         inputs=batch,
@@ -466,7 +477,6 @@ def _generate(
         for t in res.get("relevance_trace") or []
         if t is not None and "input_ids" in t
     ]
-    prompt_tokens = [tok.convert_ids_to_tokens(row) for row in batch["input_ids"].cpu().tolist()]
     texts = [tok.decode(row, skip_special_tokens=True) for row in new.tolist()]
     doc = {
         "generation": {
@@ -477,10 +487,19 @@ def _generate(
             "prompt_tokens": prompt_tokens,
             "relevance_trace": trace,
             "steps": steps,
+            "conservation_trace": [
+                None if c is None else {k: _floats(v) for k, v in c.items()}
+                for c in res.get("conservation_trace") or []
+            ],
         },
         "summary": {"text": texts},
     }
     return doc, written
+
+
+def _floats(t: Any) -> list[float]:
+    """A per-row tensor (or number) as a flat list of floats, for JSON."""
+    return torch.as_tensor(t).detach().float().cpu().reshape(-1).tolist()
 
 
 def _token_event(

@@ -17,7 +17,7 @@ from PIL import Image
 
 from service.client import parse_sse
 
-from .conftest import ROOT, start_api
+from ..conftest import ROOT, start_api
 from .test_e2e import events, submit, wait
 
 

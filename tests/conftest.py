@@ -1,6 +1,7 @@
-"""One real stack per test session: a private redis-server, one worker process (RQ
-SimpleWorker) and the API under uvicorn on loopback, with a test registry (three demo
-models and a model that always raises).
+"""One real stack per test session, shared by tests/service and tests/web: a private
+redis-server, one worker process (RQ SimpleWorker) and the API under uvicorn on loopback,
+with a test registry (four demo models, a model that always raises and two from the other
+source kinds). Fixtures start nothing until a test asks for them.
 
 Redis: a private ``redis-server`` on a free port (the binary must be on PATH); without one,
 TEST_REDIS_URL names a server the tests may flush. Demo models are built once into
@@ -26,7 +27,7 @@ import yaml
 from service.redis_server import PrivateRedis, free_port
 from service.registry import DEMO_REGISTRY
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
