@@ -9,15 +9,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
-import hashlib
 import hmac
 import io
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import numpy as np
@@ -40,7 +36,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from . import __version__, codec, heatmap, reaper, store, web
+from . import __version__, codec, heatmap, store, web
 from .config import Settings
 from .registry import ModelSpec, Registry, load_registry
 from .schemas import RunTaskRequest
@@ -67,10 +63,6 @@ HTTP_BUCKETS = (
     600,
 )
 RQ_STATUS = {"scheduled": "queued", "deferred": "queued", "stopped": "canceled"}
-RETRY_AFTER = {"Retry-After": "5"}
-# How long an open SSE stream waits for Redis to come back before it ends (the client then
-# reconnects with Last-Event-ID); browsers' EventSource gives up on a 503, so streams wait.
-SSE_REDIS_OUTAGE_S = 60.0
 
 
 def _invalid(loc: list[str | int], msg: str) -> HTTPException:
@@ -202,18 +194,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default_timeout=settings.job_timeout,
     )
     metrics = ApiMetrics(r, settings.queue)
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(_reap_forever(r, settings))
-        yield
-        task.cancel()
-
     app = FastAPI(
         title="backtrace",
         version=__version__,
         description="Layer-wise relevance for registry models, as jobs with streamed traces.",
-        lifespan=lifespan,
     )
     app.state.aredis = None
     app.add_middleware(BodyLimitAndMetrics, limit=settings.max_body_bytes, metrics=metrics)
@@ -224,27 +208,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return app.state.aredis
 
     def authorize(request: Request) -> None:
-        """Only when keys are configured; compared in constant time, against every key (no
-        early exit that would tell which key a guess came close to)."""
+        """Only when keys are configured; compared in constant time."""
         if not settings.api_keys:
             return
-        given = _presented_key(request).encode()
-        ok = False
-        for k in settings.api_keys:
-            ok |= hmac.compare_digest(given, k.encode())
-        if not ok:
+        given = request.headers.get("x-api-key", "")
+        auth = request.headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            given = auth[7:]
+        if not any(hmac.compare_digest(given.encode(), k.encode()) for k in settings.api_keys):
             raise HTTPException(
                 401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"}
             )
-
-    @app.exception_handler(redis.RedisError)
-    async def redis_unavailable(_: Request, exc: redis.RedisError) -> JSONResponse:
-        """Redis down or restarting is a temporary condition of this service, not a bug."""
-        return JSONResponse(
-            {"detail": f"queue unavailable, retry later ({type(exc).__name__})"},
-            503,
-            headers=RETRY_AFTER,
-        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -272,9 +246,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return u
 
     @app.post("/run_task", status_code=202, dependencies=[Depends(authorize)])
-    def run_task(req: RunTaskRequest, request: Request) -> JSONResponse:
-        """Validate against the registry and enqueue; 202 with the job id and its URLs.
-        With an Idempotency-Key header, a repeat of the same request gets the same job."""
+    def run_task(req: RunTaskRequest) -> JSONResponse:
+        """Validate against the registry and enqueue; 202 with the job id and its URLs."""
         spec = registry.get(req.model)
         if spec is None:
             raise HTTPException(404, f"model {req.model!r} is not in the registry (GET /models)")
@@ -282,24 +255,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if task != spec.task:
             raise _invalid(["task"], f"model {spec.id} does {spec.task}, not {task}")
         _check_inputs(spec, req)
-        job_id = uuid.uuid4().hex
-        body = req.model_dump(mode="json")
-        body["task"] = task
-        accepted = {
-            "job_id": job_id,
-            "status": "queued",
-            "model": spec.id,
-            "task": task,
-            "urls": urls(job_id, task),
-        }
-        idem = _idempotency_key(request, body)
-        if idem is not None:
-            first = {"fingerprint": idem[1], "response": accepted}
-            if not r.set(idem[0], json.dumps(first), nx=True, ex=settings.result_ttl):
-                return _replay_accepted(r.get(idem[0]), idem[1])
         try:
             if queue.count >= settings.max_queue:
-                raise HTTPException(429, "queue full, retry later", headers=RETRY_AFTER)
+                raise HTTPException(503, "queue full, retry later", headers={"Retry-After": "5"})
+            job_id = uuid.uuid4().hex
+            body = req.model_dump(mode="json")
+            body["task"] = task
             stream_ttl = settings.job_timeout * (settings.retries + 1) + settings.result_ttl
             store.add_event(
                 r,
@@ -321,12 +282,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 description=f"{spec.id} {task}",
                 meta={"model": spec.id, "task": task},
             )
-        except BaseException:
-            if idem is not None:  # not accepted: a retry with the same key may try again
-                with contextlib.suppress(redis.RedisError):
-                    r.delete(idem[0])
-            raise
-        return JSONResponse(accepted, 202, headers={"Location": f"/jobs/{job_id}"})
+        except redis.RedisError as exc:
+            raise HTTPException(
+                503, f"queue unavailable: {exc}", headers={"Retry-After": "5"}
+            ) from exc
+        return JSONResponse(
+            {
+                "job_id": job_id,
+                "status": "queued",
+                "model": spec.id,
+                "task": task,
+                "urls": urls(job_id, task),
+            },
+            202,
+            headers={"Location": f"/jobs/{job_id}"},
+        )
 
     def job_view(job_id: str) -> dict[str, Any]:
         result = store.get_result(r, job_id)
