@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from .rules import RULES, register_grouped_mm
+from .rules import RESHAPE_OPS, RULES, register_grouped_mm
 
 aten = torch.ops.aten
 
@@ -39,13 +39,7 @@ CONSTANT_OPS = {
 # Ops that move integer ids around without computing with them: an embedding lookup after
 # them still traces back to the input's ids.
 ID_PATH_OPS = {
-    aten.view.default,
-    aten.reshape.default,
-    aten._unsafe_view.default,
-    aten.unsqueeze.default,
-    aten.squeeze.dim,
-    aten.squeeze.dims,
-    aten.flatten.using_ints,
+    *RESHAPE_OPS,
     aten.expand.default,
     aten.slice.Tensor,
     aten.select.int,

@@ -490,7 +490,7 @@ def _reshape_back(ctx: Ctx) -> Propagation:
     return {ctx.first: ctx.R.reshape(ctx.K, *ctx.x.shape)}, None
 
 
-for _op in (
+RESHAPE_OPS = (
     aten.view.default,
     aten.reshape.default,
     aten._unsafe_view.default,
@@ -500,8 +500,8 @@ for _op in (
     aten.squeeze.default,
     aten.flatten.using_ints,
     aten.unflatten.int,
-):
-    rule(_op)(_reshape_back)
+)
+rule(*RESHAPE_OPS)(_reshape_back)
 
 
 @rule(aten.permute.default)
