@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
+import hashlib
 import hmac
 import io
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -36,7 +39,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from . import __version__, codec, heatmap, store, web
+from . import __version__, codec, heatmap, reaper, store, web
 from .config import Settings
 from .registry import ModelSpec, Registry, load_registry
 from .schemas import RunTaskRequest
@@ -63,6 +66,10 @@ HTTP_BUCKETS = (
     600,
 )
 RQ_STATUS = {"scheduled": "queued", "deferred": "queued", "stopped": "canceled"}
+RETRY_AFTER = {"Retry-After": "5"}
+# How long an open SSE stream waits for Redis to come back before it ends (the client then
+# reconnects with Last-Event-ID); browsers' EventSource gives up on a 503, so streams wait.
+SSE_REDIS_OUTAGE_S = 60.0
 
 
 def _invalid(loc: list[str | int], msg: str) -> HTTPException:
@@ -194,10 +201,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default_timeout=settings.job_timeout,
     )
     metrics = ApiMetrics(r, settings.queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_reap_forever(r, settings))
+        yield
+        task.cancel()
+
     app = FastAPI(
         title="backtrace",
         version=__version__,
         description="Layer-wise relevance for registry models, as jobs with streamed traces.",
+        lifespan=lifespan,
     )
     app.state.aredis = None
     app.add_middleware(BodyLimitAndMetrics, limit=settings.max_body_bytes, metrics=metrics)
@@ -208,17 +223,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return app.state.aredis
 
     def authorize(request: Request) -> None:
-        """Only when keys are configured; compared in constant time."""
+        """Only when keys are configured; compared in constant time, against every key (no
+        early exit that would tell which key a guess came close to)."""
         if not settings.api_keys:
             return
-        given = request.headers.get("x-api-key", "")
-        auth = request.headers.get("authorization", "")
-        if auth.lower().startswith("bearer "):
-            given = auth[7:]
-        if not any(hmac.compare_digest(given.encode(), k.encode()) for k in settings.api_keys):
+        given = _presented_key(request).encode()
+        ok = False
+        for k in settings.api_keys:
+            ok |= hmac.compare_digest(given, k.encode())
+        if not ok:
             raise HTTPException(
                 401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"}
             )
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_unavailable(_: Request, exc: redis.RedisError) -> JSONResponse:
+        """Redis down or restarting is a temporary condition of this service, not a bug."""
+        return JSONResponse(
+            {"detail": f"queue unavailable, retry later ({type(exc).__name__})"},
+            503,
+            headers=RETRY_AFTER,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -246,8 +271,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return u
 
     @app.post("/run_task", status_code=202, dependencies=[Depends(authorize)])
-    def run_task(req: RunTaskRequest) -> JSONResponse:
-        """Validate against the registry and enqueue; 202 with the job id and its URLs."""
+    def run_task(req: RunTaskRequest, request: Request) -> JSONResponse:
+        """Validate against the registry and enqueue; 202 with the job id and its URLs.
+        With an Idempotency-Key header, a repeat of the same request gets the same job."""
         spec = registry.get(req.model)
         if spec is None:
             raise HTTPException(404, f"model {req.model!r} is not in the registry (GET /models)")
@@ -255,12 +281,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if task != spec.task:
             raise _invalid(["task"], f"model {spec.id} does {spec.task}, not {task}")
         _check_inputs(spec, req)
+        job_id = uuid.uuid4().hex
+        body = req.model_dump(mode="json")
+        body["task"] = task
+        accepted = {
+            "job_id": job_id,
+            "status": "queued",
+            "model": spec.id,
+            "task": task,
+            "urls": urls(job_id, task),
+        }
+        idem = _idempotency_key(request, body)
+        if idem is not None:
+            first = {"fingerprint": idem[1], "response": accepted}
+            if not r.set(idem[0], json.dumps(first), nx=True, ex=settings.result_ttl):
+                return _replay_accepted(r.get(idem[0]), idem[1])
         try:
             if queue.count >= settings.max_queue:
-                raise HTTPException(503, "queue full, retry later", headers={"Retry-After": "5"})
-            job_id = uuid.uuid4().hex
-            body = req.model_dump(mode="json")
-            body["task"] = task
+                raise HTTPException(429, "queue full, retry later", headers=RETRY_AFTER)
             stream_ttl = settings.job_timeout * (settings.retries + 1) + settings.result_ttl
             store.add_event(
                 r,
@@ -282,21 +320,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 description=f"{spec.id} {task}",
                 meta={"model": spec.id, "task": task},
             )
-        except redis.RedisError as exc:
-            raise HTTPException(
-                503, f"queue unavailable: {exc}", headers={"Retry-After": "5"}
-            ) from exc
-        return JSONResponse(
-            {
-                "job_id": job_id,
-                "status": "queued",
-                "model": spec.id,
-                "task": task,
-                "urls": urls(job_id, task),
-            },
-            202,
-            headers={"Location": f"/jobs/{job_id}"},
-        )
+        except BaseException:
+            if idem is not None:  # not accepted: a retry with the same key may try again
+                with contextlib.suppress(redis.RedisError):
+                    r.delete(idem[0])
+            raise
+        return JSONResponse(accepted, 202, headers={"Location": f"/jobs/{job_id}"})
 
     def job_view(job_id: str) -> dict[str, Any]:
         result = store.get_result(r, job_id)
@@ -448,15 +477,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 async def _sse(ar: aredis.Redis, job_id: str, last: str, keepalive: float, metrics: ApiMetrics):
+    """The job's events from ``last`` on. Nothing is read from Redis before the client has
+    taken what was sent (the server's send waits while the socket is full), so a slow
+    reader costs one batch of memory; a client that goes away cancels this generator."""
     key = store.EVENTS.format(job_id)
     metrics.sse_clients.inc()
+    down_since = None
     try:
         yield "retry: 2000\n\n"
         while True:
-            resp = await ar.xread({key: last}, block=max(1, int(keepalive * 1000)), count=100)
+            try:
+                resp = await ar.xread({key: last}, block=max(1, int(keepalive * 1000)), count=100)
+                if not resp:
+                    await _close_dead_job(ar, job_id, key, last)
+            except redis.RedisError as exc:  # Redis restarting: wait for it, bounded
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > SSE_REDIS_OUTAGE_S:
+                    return
+                yield f": redis unavailable ({type(exc).__name__}), retrying\n\n"
+                await asyncio.sleep(min(1.0, keepalive))
+                continue
+            down_since = None
             if not resp:
                 yield ": keep-alive\n\n"
-                await _close_dead_job(ar, job_id, key, last)
                 continue
             for entry_id, fields in resp[0][1]:
                 last = entry_id.decode()
@@ -482,6 +525,53 @@ async def _close_dead_job(ar: aredis.Redis, job_id: str, key: str, last: str) ->
         return
     error = {"type": "WorkerLost", "message": f"job ended without a result (rq status {status})"}
     await ar.xadd(key, {"event": "error", "data": json.dumps(error)})
+
+
+async def _reap_forever(r: redis.Redis, settings: Settings) -> None:
+    """End the jobs of dead workers even when no worker is left to do it (service.reaper)."""
+    while True:
+        with contextlib.suppress(redis.RedisError):
+            await asyncio.to_thread(
+                reaper.reap, r, settings.queue, settings.heartbeat_ttl, settings.result_ttl
+            )
+        await asyncio.sleep(settings.heartbeat_ttl / 3)
+
+
+def _presented_key(request: Request) -> str:
+    """The API key a request carries: ``Authorization: Bearer`` or ``X-API-Key``."""
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:]
+    return request.headers.get("x-api-key", "")
+
+
+def _idempotency_key(request: Request, body: dict[str, Any]) -> tuple[str, str] | None:
+    """The Redis key for the request's Idempotency-Key (scoped to the caller's API key, so
+    that callers cannot see each other's jobs) and a fingerprint of the body; None without
+    the header."""
+    given = request.headers.get("idempotency-key")
+    if given is None:
+        return None
+    if not 1 <= len(given) <= 255:
+        raise HTTPException(400, "Idempotency-Key must be 1 to 255 characters")
+    scope = hashlib.sha256(f"{_presented_key(request)}\0{given}".encode()).hexdigest()
+    fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return store.IDEMPOTENCY.format(scope), fingerprint
+
+
+def _replay_accepted(raw: bytes | None, fingerprint: str) -> JSONResponse:
+    """The first request's answer again, or 422 when the key came with another body."""
+    if raw is None:  # the first request failed and released the key just now
+        raise HTTPException(409, "a request with this Idempotency-Key is being retried")
+    first = json.loads(raw)
+    if first["fingerprint"] != fingerprint:
+        raise HTTPException(422, "Idempotency-Key was used with a different request body")
+    accepted = first["response"]
+    return JSONResponse(
+        accepted,
+        202,
+        headers={"Location": accepted["urls"]["self"], "Idempotent-Replayed": "true"},
+    )
 
 
 def _is_stream_id(s: str) -> bool:

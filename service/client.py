@@ -67,6 +67,8 @@ class Client:
     def stream_with_ids(
         self, job_id: str, last_event_id: str | None = None, reconnect: bool = True
     ) -> Iterator[tuple[str, dict[str, Any], str]]:
+        """With ``reconnect``, a dropped stream and a 503 (Redis restarting, or the API) are
+        retried after a pause, resuming after the last event seen."""
         last = last_event_id
         while True:
             headers = {"Last-Event-ID": last} if last else {}
@@ -77,13 +79,16 @@ class Client:
                     headers=headers,
                     timeout=httpx.Timeout(30, read=None),
                 ) as resp:
+                    if resp.status_code == 503 and reconnect:
+                        time.sleep(min(5.0, float(resp.headers.get("retry-after", 1))))
+                        continue
                     resp.raise_for_status()
                     for event, data, eid in parse_sse(resp.iter_lines()):
                         last = eid or last
                         yield event, data, eid
                         if event in ("done", "error", "canceled"):
                             return
-            except (httpx.RemoteProtocolError, httpx.ReadError):
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectError):
                 if not reconnect:
                     raise
                 time.sleep(0.5)

@@ -31,6 +31,10 @@ class Settings:
     result_ttl: int = field(default_factory=lambda: _int("BACKTRACE_RESULT_TTL", 3600))
     failure_ttl: int = field(default_factory=lambda: _int("BACKTRACE_FAILURE_TTL", 86400))
     retries: int = field(default_factory=lambda: _int("BACKTRACE_RETRIES", 1))
+    # A worker refreshes its heartbeat key every third of this; a started job whose worker's
+    # key has expired is retried or failed (service.reaper) instead of waiting for RQ's
+    # job_timeout + 60 s.
+    heartbeat_ttl: int = field(default_factory=lambda: _int("BACKTRACE_HEARTBEAT_TTL", 15))
     max_body_bytes: int = field(default_factory=lambda: _int("BACKTRACE_MAX_BODY_BYTES", 8 << 20))
     max_queue: int = field(default_factory=lambda: _int("BACKTRACE_MAX_QUEUE", 1000))
     stream_maxlen: int = field(default_factory=lambda: _int("BACKTRACE_STREAM_MAXLEN", 10000))

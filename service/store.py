@@ -3,7 +3,8 @@
 Per job: an RQ job (status, timings), a stream of events ``bt:events:<id>`` (``XADD`` with an
 approximate MAXLEN and an EXPIRE, so every reader sees every entry and can resume from an
 entry id), the final document ``bt:result:<id>`` and a cancel flag ``bt:cancel:<id>``.
-Per worker: a heartbeat key with the models it holds warm. No torch here."""
+Per worker: a heartbeat key with the models it holds warm. Per Idempotency-Key (hashed with
+the caller's API key): the first request's fingerprint and response. No torch here."""
 
 from __future__ import annotations
 
@@ -13,16 +14,24 @@ import socket
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 EVENTS = "bt:events:{}"
 RESULT = "bt:result:{}"
 CANCEL = "bt:cancel:{}"
 WORKER = "bt:worker:{}"
+IDEMPOTENCY = "bt:idem:{}"
 TERMINAL_EVENTS = ("done", "error", "canceled")
 
 
-def connect(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+def connect(url: str, patient: bool = False) -> redis.Redis:
+    """A client for ``url``. ``patient`` (the workers) retries a lost connection for about
+    25 s, so that a running job and RQ's bookkeeping ride out a Redis restart; the API fails
+    fast instead and answers 503 with Retry-After."""
+    retry = Retry(ExponentialBackoff(cap=2, base=0.1), 15) if patient else None
+    kw: dict[str, Any] = {"retry": retry} if retry else {}
+    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30, **kw)
 
 
 def add_event(

@@ -14,32 +14,32 @@ from prometheus_client import start_http_server
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
-from . import jobs, store
+from . import jobs, reaper, store
 from .config import Settings
 
 log = logging.getLogger("service.worker")
 
 
 def _heartbeat_loop(settings: Settings, name: str, stop: threading.Event) -> None:
-    """Our own liveness key, refreshed every 5 s from a thread: RQ's SimpleWorker sends no
-    heartbeat while a job runs, and a killed worker stays registered for minutes."""
-    r = store.connect(settings.redis_url)
+    """Our own liveness key, refreshed three times per TTL from a thread: RQ's SimpleWorker
+    sends no heartbeat while a job runs, and a killed worker stays registered for minutes.
+    Each beat also ends the jobs of workers whose key has expired (``service.reaper``)."""
+    r = store.connect(settings.redis_url, patient=True)
     st = jobs.state()
+    ttl = settings.heartbeat_ttl
     while not stop.is_set():
         try:
-            store.heartbeat(
-                r,
-                name,
-                {
-                    "name": name,
-                    "pid": os.getpid(),
-                    "queue": settings.queue,
-                    "models": st.cache.warm_ids(),
-                },
-            )
+            info = {
+                "name": name,
+                "pid": os.getpid(),
+                "queue": settings.queue,
+                "models": st.cache.warm_ids(),
+            }
+            store.heartbeat(r, name, info, ttl)
+            reaper.reap(r, settings.queue, ttl, settings.result_ttl)
         except Exception:  # noqa: BLE001 - Redis blips must not kill the worker
             log.warning("heartbeat failed", exc_info=True)
-        stop.wait(5)
+        stop.wait(ttl / 3)
     r.delete(store.WORKER.format(name))
 
 
@@ -81,7 +81,7 @@ def run_worker(
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat_loop, args=(settings, name, stop), daemon=True)
     beat.start()
-    r = store.connect(settings.redis_url)
+    r = store.connect(settings.redis_url, patient=True)
     queue = Queue(settings.queue, connection=r, serializer=JSONSerializer)
     worker = SimpleWorker(
         [queue],

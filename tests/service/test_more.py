@@ -56,7 +56,7 @@ def test_api_keys_and_back_pressure(stack) -> None:
         assert wrong.status_code == 401
         assert httpx.get(f"{url}/models", headers={"Authorization": "Bearer k2"}).status_code == 200
         full = httpx.post(f"{url}/run_task", json=body, headers={"X-API-Key": "k1"})
-        assert full.status_code == 503 and full.headers["retry-after"]
+        assert full.status_code == 429 and full.headers["retry-after"]
     finally:
         proc.terminate()
         proc.wait(10)

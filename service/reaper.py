@@ -1,0 +1,75 @@
+"""Jobs whose worker died, found within seconds by the workers' own heartbeat keys.
+
+RQ's ``SimpleWorker`` registers a running job in the StartedJobRegistry with an expiry of
+job_timeout + 60 s and sends no heartbeat while the job runs, so on its own RQ notices a
+SIGKILLed worker's job only minutes later. Every worker refreshes ``bt:worker:<name>`` with a
+short TTL from a thread (``service.worker``): a started job whose worker's key is gone is lost.
+``reap`` marks such a job's registry entry expired and lets RQ's own abandoned-job handling
+(``StartedJobRegistry.cleanup``) retry it when retries are left, else fail it. Before RQ does,
+it writes what our clients read: a ``retrying`` event, or the failed result with a terminal
+``error`` event, so that SSE streams end instead of hanging.
+
+Workers and API processes all call ``reap`` periodically (the API too, so that jobs are ended
+even when no worker is left); a short Redis lock lets one of them do it at a time. No torch."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from rq.job import Job
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+from rq.utils import parse_composite_key
+
+from . import store
+
+LOCK = "bt:reaper"
+log = logging.getLogger("service.reaper")
+
+
+def reap(r: redis.Redis, queue: str, heartbeat_ttl: int, result_ttl: int) -> list[str]:
+    """Hand the started jobs of dead workers to RQ's abandoned-job handling; returns their
+    ids. A no-op while another process reaps, and while Redis itself has been up for less
+    than a heartbeat TTL (after a restart, live workers may not have written theirs yet)."""
+    if not r.set(LOCK, "1", nx=True, px=max(500, heartbeat_ttl * 500)):
+        return []
+    if int(r.info("server")["uptime_in_seconds"]) < heartbeat_ttl:
+        return []
+    registry = StartedJobRegistry(queue, connection=r, serializer=JSONSerializer)
+    lost = []
+    for member in r.zrange(registry.key, 0, -1):
+        job_id, _ = parse_composite_key(member.decode())
+        worker = r.hget(f"rq:job:{job_id}", "worker_name")
+        if worker and not r.exists(store.WORKER.format(worker.decode())):
+            r.zadd(registry.key, {member: 0}, xx=True)
+            lost.append(job_id)
+    if lost:
+        registry.cleanup(timestamp=1, exception_handlers=[_tell_clients(r, result_ttl)])
+    return lost
+
+
+def _tell_clients(r: redis.Redis, result_ttl: int) -> Any:
+    """An RQ exception handler, called for each lost job before RQ retries or fails it."""
+
+    def handler(job: Job, *_exc_info: Any) -> bool:
+        retry = bool(job.retries_left and job.retries_left > 0)
+        reason = f"worker {job.worker_name} stopped while running the job (no heartbeat)"
+        log.warning("job %s lost: %s; %s", job.id, reason, "retrying" if retry else "failed")
+        if retry:
+            data = {"reason": reason, "retries_left": job.retries_left - 1}
+            store.add_event(r, job.id, "retrying", data, result_ttl)
+        else:
+            error = {"type": "WorkerLost", "message": f"{reason}; no retries left"}
+            meta = job.meta or {}
+            doc = {
+                "status": "failed",
+                "model": meta.get("model"),
+                "task": meta.get("task"),
+                "error": error,
+            }
+            store.finish(r, job.id, doc, "error", error, result_ttl)
+        return True
+
+    return handler

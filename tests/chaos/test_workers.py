@@ -1,0 +1,72 @@
+"""Workers that die or are stopped in the middle of a job, as real processes: the job is
+retried elsewhere or ends failed with the reason, within seconds, and every SSE client of
+it sees the stream end."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+
+from .conftest import HEARTBEAT_TTL, LONG_JOB, QUICK_JOB, Cluster, Listener, submit
+
+# Noticing a dead worker takes its heartbeat TTL plus one reaper period (a third of it, and
+# the reaper lock's half TTL); the retried job then runs again from the start.
+NOTICE_S = 2 * HEARTBEAT_TTL
+
+
+def victim_of(listener: Listener, cluster: Cluster) -> object:
+    name = listener.wait_for("started")["worker"]
+    return next(w for w in cluster.live if w.name == name)
+
+
+def test_sigkill_mid_job_is_retried_on_another_worker(cluster: Cluster) -> None:
+    cluster.workers(2)
+    job = submit(cluster.url, LONG_JOB)
+    sse = Listener(cluster.url, job)
+    victim = victim_of(sse, cluster)
+    sse.wait_for("token", count=3)
+    cluster.kill(victim)
+    killed = time.monotonic()
+    retrying = sse.wait_for("retrying", timeout=NOTICE_S + 5)
+    assert time.monotonic() - killed < NOTICE_S + 5
+    assert victim.name in retrying["reason"] and retrying["retries_left"] == 0
+    names = sse.join(timeout=120)
+    assert names[-1] == "done", names
+    starts = [d for e, d, _ in sse.events if e == "started"]
+    assert [s["attempt"] for s in starts] == [1, 2]
+    assert starts[1]["worker"] != victim.name
+    view = httpx.get(f"{cluster.url}/jobs/{job}").json()
+    assert view["status"] == "finished" and len(view["result"]["generation"]["steps"]) == 64
+
+
+def test_sigkill_with_no_retries_left_ends_failed_with_the_reason(cluster: Cluster) -> None:
+    """One worker, killed, none left: the API's reaper ends the job and its stream."""
+    url = cluster.api(BACKTRACE_RETRIES="0")
+    (worker,) = cluster.workers(1)
+    job = submit(url, LONG_JOB)
+    sse = Listener(url, job)
+    sse.wait_for("token")
+    cluster.kill(worker)
+    killed = time.monotonic()
+    names = sse.join(timeout=NOTICE_S + 10)
+    assert names[-1] == "error" and time.monotonic() - killed < NOTICE_S + 10
+    view = httpx.get(f"{url}/jobs/{job}").json()
+    assert view["status"] == "failed"
+    assert view["error"]["type"] == "WorkerLost" and worker.name in view["error"]["message"]
+
+
+def test_sigterm_lets_the_worker_finish_its_job_first(cluster: Cluster) -> None:
+    (worker,) = cluster.workers(1)
+    job = submit(cluster.url, LONG_JOB)
+    behind = submit(cluster.url, QUICK_JOB)
+    sse = Listener(cluster.url, job)
+    sse.wait_for("token", count=3)
+    worker.proc.send_signal(signal.SIGTERM)
+    assert sse.join(timeout=120)[-1] == "done"
+    assert worker.proc.wait(30) == 0
+    assert [e for e in sse.names() if e == "started"] == ["started"]
+    assert not cluster.r().exists(f"bt:worker:{worker.name}")
+    # A warm shutdown takes no new job: the one behind is still waiting for a worker.
+    assert httpx.get(f"{cluster.url}/jobs/{behind}").json()["status"] == "queued"
