@@ -146,8 +146,11 @@ async function finish() {
     if (job !== current) return; // another run started meanwhile
     current.result = view.result;
     setStatus(`Finished in ${(view.timings?.total_s ?? 0).toFixed(2)} s.`);
-    if (current.task === "generation") showGenerationReport();
-    else if (current.task === "image-classification") await showImage(view.result);
+    if (current.task === "generation") {
+      showGenerationReport(); // per step: it follows the selected token
+      return;
+    }
+    if (current.task === "image-classification") await showImage(view.result);
     else showClassification(view.result);
     showReport(current.id, view.result.conservation, view.result.timings);
   } catch (err) {

@@ -42,7 +42,7 @@ export function tokenRow(tokens, values, caption) {
   row.setAttribute("aria-label", caption);
   const heading = document.createElement("span");
   heading.className = "row-caption";
-  heading.textContent = caption;
+  heading.textContent = values.some((v) => v !== 0) ? caption : `${caption} (none)`;
   row.append(heading);
   const scale = maxAbs(values);
   tokens.forEach((token, i) => {

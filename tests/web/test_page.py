@@ -56,6 +56,7 @@ def test_generation_streams_and_selected_token_changes_shading(page: Any) -> Non
     assert timeline["counts"] == list(range(1, timeline["counts"][-1] + 1)), timeline
     assert timeline["counts"][-1] >= 2 and timeline["firstToken"] < timeline["finished"]
 
+    assert "seed" in page.text_content("#conservation"), "the selected step's conservation"
     latest = page.locator("#sequence button.generated").last
     assert latest.get_attribute("aria-pressed") == "true", "the latest token is selected"
     before = page.evaluate(PROMPT_SHADING)
@@ -144,3 +145,38 @@ def test_errors_are_shown(page: Any) -> None:
     page.wait_for_selector("#error", state="visible")
     assert "generation.max_new_tokens" in page.text_content("#error")
     screenshot(page, "error")
+
+
+def test_generation_settings_reach_the_api(page: Any) -> None:
+    """Sampling, the batched path (relevance after decoding) and contrast mode, from the form
+    to the request body and back as a shaded matrix."""
+    page.select_option("#model", "tiny-lookup-lm")
+    page.fill("#text", "b2 d7 e5 g1 ? e")
+    page.fill("#max-new-tokens", "3")
+    assert page.is_disabled("#top-k"), "sampling settings are off for greedy decoding"
+    page.check("#sampling")
+    page.fill("#temperature", "0.7")
+    page.fill("#top-k", "3")
+    page.fill("#seed", "7")
+    page.select_option("#path", "batched")
+    page.select_option("#mode", "contrast")
+    with page.expect_request("**/run_task") as request:
+        page.click("#run")
+    body = request.value.post_data_json
+    assert body["generation"] == {
+        "max_new_tokens": 3,
+        "num_beams": 1,
+        "path": "batched",
+        "do_sample": True,
+        "top_k": 3,
+        "seed": 7,
+    }
+    assert body["relevance"] == {"mode": "contrast", "multiplier": 100, "temperature": 0.7}
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('Finished')")
+    steps = page.locator("#sequence button.generated").count()
+    page.click("#matrix-view summary")
+    columns = page.locator("#matrix thead th.selected")
+    assert columns.count() == 1 and steps >= 1
+    shaded = page.locator("#matrix tbody tr:first-child td[data-relevance]").count()
+    assert shaded == steps, "every generated token's relevance reached the matrix"
+    screenshot(page, "generation-sampling")
