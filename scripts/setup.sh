@@ -6,11 +6,13 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # redis-server: the queue and trace store (started privately when REDIS_URL is unset);
-# promtool (Debian's prometheus package): the deploy tests check Prometheus files with it
-if ! command -v redis-server >/dev/null || ! command -v promtool >/dev/null; then
+# promtool (Debian's prometheus package): the deploy tests check Prometheus files with it;
+# chromium (with its recommended fonts): the web page's end-to-end tests drive it
+if ! command -v redis-server >/dev/null || ! command -v promtool >/dev/null \
+    || ! command -v chromium >/dev/null; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        redis-server prometheus >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server prometheus chromium \
+        >/dev/null
 fi
 
 [ -x "$root/.venv/bin/python" ] || python3 -m venv "$root/.venv"
