@@ -356,6 +356,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "status": result["status"],
                     "model": result.get("model"),
                     "task": result.get("task"),
+                    "ended_at": view.get("ended_at") or result.get("ended_at"),
                 }
             )
             if result["status"] == "finished":

@@ -12,6 +12,7 @@ import io
 import json
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,12 @@ from . import worker_metrics as m
 from .config import Settings
 from .models import ModelCache
 from .registry import ModelSpec, Registry, load_registry
+
+
+def _now() -> str:
+    """The job's end as the result document records it: RQ sets its own ``ended_at`` only
+    after the job function returns, so a poller could see the result without it."""
+    return datetime.now(UTC).isoformat()
 
 
 class JobCanceled(Exception):
@@ -181,6 +188,7 @@ def run_job(request: dict[str, Any]) -> dict[str, Any]:
         written += n
         checkpoint()
         doc["timings"] = {"queue_wait_s": wait, **doc["timings"], "total_s": time.time() - started}
+        doc["ended_at"] = _now()
         done = {"status": "finished", "summary": doc.get("summary", {})}
         written += store.finish(r, job_id, doc, "done", done, ttl, st.settings.stream_maxlen)
         m.JOBS.labels(task=task, model=model_id, status="finished").inc()
@@ -190,7 +198,8 @@ def run_job(request: dict[str, Any]) -> dict[str, Any]:
         canceled = isinstance(exc, JobCanceled)
         status = "canceled" if canceled else "failed"
         error = {"type": type(exc).__name__, "message": _message(exc)}
-        doc = {"status": status, "model": model_id, "task": task, "error": error}
+        doc = {"status": status, "model": model_id, "task": task, "error": error,
+               "ended_at": _now()}  # fmt: skip
         event = "canceled" if canceled else "error"
         try:
             written += store.finish(r, job_id, doc, event, error, ttl, st.settings.stream_maxlen)
