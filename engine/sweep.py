@@ -99,6 +99,14 @@ def forward(
     raise RuntimeError("graph has no output node")
 
 
+def _exact(value: Any) -> Any:
+    """Rules compute in float32 at least: half-precision activations and weights are upcast,
+    since TINY and the ratios of small denominators do not fit in float16."""
+    if isinstance(value, Tensor) and value.dtype in (torch.float16, torch.bfloat16):
+        return value.float()
+    return value
+
+
 class Sweeper:
     """Applies the rules over one captured graph; caches |W| across runs."""
 
@@ -249,7 +257,7 @@ class Sweeper:
                 node=node,
                 args=fx.node.map_aggregate(
                     self._folded.get(node) or prov.bound[node],
-                    lambda a: env.get(a, a) if isinstance(a, fx.Node) else a,
+                    lambda a: _exact(env.get(a, a) if isinstance(a, fx.Node) else a),
                 ),
                 out=env[node],
                 R=r,
@@ -294,9 +302,10 @@ class Sweeper:
             head = head.all_input_nodes[0]
         out = env[self.seed_node]
         if head.target is not aten.linear.default:
-            return {self.seed_node: seed.dense(out.shape, out.dtype, out.device)}
+            dtype = torch.promote_types(out.dtype, torch.float32)
+            return {self.seed_node: seed.dense(out.shape, dtype, out.device)}
         args = self.provenance.bound[head]
-        x, w, b = env[args["input"]], env[args["weight"]], env.get(args["bias"])
+        x, w, b = (_exact(env.get(args[k])) for k in ("input", "weight", "bias"))
         dev = x.device
         index, value = seed.index.to(dev), seed.value.to(dev, x.dtype)
         pos, unit = index[..., :-1].unbind(-1), index[..., -1]

@@ -107,3 +107,18 @@ def test_bad_arguments_are_named(tabular):
         _run(dlb, inputs, temperature=0)
     with pytest.raises(ValueError, match="relevance_nodes"):
         dlb.run_task(inputs=inputs, relevance_nodes="some")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_are_swept_in_float32(dtype):
+    """Relevance of a half-precision model: conserved, float32, and close to the float32
+    model's (the forward itself runs in the model's dtype)."""
+    model, inputs = ZOO["tabular"]()
+    reference = _run(DLBacktrace(model, inputs), inputs)["relevance"]["input"]
+    half = {k: v.to(dtype) for k, v in inputs.items()}
+    res = _run(DLBacktrace(model.to(dtype), half), half)
+    rel = res["relevance"]["input"]
+    assert rel.dtype == torch.float32
+    c = res["conservation"]
+    assert np.allclose(c["inputs"] + c["sinks"], c["seed"], rtol=1e-4)
+    torch.testing.assert_close(rel, reference, rtol=0.05, atol=0.5)
