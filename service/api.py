@@ -17,12 +17,12 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import redis
 import redis.asyncio as aredis
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import (
@@ -67,6 +67,16 @@ HTTP_BUCKETS = (
 )
 RQ_STATUS = {"scheduled": "queued", "deferred": "queued", "stopped": "canceled"}
 RETRY_AFTER = {"Retry-After": "5"}
+# RQ's own rule for job ids; anything else cannot name a job (422, never a 500 from RQ).
+JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        min_length=1,
+        max_length=255,
+        description="a repeat of a request with the same key (and body) gets the same job",
+    ),
+]
 # How long an open SSE stream waits for Redis to come back before it ends (the client then
 # reconnects with Last-Event-ID); browsers' EventSource gives up on a 503, so streams wait.
 SSE_REDIS_OUTAGE_S = 60.0
@@ -271,7 +281,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return u
 
     @app.post("/run_task", status_code=202, dependencies=[Depends(authorize)])
-    def run_task(req: RunTaskRequest, request: Request) -> JSONResponse:
+    def run_task(
+        req: RunTaskRequest,
+        request: Request,
+        idempotency_key: IdempotencyKey = None,
+    ) -> JSONResponse:
         """Validate against the registry and enqueue; 202 with the job id and its URLs.
         With an Idempotency-Key header, a repeat of the same request gets the same job."""
         spec = registry.get(req.model)
@@ -291,7 +305,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "task": task,
             "urls": urls(job_id, task),
         }
-        idem = _idempotency_key(request, body)
+        idem = _idempotency_key(request, idempotency_key, body)
         if idem is not None:
             first = {"fingerprint": idem[1], "response": accepted}
             if not r.set(idem[0], json.dumps(first), nx=True, ex=settings.result_ttl):
@@ -372,12 +386,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return view
 
     @app.get("/jobs/{job_id}", dependencies=[Depends(authorize)])
-    def get_job(job_id: str) -> dict[str, Any]:
+    def get_job(job_id: JobId) -> dict[str, Any]:
         """Status, timings and, when finished, the result (or the error)."""
         return job_view(job_id)
 
     @app.delete("/jobs/{job_id}", dependencies=[Depends(authorize)])
-    def cancel_job(job_id: str) -> JSONResponse:
+    def cancel_job(job_id: JobId) -> JSONResponse:
         """Cancel a queued job at once, or ask the worker running it to stop at its next
         checkpoint (every generated token; between phases otherwise)."""
         view = job_view(job_id)
@@ -402,7 +416,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"job_id": job_id, "status": "canceling"}, 202)
 
     @app.get("/jobs/{job_id}/events", dependencies=[Depends(authorize)])
-    async def job_events(job_id: str, request: Request) -> StreamingResponse:
+    async def job_events(job_id: JobId, request: Request) -> StreamingResponse:
         """Server-Sent Events from the job's Redis stream. Event ids are stream ids, so a
         client reconnecting with Last-Event-ID resumes without gaps or duplicates."""
         ar = aredis_client()
@@ -422,7 +436,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
 
     @app.get("/jobs/{job_id}/heatmap.png", dependencies=[Depends(authorize)])
-    def job_heatmap(job_id: str) -> Response:
+    def job_heatmap(job_id: JobId) -> Response:
         """The relevance as a PNG: an overlay for images, token-by-step cells for generation,
         one row per text for text classification."""
         result = store.get_result(r, job_id)
@@ -546,15 +560,14 @@ def _presented_key(request: Request) -> str:
     return request.headers.get("x-api-key", "")
 
 
-def _idempotency_key(request: Request, body: dict[str, Any]) -> tuple[str, str] | None:
+def _idempotency_key(
+    request: Request, given: str | None, body: dict[str, Any]
+) -> tuple[str, str] | None:
     """The Redis key for the request's Idempotency-Key (scoped to the caller's API key, so
     that callers cannot see each other's jobs) and a fingerprint of the body; None without
     the header."""
-    given = request.headers.get("idempotency-key")
     if given is None:
         return None
-    if not 1 <= len(given) <= 255:
-        raise HTTPException(400, "Idempotency-Key must be 1 to 255 characters")
     scope = hashlib.sha256(f"{_presented_key(request)}\0{given}".encode()).hexdigest()
     fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     return store.IDEMPOTENCY.format(scope), fingerprint

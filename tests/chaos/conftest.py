@@ -129,7 +129,8 @@ class Cluster:
 
     def kill(self, worker: Worker) -> None:
         """SIGKILL, as the OOM killer or a node failure would."""
-        worker.proc.kill()
+        if worker.proc.poll() is None:
+            worker.proc.kill()
         worker.proc.wait(10)
 
     def log_tail(self) -> str:
