@@ -35,7 +35,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from rq import Queue, Retry
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.exceptions import DeserializationError, InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -343,10 +343,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def job_view(job_id: str) -> dict[str, Any]:
         result = store.get_result(r, job_id)
-        try:
-            job = Job.fetch(job_id, connection=r, serializer=JSONSerializer)
-        except NoSuchJobError:
-            job = None
+        job = _fetch_job(r, job_id)
         if job is None and result is None:
             raise HTTPException(404, f"no job {job_id!r} (unknown or expired)")
         view: dict[str, Any] = {"job_id": job_id}
@@ -379,7 +376,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             else:
                 view["error"] = result.get("error")
         elif job is not None and view["status"] == "failed":
-            exc = job.latest_result()
+            try:
+                exc = job.latest_result()
+            except (ValueError, KeyError):  # not a result RQ wrote with the JSON serializer
+                exc = None
             text = (exc.exc_string or "").strip().splitlines() if exc else []
             view["error"] = {"type": "WorkerError", "message": text[-1] if text else "failed"}
         view["urls"] = urls(job_id, view.get("task") or "")
@@ -399,11 +399,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(409, f"job {job_id} already {view['status']}")
         store.request_cancel(r, job_id, settings.result_ttl)
         if view["status"] == "queued":
+            job = _fetch_job(r, job_id)
             try:
-                Job.fetch(job_id, connection=r, serializer=JSONSerializer).cancel()
-            except (NoSuchJobError, InvalidJobOperation):
-                pass
-            else:
+                if job is not None:
+                    job.cancel()
+            except InvalidJobOperation:  # started meanwhile: the worker sees the flag
+                job = None
+            if job is not None:
                 error = {"type": "JobCanceled", "message": "canceled while queued"}
                 doc = {
                     "status": "canceled",
@@ -518,8 +520,11 @@ async def _sse(ar: aredis.Redis, job_id: str, last: str, keepalive: float, metri
                 continue
             for entry_id, fields in resp[0][1]:
                 last = entry_id.decode()
-                event = fields[b"event"].decode()
-                yield f"id: {last}\nevent: {event}\ndata: {fields[b'data'].decode()}\n\n"
+                try:
+                    event, data = fields[b"event"].decode(), fields[b"data"].decode()
+                except (KeyError, UnicodeDecodeError):
+                    continue  # not an entry the service wrote
+                yield f"id: {last}\nevent: {event}\ndata: {data}\n\n"
                 if event in store.TERMINAL_EVENTS:
                     return
     except asyncio.CancelledError:  # client went away: stop reading Redis for it
@@ -536,10 +541,19 @@ async def _close_dead_job(ar: aredis.Redis, job_id: str, key: str, last: str) ->
     if status not in ("failed", "stopped", "canceled", "finished", "expired"):
         return
     rest = await ar.xrange(key, min=f"({last}" if last != "0-0" else "-", max="+")
-    if any(f[b"event"].decode() in store.TERMINAL_EVENTS for _, f in rest):
+    if any(f.get(b"event", b"").decode(errors="replace") in store.TERMINAL_EVENTS for _, f in rest):
         return
     error = {"type": "WorkerLost", "message": f"job ended without a result (rq status {status})"}
     await ar.xadd(key, {"event": "error", "data": json.dumps(error)})
+
+
+def _fetch_job(r: redis.Redis, job_id: str) -> Job | None:
+    """The RQ job, or None when there is none or its hash is not one that RQ wrote with the
+    JSON serializer: what is in Redis is never unpickled, and never a 500."""
+    try:
+        return Job.fetch(job_id, connection=r, serializer=JSONSerializer)
+    except (NoSuchJobError, DeserializationError, ValueError, KeyError):
+        return None
 
 
 async def _reap_forever(r: redis.Redis, settings: Settings) -> None:

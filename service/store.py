@@ -86,8 +86,14 @@ def set_result(r: redis.Redis, job_id: str, doc: dict[str, Any], ttl: int) -> in
 
 
 def get_result(r: redis.Redis, job_id: str) -> dict[str, Any] | None:
+    """The job's final document; None when there is none, or when the value is not the JSON
+    the service writes (only ever parsed as JSON, never unpickled)."""
     raw = r.get(RESULT.format(job_id))
-    return json.loads(raw) if raw else None
+    try:
+        doc = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) and "status" in doc else None
 
 
 def request_cancel(r: redis.Redis, job_id: str, ttl: int) -> None:

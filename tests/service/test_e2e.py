@@ -255,6 +255,12 @@ def test_unknown_model_is_404(client: httpx.Client) -> None:
     assert client.get("/jobs/0123456789abcdef/events").status_code == 404
 
 
+def _blank_png_b64(width: int, height: int) -> str:
+    buf = io.BytesIO()
+    Image.new("L", (width, height)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
@@ -281,6 +287,18 @@ def test_unknown_model_is_404(client: httpx.Client) -> None:
         ({"model": "minilm-sentiment", "task": "generation", "inputs": {"text": "x"}}, "task"),
         ({"model": "minilm-sentiment", "inputs": {"text": "x"}, "surprise": 1}, "surprise"),
         ({"model": "minilm-sentiment", "inputs": {"token_ids": [1] * 500}}, "inputs.token_ids"),
+        # The registry's limits: image side, beams, batch, row width.
+        ({"model": "digits-cnn", "inputs": {"image": _blank_png_b64(600, 20)}}, "inputs.image"),
+        (
+            {
+                "model": "tiny-lookup-lm",
+                "inputs": {"text": "a1 ? a"},
+                "generation": {"num_beams": 5},
+            },
+            "generation.num_beams",
+        ),
+        ({"model": "minilm-sentiment", "inputs": {"text": ["x"] * 9}}, "inputs.text"),
+        ({"model": "faulty", "inputs": {"features": [0.0] * 513}}, "inputs.features"),
     ],
 )
 def test_bad_inputs_are_422_naming_the_field(client: httpx.Client, body, field) -> None:
