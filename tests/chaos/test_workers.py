@@ -4,10 +4,14 @@ it sees the stream end."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import threading
 import time
 
 import httpx
+
+from bench import load
 
 from .conftest import HEARTBEAT_TTL, LONG_JOB, QUICK_JOB, Cluster, Listener, submit
 
@@ -39,6 +43,27 @@ def test_sigkill_mid_job_is_retried_on_another_worker(cluster: Cluster) -> None:
     assert starts[1]["worker"] != victim.name
     view = httpx.get(f"{cluster.url}/jobs/{job}").json()
     assert view["status"] == "finished" and len(view["result"]["generation"]["steps"]) == 64
+
+
+def test_load_with_a_worker_killed_midway_loses_nothing(cluster: Cluster) -> None:
+    """bench.load's clients (polling and SSE) while one of two workers is SIGKILLed: every
+    job ends finished, none is lost, no client sees an error."""
+    first, _ = cluster.workers(2)
+    r = cluster.r()
+    earlier = set(r.scan_iter("bt:events:*"))
+    report: dict = {}
+    run = load.run(cluster.url, 8, 12, 5000, 120, 60)
+    thread = threading.Thread(target=lambda: report.update(asyncio.run(run)))
+    thread.start()
+    time.sleep(5)
+    while r.hget(f"rq:worker:{first.name}", "state") != b"busy":  # kill it mid-job
+        time.sleep(0.005)
+    cluster.kill(first)
+    thread.join(180)
+    assert report["jobs"] >= 10 and report["finished"] == report["jobs"], report
+    assert report["lost"] == 0 and report["errors"] == 0, report
+    streams = [r.xrange(key) for key in set(r.scan_iter("bt:events:*")) - earlier]
+    assert any(f[b"event"] == b"retrying" for s in streams for _, f in s), "no job was retried"
 
 
 def test_sigkill_with_no_retries_left_ends_failed_with_the_reason(cluster: Cluster) -> None:
