@@ -51,7 +51,7 @@ ID_PATH_OPS = {
 }
 
 # Arguments a rule never sends relevance to, although they may be data.
-SILENT_ARGS = {aten.scaled_dot_product_attention.default: {"query", "key", "attn_mask"}}
+SILENT_ARGS = {aten.scaled_dot_product_attention.default: {"attn_mask"}}
 
 
 class UnsupportedOpError(NotImplementedError):

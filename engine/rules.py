@@ -15,7 +15,7 @@ pass on is reported as sink.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -286,24 +286,30 @@ def einsum(ctx: Ctx) -> Propagation:
 
 @rule(aten.scaled_dot_product_attention.default)
 def attention(ctx: Ctx) -> Propagation:
-    """Attention weights are constants: relevance mixes across tokens through A only.
+    """Attention as the ops it is made of: O = A V with A = softmax(Q K^T * scale + mask).
 
-    R_V[k, d] = sum_q |A_qk V_kd| R_q[d] / sum_k' |A_qk' V_k'd|. Masked and future positions
-    have A = 0 and get nothing. Query and key receive no relevance (see the bench README).
+    A V is a product of two data operands: half of R to A and half to V, each by the |z| rule
+    with the other held fixed, R_V[k, d] = 1/2 sum_q |A_qk V_kd| R_q[d] / sum_k' |A_qk' V_k'd|.
+    The softmax passes R_A on unchanged, as every activation does, and Q K^T is again a
+    product of two data operands: half to Q, half to K. Masked and future positions have
+    A = 0 and get nothing. The faithfulness benchmark chose this over giving V everything
+    (bench/README.md).
     """
     a = ctx.args
     q, k, v = a["query"], a["key"], a["value"]
     if a.get("enable_gqa") and k.shape[-3] != q.shape[-3]:
         groups = q.shape[-3] // k.shape[-3]
-        k = k.repeat_interleave(groups, dim=-3)
-        v_full = v.repeat_interleave(groups, dim=-3)
+        k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
     else:
-        groups, v_full = 1, v
+        groups = 1
     A = attention_weights(q, k, a["attn_mask"], a["is_causal"], a["scale"])
-    r_v, sink = _proportional(ctx, ctx.R, v_full, lambda u: A @ u, lambda u: A @ u)
+    (r_a, r_v), sink_av = _product(ctx, torch.matmul, A, v, (True, True))
+    scores = replace(ctx, R=r_a)
+    (r_q, r_kt), sink_qk = _product(scores, torch.matmul, q, k.transpose(-2, -1), (True, True))
+    r_k = r_kt.transpose(-2, -1)
     if groups > 1:
-        r_v = r_v.unflatten(-3, (v.shape[-3], groups)).sum(-3)
-    return {"value": r_v}, sink
+        r_k, r_v = (r.unflatten(-3, (r.shape[-3] // groups, groups)).sum(-3) for r in (r_k, r_v))
+    return {"query": r_q, "key": r_k, "value": r_v}, sink_av.sum(-1) + sink_qk.sum(-1)
 
 
 def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool, scale) -> Tensor:
@@ -597,4 +603,3 @@ def pad(ctx: Ctx) -> Propagation:
     sink = ctx.R.clone()
     sink[tuple(index)] = 0
     return {"self": kept.reshape(ctx.K, *x.shape)}, sink
-
