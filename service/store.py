@@ -15,6 +15,7 @@ from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import Script
 from redis.retry import Retry
 
 EVENTS = "bt:events:{}"
@@ -34,26 +35,41 @@ def connect(url: str, patient: bool = False) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30, **kw)
 
 
+# Append an event unless it already is the stream's last entry, and push the expiry out, in
+# one atomic step (with the final document too, when KEYS[2] is given). A worker's client
+# retries a write whose reply was lost while Redis restarted; this keeps the retry from
+# writing the event twice.
+_APPEND = Script(
+    None,
+    b"""
+if KEYS[2] then redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[4]) end
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+local id
+if last and last[2][2] == ARGV[1] and last[2][4] == ARGV[2] then
+  id = last[1]
+else
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'event', ARGV[1], 'data', ARGV[2])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return id
+""",
+)
+
+
 def add_event(
     r: redis.Redis, job_id: str, event: str, data: dict[str, Any], ttl: int, maxlen: int = 10000
 ) -> str:
     """Append one event to the job's stream and push its expiry out; returns the entry id."""
-    key = EVENTS.format(job_id)
-    pipe = r.pipeline(transaction=False)
-    pipe.xadd(key, {"event": event, "data": json.dumps(data)}, maxlen=maxlen, approximate=True)
-    pipe.expire(key, ttl)
-    entry_id = pipe.execute()[0]
+    entry_id = _APPEND([EVENTS.format(job_id)], [event, json.dumps(data), maxlen, ttl], r)
     return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
 
 def start(r: redis.Redis, job_id: str, data: dict[str, Any], ttl: int, maxlen: int = 10000) -> bool:
     """The worker's first write: a ``started`` event, and whether cancel was asked (one round
     trip; per-job Redis round trips are most of a small job's overhead)."""
-    key = EVENTS.format(job_id)
     pipe = r.pipeline(transaction=False)
     pipe.exists(CANCEL.format(job_id))
-    pipe.xadd(key, {"event": "started", "data": json.dumps(data)}, maxlen=maxlen, approximate=True)
-    pipe.expire(key, ttl)
+    _APPEND([EVENTS.format(job_id)], ["started", json.dumps(data), maxlen, ttl], pipe)
     return bool(pipe.execute()[0])
 
 
@@ -66,23 +82,12 @@ def finish(
     ttl: int,
     maxlen: int = 10000,
 ) -> int:
-    """Store the final document and append the terminal event together, in one transaction,
-    so a stream reader that sees ``done`` can always read the result. Returns bytes written."""
+    """Store the final document and append the terminal event together, atomically, so a
+    stream reader that sees ``done`` can always read the result. Returns bytes written."""
     raw, payload = json.dumps(doc, separators=(",", ":")), json.dumps(data)
-    key = EVENTS.format(job_id)
-    pipe = r.pipeline(transaction=True)
-    pipe.set(RESULT.format(job_id), raw, ex=ttl)
-    pipe.xadd(key, {"event": event, "data": payload}, maxlen=maxlen, approximate=True)
-    pipe.expire(key, ttl)
-    pipe.execute()
+    keys = [EVENTS.format(job_id), RESULT.format(job_id)]
+    _APPEND(keys, [event, payload, maxlen, ttl, raw], r)
     return len(raw) + len(payload)
-
-
-def set_result(r: redis.Redis, job_id: str, doc: dict[str, Any], ttl: int) -> int:
-    """Store the job's final document; returns its size in bytes (for the trace-bytes metric)."""
-    raw = json.dumps(doc, separators=(",", ":"))
-    r.set(RESULT.format(job_id), raw, ex=ttl)
-    return len(raw)
 
 
 def get_result(r: redis.Redis, job_id: str) -> dict[str, Any] | None:
