@@ -82,6 +82,26 @@ def test_api_keys_scope_idempotency_and_never_leak(stack: Stack) -> None:
         proc.wait(10)
 
 
+def test_queue_deeper_than_its_limit_is_429(stack: Stack) -> None:
+    """Back-pressure: past BACKTRACE_MAX_QUEUE waiting jobs, 429 with Retry-After, and the
+    queue does not grow (an API on a queue of its own that no worker reads)."""
+    queue = f"full-{uuid.uuid4().hex[:8]}"
+    env = {**stack.env, "BACKTRACE_QUEUE": queue, "BACKTRACE_MAX_QUEUE": "3"}
+    proc, url = start_api(env, stack.tmp / "full.log")
+    r = redis.Redis.from_url(stack.redis_url)
+    try:
+        answers = [httpx.post(f"{url}/run_task", json=TEXT) for _ in range(6)]
+        assert [a.status_code for a in answers] == [202] * 3 + [429] * 3
+        assert all(int(a.headers["retry-after"]) > 0 for a in answers[3:])
+        assert r.llen(f"rq:queue:{queue}") == 3
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        for job_id in r.lrange(f"rq:queue:{queue}", 0, -1):
+            r.delete(f"rq:job:{job_id.decode()}", f"bt:events:{job_id.decode()}")
+        r.delete(f"rq:queue:{queue}")
+
+
 @pytest.mark.parametrize(
     "model",
     [

@@ -38,6 +38,8 @@ def test_redis_restart(cluster: Cluster) -> None:
         assert [x.status_code for x in down] == [503] * len(down), [x.text for x in down]
         assert all(x.headers.get("retry-after") for x in down[:-1])
         assert httpx.get(f"{url}/healthz").status_code == 200
+        late = Listener(url, running)  # connects during the outage: 503, retried
+        time.sleep(1)
     finally:
         cluster.redis.start()
     resume(r)
@@ -45,6 +47,8 @@ def test_redis_restart(cluster: Cluster) -> None:
     assert names[-1] == "done" and names.count("token") == 64, names
     ids = [tuple(map(int, i.split("-"))) for _, _, i in sse.events]
     assert ids == sorted(set(ids)), "events repeated or out of order after the restart"
+    late.join(timeout=30)
+    assert late.events == sse.events
     with httpx.Client(base_url=url, timeout=30) as c:
         for job in queued:
             assert wait_done(c, job)["status"] == "finished"
