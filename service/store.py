@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 from typing import Any
 
@@ -110,7 +111,10 @@ def cancel_requested(r: redis.Redis, job_id: str) -> bool:
 
 
 def worker_id() -> str:
-    return f"{socket.gethostname()}.{os.getpid()}"
+    """host.pid (for people) and a random part: a container restarted in place has the same
+    hostname and PID 1, and under the same name RQ refuses to start it until the dead
+    worker's registration expires, and the dead worker's jobs would look alive."""
+    return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(3)}"
 
 
 def heartbeat(r: redis.Redis, name: str, info: dict[str, Any], ttl: int = 15) -> None:

@@ -5,8 +5,8 @@ with its data), worker processes that tests kill, and API processes. Heartbeats 
 
 from __future__ import annotations
 
+import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -79,7 +79,7 @@ class AofRedis:
 @dataclass
 class Worker:
     proc: subprocess.Popen
-    name: str  # RQ's and the heartbeat key's: host.pid
+    name: str  # RQ's and the heartbeat key's
 
 
 @dataclass
@@ -117,15 +117,19 @@ class Cluster:
             )
             for _ in range(n - len(alive))
         ]
-        started = [Worker(p, f"{socket.gethostname()}.{p.pid}") for p in procs]
         deadline = time.monotonic() + timeout
-        r = self.r()
-        while not all(r.exists(f"bt:worker:{w.name}") for w in started):
+        while len(names := self.heartbeats({p.pid for p in procs})) < len(procs):
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError("workers did not start: " + self.log_tail())
             time.sleep(0.2)
-        self.live = alive + started
+        self.live = alive + [Worker(p, names[p.pid]) for p in procs]
         return self.live
+
+    def heartbeats(self, pids: set[int]) -> dict[int, str]:
+        """Worker names by pid, from the live heartbeat keys of these processes."""
+        r = self.r()
+        infos = [json.loads(v) for k in r.scan_iter("bt:worker:*") if (v := r.get(k))]
+        return {i["pid"]: i["name"] for i in infos if i["pid"] in pids}
 
     def kill(self, worker: Worker) -> None:
         """SIGKILL, as the OOM killer or a node failure would."""

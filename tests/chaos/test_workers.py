@@ -12,6 +12,7 @@ import time
 import httpx
 
 from bench import load
+from service import store
 
 from .conftest import HEARTBEAT_TTL, LONG_JOB, QUICK_JOB, Cluster, Listener, submit
 
@@ -95,3 +96,10 @@ def test_sigterm_lets_the_worker_finish_its_job_first(cluster: Cluster) -> None:
     assert not cluster.r().exists(f"bt:worker:{worker.name}")
     # A warm shutdown takes no new job: the one behind is still waiting for a worker.
     assert httpx.get(f"{cluster.url}/jobs/{behind}").json()["status"] == "queued"
+
+
+def test_worker_names_differ_for_the_same_host_and_pid() -> None:
+    """A worker container restarted in place (same hostname, PID 1) must not inherit the
+    dead worker's name: RQ would refuse to start it, and the reaper would think the dead
+    worker's job still had a live worker."""
+    assert store.worker_id() != store.worker_id()
