@@ -303,10 +303,22 @@ def attention(ctx: Ctx) -> Propagation:
     else:
         groups = 1
     A = attention_weights(q, k, a["attn_mask"], a["is_causal"], a["scale"])
-    (r_a, r_v), sink_av = _product(ctx, torch.matmul, A, v, (True, True))
-    scores = replace(ctx, R=r_a)
-    (r_q, r_kt), sink_qk = _product(scores, torch.matmul, q, k.transpose(-2, -1), (True, True))
-    r_k = r_kt.transpose(-2, -1)
+    if ctx.signed:
+        (r_a, r_v), sink_av = _product(ctx, torch.matmul, A, v, (True, True))
+        scores = replace(ctx, R=r_a)
+        (r_q, r_kt), sink_qk = _product(scores, torch.matmul, q, k.transpose(-2, -1), (True, True))
+        r_k = r_kt.transpose(-2, -1)
+    else:
+        # the same two product rules written out as matmuls (A >= 0; the softmax scale
+        # cancels in the |z| shares of Q K^T)
+        av = v.abs()
+        ratio = ctx.R / (2 * (A @ av + TINY))
+        r_v, r_a = av * (A.transpose(-2, -1) @ ratio), A * (ratio @ av.transpose(-2, -1))
+        aq, ak = q.abs(), k.abs()
+        ratio_qk = r_a / (2 * (aq @ ak.transpose(-2, -1) + TINY))
+        r_q, r_k = aq * (ratio_qk @ ak), ak * (ratio_qk.transpose(-2, -1) @ aq)
+        # what the shares withheld: R * 2 TINY / (2 D) for each half
+        sink_av, sink_qk = ratio * (2 * TINY), ratio_qk * (2 * TINY)
     if groups > 1:
         r_k, r_v = (r.unflatten(-3, (r.shape[-3] // groups, groups)).sum(-3) for r in (r_k, r_v))
     return {"query": r_q, "key": r_k, "value": r_v}, sink_av.sum(-1) + sink_qk.sum(-1)
