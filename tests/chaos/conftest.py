@@ -69,7 +69,11 @@ class AofRedis:
         """SIGTERM: Redis finishes the append-only file and exits."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(10)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
 
     def restart(self) -> None:
         self.stop()
@@ -167,12 +171,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.url = c.api()
         yield c
     finally:
-        for w in c.live:
-            c.kill(w)
-        for p in c.apis:
-            p.terminate()
-            p.wait(30)
-        server.stop()
+        try:
+            for w in c.live:
+                c.kill(w)
+            for p in c.apis:
+                p.terminate()
+                p.wait(30)
+        finally:
+            server.stop()
 
 
 class Listener:
