@@ -45,6 +45,7 @@ class DLBacktrace:
         self._graph_for(self._prepare(input_for_graph))
         self.node_io: dict[str, Any] | None = None
         self.relevance: dict[str, Tensor] | None = None
+        self._is_causal_lm: bool | None = None
 
     # ------------------------------------------------------------ capture and sweep
 
@@ -314,11 +315,11 @@ class DLBacktrace:
     def detect_task(self, inputs: Inputs, tokenizer: Any = None) -> str:
         """Causal LM (even behind a wrapper) -> generation; token ids -> text; images -> image;
         2-D float rows -> tabular."""
-        try:
+        if self._is_causal_lm is None:  # walking the modules costs a millisecond: once
             from .generation import is_causal_lm
-        except ImportError:  # generation support not installed in this tree yet
-            is_causal_lm = None
-        if is_causal_lm is not None and is_causal_lm(self.model):
+
+            self._is_causal_lm = is_causal_lm(self.model)
+        if self._is_causal_lm:
             return "generation"
         prepared = self._prepare(inputs)
         first = next(iter(prepared.values()))

@@ -122,7 +122,7 @@ def _proportional(
 def _dense(ctx: Ctx, x: Tensor, w: Tensor, aw: Tensor, extra: Tensor) -> Propagation:
     """The |z| rule of y = x W^T + b in two matrix products: D = |X||W|^T + |b|,
     R_in = |X| * ((R / D) |W|). ``aw`` is |W| and ``extra`` is |b| + TINY."""
-    ax = x.abs()
+    ax = ctx.abs_of(x)
     ratio = ctx.R / F.linear(ax, aw, extra)
     if ctx.signed:
         return x * (ratio @ w), ctx.R - ratio * F.linear(x, w)
@@ -192,7 +192,7 @@ def conv(ctx: Ctx) -> Propagation:
     stride, pad, dil = (_expand(a[k], spatial) for k in ("stride", "padding", "dilation"))
     groups = a["groups"]
     aw, extra = ctx.abs_of(w), ctx.bias_term(b, w.shape[0], x)
-    ax = x.abs()
+    ax = ctx.abs_of(x)
     ratio = ctx.R / conv_fn(ax, aw, extra, stride, pad, dil, groups)
     # output_padding recovers input sizes that a strided conv rounded down
     out_pad = [

@@ -8,6 +8,7 @@ explains every emitted token of a sequence in one sweep with one seed per step.
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch import Tensor, fx
 
 from .capture import Captured
 from .provenance import Provenance, UnsupportedOpError
-from .rules import MODES, RULES, TINY, Ctx, batch_norm_affine
+from .rules import MODES, RULES, TINY, Ctx, batch_norm_affine, identity
 
 aten = torch.ops.aten
 _PASS_THROUGH = {aten._to_copy.default, aten.clone.default, aten.alias.default}
@@ -57,15 +58,29 @@ class Explanation:
     outputs: tuple
     env: dict[fx.Node, Any] = field(repr=False, default_factory=dict)
 
-    def node_io(self, captured: Captured) -> dict[str, dict[str, Any]]:
+    def node_io(self, captured: Captured) -> NodeIO:
         """The public ``node_io`` form: recorded inputs and output of every op."""
-        io = {}
-        for node in captured.nodes:
-            if node.op != "call_function":
-                continue
-            ins = [self.env[a] for a in node.all_input_nodes if a in self.env]
-            io[node.name] = {"input_values": ins, "output_values": self.env.get(node)}
-        return io
+        return NodeIO(captured, self.env)
+
+
+class NodeIO(Mapping):
+    """``node_io[name] = {"input_values": [...], "output_values": ...}`` for every op,
+    built on access: most callers read a few nodes, and the values are already recorded."""
+
+    def __init__(self, captured: Captured, env: dict[fx.Node, Any]):
+        self._env = env
+        self._nodes = {n.name: n for n in captured.nodes if n.op == "call_function"}
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        node = self._nodes[name]
+        ins = [self._env[a] for a in node.all_input_nodes if a in self._env]
+        return {"input_values": ins, "output_values": self._env.get(node)}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._nodes)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
 
 
 def forward(
@@ -99,6 +114,23 @@ def forward(
     raise RuntimeError("graph has no output node")
 
 
+_NONNEGATIVE_OPS = {
+    aten.relu.default,
+    aten.sigmoid.default,
+    aten.softmax.int,
+    aten._softmax.default,
+    aten.abs.default,
+}
+
+
+def _nonnegative(node: fx.Node) -> bool:
+    """Whether the op's output can never be negative (relu6 is hardtanh from 0)."""
+    if node.target is aten.hardtanh.default:
+        low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+        return low >= 0
+    return node.target in _NONNEGATIVE_OPS
+
+
 def _exact(value: Any) -> Any:
     """Rules compute in float32 at least: half-precision activations and weights are upcast,
     since TINY and the ratios of small denominators do not fit in float16."""
@@ -117,6 +149,9 @@ class Sweeper:
         self._abs: dict[int, Tensor] = {}
         self._order = [n for n in captured.nodes if n in self.provenance.visited]
         self._folded = self._fold_batch_norms()
+        self._pass_through = self._pass_through_nodes()
+        self._nonnegative_nodes = [n for n in self._order if _nonnegative(n)]
+        self._nonnegative: set[int] = set()
         self._constant_ids = {id(t) for t in captured.constants.values()} | {
             id(args[k]) for args in self._folded.values() for k in ("weight", "bias") if k in args
         }
@@ -151,6 +186,21 @@ class Sweeper:
             folded[node] = {}
         return folded
 
+    def _pass_through_nodes(self) -> dict[fx.Node, fx.Node]:
+        """Nodes whose relevance goes unchanged to one data argument: identity rules
+        (activations, norms, copies) and batch norms folded into their convolution. Half the
+        nodes of a CNN; the sweep hands their relevance on directly."""
+        bound, data = self.provenance.bound, self.provenance.data
+        through = {}
+        for node in self._order:
+            if node in self._folded and not self._folded[node]:
+                through[node] = bound[node]["input"]
+            elif RULES.get(node.target) is identity:
+                first = next(iter(bound[node].values()))
+                if isinstance(first, fx.Node) and data.get(first, False):
+                    through[node] = first
+        return through
+
     def forward(self, inputs: dict[str, Tensor]) -> tuple[dict[fx.Node, Any], tuple]:
         """The recorded forward, with batch norms fused into their convolutions."""
         return forward(self.captured, inputs, self._folded)
@@ -163,7 +213,10 @@ class Sweeper:
 
     def abs_of(self, t: Tensor) -> Tensor:
         """|t|, cached for the graph's constants (parameters, folded weights): the same weights
-        are swept on every request. Anything else is computed afresh."""
+        are swept on every request. Outputs of ops that cannot be negative (relu, relu6,
+        sigmoid, softmax) are their own |t|. Anything else is computed afresh."""
+        if id(t) in self._nonnegative:
+            return t
         hit = self._abs.get(id(t))
         if hit is not None and hit[0] is t:
             return hit[1]
@@ -224,6 +277,7 @@ class Sweeper:
         self.check_rules()
         batch = next(iter(inputs.values())).shape[0]
         self._sizes = self.captured.sizes(inputs)
+        self._nonnegative = {id(env[n]) for n in self._nonnegative_nodes}
         prov = self.provenance
         out = env[self.seed_node]
         K = seed.K
@@ -248,10 +302,10 @@ class Sweeper:
                 parts = R.setdefault(parent, {})
                 parts[index] = parts[index] + r if index in parts else r
                 continue
-            if node in self._folded and not self._folded[node]:  # batch norm folded away
-                r = r[0]
-                conv = prov.bound[node]["input"]
-                R[conv] = R[conv] + r if conv in R else r
+            through = self._pass_through.get(node)
+            if through is not None:  # identity rules and folded batch norms, without a Ctx
+                r = r[0] if isinstance(r, dict) else r
+                R[through] = R[through] + r if through in R else r
                 continue
             ctx = Ctx(
                 node=node,
