@@ -2,15 +2,15 @@
 
 ``python -m bench.engine`` prints one JSON object per model with ``forward_s``, ``run_task_s``
 (medians of several repeats, relevance for the inputs only, as the service asks for it),
-``ratio`` = run_task_s / forward_s, and ``peak_extra_mb``: the peak resident memory of run_task
-above its starting level, minus the same figure for the forward pass.
+``ratio`` = run_task_s / forward_s, and ``peak_extra_mb``: the peak heap memory in use during
+run_task above its starting level, minus the same figure for the forward pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
-import os
 import statistics
 import threading
 import time
@@ -73,11 +73,15 @@ def measure(name: str, repeats: int) -> dict:
     }
 
 
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled from /proc every millisecond."""
+class PeakHeap:
+    """Peak bytes in use on the C heap above the level at entry, sampled every millisecond.
 
-    def __enter__(self) -> PeakRSS:
-        self.base = self.peak = _rss()
+    glibc's ``mallinfo2`` counts what is allocated now (tensors included, small or mmapped),
+    unlike the resident size, which keeps pages the allocator has already freed.
+    """
+
+    def __enter__(self) -> PeakHeap:
+        self.base = self.peak = _heap()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -85,21 +89,31 @@ class PeakRSS:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.001):
-            self.peak = max(self.peak, _rss())
+            self.peak = max(self.peak, _heap())
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss())
+        self.peak = max(self.peak, _heap())
 
     @property
     def extra_mb(self) -> float:
         return (self.peak - self.base) / 2**20
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]  # fmt: skip
+
+
+_libc = ctypes.CDLL("libc.so.6")
+_libc.mallinfo2.restype = _MallInfo2
+
+
+def _heap() -> int:
+    info = _libc.mallinfo2()
+    return info.uordblks + info.hblkhd
 
 
 def peak_extra_mb(name: str) -> float:
@@ -108,9 +122,9 @@ def peak_extra_mb(name: str) -> float:
 
     model, inputs = build(name)
     dlb = DLBacktrace(model, inputs)
-    with torch.no_grad(), PeakRSS() as fwd:
+    with torch.no_grad(), PeakHeap() as fwd:
         model(**inputs)
-    with PeakRSS() as run:
+    with PeakHeap() as run:
         dlb.run_task(inputs=inputs, relevance_nodes="inputs")
     return run.extra_mb - fwd.extra_mb
 
