@@ -7,6 +7,7 @@ explains every emitted token of a sequence in one sweep with one seed per step.
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -151,6 +152,18 @@ class Sweeper:
         self._folded = self._fold_batch_norms()
         self._pass_through = self._pass_through_nodes()
         self._nonnegative_nodes = [n for n in self._order if _nonnegative(n)]
+        # per node, once: whether no argument is a list of nodes, and its is_data callback
+        bound = self.provenance.bound
+        self._flat = {
+            n: not any(
+                isinstance(v, list | tuple) and any(isinstance(i, fx.Node) for i in v)
+                for v in bound[n].values()
+            )
+            for n in self._order
+            if n in bound
+        }
+        self._is_data = {n: functools.partial(self._arg_is_data, n) for n in self._flat}
+        self._half = any(_exact(t) is not t for t in captured.constants.values())
         self._nonnegative: set[int] = set()
         self._constant_ids = {id(t) for t in captured.constants.values()} | {
             id(args[k]) for args in self._folded.values() for k in ("weight", "bias") if k in args
@@ -309,14 +322,11 @@ class Sweeper:
                 continue
             ctx = Ctx(
                 node=node,
-                args=fx.node.map_aggregate(
-                    self._folded.get(node) or prov.bound[node],
-                    lambda a: _exact(env.get(a, a) if isinstance(a, fx.Node) else a),
-                ),
+                args=self._arguments(node, env),
                 out=env[node],
                 R=r,
                 mode=mode,
-                is_data=lambda name, i=None, n=node: self._arg_is_data(n, name, i),
+                is_data=self._is_data[node],
                 abs_of=self.abs_of,
                 bias_term=self.bias_term,
             )
@@ -335,7 +345,18 @@ class Sweeper:
                         sinks += self.per_sample(gi.float(), a, batch)
         return kept, seed_total, inputs, sinks
 
-    def _arg_is_data(self, node: fx.Node, name: str, index: int | None) -> bool:
+    def _arguments(self, node: fx.Node, env: dict[fx.Node, Any]) -> dict[str, Any]:
+        """The rule's arguments by name: recorded values for nodes (upcast from half
+        precision), folded weights for convolutions that absorbed a batch norm."""
+        bound = self._folded.get(node) or self.provenance.bound[node]
+        if self._flat.get(node):
+            args = {k: env[v] if isinstance(v, fx.Node) else v for k, v in bound.items()}
+            return {k: _exact(v) for k, v in args.items()} if self._half else args
+        return fx.node.map_aggregate(
+            bound, lambda a: _exact(env.get(a, a) if isinstance(a, fx.Node) else a)
+        )
+
+    def _arg_is_data(self, node: fx.Node, name: str, index: int | None = None) -> bool:
         arg = self.provenance.bound[node][name]
         if index is not None:
             arg = arg[index]
