@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, fx
 
 from .capture import Captured, Inputs, bind_inputs, capture
-from .sweep import Explanation, Seed, Sweeper
+from .sweep import Explanation, NodeIO, Seed, Sweeper
 
 log = logging.getLogger("engine")
 
@@ -97,7 +97,7 @@ class DLBacktrace:
         captured, sweeper = self._graph_for(prepared)
         with torch.no_grad():
             env, outputs = sweeper.forward(prepared)
-        self.node_io = Explanation({}, None, None, None, outputs, env).node_io(captured)
+        self.node_io = NodeIO(captured, env)
         self.predictions = _to_numpy(outputs[0]) / temperature
         return self.node_io
 

@@ -151,6 +151,7 @@ class Sweeper:
         self._order = [n for n in captured.nodes if n in self.provenance.visited]
         self._folded = self._fold_batch_norms()
         self._pass_through = self._pass_through_nodes()
+        self._missing = self.provenance.unsupported()
         self._nonnegative_nodes = [n for n in self._order if _nonnegative(n)]
         # per node, once: whether no argument is a list of nodes, and its is_data callback
         bound = self.provenance.bound
@@ -219,7 +220,8 @@ class Sweeper:
         return forward(self.captured, inputs, self._folded)
 
     def check_rules(self) -> None:
-        missing = self.provenance.unsupported()
+        """Raise, naming op and node, when an op on the relevance path has no rule."""
+        missing = self._missing
         if missing:
             listed = ", ".join(f"{op} at node {name!r}" for name, op in missing)
             raise UnsupportedOpError(f"no relevance rule for: {listed}")
