@@ -134,9 +134,17 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="measure without engine.tune_allocator() (page faults on every request)",
+    )
     args = parser.parse_args()
+    from engine import tune_allocator
+
+    tuned = False if args.default_allocator else tune_allocator()
     for name in args.models:
-        row = measure(name, args.repeats)
+        row = {**measure(name, args.repeats), "allocator": "tuned" if tuned else "default"}
         if not args.no_memory:
             row["peak_extra_mb"] = round(peak_extra_mb(name), 1)
         print(json.dumps(row), flush=True)

@@ -56,6 +56,9 @@ def run_worker(
         import torch
 
         torch.set_num_threads(int(threads))
+    from engine import tune_allocator
+
+    tune_allocator()  # a serving process: keep freed tensor memory for the next job
     name = store.worker_id()
     st = jobs.init_worker(settings, name)
     port = settings.metrics_port if metrics_port is None else metrics_port

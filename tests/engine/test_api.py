@@ -3,6 +3,8 @@ rules reported before any work, diagnostics."""
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 from torch import nn
@@ -148,3 +150,10 @@ def test_cuda_matches_cpu(name):
     )
     c = gpu["conservation"]
     assert abs(c["inputs"] + c["sinks"] - c["seed"]).max() < 1e-2
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_tune_allocator_applies_on_glibc():
+    from engine import tune_allocator
+
+    assert tune_allocator() is True
