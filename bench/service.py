@@ -22,7 +22,8 @@ from pathlib import Path
 
 import httpx
 
-from service.client import parse_sse
+from service.cli import api_command
+from service.client import Client, parse_sse
 from service.redis_server import PrivateRedis, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,16 +90,7 @@ def main() -> None:
     ]
     procs.append(
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service",
-                "serve",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-            ],
+            api_command(port),
             env=env,
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
@@ -107,16 +99,10 @@ def main() -> None:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 600
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline or any(pr.poll() is not None for pr in procs):
-                raise SystemExit("service did not start")
-            time.sleep(0.2)
+        try:
+            Client(url).wait_ready(timeout=600, processes=procs)
+        except (RuntimeError, TimeoutError) as exc:
+            raise SystemExit(f"service did not start: {exc}") from exc
         body = body_for(a.model)
         local = threading.local()
 

@@ -30,6 +30,11 @@ def _settings(**overrides: Any) -> Settings:
     return dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
 
 
+def api_command(port: int) -> list[str]:
+    """The command that starts the API alone on ``port`` (for tools that run it as a child)."""
+    return [sys.executable, "-m", "service", "serve", "--port", str(port), "--log-level", "warning"]
+
+
 class Stack:
     """Redis (private unless REDIS_URL is set) and N worker processes, stopped together."""
 
@@ -160,24 +165,12 @@ def cmd_run(a: argparse.Namespace) -> None:
         stack = Stack(1, 0, warm=a.model)
         port = free_port()
         env = {**os.environ, "REDIS_URL": stack.url}
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service",
-                "serve",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-            ],
-            env=env,
-        )
+        server = subprocess.Popen(api_command(port), env=env)
         url = f"http://127.0.0.1:{port}"
     try:
         client = Client(url)
         if stack is not None:
-            client.wait_ready(timeout=600)
+            client.wait_ready(timeout=600, processes=[server, *stack.procs])
         job = client.submit(body)
         if body["model"] and job.get("task") == "generation":
             for event, data in client.stream(job["job_id"]):

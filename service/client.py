@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -103,7 +104,9 @@ class Client:
         resp.raise_for_status()
         return resp.json()
 
-    def wait_ready(self, timeout: float = 600) -> None:
+    def wait_ready(self, timeout: float = 600, processes: Sequence[subprocess.Popen] = ()) -> None:
+        """Poll /readyz until it answers 200. ``processes`` are the service's own (API,
+        workers): if one exits first, waiting longer is pointless."""
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -111,6 +114,8 @@ class Client:
                     return
             except httpx.TransportError:
                 pass
+            if any(p.poll() is not None for p in processes):
+                raise RuntimeError("a service process exited before the service was ready")
             if time.monotonic() > deadline:
                 raise TimeoutError("service not ready")
             time.sleep(0.2)

@@ -24,6 +24,8 @@ import pytest
 import redis
 import yaml
 
+from service.cli import api_command
+from service.client import Client
 from service.redis_server import PrivateRedis, free_port
 from service.registry import DEMO_REGISTRY
 
@@ -158,7 +160,7 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         stderr=subprocess.STDOUT,
     )
     api = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--port", str(port), "--log-level", "warning"],
+        api_command(port),
         env=env,
         cwd=ROOT,
         stdout=logs,
@@ -166,17 +168,11 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 600  # first run builds the demo models
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if worker.poll() is not None or api.poll() is not None or time.time() > deadline:
-                logs.flush()
-                pytest.fail("stack did not start:\n" + (tmp / "stack.log").read_text()[-5000:])
-            time.sleep(0.3)
+        try:  # the first run builds the demo models
+            Client(url).wait_ready(timeout=600, processes=(worker, api))
+        except (RuntimeError, TimeoutError) as exc:
+            logs.flush()
+            pytest.fail(f"stack did not start ({exc}):\n" + (tmp / "stack.log").read_text()[-5000:])
         yield Stack(url, redis_url, f"http://127.0.0.1:{metrics_port}/metrics", env, tmp)
     finally:
         for p in (api, worker):
