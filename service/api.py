@@ -39,7 +39,7 @@ from rq.exceptions import DeserializationError, InvalidJobOperation, NoSuchJobEr
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from . import __version__, codec, heatmap, reaper, store, web
+from . import __version__, batching, codec, heatmap, reaper, store, web
 from .config import Settings
 from .registry import ModelSpec, Registry, load_registry
 from .schemas import RunTaskRequest
@@ -314,14 +314,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if queue.count >= settings.max_queue:
                 raise HTTPException(429, "queue full, retry later", headers=RETRY_AFTER)
             stream_ttl = settings.job_timeout * (settings.retries + 1) + settings.result_ttl
-            store.add_event(
-                r,
-                job_id,
-                "queued",
-                {"model": spec.id, "task": task},
-                stream_ttl,
-                settings.stream_maxlen,
-            )
+            # One transaction: the job, its queued event and its offer to batching (RQ
+            # starts the MULTI, so it comes first)
+            pipe = r.pipeline()
             queue.enqueue_call(
                 JOB_FUNC,
                 kwargs={"request": body},
@@ -333,7 +328,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 retry=Retry(max=settings.retries) if settings.retries else None,
                 description=f"{spec.id} {task}",
                 meta={"model": spec.id, "task": task},
+                pipeline=pipe,
             )
+            store.add_event(
+                pipe,
+                job_id,
+                "queued",
+                {"model": spec.id, "task": task},
+                stream_ttl,
+                settings.stream_maxlen,
+            )
+            group = batching.group_key(body)
+            if group is not None:
+                batching.announce(pipe, group, job_id, settings.result_ttl)
+            pipe.execute()
         except BaseException:
             if idem is not None:  # not accepted: a retry with the same key may try again
                 with contextlib.suppress(redis.RedisError):

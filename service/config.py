@@ -48,6 +48,9 @@ class Settings:
     )
     metrics_port: int = field(default_factory=lambda: _int("WORKER_METRICS_PORT", 9101))
     cache_bytes: int = field(default_factory=lambda: _int("BACKTRACE_CACHE_BYTES", 4 << 30))
+    # Queued classification jobs of one model and parameters that a worker runs as one engine
+    # batch (service.batching); 1 turns batching off.
+    max_batch: int = field(default_factory=lambda: _int("BACKTRACE_MAX_BATCH", 8))
     warm_models: tuple[str, ...] = field(
         default_factory=lambda: tuple(
             m for m in os.environ.get("BACKTRACE_WARM_MODELS", "").split(",") if m.strip()

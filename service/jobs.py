@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from rq import get_current_job
 
-from . import __version__, codec, store
+from . import __version__, batching, codec, store
 from . import worker_metrics as m
 from .config import Settings
 from .models import ModelCache
@@ -152,66 +152,125 @@ def _input_name(model: torch.nn.Module) -> str:
 # ---------------------------------------------------------------------- the job
 
 
+@dataclass
+class Work:
+    """One job as the worker runs it. ``job`` is its RQ job (None when called directly)."""
+
+    job_id: str
+    request: dict[str, Any]
+    job: Any = None
+    picked: float = 0.0  # when this worker took it, for the queue wait
+
+    @property
+    def queue_wait(self) -> float | None:
+        if self.job is None or self.job.enqueued_at is None:
+            return None
+        return max(0.0, self.picked - self.job.enqueued_at.timestamp())
+
+
 def run_job(request: dict[str, Any]) -> dict[str, Any]:
     """Entry point enqueued by the API as ``service.jobs.run_job``.
 
-    Every failure inside is deterministic (bad input, the model raised, timeout), so it is
-    recorded with its message and not retried; RQ's Retry only re-runs jobs whose worker
-    died under them."""
+    A classification job also takes the queued jobs of its batch group (``service.batching``)
+    and runs them in the same engine call; it ends those itself. Every failure inside is
+    deterministic (bad input, the model raised, timeout), so it is recorded with its message
+    and not retried; RQ's Retry only re-runs jobs whose worker died under them. A
+    BaseException (a cold shutdown of the worker) is left to RQ: the job is then abandoned
+    and retried, and the claimed jobs are put back by the reaper."""
     st = state()
     job = get_current_job()
     job_id = job.id if job is not None else request.get("job_id", "local")
     r = job.connection if job is not None else store.connect(st.settings.redis_url)
-    ttl = st.settings.result_ttl
+    works = [Work(job_id, request, job, time.time())]
+    group = batching.group_key(request)
+    if job is not None and group is not None and st.settings.max_batch > 1:
+        claimed = batching.claim(r, group, job.origin, st.name, st.settings.max_batch - 1)
+        works += [Work(j.id, j.kwargs["request"], j, time.time()) for j in claimed]
+    outcomes = _run(st, r, works)
+    pipe = r.pipeline(transaction=False)
+    statuses = [_record(st, pipe, w, o) for w, o in zip(works, outcomes, strict=True)]
+    for w, status in zip(works[1:], statuses[1:], strict=True):
+        batching.settle(pipe, w.job, status, st.settings.result_ttl, st.settings.failure_ttl)
+    pipe.execute()
+    m.update_gpu_memory()
+    if isinstance(outcomes[0], Exception):
+        if job is not None:
+            job.retries_left = 0  # deterministic: a retry would fail the same way
+        raise outcomes[0]
+    return {"status": "finished"}
+
+
+def _run(st: WorkerState, r: Any, works: list[Work]) -> list[dict[str, Any] | Exception]:
+    """The result document of each job, or the exception that ended it."""
+    request = works[0].request
     spec = st.registry.get(request["model"])
-    task = request.get("task") or (spec.task if spec else "unknown")
-    model_id = request["model"]
-    started = time.time()
-    if job is not None and job.enqueued_at is not None:
-        wait = max(0.0, started - job.enqueued_at.timestamp())
-        m.QUEUE_WAIT.labels(task=task, model=model_id).observe(wait)
-    else:
-        wait = None
-    written = 0
-
-    def checkpoint() -> None:
-        if store.cancel_requested(r, job_id):
-            raise JobCanceled("canceled by request")
-
+    if spec is None:
+        return [ValueError(f"model {request['model']!r} is not in this worker's registry")]
+    task = request.get("task") or spec.task
+    ttl, maxlen = st.settings.result_ttl, st.settings.stream_maxlen
+    starts = [(w.job_id, {"worker": st.name, "attempt": _attempt(w.job)}) for w in works]
+    canceled = store.start(r, starts, ttl, maxlen)
+    outcomes: list[dict[str, Any] | Exception | None] = [
+        JobCanceled("canceled by request") if c else None for c in canceled
+    ]
+    live = [i for i, o in enumerate(outcomes) if o is None]
     try:
-        if spec is None:
-            raise ValueError(f"model {model_id!r} is not in this worker's registry")
-        started_data = {"worker": st.name, "attempt": _attempt(job)}
-        if store.start(r, job_id, started_data, ttl, st.settings.stream_maxlen):
-            raise JobCanceled("canceled by request")
-        doc, n = _execute(st, spec, task, request, job_id, r, checkpoint)
-        written += n
-        checkpoint()
-        doc["timings"] = {"queue_wait_s": wait, **doc["timings"], "total_s": time.time() - started}
+        entry, hit = _load(st, spec)
+    except Exception as exc:  # noqa: BLE001 - the model cannot load: every job fails with it
+        return [exc if o is None else o for o in outcomes]
+    if task == "generation":
+        if live:
+            outcomes[0] = _one(lambda: _generate(st, spec, entry, works[0], r))
+    else:
+        done = _classify(st, spec, task, entry, [works[i] for i in live])
+        for i, outcome in zip(live, done, strict=True):
+            outcomes[i] = outcome
+    ok = [i for i, o in enumerate(outcomes) if isinstance(o, dict)]
+    asked = store.cancels_requested(r, [works[i].job_id for i in ok])
+    for i, c in zip(ok, asked, strict=True):
+        doc = outcomes[i]
+        assert isinstance(doc, dict)
+        if c:
+            outcomes[i] = JobCanceled("canceled by request")
+            continue
+        doc["timings"]["load_s"] = 0.0 if hit else entry.load_s
+        doc["timings"]["cache"] = "hit" if hit else "miss"
+    return [o if o is not None else RuntimeError("not run") for o in outcomes]
+
+
+def _one(fn: Any) -> dict[str, Any] | Exception:
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - recorded as the job's failure
+        return exc
+
+
+def _record(st: WorkerState, pipe: Any, w: Work, outcome: dict[str, Any] | Exception) -> str:
+    """Store the job's result (or error) and its terminal event on ``pipe``; update the
+    metrics; return the job's final status."""
+    model_id = w.request["model"]
+    spec = st.registry.get(model_id)
+    task = w.request.get("task") or (spec.task if spec else "unknown")
+    ttl, maxlen = st.settings.result_ttl, st.settings.stream_maxlen
+    total = time.time() - w.picked
+    if isinstance(outcome, dict):
+        doc, status, event = outcome, "finished", "done"
+        doc["timings"] = {"queue_wait_s": w.queue_wait, **doc["timings"], "total_s": total}
         doc["ended_at"] = _now()
-        done = {"status": "finished", "summary": doc.get("summary", {})}
-        written += store.finish(r, job_id, doc, "done", done, ttl, st.settings.stream_maxlen)
-        m.JOBS.labels(task=task, model=model_id, status="finished").inc()
-        return {"status": "finished"}
-    except Exception as exc:  # recorded, then re-raised for RQ. A BaseException (a cold
-        # shutdown of the worker) is left to RQ: the job is then abandoned and retried.
-        canceled = isinstance(exc, JobCanceled)
-        status = "canceled" if canceled else "failed"
-        error = {"type": type(exc).__name__, "message": _message(exc)}
-        doc = {"status": status, "model": model_id, "task": task, "error": error,
+        data = {"status": status, "summary": doc.get("summary", {}), "timings": doc["timings"]}
+    else:
+        status = "canceled" if isinstance(outcome, JobCanceled) else "failed"
+        event = "canceled" if status == "canceled" else "error"
+        data = {"type": type(outcome).__name__, "message": _message(outcome)}
+        doc = {"status": status, "model": model_id, "task": task, "error": data,
                "ended_at": _now()}  # fmt: skip
-        event = "canceled" if canceled else "error"
-        try:
-            written += store.finish(r, job_id, doc, event, error, ttl, st.settings.stream_maxlen)
-        finally:
-            m.JOBS.labels(task=task, model=model_id, status=status).inc()
-            if job is not None:
-                job.retries_left = 0  # deterministic: a retry would fail the same way
-        raise
-    finally:
-        m.RUN.labels(task=task, model=model_id).observe(time.time() - started)
-        m.TRACE_BYTES.labels(model=model_id).inc(written)
-        m.update_gpu_memory()
+    written = store.finish(pipe, w.job_id, doc, event, data, ttl, maxlen)
+    if w.queue_wait is not None:
+        m.QUEUE_WAIT.labels(task=task, model=model_id).observe(w.queue_wait)
+    m.JOBS.labels(task=task, model=model_id, status=status).inc()
+    m.RUN.labels(task=task, model=model_id).observe(total)
+    m.TRACE_BYTES.labels(model=model_id).inc(written)
+    return status
 
 
 def _attempt(job: Any) -> int:
@@ -228,50 +287,53 @@ def _message(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _execute(
-    st: WorkerState,
-    spec: ModelSpec,
-    task: str,
-    req: dict[str, Any],
-    job_id: str,
-    r: Any,
-    checkpoint: Any,
-) -> tuple[dict[str, Any], int]:
+def _load(st: WorkerState, spec: ModelSpec) -> tuple[Any, bool]:
     entry, hit = st.cache.get(spec)
     (m.CACHE_HITS if hit else m.CACHE_MISSES).labels(model=spec.id).inc()
     if not hit:
         m.LOAD.labels(model=spec.id).observe(entry.load_s)
-        checkpoint()  # loading may have taken a while
-    inputs, out, rel = req["inputs"], req.get("output", {}), req.get("relevance", {})
-    encoding, dtype = out.get("encoding", "base64"), out.get("dtype", "float16")
-    png = None
+    return entry, hit
+
+
+def _inputs(
+    spec: ModelSpec, entry: Any, task: str, inputs: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], bytes | None]:
+    """The model's input tensors for one request, and the resized picture of an image."""
     if task == "image-classification":
-        batch, png = _image_batch(entry, inputs)
-    elif task == "tabular-classification":
+        return _image_batch(entry, inputs)
+    if task == "tabular-classification":
         rows = np.asarray(inputs["features"], dtype=np.float32)
-        batch = {
-            _input_name(entry.dm.model): torch.from_numpy(rows[None] if rows.ndim == 1 else rows)
-        }
-    else:
-        batch = _token_batch(spec, entry, inputs)
-    t0 = time.perf_counter()
-    dlb = entry.backtrace(batch)
-    capture_s = time.perf_counter() - t0
+        x = torch.from_numpy(rows[None] if rows.ndim == 1 else rows)
+        return {_input_name(entry.dm.model): x}, None
+    return _token_batch(spec, entry, inputs), None
+
+
+def _on_device(entry: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     first = next(entry.dm.model.parameters(), None)
-    dtype_t = first.dtype if first is not None else torch.float32
-    device_batch = {
-        k: v.to(entry.device, dtype=dtype_t if v.is_floating_point() else v.dtype)
+    dtype = first.dtype if first is not None else torch.float32
+    return {
+        k: v.to(entry.device, dtype=dtype if v.is_floating_point() else v.dtype)
         for k, v in batch.items()
     }
-    wanted = out.get("relevance", "inputs")
-    params = {
+
+
+def _params(req: dict[str, Any]) -> dict[str, Any]:
+    rel = req.get("relevance", {})
+    return {
         "mode": rel.get("mode", "default"),
         "multiplier": rel.get("multiplier", 100.0),
         "scaler": rel.get("scaler", 1.0),
         "thresholding": rel.get("thresholding", 0.5),
         "temperature": rel.get("temperature", 1.0),
     }
-    receipt = {
+
+
+def _receipt(st: WorkerState, spec: ModelSpec, entry: Any, req: dict[str, Any]) -> dict[str, Any]:
+    task = req.get("task") or spec.task
+    params = {**_params(req), "relevance_nodes": req.get("output", {}).get("relevance", "inputs")}
+    if task == "generation":
+        params["generation"] = req.get("generation", {})
+    return {
         "model": spec.id,
         "revision": entry.revision,
         "engine_version": _engine_version(),
@@ -281,42 +343,139 @@ def _execute(
         "dtype": entry.dtype,
         "worker": st.name,
         "task": task,
-        "parameters": {**params, "relevance_nodes": wanted},
+        "parameters": params,
     }
+
+
+def _classify(
+    st: WorkerState, spec: ModelSpec, task: str, entry: Any, works: list[Work]
+) -> list[dict[str, Any] | Exception]:
+    """Run the jobs' rows as one engine batch (they share the model and every parameter); a
+    job whose input is bad fails alone. If the batch cannot be formed or the engine raises
+    on it, each job runs on its own, so that a failure belongs to the job that caused it."""
+    outcomes: list[dict[str, Any] | Exception] = []
+    prepared = []
+    for w in works:
+        try:
+            prepared.append((w, *_inputs(spec, entry, task, w.request["inputs"])))
+            outcomes.append({})
+        except Exception as exc:  # noqa: BLE001 - this job's input is bad
+            outcomes.append(exc)
+    if not prepared:
+        return outcomes
+    try:
+        merged, rows = _merge(entry, [b for _, b, _ in prepared])
+        docs = _classify_rows(st, spec, task, entry, merged, rows, prepared)
+    except Exception as exc:  # noqa: BLE001
+        if len(prepared) == 1:
+            docs = [exc]
+        else:
+            docs = [
+                _one(lambda p=p: _classify_rows(st, spec, task, entry, p[1], [slice(None)], [p])[0])
+                for p in prepared
+            ]
+    it = iter(docs)
+    return [next(it) if o == {} else o for o in outcomes]
+
+
+def _classify_rows(
+    st: WorkerState,
+    spec: ModelSpec,
+    task: str,
+    entry: Any,
+    batch: dict[str, torch.Tensor],
+    rows: list[slice],
+    prepared: list[tuple[Work, dict[str, torch.Tensor], bytes | None]],
+) -> list[dict[str, Any]]:
+    req = prepared[0][0].request
+    out, rel = req.get("output", {}), req.get("relevance", {})
     t0 = time.perf_counter()
-    engine_s = None
-    written = 0
-    if task == "generation":
-        doc, written = _generate(
-            st, spec, entry, dlb, device_batch, req, params, job_id, r, checkpoint, encoding, dtype
-        )
-        receipt["parameters"]["generation"] = req.get("generation", {})
-    else:
-        res = dlb.run_task(
-            task=task,
-            inputs=device_batch,
-            relevance_nodes=wanted,
-            target=rel.get("target"),
-            **params,
-        )
-        engine_s = time.perf_counter() - t0  # the engine's own time, for overhead accounting
-        doc = _classification_doc(entry, task, batch, res, wanted, encoding, dtype, png)
-    doc.update(
-        {
-            "status": "finished",
-            "model": spec.id,
-            "task": task,
-            "receipt": receipt,
-            "timings": {
-                "load_s": 0.0 if hit else entry.load_s,
-                "capture_s": capture_s,
-                "run_s": time.perf_counter() - t0,
-                "engine_s": engine_s if engine_s is not None else time.perf_counter() - t0,
-                "cache": "hit" if hit else "miss",
-            },
-        }
+    dlb = entry.backtrace(batch)
+    capture_s = time.perf_counter() - t0
+    wanted = out.get("relevance", "inputs")
+    t0 = time.perf_counter()
+    res = dlb.run_task(
+        task=task,
+        inputs=_on_device(entry, batch),
+        relevance_nodes=wanted,
+        target=rel.get("target"),
+        **_params(req),
     )
-    return doc, written
+    engine_s = time.perf_counter() - t0  # the engine's own time, for overhead accounting
+    rows_total = int(next(iter(batch.values())).shape[0])
+    docs = []
+    for (w, _, png), sl in zip(prepared, rows, strict=True):
+        part = {k: v[sl] for k, v in batch.items()}
+        doc = _classification_doc(
+            entry,
+            task,
+            part,
+            _rows(res, sl),
+            wanted,
+            out.get("encoding", "base64"),
+            out.get("dtype", "float16"),
+            png,
+        )
+        doc.update(
+            {
+                "status": "finished",
+                "model": spec.id,
+                "task": task,
+                "receipt": _receipt(st, spec, entry, w.request),
+                "timings": {
+                    "capture_s": capture_s,
+                    "engine_s": engine_s,
+                    "run_s": time.perf_counter() - t0,
+                    "batch": {"jobs": len(prepared), "rows": rows_total},
+                },
+            }
+        )
+        docs.append(doc)
+    return docs
+
+
+def _merge(
+    entry: Any, batches: list[dict[str, torch.Tensor]]
+) -> tuple[dict[str, torch.Tensor], list[slice]]:
+    """One batch from the jobs' batches, and each job's rows in it. Token inputs of unequal
+    length are padded (the attention mask hides the padding, as for the rows of one
+    request); other inputs must agree in shape, or a ValueError says why not."""
+    sizes = [next(iter(b.values())).shape[0] for b in batches]
+    starts = np.cumsum([0, *sizes])
+    rows = [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    if len(batches) == 1:
+        return batches[0], rows
+    if "input_ids" in batches[0]:
+        tok = entry.dm.tokenizer
+        width = max(b["input_ids"].shape[1] for b in batches)
+        pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+        left = tok is not None and tok.padding_side == "left"
+
+        def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+            extra = width - t.shape[1]
+            return torch.nn.functional.pad(t, (extra, 0) if left else (0, extra), value=value)
+
+        return {
+            "input_ids": torch.cat([pad(b["input_ids"], pad_id) for b in batches]),
+            "attention_mask": torch.cat([pad(b["attention_mask"], 0) for b in batches]),
+        }, rows
+    merged = {}
+    for name in batches[0]:
+        shapes = {tuple(b[name].shape[1:]) for b in batches}
+        if len(shapes) != 1:
+            raise ValueError(f"inputs {name!r} differ in shape: {sorted(shapes)}")
+        merged[name] = torch.cat([b[name] for b in batches])
+    return merged, rows
+
+
+def _rows(res: dict[str, Any], sl: slice) -> dict[str, Any]:
+    """The part of a batched classification result that belongs to some rows."""
+    return {
+        "predictions": res["predictions"][sl],
+        "predicted_labels": res["predicted_labels"][sl],
+        "relevance": {k: v[sl] for k, v in res["relevance"].items()},
+        "conservation": {k: np.asarray(v)[sl] for k, v in res["conservation"].items()},
+    }
 
 
 def _engine_version() -> str:
@@ -407,29 +566,24 @@ def _classification_doc(
     return doc
 
 
-def _generate(
-    st: WorkerState,
-    spec: ModelSpec,
-    entry: Any,
-    dlb: Any,
-    batch: dict[str, torch.Tensor],
-    req: dict[str, Any],
-    params: dict[str, Any],
-    job_id: str,
-    r: Any,
-    checkpoint: Any,
-    encoding: str,
-    dtype: str,
-) -> tuple[dict[str, Any], int]:
+def _generate(st: WorkerState, spec: ModelSpec, entry: Any, w: Work, r: Any) -> dict[str, Any]:
     """Run generation, streaming a ``prompt`` event first (the prompt's tokens, so that a
     client can label relevance before the result exists), then one ``token`` event per step
     (and ``relevance`` events when the engine hands relevance to the callback) as soon as the
-    step exists."""
+    step exists. A cancel is honoured at every step."""
+    req, job_id = w.request, w.job_id
+    out = req.get("output", {})
+    encoding, dtype = out.get("encoding", "base64"), out.get("dtype", "float16")
+    host_batch = _token_batch(spec, entry, req["inputs"])
+    t0 = time.perf_counter()
+    dlb = entry.backtrace(host_batch)
+    capture_s = time.perf_counter() - t0
+    batch = _on_device(entry, host_batch)
     gen = {k: v for k, v in req.get("generation", {}).items() if v is not None}
-    top_n = int(req.get("output", {}).get("top_scores", 5))
+    top_n = int(out.get("top_scores", 5))
     tok = entry.dm.tokenizer
     ttl, maxlen = st.settings.result_ttl, st.settings.stream_maxlen
-    written = 0
+    written = m.TRACE_BYTES.labels(model=spec.id)
     last = [time.perf_counter()]
     seen: set[int] = set()
     steps: list[dict[str, Any]] = []  # the token events, kept for the result too
@@ -440,7 +594,6 @@ def _generate(
         scores: torch.Tensor | None,
         relevance: dict[str, torch.Tensor] | None,
     ) -> None:
-        nonlocal written
         # The engine calls once as the token is chosen (relevance None) and again when the
         # step's relevance is ready; in the stepwise path both come in one call.
         if step not in seen:
@@ -450,14 +603,15 @@ def _generate(
             last[0] = now
             data = _token_event(step, token_ids, scores, tok, top_n)
             store.add_event(r, job_id, "token", data, ttl, maxlen)
-            written += len(json.dumps(data))
+            written.inc(len(json.dumps(data)))
             steps.append(data)
         if relevance is not None and "input_ids" in relevance:
             arr = relevance["input_ids"].detach().float().cpu().numpy()
             rel_data = {"step": step, "input_ids": codec.encode(arr, encoding, dtype)}
             store.add_event(r, job_id, "relevance", rel_data, ttl, maxlen)
-            written += len(json.dumps(rel_data))
-        checkpoint()
+            written.inc(len(json.dumps(rel_data)))
+        if store.cancel_requested(r, job_id):
+            raise JobCanceled("canceled by request")
 
     prompt_ids = batch["input_ids"].cpu().tolist()
     prompt_tokens = [tok.convert_ids_to_tokens(row) for row in prompt_ids]
@@ -467,7 +621,8 @@ def _generate(
         "text": [[tok.decode([t]) for t in row] for row in prompt_ids],
     }
     store.add_event(r, job_id, "prompt", prompt, ttl, maxlen)
-    written += len(json.dumps(prompt))
+    written.inc(len(json.dumps(prompt)))
+    t0 = time.perf_counter()
     res = dlb.run_task(
         task="generation",
         inputs=batch,
@@ -475,9 +630,10 @@ def _generate(
         return_relevance=True,
         return_scores=False,
         on_step=on_step,
-        **params,
+        **_params(req),
         **gen,
     )
+    run_s = time.perf_counter() - t0
     ids = torch.as_tensor(res["generated_ids"]).cpu()
     prompt_len = batch["input_ids"].shape[1]
     new = ids[:, prompt_len:] if ids.shape[1] > prompt_len else ids
@@ -502,8 +658,13 @@ def _generate(
             ],
         },
         "summary": {"text": texts},
+        "status": "finished",
+        "model": spec.id,
+        "task": "generation",
+        "receipt": _receipt(st, spec, entry, req),
+        "timings": {"capture_s": capture_s, "engine_s": run_s, "run_s": run_s},
     }
-    return doc, written
+    return doc
 
 
 def _floats(t: Any) -> list[float]:

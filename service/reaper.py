@@ -7,7 +7,8 @@ short TTL from a thread (``service.worker``): a started job whose worker's key i
 ``reap`` marks such a job's registry entry expired and lets RQ's own abandoned-job handling
 (``StartedJobRegistry.cleanup``) retry it when retries are left, else fail it. Before RQ does,
 it writes what our clients read: a ``retrying`` event, or the failed result with a terminal
-``error`` event, so that SSE streams end instead of hanging.
+``error`` event, so that SSE streams end instead of hanging. Jobs that a dead worker had
+claimed for a batch are put back at the front of the queue (``service.batching``).
 
 Workers and API processes all call ``reap`` periodically (the API too, so that jobs are ended
 even when no worker is left); a short Redis lock lets one of them do it at a time. No torch."""
@@ -23,7 +24,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import parse_composite_key
 
-from . import store
+from . import batching, store
 
 LOCK = "bt:reaper"
 log = logging.getLogger("service.reaper")
@@ -39,15 +40,29 @@ def reap(r: redis.Redis, queue: str, heartbeat_ttl: int, result_ttl: int) -> lis
         return []
     registry = StartedJobRegistry(queue, connection=r, serializer=JSONSerializer)
     lost = []
+
+    def alive(worker: str) -> bool:
+        return bool(r.exists(store.WORKER.format(worker)))
+
     for member in r.zrange(registry.key, 0, -1):
         job_id, _ = parse_composite_key(member.decode())
         worker = r.hget(f"rq:job:{job_id}", "worker_name")
-        if worker and not r.exists(store.WORKER.format(worker.decode())):
+        if worker and not alive(worker.decode()):
             r.zadd(registry.key, {member: 0}, xx=True)
             lost.append(job_id)
     if lost:
         registry.cleanup(timestamp=1, exception_handlers=[_tell_clients(r, result_ttl)])
-    return lost
+    return lost + batching.requeue_lost(r, alive, _tell_requeued(r, result_ttl))
+
+
+def _tell_requeued(r: redis.Redis, result_ttl: int) -> Any:
+    """Tell a batched job's clients that it goes back to the queue (its worker died)."""
+
+    def tell(job: Job) -> None:
+        reason = f"worker {job.worker_name} stopped while running the job in a batch"
+        store.add_event(r, job.id, "retrying", {"reason": reason, "requeued": True}, result_ttl)
+
+    return tell
 
 
 def _tell_clients(r: redis.Redis, result_ttl: int) -> Any:

@@ -58,24 +58,36 @@ return id
 
 
 def add_event(
-    r: redis.Redis, job_id: str, event: str, data: dict[str, Any], ttl: int, maxlen: int = 10000
-) -> str:
-    """Append one event to the job's stream and push its expiry out; returns the entry id."""
+    r: redis.Redis | redis.client.Pipeline,
+    job_id: str,
+    event: str,
+    data: dict[str, Any],
+    ttl: int,
+    maxlen: int = 10000,
+) -> str | None:
+    """Append one event to the job's stream and push its expiry out; returns the entry id
+    (None on a pipeline: the id is then in the pipeline's results)."""
     entry_id = _APPEND([EVENTS.format(job_id)], [event, json.dumps(data), maxlen, ttl], r)
+    if isinstance(r, redis.client.Pipeline):
+        return None
     return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
 
-def start(r: redis.Redis, job_id: str, data: dict[str, Any], ttl: int, maxlen: int = 10000) -> bool:
-    """The worker's first write: a ``started`` event, and whether cancel was asked (one round
-    trip; per-job Redis round trips are most of a small job's overhead)."""
+def start(
+    r: redis.Redis, jobs: list[tuple[str, dict[str, Any]]], ttl: int, maxlen: int = 10000
+) -> list[bool]:
+    """The worker's first write for each job of a batch: a ``started`` event, and whether
+    cancel was asked, all in one round trip (per-job Redis round trips are most of a small
+    job's overhead)."""
     pipe = r.pipeline(transaction=False)
-    pipe.exists(CANCEL.format(job_id))
-    _APPEND([EVENTS.format(job_id)], ["started", json.dumps(data), maxlen, ttl], pipe)
-    return bool(pipe.execute()[0])
+    for job_id, data in jobs:
+        pipe.exists(CANCEL.format(job_id))
+        _APPEND([EVENTS.format(job_id)], ["started", json.dumps(data), maxlen, ttl], pipe)
+    return [bool(x) for x in pipe.execute()[::2]]
 
 
 def finish(
-    r: redis.Redis,
+    r: redis.Redis | redis.client.Pipeline,
     job_id: str,
     doc: dict[str, Any],
     event: str,
@@ -84,7 +96,8 @@ def finish(
     maxlen: int = 10000,
 ) -> int:
     """Store the final document and append the terminal event together, atomically, so a
-    stream reader that sees ``done`` can always read the result. Returns bytes written."""
+    stream reader that sees ``done`` can always read the result (on a pipeline, when it is
+    executed). Returns bytes written."""
     raw, payload = json.dumps(doc, separators=(",", ":")), json.dumps(data)
     keys = [EVENTS.format(job_id), RESULT.format(job_id)]
     _APPEND(keys, [event, payload, maxlen, ttl, raw], r)
@@ -108,6 +121,14 @@ def request_cancel(r: redis.Redis, job_id: str, ttl: int) -> None:
 
 def cancel_requested(r: redis.Redis, job_id: str) -> bool:
     return bool(r.exists(CANCEL.format(job_id)))
+
+
+def cancels_requested(r: redis.Redis, job_ids: list[str]) -> list[bool]:
+    """``cancel_requested`` for a batch, in one round trip."""
+    pipe = r.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.exists(CANCEL.format(job_id))
+    return [bool(x) for x in pipe.execute()]
 
 
 def worker_id() -> str:

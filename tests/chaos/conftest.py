@@ -151,7 +151,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("chaos")
     (tmp / "redis").mkdir()
     server = AofRedis(tmp / "redis")
-    keep = {"tiny-lookup-lm", "gpt2-small-config"}
+    keep = {"tiny-lookup-lm", "gpt2-small-config", "digits-cnn"}
     registry = tmp / "registry.yaml"
     registry.write_text(yaml.safe_dump({"models": [m for m in DEMO_REGISTRY if m["id"] in keep]}))
     env = {

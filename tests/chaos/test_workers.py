@@ -5,6 +5,7 @@ it sees the stream end."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import signal
 import threading
 import time
@@ -12,7 +13,7 @@ import time
 import httpx
 
 from bench import load
-from service import store
+from service import batching, store
 
 from .conftest import HEARTBEAT_TTL, LONG_JOB, QUICK_JOB, Cluster, Listener, submit
 
@@ -103,3 +104,30 @@ def test_worker_names_differ_for_the_same_host_and_pid() -> None:
     dead worker's name: RQ would refuse to start it, and the reaper would think the dead
     worker's job still had a live worker."""
     assert store.worker_id() != store.worker_id()
+
+
+def test_jobs_claimed_for_a_batch_by_a_dead_worker_go_back_to_the_queue(
+    cluster: Cluster,
+) -> None:
+    """A worker that dies holding jobs it claimed for a batch (``service.batching``): the
+    reaper puts them back at the front of the queue and a live worker runs them."""
+    from service.demo.digits import sample_png
+
+    cluster.workers(0)
+    body = {"model": "digits-cnn", "inputs": {"image": base64.b64encode(sample_png(1)).decode()}}
+    jobs = [submit(cluster.url, body) for _ in range(3)]
+    r = cluster.r()
+    (key,) = r.scan_iter("bt:batch:digits-cnn:*")
+    group = key.decode().removeprefix("bt:batch:")
+    claimed = batching.claim(r, group, "default", "ghost.1.dead", 10)
+    assert sorted(j.id for j in claimed) == sorted(jobs)
+    assert not {i.decode() for i in r.lrange("rq:queue:default", 0, -1)} & set(jobs)
+    assert {r.hget(f"rq:job:{j}", "status") for j in jobs} == {b"started"}
+    cluster.workers(1)
+    for job in jobs:
+        sse = Listener(cluster.url, job)
+        assert sse.join(timeout=NOTICE_S + 60)[-1] == "done"
+        retrying = sse.wait_for("retrying")
+        assert retrying["requeued"] and "ghost.1.dead" in retrying["reason"]
+        assert httpx.get(f"{cluster.url}/jobs/{job}").json()["status"] == "finished"
+    assert not r.hlen(batching.CLAIMS)

@@ -1,0 +1,148 @@
+"""Dynamic batching: a worker that starts a classification job also takes the jobs still
+queued for the same model with the same parameters, and runs them all as one engine batch.
+
+Why: for a small model, most of a job's time is per-job work (RQ's dequeue and bookkeeping,
+Redis round trips, one engine call), and under concurrent load jobs wait behind each other
+for it. One batch pays that once. The engine gives each row the same relevance as a run of its
+own (batch rows do not interact; padding is masked), so batching changes nothing in a result.
+
+How, keeping RQ's queue the one source of truth:
+
+- The API, after enqueueing a batchable job, also appends its id to ``bt:batch:<group>``, where
+  the group names the model and every parameter that must agree for rows to share one run.
+- A worker that starts a job of that group runs ``claim``: an atomic script pops ids from the
+  group's list and takes each one out of RQ's queue (``LREM``); only an id still queued is
+  claimed, so a job is never run twice, and one canceled or already started is skipped. A
+  claimed job is marked started by this worker in its RQ hash and recorded in ``bt:claims``.
+- After the batch, ``settle`` ends each claimed job in RQ (status, registry, expiry) beside the
+  result the worker stored for clients, and removes its claim.
+- If the worker dies holding claims, ``requeue_lost`` (run by the reaper) puts those jobs back
+  at the front of RQ's queue, not into a batch list: a job that killed its worker then runs
+  alone, under RQ's retry accounting. No torch here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+from rq import Queue
+from rq.job import Job, JobStatus
+from rq.registry import FailedJobRegistry, FinishedJobRegistry
+from rq.serializers import JSONSerializer
+
+BATCH = "bt:batch:{}"
+CLAIMS = "bt:claims"
+BATCHABLE_TASKS = ("text-classification", "image-classification", "tabular-classification")
+log = logging.getLogger("service.batching")
+
+
+def group_key(request: dict[str, Any]) -> str | None:
+    """The batch group of a request, or None when it runs alone: generation (it streams per
+    step), relevance of named layers (their shapes need not be batch-first), and a target
+    given per row (it belongs to its own rows)."""
+    task = request.get("task")
+    out, rel = request.get("output") or {}, request.get("relevance") or {}
+    if task not in BATCHABLE_TASKS or out.get("relevance", "inputs") != "inputs":
+        return None
+    if rel.get("target") is not None and not isinstance(rel["target"], int):
+        return None
+    agree = {"model": request.get("model"), "task": task, "relevance": rel, "output": out}
+    digest = hashlib.sha1(json.dumps(agree, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{request.get('model')}:{digest}"
+
+
+def announce(pipe: Any, group: str, job_id: str, ttl: int) -> None:
+    """Offer a just-enqueued job to batching (on the API's enqueue pipeline). The list only
+    hints: ids that RQ has already handed out are dropped when a claim pops them."""
+    key = BATCH.format(group)
+    pipe.rpush(key, job_id)
+    pipe.expire(key, ttl)
+
+
+# KEYS: the group's list, RQ's queue, the claims hash. ARGV: how many to claim, the worker,
+# started_at as RQ writes it, RQ's job key prefix. Job hashes are addressed by id inside the
+# script (as RQ's own keys are: one Redis, not a cluster).
+_CLAIM = Script(
+    None,
+    b"""
+local claimed = {}
+while #claimed < tonumber(ARGV[1]) do
+  local id = redis.call('LPOP', KEYS[1])
+  if not id then break end
+  if redis.call('LREM', KEYS[2], 1, id) == 1 then
+    redis.call('HSET', ARGV[4] .. id, 'status', 'started', 'worker_name', ARGV[2],
+               'started_at', ARGV[3])
+    redis.call('HSET', KEYS[3], id, ARGV[2])
+    claimed[#claimed + 1] = id
+  end
+end
+return claimed
+""",
+)
+
+
+def claim(r: redis.Redis, group: str, queue: str, worker: str, limit: int) -> list[Job]:
+    """Take up to ``limit`` jobs of ``group`` out of RQ's queue for this worker; returns them
+    (their requests are in ``job.kwargs``). Jobs whose hash is gone are released again."""
+    if limit <= 0:
+        return []
+    started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    keys = [BATCH.format(group), Queue(queue, connection=r).key, CLAIMS]
+    args = [limit, worker, started, Job.redis_job_namespace_prefix]
+    ids = [i.decode() for i in _CLAIM(keys, args, r)]
+    if not ids:
+        return []
+    jobs = Job.fetch_many(ids, connection=r, serializer=JSONSerializer)
+    gone = [i for i, j in zip(ids, jobs, strict=True) if j is None]
+    if gone:
+        r.hdel(CLAIMS, *gone)
+    return [j for j in jobs if j is not None]
+
+
+def settle(pipe: Any, job: Job, status: str, result_ttl: int, failure_ttl: int) -> None:
+    """End a claimed job in RQ, on the pipeline that stores its result: status, ended_at, the
+    finished or failed registry and the hash's expiry, as RQ does for the jobs it runs."""
+    ok = status == "finished"
+    ttl = result_ttl if ok else failure_ttl
+    rq_status = {"finished": JobStatus.FINISHED, "canceled": JobStatus.CANCELED}
+    job.set_status(rq_status.get(status, JobStatus.FAILED), pipeline=pipe)
+    pipe.hset(job.key, "ended_at", datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+    registry = FinishedJobRegistry if ok else FailedJobRegistry
+    if status != "canceled":
+        registry(job.origin, connection=job.connection, serializer=JSONSerializer).add(
+            job, ttl, pipeline=pipe
+        )
+    job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
+    pipe.hdel(CLAIMS, job.id)
+
+
+def requeue_lost(
+    r: redis.Redis, alive: Callable[[str], bool], on_requeue: Callable[[Job], None]
+) -> list[str]:
+    """Put the claimed jobs of dead workers back at the front of their RQ queue; returns their
+    ids. ``on_requeue`` tells the job's clients first (a ``retrying`` event)."""
+    lost = []
+    for raw_id, raw_worker in r.hgetall(CLAIMS).items():
+        job_id, worker = raw_id.decode(), raw_worker.decode()
+        if alive(worker):
+            continue
+        try:
+            job = Job.fetch(job_id, connection=r, serializer=JSONSerializer)
+        except Exception:  # noqa: BLE001 - expired or not RQ's: nothing to put back
+            job = None
+        if job is not None and job.get_status(refresh=False) == JobStatus.STARTED:
+            on_requeue(job)
+            Queue(job.origin, connection=r, serializer=JSONSerializer).enqueue_job(
+                job, at_front=True
+            )
+            lost.append(job_id)
+        r.hdel(CLAIMS, job_id)
+    if lost:
+        log.warning("requeued %d claimed jobs of dead workers: %s", len(lost), lost)
+    return lost
