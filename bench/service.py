@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import http.client
 import json
 import os
 import statistics
@@ -19,8 +20,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import httpx
 
 from service.cli import api_command
 from service.client import Client, parse_sse
@@ -42,21 +41,47 @@ def body_for(model: str) -> dict:
     return {"model": model, "inputs": {"text": "the movie was wonderful"}}
 
 
-def one(client: httpx.Client, body: dict) -> tuple[float, float, float]:
-    """(end-to-end s, engine s, queue wait s) for one request."""
+class LeanClient:
+    """One keep-alive connection with the standard library's ``http.client``: the load
+    generator shares the machine with the service, and httpx costs about three times the
+    CPU per request, which would be taken from the service under test."""
+
+    def __init__(self, port: int):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+
+    def submit(self, body: bytes) -> str:
+        self.conn.request("POST", "/run_task", body, {"Content-Type": "application/json"})
+        resp = self.conn.getresponse()
+        payload = resp.read()
+        if resp.status != 202:
+            raise RuntimeError(f"POST /run_task: {resp.status} {payload[:200]!r}")
+        return json.loads(payload)["job_id"]
+
+    def wait(self, job_id: str) -> dict:
+        """Follow the job's SSE stream to its terminal event; returns the ``done`` data."""
+        self.conn.request("GET", f"/jobs/{job_id}/events")
+        resp = self.conn.getresponse()
+        try:
+            lines = (raw.decode().rstrip("\r\n") for raw in iter(resp.readline, b""))
+            for event, data, _ in parse_sse(lines):
+                if event in ("done", "error", "canceled"):
+                    if event != "done":
+                        raise RuntimeError(f"{event}: {data}")
+                    return data
+            raise RuntimeError(f"stream of {job_id} ended without a terminal event")
+        finally:
+            resp.read()  # the server ends the stream after the terminal event
+
+
+def one(client: LeanClient, body: bytes) -> tuple[float, float, float, int]:
+    """(end-to-end s, engine s, queue wait s, jobs in the engine batch) for one request; the
+    timings come with the ``done`` event."""
     t0 = time.perf_counter()
-    resp = client.post("/run_task", json=body)
-    resp.raise_for_status()
-    job_id = resp.json()["job_id"]
-    with client.stream("GET", f"/jobs/{job_id}/events") as stream:
-        for event, data, _ in parse_sse(stream.iter_lines()):
-            if event in ("done", "error", "canceled"):
-                if event != "done":
-                    raise RuntimeError(f"{event}: {data}")
-                break
+    done = client.wait(client.submit(body))
     e2e = time.perf_counter() - t0
-    timings = client.get(f"/jobs/{job_id}").json()["result"]["timings"]
-    return e2e, timings["engine_s"], timings["queue_wait_s"] or 0.0
+    timings = done["timings"]
+    batch = timings.get("batch", {}).get("jobs", 1)
+    return e2e, timings["engine_s"], timings["queue_wait_s"] or 0.0, batch
 
 
 def main() -> None:
@@ -66,6 +91,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--model", default="digits-cnn")
     p.add_argument("--warmup", type=int, default=10)
+    # One intra-op thread per worker: the API, the worker and the clients share the machine's
+    # cores, and a second torch thread only spins against them for a model this small.
+    p.add_argument("--torch-threads", type=int, default=1)
     a = p.parse_args()
 
     redis_server = PrivateRedis()
@@ -76,6 +104,7 @@ def main() -> None:
         "HF_HUB_OFFLINE": "1",
         "BACKTRACE_WARM_MODELS": a.model,
         "PYTHONPATH": str(ROOT),
+        "BACKTRACE_TORCH_THREADS": str(a.torch_threads),
     }
     env.pop("BACKTRACE_REGISTRY", None)
     procs = [
@@ -103,12 +132,12 @@ def main() -> None:
             Client(url).wait_ready(timeout=600, processes=procs)
         except (RuntimeError, TimeoutError) as exc:
             raise SystemExit(f"service did not start: {exc}") from exc
-        body = body_for(a.model)
+        body = json.dumps(body_for(a.model)).encode()
         local = threading.local()
 
-        def run(_: int) -> tuple[float, float, float] | Exception:
+        def run(_: int) -> tuple[float, float, float, int] | Exception:
             if not hasattr(local, "client"):
-                local.client = httpx.Client(base_url=url, timeout=120)
+                local.client = LeanClient(port)
             try:
                 return one(local.client, body)
             except Exception as exc:  # noqa: BLE001 - counted as an error
@@ -129,6 +158,7 @@ def main() -> None:
                     "concurrency": a.concurrency,
                     "workers": a.workers,
                     "model": a.model,
+                    "torch_threads": a.torch_threads,
                     "errors": len(results) - len(ok),
                     "p50_ms": round(1000 * statistics.median(e2e), 2),
                     "p99_ms": round(1000 * pct(e2e, 99), 2),
@@ -136,6 +166,7 @@ def main() -> None:
                     "engine_p50_ms": round(1000 * statistics.median(r[1] for r in ok), 2),
                     "queue_wait_p50_ms": round(1000 * statistics.median(r[2] for r in ok), 2),
                     "overhead_p50_ms": round(1000 * statistics.median(over), 2),
+                    "batch_jobs_mean": round(statistics.mean(r[3] for r in ok), 2),
                     "overhead_p99_ms": round(1000 * pct(over, 99), 2),
                     # without the time spent waiting behind other jobs for the worker:
                     "overhead_excl_queue_p50_ms": round(
