@@ -78,16 +78,30 @@ class DLBacktrace:
         seed: Seed,
         mode: str = "default",
         relevance_nodes: str | Sequence[str] = "all",
+        reference: Inputs | None = None,
     ) -> Explanation:
-        """One forward over ``inputs`` and one sweep for all ``seed.K`` seeds."""
+        """One forward over ``inputs`` and one sweep for all ``seed.K`` seeds (mode
+        "reference": one more forward, over ``reference``)."""
         prepared = self._prepare(inputs)
         captured, sweeper = self._graph_for(prepared)
         sweeper.check_rules()
         with torch.no_grad():
             env, outputs = sweeper.forward(prepared)
+            env_ref = self._reference_env(sweeper, prepared, mode, reference)
             keep = _keep(relevance_nodes)
-            relevance, seed_total, at_inputs, sinks = sweeper.run(env, prepared, seed, mode, keep)
+            relevance, seed_total, at_inputs, sinks = sweeper.run(
+                env, prepared, seed, mode, keep, env_ref
+            )
         return Explanation(relevance, seed_total, at_inputs, sinks, outputs, env)
+
+    def _reference_env(self, sweeper: Sweeper, prepared, mode: str, reference) -> dict | None:
+        """The recorded forward of the reference input, for mode "reference" only."""
+        if mode != "reference":
+            if reference is not None:
+                raise ValueError('reference= is for mode "reference"')
+            return None
+        ref = None if reference is None else self._prepare(reference)
+        return sweeper.reference_forward(prepared, ref)
 
     # ------------------------------------------------------------ public API
 
@@ -117,6 +131,7 @@ class DLBacktrace:
         debug: bool = False,
         relevance_nodes: str | Sequence[str] = "all",
         target: int | Sequence[int] | None = None,
+        reference: Inputs | None = None,
         **generation_kwargs: Any,
     ) -> dict[str, Any]:
         """Predict and explain in one call (see ``dlbacktrace-pipeline.md``).
@@ -125,7 +140,9 @@ class DLBacktrace:
         value (so inputs + sinks = multiplier * scaler). ``temperature`` divides the logits
         reported as ``predictions``. ``thresholding`` is the decision threshold on the sigmoid
         of a single-logit binary classifier. ``target`` explains a given class instead of the
-        predicted one.
+        predicted one. ``reference`` (mode "reference" only): the input whose output the
+        explanation starts from, shaped like ``inputs`` (default: zeros, or for token ids zero
+        embeddings).
         """
         if inputs is None:
             raise ValueError("run_task needs inputs")
@@ -137,6 +154,9 @@ class DLBacktrace:
             task = self.detect_task(inputs, tokenizer)
         if task == "generation":
             from .generation import run_generation
+
+            if reference is not None:
+                raise ValueError("generation explains against zero embeddings: no reference=")
 
             result = run_generation(
                 self,
@@ -159,7 +179,7 @@ class DLBacktrace:
             result = self._classify(
                 task, inputs, mode, multiplier, scaler, thresholding, temperature,
                 return_scores, return_relevance, return_layerwise_output, debug,
-                relevance_nodes, target,
+                relevance_nodes, target, reference,
             )  # fmt: skip
         self.relevance = result.get("relevance")
         return result
@@ -179,6 +199,7 @@ class DLBacktrace:
         debug,
         relevance_nodes,
         target,
+        reference,
     ) -> dict[str, Any]:
         started = time.perf_counter()
         prepared = self._prepare(inputs)
@@ -186,6 +207,7 @@ class DLBacktrace:
         sweeper.check_rules()
         with torch.no_grad():
             env, outputs = sweeper.forward(prepared)
+            env_ref = self._reference_env(sweeper, prepared, mode, reference)
         logits = env[sweeper.seed_node]
         scaled = logits.float() / temperature
         single = scaled.dim() == 1 or scaled.shape[-1] == 1
@@ -197,7 +219,7 @@ class DLBacktrace:
         explained = labels if target is None else _targets(target, batch, logits.device)
         unit = torch.zeros_like(explained) if single else explained
         sign = torch.ones(batch, device=logits.device)
-        if single and mode == "contrast":
+        if single and mode in ("contrast", "reference"):
             # The evidence for "negative" is the evidence against the logit.
             sign = torch.where(explained == 1, 1.0, -1.0)
         rows = torch.arange(batch, device=logits.device)
@@ -205,7 +227,9 @@ class DLBacktrace:
         seed = Seed(index[None], (sign * multiplier)[None])
         keep = _keep(relevance_nodes)
         with torch.no_grad():
-            relevance, seed_total, at_inputs, sinks = sweeper.run(env, prepared, seed, mode, keep)
+            relevance, seed_total, at_inputs, sinks = sweeper.run(
+                env, prepared, seed, mode, keep, env_ref
+            )
         relevance = {k: v[0] * scaler for k, v in relevance.items()}
         exp = Explanation(relevance, seed_total, at_inputs, sinks, outputs, env)
         node_io = exp.node_io(captured)
@@ -227,7 +251,7 @@ class DLBacktrace:
             },
             "timings": {"total_s": time.perf_counter() - started},
         }
-        if mode == "contrast":
+        if mode in ("contrast", "reference"):
             names = captured.input_names
             result["relevance_positive"] = {
                 k: v.clamp(min=0) for k, v in relevance.items() if k in names

@@ -10,10 +10,19 @@ Mode ``"default"`` is the |z| rule of Backtrace: contributions ``|x_k w_jk|`` sh
 proportion, ``|b_j|`` takes the rest. Mode ``"contrast"`` uses signed contributions over the
 same denominator, so opposing evidence comes out negative; what the signed shares do not
 pass on is reported as sink.
+
+Mode ``"reference"`` explains the change from a reference input (``ctx.ref``: the same op's
+arguments in the reference's forward pass), as DeepLIFT's rescale rule does: a map linear in
+``x`` shares ``R_j`` by the contributions of the difference, ``w_jk (x_k - x'_k)``, over their
+sum ``y_j - y'_j`` (the bias cancels); a product of two data operands splits exactly,
+``ab - a'b' = (a - a')(b + b')/2 + (a + a')/2 (b - b')``; activations pass relevance on, so
+their ratio of differences becomes the multiplier. Relevance is signed; what a stabilised
+denominator withholds is the sink.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -23,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 
 aten = torch.ops.aten
-MODES = ("default", "contrast")
+MODES = ("default", "contrast", "reference")
 
 
 @dataclass
@@ -38,6 +47,7 @@ class Ctx:
     is_data: Callable[..., bool]
     abs_of: Callable[[Tensor], Tensor]
     bias_term: Callable[[Tensor | None, int, Tensor], Tensor]
+    ref: dict[str, Any] | None = None  # the arguments in the reference's forward (mode "reference")
 
     @property
     def first(self) -> str:
@@ -55,6 +65,15 @@ class Ctx:
     @property
     def K(self) -> int:
         return self.R.shape[0]
+
+    @property
+    def delta(self) -> bool:
+        return self.mode == "reference"
+
+    def diff(self, name: str, index: int | None = None) -> Tensor:
+        """Argument ``name`` minus its value in the reference's forward pass."""
+        x, r = self.args[name], self.ref[name]
+        return x - r if index is None else x[index] - r[index]
 
 
 Propagation = tuple[dict[str, Any], Tensor | None]
@@ -76,6 +95,34 @@ def rule(*targets: Any) -> Callable[[Rule], Rule]:
 # inputs is then all of R, reported as a sink; where D > 0 it is below float precision.
 # It also lets the |b| + TINY term ride inside the matmul or convolution as its bias.
 TINY = 1e-20
+
+
+# Stabiliser of the signed denominators of mode "reference": y - y' -> y - y' +- EPS. Where
+# the difference vanishes, its relevance (which then is about as small) becomes a sink.
+EPS = 1e-6
+
+
+def stable(z: Tensor) -> Tensor:
+    return z + torch.where(z >= 0, EPS, -EPS)
+
+
+def _delta_linear(R: Tensor, dx: Tensor, f: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """Mode "reference" for a map ``f`` linear in ``x`` (bias left out: it cancels):
+    R_in = dx * f^T(R / f(dx)), and the sink R - (R / f(dx)) f(dx)."""
+    z = f(dx)
+    ratio = R / stable(z)
+    return dx * _vjp(f, dx, ratio), R - ratio * z
+
+
+def _delta_product(R: Tensor, f: Callable, a: Tensor, b: Tensor, ar: Tensor, br: Tensor):
+    """Mode "reference" for a product of two data operands, split exactly:
+    f(a, b) - f(a', b') = f(a - a', (b + b') / 2) + f((a + a') / 2, b - b')."""
+    da, db, ma, mb = a - ar, b - br, (a + ar) / 2, (b + br) / 2
+    z = f(a, b) - f(ar, br)
+    ratio = R / stable(z)
+    r_a = da * _vjp(lambda u: f(u, mb), da, ratio)
+    r_b = db * _vjp(lambda v: f(ma, v), db, ratio)
+    return r_a, r_b, R - ratio * z
 
 
 def _unbroadcast(r: Tensor, shape: torch.Size) -> Tensor:
@@ -129,9 +176,23 @@ def _dense(ctx: Ctx, x: Tensor, w: Tensor, aw: Tensor, extra: Tensor) -> Propaga
     return ax * (ratio @ aw), ratio @ extra
 
 
+def _delta_dense(ctx: Ctx, dx: Tensor, w: Tensor, name: str = "input") -> Propagation:
+    """Mode "reference" of y = x W^T + b: R_in = dX * ((R / (dX W^T)) W)."""
+    z = F.linear(dx, w)
+    ratio = ctx.R / stable(z)
+    return {name: dx * (ratio @ w)}, ctx.R - ratio * z
+
+
 @rule(aten.linear.default)
 def linear(ctx: Ctx) -> Propagation:
     x, w, b = ctx.args["input"], ctx.args["weight"], ctx.args["bias"]
+    if ctx.delta:
+        act = _activation_after(ctx.node)
+        if act is not None:
+            fwd = lambda u, weight, bias=None: F.linear(u, weight, bias)  # noqa: E731
+            bwd = lambda ratio, weight: ratio @ weight  # noqa: E731
+            return _reveal_cancel(ctx, ctx.diff("input"), w, b, fwd, bwd, act)
+        return _delta_dense(ctx, ctx.diff("input"), w)
     r_in, sink = _dense(ctx, x, w, ctx.abs_of(w), ctx.bias_term(b, w.shape[0], x))
     return {"input": r_in}, sink
 
@@ -140,6 +201,8 @@ def linear(ctx: Ctx) -> Propagation:
 def addmm(ctx: Ctx) -> Propagation:
     """b + x @ W, as GPT-2's Conv1D writes a linear layer."""
     x, w, b = ctx.args["mat1"], ctx.args["mat2"], ctx.args["self"]
+    if ctx.delta:  # a data-shaped bias is held fixed: its change is not explained
+        return _delta_dense(ctx, ctx.diff("mat1"), w.t(), "mat1")
     if b.dim() > 1:  # a per-row bias is data-shaped: not a linear layer's bias
         r_in, sink = _proportional(ctx, ctx.R, x, lambda u: u @ w.abs(), lambda u: u @ w, bias=b)
     else:
@@ -156,6 +219,10 @@ def grouped_mm(ctx: Ctx) -> Propagation:
     row-major blocks of K, so the expert offsets scale by K.
     """
     first, second, third = list(ctx.args)[:3]
+    if ctx.delta:
+        raise NotImplementedError(
+            'mode "reference" with mixture-of-experts: the reference routes rows differently'
+        )
     x, w, offs = ctx.args[first], ctx.args[second], ctx.args[third]
     gmm = ctx.node.target
     ax, aw = x.abs(), w.abs()
@@ -191,22 +258,81 @@ def conv(ctx: Ctx) -> Propagation:
     conv_fn, transposed = _CONV[spatial]
     stride, pad, dil = (_expand(a[k], spatial) for k in ("stride", "padding", "dilation"))
     groups = a["groups"]
-    aw, extra = ctx.abs_of(w), ctx.bias_term(b, w.shape[0], x)
-    ax = ctx.abs_of(x)
-    ratio = ctx.R / conv_fn(ax, aw, extra, stride, pad, dil, groups)
     # output_padding recovers input sizes that a strided conv rounded down
     out_pad = [
         x.shape[2 + i]
-        - ((ratio.shape[3 + i] - 1) * stride[i] - 2 * pad[i] + dil[i] * (w.shape[2 + i] - 1) + 1)
+        - ((ctx.R.shape[3 + i] - 1) * stride[i] - 2 * pad[i] + dil[i] * (w.shape[2 + i] - 1) + 1)
         for i in range(spatial)
     ]
     K = ctx.K
+
+    def forward(u: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        return conv_fn(u, weight, bias, stride, pad, dil, groups)
+
+    def backward(ratio: Tensor, weight: Tensor) -> Tensor:
+        back = transposed(_fold(ratio), weight, None, stride, pad, out_pad, groups, dil)
+        return back.view(K, *x.shape)
+
+    if ctx.delta:
+        dx = ctx.diff("input")
+        act = _activation_after(ctx.node)
+        if act is not None:
+            return _reveal_cancel(ctx, dx, w, b, forward, backward, act)
+        z = forward(dx, w)
+        ratio = ctx.R / stable(z)
+        return {"input": dx * backward(ratio, w)}, ctx.R - ratio * z
+    aw, extra = ctx.abs_of(w), ctx.bias_term(b, w.shape[0], x)
+    ax = ctx.abs_of(x)
+    ratio = ctx.R / conv_fn(ax, aw, extra, stride, pad, dil, groups)
     weight, source = (w, x) if ctx.signed else (aw, ax)
     back = transposed(_fold(ratio), weight, None, stride, pad, out_pad, groups, dil)
     r_in = source * back.view(K, *x.shape)
     if ctx.signed:
         return {"input": r_in}, ctx.R - ratio * conv_fn(x, w, None, stride, pad, dil, groups)
     return {"input": r_in}, ratio.flatten(3).sum(-1) * extra
+
+
+# Mode "reference" splits the change of these activations between the positive and negative
+# parts of the change of their input (RevealCancel). Measured on GELU (MiniLM), it lost.
+_REVEAL_ACTIVATIONS = {aten.relu.default}
+_BETWEEN = {aten._native_batch_norm_legit_no_training.default, operator.getitem}
+
+
+def _activation_after(node: fx.Node) -> Callable[[Tensor], Tensor] | None:
+    """The activation that is the only consumer of ``node`` (through a folded batch norm)."""
+    for _ in range(3):
+        if len(node.users) != 1:
+            return None
+        node = next(iter(node.users))
+        if node.target in _REVEAL_ACTIVATIONS:
+            return torch.relu
+        if node.target not in _BETWEEN:
+            return None
+    return None
+
+
+def _reveal_cancel(
+    ctx: Ctx, dx: Tensor, w: Tensor, b: Tensor | None, forward: Callable, backward: Callable, f
+) -> Propagation:
+    """Mode "reference" for z = W x + b followed by the activation ``f`` (DeepLIFT's
+    RevealCancel): the contributions w_jk dx_k to the change of z are split into their positive
+    sum dz+ and negative sum dz-, and f(z) - f(z') into
+    dy+ = (f(z' + dz+) - f(z') + f(z) - f(z' + dz-)) / 2 and dy- likewise (dy+ + dy- = dy
+    exactly); each part shares its relevance among its own contributions. A positive change
+    that a negative one cancels below the relu's threshold is no longer invisible.
+    ``forward(u, w, b)`` applies the map, ``backward(ratio, w)`` its transpose."""
+    xr = ctx.ref["input"]
+    zr = forward(xr, w, b)
+    wp, wn = w.clamp(min=0), w.clamp(max=0)
+    dp, dn = dx.clamp(min=0), dx.clamp(max=0)
+    zp = forward(dp, wp) + forward(dn, wn)
+    zn = forward(dp, wn) + forward(dn, wp)
+    yp = 0.5 * ((f(zr + zp) - f(zr)) + (f(zr + zp + zn) - f(zr + zn)))
+    yn = 0.5 * ((f(zr + zn) - f(zr)) + (f(zr + zp + zn) - f(zr + zp)))
+    ratio = ctx.R / stable(yp + yn)
+    rp, rn = ratio * yp / stable(zp), ratio * yn / stable(zn)
+    r_in = dp * (backward(rp, wp) + backward(rn, wn)) + dn * (backward(rp, wn) + backward(rn, wp))
+    return {"input": r_in}, ctx.R - rp * zp - rn * zn
 
 
 def _expand(v: int | list[int], n: int) -> list[int]:
@@ -222,6 +348,10 @@ def batch_norm(ctx: Ctx) -> Propagation:
     shape = (-1,) + (1,) * (x.dim() - 2)
     scale, shift = batch_norm_affine(a)
     R = ctx.R[0]  # relevance of output 0; the saved statistics carry none
+    if ctx.delta:  # the shift cancels
+        c = ctx.diff("input") * scale.view(shape)
+        r_in = R * (c / stable(c))
+        return {"input": r_in}, R - r_in
     c = x * scale.view(shape)
     ac = c.abs()
     r_in = R * ((c if ctx.signed else ac) / (ac + shift.abs().view(shape) + TINY))
@@ -239,12 +369,27 @@ def batch_norm_affine(a: dict[str, Any]) -> tuple[Tensor, Tensor]:
     return scale, shift
 
 
-def _product(ctx: Ctx, f: Callable, a: Tensor, b: Tensor, data: tuple[bool, bool]):
+def _product(
+    ctx: Ctx, f: Callable, a: Tensor, b: Tensor, data: tuple[bool, bool], refs=(None, None)
+):
     """A product of two operands (matmul, bmm, einsum).
 
     One data operand: the other acts as weights and the |z| rule applies. Two data operands:
     half of the relevance to each, each half distributed with the other operand held fixed.
+    Mode "reference" (``refs``: the operands in the reference's forward): the difference rule.
     """
+    if ctx.delta:
+        ar, br = refs
+        if all(data):
+            r_a, r_b, sink = _delta_product(ctx.R, f, a, b, ar, br)
+            return [r_a, r_b], sink
+        if data[0]:
+            r_a, sink = _delta_linear(ctx.R, a - ar, lambda u: f(u, b))
+            return [r_a, None], sink
+        if data[1]:
+            r_b, sink = _delta_linear(ctx.R, b - br, lambda v: f(a, v))
+            return [None, r_b], sink
+        return [None, None], ctx.R
     share = ctx.R * (0.5 if all(data) else 1.0)
     outs: list[Tensor | None] = [None, None]
     sink = ctx.R * (0.0 if any(data) else 1.0)
@@ -261,7 +406,8 @@ def _binary_product(fn: Callable[[Tensor, Tensor], Tensor]) -> Rule:
     def propagate(ctx: Ctx) -> Propagation:
         first, second = list(ctx.args)[:2]
         data = (ctx.is_data(first), ctx.is_data(second))
-        outs, sink = _product(ctx, fn, ctx.args[first], ctx.args[second], data)
+        refs = (ctx.ref[first], ctx.ref[second]) if ctx.delta else (None, None)
+        outs, sink = _product(ctx, fn, ctx.args[first], ctx.args[second], data, refs)
         named = zip((first, second), outs, strict=True)
         return {n: o for n, o in named if o is not None}, sink
 
@@ -280,7 +426,8 @@ def einsum(ctx: Ctx) -> Propagation:
         raise NotImplementedError(f"einsum with {len(operands)} operands")
     eq = ctx.args["equation"]
     data = (ctx.is_data("tensors", 0), ctx.is_data("tensors", 1))
-    outs, sink = _product(ctx, lambda u, v: torch.einsum(eq, u, v), *operands, data)
+    refs = tuple(ctx.ref["tensors"]) if ctx.delta else (None, None)
+    outs, sink = _product(ctx, lambda u, v: torch.einsum(eq, u, v), *operands, data, refs)
     return {"tensors": outs}, sink
 
 
@@ -303,7 +450,9 @@ def attention(ctx: Ctx) -> Propagation:
     else:
         groups = 1
     A = attention_weights(q, k, a["attn_mask"], a["is_causal"], a["scale"])
-    if ctx.signed:
+    if ctx.delta:
+        r_q, r_k, r_v, sink = _attention_delta(ctx, q, k, v, A, groups)
+    elif ctx.signed:
         (r_a, r_v), sink_av = _product(ctx, torch.matmul, A, v, (True, True))
         scores = replace(ctx, R=r_a)
         (r_q, r_kt), sink_qk = _product(scores, torch.matmul, q, k.transpose(-2, -1), (True, True))
@@ -319,14 +468,54 @@ def attention(ctx: Ctx) -> Propagation:
         r_q, r_k = aq * (ratio_qk @ ak), ak * (ratio_qk.transpose(-2, -1) @ aq)
         # what the shares withheld: R * 2 TINY / (2 D) for each half
         sink_av, sink_qk = ratio * (2 * TINY), ratio_qk * (2 * TINY)
+    if not ctx.delta:
+        sink = sink_av.sum(-1) + sink_qk.sum(-1)
     if groups > 1:
         r_k, r_v = (r.unflatten(-3, (r.shape[-3] // groups, groups)).sum(-3) for r in (r_k, r_v))
-    return {"query": r_q, "key": r_k, "value": r_v}, sink_av.sum(-1) + sink_qk.sum(-1)
+    return {"query": r_q, "key": r_k, "value": r_v}, sink
 
 
-def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool, scale) -> Tensor:
-    """softmax(q k^T * scale + mask), as scaled_dot_product_attention computes it."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+def _attention_delta(ctx: Ctx, q: Tensor, k: Tensor, v: Tensor, A: Tensor, groups: int):
+    """Mode "reference", with multipliers (relevance per unit of change) from the output back:
+    A V - A' V' split exactly between the change of A and of V; the softmax by its exact
+    linearisation (``_softmax_multiplier``); Q K^T - Q' K'^T split like A V."""
+    a = ctx.ref
+    qr, kr, vr = a["query"], a["key"], a["value"]
+    if groups > 1:
+        kr, vr = kr.repeat_interleave(groups, dim=-3), vr.repeat_interleave(groups, dim=-3)
+    scale = q.shape[-1] ** -0.5 if a["scale"] is None else a["scale"]
+    S = attention_scores(q, k, ctx.args["attn_mask"], ctx.args["is_causal"], scale)
+    Sr = attention_scores(qr, kr, a["attn_mask"], a["is_causal"], scale)
+    Ar = torch.softmax(Sr, dim=-1).nan_to_num(0.0)
+    z = A @ v - Ar @ vr
+    ratio = ctx.R / stable(z)
+    r_v = (v - vr) * ((A + Ar).transpose(-2, -1) @ ratio) / 2
+    mult_a = ratio @ ((v + vr) / 2).transpose(-2, -1)
+    mult_s = _softmax_multiplier(S, Sr, A, Ar, mult_a) * scale
+    r_q = (q - qr) * (mult_s @ ((k + kr) / 2))
+    r_k = (k - kr) * (mult_s.transpose(-2, -1) @ ((q + qr) / 2))
+    return r_q, r_k, r_v, (ctx.R - ratio * z).sum(-1)
+
+
+def _softmax_multiplier(S: Tensor, Sr: Tensor, A: Tensor, Ar: Tensor, mult: Tensor) -> Tensor:
+    """Multiplier of the scores S, given the multiplier ``mult`` of A = softmax(S) (last dim).
+
+    Exactly A - A' = diag(m) (I - 1 w^T) (S - S'), with m = (A - A') / (log A - log A'), the
+    exp's ratio of differences (A where they vanish), and w = m / sum(m): both A and A' sum
+    to 1. The multiplier of S is that map's transpose applied to ``mult``. Masked positions
+    (A = A' = 0) get nothing."""
+    live = (A > 0) | (Ar > 0)
+    dlog = torch.where(live, torch.log_softmax(S, -1) - torch.log_softmax(Sr, -1), 0.0)
+    dlog = dlog.nan_to_num(0.0, 0.0, 0.0)
+    m = torch.where(dlog.abs() > 1e-6, (A - Ar) / torch.where(dlog == 0, 1.0, dlog), (A + Ar) / 2)
+    m = torch.where(live, m, 0.0)
+    w = m / (m.sum(-1, keepdim=True) + TINY)
+    mm = mult * m
+    return mm - w * mm.sum(-1, keepdim=True)
+
+
+def attention_scores(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool, scale) -> Tensor:
+    """q k^T * scale + mask (masked positions -inf), as scaled_dot_product_attention does."""
     scores = (q @ k.transpose(-2, -1)) * scale
     if causal:
         tq, tk = scores.shape[-2:]
@@ -336,7 +525,13 @@ def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool, s
         scores = (
             scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         )
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return scores
+
+
+def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool, scale) -> Tensor:
+    """softmax(q k^T * scale + mask), as scaled_dot_product_attention computes it."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.softmax(attention_scores(q, k, mask, causal, scale), dim=-1).nan_to_num(0.0)
 
 
 @rule(aten.embedding.default)
@@ -350,10 +545,37 @@ def embedding(ctx: Ctx) -> Propagation:
 
 @rule(aten.max_pool2d.default)
 def max_pool(ctx: Ctx) -> Propagation:
-    """Winner takes all (overlapping windows add up at a shared winner)."""
+    """Winner takes all (overlapping windows add up at a shared winner).
+
+    Mode "reference": the change of a window's maximum goes to the input's winner where the
+    maximum rose, and to the reference's winner where it fell (the element whose loss of
+    value lowered it)."""
     a = ctx.args
     x = a["self"]
-    _, idx = F.max_pool2d(
+    out, idx = _max_pool_indices(x, a)
+    K = ctx.K
+    flat = ctx.R.flatten(3)
+    r_in = torch.zeros(K, *x.shape[:2], x.shape[2] * x.shape[3], dtype=flat.dtype, device=x.device)
+    if ctx.delta:
+        xr = ctx.ref["self"]
+        out_ref, idx_ref = _max_pool_indices(xr, a)
+        xf, xrf = x.flatten(2), xr.flatten(2)
+        i, j = idx.flatten(2), idx_ref.flatten(2)
+        gap_ref = (out_ref.flatten(2) - xrf.gather(2, i)).clamp(min=0)  # j* ahead at the start
+        gap_in = (out.flatten(2) - xf.gather(2, j)).clamp(min=0)  # i* ahead at the end
+        cross = torch.where(i == j, 0.0, gap_ref / (gap_ref + gap_in + TINY))
+        d_i = (xf.gather(2, i) - xrf.gather(2, i)) * (1 - cross)
+        d_j = (xf.gather(2, j) - xrf.gather(2, j)) * cross
+        ratio = flat / stable((out - out_ref).flatten(2))
+        r_in.scatter_add_(3, i.expand(K, -1, -1, -1), ratio * d_i)
+        r_in.scatter_add_(3, j.expand(K, -1, -1, -1), ratio * d_j)
+        return {"self": r_in.view(K, *x.shape)}, flat - ratio * (d_i + d_j)
+    r_in.scatter_add_(3, idx.flatten(2).expand(K, -1, -1, -1), flat)
+    return {"self": r_in.view(K, *x.shape)}, None
+
+
+def _max_pool_indices(x: Tensor, a: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    return F.max_pool2d(
         x,
         a["kernel_size"],
         a["stride"] or a["kernel_size"],
@@ -362,11 +584,6 @@ def max_pool(ctx: Ctx) -> Propagation:
         ceil_mode=a["ceil_mode"],
         return_indices=True,
     )
-    K = ctx.K
-    flat = ctx.R.flatten(3)
-    r_in = torch.zeros(K, *x.shape[:2], x.shape[2] * x.shape[3], dtype=flat.dtype, device=x.device)
-    r_in.scatter_add_(3, idx.flatten(2).expand(K, -1, -1, -1), flat)
-    return {"self": r_in.view(K, *x.shape)}, None
 
 
 def _positive_map(fn: Callable[[Ctx, Tensor], Tensor]) -> Rule:
@@ -374,7 +591,10 @@ def _positive_map(fn: Callable[[Ctx, Tensor], Tensor]) -> Rule:
 
     def propagate(ctx: Ctx) -> Propagation:
         f = lambda u: fn(ctx, u)  # noqa: E731
-        r_in, sink = _proportional(ctx, ctx.R, ctx.x, f, f)
+        if ctx.delta:
+            r_in, sink = _delta_linear(ctx.R, ctx.diff(ctx.first), f)
+        else:
+            r_in, sink = _proportional(ctx, ctx.R, ctx.x, f, f)
         return {ctx.first: r_in}, sink
 
     return propagate
@@ -437,6 +657,43 @@ IDENTITY_OPS = (
 )
 rule(*IDENTITY_OPS)(identity)
 
+# Mode "reference" replaces the identity of these ops (the sweep then does not pass their
+# relevance straight through).
+REFERENCE_RULES: dict[Any, Rule] = {}
+
+
+def _layer_norm_reference(ctx: Ctx) -> Propagation:
+    """Mode "reference" for layer norm y = g (x - mean x) s + b, s = 1 / sqrt(var x + eps).
+
+    The change splits exactly into a linear map of the change of x: with u = x - mean x,
+    y - y' = g (s (u - u') + u' (s - s')), and s - s' = m (var - var') with
+    var - var' = 2 / n sum((u + u') / 2 (u - u')) and m the ratio of differences of
+    1 / sqrt (its derivative where var = var'). R_x = dx * M^T (R / dy). The input's own
+    factor s scales the first term: a reference with no spread (u' = 0, zero embeddings)
+    has s' = 1 / sqrt(eps), and would otherwise blow the shares up."""
+    a = ctx.args
+    dims = len(a["normalized_shape"])
+    x, xr = (t.flatten(-dims) for t in (a["input"], ctx.ref["input"]))
+    g = a["weight"].flatten() if a["weight"] is not None else 1.0
+    u, ur = x - x.mean(-1, keepdim=True), xr - xr.mean(-1, keepdim=True)
+    var, var_r = (t.pow(2).mean(-1, keepdim=True) for t in (u, ur))
+    s, sr = (torch.rsqrt(t + a["eps"]) for t in (var, var_r))
+    dvar, u_mid, du = var - var_r, (u + ur) / 2, u - ur
+    slope = torch.where(
+        dvar.abs() > 1e-12, (s - sr) / torch.where(dvar == 0, 1.0, dvar), -0.5 * s**3
+    )
+    coupling = ur * (2 * slope / x.shape[-1])  # u' ds/d(var) d(var)/du, per element
+    z = g * (s * du + coupling * (u_mid * du).sum(-1, keepdim=True))
+    R = ctx.R.flatten(-dims)
+    ratio = R / stable(z)
+    r = g * ratio
+    back = s * r + u_mid * (coupling * r).sum(-1, keepdim=True)
+    r_in = (x - xr) * (back - back.mean(-1, keepdim=True))
+    return {"input": r_in.view(ctx.K, *a["input"].shape)}, R - ratio * z
+
+
+REFERENCE_RULES[aten.layer_norm.default] = _layer_norm_reference
+
 
 @rule(
     aten.add.Tensor,
@@ -450,6 +707,8 @@ def add(ctx: Ctx) -> Propagation:
     """Residuals: split elementwise in proportion to |operand|; a constant's share is a sink."""
     first, second = "self", "other"
     a, b = ctx.args[first], ctx.args[second] * ctx.args.get("alpha", 1)
+    if ctx.delta:
+        return _add_delta(ctx)
     aa = a.abs() if isinstance(a, Tensor) else abs(a)
     ab = b.abs() if isinstance(b, Tensor) else abs(b)
     ratio = ctx.R / (aa + ab + TINY)
@@ -463,6 +722,28 @@ def add(ctx: Ctx) -> Propagation:
     return grads, ctx.R if passed is None else ctx.R - passed
 
 
+def _add_delta(ctx: Ctx) -> Propagation:
+    """Mode "reference": shares of the operands' changes; a constant does not change."""
+    alpha = ctx.args.get("alpha", 1)
+    coef = {
+        aten.sub.Tensor: (1, -alpha),
+        aten.sub.Scalar: (1, -alpha),
+        aten.rsub.Tensor: (-alpha, 1),
+        aten.rsub.Scalar: (-alpha, 1),
+    }.get(ctx.node.target, (1, alpha))
+    parts = {}
+    for name, c in zip(("self", "other"), coef, strict=True):
+        value = ctx.args[name]
+        if isinstance(value, Tensor) and ctx.is_data(name):
+            parts[name] = (value - ctx.ref[name]) * c
+    if not parts:
+        return {}, ctx.R
+    total = sum(parts.values())
+    ratio = ctx.R / stable(total)
+    grads = {n: _unbroadcast(ratio * d, ctx.args[n].shape) for n, d in parts.items()}
+    return grads, ctx.R - ratio * total
+
+
 @rule(aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
 def mul(ctx: Ctx) -> Propagation:
     """Gates: half to each data operand; a constant factor or divisor passes all to the data
@@ -472,6 +753,10 @@ def mul(ctx: Ctx) -> Propagation:
     targets = [n for n in (first, second) if isinstance(ctx.args[n], Tensor) and ctx.is_data(n)]
     if division and first in targets:
         targets = [first]
+    if ctx.delta and len(targets) == 2:
+        a, b = ctx.args[first], ctx.args[second]
+        r_a, r_b, sink = _delta_product(ctx.R, torch.mul, a, b, ctx.ref[first], ctx.ref[second])
+        return {first: _unbroadcast(r_a, a.shape), second: _unbroadcast(r_b, b.shape)}, sink
     grads = {}
     for name in targets:
         grads[name] = _unbroadcast(ctx.R / len(targets), ctx.args[name].shape)

@@ -18,7 +18,7 @@ from torch import Tensor, fx
 
 from .capture import Captured
 from .provenance import Provenance, UnsupportedOpError
-from .rules import MODES, RULES, TINY, Ctx, batch_norm_affine, identity
+from .rules import MODES, REFERENCE_RULES, RULES, TINY, Ctx, batch_norm_affine, identity, stable
 
 aten = torch.ops.aten
 _PASS_THROUGH = {aten._to_copy.default, aten.clone.default, aten.alias.default}
@@ -38,6 +38,10 @@ class Seed:
     @property
     def K(self) -> int:
         return self.index.shape[0]
+
+    def gather(self, output: Tensor) -> Tensor:
+        """The output's values at the seed's entries [K, E]."""
+        return output[tuple(self.index.to(output.device).unbind(-1))]
 
     def dense(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
         R = torch.zeros(self.K, *shape, dtype=dtype, device=device)
@@ -88,12 +92,14 @@ def forward(
     captured: Captured,
     inputs: dict[str, Tensor],
     fused: dict[fx.Node, dict[str, Any]] | None = None,
+    zeroed: frozenset[fx.Node] = frozenset(),
 ) -> tuple[dict[fx.Node, Any], tuple]:
     """Run the exported graph, keeping every value. Op errors propagate unchanged.
 
     ``fused`` maps a convolution to its arguments with a following eval batch norm folded in
     (the batch norm node, mapped to {}, then just passes the convolution's output on), as
-    inference engines do: one op instead of two, and what the sweep's rule sees.
+    inference engines do: one op instead of two, and what the sweep's rule sees. The outputs
+    of ``zeroed`` nodes are replaced by zeros (a reference forward with empty embeddings).
     """
     fused = fused or {}
     env: dict[fx.Node, Any] = {}
@@ -109,6 +115,8 @@ def forward(
             args = fx.node.map_arg(node.args, env.__getitem__)
             kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
             env[node] = node.target(*args, **kwargs)
+            if node in zeroed:
+                env[node] = torch.zeros_like(env[node])
         elif node.op == "output":
             outputs = fx.node.map_arg(node.args[0], env.__getitem__)
             return env, tuple(outputs) if isinstance(outputs, list | tuple) else (outputs,)
@@ -153,6 +161,7 @@ class Sweeper:
         self._pass_through = self._pass_through_nodes()
         self._missing = self.provenance.unsupported()
         self._nonnegative_nodes = [n for n in self._order if _nonnegative(n)]
+        self._reference = {n for n in self._order if n.target in REFERENCE_RULES}
         # per node, once: whether no argument is a list of nodes, and its is_data callback
         bound = self.provenance.bound
         self._flat = {
@@ -219,6 +228,41 @@ class Sweeper:
         """The recorded forward, with batch norms fused into their convolutions."""
         return forward(self.captured, inputs, self._folded)
 
+    def reference_forward(
+        self, inputs: dict[str, Tensor], reference: dict[str, Tensor] | None
+    ) -> dict[fx.Node, Any]:
+        """The recorded forward of mode "reference"'s reference input. Inputs it leaves out
+        default to zeros for floating-point inputs; for token ids, to the same ids with the
+        embedding lookups that start relevance paths replaced by zero vectors."""
+        reference = dict(reference or {})
+        zeroed = set()
+        for name, value in inputs.items():
+            if name in reference:
+                continue
+            if value.is_floating_point():
+                reference[name] = torch.zeros_like(value)
+            else:
+                reference[name] = value
+                zeroed |= self._embeddings_of(name)
+        for name, value in reference.items():
+            if name in inputs and value.shape != inputs[name].shape:
+                raise ValueError(
+                    f"reference {name!r} has shape {tuple(value.shape)}, "
+                    f"the input {tuple(inputs[name].shape)}"
+                )
+        env, _ = forward(self.captured, reference, self._folded, frozenset(zeroed))
+        return env
+
+    def _embeddings_of(self, name: str) -> set[fx.Node]:
+        """Embedding lookups of input ``name``'s ids on the relevance path."""
+        found = set()
+        for node in self._order:
+            if node.target is aten.embedding.default and self.provenance.data.get(node, False):
+                ids = self.provenance.bound[node].get("indices")
+                if isinstance(ids, fx.Node) and name in _placeholders_behind(ids):
+                    found.add(node)
+        return found
+
     def check_rules(self) -> None:
         """Raise, naming op and node, when an op on the relevance path has no rule."""
         missing = self._missing
@@ -284,21 +328,29 @@ class Sweeper:
         seed: Seed,
         mode: str,
         keep: str | set[str],
+        env_ref: dict[fx.Node, Any] | None = None,
     ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
         """Sweep ``seed`` back to ``inputs``; returns the kept relevance and, per seed and
-        sample, the seed, the relevance at the inputs and the sinks."""
+        sample, the seed, the relevance at the inputs and the sinks. Mode "reference" needs
+        ``env_ref``, the recorded forward of the reference input."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if (mode == "reference") != (env_ref is not None):
+            raise ValueError('the recorded reference forward is for mode "reference" only')
         self.check_rules()
         batch = next(iter(inputs.values())).shape[0]
         self._sizes = self.captured.sizes(inputs)
         self._nonnegative = {id(env[n]) for n in self._nonnegative_nodes}
         prov = self.provenance
         out = env[self.seed_node]
+        if env_ref is not None:
+            # explain the size of the change: a seed where the output fell is negated
+            change = seed.gather(out) - seed.gather(env_ref[self.seed_node])
+            seed = Seed(seed.index, seed.value * torch.where(change < 0, -1.0, 1.0).to(seed.value))
         K = seed.K
         sinks = torch.zeros(K, batch, dtype=torch.float32, device=out.device)
         seed_total = self._seed_per_sample(seed, batch, out.device)
-        R: dict[fx.Node, Any] = self._seed(env, seed, mode, sinks, batch)
+        R: dict[fx.Node, Any] = self._seed(env, seed, mode, sinks, batch, env_ref)
         kept: dict[str, Tensor] = {}
         inputs = torch.zeros_like(sinks)
         for node in reversed(self._order):
@@ -318,7 +370,8 @@ class Sweeper:
                 parts[index] = parts[index] + r if index in parts else r
                 continue
             through = self._pass_through.get(node)
-            if through is not None:  # identity rules and folded batch norms, without a Ctx
+            if through is not None and not (env_ref is not None and node in self._reference):
+                # identity rules and folded batch norms, without a Ctx
                 r = r[0] if isinstance(r, dict) else r
                 R[through] = R[through] + r if through in R else r
                 continue
@@ -331,8 +384,10 @@ class Sweeper:
                 is_data=self._is_data[node],
                 abs_of=self.abs_of,
                 bias_term=self.bias_term,
+                ref=None if env_ref is None else self._arguments(node, env_ref),
             )
-            grads, sink = RULES[node.target](ctx)
+            rule = REFERENCE_RULES.get(node.target) if env_ref is not None else None
+            grads, sink = (rule or RULES[node.target])(ctx)
             if sink is not None:
                 sinks += self.per_sample(sink.float(), node, batch)
             for name, g in grads.items():
@@ -371,7 +426,7 @@ class Sweeper:
         total = torch.zeros(seed.K, batch, device=device)
         return total.scatter_add_(1, b.to(device), seed.value.to(device, torch.float32))
 
-    def _seed(self, env, seed: Seed, mode: str, sinks: Tensor, batch: int) -> dict:
+    def _seed(self, env, seed: Seed, mode: str, sinks: Tensor, batch: int, env_ref=None) -> dict:
         """Place the seeds. Where the explained output is a linear layer (a classifier or a
         language-model head), apply its rule to the sparse entries directly."""
         head = self.seed_node
@@ -387,10 +442,14 @@ class Sweeper:
         index, value = seed.index.to(dev), seed.value.to(dev, x.dtype)
         pos, unit = index[..., :-1].unbind(-1), index[..., -1]
         xs, ws = x[pos], w[unit]  # [K, E, in]
-        c_abs = xs.abs() * ws.abs()
-        D = c_abs.sum(-1) + (b[unit].abs() if b is not None else 0)
-        ratio = torch.where(D != 0, value / torch.where(D != 0, D, 1), 0)
-        rows = (xs * ws if mode == "contrast" else c_abs) * ratio[..., None]
+        if mode == "reference":  # contributions of the change; the bias cancels
+            c = (xs - _exact(env_ref[args["input"]])[pos]) * ws
+            rows = c * (value / stable(c.sum(-1)))[..., None]
+        else:
+            c_abs = xs.abs() * ws.abs()
+            D = c_abs.sum(-1) + (b[unit].abs() if b is not None else 0)
+            ratio = torch.where(D != 0, value / torch.where(D != 0, D, 1), 0)
+            rows = (xs * ws if mode == "contrast" else c_abs) * ratio[..., None]
         k = torch.arange(seed.K, device=dev)[:, None].expand_as(value)
         R = torch.zeros(seed.K, *x.shape, dtype=x.dtype, device=dev)
         R.index_put_((k, *pos), rows, accumulate=True)
@@ -399,3 +458,17 @@ class Sweeper:
         sample = index[..., axis] if batch > 1 else torch.zeros_like(unit)
         sinks.scatter_add_(1, sample, (value - rows.sum(-1)).float())
         return {args["input"]: R}
+
+
+def _placeholders_behind(node: fx.Node) -> set[str]:
+    """Names of the placeholders a node is computed from."""
+    seen, stack, names = set(), [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            names.add(n.name)
+        stack.extend(n.all_input_nodes)
+    return names

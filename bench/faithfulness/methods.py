@@ -42,11 +42,17 @@ def _engine(mode: str) -> Callable[[Task], Explain]:
         from engine.sweep import Seed
 
         dlb = DLBacktrace(task.model, task.subset(slice(0, 2)))
+
+        def reference(inputs: Inputs) -> dict:
+            # mode "reference" starts from the removal baseline, as Integrated Gradients does
+            return {"reference": _removed(task, inputs)} if mode == "reference" else {}
+
         if task.kind != "lm":
             key = "input" if task.kind == "image" else "input_ids"
 
             def classify(inputs: Inputs, target: Tensor) -> Tensor:
                 res = dlb.run_task(
+                    **reference(inputs),
                     inputs=inputs,
                     task="image-classification" if task.kind == "image" else "text-classification",
                     mode=mode,
@@ -63,7 +69,9 @@ def _engine(mode: str) -> Callable[[Task], Explain]:
             rows = torch.arange(n)
             index = torch.stack([rows, torch.full_like(rows, length - 1), target], -1)
             seed = Seed(index[None], torch.full((1, n), SEED))
-            exp = dlb.explain(inputs, seed, mode=mode, relevance_nodes="inputs")
+            exp = dlb.explain(
+                inputs, seed, mode=mode, relevance_nodes="inputs", **reference(inputs)
+            )
             return exp.relevance["input_ids"][0]
 
         return next_token
@@ -95,17 +103,25 @@ def _differentiable(task: Task) -> tuple[Callable, Callable[[Inputs], tuple], Ca
     return text_forward, split, lambda a: a.sum(-1)
 
 
-def _baseline(task: Task, inputs: Inputs) -> Tensor:
-    """The float input with every feature removed (the perturbation's end point)."""
+def _removed(task: Task, inputs: Inputs) -> Inputs:
+    """The inputs with every feature removed (the perturbation's end point); special tokens
+    and padding stay."""
     n = next(iter(inputs.values())).shape[0]
     gone = task.remove(inputs, torch.ones(n, task.features.shape[1], dtype=torch.bool))
     if task.kind == "image":
-        return gone["input"]
+        return gone
     keep = inputs["attention_mask"].bool() & ~torch.isin(
         inputs["input_ids"], torch.tensor(task.extra["tokenizer"].all_special_ids)
     )
-    ids = torch.where(keep, gone["input_ids"], inputs["input_ids"])
-    return task.model.get_input_embeddings()(ids).detach()
+    return {**gone, "input_ids": torch.where(keep, gone["input_ids"], inputs["input_ids"])}
+
+
+def _baseline(task: Task, inputs: Inputs) -> Tensor:
+    """The float input with every feature removed: the removed image, or its embeddings."""
+    gone = _removed(task, inputs)
+    if task.kind == "image":
+        return gone["input"]
+    return task.model.get_input_embeddings()(gone["input_ids"]).detach()
 
 
 def _captum(name: str) -> Callable[[Task], Explain]:
@@ -185,6 +201,7 @@ METHODS = [
     Method("random", ALL, _random, "-"),
     Method("engine-default", ALL, _engine("default"), "engine"),
     Method("engine-contrast", ALL, _engine("contrast"), "engine"),
+    Method("engine-reference", ALL, _engine("reference"), "engine"),
     Method("captum-ig", ALL, _captum("IntegratedGradients"), "captum"),
     Method("captum-ixg", ALL, _captum("InputXGradient"), "captum"),
     Method("captum-saliency", ALL, _captum("Saliency"), "captum"),

@@ -36,7 +36,7 @@ def test_recorded_forward_equals_eager(name):
     assert dlb.debug_execution_differences(**inputs)["match"]
 
 
-@pytest.mark.parametrize("mode", ["default", "contrast"])
+@pytest.mark.parametrize("mode", ["default", "contrast", "reference"])
 @pytest.mark.parametrize("name", list(ZOO))
 def test_conservation(name, mode):
     _, inputs, dlb = built(name)

@@ -122,3 +122,50 @@ def test_half_precision_models_are_swept_in_float32(dtype):
     c = res["conservation"]
     assert np.allclose(c["inputs"] + c["sinks"], c["seed"], rtol=1e-4)
     torch.testing.assert_close(rel, reference, rtol=0.05, atol=0.5)
+
+
+def _change(model, x, ref, target):
+    with torch.no_grad():
+        rows = torch.arange(len(x))
+        return model(x)[rows, target] - model(ref)[rows, target]
+
+
+def test_reference_mode_explains_the_change_from_the_reference():
+    """Mode "reference": per sample, relevance * |f(x) - f(x')| / multiplier adds up to the
+    change of the explained logit; for a linear model it is exactly w_k (x_k - x'_k)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(6, 3).eval()
+    x, ref = torch.randn(5, 6), torch.randn(5, 6)
+    res = _run(DLBacktrace(linear, x), x, mode="reference", reference=ref)
+    target = torch.as_tensor(res["target"])
+    change = _change(linear, x, ref, target)
+    rel = res["relevance"]["input"] * change.abs()[:, None] / 100.0
+    torch.testing.assert_close(
+        rel, linear.weight.detach()[target] * (x - ref), rtol=1e-4, atol=1e-5
+    )
+    # the seed's sign is the change's: a logit that fell is explained by what lowered it
+    assert np.allclose(res["conservation"]["seed"], 100.0 * np.sign(change.numpy()))
+
+    cnn = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 3)
+    ).eval()
+    x, ref = torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8)
+    res = _run(DLBacktrace(cnn, x), x, mode="reference", reference=ref)
+    change = _change(cnn, x, ref, torch.as_tensor(res["target"]))
+    total = res["relevance"]["input"].flatten(1).sum(1) * change.abs() / 100.0
+    torch.testing.assert_close(total, change, rtol=1e-3, atol=1e-4)
+    c = res["conservation"]
+    assert np.allclose(c["inputs"] + c["sinks"], c["seed"], atol=1e-3)
+    assert res["relevance_positive"]["input"].sum() > 0 > res["relevance_negative"]["input"].sum()
+
+
+def test_reference_defaults_to_zeros_and_belongs_to_its_mode(tabular):
+    _, inputs, dlb = tabular
+    zeros = {k: torch.zeros_like(v) for k, v in inputs.items()}
+    implicit = _run(dlb, inputs, mode="reference")["relevance"]["input"]
+    explicit = _run(dlb, inputs, mode="reference", reference=zeros)["relevance"]["input"]
+    torch.testing.assert_close(implicit, explicit)
+    with pytest.raises(ValueError, match="reference"):
+        _run(dlb, inputs, reference=zeros)
+    with pytest.raises(ValueError, match="shape"):
+        _run(dlb, inputs, mode="reference", reference={"input": torch.zeros(1, 6)})
