@@ -33,6 +33,15 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def body_for(model: str) -> dict:
     if model == "digits-cnn":
         from service.demo.digits import sample_png
@@ -143,11 +152,17 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - counted as an error
                 return exc
 
+        # Where the machine's CPU goes per request, by process, over the timed requests:
+        # on a shared machine this, not the wall clock, says what each part costs.
+        pids = {"api": procs[-1].pid, "redis": redis_server.proc.pid, "client": os.getpid()}
+        pids.update({f"worker{i}": pr.pid for i, pr in enumerate(procs[:-1])})
         with ThreadPoolExecutor(a.concurrency) as pool:
             list(pool.map(run, range(a.warmup)))  # loads the model, captures its graph
+            cpu0 = {k: cpu_seconds(v) for k, v in pids.items()}
             t0 = time.perf_counter()
             results = list(pool.map(run, range(a.requests)))
             wall = time.perf_counter() - t0
+            cpu = {k: cpu_seconds(v) - cpu0[k] for k, v in pids.items()}
         ok = [r for r in results if not isinstance(r, Exception)]
         e2e = [r[0] for r in ok]
         over = [r[0] - r[1] for r in ok]
@@ -173,6 +188,9 @@ def main() -> None:
                         1000 * statistics.median(r[0] - r[1] - r[2] for r in ok), 2
                     ),
                     "cpus": os.cpu_count(),
+                    "cpu_ms_per_request": {
+                        k: round(1000 * v / a.requests, 2) for k, v in cpu.items()
+                    },
                 },
                 indent=1,
             )

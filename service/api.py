@@ -232,9 +232,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.aredis = aredis.Redis.from_url(settings.redis_url)
         return app.state.aredis
 
-    def authorize(request: Request) -> None:
+    async def authorize(request: Request) -> None:
         """Only when keys are configured; compared in constant time, against every key (no
-        early exit that would tell which key a guess came close to)."""
+        early exit that would tell which key a guess came close to). Async because it never
+        blocks: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop per
+        request for a string comparison."""
         if not settings.api_keys:
             return
         given = _presented_key(request).encode()

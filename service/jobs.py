@@ -7,7 +7,6 @@ serializer, so only plain JSON crosses the queue; arrays are written by us as ra
 from __future__ import annotations
 
 import base64
-import inspect
 import io
 import json
 import time
@@ -72,7 +71,7 @@ def warm(spec: ModelSpec) -> None:
         return  # the row width is not known before a request
     if spec.task == "image-classification":
         img = entry.dm.image or {"channels": 3, "size": 224}
-        name = _input_name(entry.dm.model)
+        name = entry.input_name
         batch = {name: torch.zeros(1, img["channels"], img["size"], img["size"])}
     else:
         batch = _token_batch(spec, entry, {"text": "warm up"})
@@ -125,28 +124,27 @@ def _token_batch(spec: ModelSpec, entry: Any, inputs: dict[str, Any]) -> dict[st
 
 
 def _image_batch(entry: Any, inputs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], bytes]:
-    """The model's input tensor [1, C, S, S] and the resized picture (PNG) for the heatmap."""
+    """The model's input tensor [1, C, S, S] and the resized picture (PNG) for the heatmap;
+    a PNG already at the model's size and mode is kept as sent."""
     from PIL import Image
 
     spec = entry.dm.image or {"channels": 3, "size": 224, "mean": [0.0] * 3, "std": [1.0] * 3}
-    raw = inputs["image"].split(",", 1)[-1]
-    img = Image.open(io.BytesIO(base64.b64decode(raw)))
-    img = img.convert(spec.get("mode", "RGB" if spec["channels"] == 3 else "L"))
-    img = img.resize((spec["size"], spec["size"]), Image.Resampling.BILINEAR)
-    png = io.BytesIO()
-    img.save(png, format="PNG")
+    raw = base64.b64decode(inputs["image"].split(",", 1)[-1])
+    img = Image.open(io.BytesIO(raw))
+    mode, size = spec.get("mode", "RGB" if spec["channels"] == 3 else "L"), spec["size"]
+    if img.format == "PNG" and img.mode == mode and img.size == (size, size):
+        png = raw
+    else:
+        img = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+        out = io.BytesIO()
+        img.save(out, format="PNG")
+        png = out.getvalue()
     arr = np.asarray(img, dtype=np.float32) / 255.0
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     mean = np.asarray(spec["mean"], dtype=np.float32)[:, None, None]
     std = np.asarray(spec["std"], dtype=np.float32)[:, None, None]
     x = torch.from_numpy((arr - mean) / std)[None]
-    return {_input_name(entry.dm.model): x}, png.getvalue()
-
-
-def _input_name(model: torch.nn.Module) -> str:
-    """The name of forward's first argument: the engine names the input node after it."""
-    params = inspect.signature(model.forward).parameters
-    return next(iter(params)) if params else "x"
+    return {entry.input_name: x}, png
 
 
 # ---------------------------------------------------------------------- the job
@@ -304,7 +302,7 @@ def _inputs(
     if task == "tabular-classification":
         rows = np.asarray(inputs["features"], dtype=np.float32)
         x = torch.from_numpy(rows[None] if rows.ndim == 1 else rows)
-        return {_input_name(entry.dm.model): x}, None
+        return {entry.input_name: x}, None
     return _token_batch(spec, entry, inputs), None
 
 

@@ -7,8 +7,10 @@ milliseconds. The cache lives in the worker process, which is why workers are RQ
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
+import inspect
 import os
 import threading
 import time
@@ -117,6 +119,13 @@ class Entry:
     nbytes: int
     load_s: float
     backtraces: dict[tuple, Any] = field(default_factory=dict)
+
+    @functools.cached_property
+    def input_name(self) -> str:
+        """The name of forward's first argument: the engine names the input node after it
+        (read once: ``inspect.signature`` is not free per request)."""
+        params = inspect.signature(self.dm.model.forward).parameters
+        return next(iter(params)) if params else "x"
 
     def backtrace(self, inputs: dict[str, torch.Tensor]) -> Any:
         """The DLBacktrace for these input names and ranks, captured on first use. The engine
