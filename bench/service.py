@@ -55,8 +55,17 @@ class LeanClient:
     generator shares the machine with the service, and httpx costs about three times the
     CPU per request, which would be taken from the service under test."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, stream_post: bool = False):
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        self.stream_post = stream_post
+
+    def run(self, body: bytes) -> dict:
+        """Submit a job and wait for it; returns the ``done`` data."""
+        if not self.stream_post:
+            return self.wait(self.submit(body))
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        self.conn.request("POST", "/run_task", body, headers)
+        return self._follow(self.conn.getresponse())
 
     def submit(self, body: bytes) -> str:
         self.conn.request("POST", "/run_task", body, {"Content-Type": "application/json"})
@@ -69,7 +78,9 @@ class LeanClient:
     def wait(self, job_id: str) -> dict:
         """Follow the job's SSE stream to its terminal event; returns the ``done`` data."""
         self.conn.request("GET", f"/jobs/{job_id}/events")
-        resp = self.conn.getresponse()
+        return self._follow(self.conn.getresponse())
+
+    def _follow(self, resp: http.client.HTTPResponse) -> dict:
         try:
             lines = (raw.decode().rstrip("\r\n") for raw in iter(resp.readline, b""))
             for event, data, _ in parse_sse(lines):
@@ -77,7 +88,7 @@ class LeanClient:
                     if event != "done":
                         raise RuntimeError(f"{event}: {data}")
                     return data
-            raise RuntimeError(f"stream of {job_id} ended without a terminal event")
+            raise RuntimeError("the event stream ended without a terminal event")
         finally:
             resp.read()  # the server ends the stream after the terminal event
 
@@ -86,7 +97,7 @@ def one(client: LeanClient, body: bytes) -> tuple[float, float, float, int]:
     """(end-to-end s, engine s, queue wait s, jobs in the engine batch) for one request; the
     timings come with the ``done`` event."""
     t0 = time.perf_counter()
-    done = client.wait(client.submit(body))
+    done = client.run(body)
     e2e = time.perf_counter() - t0
     timings = done["timings"]
     batch = timings.get("batch", {}).get("jobs", 1)
@@ -103,6 +114,12 @@ def main() -> None:
     # One intra-op thread per worker: the API, the worker and the clients share the machine's
     # cores, and a second torch thread only spins against them for a model this small.
     p.add_argument("--torch-threads", type=int, default=1)
+    p.add_argument(
+        "--stream-post",
+        action="store_true",
+        help="one request per job (POST with Accept: text/event-stream) instead of POST, then "
+        "GET /jobs/{id}/events",
+    )
     a = p.parse_args()
 
     redis_server = PrivateRedis()
@@ -146,7 +163,7 @@ def main() -> None:
 
         def run(_: int) -> tuple[float, float, float, int] | Exception:
             if not hasattr(local, "client"):
-                local.client = LeanClient(port)
+                local.client = LeanClient(port, a.stream_post)
             try:
                 return one(local.client, body)
             except Exception as exc:  # noqa: BLE001 - counted as an error
@@ -174,6 +191,7 @@ def main() -> None:
                     "workers": a.workers,
                     "model": a.model,
                     "torch_threads": a.torch_threads,
+                    "flow": "streaming POST" if a.stream_post else "POST, then GET events",
                     "errors": len(results) - len(ok),
                     "p50_ms": round(1000 * statistics.median(e2e), 2),
                     "p99_ms": round(1000 * pct(e2e, 99), 2),

@@ -67,6 +67,7 @@ HTTP_BUCKETS = (
 )
 RQ_STATUS = {"scheduled": "queued", "deferred": "queued", "stopped": "canceled"}
 RETRY_AFTER = {"Retry-After": "5"}
+SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 # RQ's own rule for job ids; anything else cannot name a job (422, never a 500 from RQ).
 JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
 IdempotencyKey = Annotated[
@@ -282,14 +283,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             u["heatmap"] = f"/jobs/{job_id}/heatmap.png"
         return u
 
-    @app.post("/run_task", status_code=202, dependencies=[Depends(authorize)])
+    @app.post(
+        "/run_task",
+        status_code=202,
+        dependencies=[Depends(authorize)],
+        responses={200: {"description": "the job's events, when asked for with Accept: "
+                         "text/event-stream", "content": {"text/event-stream": {}}}},
+    )  # fmt: skip
     def run_task(
         req: RunTaskRequest,
         request: Request,
         idempotency_key: IdempotencyKey = None,
-    ) -> JSONResponse:
+    ) -> Response:
         """Validate against the registry and enqueue; 202 with the job id and its URLs.
-        With an Idempotency-Key header, a repeat of the same request gets the same job."""
+        With an Idempotency-Key header, a repeat of the same request gets the same job.
+
+        With ``Accept: text/event-stream`` the answer is instead the job's event stream, as
+        ``GET /jobs/{id}/events`` sends it (200; the job id in ``X-Job-Id`` and
+        ``Location``): one request instead of two, for fetch-based clients. A reconnect
+        resumes through the events URL with Last-Event-ID."""
         spec = registry.get(req.model)
         if spec is None:
             raise HTTPException(404, f"model {req.model!r} is not in the registry (GET /models)")
@@ -307,11 +319,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "task": task,
             "urls": urls(job_id, task),
         }
+        wants_stream = "text/event-stream" in request.headers.get("accept", "")
         idem = _idempotency_key(request, idempotency_key, body)
         if idem is not None:
             first = {"fingerprint": idem[1], "response": accepted}
             if not r.set(idem[0], json.dumps(first), nx=True, ex=settings.result_ttl):
-                return _replay_accepted(r.get(idem[0]), idem[1])
+                replay = _replay_accepted(r.get(idem[0]), idem[1])
+                if wants_stream:
+                    job = json.loads(replay.body)["job_id"]
+                    return stream(job, **{"X-Job-Id": job, "Location": f"/jobs/{job}",
+                                          "Idempotent-Replayed": "true"})  # fmt: skip
+                return replay
         try:
             if queue.count >= settings.max_queue:
                 raise HTTPException(429, "queue full, retry later", headers=RETRY_AFTER)
@@ -349,6 +367,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 with contextlib.suppress(redis.RedisError):
                     r.delete(idem[0])
             raise
+        if wants_stream:
+            return stream(job_id, **{"X-Job-Id": job_id, "Location": f"/jobs/{job_id}"})
         return JSONResponse(accepted, 202, headers={"Location": f"/jobs/{job_id}"})
 
     def job_view(job_id: str) -> dict[str, Any]:
@@ -427,6 +447,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 return JSONResponse({"job_id": job_id, "status": "canceled"}, 200)
         return JSONResponse({"job_id": job_id, "status": "canceling"}, 202)
 
+    def stream(job_id: str, last: str = "0-0", **headers: str) -> StreamingResponse:
+        return StreamingResponse(
+            _sse(aredis_client(), job_id, last, settings.keepalive_s, metrics),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, **headers},
+        )
+
     @app.get("/jobs/{job_id}/events", dependencies=[Depends(authorize)])
     async def job_events(job_id: JobId, request: Request) -> StreamingResponse:
         """Server-Sent Events from the job's Redis stream. Event ids are stream ids, so a
@@ -436,16 +463,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not await ar.exists(key) and not await ar.exists(f"rq:job:{job_id}"):
             raise HTTPException(404, f"no job {job_id!r} (unknown or expired)")
         last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-        last = last if last and _is_stream_id(last) else "0-0"
-        return StreamingResponse(
-            _sse(ar, job_id, last, settings.keepalive_s, metrics),
-            media_type="text/event-stream",
-            headers={
-                "Cache-Control": "no-store",
-                "X-Accel-Buffering": "no",
-                "Connection": "keep-alive",
-            },
-        )
+        return stream(job_id, last if last and _is_stream_id(last) else "0-0")
 
     @app.get("/jobs/{job_id}/heatmap.png", dependencies=[Depends(authorize)])
     def job_heatmap(job_id: JobId) -> Response:

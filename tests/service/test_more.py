@@ -158,3 +158,33 @@ def test_job_timeout_ends_failed_with_the_reason(stack) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_post_that_streams(client: httpx.Client) -> None:
+    """POST /run_task with Accept: text/event-stream answers with the job's events at once;
+    the same events, with the same ids, are then on the events URL for resuming."""
+    body = {
+        "model": "tiny-lookup-lm",
+        "inputs": {"text": "a3 c1 f9 h0 ? c"},
+        "generation": {"max_new_tokens": 3},
+    }
+    accept = {"Accept": "text/event-stream", "Idempotency-Key": f"stream-{time.time()}"}
+    with client.stream("POST", "/run_task", json=body, headers=accept) as resp:
+        assert resp.status_code == 200, resp.read()
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        job = resp.headers["x-job-id"]
+        assert resp.headers["location"] == f"/jobs/{job}"
+        streamed = []
+        for event, data, eid in parse_sse(resp.iter_lines()):
+            streamed.append((eid, event, data))
+            if event in ("done", "error", "canceled"):
+                break
+    names = [e for _, e, _ in streamed]
+    assert names[0] == "queued" and names[-1] == "done" and "token" in names
+    assert events(client, job) == streamed
+    assert wait(client, job)["status"] == "finished"
+    # a repeat with the same Idempotency-Key streams the same job again
+    with client.stream("POST", "/run_task", json=body, headers=accept) as resp:
+        assert resp.headers["x-job-id"] == job and resp.headers["idempotent-replayed"] == "true"
+        again = [e for e, _, _ in parse_sse(resp.iter_lines())]
+    assert again == names
