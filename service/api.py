@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import io
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -66,6 +67,7 @@ HTTP_BUCKETS = (
     600,
 )
 RQ_STATUS = {"scheduled": "queued", "deferred": "queued", "stopped": "canceled"}
+log = logging.getLogger("service.api")
 RETRY_AFTER = {"Retry-After": "5"}
 SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 # RQ's own rule for job ids; anything else cannot name a job (422, never a 500 from RQ).
@@ -250,8 +252,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
 
     @app.exception_handler(redis.RedisError)
-    async def redis_unavailable(_: Request, exc: redis.RedisError) -> JSONResponse:
+    async def redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:
         """Redis down or restarting is a temporary condition of this service, not a bug."""
+        log.warning("503 for %s %s: %s", request.method, request.url.path, exc)
         return JSONResponse(
             {"detail": f"queue unavailable, retry later ({type(exc).__name__})"},
             503,
