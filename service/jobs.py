@@ -229,7 +229,8 @@ def _run(st: WorkerState, r: Any, works: list[Work]) -> list[dict[str, Any] | Ex
     request = works[0].request
     spec = st.registry.get(request["model"])
     if spec is None:
-        return [ValueError(f"model {request['model']!r} is not in this worker's registry")]
+        error = f"model {request['model']!r} is not in this worker's registry"
+        return [ValueError(error) for _ in works]
     task = request.get("task") or spec.task
     ttl, maxlen = st.settings.result_ttl, st.settings.stream_maxlen
     starts = [(w.job_id, {"worker": st.name, "attempt": _attempt(w.job)}) for w in works]
