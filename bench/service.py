@@ -59,13 +59,19 @@ class LeanClient:
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         self.stream_post = stream_post
 
-    def run(self, body: bytes) -> dict:
-        """Submit a job and wait for it; returns the ``done`` data."""
+    def run(self, body: bytes) -> tuple[dict, float]:
+        """Submit a job and wait for it; returns the ``done`` data and the seconds until the
+        POST's answer (202, or the stream's headers) came back."""
+        t0 = time.perf_counter()
         if not self.stream_post:
-            return self.wait(self.submit(body))
+            job_id = self.submit(body)
+            accepted = time.perf_counter() - t0
+            return self.wait(job_id), accepted
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         self.conn.request("POST", "/run_task", body, headers)
-        return self._follow(self.conn.getresponse())
+        resp = self.conn.getresponse()
+        accepted = time.perf_counter() - t0
+        return self._follow(resp), accepted
 
     def submit(self, body: bytes) -> str:
         self.conn.request("POST", "/run_task", body, {"Content-Type": "application/json"})
@@ -93,15 +99,15 @@ class LeanClient:
             resp.read()  # the server ends the stream after the terminal event
 
 
-def one(client: LeanClient, body: bytes) -> tuple[float, float, float, int]:
-    """(end-to-end s, engine s, queue wait s, jobs in the engine batch) for one request; the
-    timings come with the ``done`` event."""
+def one(client: LeanClient, body: bytes) -> tuple[float, float, float, int, float]:
+    """(end-to-end s, engine s, queue wait s, jobs in the engine batch, POST answered s) for
+    one request; the timings come with the ``done`` event."""
     t0 = time.perf_counter()
-    done = client.run(body)
+    done, accepted = client.run(body)
     e2e = time.perf_counter() - t0
     timings = done["timings"]
     batch = timings.get("batch", {}).get("jobs", 1)
-    return e2e, timings["engine_s"], timings["queue_wait_s"] or 0.0, batch
+    return e2e, timings["engine_s"], timings["queue_wait_s"] or 0.0, batch, accepted
 
 
 def main() -> None:
@@ -161,7 +167,7 @@ def main() -> None:
         body = json.dumps(body_for(a.model)).encode()
         local = threading.local()
 
-        def run(_: int) -> tuple[float, float, float, int] | Exception:
+        def run(_: int) -> tuple[float, float, float, int, float] | Exception:
             if not hasattr(local, "client"):
                 local.client = LeanClient(port, a.stream_post)
             try:
@@ -200,6 +206,7 @@ def main() -> None:
                     "queue_wait_p50_ms": round(1000 * statistics.median(r[2] for r in ok), 2),
                     "overhead_p50_ms": round(1000 * statistics.median(over), 2),
                     "batch_jobs_mean": round(statistics.mean(r[3] for r in ok), 2),
+                    "post_answered_p50_ms": round(1000 * statistics.median(r[4] for r in ok), 2),
                     "overhead_p99_ms": round(1000 * pct(over, 99), 2),
                     # without the time spent waiting behind other jobs for the worker:
                     "overhead_excl_queue_p50_ms": round(
