@@ -45,12 +45,12 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(name: str, repeats: int) -> dict:
+def measure(name: str, repeats: int, mode: str = "default") -> dict:
     from engine import DLBacktrace
 
     model, inputs = build(name)
     dlb = DLBacktrace(model, inputs)
-    explain = lambda: dlb.run_task(inputs=inputs, relevance_nodes="inputs")  # noqa: E731
+    explain = lambda: dlb.run_task(inputs=inputs, relevance_nodes="inputs", mode=mode)  # noqa: E731
 
     def forward():
         with torch.no_grad():
@@ -70,6 +70,7 @@ def measure(name: str, repeats: int) -> dict:
         "run_task_s": round(r, 5),
         "ratio": round(r / f, 3),
         "threads": torch.get_num_threads(),
+        **({} if mode == "default" else {"mode": mode}),
     }
 
 
@@ -134,6 +135,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--mode", default="default", help="the engine mode timed (run_task mode=)")
     parser.add_argument(
         "--default-allocator",
         action="store_true",
@@ -144,7 +146,8 @@ def main() -> None:
 
     tuned = False if args.default_allocator else tune_allocator()
     for name in args.models:
-        row = {**measure(name, args.repeats), "allocator": "tuned" if tuned else "default"}
+        row = measure(name, args.repeats, args.mode)
+        row["allocator"] = "tuned" if tuned else "default"
         if not args.no_memory:
             row["peak_extra_mb"] = round(peak_extra_mb(name), 1)
         print(json.dumps(row), flush=True)

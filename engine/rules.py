@@ -662,8 +662,9 @@ rule(*IDENTITY_OPS)(identity)
 REFERENCE_RULES: dict[Any, Rule] = {}
 
 
-def _layer_norm_reference(ctx: Ctx) -> Propagation:
-    """Mode "reference" for layer norm y = g (x - mean x) s + b, s = 1 / sqrt(var x + eps).
+def _norm_reference(ctx: Ctx, center: bool) -> Propagation:
+    """Mode "reference" for layer norm y = g (x - mean x) s + b, s = 1 / sqrt(var x + eps), and
+    (``center=False``: u = x, var = mean x^2) rms norm.
 
     The change splits exactly into a linear map of the change of x: with u = x - mean x,
     y - y' = g (s (u - u') + u' (s - s')), and s - s' = m (var - var') with
@@ -675,9 +676,10 @@ def _layer_norm_reference(ctx: Ctx) -> Propagation:
     dims = len(a["normalized_shape"])
     x, xr = (t.flatten(-dims) for t in (a["input"], ctx.ref["input"]))
     g = a["weight"].flatten() if a["weight"] is not None else 1.0
-    u, ur = x - x.mean(-1, keepdim=True), xr - xr.mean(-1, keepdim=True)
+    eps = a["eps"] if a["eps"] is not None else torch.finfo(x.dtype).eps
+    u, ur = (x - x.mean(-1, keepdim=True), xr - xr.mean(-1, keepdim=True)) if center else (x, xr)
     var, var_r = (t.pow(2).mean(-1, keepdim=True) for t in (u, ur))
-    s, sr = (torch.rsqrt(t + a["eps"]) for t in (var, var_r))
+    s, sr = (torch.rsqrt(t + eps) for t in (var, var_r))
     dvar, u_mid, du = var - var_r, (u + ur) / 2, u - ur
     slope = torch.where(
         dvar.abs() > 1e-12, (s - sr) / torch.where(dvar == 0, 1.0, dvar), -0.5 * s**3
@@ -688,11 +690,14 @@ def _layer_norm_reference(ctx: Ctx) -> Propagation:
     ratio = R / stable(z)
     r = g * ratio
     back = s * r + u_mid * (coupling * r).sum(-1, keepdim=True)
-    r_in = (x - xr) * (back - back.mean(-1, keepdim=True))
+    if center:
+        back = back - back.mean(-1, keepdim=True)
+    r_in = (x - xr) * back
     return {"input": r_in.view(ctx.K, *a["input"].shape)}, R - ratio * z
 
 
-REFERENCE_RULES[aten.layer_norm.default] = _layer_norm_reference
+REFERENCE_RULES[aten.layer_norm.default] = lambda ctx: _norm_reference(ctx, center=True)
+REFERENCE_RULES[aten.rms_norm.default] = lambda ctx: _norm_reference(ctx, center=False)
 
 
 @rule(

@@ -169,3 +169,18 @@ def test_reference_defaults_to_zeros_and_belongs_to_its_mode(tabular):
         _run(dlb, inputs, reference=zeros)
     with pytest.raises(ValueError, match="shape"):
         _run(dlb, inputs, mode="reference", reference={"input": torch.zeros(1, 6)})
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm, nn.RMSNorm])
+def test_reference_mode_is_complete_through_norms(norm):
+    """Layer and rms norms have exact difference rules: relevance adds up to the change."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), norm(8), nn.GELU(), nn.Linear(8, 3)).eval()
+    x, ref = torch.randn(5, 6), torch.randn(5, 6)
+    dlb = DLBacktrace(model, x)
+    ops = dlb.diagnose_model_compatibility()["ops"]
+    assert any("norm" in op for op in ops), ops
+    res = _run(dlb, x, mode="reference", reference=ref)
+    change = _change(model, x, ref, torch.as_tensor(res["target"]))
+    total = res["relevance"]["input"].sum(1) * change.abs() / 100.0
+    torch.testing.assert_close(total, change, rtol=1e-3, atol=1e-4)
