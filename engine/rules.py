@@ -189,9 +189,8 @@ def linear(ctx: Ctx) -> Propagation:
     if ctx.delta:
         act = _activation_after(ctx.node)
         if act is not None:
-            fwd = lambda u, weight, bias=None: F.linear(u, weight, bias)  # noqa: E731
             bwd = lambda ratio, weight: ratio @ weight  # noqa: E731
-            return _reveal_cancel(ctx, ctx.diff("input"), w, b, fwd, bwd, act)
+            return _reveal_cancel(ctx, ctx.diff("input"), w, F.linear, bwd, act)
         return _delta_dense(ctx, ctx.diff("input"), w)
     r_in, sink = _dense(ctx, x, w, ctx.abs_of(w), ctx.bias_term(b, w.shape[0], x))
     return {"input": r_in}, sink
@@ -277,7 +276,7 @@ def conv(ctx: Ctx) -> Propagation:
         dx = ctx.diff("input")
         act = _activation_after(ctx.node)
         if act is not None:
-            return _reveal_cancel(ctx, dx, w, b, forward, backward, act)
+            return _reveal_cancel(ctx, dx, w, forward, backward, act)
         z = forward(dx, w)
         ratio = ctx.R / stable(z)
         return {"input": dx * backward(ratio, w)}, ctx.R - ratio * z
@@ -312,26 +311,27 @@ def _activation_after(node: fx.Node) -> Callable[[Tensor], Tensor] | None:
 
 
 def _reveal_cancel(
-    ctx: Ctx, dx: Tensor, w: Tensor, b: Tensor | None, forward: Callable, backward: Callable, f
+    ctx: Ctx, dx: Tensor, w: Tensor, forward: Callable, backward: Callable, f
 ) -> Propagation:
     """Mode "reference" for z = W x + b followed by the activation ``f`` (DeepLIFT's
-    RevealCancel): the contributions w_jk dx_k to the change of z are split into their positive
-    sum dz+ and negative sum dz-, and f(z) - f(z') into
+    RevealCancel): the contributions c_jk = w_jk dx_k to the change of z are split into their
+    positive sum dz+ and negative sum dz-, and f(z) - f(z') into
     dy+ = (f(z' + dz+) - f(z') + f(z) - f(z' + dz-)) / 2 and dy- likewise (dy+ + dy- = dy
     exactly); each part shares its relevance among its own contributions. A positive change
     that a negative one cancels below the relu's threshold is no longer invisible.
-    ``forward(u, w, b)`` applies the map, ``backward(ratio, w)`` its transpose."""
-    xr = ctx.ref["input"]
-    zr = forward(xr, w, b)
-    wp, wn = w.clamp(min=0), w.clamp(max=0)
-    dp, dn = dx.clamp(min=0), dx.clamp(max=0)
-    zp = forward(dp, wp) + forward(dn, wn)
-    zn = forward(dp, wn) + forward(dn, wp)
-    yp = 0.5 * ((f(zr + zp) - f(zr)) + (f(zr + zp + zn) - f(zr + zn)))
-    yn = 0.5 * ((f(zr + zn) - f(zr)) + (f(zr + zp + zn) - f(zr + zp)))
+    ``forward(u, w)`` applies the map without bias, ``backward(ratio, w)`` its transpose.
+
+    Two products each way: dz+- = (W dx +- |W| |dx|) / 2, and per input
+    sum_j c_jk^+ a_j + c_jk^- b_j = dx_k (W^T (a + b) / 2)_k + |dx_k| (|W|^T (a - b) / 2)_k."""
+    aw, adx = ctx.abs_of(w), dx.abs()
+    dz, spread = forward(dx, w), forward(adx, aw)
+    zp, zn = (dz + spread) / 2, (dz - spread) / 2
+    zr = ctx.out - dz  # the reference's z: the map is linear
+    yp = 0.5 * ((f(zr + zp) - f(zr)) + (f(zr + dz) - f(zr + zn)))
+    yn = 0.5 * ((f(zr + zn) - f(zr)) + (f(zr + dz) - f(zr + zp)))
     ratio = ctx.R / stable(yp + yn)
     rp, rn = ratio * yp / stable(zp), ratio * yn / stable(zn)
-    r_in = dp * (backward(rp, wp) + backward(rn, wn)) + dn * (backward(rp, wn) + backward(rn, wp))
+    r_in = dx * backward((rp + rn) / 2, w) + adx * backward((rp - rn) / 2, aw)
     return {"input": r_in}, ctx.R - rp * zp - rn * zn
 
 
