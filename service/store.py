@@ -15,6 +15,7 @@ import socket
 from typing import Any
 
 import redis
+import redis.asyncio
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
@@ -25,6 +26,8 @@ CANCEL = "bt:cancel:{}"
 WORKER = "bt:worker:{}"
 IDEMPOTENCY = "bt:idem:{}"
 TERMINAL_EVENTS = ("done", "error", "canceled")
+# Commands on these are queued, not sent: the API enqueues on the async client's pipeline.
+PIPELINES = (redis.client.Pipeline, redis.asyncio.client.Pipeline)
 
 
 def connect(url: str, patient: bool = False) -> redis.Redis:
@@ -61,7 +64,7 @@ def _append(r: redis.Redis | redis.client.Pipeline, keys: list[str], args: list[
     """Run ``_APPEND``. On a pipeline as EVAL with the script's text: redis-py checks a
     pipeline's EVALSHA scripts with an extra SCRIPT EXISTS round trip per execute, and EVAL
     of a cached script costs Redis only a hash of its text."""
-    if isinstance(r, redis.client.Pipeline):
+    if isinstance(r, PIPELINES):
         return r.eval(_APPEND.script, len(keys), *keys, *args)
     return _APPEND(keys, args, r)
 
@@ -77,7 +80,7 @@ def add_event(
     """Append one event to the job's stream and push its expiry out; returns the entry id
     (None on a pipeline: the id is then in the pipeline's results)."""
     entry_id = _append(r, [EVENTS.format(job_id)], [event, json.dumps(data), maxlen, ttl])
-    if isinstance(r, redis.client.Pipeline):
+    if isinstance(r, PIPELINES):
         return None
     return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
