@@ -45,7 +45,12 @@ class Inputs(BaseModel):
 
 class RelevanceParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    mode: Literal["default", "contrast"] = "default"
+    mode: Literal["default", "contrast", "reference"] = Field(
+        default="default",
+        description="default: the non-negative |z| rule; contrast: signed contributions; "
+        "reference: signed change from a zero input (zero embeddings for tokens), the most "
+        "faithful mode in bench.faithfulness, at about twice the cost",
+    )
     multiplier: float = Field(default=100.0, gt=0, le=1e6)
     scaler: float = Field(default=1.0, gt=0, le=1e6)
     thresholding: float = Field(default=0.5, ge=0, le=1)

@@ -282,7 +282,7 @@ function showClassification(result) {
   const rows = [];
   if (item.tokens && item.relevance) {
     const values = item.relevance.values;
-    if (job.mode === "contrast") {
+    if (job.mode === "contrast" || job.mode === "reference") { // signed modes
       rows.push(render.tokenRow(item.tokens, values.map((v) => Math.max(v, 0)), "Supporting"));
       rows.push(render.tokenRow(item.tokens, values.map((v) => Math.min(v, 0)), "Opposing"));
     } else {

@@ -188,3 +188,22 @@ def test_post_that_streams(client: httpx.Client) -> None:
         assert resp.headers["x-job-id"] == job and resp.headers["idempotent-replayed"] == "true"
         again = [e for e, _, _ in parse_sse(resp.iter_lines())]
     assert again == names
+
+
+def test_reference_mode(client: httpx.Client) -> None:
+    """Mode "reference" through the service: signed relevance of the change from a zero
+    input, conserved like the other modes."""
+    from .test_e2e import _digit_b64
+
+    body = {
+        "model": "digits-cnn",
+        "inputs": {"image": _digit_b64(5)},
+        "relevance": {"mode": "reference"},
+        "output": {"encoding": "json"},
+    }
+    res = wait(client, submit(client, body)["job_id"])["result"]
+    assert res["receipt"]["parameters"]["mode"] == "reference"
+    c = res["conservation"]
+    assert np.allclose(np.add(c["inputs"], c["sinks"]), c["seed"], rtol=1e-3, atol=1e-3)
+    rel = np.asarray(res["inputs"][0]["relevance"]["values"])
+    assert rel.shape == (1, 16, 16) and np.abs(rel).sum() > 0
