@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -66,8 +67,9 @@ def announce(pipe: Any, group: str, job_id: str, ttl: int) -> None:
 
 
 # KEYS: the group's list, RQ's queue, the claims hash. ARGV: how many to claim, the worker,
-# started_at as RQ writes it, RQ's job key prefix. Job hashes are addressed by id inside the
-# script (as RQ's own keys are: one Redis, not a cluster).
+# started_at as RQ writes it, RQ's job key prefix, the claim's deadline (unix seconds). Job
+# hashes are addressed by id inside the script (as RQ's own keys are: one Redis, not a
+# cluster).
 _CLAIM = Script(
     None,
     b"""
@@ -78,7 +80,7 @@ while #claimed < tonumber(ARGV[1]) do
   if redis.call('LREM', KEYS[2], 1, id) == 1 then
     redis.call('HSET', ARGV[4] .. id, 'status', 'started', 'worker_name', ARGV[2],
                'started_at', ARGV[3])
-    redis.call('HSET', KEYS[3], id, ARGV[2])
+    redis.call('HSET', KEYS[3], id, ARGV[2] .. '|' .. ARGV[5])
     claimed[#claimed + 1] = id
   end
 end
@@ -87,14 +89,18 @@ return claimed
 )
 
 
-def claim(r: redis.Redis, group: str, queue: str, worker: str, limit: int) -> list[Job]:
+def claim(
+    r: redis.Redis, group: str, queue: str, worker: str, limit: int, timeout: float
+) -> list[Job]:
     """Take up to ``limit`` jobs of ``group`` out of RQ's queue for this worker; returns them
-    (their requests are in ``job.kwargs``). Jobs whose hash is gone are released again."""
+    (their requests are in ``job.kwargs``). Jobs whose hash is gone are released again.
+    A claim not settled within ``timeout`` seconds counts as lost even if the worker lives
+    (a batch that died on a Redis error must not strand its jobs)."""
     if limit <= 0:
         return []
     started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     keys = [BATCH.format(group), Queue(queue, connection=r).key, CLAIMS]
-    args = [limit, worker, started, Job.redis_job_namespace_prefix]
+    args = [limit, worker, started, Job.redis_job_namespace_prefix, time.time() + timeout]
     ids = [i.decode() for i in _CLAIM(keys, args, r)]
     if not ids:
         return []
@@ -125,12 +131,13 @@ def settle(pipe: Any, job: Job, status: str, result_ttl: int, failure_ttl: int) 
 def requeue_lost(
     r: redis.Redis, alive: Callable[[str], bool], on_requeue: Callable[[Job], None]
 ) -> list[str]:
-    """Put the claimed jobs of dead workers back at the front of their RQ queue; returns their
-    ids. ``on_requeue`` tells the job's clients first (a ``retrying`` event)."""
+    """Put the claimed jobs of dead workers, and claims past their deadline, back at the
+    front of their RQ queue; returns their ids. ``on_requeue`` tells the job's clients first
+    (a ``retrying`` event)."""
     lost = []
-    for raw_id, raw_worker in r.hgetall(CLAIMS).items():
-        job_id, worker = raw_id.decode(), raw_worker.decode()
-        if alive(worker):
+    for raw_id, raw_claim in r.hgetall(CLAIMS).items():
+        job_id, (worker, _, deadline) = raw_id.decode(), raw_claim.decode().rpartition("|")
+        if alive(worker) and time.time() < float(deadline or "inf"):
             continue
         try:
             job = Job.fetch(job_id, connection=r, serializer=JSONSerializer)

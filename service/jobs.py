@@ -189,7 +189,8 @@ def run_job(request: dict[str, Any]) -> dict[str, Any]:
     def claim(n: int) -> list[Work]:
         if not batched:
             return []
-        jobs = batching.claim(r, group, job.origin, st.name, n)
+        timeout = st.settings.job_timeout + 60  # as RQ's own started-job registry
+        jobs = batching.claim(r, group, job.origin, st.name, n, timeout)
         return [Work(j.id, j.kwargs["request"], j, time.time()) for j in jobs]
 
     outcome = _batch(st, r, [primary, *claim(st.settings.max_batch - 1)], primary)

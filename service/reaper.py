@@ -56,10 +56,11 @@ def reap(r: redis.Redis, queue: str, heartbeat_ttl: int, result_ttl: int) -> lis
 
 
 def _tell_requeued(r: redis.Redis, result_ttl: int) -> Any:
-    """Tell a batched job's clients that it goes back to the queue (its worker died)."""
+    """Tell a batched job's clients that it goes back to the queue."""
 
     def tell(job: Job) -> None:
-        reason = f"worker {job.worker_name} stopped while running the job in a batch"
+        reason = f"worker {job.worker_name} did not finish the job in a batch (it stopped, or "
+        reason += "the batch failed)"
         store.add_event(r, job.id, "retrying", {"reason": reason, "requeued": True}, result_ttl)
 
     return tell

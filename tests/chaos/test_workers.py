@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+from rq.suspension import resume, suspend
 
 from bench import load
 from service import batching, store
@@ -119,7 +120,7 @@ def test_jobs_claimed_for_a_batch_by_a_dead_worker_go_back_to_the_queue(
     r = cluster.r()
     (key,) = r.scan_iter("bt:batch:digits-cnn:*")
     group = key.decode().removeprefix("bt:batch:")
-    claimed = batching.claim(r, group, "default", "ghost.1.dead", 10)
+    claimed = batching.claim(r, group, "default", "ghost.1.dead", 10, timeout=600)
     assert sorted(j.id for j in claimed) == sorted(jobs)
     assert not {i.decode() for i in r.lrange("rq:queue:default", 0, -1)} & set(jobs)
     assert {r.hget(f"rq:job:{j}", "status") for j in jobs} == {b"started"}
@@ -130,4 +131,32 @@ def test_jobs_claimed_for_a_batch_by_a_dead_worker_go_back_to_the_queue(
         retrying = sse.wait_for("retrying")
         assert retrying["requeued"] and "ghost.1.dead" in retrying["reason"]
         assert httpx.get(f"{cluster.url}/jobs/{job}").json()["status"] == "finished"
+    assert not r.hlen(batching.CLAIMS)
+
+
+def test_claims_past_their_deadline_go_back_even_while_the_worker_lives(
+    cluster: Cluster,
+) -> None:
+    """A batch that failed after claiming (a Redis error, say) leaves claims behind a live
+    worker: past the claim's deadline the reaper puts those jobs back too."""
+    from service.demo.digits import sample_png
+
+    cluster.workers(0)
+    r = cluster.r()
+    suspend(r)  # the worker started now takes nothing, so the jobs stay queued for the claim
+    try:
+        (worker,) = cluster.workers(1)
+        image = base64.b64encode(sample_png(2)).decode()
+        body = {"model": "digits-cnn", "inputs": {"image": image}}
+        jobs = [submit(cluster.url, body) for _ in range(2)]
+        (key,) = r.scan_iter("bt:batch:digits-cnn:*")
+        group = key.decode().removeprefix("bt:batch:")
+        claimed = [j.id for j in batching.claim(r, group, "default", worker.name, 10, -1)]
+        assert sorted(claimed) == sorted(jobs)
+    finally:
+        resume(r)
+    for job in claimed:
+        sse = Listener(cluster.url, job)
+        assert sse.join(timeout=NOTICE_S + 60)[-1] == "done"
+        assert sse.wait_for("retrying")["requeued"]
     assert not r.hlen(batching.CLAIMS)
