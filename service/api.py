@@ -227,21 +227,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Layer-wise relevance for registry models, as jobs with streamed traces.",
         lifespan=lifespan,
     )
-    app.state.aredis = None
     app.add_middleware(BodyLimitAndMetrics, limit=settings.max_body_bytes, metrics=metrics)
+    pools: dict[str, aredis.Redis] = {}
 
-    def enqueue_client() -> aredis.Redis:
-        """The async client POST /run_task enqueues with. A pool of its own, apart from the
-        SSE readers' blocking XREADs: sharing one, tests/chaos saw the events endpoint fail
-        with "Connection closed by server" after a Redis restart (cause not isolated)."""
-        if getattr(app.state, "enqueue_redis", None) is None:
-            app.state.enqueue_redis = aredis.Redis.from_url(settings.redis_url)
-        return app.state.enqueue_redis
-
-    def aredis_client() -> aredis.Redis:
-        if app.state.aredis is None:
-            app.state.aredis = aredis.Redis.from_url(settings.redis_url)
-        return app.state.aredis
+    def aredis_client(pool: str = "sse") -> aredis.Redis:
+        """An async client, made on first use (inside the event loop). POST /run_task
+        enqueues on a pool of its own ("enqueue"), apart from the SSE readers' blocking
+        XREADs: sharing one, tests/chaos saw the events endpoint fail with "Connection closed
+        by server" after a Redis restart (cause not isolated)."""
+        if pool not in pools:
+            pools[pool] = aredis.Redis.from_url(settings.redis_url)
+        return pools[pool]
 
     async def authorize(request: Request) -> None:
         """Only when keys are configured; compared in constant time, against every key (no
@@ -338,16 +334,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         }
         wants_stream = "text/event-stream" in request.headers.get("accept", "")
         idem = _idempotency_key(request, idempotency_key, body)
-        ar = enqueue_client()
+        ar = aredis_client("enqueue")
         if idem is not None:
             first = {"fingerprint": idem[1], "response": accepted}
             if not await ar.set(idem[0], json.dumps(first), nx=True, ex=settings.result_ttl):
-                replay = _replay_accepted(await ar.get(idem[0]), idem[1])
-                if wants_stream:
-                    job = json.loads(replay.body)["job_id"]
-                    return stream(job, **{"X-Job-Id": job, "Location": f"/jobs/{job}",
-                                          "Idempotent-Replayed": "true"})  # fmt: skip
-                return replay
+                replayed = _replayed(await ar.get(idem[0]), idem[1])
+                return answer(replayed, wants_stream, {"Idempotent-Replayed": "true"})
         try:
             if await ar.llen(queue.key) >= settings.max_queue:
                 raise HTTPException(429, "queue full, retry later", headers=RETRY_AFTER)
@@ -385,9 +377,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 with contextlib.suppress(redis.RedisError):
                     await ar.delete(idem[0])
             raise
+        return answer(accepted, wants_stream, {})
+
+    def answer(accepted: dict[str, Any], wants_stream: bool, headers: dict[str, str]) -> Response:
+        """POST /run_task's answer for an accepted job: 202 with the job, or its events."""
+        job_id = accepted["job_id"]
+        headers = {"Location": f"/jobs/{job_id}", **headers}
         if wants_stream:
-            return stream(job_id, **{"X-Job-Id": job_id, "Location": f"/jobs/{job_id}"})
-        return JSONResponse(accepted, 202, headers={"Location": f"/jobs/{job_id}"})
+            return stream(job_id, **{"X-Job-Id": job_id, **headers})
+        return JSONResponse(accepted, 202, headers=headers)
 
     def job_view(job_id: str) -> dict[str, Any]:
         result = store.get_result(r, job_id)
@@ -633,19 +631,14 @@ def _idempotency_key(
     return store.IDEMPOTENCY.format(scope), fingerprint
 
 
-def _replay_accepted(raw: bytes | None, fingerprint: str) -> JSONResponse:
-    """The first request's answer again, or 422 when the key came with another body."""
+def _replayed(raw: bytes | None, fingerprint: str) -> dict[str, Any]:
+    """The first request's accepted job again, or 422 when the key came with another body."""
     if raw is None:  # the first request failed and released the key just now
         raise HTTPException(409, "a request with this Idempotency-Key is being retried")
     first = json.loads(raw)
     if first["fingerprint"] != fingerprint:
         raise HTTPException(422, "Idempotency-Key was used with a different request body")
-    accepted = first["response"]
-    return JSONResponse(
-        accepted,
-        202,
-        headers={"Location": accepted["urls"]["self"], "Idempotent-Replayed": "true"},
-    )
+    return first["response"]
 
 
 def _is_stream_id(s: str) -> bool:
