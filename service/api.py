@@ -388,8 +388,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(accepted, 202, headers=headers)
 
     def job_view(job_id: str) -> dict[str, Any]:
-        result = store.get_result(r, job_id)
+        # RQ's status first: workers store the result before RQ's status says finished, so
+        # read in this order a finished job always has its result (the other order let a
+        # job end between the two reads and look finished without one).
         job = _fetch_job(r, job_id)
+        result = store.get_result(r, job_id)
         if job is None and result is None:
             raise HTTPException(404, f"no job {job_id!r} (unknown or expired)")
         view: dict[str, Any] = {"job_id": job_id}
