@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 from rq.suspension import resume, suspend
 
+from ..service.test_e2e import wait
 from .conftest import LONG_JOB, QUICK_JOB, Cluster, Listener, submit
 
 
@@ -51,20 +52,10 @@ def test_redis_restart(cluster: Cluster) -> None:
     assert late.events == sse.events
     with httpx.Client(base_url=url, timeout=30) as c:
         for job in queued:
-            assert wait_done(c, job)["status"] == "finished"
-        after = wait_done(c, submit(url, QUICK_JOB))
+            assert wait(c, job, timeout=60)["status"] == "finished"
+        after = wait(c, submit(url, QUICK_JOB), timeout=60)
         assert after["status"] == "finished" and worker.proc.poll() is None
         assert after["result"]["receipt"]["worker"] == worker.name
-
-
-def wait_done(c: httpx.Client, job_id: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        view = c.get(f"/jobs/{job_id}").json()
-        if view["status"] in ("finished", "failed", "canceled"):
-            return view
-        time.sleep(0.1)
-    raise TimeoutError(job_id)
 
 
 def plant_stream(cluster: Cluster, events: int, size: int, terminal: bool) -> str:
