@@ -47,12 +47,35 @@ def reap(r: redis.Redis, queue: str, heartbeat_ttl: int, result_ttl: int) -> lis
     for member in r.zrange(registry.key, 0, -1):
         job_id, _ = parse_composite_key(member.decode())
         worker = r.hget(f"rq:job:{job_id}", "worker_name")
-        if worker and not alive(worker.decode()):
-            r.zadd(registry.key, {member: 0}, xx=True)
-            lost.append(job_id)
+        if not worker or alive(worker.decode()):
+            continue
+        doc = store.get_result(r, job_id)
+        if doc is not None:  # it ended; its worker died before telling RQ
+            _end_in_rq(r, registry.key, member, job_id, doc["status"], result_ttl)
+            continue
+        r.zadd(registry.key, {member: 0}, xx=True)
+        lost.append(job_id)
     if lost:
         registry.cleanup(timestamp=1, exception_handlers=[_tell_clients(r, result_ttl)])
     return lost + batching.requeue_lost(r, alive, _tell_requeued(r, result_ttl))
+
+
+def _end_in_rq(
+    r: redis.Redis, registry: str, member: bytes, job_id: str, status: str, ttl: int
+) -> None:
+    """End in RQ a job whose result is already stored, instead of running it again: its
+    worker died after writing the result (for example while it ran further batches of the
+    job's group, or before RQ's own bookkeeping), and its clients have seen it end."""
+    try:
+        job = Job.fetch(job_id, connection=r, serializer=JSONSerializer)
+    except Exception:  # noqa: BLE001 - its hash expired: only the registry entry is left
+        r.zrem(registry, member)
+        return
+    pipe = r.pipeline(transaction=False)
+    batching.settle(pipe, job, status, ttl, ttl)
+    pipe.zrem(registry, member)
+    pipe.execute()
+    log.warning("job %s ended before its worker %s died: ended it in RQ", job_id, job.worker_name)
 
 
 def _tell_requeued(r: redis.Redis, result_ttl: int) -> Any:

@@ -1,0 +1,62 @@
+"""The reaper (``service.reaper``) on a real Redis, with jobs left as a dead worker leaves
+them: a started job without a result is retried, one whose result is already stored is ended
+in RQ as it ended, never run twice."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+from rq import Queue, Retry
+from rq.executions import Execution
+from rq.job import JobStatus
+from rq.registry import FinishedJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from service import reaper, store
+
+QUEUE = "reaper-test"
+
+
+@pytest.fixture()
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    """A database of its own: the session's service reaps database 0 under the same lock."""
+    conn = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/7")
+    conn.flushdb()
+    yield conn
+    conn.flushdb()
+
+
+def _started_by_dead_worker(r: redis.Redis) -> str:
+    queue = Queue(QUEUE, connection=r, serializer=JSONSerializer)
+    job = queue.enqueue("service.jobs.run_job", request={}, retry=Retry(max=1))
+    queue.remove(job)
+    pipe = r.pipeline()
+    Execution.create(job, 600, pipeline=pipe, worker_name="gone")
+    job.set_status(JobStatus.STARTED, pipeline=pipe)
+    pipe.hset(job.key, "worker_name", "gone")
+    pipe.execute()
+    return job.id
+
+
+def test_a_started_job_of_a_dead_worker_is_retried(r: redis.Redis) -> None:
+    job_id = _started_by_dead_worker(r)
+    assert reaper.reap(r, QUEUE, 0, 60) == [job_id]
+    queue = Queue(QUEUE, connection=r, serializer=JSONSerializer)
+    assert queue.job_ids == [job_id]
+    events = [f[b"event"] for _, f in r.xrange(store.EVENTS.format(job_id))]
+    assert events == [b"retrying"]
+
+
+def test_a_job_whose_result_is_stored_is_ended_not_run_again(r: redis.Redis) -> None:
+    job_id = _started_by_dead_worker(r)
+    store.finish(r, job_id, {"status": "finished"}, "done", {}, 60)
+    assert reaper.reap(r, QUEUE, 0, 60) == []
+    queue = Queue(QUEUE, connection=r, serializer=JSONSerializer)
+    job = queue.fetch_job(job_id)
+    assert job.get_status() == JobStatus.FINISHED and queue.job_ids == []
+    assert StartedJobRegistry(QUEUE, connection=r).get_job_ids() == []
+    assert job_id in FinishedJobRegistry(QUEUE, connection=r).get_job_ids()
+    events = [f[b"event"] for _, f in r.xrange(store.EVENTS.format(job_id))]
+    assert events == [b"done"]
