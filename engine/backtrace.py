@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, fx
 
 from .capture import Captured, Inputs, bind_inputs, capture
+from .references import named_reference
 from .sweep import Explanation, NodeIO, Seed, Sweeper
 
 log = logging.getLogger("engine")
@@ -78,29 +79,36 @@ class DLBacktrace:
         seed: Seed,
         mode: str = "default",
         relevance_nodes: str | Sequence[str] = "all",
-        reference: Inputs | None = None,
+        reference: Inputs | str | None = None,
+        tokenizer: Any = None,
     ) -> Explanation:
         """One forward over ``inputs`` and one sweep for all ``seed.K`` seeds (mode
-        "reference": one more forward, over ``reference``)."""
+        "reference": one more forward, over ``reference``: inputs, or a name from
+        ``engine.references``, where "mask" needs the ``tokenizer``)."""
         prepared = self._prepare(inputs)
         captured, sweeper = self._graph_for(prepared)
         sweeper.check_rules()
         with torch.no_grad():
             env, outputs = sweeper.forward(prepared)
-            env_ref = self._reference_env(sweeper, prepared, mode, reference)
+            env_ref = self._reference_env(sweeper, prepared, mode, reference, tokenizer)
             keep = _keep(relevance_nodes)
             relevance, seed_total, at_inputs, sinks = sweeper.run(
                 env, prepared, seed, mode, keep, env_ref
             )
         return Explanation(relevance, seed_total, at_inputs, sinks, outputs, env)
 
-    def _reference_env(self, sweeper: Sweeper, prepared, mode: str, reference) -> dict | None:
+    def _reference_env(
+        self, sweeper: Sweeper, prepared, mode: str, reference, tokenizer: Any = None
+    ) -> dict | None:
         """The recorded forward of the reference input, for mode "reference" only."""
         if mode != "reference":
             if reference is not None:
                 raise ValueError('reference= is for mode "reference"')
             return None
-        ref = None if reference is None else self._prepare(reference)
+        if isinstance(reference, str):
+            ref = named_reference(reference, prepared, tokenizer)
+        else:
+            ref = None if reference is None else self._prepare(reference)
         return sweeper.reference_forward(prepared, ref)
 
     # ------------------------------------------------------------ public API
@@ -131,7 +139,7 @@ class DLBacktrace:
         debug: bool = False,
         relevance_nodes: str | Sequence[str] = "all",
         target: int | Sequence[int] | None = None,
-        reference: Inputs | None = None,
+        reference: Inputs | str | None = None,
         **generation_kwargs: Any,
     ) -> dict[str, Any]:
         """Predict and explain in one call (see ``dlbacktrace-pipeline.md``).
@@ -141,8 +149,9 @@ class DLBacktrace:
         reported as ``predictions``. ``thresholding`` is the decision threshold on the sigmoid
         of a single-logit binary classifier. ``target`` explains a given class instead of the
         predicted one. ``reference`` (mode "reference" only): the input whose output the
-        explanation starts from, shaped like ``inputs`` (default: zeros, or for token ids zero
-        embeddings).
+        explanation starts from, shaped like ``inputs``, or one of the names of
+        ``engine.references`` ("zeros", the default: zeros, or for token ids zero embeddings;
+        "mean" and "blur" for images; "mask" for tokens, with ``tokenizer``).
         """
         if inputs is None:
             raise ValueError("run_task needs inputs")
@@ -179,7 +188,7 @@ class DLBacktrace:
             result = self._classify(
                 task, inputs, mode, multiplier, scaler, thresholding, temperature,
                 return_scores, return_relevance, return_layerwise_output, debug,
-                relevance_nodes, target, reference,
+                relevance_nodes, target, reference, tokenizer,
             )  # fmt: skip
         self.relevance = result.get("relevance")
         return result
@@ -200,6 +209,7 @@ class DLBacktrace:
         relevance_nodes,
         target,
         reference,
+        tokenizer,
     ) -> dict[str, Any]:
         started = time.perf_counter()
         prepared = self._prepare(inputs)
@@ -207,7 +217,7 @@ class DLBacktrace:
         sweeper.check_rules()
         with torch.no_grad():
             env, outputs = sweeper.forward(prepared)
-            env_ref = self._reference_env(sweeper, prepared, mode, reference)
+            env_ref = self._reference_env(sweeper, prepared, mode, reference, tokenizer)
         logits = env[sweeper.seed_node]
         scaled = logits.float() / temperature
         single = scaled.dim() == 1 or scaled.shape[-1] == 1

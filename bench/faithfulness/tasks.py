@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine.references import blurred
+
 Inputs = dict[str, Tensor]
 
 # Features of the image task: non-overlapping PATCH x PATCH pixel blocks.
@@ -99,7 +101,7 @@ def digits_task(data_dir: str | None, n: int, fill: str = "mean") -> Task:
     images = x[held[:n]]
     side = images.shape[-1] // PATCH
     mean = x[train].mean()
-    fills = {"mean": lambda img: mean, "blur": _blur}
+    fills = {"mean": lambda img: mean, "blur": blurred}  # sigma: 8 px / 4 = 2
     words = {"mean": "the training images' mean pixel", "blur": "the image blurred (sigma 2)"}
     task = Task(
         name="digits-cnn" if fill == "mean" else f"digits-cnn-{fill}",
@@ -114,17 +116,6 @@ def digits_task(data_dir: str | None, n: int, fill: str = "mean") -> Task:
     )
     task.target = _predicted(task)
     return task
-
-
-def _blur(images: Tensor, sigma: float = 2.0) -> Tensor:
-    """Separable Gaussian blur with reflected borders (kernel radius 3 sigma)."""
-    radius = int(3 * sigma)
-    t = torch.arange(-radius, radius + 1, dtype=images.dtype)
-    k = torch.exp(-(t**2) / (2 * sigma**2))
-    k = k / k.sum()
-    padded = F.pad(images, (radius,) * 4, mode="reflect")
-    rows = F.conv2d(padded, k.view(1, 1, 1, -1))
-    return F.conv2d(rows, k.view(1, 1, -1, 1))
 
 
 def sentiment_task(data_dir: str | None, n: int) -> Task:
