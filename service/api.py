@@ -653,6 +653,15 @@ def _iso(dt: Any) -> str | None:
     return dt.isoformat() if dt is not None else None
 
 
+# The named references (engine.references) that make sense for each task's inputs.
+REFERENCES = {
+    "text-classification": ("zeros", "mask"),
+    "generation": ("zeros",),
+    "image-classification": ("zeros", "mean", "blur"),
+    "tabular-classification": ("zeros",),
+}
+
+
 def _check_inputs(spec: ModelSpec, req: RunTaskRequest) -> None:
     """Bounds that depend on the model: input kind, batch, sizes, generation limits."""
     kind, lim, inputs = req.inputs.kind(), spec.limits, req.inputs
@@ -689,6 +698,12 @@ def _check_inputs(spec: ModelSpec, req: RunTaskRequest) -> None:
             )
     if kind == "image":
         _check_image(value, lim.max_image_size)
+    reference = req.relevance.reference
+    if reference not in (None, *REFERENCES[spec.task]):
+        choices = ", ".join(REFERENCES[spec.task])
+        raise _invalid(
+            ["relevance", "reference"], f"{spec.task} takes reference {choices}, not {reference}"
+        )
     if spec.task == "generation":
         g = req.generation
         if g.max_new_tokens is None:

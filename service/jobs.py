@@ -357,6 +357,8 @@ def _params(req: dict[str, Any]) -> dict[str, Any]:
 def _receipt(st: WorkerState, spec: ModelSpec, entry: Any, req: dict[str, Any]) -> dict[str, Any]:
     task = req.get("task") or spec.task
     params = {**_params(req), "relevance_nodes": req.get("output", {}).get("relevance", "inputs")}
+    if params["mode"] == "reference":
+        params["reference"] = req.get("relevance", {}).get("reference") or "zeros"
     if task == "generation":
         params["generation"] = req.get("generation", {})
     return {
@@ -425,6 +427,8 @@ def _classify_rows(
         inputs=_on_device(entry, batch),
         relevance_nodes=wanted,
         target=rel.get("target"),
+        reference=rel.get("reference"),
+        tokenizer=entry.dm.tokenizer,
         **_params(req),
     )
     engine_s = time.perf_counter() - t0  # the engine's own time, for overhead accounting

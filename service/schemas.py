@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 TaskName = Literal[
     "auto", "text-classification", "image-classification", "tabular-classification", "generation"
@@ -56,6 +56,22 @@ class RelevanceParams(BaseModel):
     thresholding: float = Field(default=0.5, ge=0, le=1)
     temperature: float = Field(default=1.0, gt=0, le=100)
     target: int | None = Field(default=None, ge=0, description="explain this class")
+    reference: Literal["zeros", "mean", "blur", "mask"] | None = Field(
+        default=None,
+        description='mode "reference" only: what the input with its features removed is. '
+        "zeros (the default): zero pixels, zero embeddings for tokens; mean: each image's "
+        "mean colour; blur: the image blurred; mask: every token but the special ones "
+        "replaced by the mask (or unknown) token. The mode is only as faithful as this "
+        "choice (bench/README.md, Faithfulness)",
+    )
+
+    @field_validator("reference")
+    @classmethod
+    def _reference_needs_its_mode(cls, value: str | None, info: ValidationInfo) -> str | None:
+        mode = info.data.get("mode")
+        if value is not None and mode != "reference":
+            raise ValueError(f'reference is for mode "reference", not {mode!r}')
+        return value
 
 
 class GenerationParams(BaseModel):

@@ -60,6 +60,10 @@ async function buildRequest(model) {
     relevance: { mode: $("mode").value, multiplier: number("multiplier") },
     output: { encoding: "json", dtype: "float32" },
   };
+  // Mode "reference" starts from the input with its features removed: a blurred image, or
+  // masked tokens (the choices that make it the most faithful mode in bench.faithfulness).
+  const removed = { "image-classification": "blur", "text-classification": "mask" }[model.task];
+  if (body.relevance.mode === "reference" && removed) body.relevance.reference = removed;
   if (model.task === "image-classification") {
     const file = $("image").files[0];
     if (!file) throw new Error("choose an image file first");
