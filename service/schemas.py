@@ -48,8 +48,9 @@ class RelevanceParams(BaseModel):
     mode: Literal["default", "contrast", "reference"] = Field(
         default="default",
         description="default: the non-negative |z| rule; contrast: signed contributions; "
-        "reference: signed change from a zero input (zero embeddings for tokens), the most "
-        "faithful mode in bench.faithfulness, at about twice the cost",
+        "reference: signed change from the input named by `reference` (default zeros), the "
+        "most faithful mode in bench.faithfulness with the removal baseline (blur, mask), at "
+        "about twice the cost",
     )
     multiplier: float = Field(default=100.0, gt=0, le=1e6)
     scaler: float = Field(default=1.0, gt=0, le=1e6)
