@@ -101,7 +101,7 @@ def digits_task(data_dir: str | None, n: int, fill: str = "mean") -> Task:
     images = x[held[:n]]
     side = images.shape[-1] // PATCH
     mean = x[train].mean()
-    fills = {"mean": lambda img: mean, "blur": blurred}  # sigma: 8 px / 4 = 2
+    fills = {"mean": lambda img: mean, "blur": lambda img: blurred(img, sigma=2.0)}
     words = {"mean": "the training images' mean pixel", "blur": "the image blurred (sigma 2)"}
     task = Task(
         name="digits-cnn" if fill == "mean" else f"digits-cnn-{fill}",
