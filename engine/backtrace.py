@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -20,6 +20,15 @@ log = logging.getLogger("engine")
 
 CLASSIFICATION_TASKS = ("text-classification", "image-classification", "tabular-classification")
 TASKS = ("auto", "generation", *CLASSIFICATION_TASKS)
+
+
+class _Forwards(NamedTuple):
+    prepared: dict[str, Tensor]
+    captured: Captured
+    sweeper: Sweeper
+    env: dict
+    outputs: Any
+    env_ref: dict | None
 
 
 class DLBacktrace:
@@ -85,17 +94,23 @@ class DLBacktrace:
         """One forward over ``inputs`` and one sweep for all ``seed.K`` seeds (mode
         "reference": one more forward, over ``reference``: inputs, or a name from
         ``engine.references``, where "mask" needs the ``tokenizer``)."""
+        f = self._forwards(inputs, mode, reference, tokenizer)
+        with torch.no_grad():
+            relevance, seed_total, at_inputs, sinks = f.sweeper.run(
+                f.env, f.prepared, seed, mode, _keep(relevance_nodes), f.env_ref
+            )
+        return Explanation(relevance, seed_total, at_inputs, sinks, f.outputs, f.env)
+
+    def _forwards(self, inputs: Inputs, mode: str, reference, tokenizer: Any) -> _Forwards:
+        """What a sweep starts from: the graph for these inputs (its rules checked before any
+        work), the recorded forward, and the reference's in mode "reference"."""
         prepared = self._prepare(inputs)
         captured, sweeper = self._graph_for(prepared)
         sweeper.check_rules()
         with torch.no_grad():
             env, outputs = sweeper.forward(prepared)
             env_ref = self._reference_env(sweeper, prepared, mode, reference, tokenizer)
-            keep = _keep(relevance_nodes)
-            relevance, seed_total, at_inputs, sinks = sweeper.run(
-                env, prepared, seed, mode, keep, env_ref
-            )
-        return Explanation(relevance, seed_total, at_inputs, sinks, outputs, env)
+        return _Forwards(prepared, captured, sweeper, env, outputs, env_ref)
 
     def _reference_env(
         self, sweeper: Sweeper, prepared, mode: str, reference, tokenizer: Any = None
@@ -212,12 +227,9 @@ class DLBacktrace:
         tokenizer,
     ) -> dict[str, Any]:
         started = time.perf_counter()
-        prepared = self._prepare(inputs)
-        captured, sweeper = self._graph_for(prepared)
-        sweeper.check_rules()
-        with torch.no_grad():
-            env, outputs = sweeper.forward(prepared)
-            env_ref = self._reference_env(sweeper, prepared, mode, reference, tokenizer)
+        prepared, captured, sweeper, env, outputs, env_ref = self._forwards(
+            inputs, mode, reference, tokenizer
+        )
         logits = env[sweeper.seed_node]
         scaled = logits.float() / temperature
         single = scaled.dim() == 1 or scaled.shape[-1] == 1

@@ -28,13 +28,19 @@ def victim_of(listener: Listener, cluster: Cluster) -> object:
     return next(w for w in cluster.live if w.name == name)
 
 
-def test_sigkill_mid_job_is_retried_on_another_worker(cluster: Cluster) -> None:
-    cluster.workers(2)
+def kill_mid_long_job(cluster: Cluster) -> tuple[str, Listener, object]:
+    """Submit a long job and SIGKILL its worker three tokens in: (job id, its SSE, victim)."""
     job = submit(cluster.url, LONG_JOB)
     sse = Listener(cluster.url, job)
     victim = victim_of(sse, cluster)
     sse.wait_for("token", count=3)
     cluster.kill(victim)
+    return job, sse, victim
+
+
+def test_sigkill_mid_job_is_retried_on_another_worker(cluster: Cluster) -> None:
+    cluster.workers(2)
+    job, sse, victim = kill_mid_long_job(cluster)
     killed = time.monotonic()
     retrying = sse.wait_for("retrying", timeout=NOTICE_S + 5)
     assert time.monotonic() - killed < NOTICE_S + 5
@@ -59,11 +65,7 @@ def test_load_with_a_worker_killed_midway_loses_nothing(cluster: Cluster) -> Non
     thread = threading.Thread(target=lambda: report.update(asyncio.run(run)))
     thread.start()
     time.sleep(3)
-    long_job = submit(cluster.url, LONG_JOB)
-    sse = Listener(cluster.url, long_job)
-    victim = victim_of(sse, cluster)
-    sse.wait_for("token", count=3)
-    cluster.kill(victim)
+    _, sse, _ = kill_mid_long_job(cluster)
     thread.join(180)
     assert report["jobs"] >= 10 and report["finished"] == report["jobs"], report
     assert report["lost"] == 0 and report["errors"] == 0, report
