@@ -84,8 +84,11 @@ def build_lookup(out: Path) -> dict:
     import torch
 
     t0 = time.perf_counter()
+    # One thread, whatever the calling process set: a float sum splits differently across
+    # threads, and 700 training steps turn that into another model (two threads stopped at
+    # step 600 with other weights), so the build would depend on who triggered it.
     threads = torch.get_num_threads()
-    torch.set_num_threads(min(2, threads))
+    torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
         tok = _tokenizer(lookup_vocab(), "words")
