@@ -83,6 +83,9 @@ IdempotencyKey = Annotated[
 # How long an open SSE stream waits for Redis to come back before it ends (the client then
 # reconnects with Last-Event-ID); browsers' EventSource gives up on a 503, so streams wait.
 SSE_REDIS_OUTAGE_S = 60.0
+# Events of one Redis read are sent together up to this size; a larger event goes alone, so
+# a stalled reader still holds at most one batch of events in the API.
+SSE_CHUNK_BYTES = 16 << 10
 
 
 def _invalid(loc: list[str | int], msg: str) -> HTTPException:
@@ -467,7 +470,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"job_id": job_id, "status": "canceling"}, 202)
 
     def stream(job_id: str, last: str = "0-0", **headers: str) -> StreamingResponse:
-        return StreamingResponse(
+        return EventStreamResponse(
             _sse(aredis_client(), job_id, last, settings.keepalive_s, metrics),
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **headers},
@@ -540,15 +543,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+class _Last(str):
+    """The last chunk of an event stream (``EventStreamResponse`` ends the response with it)."""
+
+
+class EventStreamResponse(StreamingResponse):
+    """A ``StreamingResponse`` that sends its last chunk (a ``_Last``) together with the end
+    of the response: one socket write, and one wake-up of the client, less per stream."""
+
+    async def stream_response(self, send: Any) -> None:
+        start = {"type": "http.response.start", "status": self.status_code}
+        await send({**start, "headers": self.raw_headers})
+        async for chunk in self.body_iterator:
+            last = isinstance(chunk, _Last)
+            await send(
+                {"type": "http.response.body", "body": chunk.encode(), "more_body": not last}
+            )
+            if last:
+                await self.body_iterator.aclose()  # runs the generator's cleanup now
+                return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 async def _sse(ar: aredis.Redis, job_id: str, last: str, keepalive: float, metrics: ApiMetrics):
-    """The job's events from ``last`` on. Nothing is read from Redis before the client has
-    taken what was sent (the server's send waits while the socket is full), so a slow
-    reader costs one batch of memory; a client that goes away cancels this generator."""
+    """The job's events from ``last`` on. The events of one Redis read go out in chunks of up
+    to ``SSE_CHUNK_BYTES`` (each send is a socket write that wakes the client; a job's
+    ``queued`` and ``started`` usually share one). Nothing is read from Redis before the
+    client has taken what was sent (the server's send waits while the socket is full), so a
+    slow reader costs one batch of memory; a client that goes away cancels this generator."""
     key = store.EVENTS.format(job_id)
     metrics.sse_clients.inc()
     down_since = None
+    pending = "retry: 2000\n\n"  # sent with the first events
     try:
-        yield "retry: 2000\n\n"
         while True:
             try:
                 resp = await ar.xread({key: last}, block=max(1, int(keepalive * 1000)), count=100)
@@ -558,12 +585,14 @@ async def _sse(ar: aredis.Redis, job_id: str, last: str, keepalive: float, metri
                 down_since = down_since or time.monotonic()
                 if time.monotonic() - down_since > SSE_REDIS_OUTAGE_S:
                     return
-                yield f": redis unavailable ({type(exc).__name__}), retrying\n\n"
+                yield pending + f": redis unavailable ({type(exc).__name__}), retrying\n\n"
+                pending = ""
                 await asyncio.sleep(min(1.0, keepalive))
                 continue
             down_since = None
             if not resp:
-                yield ": keep-alive\n\n"
+                yield pending + ": keep-alive\n\n"
+                pending = ""
                 continue
             for entry_id, fields in resp[0][1]:
                 last = entry_id.decode()
@@ -571,9 +600,16 @@ async def _sse(ar: aredis.Redis, job_id: str, last: str, keepalive: float, metri
                     event, data = fields[b"event"].decode(), fields[b"data"].decode()
                 except (KeyError, UnicodeDecodeError):
                     continue  # not an entry the service wrote
-                yield f"id: {last}\nevent: {event}\ndata: {data}\n\n"
+                pending += f"id: {last}\nevent: {event}\ndata: {data}\n\n"
                 if event in store.TERMINAL_EVENTS:
+                    yield _Last(pending)
                     return
+                if len(pending) >= SSE_CHUNK_BYTES:
+                    yield pending
+                    pending = ""
+            if pending:
+                yield pending
+                pending = ""
     except asyncio.CancelledError:  # client went away: stop reading Redis for it
         raise
     finally:

@@ -135,6 +135,28 @@ def read_to_done(sock: socket.socket) -> int:
     return received
 
 
+def test_events_of_one_read_go_out_in_one_write(cluster: Cluster) -> None:
+    """A stream whose events are all in Redis: the retry hint, every event and the end of the
+    response come as one HTTP chunk, and the client counts as gone once it is sent."""
+    job_id = plant_stream(cluster, 3, 100, terminal=True)
+    host, port = cluster.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(f"GET /jobs/{job_id}/events HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    raw = b""
+    while not raw.endswith(b"\r\n0\r\n\r\n"):
+        more = sock.recv(1 << 16)
+        assert more, raw
+        raw += more
+    sock.close()
+    body = raw.split(b"\r\n\r\n", 1)[1]
+    size, rest = body.split(b"\r\n", 1)
+    chunk = rest[: int(size, 16)]
+    assert rest[int(size, 16) :] == b"\r\n0\r\n\r\n", "more than one chunk"
+    assert chunk.startswith(b"retry: 2000\n\n") and chunk.count(b"event: token") == 3
+    assert chunk.endswith(b"event: done\ndata: {}\n\n")
+    assert sse_clients(cluster.url) == 0
+
+
 def test_disconnected_client_is_noticed_and_its_reader_stops(cluster: Cluster) -> None:
     """A stream of a job that never ends: once the client goes (also while the server is
     blocked writing to it), the API stops counting it and stops reading Redis for it."""
