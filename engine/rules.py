@@ -674,9 +674,18 @@ def _norm_reference(ctx: Ctx, center: bool) -> Propagation:
     has s' = 1 / sqrt(eps), and would otherwise blow the shares up."""
     a = ctx.args
     dims = len(a["normalized_shape"])
-    x, xr = (t.flatten(-dims) for t in (a["input"], ctx.ref["input"]))
     g = a["weight"].flatten() if a["weight"] is not None else 1.0
-    eps = a["eps"] if a["eps"] is not None else torch.finfo(x.dtype).eps
+    eps = a["eps"] if a["eps"] is not None else torch.finfo(a["input"].dtype).eps
+    r_in, sink = _norm_delta(ctx.R, a["input"], ctx.ref["input"], g, eps, dims, center)
+    return {"input": r_in}, sink
+
+
+def _norm_delta(
+    R: Tensor, x: Tensor, xr: Tensor, g: Tensor | float, eps: float, dims: int, center: bool
+) -> tuple[Tensor, Tensor]:
+    """The difference rule of ``_norm_reference`` over the last ``dims`` dimensions of x."""
+    shape = x.shape
+    x, xr = x.flatten(-dims), xr.flatten(-dims)
     u, ur = (x - x.mean(-1, keepdim=True), xr - xr.mean(-1, keepdim=True)) if center else (x, xr)
     var, var_r = (t.pow(2).mean(-1, keepdim=True) for t in (u, ur))
     s, sr = (torch.rsqrt(t + eps) for t in (var, var_r))
@@ -686,14 +695,41 @@ def _norm_reference(ctx: Ctx, center: bool) -> Propagation:
     )
     coupling = ur * (2 * slope / x.shape[-1])  # u' ds/d(var) d(var)/du, per element
     z = g * (s * du + coupling * (u_mid * du).sum(-1, keepdim=True))
-    R = ctx.R.flatten(-dims)
+    R = R.flatten(-dims)
     ratio = R / stable(z)
     r = g * ratio
     back = s * r + u_mid * (coupling * r).sum(-1, keepdim=True)
     if center:
         back = back - back.mean(-1, keepdim=True)
     r_in = (x - xr) * back
-    return {"input": r_in.view(ctx.K, *a["input"].shape)}, R - ratio * z
+    return r_in.view(R.shape[0], *shape), R - ratio * z
+
+
+def _rms_eps(normaliser: Any, x: Any) -> float | None:
+    """``eps`` when the node ``normaliser`` is rsqrt(mean(x ** 2, -1, keepdim) + eps) of the
+    node ``x``: the RMS norm that Llama-style models write out (``x * rsqrt(...)``, with
+    casts around it), else None."""
+
+    def source(n: Any) -> Any:
+        while isinstance(n, fx.Node) and n.target in (aten._to_copy.default, aten.clone.default):
+            n = n.args[0]
+        return n
+
+    if not isinstance(normaliser, fx.Node) or normaliser.target is not aten.rsqrt.default:
+        return None
+    add = normaliser.args[0]
+    if not (isinstance(add, fx.Node) and add.target is aten.add.Tensor):
+        return None
+    mean, eps = add.args[0], add.args[1]
+    if not (isinstance(mean, fx.Node) and mean.target is aten.mean.dim) or len(mean.args) < 3:
+        return None
+    square, dims, keepdim = mean.args[:3]
+    last = square.meta["val"].dim() - 1 if "val" in square.meta else -1
+    if not keepdim or list(dims) not in ([-1], [last]) or not isinstance(eps, int | float):
+        return None
+    if square.target is not aten.pow.Tensor_Scalar or square.args[1] != 2:
+        return None
+    return float(eps) if source(square.args[0]) is source(x) else None
 
 
 REFERENCE_RULES[aten.layer_norm.default] = lambda ctx: _norm_reference(ctx, center=True)
@@ -762,6 +798,14 @@ def mul(ctx: Ctx) -> Propagation:
         a, b = ctx.args[first], ctx.args[second]
         r_a, r_b, sink = _delta_product(ctx.R, torch.mul, a, b, ctx.ref[first], ctx.ref[second])
         return {first: _unbroadcast(r_a, a.shape), second: _unbroadcast(r_b, b.shape)}, sink
+    if ctx.delta and len(targets) == 1 and not division:
+        # x * rsqrt(mean(x^2) + eps): the normaliser changes with x, as in aten.rms_norm
+        data, factor = ctx.node.args if targets[0] == first else ctx.node.args[::-1]
+        eps = _rms_eps(factor, data)
+        if eps is not None:
+            name = targets[0]
+            r_in, sink = _norm_delta(ctx.R, ctx.args[name], ctx.ref[name], 1.0, eps, 1, False)
+            return {name: r_in}, sink
     grads = {}
     for name in targets:
         grads[name] = _unbroadcast(ctx.R / len(targets), ctx.args[name].shape)

@@ -184,3 +184,34 @@ def test_reference_mode_is_complete_through_norms(norm):
     change = _change(model, x, ref, torch.as_tensor(res["target"]))
     total = res["relevance"]["input"].sum(1) * change.abs() / 100.0
     torch.testing.assert_close(total, change, rtol=1e-3, atol=1e-4)
+
+
+class HandWrittenRMSNorm(nn.Module):
+    """RMS norm as Llama, Mistral and Qwen write it in transformers (pow, mean, rsqrt, mul)."""
+
+    def __init__(self, width: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(width))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def test_reference_mode_treats_a_hand_written_rms_norm_as_the_norm_op():
+    """The written-out norm gets the exact difference rule of ``aten.rms_norm`` (the change of
+    its normaliser is part of the map), not a pass through it: same relevance as nn.RMSNorm."""
+    torch.manual_seed(0)
+    by_hand = HandWrittenRMSNorm(8)
+    op = nn.RMSNorm(8, eps=by_hand.eps)
+    op.weight.data.copy_(by_hand.weight.data)
+    first, last = nn.Linear(6, 8), nn.Linear(8, 3)
+    x, ref = torch.randn(5, 6), torch.randn(5, 6)
+    rel = []
+    for norm in (op, by_hand):
+        model = nn.Sequential(first, norm, nn.GELU(), last).eval()
+        res = _run(DLBacktrace(model, x), x, mode="reference", reference=ref, target=0)
+        rel.append(res["relevance"]["input"])
+    torch.testing.assert_close(rel[1], rel[0], rtol=1e-4, atol=1e-4)
