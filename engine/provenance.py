@@ -22,7 +22,8 @@ aten = torch.ops.aten
 
 # Ops whose output is a normaliser or attention/routing weights: treated as constants, so a
 # product with them passes all relevance to the other operand (hand-written RMSNorm, explicit
-# softmax attention, mixture-of-experts routing).
+# softmax attention, mixture-of-experts routing). Mode "reference" gives the hand-written
+# RMSNorm the norm's exact difference rule instead (``rules._rms_eps``).
 CONSTANT_OPS = {
     aten.softmax.int,
     aten._softmax.default,
