@@ -644,7 +644,12 @@ async def _reap_forever(r: redis.Redis, settings: Settings) -> None:
     while True:
         with contextlib.suppress(redis.RedisError):
             await asyncio.to_thread(
-                reaper.reap, r, settings.queue, settings.heartbeat_ttl, settings.result_ttl
+                reaper.reap,
+                r,
+                settings.queue,
+                settings.heartbeat_ttl,
+                settings.result_ttl,
+                settings.failure_ttl,
             )
         await asyncio.sleep(settings.heartbeat_ttl / 3)
 

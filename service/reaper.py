@@ -19,6 +19,7 @@ import logging
 from typing import Any
 
 import redis
+from rq.executions import Execution
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -30,7 +31,9 @@ LOCK = "bt:reaper"
 log = logging.getLogger("service.reaper")
 
 
-def reap(r: redis.Redis, queue: str, heartbeat_ttl: int, result_ttl: int) -> list[str]:
+def reap(
+    r: redis.Redis, queue: str, heartbeat_ttl: int, result_ttl: int, failure_ttl: int
+) -> list[str]:
     """Hand the started jobs of dead workers to RQ's abandoned-job handling; returns their
     ids. A no-op while another process reaps, and while Redis itself has been up for less
     than a heartbeat TTL (after a restart, live workers may not have written theirs yet)."""
@@ -51,7 +54,7 @@ def reap(r: redis.Redis, queue: str, heartbeat_ttl: int, result_ttl: int) -> lis
             continue
         doc = store.get_result(r, job_id)
         if doc is not None:  # it ended; its worker died before telling RQ
-            _end_in_rq(r, registry.key, member, job_id, doc["status"], result_ttl)
+            _end_in_rq(r, registry.key, member, doc["status"], result_ttl, failure_ttl)
             continue
         r.zadd(registry.key, {member: 0}, xx=True)
         lost.append(job_id)
@@ -61,19 +64,23 @@ def reap(r: redis.Redis, queue: str, heartbeat_ttl: int, result_ttl: int) -> lis
 
 
 def _end_in_rq(
-    r: redis.Redis, registry: str, member: bytes, job_id: str, status: str, ttl: int
+    r: redis.Redis, registry: str, member: bytes, status: str, result_ttl: int, failure_ttl: int
 ) -> None:
     """End in RQ a job whose result is already stored, instead of running it again: its
     worker died after writing the result (for example while it ran further batches of the
-    job's group, or before RQ's own bookkeeping), and its clients have seen it end."""
+    job's group, or before RQ's own bookkeeping), and its clients have seen it end. Its
+    execution record goes with its started-registry entry (``member``), as RQ's own
+    bookkeeping would remove them."""
+    job_id, execution_id = parse_composite_key(member.decode())
     try:
         job = Job.fetch(job_id, connection=r, serializer=JSONSerializer)
     except Exception:  # noqa: BLE001 - its hash expired: only the registry entry is left
         r.zrem(registry, member)
         return
     pipe = r.pipeline(transaction=False)
-    batching.settle(pipe, job, status, ttl, ttl)
-    pipe.zrem(registry, member)
+    batching.settle(pipe, job, status, result_ttl, failure_ttl)
+    execution = Execution(execution_id, job_id, r, worker_name=job.worker_name or "")
+    execution.delete(job, pipe)
     pipe.execute()
     log.warning("job %s ended before its worker %s died: ended it in RQ", job_id, job.worker_name)
 

@@ -55,7 +55,7 @@ def _heartbeat_loop(settings: Settings, name: str, stop: threading.Event) -> Non
                 "models": st.cache.warm_ids(),
             }
             store.heartbeat(r, name, info, ttl)
-            reaper.reap(r, settings.queue, ttl, settings.result_ttl)
+            reaper.reap(r, settings.queue, ttl, settings.result_ttl, settings.failure_ttl)
         except Exception:  # noqa: BLE001 - Redis blips must not kill the worker
             log.warning("heartbeat failed", exc_info=True)
         stop.wait(ttl / 3)

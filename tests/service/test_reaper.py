@@ -11,7 +11,7 @@ import redis
 from rq import Queue, Retry
 from rq.executions import Execution
 from rq.job import JobStatus
-from rq.registry import FinishedJobRegistry, StartedJobRegistry
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from service import reaper, store
@@ -42,21 +42,29 @@ def _started_by_dead_worker(r: redis.Redis) -> str:
 
 def test_a_started_job_of_a_dead_worker_is_retried(r: redis.Redis) -> None:
     job_id = _started_by_dead_worker(r)
-    assert reaper.reap(r, QUEUE, 0, 60) == [job_id]
+    assert reaper.reap(r, QUEUE, 0, 60, 600) == [job_id]
     queue = Queue(QUEUE, connection=r, serializer=JSONSerializer)
     assert queue.job_ids == [job_id]
     events = [f[b"event"] for _, f in r.xrange(store.EVENTS.format(job_id))]
     assert events == [b"retrying"]
 
 
-def test_a_job_whose_result_is_stored_is_ended_not_run_again(r: redis.Redis) -> None:
+@pytest.mark.parametrize(
+    "status,event,registry,ttl",
+    [("finished", "done", FinishedJobRegistry, 60), ("failed", "error", FailedJobRegistry, 600)],
+)
+def test_a_job_whose_result_is_stored_is_ended_not_run_again(
+    r: redis.Redis, status: str, event: str, registry: type, ttl: int
+) -> None:
     job_id = _started_by_dead_worker(r)
-    store.finish(r, job_id, {"status": "finished"}, "done", {}, 60)
-    assert reaper.reap(r, QUEUE, 0, 60) == []
+    store.finish(r, job_id, {"status": status}, event, {}, 60)
+    assert reaper.reap(r, QUEUE, 0, 60, 600) == []
     queue = Queue(QUEUE, connection=r, serializer=JSONSerializer)
     job = queue.fetch_job(job_id)
-    assert job.get_status() == JobStatus.FINISHED and queue.job_ids == []
+    assert job.get_status() == status and queue.job_ids == []
     assert StartedJobRegistry(QUEUE, connection=r).get_job_ids() == []
-    assert job_id in FinishedJobRegistry(QUEUE, connection=r).get_job_ids()
+    assert job_id in registry(QUEUE, connection=r).get_job_ids()
+    assert ttl - 5 < r.ttl(job.key) <= ttl  # kept as long as a worker would keep it
+    assert not list(r.scan_iter("rq:execution*")), "an execution record was left behind"
     events = [f[b"event"] for _, f in r.xrange(store.EVENTS.format(job_id))]
-    assert events == [b"done"]
+    assert events == [event.encode()]
