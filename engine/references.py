@@ -28,7 +28,8 @@ REFERENCES = ("zeros", "mean", "blur", "mask")
 def named_reference(
     name: str, inputs: dict[str, Tensor], tokenizer: Any = None
 ) -> dict[str, Tensor] | None:
-    """The reference inputs that ``name`` stands for (None: the sweep's zero default)."""
+    """The reference inputs that ``name`` stands for (None: the sweep's zero default). Only
+    the named kind of feature is removed: every other input stays as given."""
     if name == "zeros":
         return None
     if name in ("mean", "blur"):
@@ -36,9 +37,9 @@ def named_reference(
         if not images:
             raise ValueError(f'reference "{name}" is for image inputs [B, C, H, W]')
         fill = channel_mean if name == "mean" else blurred
-        return {k: fill(v) for k, v in images.items()}
+        return {**inputs, **{k: fill(v) for k, v in images.items()}}
     if name == "mask":
-        return {"input_ids": masked_ids(inputs, tokenizer)}
+        return {**inputs, "input_ids": masked_ids(inputs, tokenizer)}
     raise ValueError(f"reference must be inputs or one of {REFERENCES}, got {name!r}")
 
 
@@ -48,19 +49,19 @@ def channel_mean(images: Tensor) -> Tensor:
 
 
 def blurred(images: Tensor, sigma: float | None = None) -> Tensor:
-    """Separable Gaussian blur with reflected borders, kernel radius 3 sigma (at most the
-    image's side less one); sigma defaults to a quarter of the larger side."""
+    """Separable Gaussian blur of the last two dimensions, with reflected borders, kernel
+    radius 3 sigma (at most the image's side less one); sigma defaults to a quarter of the
+    larger side."""
     height, width = images.shape[-2:]
     sigma = sigma if sigma is not None else max(height, width) / 4
     radius = min(int(3 * sigma), min(height, width) - 1)
     t = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
     k = torch.exp(-(t**2) / (2 * sigma**2))
     k = k / k.sum()
-    batch, channels = images.shape[:-2]
     flat = images.reshape(-1, 1, height, width)
     padded = F.pad(flat, (radius,) * 4, mode="reflect")
     rows = F.conv2d(padded, k.view(1, 1, 1, -1))
-    return F.conv2d(rows, k.view(1, 1, -1, 1)).reshape(batch, channels, height, width)
+    return F.conv2d(rows, k.view(1, 1, -1, 1)).reshape(images.shape)
 
 
 def masked_ids(inputs: dict[str, Tensor], tokenizer: Any) -> Tensor:

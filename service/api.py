@@ -83,8 +83,9 @@ IdempotencyKey = Annotated[
 # How long an open SSE stream waits for Redis to come back before it ends (the client then
 # reconnects with Last-Event-ID); browsers' EventSource gives up on a 503, so streams wait.
 SSE_REDIS_OUTAGE_S = 60.0
-# Events of one Redis read are sent together up to this size; a larger event goes alone, so
-# a stalled reader still holds at most one batch of events in the API.
+# Events of one Redis read are sent together up to this many characters (the events are
+# ASCII JSON: bytes); a larger event goes alone, so a stalled reader still holds at most one
+# batch of events in the API.
 SSE_CHUNK_BYTES = 16 << 10
 
 
@@ -554,15 +555,16 @@ class EventStreamResponse(StreamingResponse):
     async def stream_response(self, send: Any) -> None:
         start = {"type": "http.response.start", "status": self.status_code}
         await send({**start, "headers": self.raw_headers})
-        async for chunk in self.body_iterator:
-            last = isinstance(chunk, _Last)
-            await send(
-                {"type": "http.response.body", "body": chunk.encode(), "more_body": not last}
-            )
-            if last:
-                await self.body_iterator.aclose()  # runs the generator's cleanup now
-                return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        try:
+            async for chunk in self.body_iterator:
+                last = isinstance(chunk, _Last)
+                body = chunk.encode(self.charset) if isinstance(chunk, str) else chunk
+                await send({"type": "http.response.body", "body": body, "more_body": not last})
+                if last:
+                    return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:  # also when a send fails or is cancelled: the generator's cleanup runs now
+            await self.body_iterator.aclose()
 
 
 async def _sse(ar: aredis.Redis, job_id: str, last: str, keepalive: float, metrics: ApiMetrics):
@@ -600,19 +602,18 @@ async def _sse(ar: aredis.Redis, job_id: str, last: str, keepalive: float, metri
                     event, data = fields[b"event"].decode(), fields[b"data"].decode()
                 except (KeyError, UnicodeDecodeError):
                     continue  # not an entry the service wrote
-                pending += f"id: {last}\nevent: {event}\ndata: {data}\n\n"
+                entry = f"id: {last}\nevent: {event}\ndata: {data}\n\n"
+                if pending and len(pending) + len(entry) > SSE_CHUNK_BYTES:
+                    yield pending
+                    pending = ""
+                pending += entry
                 if event in store.TERMINAL_EVENTS:
                     yield _Last(pending)
                     return
-                if len(pending) >= SSE_CHUNK_BYTES:
-                    yield pending
-                    pending = ""
             if pending:
                 yield pending
                 pending = ""
-    except asyncio.CancelledError:  # client went away: stop reading Redis for it
-        raise
-    finally:
+    finally:  # also when the client went away (cancelled): stop counting it
         metrics.sse_clients.dec()
 
 

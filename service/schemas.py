@@ -69,7 +69,9 @@ class RelevanceParams(BaseModel):
     @field_validator("reference")
     @classmethod
     def _reference_needs_its_mode(cls, value: str | None, info: ValidationInfo) -> str | None:
-        mode = info.data.get("mode")
+        if "mode" not in info.data:  # mode itself is invalid: that error says enough
+            return value
+        mode = info.data["mode"]
         if value is not None and mode != "reference":
             raise ValueError(f'reference is for mode "reference", not {mode!r}')
         return value

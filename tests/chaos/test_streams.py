@@ -135,7 +135,7 @@ def read_to_done(sock: socket.socket) -> int:
     return received
 
 
-def test_events_of_one_read_go_out_in_one_write(cluster: Cluster) -> None:
+def test_events_of_one_read_go_out_as_one_chunk(cluster: Cluster) -> None:
     """A stream whose events are all in Redis: the retry hint, every event and the end of the
     response come as one HTTP chunk, and the client counts as gone once it is sent."""
     job_id = plant_stream(cluster, 3, 100, terminal=True)

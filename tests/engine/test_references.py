@@ -52,6 +52,7 @@ def test_image_references_by_name(name: str, fill) -> None:
 
 def test_mask_reference_masks_all_but_special_tokens() -> None:
     model, inputs = ZOO["minilm"]()
+    inputs = {**inputs, "token_type_ids": torch.zeros_like(inputs["input_ids"])}
     tok = minilm_tokenizer()
     ids = masked_ids(inputs, tok)
     special = torch.isin(inputs["input_ids"], torch.tensor(tok.all_special_ids))

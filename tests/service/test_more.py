@@ -235,7 +235,7 @@ def test_named_references(client: httpx.Client) -> None:
     bad = [
         ("digits-cnn", image, {"mode": "reference", "reference": "mask"}, "takes reference"),
         ("minilm-sentiment", text, {"reference": "mask"}, 'for mode "reference"'),
-        ("digits-cnn", image, {"mode": "reference", "reference": "noise"}, "reference"),
+        ("digits-cnn", image, {"mode": "reference", "reference": "noise"}, "Input should be"),
     ]
     for model, inputs, rel, message in bad:
         resp = client.post("/run_task", json={"model": model, "inputs": inputs, "relevance": rel})
