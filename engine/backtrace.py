@@ -109,11 +109,11 @@ class DLBacktrace:
         sweeper.check_rules()
         with torch.no_grad():
             env, outputs = sweeper.forward(prepared)
-            env_ref = self._reference_env(sweeper, prepared, mode, reference, tokenizer)
+            env_ref = self._reference_env(sweeper, prepared, env, mode, reference, tokenizer)
         return _Forwards(prepared, captured, sweeper, env, outputs, env_ref)
 
     def _reference_env(
-        self, sweeper: Sweeper, prepared, mode: str, reference, tokenizer: Any = None
+        self, sweeper: Sweeper, prepared, env: dict, mode: str, reference, tokenizer: Any = None
     ) -> dict | None:
         """The recorded forward of the reference input, for mode "reference" only."""
         if mode != "reference":
@@ -124,7 +124,7 @@ class DLBacktrace:
             ref = named_reference(reference, prepared, tokenizer)
         else:
             ref = None if reference is None else self._prepare(reference)
-        return sweeper.reference_forward(prepared, ref)
+        return sweeper.reference_forward(prepared, ref, env)
 
     # ------------------------------------------------------------ public API
 

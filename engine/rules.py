@@ -215,25 +215,30 @@ def grouped_mm(ctx: Ctx) -> Propagation:
 
     The |z| rule per row, with the op itself for both products: D = gmm(|X|, |W|), and the
     backward gmm(R / D, |W|^T). The K seeds ride along as extra rows: seed-major rows become
-    row-major blocks of K, so the expert offsets scale by K.
+    row-major blocks of K, so the expert offsets scale by K. Mode "reference": the same with
+    the rows' changes, z = gmm(dX, W); its reference forward routes as the input did
+    (``sweep.forward``'s ``routed``), so row i is the same token and expert in both.
     """
     first, second, third = list(ctx.args)[:3]
-    if ctx.delta:
-        raise NotImplementedError(
-            'mode "reference" with mixture-of-experts: the reference routes rows differently'
-        )
     x, w, offs = ctx.args[first], ctx.args[second], ctx.args[third]
     gmm = ctx.node.target
+
+    def backward(ratio: Tensor, weight: Tensor, source: Tensor) -> Tensor:
+        K, S = ratio.shape[:2]
+        rows = ratio.transpose(0, 1).reshape(S * K, -1)
+        back = gmm(rows, weight.transpose(1, 2).contiguous(), offs * K)
+        return source * back.view(S, K, -1).transpose(0, 1)
+
+    if ctx.delta:  # the reference forward used the input's experts: rows line up
+        dx = ctx.diff(first)
+        z = gmm(dx, w, offs)
+        ratio = ctx.R / stable(z)
+        return {first: backward(ratio, w, dx)}, ctx.R - ratio * z
     ax, aw = x.abs(), w.abs()
     ratio = ctx.R / (gmm(ax, aw, offs) + TINY)
-    K, S = ratio.shape[:2]
-    rows = ratio.transpose(0, 1).reshape(S * K, -1)
-    weight, source = (w, x) if ctx.signed else (aw, ax)
-    back = gmm(rows, weight.transpose(1, 2).contiguous(), offs * K)
-    r_in = source * back.view(S, K, -1).transpose(0, 1)
     if ctx.signed:
-        return {first: r_in}, ctx.R - ratio * gmm(x, w, offs)
-    return {first: r_in}, ratio * TINY
+        return {first: backward(ratio, w, x)}, ctx.R - ratio * gmm(x, w, offs)
+    return {first: backward(ratio, aw, ax)}, ratio * TINY
 
 
 def register_grouped_mm() -> None:

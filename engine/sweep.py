@@ -18,7 +18,17 @@ from torch import Tensor, fx
 
 from .capture import Captured
 from .provenance import Provenance, UnsupportedOpError
-from .rules import MODES, REFERENCE_RULES, RULES, TINY, Ctx, batch_norm_affine, identity, stable
+from .rules import (
+    MODES,
+    REFERENCE_RULES,
+    RULES,
+    TINY,
+    Ctx,
+    batch_norm_affine,
+    grouped_mm,
+    identity,
+    stable,
+)
 
 aten = torch.ops.aten
 _PASS_THROUGH = {aten._to_copy.default, aten.clone.default, aten.alias.default}
@@ -93,6 +103,7 @@ def forward(
     inputs: dict[str, Tensor],
     fused: dict[fx.Node, dict[str, Any]] | None = None,
     zeroed: frozenset[fx.Node] = frozenset(),
+    routed: dict[fx.Node, Tensor] | None = None,
 ) -> tuple[dict[fx.Node, Any], tuple]:
     """Run the exported graph, keeping every value. Op errors propagate unchanged.
 
@@ -100,7 +111,10 @@ def forward(
     (the batch norm node, mapped to {}, then just passes the convolution's output on), as
     inference engines do: one op instead of two, and what the sweep's rule sees. The outputs
     of ``zeroed`` nodes are replaced by zeros (a reference forward with empty embeddings).
+    ``routed`` maps a mixture-of-experts ``topk`` to the expert indices it must pick (the
+    input's, in the reference forward); its values are the router's scores at them.
     """
+    routed = routed or {}
     fused = fused or {}
     env: dict[fx.Node, Any] = {}
     for node in captured.nodes:
@@ -114,6 +128,11 @@ def forward(
         elif node.op == "call_function":
             args = fx.node.map_arg(node.args, env.__getitem__)
             kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+            if node in routed:
+                picked = routed[node]
+                dim = args[2] if len(args) > 2 else kwargs.get("dim", -1)
+                env[node] = (args[0].gather(dim, picked), picked)
+                continue
             env[node] = node.target(*args, **kwargs)
             if node in zeroed:
                 env[node] = torch.zeros_like(env[node])
@@ -162,6 +181,7 @@ class Sweeper:
         self._missing = self.provenance.unsupported()
         self._nonnegative_nodes = [n for n in self._order if _nonnegative(n)]
         self._reference = {n for n in self._order if n.target in REFERENCE_RULES}
+        self._routing = _routing_topks(captured.nodes)
         # per node, once: whether no argument is a list of nodes, and its is_data callback
         bound = self.provenance.bound
         self._flat = {
@@ -229,11 +249,13 @@ class Sweeper:
         return forward(self.captured, inputs, self._folded)
 
     def reference_forward(
-        self, inputs: dict[str, Tensor], reference: dict[str, Tensor] | None
+        self, inputs: dict[str, Tensor], reference: dict[str, Tensor] | None, env: dict
     ) -> dict[fx.Node, Any]:
         """The recorded forward of mode "reference"'s reference input. Inputs it leaves out
         default to zeros for floating-point inputs; for token ids, to the same ids with the
-        embedding lookups that start relevance paths replaced by zero vectors."""
+        embedding lookups that start relevance paths replaced by zero vectors. Experts are
+        the ones the input (recorded in ``env``) was routed to: routing weights are constants,
+        as attention weights are, and each expert row then has its reference row."""
         reference = dict(reference or {})
         zeroed = set()
         for name, value in inputs.items():
@@ -250,8 +272,9 @@ class Sweeper:
                     f"reference {name!r} has shape {tuple(value.shape)}, "
                     f"the input {tuple(inputs[name].shape)}"
                 )
-        env, _ = forward(self.captured, reference, self._folded, frozenset(zeroed))
-        return env
+        routed = {node: env[node][1] for node in self._routing}
+        ref_env, _ = forward(self.captured, reference, self._folded, frozenset(zeroed), routed)
+        return ref_env
 
     def _embeddings_of(self, name: str) -> set[fx.Node]:
         """Embedding lookups of input ``name``'s ids on the relevance path."""
@@ -458,6 +481,22 @@ class Sweeper:
         sample = index[..., axis] if batch > 1 else torch.zeros_like(unit)
         sinks.scatter_add_(1, sample, (value - rows.sum(-1)).float())
         return {args["input"]: R}
+
+
+def _routing_topks(nodes: Any) -> list[fx.Node]:
+    """The ``topk`` nodes that pick the experts of grouped expert matmuls: ancestors of a
+    grouped matmul's row offsets."""
+    found, seen = [], set()
+    stack = [n.args[2] for n in nodes if RULES.get(n.target) is grouped_mm and len(n.args) > 2]
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n.target is aten.topk.default:
+            found.append(n)
+        stack.extend(n.all_input_nodes)
+    return found
 
 
 def _placeholders_behind(node: fx.Node) -> set[str]:

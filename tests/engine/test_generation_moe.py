@@ -14,9 +14,7 @@ FAMILIES = ["mixtral", "qwen2_moe", "olmoe"]
 NEW = 4
 
 
-# transformers 5 runs experts as grouped matmuls (rows sorted by expert); the engine has no
-# rule for that op yet, and the per-sample sink report cannot map the expert-sorted rows back
-# to samples (Sweeper.per_sample divides by a zero "inner" size on the sums after the experts).
+# transformers 5 runs experts as grouped matmuls (rows sorted by expert, rules.grouped_mm).
 @pytest.fixture(scope="module", params=FAMILIES)
 def moe(request):
     model = tiny_lm(request.param)
@@ -61,3 +59,27 @@ def test_moe_per_expert_relevance(moe):
         for totals in step.values():
             assert totals.shape == (experts,)
             assert (totals >= 0).all() and totals.sum() > 0
+
+
+def test_moe_reference_mode_routes_the_reference_as_the_input(moe):
+    """Mode "reference" through routed experts: the reference forward picks the input's
+    experts (so expert rows line up), relevance is conserved with next to nothing sunk, and
+    the batched and stepwise paths agree."""
+    model, batch = moe
+    dlb = DLBacktrace(model, batch)
+    sweeper = dlb._graphs[0][1]
+    env, _ = sweeper.forward(dict(batch))
+    ref_env = sweeper.reference_forward(dict(batch), None, env)
+    assert sweeper._routing, "no routing topk found"
+    for node in sweeper._routing:
+        assert torch.equal(ref_env[node][1], env[node][1])
+    kw = {"max_new_tokens": NEW, "return_relevance": True, "mode": "reference"}
+    batched = run_generation(dlb, batch, **kw)
+    stepwise = run_generation(dlb, batch, path="stepwise", **kw)
+    for i in range(NEW):
+        a = batched["relevance_trace"][i]["input_ids"]
+        b = stepwise["relevance_trace"][i]["input_ids"]
+        assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())
+        c = batched["conservation_trace"][i]
+        torch.testing.assert_close(a.sum(-1) + c["sinks"], c["seed"], rtol=1e-4, atol=1e-4)
+        assert float(c["sinks"].abs().max()) < 0.1, c  # the stabiliser's share, as without experts
