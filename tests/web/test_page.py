@@ -118,6 +118,24 @@ def test_image_overlay_is_drawn(page: Any, tmp_path: Path) -> None:
     screenshot(page, "image")
 
 
+def test_reference_mode_asks_for_the_removal_baseline(page: Any, tmp_path: Path) -> None:
+    """Mode reference on an image explains from the image blurred (``relevance.reference``),
+    and its heatmap is drawn."""
+    from service.demo.digits import sample_png
+
+    digit = tmp_path / "digit.png"
+    digit.write_bytes(sample_png(7))
+    page.select_option("#model", "digits-cnn")
+    page.set_input_files("#image", str(digit))
+    page.select_option("#mode", "reference")
+    with page.expect_request("**/run_task") as request:
+        page.click("#run")
+    body = request.value.post_data_json
+    assert body["relevance"] == {"mode": "reference", "multiplier": 100, "reference": "blur"}
+    page.wait_for_selector("#image-view", state="visible")
+    assert page.text_content("#image-label").startswith("Predicted: ")
+
+
 def test_text_classification_label_and_contrast_rows(page: Any) -> None:
     page.select_option("#model", "minilm-sentiment")
     page.fill("#text", "what a wonderful film, i loved it")
