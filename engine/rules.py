@@ -230,6 +230,11 @@ def grouped_mm(ctx: Ctx) -> Propagation:
         return source * back.view(S, K, -1).transpose(0, 1)
 
     if ctx.delta:  # the reference forward used the input's experts: rows line up
+        if not torch.equal(ctx.ref[third], offs):
+            raise NotImplementedError(
+                f'mode "reference" at {ctx.node.name}: the reference routed tokens to other'
+                " experts (routing not by topk, which the reference forward holds fixed)"
+            )
         dx = ctx.diff(first)
         z = gmm(dx, w, offs)
         ratio = ctx.R / stable(z)

@@ -103,7 +103,7 @@ def forward(
     inputs: dict[str, Tensor],
     fused: dict[fx.Node, dict[str, Any]] | None = None,
     zeroed: frozenset[fx.Node] = frozenset(),
-    routed: dict[fx.Node, Tensor] | None = None,
+    routed: dict[fx.Node, Any] | None = None,
 ) -> tuple[dict[fx.Node, Any], tuple]:
     """Run the exported graph, keeping every value. Op errors propagate unchanged.
 
@@ -111,8 +111,8 @@ def forward(
     (the batch norm node, mapped to {}, then just passes the convolution's output on), as
     inference engines do: one op instead of two, and what the sweep's rule sees. The outputs
     of ``zeroed`` nodes are replaced by zeros (a reference forward with empty embeddings).
-    ``routed`` maps a mixture-of-experts ``topk`` to the expert indices it must pick (the
-    input's, in the reference forward); its values are the router's scores at them.
+    ``routed`` maps a mixture-of-experts ``topk`` to the (weights, experts) it returns instead:
+    the input's, in the reference forward.
     """
     routed = routed or {}
     fused = fused or {}
@@ -129,9 +129,7 @@ def forward(
             args = fx.node.map_arg(node.args, env.__getitem__)
             kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
             if node in routed:
-                picked = routed[node]
-                dim = args[2] if len(args) > 2 else kwargs.get("dim", -1)
-                env[node] = (args[0].gather(dim, picked), picked)
+                env[node] = routed[node]
                 continue
             env[node] = node.target(*args, **kwargs)
             if node in zeroed:
@@ -253,9 +251,10 @@ class Sweeper:
     ) -> dict[fx.Node, Any]:
         """The recorded forward of mode "reference"'s reference input. Inputs it leaves out
         default to zeros for floating-point inputs; for token ids, to the same ids with the
-        embedding lookups that start relevance paths replaced by zero vectors. Experts are
-        the ones the input (recorded in ``env``) was routed to: routing weights are constants,
-        as attention weights are, and each expert row then has its reference row."""
+        embedding lookups that start relevance paths replaced by zero vectors. Routing is
+        the input's (recorded in ``env``): the same experts with the same weights, constants
+        as the spec has them, so each expert row has its reference row and a product with a
+        routing weight changes only through its other operand."""
         reference = dict(reference or {})
         zeroed = set()
         for name, value in inputs.items():
@@ -272,7 +271,7 @@ class Sweeper:
                     f"reference {name!r} has shape {tuple(value.shape)}, "
                     f"the input {tuple(inputs[name].shape)}"
                 )
-        routed = {node: env[node][1] for node in self._routing}
+        routed = {node: env[node] for node in self._routing}
         ref_env, _ = forward(self.captured, reference, self._folded, frozenset(zeroed), routed)
         return ref_env
 
@@ -495,6 +494,7 @@ def _routing_topks(nodes: Any) -> list[fx.Node]:
         seen.add(n)
         if n.target is aten.topk.default:
             found.append(n)
+            continue  # the router's own inputs route nothing else
         stack.extend(n.all_input_nodes)
     return found
 

@@ -69,10 +69,12 @@ def test_moe_reference_mode_routes_the_reference_as_the_input(moe):
     dlb = DLBacktrace(model, batch)
     sweeper = dlb._graphs[0][1]
     env, _ = sweeper.forward(dict(batch))
-    ref_env = sweeper.reference_forward(dict(batch), None, env)
+    other = prompts(2, 6, seed=1, pads=(0, 2))["input_ids"]  # other tokens: other experts
+    ref_env = sweeper.reference_forward(dict(batch), {"input_ids": other}, env)
     assert sweeper._routing, "no routing topk found"
-    for node in sweeper._routing:
+    for node in sweeper._routing:  # the same experts, with the same weights
         assert torch.equal(ref_env[node][1], env[node][1])
+        assert torch.equal(ref_env[node][0], env[node][0])
     kw = {"max_new_tokens": NEW, "return_relevance": True, "mode": "reference"}
     batched = run_generation(dlb, batch, **kw)
     stepwise = run_generation(dlb, batch, path="stepwise", **kw)
