@@ -125,12 +125,11 @@ def forward(
             env[node] = (out, out.new_empty(0), out.new_empty(0))
         elif node in fused:
             env[node] = node.target(**fx.node.map_arg(fused[node], env.__getitem__))
+        elif node in routed:
+            env[node] = routed[node]
         elif node.op == "call_function":
             args = fx.node.map_arg(node.args, env.__getitem__)
             kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-            if node in routed:
-                env[node] = routed[node]
-                continue
             env[node] = node.target(*args, **kwargs)
             if node in zeroed:
                 env[node] = torch.zeros_like(env[node])
