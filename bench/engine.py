@@ -3,7 +3,8 @@
 ``python -m bench.engine`` prints one JSON object per model with ``forward_s``, ``run_task_s``
 (medians of several repeats, relevance for the inputs only, as the service asks for it),
 ``ratio`` = run_task_s / forward_s, and ``peak_extra_mb``: the peak heap memory in use during
-run_task above its starting level, minus the same figure for the forward pass.
+run_task above its starting level, minus the same figure for the forward pass (on a GPU,
+``--device cuda``: the same for the device memory that torch allocates).
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ import torch
 MODELS = ("resnet18", "mobilenet_v2", "minilm")
 
 
-def build(name: str):
+def build(name: str, batch: int = 1):
+    model, inputs = _build(name)
+    return model, {k: v.repeat(batch, *[1] * (v.dim() - 1)) for k, v in inputs.items()}
+
+
+def _build(name: str):
     if name == "minilm":
         from tests.engine.zoo import minilm, minilm_tokenizer
 
@@ -37,19 +43,30 @@ def build(name: str):
 
 
 def median_time(fn, repeats: int) -> float:
+    """Wall time of ``fn``, including the GPU work it queued (kernels run asynchronously)."""
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def measure(name: str, repeats: int, mode: str = "default") -> dict:
+def sync() -> None:
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def measure(
+    name: str, repeats: int, mode: str = "default", device: str = "cpu", batch: int = 1
+) -> dict:
     from engine import DLBacktrace
 
-    model, inputs = build(name)
-    dlb = DLBacktrace(model, inputs)
+    model, inputs = build(name, batch)
+    dlb = DLBacktrace(model, inputs, device=device)
+    model, inputs = dlb.model, dlb_inputs(dlb, inputs)
     explain = lambda: dlb.run_task(inputs=inputs, relevance_nodes="inputs", mode=mode)  # noqa: E731
 
     def forward():
@@ -69,7 +86,9 @@ def measure(name: str, repeats: int, mode: str = "default") -> dict:
         "forward_s": round(f, 5),
         "run_task_s": round(r, 5),
         "ratio": round(r / f, 3),
+        "batch": batch,
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         **({} if mode == "default" else {"mode": mode}),
     }
 
@@ -117,15 +136,35 @@ def _heap() -> int:
     return info.uordblks + info.hblkhd
 
 
-def peak_extra_mb(name: str) -> float:
+class PeakDevice:
+    """Peak bytes that torch allocated on the GPU above the level at entry."""
+
+    def __enter__(self) -> PeakDevice:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.base = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.cuda.synchronize()
+        self.extra_mb = (torch.cuda.max_memory_allocated() - self.base) / 2**20
+
+
+def dlb_inputs(dlb, inputs: dict) -> dict:
+    return {k: v.to(dlb.device) for k, v in inputs.items()}
+
+
+def peak_extra_mb(name: str, device: str = "cpu", batch: int = 1) -> float:
     """Peak memory of run_task over that of the forward pass, same inputs, same process."""
     from engine import DLBacktrace
 
-    model, inputs = build(name)
-    dlb = DLBacktrace(model, inputs)
-    with torch.no_grad(), PeakHeap() as fwd:
+    model, inputs = build(name, batch)
+    dlb = DLBacktrace(model, inputs, device=device)
+    model, inputs = dlb.model, dlb_inputs(dlb, inputs)
+    peak = PeakDevice if device == "cuda" else PeakHeap
+    with torch.no_grad(), peak() as fwd:
         model(**inputs)
-    with PeakHeap() as run:
+    with peak() as run:
         dlb.run_task(inputs=inputs, relevance_nodes="inputs")
     return run.extra_mb - fwd.extra_mb
 
@@ -136,6 +175,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--mode", default="default", help="the engine mode timed (run_task mode=)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batch", type=int, default=1, help="inputs per run_task call")
     parser.add_argument(
         "--default-allocator",
         action="store_true",
@@ -146,10 +187,10 @@ def main() -> None:
 
     tuned = False if args.default_allocator else tune_allocator()
     for name in args.models:
-        row = measure(name, args.repeats, args.mode)
+        row = measure(name, args.repeats, args.mode, args.device, args.batch)
         row["allocator"] = "tuned" if tuned else "default"
         if not args.no_memory:
-            row["peak_extra_mb"] = round(peak_extra_mb(name), 1)
+            row["peak_extra_mb"] = round(peak_extra_mb(name, args.device, args.batch), 1)
         print(json.dumps(row), flush=True)
 
 

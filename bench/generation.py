@@ -6,6 +6,7 @@ a 32-token prompt, GPT-2 configuration with 6 layers and width 256, random weigh
 step: KV-cached decode, then one forward and one batched sweep) and ``ratio``. Target: ratio <= 4.
 Each figure is the median of ``--repeats`` runs after one warm-up; the ``*_cpu_s`` figures
 (process CPU time, all threads) are less sensitive to other jobs sharing the machine.
+``--device cuda`` runs both on the GPU.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from engine import DLBacktrace
 from engine.generation import run_generation
 
 
-def build(layers: int = 6, width: int = 256, prompt_len: int = 32):
+def build(layers: int = 6, width: int = 256, prompt_len: int = 32, device: str = "cpu"):
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=layers, n_embd=width, n_head=width // 64)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    ids = torch.randint(0, config.vocab_size, (1, prompt_len))
+    model = transformers.GPT2LMHeadModel(config).eval().to(device)
+    ids = torch.randint(0, config.vocab_size, (1, prompt_len)).to(device)
     return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
@@ -38,6 +39,8 @@ def _median_time(fn, repeats: int) -> tuple[float, float, object]:
     for _ in range(repeats):
         start, start_cpu = time.perf_counter(), time.process_time()
         out = fn()
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # kernels run asynchronously
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     return statistics.median(wall), statistics.median(cpu), out
@@ -48,9 +51,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
 
-    model, inputs = build(prompt_len=args.prompt_len)
+    model, inputs = build(prompt_len=args.prompt_len, device=args.device)
     # eos_token_id=None: generate all tokens, like the explained run (a random model may hit EOS)
     plain_s, plain_cpu_s, plain = _median_time(
         lambda: model.generate(
@@ -60,7 +64,7 @@ def main() -> None:
     )
     model.generation_config.eos_token_id = None
     start = time.perf_counter()
-    dlb = DLBacktrace(model, inputs)
+    dlb = DLBacktrace(model, inputs, device=args.device)
     capture_s = time.perf_counter() - start
     explained_s, explained_cpu_s, result = _median_time(
         lambda: run_generation(
@@ -77,6 +81,7 @@ def main() -> None:
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "plain_s": round(plain_s, 4),
         "explained_s": round(explained_s, 4),
         "ratio": round(explained_s / plain_s, 2),

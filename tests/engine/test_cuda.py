@@ -1,0 +1,101 @@
+"""The engine on a CUDA device gives what it gives on the CPU: every mode, named references,
+generation (KV cache, batched sweep), mixture-of-experts routing and half precision.
+
+Skipped without a CUDA device, so CI (no GPU) skips them; they run on a lent GPU machine
+(see bench/README.md, "GPU")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import DLBacktrace
+from engine.generation import run_generation
+from tests.engine.lm_models import prompts, tiny_lm
+from tests.engine.test_generation_moe import conserved_and_paths_agree
+
+from .zoo import ZOO
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+NEW = 4
+
+
+def _close(gpu: torch.Tensor, cpu: torch.Tensor, rtol: float = 1e-3) -> None:
+    """Relative to the largest value: TF32 and other kernels reorder float sums on a GPU."""
+    assert gpu.device.type == "cuda"
+    scale = float(cpu.abs().max()) or 1.0
+    assert float((gpu.cpu() - cpu).abs().max()) <= rtol * scale
+
+
+def _conserved(result: dict, atol: float = 1e-2) -> None:
+    c = result["conservation"]
+    assert abs(c["inputs"] + c["sinks"] - c["seed"]).max() < atol
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "bert", "distilbert"])
+@pytest.mark.parametrize("mode", ["default", "contrast", "reference"])
+def test_every_mode_matches_the_cpu(name: str, mode: str) -> None:
+    model, inputs = ZOO[name]()
+    kw = {"relevance_nodes": "inputs", "mode": mode}
+    cpu = DLBacktrace(model, inputs).run_task(inputs=inputs, **kw)
+    gpu = DLBacktrace(model, inputs, device="cuda").run_task(inputs=inputs, **kw)
+    for key, value in cpu["relevance"].items():
+        _close(gpu["relevance"][key], value)
+    _conserved(gpu)
+
+
+@pytest.mark.parametrize("reference", ["blur", "mean"])
+def test_named_image_references_on_the_device(reference: str) -> None:
+    model, inputs = ZOO["resnet18"]()
+    kw = {"relevance_nodes": "inputs", "mode": "reference", "reference": reference}
+    cpu = DLBacktrace(model, inputs).run_task(inputs=inputs, **kw)
+    gpu = DLBacktrace(model, inputs, device="cuda").run_task(inputs=inputs, **kw)
+    key = next(iter(cpu["relevance"]))
+    _close(gpu["relevance"][key], cpu["relevance"][key])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_generation_matches_the_cpu(family: str) -> None:
+    """Greedy decoding with the KV cache emits the CPU's tokens, and the batched sweep's
+    relevance per step equals the CPU's and the stepwise path's on the device."""
+    model, batch = tiny_lm(family, sharpen=5.0), prompts(3, 7, seed=1, pads=(0, 2, 4))
+    kw = {"max_new_tokens": NEW, "return_relevance": True}
+    cpu = run_generation(DLBacktrace(model, batch), batch, **kw)
+    dlb = DLBacktrace(model, batch, device="cuda")
+    gpu = run_generation(dlb, batch, **kw)
+    stepwise = run_generation(dlb, batch, path="stepwise", **kw)
+    assert torch.equal(gpu["generated_ids"].cpu(), cpu["generated_ids"])
+    for i in range(NEW):
+        got = gpu["relevance_trace"][i]["input_ids"]
+        _close(got, cpu["relevance_trace"][i]["input_ids"])
+        _close(got, stepwise["relevance_trace"][i]["input_ids"].cpu(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["default", "reference"])
+def test_mixture_of_experts_on_the_device(mode: str) -> None:
+    model, batch = tiny_lm("mixtral"), prompts(2, 6, seed=4, pads=(0, 2))
+    dlb = DLBacktrace(model, batch, device="cuda")
+    conserved_and_paths_agree(dlb, batch, 1e-3, mode=mode)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_on_the_device(dtype: torch.dtype) -> None:
+    """A half-precision model on the GPU (the service's dtype setting): the sweep runs in
+    float32, conserves, and agrees with the float32 model to half precision's accuracy."""
+    model, inputs = ZOO["resnet18"]()
+    key = next(iter(inputs))
+    full = DLBacktrace(model, inputs, device="cuda").run_task(
+        inputs=inputs, relevance_nodes="inputs"
+    )
+    half_inputs = {k: v.to(dtype) for k, v in inputs.items()}
+    half = DLBacktrace(model.to(dtype), half_inputs, device="cuda").run_task(
+        inputs=half_inputs, relevance_nodes="inputs"
+    )
+    assert half["relevance"][key].dtype == torch.float32
+    _conserved(half)
+    a, b = half["relevance"][key].flatten(1), full["relevance"][key].flatten(1)
+    assert float(torch.nn.functional.cosine_similarity(a, b).min()) > 0.95
