@@ -109,18 +109,20 @@ class CachedLM:
         params = inspect.signature(model.forward).parameters
         self.takes_positions = "position_ids" in params
         self.takes_logits_to_keep = "logits_to_keep" in params
+        # transformers renamed past_key_values to cache in 5.2x; earlier 5.x take the old name
+        self.cache_name = "cache" if "cache" in params else "past_key_values"
 
     def __call__(self, input_ids: Tensor, mask: Tensor, positions: Tensor, cache=None):
         """Logits of the last position [B, V] (float32) and the updated cache."""
         kwargs = {"attention_mask": mask, "use_cache": True}
         if cache is not None:
-            kwargs["cache"] = cache
+            kwargs[self.cache_name] = cache
         if self.takes_positions:
             kwargs["position_ids"] = positions
         if self.takes_logits_to_keep:
             kwargs["logits_to_keep"] = 1
         out = self.model(input_ids=input_ids, **kwargs)
-        return out.logits[:, -1].float(), out.cache
+        return out.logits[:, -1].float(), getattr(out, self.cache_name)
 
 
 def _check(cfg: DecodingConfig) -> None:

@@ -48,6 +48,7 @@ class Ctx:
     abs_of: Callable[[Tensor], Tensor]
     bias_term: Callable[[Tensor | None, int, Tensor], Tensor]
     ref: dict[str, Any] | None = None  # the arguments in the reference's forward (mode "reference")
+    ref_out: Any = None  # the output in the reference's forward
 
     @property
     def first(self) -> str:
@@ -74,6 +75,15 @@ class Ctx:
         """Argument ``name`` minus its value in the reference's forward pass."""
         x, r = self.args[name], self.ref[name]
         return x - r if index is None else x[index] - r[index]
+
+    def per_change(self) -> Tensor:
+        """Mode "reference": R per unit of the output's change y - y', taken as the two forward
+        passes computed it. That is what the consumers shared R by (their ``diff``), so the
+        ratio stays bounded by theirs. A rule's own sum of contributions equals it in exact
+        arithmetic, but not after rounding: in half precision, or with TF32 on a GPU, it can
+        be near 0 where y - y' is not, and dividing by it blew relevance up by 1e11. The
+        difference between the two becomes a sink instead."""
+        return self.R / stable(self.out - self.ref_out)
 
 
 Propagation = tuple[dict[str, Any], Tensor | None]
@@ -106,23 +116,21 @@ def stable(z: Tensor) -> Tensor:
     return z + torch.where(z >= 0, EPS, -EPS)
 
 
-def _delta_linear(R: Tensor, dx: Tensor, f: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
-    """Mode "reference" for a map ``f`` linear in ``x`` (bias left out: it cancels):
-    R_in = dx * f^T(R / f(dx)), and the sink R - (R / f(dx)) f(dx)."""
-    z = f(dx)
-    ratio = R / stable(z)
-    return dx * _vjp(f, dx, ratio), R - ratio * z
+def _delta_linear(ctx: Ctx, dx: Tensor, f: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """Mode "reference" for the op, a map ``f`` linear in ``x`` (bias left out: it cancels):
+    R_in = dx * f^T(R / dy), and the sink R - (R / dy) f(dx)."""
+    ratio = ctx.per_change()
+    return dx * _vjp(f, dx, ratio), ctx.R - ratio * f(dx)
 
 
-def _delta_product(R: Tensor, f: Callable, a: Tensor, b: Tensor, ar: Tensor, br: Tensor):
-    """Mode "reference" for a product of two data operands, split exactly:
+def _delta_product(ctx: Ctx, f: Callable, a: Tensor, b: Tensor, ar: Tensor, br: Tensor):
+    """Mode "reference" for the op, a product of two data operands, split exactly:
     f(a, b) - f(a', b') = f(a - a', (b + b') / 2) + f((a + a') / 2, b - b')."""
     da, db, ma, mb = a - ar, b - br, (a + ar) / 2, (b + br) / 2
-    z = f(a, b) - f(ar, br)
-    ratio = R / stable(z)
+    ratio = ctx.per_change()
     r_a = da * _vjp(lambda u: f(u, mb), da, ratio)
     r_b = db * _vjp(lambda v: f(ma, v), db, ratio)
-    return r_a, r_b, R - ratio * z
+    return r_a, r_b, ctx.R - ratio * (f(a, b) - f(ar, br))
 
 
 def _unbroadcast(r: Tensor, shape: torch.Size) -> Tensor:
@@ -178,9 +186,8 @@ def _dense(ctx: Ctx, x: Tensor, w: Tensor, aw: Tensor, extra: Tensor) -> Propaga
 
 def _delta_dense(ctx: Ctx, dx: Tensor, w: Tensor, name: str = "input") -> Propagation:
     """Mode "reference" of y = x W^T + b: R_in = dX * ((R / (dX W^T)) W)."""
-    z = F.linear(dx, w)
-    ratio = ctx.R / stable(z)
-    return {name: dx * (ratio @ w)}, ctx.R - ratio * z
+    ratio = ctx.per_change()
+    return {name: dx * (ratio @ w)}, ctx.R - ratio * F.linear(dx, w)
 
 
 @rule(aten.linear.default)
@@ -236,9 +243,8 @@ def grouped_mm(ctx: Ctx) -> Propagation:
                 " experts (routing not by topk, which the reference forward holds fixed)"
             )
         dx = ctx.diff(first)
-        z = gmm(dx, w, offs)
-        ratio = ctx.R / stable(z)
-        return {first: backward(ratio, w, dx)}, ctx.R - ratio * z
+        ratio = ctx.per_change()
+        return {first: backward(ratio, w, dx)}, ctx.R - ratio * gmm(dx, w, offs)
     ax, aw = x.abs(), w.abs()
     ratio = ctx.R / (gmm(ax, aw, offs) + TINY)
     if ctx.signed:
@@ -287,9 +293,8 @@ def conv(ctx: Ctx) -> Propagation:
         act = _activation_after(ctx.node)
         if act is not None:
             return _reveal_cancel(ctx, dx, w, forward, backward, act)
-        z = forward(dx, w)
-        ratio = ctx.R / stable(z)
-        return {"input": dx * backward(ratio, w)}, ctx.R - ratio * z
+        ratio = ctx.per_change()
+        return {"input": dx * backward(ratio, w)}, ctx.R - ratio * forward(dx, w)
     aw, extra = ctx.abs_of(w), ctx.bias_term(b, w.shape[0], x)
     ax = ctx.abs_of(x)
     ratio = ctx.R / conv_fn(ax, aw, extra, stride, pad, dil, groups)
@@ -336,9 +341,11 @@ def _reveal_cancel(
     aw, adx = ctx.abs_of(w), dx.abs()
     dz, spread = forward(dx, w), forward(adx, aw)
     zp, zn = (dz + spread) / 2, (dz - spread) / 2
-    zr = ctx.out - dz  # the reference's z: the map is linear
-    yp = 0.5 * ((f(zr + zp) - f(zr)) + (f(zr + dz) - f(zr + zn)))
-    yn = 0.5 * ((f(zr + zn) - f(zr)) + (f(zr + dz) - f(zr + zp)))
+    # z and z' as the forward passes computed them (see Ctx.per_change), so dy+ + dy- is the
+    # change of the activation that its consumers shared R by
+    z, zr = ctx.out, ctx.ref_out
+    yp = 0.5 * ((f(zr + zp) - f(zr)) + (f(z) - f(zr + zn)))
+    yn = 0.5 * ((f(zr + zn) - f(zr)) + (f(z) - f(zr + zp)))
     ratio = ctx.R / stable(yp + yn)
     rp, rn = ratio * yp / stable(zp), ratio * yn / stable(zn)
     r_in = dx * backward((rp + rn) / 2, w) + adx * backward((rp - rn) / 2, aw)
@@ -391,13 +398,13 @@ def _product(
     if ctx.delta:
         ar, br = refs
         if all(data):
-            r_a, r_b, sink = _delta_product(ctx.R, f, a, b, ar, br)
+            r_a, r_b, sink = _delta_product(ctx, f, a, b, ar, br)
             return [r_a, r_b], sink
         if data[0]:
-            r_a, sink = _delta_linear(ctx.R, a - ar, lambda u: f(u, b))
+            r_a, sink = _delta_linear(ctx, a - ar, lambda u: f(u, b))
             return [r_a, None], sink
         if data[1]:
-            r_b, sink = _delta_linear(ctx.R, b - br, lambda v: f(a, v))
+            r_b, sink = _delta_linear(ctx, b - br, lambda v: f(a, v))
             return [None, r_b], sink
         return [None, None], ctx.R
     share = ctx.R * (0.5 if all(data) else 1.0)
@@ -497,14 +504,13 @@ def _attention_delta(ctx: Ctx, q: Tensor, k: Tensor, v: Tensor, A: Tensor, group
     S = attention_scores(q, k, ctx.args["attn_mask"], ctx.args["is_causal"], scale)
     Sr = attention_scores(qr, kr, a["attn_mask"], a["is_causal"], scale)
     Ar = torch.softmax(Sr, dim=-1).nan_to_num(0.0)
-    z = A @ v - Ar @ vr
-    ratio = ctx.R / stable(z)
+    ratio = ctx.per_change()
     r_v = (v - vr) * ((A + Ar).transpose(-2, -1) @ ratio) / 2
     mult_a = ratio @ ((v + vr) / 2).transpose(-2, -1)
     mult_s = _softmax_multiplier(S, Sr, A, Ar, mult_a) * scale
     r_q = (q - qr) * (mult_s @ ((k + kr) / 2))
     r_k = (k - kr) * (mult_s.transpose(-2, -1) @ ((q + qr) / 2))
-    return r_q, r_k, r_v, (ctx.R - ratio * z).sum(-1)
+    return r_q, r_k, r_v, (ctx.R - ratio * (A @ v - Ar @ vr)).sum(-1)
 
 
 def _softmax_multiplier(S: Tensor, Sr: Tensor, A: Tensor, Ar: Tensor, mult: Tensor) -> Tensor:
@@ -602,7 +608,7 @@ def _positive_map(fn: Callable[[Ctx, Tensor], Tensor]) -> Rule:
     def propagate(ctx: Ctx) -> Propagation:
         f = lambda u: fn(ctx, u)  # noqa: E731
         if ctx.delta:
-            r_in, sink = _delta_linear(ctx.R, ctx.diff(ctx.first), f)
+            r_in, sink = _delta_linear(ctx, ctx.diff(ctx.first), f)
         else:
             r_in, sink = _proportional(ctx, ctx.R, ctx.x, f, f)
         return {ctx.first: r_in}, sink
@@ -617,7 +623,7 @@ rule(aten.avg_pool2d.default)(
     _positive_map(lambda c, u: aten.avg_pool2d.default(**{**c.args, "self": u}))
 )
 rule(aten.mean.dim)(
-    _positive_map(lambda c, u: u.sum(c.args["dim"] or list(range(u.dim())), c.args["keepdim"]))
+    _positive_map(lambda c, u: u.mean(c.args["dim"] or list(range(u.dim())), c.args["keepdim"]))
 )
 rule(aten.sum.dim_IntList)(
     _positive_map(lambda c, u: u.sum(c.args["dim"] or list(range(u.dim())), c.args["keepdim"]))
@@ -686,14 +692,15 @@ def _norm_reference(ctx: Ctx, center: bool) -> Propagation:
     dims = len(a["normalized_shape"])
     g = a["weight"].flatten() if a["weight"] is not None else 1.0
     eps = a["eps"] if a["eps"] is not None else torch.finfo(a["input"].dtype).eps
-    r_in, sink = _norm_delta(ctx.R, a["input"], ctx.ref["input"], g, eps, dims, center)
+    r_in, sink = _norm_delta(ctx, a["input"], ctx.ref["input"], g, eps, dims, center)
     return {"input": r_in}, sink
 
 
 def _norm_delta(
-    R: Tensor, x: Tensor, xr: Tensor, g: Tensor | float, eps: float, dims: int, center: bool
+    ctx: Ctx, x: Tensor, xr: Tensor, g: Tensor | float, eps: float, dims: int, center: bool
 ) -> tuple[Tensor, Tensor]:
-    """The difference rule of ``_norm_reference`` over the last ``dims`` dimensions of x."""
+    """The difference rule of ``_norm_reference`` over the last ``dims`` dimensions of x, for
+    the op ``ctx`` (its output's change: the normalised x's, times g)."""
     shape = x.shape
     x, xr = x.flatten(-dims), xr.flatten(-dims)
     u, ur = (x - x.mean(-1, keepdim=True), xr - xr.mean(-1, keepdim=True)) if center else (x, xr)
@@ -705,8 +712,7 @@ def _norm_delta(
     )
     coupling = ur * (2 * slope / x.shape[-1])  # u' ds/d(var) d(var)/du, per element
     z = g * (s * du + coupling * (u_mid * du).sum(-1, keepdim=True))
-    R = R.flatten(-dims)
-    ratio = R / stable(z)
+    R, ratio = ctx.R.flatten(-dims), ctx.per_change().flatten(-dims)
     r = g * ratio
     back = s * r + u_mid * (coupling * r).sum(-1, keepdim=True)
     if center:
@@ -790,7 +796,7 @@ def _add_delta(ctx: Ctx) -> Propagation:
     if not parts:
         return {}, ctx.R
     total = sum(parts.values())
-    ratio = ctx.R / stable(total)
+    ratio = ctx.per_change()
     grads = {n: _unbroadcast(ratio * d, ctx.args[n].shape) for n, d in parts.items()}
     return grads, ctx.R - ratio * total
 
@@ -806,7 +812,7 @@ def mul(ctx: Ctx) -> Propagation:
         targets = [first]
     if ctx.delta and len(targets) == 2:
         a, b = ctx.args[first], ctx.args[second]
-        r_a, r_b, sink = _delta_product(ctx.R, torch.mul, a, b, ctx.ref[first], ctx.ref[second])
+        r_a, r_b, sink = _delta_product(ctx, torch.mul, a, b, ctx.ref[first], ctx.ref[second])
         return {first: _unbroadcast(r_a, a.shape), second: _unbroadcast(r_b, b.shape)}, sink
     if ctx.delta and len(targets) == 1 and not division:
         # x * rsqrt(mean(x^2) + eps): the normaliser changes with x, as in aten.rms_norm
@@ -814,7 +820,7 @@ def mul(ctx: Ctx) -> Propagation:
         eps = _rms_eps(factor, data)
         if eps is not None:
             name = targets[0]
-            r_in, sink = _norm_delta(ctx.R, ctx.args[name], ctx.ref[name], 1.0, eps, 1, False)
+            r_in, sink = _norm_delta(ctx, ctx.args[name], ctx.ref[name], 1.0, eps, 1, False)
             return {name: r_in}, sink
     grads = {}
     for name in targets:

@@ -399,13 +399,14 @@ class Sweeper:
             ctx = Ctx(
                 node=node,
                 args=self._arguments(node, env),
-                out=env[node],
+                out=_exact(env[node]),
                 R=r,
                 mode=mode,
                 is_data=self._is_data[node],
                 abs_of=self.abs_of,
                 bias_term=self.bias_term,
                 ref=None if env_ref is None else self._arguments(node, env_ref),
+                ref_out=None if env_ref is None else _exact(env_ref[node]),
             )
             rule = REFERENCE_RULES.get(node.target) if env_ref is not None else None
             grads, sink = (rule or RULES[node.target])(ctx)
