@@ -328,12 +328,16 @@ def _activation_after(node: fx.Node) -> Callable[[Tensor], Tensor] | None:
 def _reveal_cancel(
     ctx: Ctx, dx: Tensor, w: Tensor, forward: Callable, backward: Callable, f
 ) -> Propagation:
-    """Mode "reference" for z = W x + b followed by the activation ``f`` (DeepLIFT's
+    """Mode "reference" for z = W x + b followed by the activation ``f`` (after DeepLIFT's
     RevealCancel): the contributions c_jk = w_jk dx_k to the change of z are split into their
-    positive sum dz+ and negative sum dz-, and f(z) - f(z') into
-    dy+ = (f(z' + dz+) - f(z') + f(z) - f(z' + dz-)) / 2 and dy- likewise (dy+ + dy- = dy
-    exactly); each part shares its relevance among its own contributions. A positive change
-    that a negative one cancels below the relu's threshold is no longer invisible.
+    positive sum dz+ and negative sum dz-, and f(z) - f(z') between the two parts by the order
+    they arrive in: dz+ first, dy+ = f(z' + dz+) - f(z') and dy- = f(z) - f(z' + dz+), or dz-
+    first, likewise (either way dy+ + dy- = dy exactly); each part shares its relevance among
+    its own contributions. A positive change that a negative one cancels below the relu's
+    threshold is no longer invisible. RevealCancel averages the two orders; here each order
+    weighs by its first part's share of the spread dz+ - dz-, so the larger part tends to come
+    first. Chosen on training images by the faithfulness benchmark, confirmed on held-out ones
+    (bench/README.md): +0.07 ABPC on the mean-pixel digits, +0.01 on the blurred ones.
     ``forward(u, w)`` applies the map without bias, ``backward(ratio, w)`` its transpose.
 
     Two products each way: dz+- = (W dx +- |W| |dx|) / 2, and per input
@@ -344,8 +348,9 @@ def _reveal_cancel(
     # z and z' as the forward passes computed them (see Ctx.per_change), so dy+ + dy- is the
     # change of the activation that its consumers shared R by
     z, zr = ctx.out, ctx.ref_out
-    yp = 0.5 * ((f(zr + zp) - f(zr)) + (f(z) - f(zr + zn)))
-    yn = 0.5 * ((f(zr + zn) - f(zr)) + (f(z) - f(zr + zp)))
+    first = zp / stable(spread)  # how likely dz+ comes first
+    yp = first * (f(zr + zp) - f(zr)) + (1 - first) * (f(z) - f(zr + zn))
+    yn = first * (f(z) - f(zr + zp)) + (1 - first) * (f(zr + zn) - f(zr))
     ratio = ctx.R / stable(yp + yn)
     rp, rn = ratio * yp / stable(zp), ratio * yn / stable(zn)
     r_in = dx * backward((rp + rn) / 2, w) + adx * backward((rp - rn) / 2, aw)

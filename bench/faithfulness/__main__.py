@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .methods import IG_STEPS, METHODS, Method
-from .metrics import curves
+from .metrics import curves, paired
 from .plots import plot_model
 from .tasks import TASKS, Task
 
@@ -31,7 +31,9 @@ SAMPLES = {
 OUT = Path(__file__).resolve().parent.parent / "results"
 
 
-def run_method(task: Task, method: Method, tiebreak: torch.Tensor, batch: int) -> dict[str, Any]:
+def run_method(
+    task: Task, method: Method, tiebreak: torch.Tensor, batch: int
+) -> tuple[dict[str, Any], torch.Tensor]:
     """Explain every sample in batches, then score the curves.
 
     Cost is the median over full batches of (batch seconds / batch size), after one warm-up
@@ -50,10 +52,11 @@ def run_method(task: Task, method: Method, tiebreak: torch.Tensor, batch: int) -
             wall.append((time.perf_counter() - start) / size)
             cpu.append((time.process_time() - start_cpu) / size)
     relevance = task.pool(torch.cat(parts))
-    row = curves(task, relevance, tiebreak).summary()
+    scored = curves(task, relevance, tiebreak)
+    row = scored.summary()
     row["seconds_per_explanation"] = statistics.median(wall)
     row["cpu_seconds_per_explanation"] = statistics.median(cpu)
-    return row
+    return row, scored.abpc
 
 
 def run_task(name: str, n: int, batch: int, methods: list[str] | None, data_dir: str | None):
@@ -69,11 +72,14 @@ def run_task(name: str, n: int, batch: int, methods: list[str] | None, data_dir:
         "methods": {},
         "skipped": {},
     }
+    per_sample = {}
     for method in METHODS:
         if task.kind not in method.kinds or (methods and method.name not in methods):
             continue
         try:
-            report["methods"][method.name] = run_method(task, method, tiebreak, batch)
+            report["methods"][method.name], per_sample[method.name] = run_method(
+                task, method, tiebreak, batch
+            )
         except ImportError as err:  # a peer that is not installed
             report["skipped"][method.name] = f"not installed: {err}"
             continue
@@ -83,7 +89,22 @@ def run_task(name: str, n: int, batch: int, methods: list[str] | None, data_dir:
             f"  {row['seconds_per_explanation'] * 1e3:8.2f} ms",
             flush=True,
         )
+    report["against_best_peer"] = against_best_peer(per_sample)
     return report
+
+
+def against_best_peer(per_sample: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The issue's target, per engine mode: its ABPC minus the best peer's (the other library
+    with the highest mean ABPC; random is no peer), paired per sample."""
+    peers = {m: v for m, v in per_sample.items() if not m.startswith("engine-") and m != "random"}
+    if not peers:
+        return {}
+    best = max(peers, key=lambda m: float(peers[m].mean()))
+    return {
+        m: {"best_peer": best, **paired(v, peers[best])}
+        for m, v in per_sample.items()
+        if m.startswith("engine-")
+    }
 
 
 def _versions() -> dict[str, str]:
@@ -112,6 +133,16 @@ def table(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {model} | {method} | {r['abpc']:.3f} ± {r['abpc_se']:.3f} "
                 f"| {r['aopc_morf']:.3f} ± {r['aopc_morf_se']:.3f} | {s * 1e3:.2f} | {ratio} |"
+            )
+    lines += [
+        "",
+        "| model | mode | ABPC minus the best peer's (paired, ± SE) | best peer |",
+        "| --- | --- | --- | --- |",
+    ]
+    for model, report in results["models"].items():
+        for method, r in report.get("against_best_peer", {}).items():
+            lines.append(
+                f"| {model} | {method} | {r['diff']:+.4f} ± {r['diff_se']:.4f} | {r['best_peer']} |"
             )
     return "\n".join(lines)
 

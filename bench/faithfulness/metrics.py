@@ -30,6 +30,11 @@ class Curves:
     morf: Tensor
     lerf: Tensor
 
+    @property
+    def abpc(self) -> Tensor:
+        """ABPC per sample [N]."""
+        return (self.lerf - self.morf).mean(1)
+
     def summary(self) -> dict[str, float | list[float]]:
         aopc = self.morf[:, :1] - self.morf
         abpc = self.lerf - self.morf
@@ -41,6 +46,12 @@ class Curves:
             "morf_curve": [round(v, 5) for v in self.morf.mean(0).tolist()],
             "lerf_curve": [round(v, 5) for v in self.lerf.mean(0).tolist()],
         }
+
+
+def paired(a: Tensor, b: Tensor) -> dict[str, float]:
+    """Mean and standard error of the per-sample difference a - b (same samples, same
+    tie-breaks): far tighter than comparing two means, whose spread is mostly the samples'."""
+    return {"diff": _mean(a - b), "diff_se": _se(a - b)}
 
 
 def _mean(t: Tensor) -> float:

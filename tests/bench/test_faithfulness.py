@@ -36,3 +36,13 @@ def test_methods_give_well_formed_curves(name, methods):
         assert row["morf_curve"][-1] == pytest.approx(row["lerf_curve"][-1])
         assert all(math.isfinite(row[k]) for k in ("abpc", "abpc_se", "aopc_morf"))
         assert row["seconds_per_explanation"] > 0
+    # the target: each engine mode against the peer with the best ABPC, paired
+    rows = report["methods"]
+    peers = [m for m in rows if not m.startswith("engine-") and m != "random"]
+    best = max(peers, key=lambda m: rows[m]["abpc"])
+    engine = {m for m in rows if m.startswith("engine-")}
+    assert set(report["against_best_peer"]) == engine
+    for m, r in report["against_best_peer"].items():
+        assert r["best_peer"] == best
+        assert r["diff"] == pytest.approx(rows[m]["abpc"] - rows[best]["abpc"], abs=1e-5)
+        assert r["diff_se"] >= 0
