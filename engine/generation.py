@@ -24,9 +24,10 @@ exported symbolic shapes), so ``relevance_trace[i]["input_ids"]`` lines up with
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,8 @@ from torch import Tensor, nn
 
 from .decoding import Decoded, DecodingConfig, Step, decode, iter_decode, position_ids_from_mask
 from .sweep import Explanation, Seed
+
+log = logging.getLogger("engine")
 
 OnStep = Callable[[int, Tensor, Tensor, dict[str, Tensor] | None], None]
 
@@ -107,7 +110,7 @@ def _prompt(inputs: Any, tokenizer: Any, device: torch.device) -> tuple[Tensor, 
             tokenizer.padding_side = side
     if isinstance(inputs, Tensor):
         ids, mask = inputs, None
-    elif isinstance(inputs, dict):
+    elif isinstance(inputs, Mapping):  # a dict, or a tokenizer's BatchEncoding
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
     else:
         ids, mask = inputs[0], (inputs[1] if len(inputs) > 1 else None)
@@ -540,12 +543,23 @@ def run_generation(
         ]
     result["timings"] = {"decode_s": decode_s, "total_s": time.perf_counter() - started}
     if debug:
-        warnings.warn(
-            f"generation: {n} steps, explained {sorted(explained)}, "
-            f"decode {decode_s:.3f}s, total {result['timings']['total_s']:.3f}s",
-            stacklevel=2,
-        )
+        _log_steps(result, tokens)
     return result
+
+
+def _log_steps(result: dict[str, Any], tokens: Tensor) -> None:
+    """``debug=True``: one line per step (its tokens and conservation), then the timings."""
+    for s, c in enumerate(result["conservation_trace"]):
+        told = "" if c is None else (
+            f", seed {c['seed'].tolist()}, inputs {c['inputs'].tolist()},"
+            f" sinks {c['sinks'].tolist()}"
+        )  # fmt: skip
+        log.warning("generation step %d: tokens %s%s", s, tokens[:, s].tolist(), told)
+    t = result["timings"]
+    log.warning(
+        "generation: %d steps, explained %s, decode %.3fs, total %.3fs",
+        len(result["conservation_trace"]), result["explained_steps"], t["decode_s"], t["total_s"],
+    )  # fmt: skip
 
 
 def _decode_stepwise(

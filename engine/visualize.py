@@ -88,8 +88,11 @@ def visualize_tokenwise_relevance_map(
             continue
         line = rel / max(np.abs(rel).max(), 1e-12) if normalize else rel
         grid[i, : len(line)] = line
+    # without generated_ids only the prompt's tokens are known: the others are labelled "?"
     labels = _token_labels(tokens[:width].tolist(), tokenizer)
+    labels += ["?"] * (width - len(labels))
     emitted = _token_labels(tokens[prompt_len : prompt_len + len(steps)].tolist(), tokenizer)
+    emitted += ["?"] * (len(steps) - len(emitted))
 
     fig, ax = plt.subplots(figsize=figsize)
     limit = np.nanmax(np.abs(grid)) if np.isfinite(grid).any() else 1.0

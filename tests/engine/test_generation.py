@@ -101,6 +101,23 @@ def test_steps_selection_and_streaming_callback(dlb, batch):
     assert [(s, r) for s, _, r in events] == [(i, i < 2) for i in range(NEW)]
 
 
+def test_tokenizer_output_as_inputs_and_debug_logs_each_step(caplog):
+    """The tokenizer's own output (a BatchEncoding, not a dict) is a prompt, as in the
+    pipeline's examples; debug=True logs every step with its tokens and conservation."""
+    tok = word_tokenizer()
+    encoded = tok(["w5 w6 w7"], return_tensors="pt")
+    model = tiny_lm("gpt2")
+    dlb = DLBacktrace(model, dict(encoded))
+    with caplog.at_level("WARNING", logger="engine"):
+        result = dlb.run_task(
+            task="generation", inputs=encoded, tokenizer=tok, max_new_tokens=3, debug=True
+        )
+    expected = model.generate(**encoded, max_new_tokens=3, do_sample=False)
+    assert torch.equal(result["generated_ids"], expected)
+    steps = [r.getMessage() for r in caplog.records if "generation step" in r.getMessage()]
+    assert len(steps) == 3 and "sinks" in steps[-1]
+
+
 def test_select_steps():
     assert select_steps("all", 3) == [0, 1, 2]
     assert select_steps("none", 3) == select_steps(None, 3) == []

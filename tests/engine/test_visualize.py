@@ -55,6 +55,16 @@ def test_tokenwise_relevance_map(generation, tmp_path):
     _assert_image(path)
 
 
+def test_tokenwise_relevance_map_without_generated_ids(generation):
+    """Only the prompt's tokens are known then: the generated ones are labelled "?"."""
+    _, batch, result = generation
+    fig = visualize_tokenwise_relevance_map(result["relevance_trace"], batch["input_ids"])
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    prompt = batch["input_ids"][0].tolist()
+    assert labels == [str(i) for i in prompt] + ["?"] * (len(labels) - len(prompt))
+    assert len(labels) > len(prompt)
+
+
 def test_input_heatmap_for_token(generation, tmp_path):
     _, batch, result = generation
     path = tmp_path / "token.png"
