@@ -26,6 +26,15 @@ def build(name: str, batch: int = 1):
     return model, {k: v.repeat(batch, *[1] * (v.dim() - 1)) for k, v in inputs.items()}
 
 
+def prepared(name: str, device: str, batch: int):
+    """The model on ``device`` (as DLBacktrace moved it), its inputs there, and the explainer."""
+    from engine import DLBacktrace
+
+    model, inputs = build(name, batch)
+    dlb = DLBacktrace(model, inputs, device=device)
+    return dlb.model, {k: v.to(dlb.device) for k, v in inputs.items()}, dlb
+
+
 def _build(name: str):
     if name == "minilm":
         from tests.engine.zoo import minilm, minilm_tokenizer
@@ -62,11 +71,7 @@ def sync() -> None:
 def measure(
     name: str, repeats: int, mode: str = "default", device: str = "cpu", batch: int = 1
 ) -> dict:
-    from engine import DLBacktrace
-
-    model, inputs = build(name, batch)
-    dlb = DLBacktrace(model, inputs, device=device)
-    model, inputs = dlb.model, dlb_inputs(dlb, inputs)
+    model, inputs, dlb = prepared(name, device, batch)
     explain = lambda: dlb.run_task(inputs=inputs, relevance_nodes="inputs", mode=mode)  # noqa: E731
 
     def forward():
@@ -150,17 +155,9 @@ class PeakDevice:
         self.extra_mb = (torch.cuda.max_memory_allocated() - self.base) / 2**20
 
 
-def dlb_inputs(dlb, inputs: dict) -> dict:
-    return {k: v.to(dlb.device) for k, v in inputs.items()}
-
-
 def peak_extra_mb(name: str, device: str = "cpu", batch: int = 1) -> float:
     """Peak memory of run_task over that of the forward pass, same inputs, same process."""
-    from engine import DLBacktrace
-
-    model, inputs = build(name, batch)
-    dlb = DLBacktrace(model, inputs, device=device)
-    model, inputs = dlb.model, dlb_inputs(dlb, inputs)
+    model, inputs, dlb = prepared(name, device, batch)
     peak = PeakDevice if device == "cuda" else PeakHeap
     with torch.no_grad(), peak() as fwd:
         model(**inputs)

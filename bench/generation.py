@@ -19,6 +19,7 @@ import time
 import torch
 import transformers
 
+from bench.engine import sync
 from engine import DLBacktrace
 from engine.generation import run_generation
 
@@ -39,8 +40,7 @@ def _median_time(fn, repeats: int) -> tuple[float, float, object]:
     for _ in range(repeats):
         start, start_cpu = time.perf_counter(), time.process_time()
         out = fn()
-        if torch.cuda.is_initialized():
-            torch.cuda.synchronize()  # kernels run asynchronously
+        sync()  # GPU kernels run asynchronously
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     return statistics.median(wall), statistics.median(cpu), out

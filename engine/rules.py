@@ -17,7 +17,8 @@ arguments in the reference's forward pass), as DeepLIFT's rescale rule does: a m
 sum ``y_j - y'_j`` (the bias cancels); a product of two data operands splits exactly,
 ``ab - a'b' = (a - a')(b + b')/2 + (a + a')/2 (b - b')``; activations pass relevance on, so
 their ratio of differences becomes the multiplier. Relevance is signed; what a stabilised
-denominator withholds is the sink.
+denominator withholds is the sink, and so is what rounding leaves between a rule's sum of
+contributions and the change of its output (``Ctx.per_change``).
 """
 
 from __future__ import annotations
@@ -336,8 +337,7 @@ def _reveal_cancel(
     its own contributions. A positive change that a negative one cancels below the relu's
     threshold is no longer invisible. RevealCancel averages the two orders; here each order
     weighs by its first part's share of the spread dz+ - dz-, so the larger part tends to come
-    first. Chosen on training images by the faithfulness benchmark, confirmed on held-out ones
-    (bench/README.md): +0.07 ABPC on the mean-pixel digits, +0.01 on the blurred ones.
+    first (chosen on training images by the faithfulness benchmark, bench/README.md).
     ``forward(u, w)`` applies the map without bias, ``backward(ratio, w)`` its transpose.
 
     Two products each way: dz+- = (W dx +- |W| |dx|) / 2, and per input
@@ -345,13 +345,15 @@ def _reveal_cancel(
     aw, adx = ctx.abs_of(w), dx.abs()
     dz, spread = forward(dx, w), forward(adx, aw)
     zp, zn = (dz + spread) / 2, (dz - spread) / 2
-    # z and z' as the forward passes computed them (see Ctx.per_change), so dy+ + dy- is the
-    # change of the activation that its consumers shared R by
-    z, zr = ctx.out, ctx.ref_out
+    # The parts start where the contributions do, z - dz, so each part's share is a secant of
+    # f over that part (|dy+-| <= |dz+-| for a relu); R is per unit of the activation's change
+    # as the forward passes computed it (see Ctx.per_change), and rounding's difference sinks.
+    z = ctx.out
+    start = z - dz
     first = zp / stable(spread)  # how likely dz+ comes first
-    yp = first * (f(zr + zp) - f(zr)) + (1 - first) * (f(z) - f(zr + zn))
-    yn = first * (f(z) - f(zr + zp)) + (1 - first) * (f(zr + zn) - f(zr))
-    ratio = ctx.R / stable(yp + yn)
+    yp = first * (f(start + zp) - f(start)) + (1 - first) * (f(z) - f(start + zn))
+    yn = first * (f(z) - f(start + zp)) + (1 - first) * (f(start + zn) - f(start))
+    ratio = ctx.R / stable(f(z) - f(ctx.ref_out))
     rp, rn = ratio * yp / stable(zp), ratio * yn / stable(zn)
     r_in = dx * backward((rp + rn) / 2, w) + adx * backward((rp - rn) / 2, aw)
     return {"input": r_in}, ctx.R - rp * zp - rn * zn

@@ -396,17 +396,20 @@ class Sweeper:
                 r = r[0] if isinstance(r, dict) else r
                 R[through] = R[through] + r if through in R else r
                 continue
+            out, ref_out = env[node], None
+            if env_ref is not None:  # mode "reference" subtracts them: float32 at least
+                out, ref_out = _exact(out), _exact(env_ref[node])
             ctx = Ctx(
                 node=node,
                 args=self._arguments(node, env),
-                out=_exact(env[node]),
+                out=out,
                 R=r,
                 mode=mode,
                 is_data=self._is_data[node],
                 abs_of=self.abs_of,
                 bias_term=self.bias_term,
                 ref=None if env_ref is None else self._arguments(node, env_ref),
-                ref_out=None if env_ref is None else _exact(env_ref[node]),
+                ref_out=ref_out,
             )
             rule = REFERENCE_RULES.get(node.target) if env_ref is not None else None
             grads, sink = (rule or RULES[node.target])(ctx)

@@ -38,7 +38,8 @@ def run_method(
 
     Cost is the median over full batches of (batch seconds / batch size), after one warm-up
     call: the machine is shared, and a median ignores the batches another job slowed down.
-    CPU seconds (all threads of this process) are reported beside wall seconds.
+    CPU seconds (all threads of this process) are reported beside wall seconds. Returns the
+    report's row and the per-sample ABPC (for the paired comparison with the best peer).
     """
     explain = method.build(task)
     explain(task.subset(slice(0, 2)), task.target[:2])
@@ -99,7 +100,7 @@ def against_best_peer(per_sample: dict[str, torch.Tensor]) -> dict[str, Any]:
     peers = {m: v for m, v in per_sample.items() if not m.startswith("engine-") and m != "random"}
     if not peers:
         return {}
-    best = max(peers, key=lambda m: float(peers[m].mean()))
+    best = max(peers, key=lambda m: float(peers[m].double().mean()))
     return {
         m: {"best_peer": best, **paired(v, peers[best])}
         for m, v in per_sample.items()

@@ -36,13 +36,12 @@ class Curves:
         return (self.lerf - self.morf).mean(1)
 
     def summary(self) -> dict[str, float | list[float]]:
-        aopc = self.morf[:, :1] - self.morf
-        abpc = self.lerf - self.morf
+        aopc = (self.morf[:, :1] - self.morf).mean(1)
         return {
-            "aopc_morf": _mean(aopc.mean(1)),
-            "aopc_morf_se": _se(aopc.mean(1)),
-            "abpc": _mean(abpc.mean(1)),
-            "abpc_se": _se(abpc.mean(1)),
+            "aopc_morf": _mean(aopc),
+            "aopc_morf_se": _se(aopc),
+            "abpc": _mean(self.abpc),
+            "abpc_se": _se(self.abpc),
             "morf_curve": [round(v, 5) for v in self.morf.mean(0).tolist()],
             "lerf_curve": [round(v, 5) for v in self.lerf.mean(0).tolist()],
         }

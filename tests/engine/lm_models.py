@@ -150,3 +150,22 @@ def word_tokenizer():
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
     )
+
+
+def conserved_and_paths_agree(
+    dlb, batch, tolerance: float, mode: str = "default", steps: int = 4
+) -> list:
+    """Run the batched and the stepwise path; assert that they agree to ``tolerance`` (relative)
+    and that relevance is conserved at every step. Returns the batched conservation trace."""
+    from engine.generation import run_generation
+
+    kw = {"max_new_tokens": steps, "return_relevance": True, "mode": mode}
+    batched = run_generation(dlb, batch, **kw)
+    stepwise = run_generation(dlb, batch, path="stepwise", **kw)
+    for i in range(steps):
+        a = batched["relevance_trace"][i]["input_ids"]
+        b = stepwise["relevance_trace"][i]["input_ids"]
+        assert float((a - b).abs().max()) <= tolerance * float(a.abs().max())
+        c = batched["conservation_trace"][i]
+        torch.testing.assert_close(a.sum(-1) + c["sinks"], c["seed"], rtol=1e-4, atol=1e-4)
+    return batched["conservation_trace"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -92,3 +94,30 @@ def test_beam_scores_follow_the_returned_sequence(batch):
         logits = model(got.sequences, attention_mask=full_mask, position_ids=pos).logits
     logp = logits[:, ids.shape[1] - 1 : -1].log_softmax(-1).gather(2, new[..., None])[..., 0]
     torch.testing.assert_close(picked.T, logp, rtol=1e-4, atol=1e-4)
+
+
+class OldCacheName(torch.nn.Module):
+    """A causal LM as transformers before 5.2x calls it: the KV cache is ``past_key_values``
+    (5.17 was on the GPU machine's image, and decoding asked for ``cache``)."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, **kw):
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=past_key_values,
+            **kw,
+        )
+        return SimpleNamespace(logits=out.logits, past_key_values=out.cache)
+
+
+def test_the_cache_goes_by_the_name_the_model_takes(batch):
+    lm = tiny_lm("llama")
+    expected = lm.generate(**batch, max_new_tokens=NEW, do_sample=False)
+    old = OldCacheName(lm)
+    got = decode(old, batch["input_ids"], batch["attention_mask"], _cfg())
+    assert torch.equal(got.sequences, expected)

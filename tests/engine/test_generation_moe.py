@@ -8,7 +8,7 @@ import torch
 from engine import DLBacktrace
 from engine.decoding import DecodingConfig, decode
 from engine.generation import run_generation
-from tests.engine.lm_models import EOS, PAD, prompts, tiny_lm
+from tests.engine.lm_models import EOS, PAD, conserved_and_paths_agree, prompts, tiny_lm
 
 FAMILIES = ["mixtral", "qwen2_moe", "olmoe"]
 NEW = 4
@@ -29,21 +29,6 @@ def test_moe_greedy_and_beam_equal_generate(moe):
         got = decode(model, batch["input_ids"], batch["attention_mask"], cfg)
         expected = model.generate(**batch, max_new_tokens=NEW, num_beams=beams, do_sample=False)
         assert torch.equal(got.sequences, expected)
-
-
-def conserved_and_paths_agree(dlb, batch, tolerance: float, mode: str = "default") -> list:
-    """Run the batched and the stepwise path; assert that they agree to ``tolerance`` (relative)
-    and that relevance is conserved at every step. Returns the batched conservation trace."""
-    kw = {"max_new_tokens": NEW, "return_relevance": True, "mode": mode}
-    batched = run_generation(dlb, batch, **kw)
-    stepwise = run_generation(dlb, batch, path="stepwise", **kw)
-    for i in range(NEW):
-        a = batched["relevance_trace"][i]["input_ids"]
-        b = stepwise["relevance_trace"][i]["input_ids"]
-        assert float((a - b).abs().max()) <= tolerance * float(a.abs().max())
-        c = batched["conservation_trace"][i]
-        torch.testing.assert_close(a.sum(-1) + c["sinks"], c["seed"], rtol=1e-4, atol=1e-4)
-    return batched["conservation_trace"]
 
 
 def test_moe_relevance_conserved_and_batched_equals_stepwise(moe):
