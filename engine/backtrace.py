@@ -99,7 +99,9 @@ class DLBacktrace:
             relevance, seed_total, at_inputs, sinks = f.sweeper.run(
                 f.env, f.prepared, seed, mode, _keep(relevance_nodes), f.env_ref
             )
-        return Explanation(relevance, seed_total, at_inputs, sinks, f.outputs, f.env)
+        return Explanation(
+            relevance, seed_total, at_inputs, sinks, f.outputs, f.env, f.sweeper.fused
+        )
 
     def _forwards(self, inputs: Inputs, mode: str, reference, tokenizer: Any) -> _Forwards:
         """What a sweep starts from: the graph for these inputs (its rules checked before any
@@ -134,7 +136,7 @@ class DLBacktrace:
         captured, sweeper = self._graph_for(prepared)
         with torch.no_grad():
             env, outputs = sweeper.forward(prepared)
-        self.node_io = NodeIO(captured, env)
+        self.node_io = NodeIO(captured, env, sweeper.fused)
         self.predictions = _to_numpy(outputs[0]) / temperature
         return self.node_io
 
@@ -253,7 +255,7 @@ class DLBacktrace:
                 env, prepared, seed, mode, keep, env_ref
             )
         relevance = {k: v[0] * scaler for k, v in relevance.items()}
-        exp = Explanation(relevance, seed_total, at_inputs, sinks, outputs, env)
+        exp = Explanation(relevance, seed_total, at_inputs, sinks, outputs, env, sweeper.fused)
         node_io = exp.node_io(captured)
         self.node_io = node_io
         predictions = _to_numpy(scaled)

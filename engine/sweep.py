@@ -72,24 +72,42 @@ class Explanation:
     sinks: Tensor  # [K, B] relevance left in biases, constants and cancelled shares
     outputs: tuple
     env: dict[fx.Node, Any] = field(repr=False, default_factory=dict)
+    fused: dict[fx.Node, dict[str, Any]] = field(repr=False, default_factory=dict)
 
     def node_io(self, captured: Captured) -> NodeIO:
         """The public ``node_io`` form: recorded inputs and output of every op."""
-        return NodeIO(captured, self.env)
+        return NodeIO(captured, self.env, self.fused)
 
 
 class NodeIO(Mapping):
     """``node_io[name] = {"input_values": [...], "output_values": ...}`` for every op,
-    built on access: most callers read a few nodes, and the values are already recorded."""
+    built on access: most callers read a few nodes, and the values are already recorded.
 
-    def __init__(self, captured: Captured, env: dict[fx.Node, Any]):
-        self._env = env
+    The recorded forward runs a convolution and its eval batch norm as one op (``fused``);
+    node_io shows each op's own values, so such a convolution is run again, unfused, when
+    its output (or the batch norm's input) is read."""
+
+    def __init__(
+        self,
+        captured: Captured,
+        env: dict[fx.Node, Any],
+        fused: dict[fx.Node, dict[str, Any]] | None = None,
+    ):
+        self._env, self._fused = env, fused or {}
         self._nodes = {n.name: n for n in captured.nodes if n.op == "call_function"}
+
+    def _value(self, node: fx.Node) -> Any:
+        if self._fused.get(node):
+            args = fx.node.map_arg(node.args, self._env.__getitem__)
+            kwargs = fx.node.map_arg(node.kwargs, self._env.__getitem__)
+            with torch.no_grad():
+                return node.target(*args, **kwargs)
+        return self._env.get(node)
 
     def __getitem__(self, name: str) -> dict[str, Any]:
         node = self._nodes[name]
-        ins = [self._env[a] for a in node.all_input_nodes if a in self._env]
-        return {"input_values": ins, "output_values": self._env.get(node)}
+        ins = [self._value(a) for a in node.all_input_nodes if a in self._env]
+        return {"input_values": ins, "output_values": self._value(node)}
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._nodes)
@@ -240,6 +258,11 @@ class Sweeper:
                 if isinstance(first, fx.Node) and data.get(first, False):
                     through[node] = first
         return through
+
+    @property
+    def fused(self) -> dict[fx.Node, dict[str, Any]]:
+        """Convolutions run with their batch norm folded in (and those batch norms: {})."""
+        return self._folded
 
     def forward(self, inputs: dict[str, Tensor]) -> tuple[dict[fx.Node, Any], tuple]:
         """The recorded forward, with batch norms fused into their convolutions."""

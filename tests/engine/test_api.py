@@ -139,3 +139,24 @@ def test_tune_allocator_applies_on_glibc():
     from engine import tune_allocator
 
     assert tune_allocator() is True
+
+
+def test_node_io_shows_a_fused_convolution_and_its_batch_norm_apart():
+    """The forward runs conv + eval batch norm as one op; node_io still shows each op's own
+    values: the convolution's output before the norm, and the norm's input and output."""
+    torch.manual_seed(0)
+    conv, norm = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+    with torch.no_grad():
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+    model = nn.Sequential(conv, norm, nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 2)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    node_io = DLBacktrace(model, x).run_task(inputs=x)["node_io"]
+    convs = [n for n in node_io if n.startswith("conv")]
+    norms = [n for n in node_io if "batch_norm" in n]
+    assert len(convs) == len(norms) == 1
+    with torch.no_grad():
+        before, after = conv(x), norm(conv(x))
+    torch.testing.assert_close(node_io[convs[0]]["output_values"], before)
+    torch.testing.assert_close(node_io[norms[0]]["input_values"][0], before)
+    torch.testing.assert_close(node_io[norms[0]]["output_values"][0], after)
