@@ -36,7 +36,11 @@ class Method:
 # ---------------------------------------------------------------- this engine
 
 
-def _engine(mode: str) -> Callable[[Task], Explain]:
+def _engine(mode: str, named: bool = False) -> Callable[[Task], Explain]:
+    """This engine in ``mode``. Mode "reference" starts from the removal baseline, as
+    Integrated Gradients does; ``named``: from the engine's named reference that a caller
+    would pick for the task (``task.extra["reference"]``), which need not be that baseline."""
+
     def build(task: Task) -> Explain:
         from engine import DLBacktrace
         from engine.sweep import Seed
@@ -44,8 +48,12 @@ def _engine(mode: str) -> Callable[[Task], Explain]:
         dlb = DLBacktrace(task.model, task.subset(slice(0, 2)))
 
         def reference(inputs: Inputs) -> dict:
-            # mode "reference" starts from the removal baseline, as Integrated Gradients does
-            return {"reference": _removed(task, inputs)} if mode == "reference" else {}
+            if mode != "reference":
+                return {}
+            if named:
+                tokenizer = task.extra.get("tokenizer")
+                return {"reference": task.extra["reference"], "tokenizer": tokenizer}
+            return {"reference": _removed(task, inputs)}
 
         if task.kind != "lm":
             key = "input" if task.kind == "image" else "input_ids"
@@ -202,6 +210,7 @@ METHODS = [
     Method("engine-default", ALL, _engine("default"), "engine"),
     Method("engine-contrast", ALL, _engine("contrast"), "engine"),
     Method("engine-reference", ALL, _engine("reference"), "engine"),
+    Method("engine-reference-named", ALL, _engine("reference", named=True), "engine"),
     Method("captum-ig", ALL, _captum("IntegratedGradients"), "captum"),
     Method("captum-ixg", ALL, _captum("InputXGradient"), "captum"),
     Method("captum-saliency", ALL, _captum("Saliency"), "captum"),

@@ -112,7 +112,7 @@ def digits_task(data_dir: str | None, n: int, fill: str = "mean") -> Task:
         features=torch.ones(len(images), side * side, dtype=torch.bool),
         steps=16,
         baseline=f"{PATCH}x{PATCH} pixel patches set to {words[fill]}",
-        extra={"fill": fills[fill]},
+        extra={"fill": fills[fill], "reference": fill},
     )
     task.target = _predicted(task)
     return task
@@ -143,7 +143,7 @@ def sentiment_task(data_dir: str | None, n: int) -> Task:
         features=(mask == 1) & ~special,
         steps=10,
         baseline="token replaced by [MASK] ([CLS], [SEP] and padding are never removed)",
-        extra={"fill": tok.mask_token_id, "tokenizer": tok},
+        extra={"fill": tok.mask_token_id, "tokenizer": tok, "reference": "mask"},
     )
     task.target = _predicted(task)
     return task
@@ -172,7 +172,7 @@ def lookup_task(data_dir: str | None, n: int) -> Task:
         features=torch.ones_like(ids, dtype=torch.bool),
         steps=ids.shape[1],
         baseline="token replaced by <unk> (never trained: its embedding is the initial one)",
-        extra={"fill": tok.unk_token_id, "tokenizer": tok},
+        extra={"fill": tok.unk_token_id, "tokenizer": tok, "reference": "mask"},
     )
     task.target = _predicted(task)
     return task
