@@ -318,8 +318,8 @@ class DLBacktrace:
     ) -> Path:
         """The graph coloured by each node's total relevance, from the last ``run_task`` (or
         ``relevance``). Graphs above ``engine_auto_threshold`` nodes are drawn unlabelled.
-        Generation keeps only the inputs' relevance unless ``relevance_nodes="all"`` was asked
-        for, so after it only the inputs are coloured."""
+        Generation keeps only the inputs' relevance unless ``relevance_nodes`` named other
+        nodes, so after it only those are coloured."""
         from .visualize import visualize_graph
 
         relevance = relevance if relevance is not None else self.relevance

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,9 +83,10 @@ class NodeIO(Mapping):
     """``node_io[name] = {"input_values": [...], "output_values": ...}`` for every op,
     built on access: most callers read a few nodes, and the values are already recorded.
 
-    The recorded forward runs a convolution and its eval batch norm as one op (``fused``);
-    node_io shows each op's own values, so such a convolution is run again, unfused, when
-    its output (or the batch norm's input) is read."""
+    The recorded forward runs a convolution and its eval batch norm as one op (``fused``).
+    node_io shows the convolution's own output (also the norm's input): the convolution is
+    run again, unfused, the first time it is read. The norm's output is the fused op's, equal
+    to the norm of that output up to rounding."""
 
     def __init__(
         self,
@@ -94,15 +95,16 @@ class NodeIO(Mapping):
         fused: dict[fx.Node, dict[str, Any]] | None = None,
     ):
         self._env, self._fused = env, fused or {}
+        self._unfused: dict[fx.Node, Any] = {}
         self._nodes = {n.name: n for n in captured.nodes if n.op == "call_function"}
 
     def _value(self, node: fx.Node) -> Any:
-        if self._fused.get(node):
-            args = fx.node.map_arg(node.args, self._env.__getitem__)
-            kwargs = fx.node.map_arg(node.kwargs, self._env.__getitem__)
+        if not self._fused.get(node):  # not a convolution that absorbed a batch norm
+            return self._env.get(node)
+        if node not in self._unfused:
             with torch.no_grad():
-                return node.target(*args, **kwargs)
-        return self._env.get(node)
+                self._unfused[node] = _call(node, self._env.__getitem__)
+        return self._unfused[node]
 
     def __getitem__(self, name: str) -> dict[str, Any]:
         node = self._nodes[name]
@@ -146,15 +148,19 @@ def forward(
         elif node in routed:
             env[node] = routed[node]
         elif node.op == "call_function":
-            args = fx.node.map_arg(node.args, env.__getitem__)
-            kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-            env[node] = node.target(*args, **kwargs)
+            env[node] = _call(node, env.__getitem__)
             if node in zeroed:
                 env[node] = torch.zeros_like(env[node])
         elif node.op == "output":
             outputs = fx.node.map_arg(node.args[0], env.__getitem__)
             return env, tuple(outputs) if isinstance(outputs, list | tuple) else (outputs,)
     raise RuntimeError("graph has no output node")
+
+
+def _call(node: fx.Node, value_of: Callable[[fx.Node], Any]) -> Any:
+    """Run ``node``'s op on the values of its arguments."""
+    args = fx.node.map_arg(node.args, value_of)
+    return node.target(*args, **fx.node.map_arg(node.kwargs, value_of))
 
 
 _NONNEGATIVE_OPS = {

@@ -33,6 +33,13 @@ def _token_labels(ids: Sequence[int], tokenizer: Any) -> list[str]:
     return [tokenizer.decode([int(i)]).replace("\n", "\\n") or "∅" for i in ids]
 
 
+def _labels(tokens: Tensor, count: int, tokenizer: Any) -> list[str]:
+    """Labels of the first ``count`` tokens; "?" past the known ones (the generated tokens,
+    when ``generated_ids`` was not given)."""
+    known = _token_labels(tokens[:count].tolist(), tokenizer)
+    return known + ["?"] * (count - len(known))
+
+
 def _sequence(input_ids: Tensor, generated_ids: Tensor | None, row: int) -> Tensor:
     """The row's tokens: prompt then generated (``generated_ids`` already holds the prompt when
     it is a ``run_task`` result; a tensor of new tokens only is appended)."""
@@ -88,11 +95,8 @@ def visualize_tokenwise_relevance_map(
             continue
         line = rel / max(np.abs(rel).max(), 1e-12) if normalize else rel
         grid[i, : len(line)] = line
-    # without generated_ids only the prompt's tokens are known: the others are labelled "?"
-    labels = _token_labels(tokens[:width].tolist(), tokenizer)
-    labels += ["?"] * (width - len(labels))
-    emitted = _token_labels(tokens[prompt_len : prompt_len + len(steps)].tolist(), tokenizer)
-    emitted += ["?"] * (len(steps) - len(emitted))
+    labels = _labels(tokens, width, tokenizer)
+    emitted = _labels(tokens[prompt_len:], len(steps), tokenizer)
 
     fig, ax = plt.subplots(figsize=figsize)
     limit = np.nanmax(np.abs(grid)) if np.isfinite(grid).any() else 1.0
@@ -126,8 +130,8 @@ def visualize_input_heatmap_for_token(
     if rel is None:
         raise ValueError(f"step {n} was not explained (its trace entry is None)")
     tokens = _sequence(input_ids, generated_ids, row)
-    labels = _token_labels(tokens[: len(rel)].tolist(), tokenizer)
-    target = _token_labels(tokens[len(rel) : len(rel) + 1].tolist(), tokenizer)
+    labels = _labels(tokens, len(rel), tokenizer)
+    target = _labels(tokens[len(rel) :], 1, tokenizer)[0]
 
     fig, ax = plt.subplots(figsize=figsize)
     limit = max(float(np.abs(rel).max()), 1e-12)
@@ -139,7 +143,7 @@ def visualize_input_heatmap_for_token(
     ax.set_yticks([])
     ax.set_xticks(range(len(labels)), [str(j) for j in range(len(labels))], fontsize=7)
     ax.set_xlabel("context position")
-    ax.set_title(f"Relevance for generated token {n}: {target[0] if target else '?'}")
+    ax.set_title(f"Relevance for generated token {n}: {target}")
     fig.colorbar(image, ax=ax, label="relevance")
     _save(fig, save_path)
     return fig

@@ -63,6 +63,10 @@ def test_tokenwise_relevance_map_without_generated_ids(generation):
     prompt = batch["input_ids"][0].tolist()
     assert labels == [str(i) for i in prompt] + ["?"] * (len(labels) - len(prompt))
     assert len(labels) > len(prompt)
+    fig = visualize_input_heatmap_for_token(result["relevance_trace"], 2, batch["input_ids"])
+    assert fig.axes[0].get_title().endswith(": ?")
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == [str(i) for i in prompt] + ["?", "?"]
 
 
 def test_input_heatmap_for_token(generation, tmp_path):
