@@ -100,7 +100,7 @@ class DLBacktrace:
                 f.env, f.prepared, seed, mode, _keep(relevance_nodes), f.env_ref
             )
         return Explanation(
-            relevance, seed_total, at_inputs, sinks, f.outputs, f.env, f.sweeper.fused
+            relevance, seed_total, at_inputs, sinks, f.outputs, f.env, f.sweeper.fused, f.captured
         )
 
     def _forwards(self, inputs: Inputs, mode: str, reference, tokenizer: Any) -> _Forwards:
@@ -255,8 +255,10 @@ class DLBacktrace:
                 env, prepared, seed, mode, keep, env_ref
             )
         relevance = {k: v[0] * scaler for k, v in relevance.items()}
-        exp = Explanation(relevance, seed_total, at_inputs, sinks, outputs, env, sweeper.fused)
-        node_io = exp.node_io(captured)
+        exp = Explanation(
+            relevance, seed_total, at_inputs, sinks, outputs, env, sweeper.fused, captured
+        )
+        node_io = exp.node_io()
         self.node_io = node_io
         predictions = _to_numpy(scaled)
         result: dict[str, Any] = {

@@ -519,7 +519,7 @@ def run_generation(
     if last is not None:
         result["relevance"] = traces[last]
         result["conservation"] = _conservation(explained[last], seed_of[last], scaler)
-        result["node_io"] = explained[last].node_io(dlb.captured)
+        result["node_io"] = explained[last].node_io()
     else:
         result["relevance"], result["conservation"], result["node_io"] = {}, None, {}
     n = decoded.num_steps

@@ -73,10 +73,11 @@ class Explanation:
     outputs: tuple
     env: dict[fx.Node, Any] = field(repr=False, default_factory=dict)
     fused: dict[fx.Node, dict[str, Any]] = field(repr=False, default_factory=dict)
+    captured: Captured | None = field(repr=False, default=None)  # the graph that ran
 
-    def node_io(self, captured: Captured) -> NodeIO:
+    def node_io(self) -> NodeIO:
         """The public ``node_io`` form: recorded inputs and output of every op."""
-        return NodeIO(captured, self.env, self.fused)
+        return NodeIO(self.captured, self.env, self.fused)
 
 
 class NodeIO(Mapping):
