@@ -94,7 +94,12 @@ class DLBacktrace:
         """One forward over ``inputs`` and one sweep for all ``seed.K`` seeds (mode
         "reference": one more forward, over ``reference``: inputs, or a name from
         ``engine.references``, where "mask" needs the ``tokenizer``)."""
-        f = self._forwards(inputs, mode, reference, tokenizer)
+        return self._sweep(self._forwards(inputs, mode, reference, tokenizer), seed, mode,
+                           relevance_nodes)  # fmt: skip
+
+    def _sweep(
+        self, f: _Forwards, seed: Seed, mode: str, relevance_nodes: str | Sequence[str]
+    ) -> Explanation:
         with torch.no_grad():
             relevance, seed_total, at_inputs, sinks = f.sweeper.run(
                 f.env, f.prepared, seed, mode, _keep(relevance_nodes), f.env_ref
@@ -229,10 +234,8 @@ class DLBacktrace:
         tokenizer,
     ) -> dict[str, Any]:
         started = time.perf_counter()
-        prepared, captured, sweeper, env, outputs, env_ref = self._forwards(
-            inputs, mode, reference, tokenizer
-        )
-        logits = env[sweeper.seed_node]
+        f = self._forwards(inputs, mode, reference, tokenizer)
+        logits = f.env[f.sweeper.seed_node]
         scaled = logits.float() / temperature
         single = scaled.dim() == 1 or scaled.shape[-1] == 1
         batch = logits.shape[0]
@@ -249,15 +252,8 @@ class DLBacktrace:
         rows = torch.arange(batch, device=logits.device)
         index = torch.stack([rows, unit], -1) if logits.dim() == 2 else rows[:, None]
         seed = Seed(index[None], (sign * multiplier)[None])
-        keep = _keep(relevance_nodes)
-        with torch.no_grad():
-            relevance, seed_total, at_inputs, sinks = sweeper.run(
-                env, prepared, seed, mode, keep, env_ref
-            )
-        relevance = {k: v[0] * scaler for k, v in relevance.items()}
-        exp = Explanation(
-            relevance, seed_total, at_inputs, sinks, outputs, env, sweeper.fused, captured
-        )
+        exp = self._sweep(f, seed, mode, relevance_nodes)
+        relevance = {k: v[0] * scaler for k, v in exp.relevance.items()}
         node_io = exp.node_io()
         self.node_io = node_io
         predictions = _to_numpy(scaled)
@@ -271,14 +267,14 @@ class DLBacktrace:
             "target": explained.cpu().numpy(),
             "mode": mode,
             "conservation": {
-                "seed": _to_numpy(seed_total[0]) * scaler,
-                "inputs": _to_numpy(at_inputs[0]) * scaler,
-                "sinks": _to_numpy(sinks[0]) * scaler,
+                "seed": _to_numpy(exp.seed[0]) * scaler,
+                "inputs": _to_numpy(exp.inputs[0]) * scaler,
+                "sinks": _to_numpy(exp.sinks[0]) * scaler,
             },
             "timings": {"total_s": time.perf_counter() - started},
         }
         if mode in ("contrast", "reference"):
-            names = captured.input_names
+            names = f.captured.input_names
             result["relevance_positive"] = {
                 k: v.clamp(min=0) for k, v in relevance.items() if k in names
             }

@@ -198,7 +198,8 @@ class Sweeper:
         self.provenance = Provenance(captured.nodes, captured.input_names, seed_node)
         self._abs: dict[int, Tensor] = {}
         self._order = [n for n in captured.nodes if n in self.provenance.visited]
-        self._folded = self._fold_batch_norms()
+        # convolutions run with their batch norm folded in (and those batch norms: {})
+        self.fused = self._fold_batch_norms()
         self._pass_through = self._pass_through_nodes()
         self._missing = self.provenance.unsupported()
         self._nonnegative_nodes = [n for n in self._order if _nonnegative(n)]
@@ -218,7 +219,7 @@ class Sweeper:
         self._half = any(_exact(t) is not t for t in captured.constants.values())
         self._nonnegative: set[int] = set()
         self._constant_ids = {id(t) for t in captured.constants.values()} | {
-            id(args[k]) for args in self._folded.values() for k in ("weight", "bias") if k in args
+            id(args[k]) for args in self.fused.values() for k in ("weight", "bias") if k in args
         }
 
     def _fold_batch_norms(self) -> dict[fx.Node, dict[str, Tensor]]:
@@ -258,7 +259,7 @@ class Sweeper:
         bound, data = self.provenance.bound, self.provenance.data
         through = {}
         for node in self._order:
-            if node in self._folded and not self._folded[node]:
+            if node in self.fused and not self.fused[node]:
                 through[node] = bound[node]["input"]
             elif RULES.get(node.target) is identity:
                 first = next(iter(bound[node].values()))
@@ -266,14 +267,9 @@ class Sweeper:
                     through[node] = first
         return through
 
-    @property
-    def fused(self) -> dict[fx.Node, dict[str, Any]]:
-        """Convolutions run with their batch norm folded in (and those batch norms: {})."""
-        return self._folded
-
     def forward(self, inputs: dict[str, Tensor]) -> tuple[dict[fx.Node, Any], tuple]:
         """The recorded forward, with batch norms fused into their convolutions."""
-        return forward(self.captured, inputs, self._folded)
+        return forward(self.captured, inputs, self.fused)
 
     def reference_forward(
         self, inputs: dict[str, Tensor], reference: dict[str, Tensor] | None, env: dict
@@ -301,7 +297,7 @@ class Sweeper:
                     f"the input {tuple(inputs[name].shape)}"
                 )
         routed = {node: env[node] for node in self._routing}
-        ref_env, _ = forward(self.captured, reference, self._folded, frozenset(zeroed), routed)
+        ref_env, _ = forward(self.captured, reference, self.fused, frozenset(zeroed), routed)
         return ref_env
 
     def _embeddings_of(self, name: str) -> set[fx.Node]:
@@ -460,7 +456,7 @@ class Sweeper:
     def _arguments(self, node: fx.Node, env: dict[fx.Node, Any]) -> dict[str, Any]:
         """The rule's arguments by name: recorded values for nodes (upcast from half
         precision), folded weights for convolutions that absorbed a batch norm."""
-        bound = self._folded.get(node) or self.provenance.bound[node]
+        bound = self.fused.get(node) or self.provenance.bound[node]
         if self._flat.get(node):
             args = {k: env[v] if isinstance(v, fx.Node) else v for k, v in bound.items()}
             return {k: _exact(v) for k, v in args.items()} if self._half else args
