@@ -38,9 +38,10 @@ def _median_time(fn, repeats: int) -> tuple[float, float, object]:
     out = fn()  # warm-up
     wall, cpu = [], []
     for _ in range(repeats):
+        sync()  # GPU kernels run asynchronously: time only this call's
         start, start_cpu = time.perf_counter(), time.process_time()
         out = fn()
-        sync()  # GPU kernels run asynchronously
+        sync()
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     return statistics.median(wall), statistics.median(cpu), out
