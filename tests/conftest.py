@@ -6,7 +6,8 @@ source kinds). Fixtures start nothing until a test asks for them.
 Redis: a private ``redis-server`` on a free port (the binary must be on PATH); without one,
 TEST_REDIS_URL names a server the tests may flush. Demo models are built once into
 BACKTRACE_DATA_DIR (default var/models, kept between runs; the first run takes a few minutes
-on 2 cores)."""
+on 2 cores). What tests import (``Stack``, ``start_api``, the job helpers) is in
+tests/helpers."""
 
 from __future__ import annotations
 
@@ -14,9 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -28,17 +27,7 @@ from service.cli import api_command
 from service.client import Client
 from service.redis_server import PrivateRedis, free_port
 from service.registry import DEMO_REGISTRY
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class Stack:
-    url: str
-    redis_url: str
-    worker_metrics: str
-    env: dict[str, str]
-    tmp: Path
+from tests.helpers.stack import ROOT, Stack
 
 
 @pytest.fixture(scope="session")
@@ -113,28 +102,6 @@ def _torchvision_weights(path: Path) -> None:
         "save_file(m.state_dict(), sys.argv[1])"
     )
     subprocess.run([sys.executable, "-c", code, str(path)], check=True)
-
-
-def start_api(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
-    """An API process (uvicorn) on a free loopback port, returned once /healthz answers."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--port", str(port), "--log-level", "warning"],
-        env=env,
-        cwd=ROOT,
-        stdout=open(log, "a"),
-        stderr=subprocess.STDOUT,  # noqa: SIM115
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            httpx.get(f"{url}/healthz", timeout=2)
-            return proc, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("API did not start: " + log.read_text()[-3000:])
 
 
 @pytest.fixture(scope="session")

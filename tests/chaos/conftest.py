@@ -24,8 +24,7 @@ import yaml
 from service.client import Client
 from service.redis_server import free_port
 from service.registry import DEMO_REGISTRY
-
-from ..conftest import ROOT, start_api
+from tests.helpers.stack import ROOT, start_api
 
 HEARTBEAT_TTL = 3
 # Stepwise generation without relevance: 64 token events over a few seconds, long enough to

@@ -17,8 +17,8 @@ import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from ..conftest import Stack, start_api
-from ..service.test_e2e import events, submit, wait
+from tests.helpers.jobs import events, submit, wait
+from tests.helpers.stack import Stack, start_api
 
 TEXT = {"model": "minilm-sentiment", "inputs": {"text": "the same request, sent again"}}
 

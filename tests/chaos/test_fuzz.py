@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from ..conftest import Stack, start_api
+from tests.helpers.stack import Stack, start_api
 
 QUEUE = "fuzz"
 EXAMPLES = 300  # per test; Hypothesis may stop a few short when it has seen every case

@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 from rq.suspension import resume, suspend
 
-from ..service.test_e2e import wait
+from tests.helpers.jobs import wait
+
 from .conftest import LONG_JOB, QUICK_JOB, Cluster, Listener, submit
 
 

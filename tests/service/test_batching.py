@@ -11,8 +11,8 @@ import numpy as np
 import redis
 
 from service import codec
-
-from .test_e2e import _digit_b64, submit, wait
+from tests.helpers.inputs import digit_b64
+from tests.helpers.jobs import submit, wait
 
 # Holds the only worker while the jobs under test queue up behind it; canceled afterwards.
 BLOCKER = {
@@ -30,7 +30,7 @@ TEXTS = [
 def _bodies() -> list[dict]:
     json_out = {"encoding": "json"}
     images = [
-        {"model": "digits-cnn", "inputs": {"image": _digit_b64(i)}, "output": json_out}
+        {"model": "digits-cnn", "inputs": {"image": digit_b64(i)}, "output": json_out}
         for i in range(4)
     ]
     texts = [

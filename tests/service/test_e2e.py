@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import re
 import subprocess
 import sys
 import time
-from typing import Any
 
 import httpx
 import numpy as np
@@ -18,54 +16,13 @@ from PIL import Image
 
 from service import codec
 from service.client import parse_sse
+from tests.helpers.inputs import blank_png_b64, digit_b64
+from tests.helpers.jobs import events, submit, wait
 
 from .faulty import MESSAGE
 
 POSITIVE = "what a wonderful film, i loved it"
 NEGATIVE = "the service was terrible and the food was awful"
-
-
-def wait(client: httpx.Client, job_id: str, timeout: float = 300) -> dict[str, Any]:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        view = client.get(f"/jobs/{job_id}").json()
-        if view["status"] in ("finished", "failed", "canceled"):
-            return view
-        time.sleep(0.05)
-    raise TimeoutError(job_id)
-
-
-def events(
-    client: httpx.Client, job_id: str, last_id: str | None = None, comments: list[str] | None = None
-) -> list[tuple[str, str, dict]]:
-    """(id, event, data) until a terminal event; comment lines go to ``comments``."""
-    headers = {"Last-Event-ID": last_id} if last_id else {}
-    out = []
-    with client.stream(
-        "GET", f"/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(60)
-    ) as resp:
-        assert resp.status_code == 200
-        assert resp.headers["content-type"].startswith("text/event-stream")
-        assert resp.headers["cache-control"] == "no-store"
-        assert resp.headers["x-accel-buffering"] == "no"
-
-        def lines():
-            for line in resp.iter_lines():
-                if line.startswith(":") and comments is not None:
-                    comments.append(line)
-                yield line
-
-        for event, data, eid in parse_sse(lines()):
-            out.append((eid, event, data))
-            if event in ("done", "error", "canceled"):
-                break
-    return out
-
-
-def submit(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
-    resp = client.post("/run_task", json=body)
-    assert resp.status_code == 202, resp.text
-    return resp.json()
 
 
 def test_health_ready_models(client: httpx.Client) -> None:
@@ -112,7 +69,7 @@ def test_text_classification_by_polling(client: httpx.Client) -> None:
 def test_json_encoding_and_named_layers(client: httpx.Client) -> None:
     body = {
         "model": "digits-cnn",
-        "inputs": {"image": _digit_b64(3)},
+        "inputs": {"image": digit_b64(3)},
         "output": {"encoding": "json", "relevance": "all"},
     }
     res = wait(client, submit(client, body)["job_id"])["result"]
@@ -121,18 +78,12 @@ def test_json_encoding_and_named_layers(client: httpx.Client) -> None:
     assert res["layers"], "relevance='all' returns the other nodes too"
 
 
-def _digit_b64(index: int) -> str:
-    from service.demo.digits import sample_png
-
-    return base64.b64encode(sample_png(index)).decode()
-
-
 def test_image_classification_by_polling(client: httpx.Client) -> None:
     from sklearn.datasets import load_digits
 
     labels = load_digits().target
     ids = [
-        submit(client, {"model": "digits-cnn", "inputs": {"image": _digit_b64(i)}})["job_id"]
+        submit(client, {"model": "digits-cnn", "inputs": {"image": digit_b64(i)}})["job_id"]
         for i in range(10)
     ]
     views = [wait(client, j) for j in ids]
@@ -255,12 +206,6 @@ def test_unknown_model_is_404(client: httpx.Client) -> None:
     assert client.get("/jobs/0123456789abcdef/events").status_code == 404
 
 
-def _blank_png_b64(width: int, height: int) -> str:
-    buf = io.BytesIO()
-    Image.new("L", (width, height)).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 @pytest.mark.parametrize(
     ("body", "field"),
     [
@@ -288,7 +233,7 @@ def _blank_png_b64(width: int, height: int) -> str:
         ({"model": "minilm-sentiment", "inputs": {"text": "x"}, "surprise": 1}, "surprise"),
         ({"model": "minilm-sentiment", "inputs": {"token_ids": [1] * 500}}, "inputs.token_ids"),
         # The registry's limits: image side, beams, batch, row width.
-        ({"model": "digits-cnn", "inputs": {"image": _blank_png_b64(600, 20)}}, "inputs.image"),
+        ({"model": "digits-cnn", "inputs": {"image": blank_png_b64(600, 20)}}, "inputs.image"),
         (
             {
                 "model": "tiny-lookup-lm",

@@ -16,9 +16,9 @@ import redis
 from PIL import Image
 
 from service.client import parse_sse
-
-from ..conftest import ROOT, start_api
-from .test_e2e import events, submit, wait
+from tests.helpers.inputs import digit_b64
+from tests.helpers.jobs import events, submit, wait
+from tests.helpers.stack import ROOT, start_api
 
 
 def test_transformers_source_kind(client: httpx.Client) -> None:
@@ -193,11 +193,9 @@ def test_post_that_streams(client: httpx.Client) -> None:
 def test_reference_mode(client: httpx.Client) -> None:
     """Mode "reference" through the service: signed relevance of the change from a zero
     input, conserved like the other modes."""
-    from .test_e2e import _digit_b64
-
     body = {
         "model": "digits-cnn",
-        "inputs": {"image": _digit_b64(5)},
+        "inputs": {"image": digit_b64(5)},
         "relevance": {"mode": "reference"},
         "output": {"encoding": "json"},
     }
@@ -212,7 +210,6 @@ def test_reference_mode(client: httpx.Client) -> None:
 def test_named_references(client: httpx.Client) -> None:
     """A named reference changes the explanation and is in the receipt; one that does not fit
     the model's inputs, or comes without its mode, is a 422 that names the field."""
-    from .test_e2e import _digit_b64
 
     def run(model: str, inputs: dict, reference: str | None) -> dict:
         rel = {"mode": "reference", **({"reference": reference} if reference else {})}
@@ -221,7 +218,7 @@ def test_named_references(client: httpx.Client) -> None:
         assert view["status"] == "finished", view
         return view["result"]
 
-    image = {"image": _digit_b64(3)}
+    image = {"image": digit_b64(3)}
     zeros, blur = run("digits-cnn", image, None), run("digits-cnn", image, "blur")
     assert zeros["receipt"]["parameters"]["reference"] == "zeros"
     assert blur["receipt"]["parameters"]["reference"] == "blur"

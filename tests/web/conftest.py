@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ..conftest import ROOT, Stack
+from tests.helpers.stack import ROOT, Stack
 
 ARTIFACTS = ROOT / "artifacts" / "web"
 CHROMIUM_ARGS = [

@@ -8,7 +8,8 @@ from typing import Any
 
 import httpx
 
-from ..conftest import Stack
+from tests.helpers.stack import Stack
+
 from .conftest import screenshot
 
 # Records, in the page, how many generated tokens were shown at each change of #sequence and

@@ -1,0 +1,54 @@
+"""Jobs over HTTP, the way a client of the API runs them: submit, poll until a terminal
+status, read the event stream until a terminal event."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+
+from service.client import parse_sse
+
+
+def wait(client: httpx.Client, job_id: str, timeout: float = 300) -> dict[str, Any]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        view = client.get(f"/jobs/{job_id}").json()
+        if view["status"] in ("finished", "failed", "canceled"):
+            return view
+        time.sleep(0.05)
+    raise TimeoutError(job_id)
+
+
+def events(
+    client: httpx.Client, job_id: str, last_id: str | None = None, comments: list[str] | None = None
+) -> list[tuple[str, str, dict]]:
+    """(id, event, data) until a terminal event; comment lines go to ``comments``."""
+    headers = {"Last-Event-ID": last_id} if last_id else {}
+    out = []
+    with client.stream(
+        "GET", f"/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(60)
+    ) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        assert resp.headers["cache-control"] == "no-store"
+        assert resp.headers["x-accel-buffering"] == "no"
+
+        def lines():
+            for line in resp.iter_lines():
+                if line.startswith(":") and comments is not None:
+                    comments.append(line)
+                yield line
+
+        for event, data, eid in parse_sse(lines()):
+            out.append((eid, event, data))
+            if event in ("done", "error", "canceled"):
+                break
+    return out
+
+
+def submit(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
+    resp = client.post("/run_task", json=body)
+    assert resp.status_code == 202, resp.text
+    return resp.json()
