@@ -11,9 +11,8 @@ from pathlib import Path
 import httpx
 from rq.suspension import resume, suspend
 
+from tests.helpers.cluster import LONG_JOB, QUICK_JOB, Cluster, Listener, submit
 from tests.helpers.jobs import wait
-
-from .conftest import LONG_JOB, QUICK_JOB, Cluster, Listener, submit
 
 
 def test_redis_restart(cluster: Cluster) -> None:

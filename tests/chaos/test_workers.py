@@ -15,8 +15,7 @@ from rq.suspension import resume, suspend
 
 from bench import load
 from service import batching, store
-
-from .conftest import HEARTBEAT_TTL, LONG_JOB, QUICK_JOB, Cluster, Listener, submit
+from tests.helpers.cluster import HEARTBEAT_TTL, LONG_JOB, QUICK_JOB, Cluster, Listener, submit
 
 # Noticing a dead worker takes its heartbeat TTL plus one reaper period (a third of it, and
 # the reaper lock's half TTL); the retried job then runs again from the start.
