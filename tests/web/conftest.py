@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers.stack import ROOT, Stack
+from tests.helpers.stack import Stack
 
-ARTIFACTS = ROOT / "artifacts" / "web"
 CHROMIUM_ARGS = [
     "--no-sandbox",  # CI runs as root, where Chromium's sandbox refuses to start
     "--disable-gpu",
@@ -52,11 +50,3 @@ def page(browser: Any, stack: Stack) -> Iterator[Any]:
     yield page
     context.close()
     assert not errors, errors
-
-
-def screenshot(page: Any, name: str) -> Path:
-    """Keep a picture of the page as a test artefact (artifacts/ is gitignored)."""
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    return path

@@ -8,9 +8,8 @@ from typing import Any
 
 import httpx
 
+from tests.helpers.browser import screenshot
 from tests.helpers.stack import Stack
-
-from .conftest import screenshot
 
 # Records, in the page, how many generated tokens were shown at each change of #sequence and
 # when the status first said "Finished": proof that tokens arrive one event at a time.
