@@ -9,13 +9,17 @@ from typing import Any
 import httpx
 
 from service.client import parse_sse
+from service.vocabulary import TERMINAL_EVENTS, JobStatus
+
+FINAL_STATUSES = frozenset(s for s in JobStatus if s.terminal)
 
 
 def wait(client: httpx.Client, job_id: str, timeout: float = 300) -> dict[str, Any]:
+    """The job's view once its status is final, polled the way a client without SSE does."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         view = client.get(f"/jobs/{job_id}").json()
-        if view["status"] in ("finished", "failed", "canceled"):
+        if view["status"] in FINAL_STATUSES:
             return view
         time.sleep(0.05)
     raise TimeoutError(job_id)
@@ -43,12 +47,13 @@ def events(
 
         for event, data, eid in parse_sse(lines()):
             out.append((eid, event, data))
-            if event in ("done", "error", "canceled"):
+            if event in TERMINAL_EVENTS:
                 break
     return out
 
 
 def submit(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
+    """The accepted job (202: its id, status and URLs); any other answer fails the test."""
     resp = client.post("/run_task", json=body)
     assert resp.status_code == 202, resp.text
     return resp.json()
