@@ -1,9 +1,11 @@
 """``python -m service serve|worker|run|build-demo``.
 
 ``serve --all-in-one`` is the one-command start on one machine: a private redis-server when
-REDIS_URL is unset, worker process(es), and the API on port 8000 with the demo registry.
-``run`` is one request end to end (against --url, or a throwaway all-in-one stack): it prints
-the result and writes the heatmap."""
+REDIS_URL is unset, worker process(es) restarted when they die (service.supervisor), and the
+API on port 8000 with the demo registry. ``worker --processes N`` supervises N workers the same
+way. ``run`` is one request end to end (against --url, or a throwaway all-in-one stack): it
+prints the result and writes the heatmap. A reply of 4xx/5xx or an unreachable server ends a
+command with the reason on one line and exit status 1, not a traceback."""
 
 from __future__ import annotations
 
@@ -16,11 +18,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from .config import Settings
+from .supervisor import Supervisor
+from .vocabulary import Event, JobStatus
 
 log = logging.getLogger("service")
 
@@ -35,8 +40,22 @@ def api_command(port: int) -> list[str]:
     return [sys.executable, "-m", "service", "serve", "--port", str(port), "--log-level", "warning"]
 
 
+def worker_command(metrics_port: int, *options: str) -> list[str]:
+    """The command of one worker process (a supervised child) with its /metrics port."""
+    return [
+        sys.executable,
+        "-m",
+        "service",
+        "worker",
+        "--metrics-port",
+        str(metrics_port),
+        *options,
+    ]
+
+
 class Stack:
-    """Redis (private unless REDIS_URL is set) and N worker processes, stopped together."""
+    """Redis (private unless REDIS_URL is set) and N supervised worker processes (a dead one is
+    restarted: service.supervisor), stopped together."""
 
     def __init__(self, workers: int = 1, metrics_port: int = 9101, warm: str | None = None):
         from .redis_server import PrivateRedis, free_port
@@ -51,39 +70,15 @@ class Stack:
         env = {**os.environ, "REDIS_URL": url, "HF_HUB_OFFLINE": "1"}
         if warm is not None:
             env["BACKTRACE_WARM_MODELS"] = warm
-        self.procs = []
-        for i in range(workers):
-            port = metrics_port + i if metrics_port else free_port()
-            self.procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "service", "worker", "--metrics-port", str(port)]
-                    + (["--no-warm"] if warm == "" else []),
-                    env=env,
-                )
-            )
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        """Until every worker has a heartbeat (first start builds the demo models)."""
-        from . import store
-
-        r = store.connect(self.url)
-        deadline = time.time() + timeout
-        while len(store.live_workers(r)) < len(self.procs):
-            if any(p.poll() is not None for p in self.procs):
-                raise RuntimeError("a worker exited during start-up")
-            if time.time() > deadline:
-                raise TimeoutError("workers not ready")
-            time.sleep(0.2)
+        options = ["--no-warm"] if warm == "" else []
+        commands = [
+            worker_command(metrics_port + i if metrics_port else free_port(), *options)
+            for i in range(workers)
+        ]
+        self.workers = Supervisor(commands, env=env).start().watch()
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        self.workers.stop()
         if self.redis is not None:
             self.redis.stop()
 
@@ -115,6 +110,10 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
 
 def cmd_worker(a: argparse.Namespace) -> None:
+    """One worker in this process (a container's), or with --processes N a supervisor of N."""
+    if a.processes is not None:
+        supervise_workers(a)
+        return
     from .worker import run_worker
 
     settings = _settings(redis_url=os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0")
@@ -125,6 +124,17 @@ def cmd_worker(a: argparse.Namespace) -> None:
         metrics_port=a.metrics_port,
         warm=() if a.no_warm else None,
     )
+
+
+def supervise_workers(a: argparse.Namespace) -> None:
+    """N worker children with consecutive /metrics ports (none with --metrics-port 0),
+    restarted when they die, stopped on SIGTERM or SIGINT."""
+    port = Settings().metrics_port if a.metrics_port is None else a.metrics_port
+    options = ["--no-warm"] if a.no_warm else []
+    if a.max_jobs is not None:
+        options += ["--max-jobs", str(a.max_jobs)]
+    commands = [worker_command(port + i if port else 0, *options) for i in range(a.processes)]
+    Supervisor(commands).start().run_until_signal()
 
 
 def cmd_build_demo(a: argparse.Namespace) -> None:
@@ -149,9 +159,9 @@ def cmd_run(a: argparse.Namespace) -> None:
 
     inputs: dict[str, Any]
     if a.image:
-        inputs = {"image": base64.b64encode(Path(a.image).read_bytes()).decode()}
+        inputs = {"image": a.image}
     elif a.features:
-        inputs = {"features": [float(x) for x in a.features.split(",")]}
+        inputs = {"features": a.features}
     else:
         inputs = {"text": a.text}
     body: dict[str, Any] = {"model": a.model, "inputs": inputs}
@@ -170,22 +180,8 @@ def cmd_run(a: argparse.Namespace) -> None:
     try:
         client = Client(url)
         if stack is not None:
-            client.wait_ready(timeout=600, processes=[server, *stack.procs])
-        job = client.submit(body)
-        if body["model"] and job.get("task") == "generation":
-            for event, data in client.stream(job["job_id"]):
-                if event == "token":
-                    print(data["text"][0], end="", flush=True, file=sys.stderr)
-            print(file=sys.stderr)
-        view = client.wait(job["job_id"], timeout=a.timeout)
-        print(json.dumps(view, indent=1) if a.json else summary(view))
-        if view["status"] == "finished" and a.out:
-            try:
-                Path(a.out).write_bytes(client.heatmap(job["job_id"]))
-                print(f"heatmap: {a.out}", file=sys.stderr)
-            except Exception as exc:  # noqa: BLE001
-                print(f"no heatmap: {exc}", file=sys.stderr)
-        if view["status"] != "finished":
+            client.wait_ready(timeout=600, processes=[server, *stack.workers.procs])
+        if not run_job(client, body, a):
             sys.exit(1)
     finally:
         if server is not None:
@@ -195,11 +191,51 @@ def cmd_run(a: argparse.Namespace) -> None:
             stack.stop()
 
 
+def run_job(client: Any, body: dict[str, Any], a: argparse.Namespace) -> bool:
+    """Submit, stream a generation's tokens to stderr, print the result, write the heatmap;
+    whether the job finished."""
+    from .client import ServiceError
+
+    job = client.submit(body)
+    if job.get("task") == "generation":
+        for event, data in client.stream(job["job_id"]):
+            if event == Event.TOKEN:
+                print(data["text"][0], end="", flush=True, file=sys.stderr)
+        print(file=sys.stderr)
+    view = client.wait(job["job_id"], timeout=a.timeout)
+    print(json.dumps(view, indent=1) if a.json else summary(view))
+    if view["status"] != JobStatus.FINISHED:
+        return False
+    if a.out:
+        try:
+            Path(a.out).write_bytes(client.heatmap(job["job_id"]))
+            print(f"heatmap: {a.out}", file=sys.stderr)
+        except ServiceError as exc:
+            print(f"no heatmap: {exc}", file=sys.stderr)
+    return True
+
+
+def _image(path: str) -> str:
+    """--image: the file as base64 (argparse reports a missing file as a usage error)."""
+    try:
+        return base64.b64encode(Path(path).read_bytes()).decode()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _numbers(text: str) -> list[float]:
+    """--features: comma-separated numbers."""
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated numbers: {text!r}") from None
+
+
 def summary(view: dict[str, Any]) -> str:
     """A few readable lines: the prediction or generated text, relevance per token."""
     from . import codec
 
-    if view["status"] != "finished":
+    if view["status"] != JobStatus.FINISHED:
         return f"{view['status']}: {(view.get('error') or {}).get('message')}"
     res = view["result"]
     lines = [f"job {view['job_id']} finished ({res['task']})"]
@@ -251,6 +287,13 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     w.add_argument("--max-jobs", type=int, default=None, help="exit after N jobs (recycling)")
     w.add_argument("--no-warm", action="store_true", help="load models on first use only")
+    w.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="supervise N worker processes (restarted when they die; metrics ports from "
+        "--metrics-port on)",
+    )
     w.set_defaults(fn=cmd_worker)
     b = sub.add_parser("build-demo", help="build the demo models and their registry.yaml")
     b.add_argument("--out", default="var/models")
@@ -258,8 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("run", help="one request end to end; prints the result")
     r.add_argument("--model", required=True)
     r.add_argument("--text", default=None)
-    r.add_argument("--image", default=None, help="path to a PNG or JPEG")
-    r.add_argument("--features", default=None, help="comma-separated numbers")
+    r.add_argument("--image", type=_image, default=None, help="path to a PNG or JPEG")
+    r.add_argument("--features", type=_numbers, default=None, help="comma-separated numbers")
     r.add_argument("--max-new-tokens", type=int, default=None)
     r.add_argument("--url", default=None, help="a running API (default: start a private one)")
     r.add_argument("--out", default="heatmap.png")
@@ -267,4 +310,11 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--json", action="store_true", help="print the whole job view as JSON")
     r.set_defaults(fn=cmd_run)
     a = p.parse_args(argv)
-    a.fn(a)
+    if a.cmd == "worker" and a.processes is not None and (a.burst or a.processes < 1):
+        p.error("worker --processes takes N >= 1 and cannot be combined with --burst")
+    try:
+        a.fn(a)
+    except (httpx.HTTPStatusError, httpx.TransportError) as exc:
+        # The server's message (service.client.ServiceError) or why it cannot be reached,
+        # as one line instead of a traceback.
+        sys.exit(f"{p.prog} {a.cmd}: {exc}")
