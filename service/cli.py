@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("worker --processes takes N >= 1 and cannot be combined with --burst")
     try:
         a.fn(a)
-    except (httpx.HTTPStatusError, httpx.TransportError) as exc:
-        # The server's message (service.client.ServiceError) or why it cannot be reached,
-        # as one line instead of a traceback.
+    except httpx.HTTPStatusError as exc:  # the server's message (service.client.ServiceError)
         sys.exit(f"{p.prog} {a.cmd}: {exc}")
+    except httpx.TransportError as exc:
+        sys.exit(f"{p.prog} {a.cmd}: cannot reach {exc.request.url}: {exc}")

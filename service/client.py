@@ -1,4 +1,7 @@
-"""A small Python client: submit, wait (poll), stream (SSE with Last-Event-ID resume)."""
+"""A small Python client: submit, wait (poll), stream (SSE with Last-Event-ID resume).
+
+Every call that gets a 4xx or 5xx reply raises ``ServiceError`` carrying the server's own
+message (its JSON ``detail``, made readable), so that a script or the CLI can show why."""
 
 from __future__ import annotations
 
@@ -10,9 +13,59 @@ from typing import Any
 
 import httpx
 
+from .vocabulary import TERMINAL_EVENTS, JobStatus
+
+FINAL_STATUSES = frozenset(s for s in JobStatus if s.terminal)
+
 
 class JobFailed(RuntimeError):
     pass
+
+
+class ServiceError(httpx.HTTPStatusError):
+    """A 4xx/5xx reply. ``str()`` is one readable line, e.g. ``404 Not Found: model 'x' is
+    not in the registry (GET /models)``; ``detail`` is the reply's JSON ``detail`` as sent.
+    An ``httpx.HTTPStatusError``, so code that caught that before still does."""
+
+    def __init__(self, response: httpx.Response):
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        self.detail = body.get("detail") if isinstance(body, dict) else None
+        self.status_code = response.status_code
+        text = response.text.strip()[:500] or None
+        message = readable(self.detail) if self.detail is not None else text
+        super().__init__(
+            f"{response.status_code} {response.reason_phrase}: {message or 'no message'}",
+            request=response.request,
+            response=response,
+        )
+
+
+def readable(detail: Any) -> str:
+    """A JSON ``detail`` as one line: a string as is; FastAPI's list of ``{loc, msg}`` as
+    ``field.path: msg`` items (the server's own ``message`` when it sends one) joined by
+    '; '."""
+    if isinstance(detail, list):
+        return "; ".join(readable(item) for item in detail)
+    if not isinstance(detail, dict):
+        return str(detail)
+    if detail.get("message"):
+        return str(detail["message"])
+    loc = [str(p) for p in detail.get("loc", ())]
+    if loc[:1] in (["body"], ["query"], ["path"], ["header"]) and len(loc) > 1:
+        loc = loc[1:]
+    msg = detail.get("msg", json.dumps(detail))
+    return f"{'.'.join(loc)}: {msg}" if loc else str(msg)
+
+
+def checked(response: httpx.Response) -> httpx.Response:
+    """The response, or ``ServiceError`` for a 4xx/5xx (a streamed body is read first)."""
+    if response.status_code >= 400:
+        response.read()
+        raise ServiceError(response)
+    return response
 
 
 class Client:
@@ -26,25 +79,18 @@ class Client:
         self.http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
 
     def submit(self, body: dict[str, Any]) -> dict[str, Any]:
-        """POST /run_task; raises httpx.HTTPStatusError on 4xx/5xx (the body says why)."""
-        resp = self.http.post("/run_task", json=body)
-        if resp.status_code >= 400:
-            raise httpx.HTTPStatusError(
-                f"{resp.status_code}: {resp.text}", request=resp.request, response=resp
-            )
-        return resp.json()
+        """POST /run_task; ``ServiceError`` with the server's reason on 4xx/5xx."""
+        return checked(self.http.post("/run_task", json=body)).json()
 
     def job(self, job_id: str) -> dict[str, Any]:
-        resp = self.http.get(f"/jobs/{job_id}")
-        resp.raise_for_status()
-        return resp.json()
+        return checked(self.http.get(f"/jobs/{job_id}")).json()
 
     def wait(self, job_id: str, timeout: float = 600, interval: float = 0.05) -> dict[str, Any]:
         """Poll until the job is finished, failed or canceled (backing off to 1 s)."""
         deadline = time.monotonic() + timeout
         while True:
             view = self.job(job_id)
-            if view["status"] in ("finished", "failed", "canceled"):
+            if view["status"] in FINAL_STATUSES:
                 return view
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {view['status']} after {timeout}s")
@@ -54,7 +100,7 @@ class Client:
     def run(self, body: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
         """Submit and wait; the result, or JobFailed with the worker's message."""
         view = self.wait(self.submit(body)["job_id"], timeout)
-        if view["status"] != "finished":
+        if view["status"] != JobStatus.FINISHED:
             raise JobFailed(f"{view['status']}: {(view.get('error') or {}).get('message')}")
         return view["result"]
 
@@ -83,11 +129,11 @@ class Client:
                     if resp.status_code == 503 and reconnect:
                         time.sleep(min(5.0, float(resp.headers.get("retry-after", 1))))
                         continue
-                    resp.raise_for_status()
+                    checked(resp)
                     for event, data, eid in parse_sse(resp.iter_lines()):
                         last = eid or last
                         yield event, data, eid
-                        if event in ("done", "error", "canceled"):
+                        if event in TERMINAL_EVENTS:
                             return
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectError):
                 if not reconnect:
@@ -95,14 +141,10 @@ class Client:
                 time.sleep(0.5)
 
     def heatmap(self, job_id: str) -> bytes:
-        resp = self.http.get(f"/jobs/{job_id}/heatmap.png")
-        resp.raise_for_status()
-        return resp.content
+        return checked(self.http.get(f"/jobs/{job_id}/heatmap.png")).content
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        resp = self.http.delete(f"/jobs/{job_id}")
-        resp.raise_for_status()
-        return resp.json()
+        return checked(self.http.delete(f"/jobs/{job_id}")).json()
 
     def wait_ready(self, timeout: float = 600, processes: Sequence[subprocess.Popen] = ()) -> None:
         """Poll /readyz until it answers 200. ``processes`` are the service's own (API,

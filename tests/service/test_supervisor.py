@@ -5,8 +5,6 @@ worker of ``python -m service serve --all-in-one`` and sees a new one take the n
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 import os
 import re
@@ -19,15 +17,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from PIL import Image
 
 from service.client import Client
 from service.redis_server import free_port
 from service.registry import DEMO_REGISTRY
 from service.supervisor import Backoff, Supervisor
 from service.vocabulary import JobStatus
-
-from ..conftest import ROOT
+from tests.helpers.inputs import blank_png_b64
+from tests.helpers.stack import ROOT
 
 SLEEP = ["sleep", "60"]
 
@@ -162,9 +159,7 @@ def worker_pid(server: subprocess.Popen) -> int | None:
 
 
 def digit_job() -> dict:
-    png = io.BytesIO()
-    Image.new("L", (16, 16)).save(png, format="PNG")
-    return {"model": "digits-cnn", "inputs": {"image": base64.b64encode(png.getvalue()).decode()}}
+    return {"model": "digits-cnn", "inputs": {"image": blank_png_b64(16, 16)}}
 
 
 @pytest.fixture
