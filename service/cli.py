@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -146,8 +147,10 @@ def cmd_build_demo(a: argparse.Namespace) -> None:
     out = Path(a.out)
     entries = []
     for model_id in DEMO_IDS:
+        started = time.monotonic()
         ensure_built(model_id, out)
-        print(f"built {model_id} -> {out / model_id}", flush=True)
+        took = time.monotonic() - started
+        print(f"built {model_id} -> {out / model_id} ({took:.1f} s)", flush=True)
     for entry in DEMO_REGISTRY:
         entries.append({**entry, "source": {**entry["source"], "path": entry["id"]}})
     (out / "registry.yaml").write_text(dump_registry(entries))
