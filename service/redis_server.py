@@ -45,6 +45,9 @@ class PrivateRedis:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # its own process group: a terminal's Ctrl-C reaches the service, which stops its
+            # workers first and this server last (stop()), so workers never lose Redis mid-job
+            process_group=0,
         )
         self.url = f"redis://127.0.0.1:{self.port}/0"
         deadline = time.time() + 10
