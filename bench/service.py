@@ -4,13 +4,18 @@ processes, the API under uvicorn) and drive it with concurrent clients; prints J
 Each request is timed from POST /run_task to the ``done`` event on its SSE stream (so no
 polling interval inflates it). ``overhead_*`` is that end-to-end time minus the engine's own
 time for the job (``timings.engine_s`` measured in the worker around ``run_task``): HTTP,
-validation, enqueue, queue wait, dequeue, input preparation, result encoding and delivery."""
+validation, enqueue, queue wait, dequeue, input preparation, result encoding and delivery.
+
+The same clients also time the floor (``bench.floor``: the bare enqueue, pop, stream and relay
+a job needs), in turns with the service; ``overhead_vs_floor`` is our overhead p50 over the
+floor's p50, a figure that carries across machines where milliseconds do not."""
 
 from __future__ import annotations
 
 import argparse
 import base64
 import http.client
+import itertools
 import json
 import os
 import statistics
@@ -18,9 +23,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench import floor as bench_floor
 from service.cli import api_command
 from service.client import Client, parse_sse
 from service.redis_server import PrivateRedis, free_port
@@ -110,7 +117,7 @@ def one(client: LeanClient, body: bytes) -> tuple[float, float, float, int, floa
     return e2e, timings["engine_s"], timings["queue_wait_s"] or 0.0, batch, accepted
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.service")
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--concurrency", type=int, default=8)
@@ -126,104 +133,173 @@ def main() -> None:
         help="one request per job (POST with Accept: text/event-stream) instead of POST, then "
         "GET /jobs/{id}/events",
     )
-    a = p.parse_args()
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="the service and the floor take turns this many times, so that a change in the "
+        "machine's load during the run weighs on both alike",
+    )
+    return p.parse_args()
 
-    redis_server = PrivateRedis()
-    port = free_port()
+
+def start_service(a: argparse.Namespace, redis_url: str, port: int) -> list[subprocess.Popen]:
+    """Worker processes and the API (last) on ``port``, as ``python -m service`` runs them."""
     env = {
         **os.environ,
-        "REDIS_URL": redis_server.url,
+        "REDIS_URL": redis_url,
         "HF_HUB_OFFLINE": "1",
         "BACKTRACE_WARM_MODELS": a.model,
         "PYTHONPATH": str(ROOT),
         "BACKTRACE_TORCH_THREADS": str(a.torch_threads),
     }
     env.pop("BACKTRACE_REGISTRY", None)
-    procs = [
+    worker = [sys.executable, "-m", "service", "worker", "--metrics-port", "0"]
+    return [
         subprocess.Popen(
-            [sys.executable, "-m", "service", "worker", "--metrics-port", "0"],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        for _ in range(a.workers)
+        for cmd in [worker] * a.workers + [api_command(port)]
     ]
-    procs.append(
-        subprocess.Popen(
-            api_command(port),
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    )
-    url = f"http://127.0.0.1:{port}"
+
+
+Result = tuple[float, float, float, int, float]
+
+
+class Target:
+    """One side of the comparison (the service or the floor): its port, its processes'
+    pids, and what its timed requests gave, accumulated over the rounds."""
+
+    def __init__(self, port: int, pids: dict[str, int]):
+        self.port, self.pids = port, pids
+        self.results: list[Result | Exception] = []
+        self.wall = 0.0
+        self.cpu = dict.fromkeys(pids, 0.0)
+
+    def timed(self, drive: Callable[[int, int], list[Result | Exception]], n: int) -> None:
+        """``n`` requests, with the wall time and each process's CPU time they took."""
+        cpu0 = {k: cpu_seconds(v) for k, v in self.pids.items()}
+        t0 = time.perf_counter()
+        self.results += drive(self.port, n)
+        self.wall += time.perf_counter() - t0
+        for k, v in self.pids.items():
+            self.cpu[k] += cpu_seconds(v) - cpu0[k]
+
+    def ok(self) -> list[Result]:
+        """The requests that ended ``done``; none at all ends the run with the first error."""
+        ok = [r for r in self.results if not isinstance(r, Exception)]
+        if not ok:
+            raise SystemExit(f"every request to port {self.port} failed: {self.results[0]!r}")
+        return ok
+
+
+def ms(seconds: float) -> float:
+    return round(1000 * seconds, 2)
+
+
+def floor_summary(floor: Target) -> dict:
+    ok = floor.ok()
+    e2e = [r[0] for r in ok]
+    return {
+        "errors": len(floor.results) - len(ok),
+        "p50_ms": ms(statistics.median(e2e)),
+        "p99_ms": ms(pct(e2e, 99)),
+        "throughput_rps": round(len(ok) / floor.wall, 1),
+        "cpu_ms_per_request": {k: ms(v / len(floor.results)) for k, v in floor.cpu.items()},
+    }
+
+
+def summary(a: argparse.Namespace, service: Target, floor: Target) -> dict:
+    ok = service.ok()
+    e2e = [r[0] for r in ok]
+    over = [r[0] - r[1] for r in ok]
+    floor_figures = floor_summary(floor)
+    return {
+        "requests": a.requests,
+        "concurrency": a.concurrency,
+        "workers": a.workers,
+        "model": a.model,
+        "torch_threads": a.torch_threads,
+        "flow": "streaming POST" if a.stream_post else "POST, then GET events",
+        "errors": len(service.results) - len(ok),
+        "p50_ms": ms(statistics.median(e2e)),
+        "p99_ms": ms(pct(e2e, 99)),
+        "throughput_rps": round(len(ok) / service.wall, 1),
+        "engine_p50_ms": ms(statistics.median(r[1] for r in ok)),
+        "queue_wait_p50_ms": ms(statistics.median(r[2] for r in ok)),
+        "overhead_p50_ms": ms(statistics.median(over)),
+        "batch_jobs_mean": round(statistics.mean(r[3] for r in ok), 2),
+        "post_answered_p50_ms": ms(statistics.median(r[4] for r in ok)),
+        "overhead_p99_ms": ms(pct(over, 99)),
+        # without the time spent waiting behind other jobs for the worker:
+        "overhead_excl_queue_p50_ms": ms(statistics.median(r[0] - r[1] - r[2] for r in ok)),
+        "cpus": os.cpu_count(),
+        "cpu_ms_per_request": {k: ms(v / a.requests) for k, v in service.cpu.items()},
+        # The same clients through the bare path (bench.floor), in turns with the service:
+        "floor": floor_figures,
+        "overhead_vs_floor": round(statistics.median(over) / (floor_figures["p50_ms"] / 1000), 2),
+    }
+
+
+def compare(a: argparse.Namespace, service: Target, floor: Target) -> None:
+    """Warm both up, then the service and the floor take ``a.rounds`` turns of equal size."""
+    body = json.dumps(body_for(a.model)).encode()
+    local = threading.local()
+
+    turns = itertools.count()
+
+    def run(port: int, turn: int) -> Result | Exception:
+        # New connections for each turn: the side that waited has had its idle keep-alive
+        # connections closed by uvicorn (timeout_keep_alive, 5 s) in the meantime.
+        clients = local.__dict__.setdefault("clients", {})
+        if clients.get(port, (None,))[0] != turn:
+            if port in clients:
+                clients[port][1].conn.close()
+            clients[port] = (turn, LeanClient(port, a.stream_post))
+        try:
+            return one(clients[port][1], body)
+        except Exception as exc:  # noqa: BLE001 - counted as an error
+            return exc
+
+    with ThreadPoolExecutor(a.concurrency) as pool:
+
+        def drive(port: int, n: int) -> list[Result | Exception]:
+            turn = next(turns)
+            return list(pool.map(lambda _: run(port, turn), range(n)))
+
+        for target in (service, floor):
+            drive(target.port, a.warmup)  # loads the model, captures its graph
+        sizes = [a.requests // a.rounds + (i < a.requests % a.rounds) for i in range(a.rounds)]
+        for n in sizes:
+            for target in (service, floor):
+                target.timed(drive, n)
+
+
+def main() -> None:
+    a = parse_args()
+    redis_server = PrivateRedis()
+    port, floor_port = free_port(), free_port()
+    procs = start_service(a, redis_server.url, port)
+    floor_procs = bench_floor.start(redis_server.url, floor_port)
     try:
         try:
-            Client(url).wait_ready(timeout=600, processes=procs)
+            Client(f"http://127.0.0.1:{port}").wait_ready(timeout=600, processes=procs)
+            Client(f"http://127.0.0.1:{floor_port}").wait_ready(60, processes=floor_procs)
         except (RuntimeError, TimeoutError) as exc:
-            raise SystemExit(f"service did not start: {exc}") from exc
-        body = json.dumps(body_for(a.model)).encode()
-        local = threading.local()
-
-        def run(_: int) -> tuple[float, float, float, int, float] | Exception:
-            if not hasattr(local, "client"):
-                local.client = LeanClient(port, a.stream_post)
-            try:
-                return one(local.client, body)
-            except Exception as exc:  # noqa: BLE001 - counted as an error
-                return exc
-
+            raise SystemExit(f"service or floor did not start: {exc}") from exc
         # Where the machine's CPU goes per request, by process, over the timed requests:
         # on a shared machine this, not the wall clock, says what each part costs.
-        pids = {"api": procs[-1].pid, "redis": redis_server.proc.pid, "client": os.getpid()}
-        pids.update({f"worker{i}": pr.pid for i, pr in enumerate(procs[:-1])})
-        with ThreadPoolExecutor(a.concurrency) as pool:
-            list(pool.map(run, range(a.warmup)))  # loads the model, captures its graph
-            cpu0 = {k: cpu_seconds(v) for k, v in pids.items()}
-            t0 = time.perf_counter()
-            results = list(pool.map(run, range(a.requests)))
-            wall = time.perf_counter() - t0
-            cpu = {k: cpu_seconds(v) - cpu0[k] for k, v in pids.items()}
-        ok = [r for r in results if not isinstance(r, Exception)]
-        e2e = [r[0] for r in ok]
-        over = [r[0] - r[1] for r in ok]
-        print(
-            json.dumps(
-                {
-                    "requests": a.requests,
-                    "concurrency": a.concurrency,
-                    "workers": a.workers,
-                    "model": a.model,
-                    "torch_threads": a.torch_threads,
-                    "flow": "streaming POST" if a.stream_post else "POST, then GET events",
-                    "errors": len(results) - len(ok),
-                    "p50_ms": round(1000 * statistics.median(e2e), 2),
-                    "p99_ms": round(1000 * pct(e2e, 99), 2),
-                    "throughput_rps": round(len(ok) / wall, 1),
-                    "engine_p50_ms": round(1000 * statistics.median(r[1] for r in ok), 2),
-                    "queue_wait_p50_ms": round(1000 * statistics.median(r[2] for r in ok), 2),
-                    "overhead_p50_ms": round(1000 * statistics.median(over), 2),
-                    "batch_jobs_mean": round(statistics.mean(r[3] for r in ok), 2),
-                    "post_answered_p50_ms": round(1000 * statistics.median(r[4] for r in ok), 2),
-                    "overhead_p99_ms": round(1000 * pct(over, 99), 2),
-                    # without the time spent waiting behind other jobs for the worker:
-                    "overhead_excl_queue_p50_ms": round(
-                        1000 * statistics.median(r[0] - r[1] - r[2] for r in ok), 2
-                    ),
-                    "cpus": os.cpu_count(),
-                    "cpu_ms_per_request": {
-                        k: round(1000 * v / a.requests, 2) for k, v in cpu.items()
-                    },
-                },
-                indent=1,
-            )
-        )
+        shared = {"redis": redis_server.proc.pid, "client": os.getpid()}
+        workers = {f"worker{i}": pr.pid for i, pr in enumerate(procs[:-1])}
+        service = Target(port, {"api": procs[-1].pid, **shared, **workers})
+        floor_pids = {"api": floor_procs[1].pid, **shared, "consumer": floor_procs[0].pid}
+        floor = Target(floor_port, floor_pids)
+        compare(a, service, floor)
+        print(json.dumps(summary(a, service, floor), indent=1))
     finally:
-        for pr in procs:
+        for pr in procs + floor_procs:
             pr.terminate()
-        for pr in procs:
+        for pr in procs + floor_procs:
             pr.wait(30)
         redis_server.stop()
 

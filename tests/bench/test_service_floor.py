@@ -1,0 +1,51 @@
+"""bench.floor answers bench.service's clients in both flows, and bench.service reports our
+overhead as a multiple of the floor's p50."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+
+import pytest
+
+from bench import floor
+from bench.service import LeanClient, Target, one, summary
+from service.client import Client
+from service.redis_server import PrivateRedis, free_port
+
+pytestmark = pytest.mark.skipif(not shutil.which("redis-server"), reason="needs redis-server")
+
+
+@pytest.mark.parametrize("stream_post", [False, True], ids=["post-then-get", "streaming-post"])
+def test_floor_relays_done_to_the_bench_client(stream_post: bool) -> None:
+    with PrivateRedis() as server:
+        port = free_port()
+        procs = floor.start(server.url, port)
+        try:
+            Client(f"http://127.0.0.1:{port}").wait_ready(timeout=60, processes=procs)
+            client = LeanClient(port, stream_post)
+            for _ in range(3):  # one keep-alive connection, several jobs
+                e2e, engine, queue_wait, batch, accepted = one(client, b'{"model": "x"}')
+                assert 0 < accepted <= e2e and (engine, queue_wait, batch) == (0.0, 0.0, 1)
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(30)
+
+
+def test_overhead_vs_floor_is_the_ratio_of_p50s() -> None:
+    # (end-to-end, engine, queue wait, batch jobs, POST answered) per request.
+    service = Target(1, {"api": 0})
+    service.results = [(0.030, 0.010, 0.0, 1, 0.001)] * 3 + [RuntimeError("lost")]
+    service.wall = 1.0
+    bare = Target(2, {"api": 0})
+    bare.results = [(0.010, 0.0, 0.0, 1, 0.001)] * 4
+    bare.wall = 1.0
+    a = argparse.Namespace(
+        requests=4, concurrency=1, workers=1, model="m", torch_threads=1, stream_post=False
+    )
+    out = summary(a, service, bare)
+    assert out["errors"] == 1 and out["floor"]["errors"] == 0
+    assert out["overhead_p50_ms"] == 20.0 and out["floor"]["p50_ms"] == 10.0
+    assert out["overhead_vs_floor"] == 2.0
