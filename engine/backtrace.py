@@ -1,7 +1,13 @@
-"""``DLBacktrace``: the public entry point, with the API of the dl-backtrace package."""
+"""``DLBacktrace``: the public entry point, with the API of the dl-backtrace package.
+
+``run_task`` keeps that package's keyword API and turns the keywords into parameter objects
+(``engine.params``), validated once: classification runs here (``_classify``: one forward and
+one sweep seeded on the decided logits), generation in ``engine.generation``. Task names come
+from ``engine.tasks``."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -13,13 +19,12 @@ import torch
 from torch import Tensor, fx
 
 from .capture import Captured, Inputs, bind_inputs, capture
+from .params import OutputParams, RelevanceParams
 from .references import named_reference
 from .sweep import Explanation, NodeIO, Seed, Sweeper
+from .tasks import TASK_NAMES, TaskName
 
 log = logging.getLogger("engine")
-
-CLASSIFICATION_TASKS = ("text-classification", "image-classification", "tabular-classification")
-TASKS = ("auto", "generation", *CLASSIFICATION_TASKS)
 
 
 class _Forwards(NamedTuple):
@@ -94,21 +99,19 @@ class DLBacktrace:
         """One forward over ``inputs`` and one sweep for all ``seed.K`` seeds (mode
         "reference": one more forward, over ``reference``: inputs, or a name from
         ``engine.references``, where "mask" needs the ``tokenizer``)."""
-        return self._sweep(self._forwards(inputs, mode, reference, tokenizer), seed, mode,
-                           relevance_nodes)  # fmt: skip
+        params = RelevanceParams(mode=mode, relevance_nodes=relevance_nodes, reference=reference)
+        return self._sweep(self._forwards(inputs, params, tokenizer), seed, params)
 
-    def _sweep(
-        self, f: _Forwards, seed: Seed, mode: str, relevance_nodes: str | Sequence[str]
-    ) -> Explanation:
+    def _sweep(self, f: _Forwards, seed: Seed, params: RelevanceParams) -> Explanation:
         with torch.no_grad():
             relevance, seed_total, at_inputs, sinks = f.sweeper.run(
-                f.env, f.prepared, seed, mode, _keep(relevance_nodes), f.env_ref
+                f.env, f.prepared, seed, params.mode, params.keep, f.env_ref
             )
         return Explanation(
             relevance, seed_total, at_inputs, sinks, f.outputs, f.env, f.sweeper.fused, f.captured
         )
 
-    def _forwards(self, inputs: Inputs, mode: str, reference, tokenizer: Any) -> _Forwards:
+    def _forwards(self, inputs: Inputs, params: RelevanceParams, tokenizer: Any) -> _Forwards:
         """What a sweep starts from: the graph for these inputs (its rules checked before any
         work), the recorded forward, and the reference's in mode "reference"."""
         prepared = self._prepare(inputs)
@@ -116,17 +119,16 @@ class DLBacktrace:
         sweeper.check_rules()
         with torch.no_grad():
             env, outputs = sweeper.forward(prepared)
-            env_ref = self._reference_env(sweeper, prepared, env, mode, reference, tokenizer)
+            env_ref = self._reference_env(sweeper, prepared, env, params, tokenizer)
         return _Forwards(prepared, captured, sweeper, env, outputs, env_ref)
 
     def _reference_env(
-        self, sweeper: Sweeper, prepared, env: dict, mode: str, reference, tokenizer: Any = None
+        self, sweeper: Sweeper, prepared, env: dict, params: RelevanceParams, tokenizer: Any
     ) -> dict | None:
         """The recorded forward of the reference input, for mode "reference" only."""
-        if mode != "reference":
-            if reference is not None:
-                raise ValueError('reference= is for mode "reference"')
+        if params.mode != "reference":
             return None
+        reference = params.reference
         if isinstance(reference, str):
             ref = named_reference(reference, prepared, tokenizer)
         else:
@@ -174,98 +176,64 @@ class DLBacktrace:
         explanation starts from, shaped like ``inputs``, or one of the names of
         ``engine.references`` ("zeros", the default: zeros, or for token ids zero embeddings;
         "mean" and "blur" for images; "mask" for tokens, with ``tokenizer``).
+        Generation takes the keywords of ``DecodingParams`` and ``StepPlan``, and ``on_step``.
         """
         if inputs is None:
             raise ValueError("run_task needs inputs")
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        if task == "auto":
-            task = self.detect_task(inputs, tokenizer)
-        if task == "generation":
+        if task not in TASK_NAMES:
+            raise ValueError(f"task must be one of {tuple(map(str, TASK_NAMES))}, got {task!r}")
+        task = self.detect_task(inputs, tokenizer) if task == TaskName.AUTO else TaskName(task)
+        if task == TaskName.GENERATION and reference is not None:
+            raise ValueError("generation explains against zero embeddings: no reference=")
+        params = RelevanceParams(mode, multiplier, scaler, thresholding, temperature,
+                                 relevance_nodes, target, reference)  # fmt: skip
+        output = OutputParams(return_scores, return_relevance, return_layerwise_output, debug)
+        if task == TaskName.GENERATION:
             from .generation import run_generation
+            from .params import DecodingParams, StepPlan, with_keywords
 
-            if reference is not None:
-                raise ValueError("generation explains against zero embeddings: no reference=")
-
-            result = run_generation(
-                self,
-                inputs,
-                tokenizer,
-                mode=mode,
-                multiplier=multiplier,
-                scaler=scaler,
-                temperature=temperature,
-                return_scores=return_scores,
-                return_relevance=return_relevance,
-                return_layerwise_output=return_layerwise_output,
-                debug=debug,
-                relevance_nodes="inputs" if relevance_nodes == "all" else relevance_nodes,
-                **generation_kwargs,
+            on_step = generation_kwargs.pop("on_step", None)
+            decoding, plan = with_keywords(
+                generation_kwargs, DecodingParams(temperature=temperature), StepPlan(), task=task
             )
+            if relevance_nodes == "all":  # generation keeps only the inputs' by default
+                params = dataclasses.replace(params, relevance_nodes="inputs")
+            result = run_generation(self, inputs, params, decoding, tokenizer, plan=plan,
+                                    output=output, on_step=on_step)  # fmt: skip
         else:
             if generation_kwargs:
                 raise TypeError(f"unexpected arguments for {task}: {sorted(generation_kwargs)}")
-            result = self._classify(
-                task, inputs, mode, multiplier, scaler, thresholding, temperature,
-                return_scores, return_relevance, return_layerwise_output, debug,
-                relevance_nodes, target, reference, tokenizer,
-            )  # fmt: skip
+            result = self._classify(task, inputs, params, output, tokenizer)
         self.relevance = result.get("relevance")
         return result
 
     def _classify(
         self,
-        task,
-        inputs,
-        mode,
-        multiplier,
-        scaler,
-        thresholding,
-        temperature,
-        return_scores,
-        return_relevance,
-        return_layerwise_output,
-        debug,
-        relevance_nodes,
-        target,
-        reference,
-        tokenizer,
+        task: TaskName,
+        inputs: Inputs,
+        params: RelevanceParams,
+        output: OutputParams,
+        tokenizer: Any,
     ) -> dict[str, Any]:
+        """One forward and one sweep seeded on each row's decided (or ``target``) logit."""
         started = time.perf_counter()
-        f = self._forwards(inputs, mode, reference, tokenizer)
-        logits = f.env[f.sweeper.seed_node]
-        scaled = logits.float() / temperature
-        single = scaled.dim() == 1 or scaled.shape[-1] == 1
-        batch = logits.shape[0]
-        if single:
-            labels = (torch.sigmoid(scaled.reshape(batch)) >= thresholding).long()
-        else:
-            labels = scaled.argmax(-1)
-        explained = labels if target is None else _targets(target, batch, logits.device)
-        unit = torch.zeros_like(explained) if single else explained
-        sign = torch.ones(batch, device=logits.device)
-        if single and mode in ("contrast", "reference"):
-            # The evidence for "negative" is the evidence against the logit.
-            sign = torch.where(explained == 1, 1.0, -1.0)
-        rows = torch.arange(batch, device=logits.device)
-        index = torch.stack([rows, unit], -1) if logits.dim() == 2 else rows[:, None]
-        seed = Seed(index[None], (sign * multiplier)[None])
-        exp = self._sweep(f, seed, mode, relevance_nodes)
+        f = self._forwards(inputs, params, tokenizer)
+        decision = _decide(f.env[f.sweeper.seed_node], params)
+        exp = self._sweep(f, decision.seed, params)
+        scaler = params.scaler
         relevance = {k: v[0] * scaler for k, v in exp.relevance.items()}
         node_io = exp.node_io()
         self.node_io = node_io
-        predictions = _to_numpy(scaled)
+        predictions = _to_numpy(decision.scaled)
         result: dict[str, Any] = {
             "task": task,
             "node_io": node_io,
             "relevance": relevance,
             "relevance_computed": True,
             "predictions": predictions,
-            "predicted_labels": labels.cpu().numpy(),
-            "target": explained.cpu().numpy(),
-            "mode": mode,
+            "predicted_labels": decision.labels.cpu().numpy(),
+            "target": decision.target.cpu().numpy(),
+            "mode": params.mode,
             "conservation": {
                 "seed": _to_numpy(exp.seed[0]) * scaler,
                 "inputs": _to_numpy(exp.inputs[0]) * scaler,
@@ -273,7 +241,7 @@ class DLBacktrace:
             },
             "timings": {"total_s": time.perf_counter() - started},
         }
-        if mode in ("contrast", "reference"):
+        if params.mode in ("contrast", "reference"):
             names = f.captured.input_names
             result["relevance_positive"] = {
                 k: v.clamp(min=0) for k, v in relevance.items() if k in names
@@ -281,22 +249,16 @@ class DLBacktrace:
             result["relevance_negative"] = {
                 k: v.clamp(max=0) for k, v in relevance.items() if k in names
             }
-        if return_scores:
+        if output.return_scores:
             result["scores_trace"] = [predictions]
-        if return_relevance:
+        if output.return_relevance:
             result["relevance_trace"] = [relevance]
-        if return_layerwise_output:
+        if output.return_layerwise_output:
             result["layerwise_output_trace"] = [{k: v["output_values"] for k, v in node_io.items()}]
-        if debug:
+        if output.debug:
             c = result["conservation"]
-            log.warning(
-                "run_task %s: seed %s, inputs %s, sinks %s, %.3fs",
-                task,
-                c["seed"],
-                c["inputs"],
-                c["sinks"],
-                result["timings"]["total_s"],
-            )
+            log.warning("run_task %s: seed %s, inputs %s, sinks %s, %.3fs", task, c["seed"],
+                        c["inputs"], c["sinks"], result["timings"]["total_s"])  # fmt: skip
         return result
 
     # ------------------------------------------------------------ visualisations
@@ -360,7 +322,7 @@ class DLBacktrace:
             timewise_relevance_out, n, input_ids, tokenizer, generated_ids, figsize, **kwargs
         )
 
-    def detect_task(self, inputs: Inputs, tokenizer: Any = None) -> str:
+    def detect_task(self, inputs: Inputs, tokenizer: Any = None) -> TaskName:
         """Causal LM (even behind a wrapper) -> generation; token ids -> text; images -> image;
         2-D float rows -> tabular."""
         if self._is_causal_lm is None:  # walking the modules costs a millisecond: once
@@ -368,15 +330,15 @@ class DLBacktrace:
 
             self._is_causal_lm = is_causal_lm(self.model)
         if self._is_causal_lm:
-            return "generation"
+            return TaskName.GENERATION
         prepared = self._prepare(inputs)
         first = next(iter(prepared.values()))
         if not first.is_floating_point():
-            return "text-classification"
+            return TaskName.TEXT_CLASSIFICATION
         if first.dim() >= 3:
-            return "image-classification"
+            return TaskName.IMAGE_CLASSIFICATION
         if first.dim() == 2:
-            return "tabular-classification"
+            return TaskName.TABULAR_CLASSIFICATION
         raise ValueError(
             f"cannot tell the task from an input of shape {tuple(first.shape)}: pass task="
         )
@@ -440,16 +402,33 @@ def _explained_output(captured: Captured) -> fx.Node:
     raise ValueError("the model returns no floating-point tensor to explain")
 
 
-def _keep(relevance_nodes: str | Sequence[str]) -> str | set[str]:
-    """ "all", or the set of node names to keep besides the inputs."""
-    if relevance_nodes in ("all", "inputs"):
-        return "all" if relevance_nodes == "all" else set()
-    if isinstance(relevance_nodes, str):
-        raise ValueError(
-            "relevance_nodes must be 'all', 'inputs' or a list of node names, "
-            f"got {relevance_nodes!r}"
-        )
-    return set(relevance_nodes)
+class _Decision(NamedTuple):
+    scaled: Tensor  # logits / temperature, reported as predictions
+    labels: Tensor  # [B] the decided class
+    target: Tensor  # [B] the explained class: ``target`` where given, else the decided one
+    seed: Seed
+
+
+def _decide(logits: Tensor, params: RelevanceParams) -> _Decision:
+    """Each row's decision (argmax, or for a single logit its sigmoid against
+    ``thresholding``) and the seed on the explained logit. In modes "contrast" and "reference"
+    a single logit decided "negative" is seeded with the opposite sign: the evidence for
+    "negative" is the evidence against the logit."""
+    scaled = logits.float() / params.temperature
+    single = scaled.dim() == 1 or scaled.shape[-1] == 1
+    batch = logits.shape[0]
+    if single:
+        labels = (torch.sigmoid(scaled.reshape(batch)) >= params.thresholding).long()
+    else:
+        labels = scaled.argmax(-1)
+    explained = labels if params.target is None else _targets(params.target, batch, logits.device)
+    unit = torch.zeros_like(explained) if single else explained
+    sign = torch.ones(batch, device=logits.device)
+    if single and params.mode in ("contrast", "reference"):
+        sign = torch.where(explained == 1, 1.0, -1.0)
+    rows = torch.arange(batch, device=logits.device)
+    index = torch.stack([rows, unit], -1) if logits.dim() == 2 else rows[:, None]
+    return _Decision(scaled, labels, explained, Seed(index[None], (sign * params.multiplier)[None]))
 
 
 def _targets(target: int | Sequence[int], batch: int, device) -> Tensor:

@@ -65,6 +65,19 @@ class Decoded:
     token_logits: Tensor  # [B, N]
     scores: list[Tensor] | None  # N x [B, V]
 
+    @classmethod
+    def from_steps(
+        cls, input_ids: Tensor, attention_mask: Tensor, steps: list[Step], keep_scores: bool
+    ) -> Decoded:
+        """The decode that emitted ``steps`` after the prompt ``input_ids``."""
+        return cls(
+            sequences=torch.cat([input_ids, torch.stack([s.tokens for s in steps], 1)], dim=1),
+            prompt_mask=attention_mask.long(),
+            active=torch.stack([s.active for s in steps], 1),
+            token_logits=torch.stack([s.token_logits for s in steps], 1),
+            scores=[s.scores for s in steps] if keep_scores else None,
+        )
+
     @property
     def prompt_len(self) -> int:
         return self.prompt_mask.shape[1]
@@ -188,13 +201,7 @@ def decode(
     if cfg.num_beams > 1:
         return beam_search(model, input_ids, attention_mask, cfg, keep_scores)
     steps = list(iter_decode(model, input_ids, attention_mask, cfg))
-    return Decoded(
-        sequences=torch.cat([input_ids, torch.stack([s.tokens for s in steps], 1)], dim=1),
-        prompt_mask=attention_mask.long(),
-        active=torch.stack([s.active for s in steps], 1),
-        token_logits=torch.stack([s.token_logits for s in steps], 1),
-        scores=[s.scores for s in steps] if keep_scores else None,
-    )
+    return Decoded.from_steps(input_ids, attention_mask, steps, keep_scores)
 
 
 def _gather_beams(tensor: Tensor, index: Tensor) -> Tensor:

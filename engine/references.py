@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-REFERENCES = ("zeros", "mean", "blur", "mask")
+from .tasks import REFERENCE_NAMES
 
 
 def named_reference(
@@ -40,7 +40,7 @@ def named_reference(
         return {**inputs, **{k: fill(v) for k, v in images.items()}}
     if name == "mask":
         return {**inputs, "input_ids": masked_ids(inputs, tokenizer)}
-    raise ValueError(f"reference must be inputs or one of {REFERENCES}, got {name!r}")
+    raise ValueError(f"reference must be inputs or one of {REFERENCE_NAMES}, got {name!r}")
 
 
 def channel_mean(images: Tensor) -> Tensor:

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from engine import DLBacktrace
-from engine.generation import is_causal_lm, run_generation, select_steps
+from engine.generation import is_causal_lm, run_generation
+from engine.steps import select_steps
 from tests.engine.lm_models import LookupTask, prompts, tiny_lm, train_lookup_lm, word_tokenizer
 
 NEW = 6

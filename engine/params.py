@@ -1,0 +1,185 @@
+"""Parameters as objects: what a ``run_task`` call asks for, validated once, where it is built.
+
+``DLBacktrace.run_task`` keeps the keyword API of the dl-backtrace package and turns its
+keywords into these objects; ``_classify`` and ``run_generation`` take the objects.
+
+- ``RelevanceParams``: how relevance is computed and reported (both tasks);
+- ``DecodingParams``: what the caller asked of the decode, resolved against the model into an
+  ``engine.decoding.DecodingConfig`` (greedy or sampling, EOS and padding ids);
+- ``StepPlan``: which generation steps are explained, and along which path;
+- ``OutputParams``: which traces the result carries, and debug logging.
+
+No torch here: a service can build and validate these without loading the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .tasks import MODES, REFERENCE_NAMES
+
+if TYPE_CHECKING:
+    from .decoding import DecodingConfig
+
+# Sampling settings left unset take these values when the decode samples (the reference's).
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 0.9}
+PATHS = ("batched", "stepwise")
+
+
+@dataclass(frozen=True)
+class RelevanceParams:
+    """How relevance is computed and reported (see ``DLBacktrace.run_task``).
+
+    ``relevance_nodes``: "all", "inputs", or node names (kept as a tuple); ``target``: the
+    classes to explain instead of the predicted ones; ``reference``: inputs or a name of
+    ``engine.references``, for mode "reference" only.
+    """
+
+    mode: str = "default"
+    multiplier: float = 100.0
+    scaler: float = 1.0
+    thresholding: float = 0.5
+    temperature: float = 1.0
+    relevance_nodes: str | tuple[str, ...] = "all"
+    target: Any = None
+    reference: Any = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        nodes = self.relevance_nodes
+        if isinstance(nodes, str) and nodes not in ("all", "inputs"):
+            raise ValueError(
+                f"relevance_nodes must be 'all', 'inputs' or a list of node names, got {nodes!r}"
+            )
+        if not isinstance(nodes, str):
+            object.__setattr__(self, "relevance_nodes", tuple(nodes))
+        if self.reference is not None:
+            if self.mode != "reference":
+                raise ValueError('reference= is for mode "reference"')
+            if isinstance(self.reference, str) and self.reference not in REFERENCE_NAMES:
+                raise ValueError(
+                    f"reference must be inputs or one of {REFERENCE_NAMES}, got {self.reference!r}"
+                )
+
+    @property
+    def keep(self) -> str | set[str]:
+        """What the sweep keeps besides the inputs: "all", or a set of node names."""
+        nodes = self.relevance_nodes
+        if isinstance(nodes, str):
+            return "all" if nodes == "all" else set()
+        return set(nodes)
+
+
+@dataclass(frozen=True)
+class DecodingParams:
+    """What the caller asked of the decode. ``None`` leaves a setting to ``resolve``:
+    ``do_sample=None`` samples when a sampling setting was asked for (temperature other than 1
+    or 0, or top_k / top_p given) and decodes greedily otherwise, so that plain calls are
+    deterministic; temperature 0 always means greedy. ``num_beams > 1`` is beam search."""
+
+    max_new_tokens: int = 50
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    do_sample: bool | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    seed: int | None = None
+
+    def resolve(self, lm: Any, tokenizer: Any = None) -> DecodingConfig:
+        """The decode to run: greedy or sampling decided, unset sampling settings at
+        ``SAMPLING_DEFAULTS``, EOS and padding ids from the model's generation config, its
+        config, or the tokenizer."""
+        from .decoding import DecodingConfig
+
+        do_sample = self.do_sample
+        if do_sample is None:
+            do_sample = self.temperature not in (None, 0.0, 1.0) or (
+                self.top_k is not None or self.top_p is not None
+            )
+        if self.temperature == 0.0:
+            do_sample = False
+        eos_ids, pad = _special_ids(lm, tokenizer)
+
+        def pick(name: str) -> Any:
+            value = getattr(self, name)
+            return SAMPLING_DEFAULTS[name] if value is None else value
+
+        return DecodingConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=do_sample,
+            temperature=pick("temperature") if do_sample else 1.0,
+            top_k=pick("top_k") if do_sample else None,
+            top_p=pick("top_p") if do_sample else None,
+            num_beams=self.num_beams,
+            length_penalty=self.length_penalty,
+            early_stopping=self.early_stopping,
+            eos_token_ids=eos_ids,
+            pad_token_id=pad,
+            seed=self.seed,
+        )
+
+
+def _special_ids(lm: Any, tokenizer: Any) -> tuple[tuple[int, ...], int]:
+    """EOS ids and the padding id: the generation config first, then the model's config (EOS)
+    or the tokenizer; padding falls back to the first EOS id, then 0."""
+    gen = getattr(lm, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(lm.config, "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (eos,))
+    pad = getattr(gen, "pad_token_id", None)
+    if pad is None and tokenizer is not None:
+        pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = eos_ids[0] if eos_ids else 0
+    return eos_ids, pad
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Which generation steps to explain (``engine.steps.select_steps``: "all", "none", the
+    first N, or a list) and how: "batched" (after decoding, one forward and one sweep per
+    ``max_seeds_per_sweep`` steps) or "stepwise" (each step as soon as it is emitted)."""
+
+    steps: str | int | Sequence[int] | None = "all"
+    path: str = "batched"
+    max_seeds_per_sweep: int = 64
+
+    def __post_init__(self) -> None:
+        if self.path not in PATHS:
+            raise ValueError(f"path must be 'batched' or 'stepwise', got {self.path!r}")
+
+
+@dataclass(frozen=True)
+class OutputParams:
+    """Which per-step traces the result carries, and whether each run is logged."""
+
+    return_scores: bool = False
+    return_relevance: bool = False
+    return_layerwise_output: bool = False
+    debug: bool = False
+
+
+def with_keywords(keywords: Mapping[str, Any], *params: Any, task: str = "generation") -> tuple:
+    """``params`` with the fields named in ``keywords`` replaced; each keyword goes to the first
+    object that has a field of its name. A keyword no object has is a ``TypeError``."""
+    fields = [{f.name for f in dataclasses.fields(p)} for p in params]
+    unknown = sorted(k for k in keywords if not any(k in names for names in fields))
+    if unknown:
+        raise TypeError(f"unexpected arguments for {task}: {unknown}")
+    out, taken = [], set()
+    for p, names in zip(params, fields, strict=True):
+        mine = {k: v for k, v in keywords.items() if k in names and k not in taken}
+        taken |= mine.keys()
+        out.append(dataclasses.replace(p, **mine) if mine else p)
+    return tuple(out)
