@@ -33,13 +33,17 @@ from typing import Any
 import redis
 from redis.commands.core import Script
 from rq import Queue
-from rq.job import Job, JobStatus
+from rq.job import Job
+from rq.job import JobStatus as RQStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
+from engine.tasks import TASKS
+
+from .vocabulary import JobStatus
+
 BATCH = "bt:batch:{}"
 CLAIMS = "bt:claims"
-BATCHABLE_TASKS = ("text-classification", "image-classification", "tabular-classification")
 log = logging.getLogger("service.batching")
 
 
@@ -49,7 +53,7 @@ def group_key(request: dict[str, Any]) -> str | None:
     given per row (it belongs to its own rows)."""
     task = request.get("task")
     out, rel = request.get("output") or {}, request.get("relevance") or {}
-    if task not in BATCHABLE_TASKS or out.get("relevance", "inputs") != "inputs":
+    if task not in TASKS or not TASKS[task].batchable or out.get("relevance", "inputs") != "inputs":
         return None
     if rel.get("target") is not None and not isinstance(rel["target"], int):
         return None
@@ -112,15 +116,16 @@ def claim(
 
 
 def settle(pipe: Any, job: Job, status: str, result_ttl: int, failure_ttl: int) -> None:
-    """End a claimed job in RQ, on the pipeline that stores its result: status, ended_at, the
-    finished or failed registry and the hash's expiry, as RQ does for the jobs it runs."""
-    ok = status == "finished"
+    """End a claimed job in RQ, on the pipeline that stores its result: status (a
+    ``JobStatus``; any other ends it failed), ended_at, the finished or failed registry and
+    the hash's expiry, as RQ does for the jobs it runs."""
+    ok = status == JobStatus.FINISHED
     ttl = result_ttl if ok else failure_ttl
-    rq_status = {"finished": JobStatus.FINISHED, "canceled": JobStatus.CANCELED}
-    job.set_status(rq_status.get(status, JobStatus.FAILED), pipeline=pipe)
+    rq_status = {JobStatus.FINISHED: RQStatus.FINISHED, JobStatus.CANCELED: RQStatus.CANCELED}
+    job.set_status(rq_status.get(status, RQStatus.FAILED), pipeline=pipe)
     pipe.hset(job.key, "ended_at", datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
     registry = FinishedJobRegistry if ok else FailedJobRegistry
-    if status != "canceled":
+    if status != JobStatus.CANCELED:
         registry(job.origin, connection=job.connection, serializer=JSONSerializer).add(
             job, ttl, pipeline=pipe
         )
@@ -143,7 +148,7 @@ def requeue_lost(
             job = Job.fetch(job_id, connection=r, serializer=JSONSerializer)
         except Exception:  # noqa: BLE001 - expired or not RQ's: nothing to put back
             job = None
-        if job is not None and job.get_status(refresh=False) == JobStatus.STARTED:
+        if job is not None and job.get_status(refresh=False) == RQStatus.STARTED:
             on_requeue(job)
             Queue(job.origin, connection=r, serializer=JSONSerializer).enqueue_job(
                 job, at_front=True

@@ -26,6 +26,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import parse_composite_key
 
 from . import batching, store
+from .vocabulary import Event, JobStatus
 
 LOCK = "bt:reaper"
 log = logging.getLogger("service.reaper")
@@ -91,7 +92,8 @@ def _tell_requeued(r: redis.Redis, result_ttl: int) -> Any:
     def tell(job: Job) -> None:
         reason = f"worker {job.worker_name} did not finish the job in a batch (it stopped, or "
         reason += "the batch failed)"
-        store.add_event(r, job.id, "retrying", {"reason": reason, "requeued": True}, result_ttl)
+        data = {"reason": reason, "requeued": True}
+        store.add_event(r, job.id, Event.RETRYING, data, result_ttl)
 
     return tell
 
@@ -105,17 +107,17 @@ def _tell_clients(r: redis.Redis, result_ttl: int) -> Any:
         log.warning("job %s lost: %s; %s", job.id, reason, "retrying" if retry else "failed")
         if retry:
             data = {"reason": reason, "retries_left": job.retries_left - 1}
-            store.add_event(r, job.id, "retrying", data, result_ttl)
+            store.add_event(r, job.id, Event.RETRYING, data, result_ttl)
         else:
             error = {"type": "WorkerLost", "message": f"{reason}; no retries left"}
             meta = job.meta or {}
             doc = {
-                "status": "failed",
+                "status": JobStatus.FAILED,
                 "model": meta.get("model"),
                 "task": meta.get("task"),
                 "error": error,
             }
-            store.finish(r, job.id, doc, "error", error, result_ttl)
+            store.finish(r, job.id, doc, Event.ERROR, error, result_ttl)
         return True
 
     return handler

@@ -13,9 +13,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-Task = Literal[
-    "text-classification", "image-classification", "tabular-classification", "generation"
-]
+from engine.tasks import MODEL_TASKS
+
+# A task a model is registered for (engine.tasks; not "auto"), as plain strings so that an
+# operator's error names them as written in the registry file.
+ModelTask = Literal[tuple(t.value for t in MODEL_TASKS)]
 
 
 class Limits(BaseModel):
@@ -36,8 +38,8 @@ class Source(BaseModel):
     - ``transformers``: ``path`` (a local folder) or ``hub_id`` (only where a hub is reachable);
       ``head`` is ``sequence-classification``, ``image-classification`` or ``causal-lm``.
     - ``torchvision``: ``arch`` and a safetensors ``weights`` file, ``num_classes``.
-    - ``python``: ``factory`` (``module:function``) returning a DemoModel; for operators'
-      own code (and the tests' failing model). Never reachable from a request.
+    - ``python``: ``factory`` (``module:function``) returning a ``service.models.LoadedModel``;
+      for operators' own code (and the tests' failing model). Never reachable from a request.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -55,7 +57,7 @@ class Source(BaseModel):
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str
-    task: Task
+    task: ModelTask
     description: str = ""
     source: Source
     labels: list[str] | None = None

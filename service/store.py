@@ -20,12 +20,16 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
+from .vocabulary import (
+    TERMINAL_EVENTS,  # noqa: F401 - the API reads it here for now
+    Event,
+)
+
 EVENTS = "bt:events:{}"
 RESULT = "bt:result:{}"
 CANCEL = "bt:cancel:{}"
 WORKER = "bt:worker:{}"
 IDEMPOTENCY = "bt:idem:{}"
-TERMINAL_EVENTS = ("done", "error", "canceled")
 # Commands on these are queued, not sent: the API enqueues on the async client's pipeline.
 PIPELINES = (redis.client.Pipeline, redis.asyncio.client.Pipeline)
 
@@ -72,7 +76,7 @@ def _append(r: redis.Redis | redis.client.Pipeline, keys: list[str], args: list[
 def add_event(
     r: redis.Redis | redis.client.Pipeline,
     job_id: str,
-    event: str,
+    event: Event,
     data: dict[str, Any],
     ttl: int,
     maxlen: int = 10000,
@@ -94,7 +98,7 @@ def start(
     pipe = r.pipeline(transaction=False)
     for job_id, data in jobs:
         pipe.exists(CANCEL.format(job_id))
-        _append(pipe, [EVENTS.format(job_id)], ["started", json.dumps(data), maxlen, ttl])
+        _append(pipe, [EVENTS.format(job_id)], [Event.STARTED, json.dumps(data), maxlen, ttl])
     return [bool(x) for x in pipe.execute()[::2]]
 
 
@@ -102,7 +106,7 @@ def finish(
     r: redis.Redis | redis.client.Pipeline,
     job_id: str,
     doc: dict[str, Any],
-    event: str,
+    event: Event,
     data: dict[str, Any],
     ttl: int,
     maxlen: int = 10000,
