@@ -1,5 +1,6 @@
-"""Worker side: load registry models and keep them, with their captured graphs, in an LRU
-cache bounded by bytes of parameters.
+"""Worker side: load registry models (a :class:`LoadedModel`, whatever the source kind) and
+keep them, with their captured graphs (a :class:`CachedModel`), in an LRU cache bounded by
+bytes of parameters.
 
 Capturing with ``torch.export`` costs seconds; a warm entry serves the next request in
 milliseconds. The cache lives in the worker process, which is why workers are RQ
@@ -21,10 +22,26 @@ from typing import Any
 
 import torch
 
-from .demo import DemoModel, ensure_built, load_demo_model
+from engine.tasks import TaskName
+
+from .demo import ensure_built, load_demo_model
 from .registry import ModelSpec, Registry
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    """A model as a registry source gives it (demo, transformers, torchvision or an
+    operator's factory): what the worker, or a benchmark, needs to run and explain it."""
+
+    model_id: str
+    task: TaskName
+    model: Any  # torch.nn.Module, eval mode
+    tokenizer: Any = None  # a transformers tokenizer for text models
+    labels: list[str] | None = None
+    image: dict[str, Any] | None = None  # {"channels", "size", "mean", "std"} for image models
+    info: dict[str, Any] = field(default_factory=dict)  # build report (accuracies, seconds)
 
 
 def pick_device(spec: ModelSpec) -> str:
@@ -41,30 +58,30 @@ def _sha(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def load_model(spec: ModelSpec, registry: Registry, data_dir: str) -> tuple[DemoModel, str]:
+def load_model(spec: ModelSpec, registry: Registry, data_dir: str) -> tuple[LoadedModel, str]:
     """The model for a registry entry and its revision (hash of the weights file)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     src = spec.source
     if src.kind == "demo":
         name = src.name or spec.id
         path = registry.resolve(src.path) or ensure_built(name, data_dir)
-        dm = load_demo_model(path, name)
+        loaded = load_demo_model(path, name)
     elif src.kind == "transformers":
-        dm, path = _load_transformers(spec, registry)
+        loaded, path = _load_transformers(spec, registry)
     elif src.kind == "torchvision":
-        dm, path = _load_torchvision(spec, registry)
+        loaded, path = _load_torchvision(spec, registry)
     else:
         module, _, fn = (src.factory or "").partition(":")
-        dm = getattr(importlib.import_module(module), fn)()
+        loaded = getattr(importlib.import_module(module), fn)()
         path = None
-    dm.model_id = spec.id
-    dm.labels = spec.labels or dm.labels
-    dm.image = spec.image or dm.image
+    loaded.model_id = spec.id
+    loaded.labels = spec.labels or loaded.labels
+    loaded.image = spec.image or loaded.image
     weights = next(iter(sorted(Path(path).glob("*.safetensors"))), None) if path else None
-    return dm, (_sha(weights) if weights else "unversioned")
+    return loaded, (_sha(weights) if weights else "unversioned")
 
 
-def _load_transformers(spec: ModelSpec, registry: Registry) -> tuple[DemoModel, Path | None]:
+def _load_transformers(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel, Path | None]:
     import transformers as tf
 
     src = spec.source
@@ -76,19 +93,19 @@ def _load_transformers(spec: ModelSpec, registry: Registry) -> tuple[DemoModel, 
         "sequence-classification": tf.AutoModelForSequenceClassification,
         "image-classification": tf.AutoModelForImageClassification,
         "causal-lm": tf.AutoModelForCausalLM,
-    }[src.head or ("causal-lm" if spec.task == "generation" else "sequence-classification")]
+    }[src.head or ("causal-lm" if spec.task == TaskName.GENERATION else "sequence-classification")]
     kw = {"local_files_only": local, "trust_remote_code": False, "use_safetensors": True}
     model = head.from_pretrained(where, **kw).eval()
     tok = (
         None
-        if spec.task == "image-classification"
+        if spec.task == TaskName.IMAGE_CLASSIFICATION
         else tf.AutoTokenizer.from_pretrained(where, **kw)
     )
     labels = spec.labels or [model.config.id2label[i] for i in range(len(model.config.id2label))]
-    return DemoModel(spec.id, spec.task, model, tok, labels), Path(where) if local else None
+    return LoadedModel(spec.id, spec.task, model, tok, labels), Path(where) if local else None
 
 
-def _load_torchvision(spec: ModelSpec, registry: Registry) -> tuple[DemoModel, Path | None]:
+def _load_torchvision(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel, Path | None]:
     import torchvision
     from safetensors.torch import load_file
 
@@ -105,14 +122,15 @@ def _load_torchvision(spec: ModelSpec, registry: Registry) -> tuple[DemoModel, P
         "std": [0.229, 0.224, 0.225],
         "mode": "RGB",
     }
-    return DemoModel(spec.id, spec.task, model.eval(), None, spec.labels, image), weights.parent
+    return LoadedModel(spec.id, spec.task, model.eval(), None, spec.labels, image), weights.parent
 
 
 @dataclass
-class Entry:
-    """One cached model with its engine object (captured graphs) per input signature."""
+class CachedModel:
+    """One model in the cache: the loaded model, where it runs, and its engine object
+    (captured graphs) per input signature."""
 
-    dm: DemoModel
+    loaded: LoadedModel
     revision: str
     device: str
     dtype: str
@@ -124,7 +142,7 @@ class Entry:
     def input_name(self) -> str:
         """The name of forward's first argument: the engine names the input node after it
         (read once: ``inspect.signature`` is not free per request)."""
-        params = inspect.signature(self.dm.model.forward).parameters
+        params = inspect.signature(self.loaded.model.forward).parameters
         return next(iter(params)) if params else "x"
 
     def backtrace(self, inputs: dict[str, torch.Tensor]) -> Any:
@@ -134,7 +152,7 @@ class Entry:
 
         key = tuple((k, v.dim()) for k, v in inputs.items())
         if key not in self.backtraces:
-            self.backtraces[key] = DLBacktrace(self.dm.model, inputs, device=self.device)
+            self.backtraces[key] = DLBacktrace(self.loaded.model, inputs, device=self.device)
         return self.backtraces[key]
 
 
@@ -143,10 +161,10 @@ class ModelCache:
 
     def __init__(self, registry: Registry, data_dir: str, max_bytes: int):
         self.registry, self.data_dir, self.max_bytes = registry, data_dir, max_bytes
-        self.entries: OrderedDict[str, Entry] = OrderedDict()
+        self.entries: OrderedDict[str, CachedModel] = OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, spec: ModelSpec) -> tuple[Entry, bool]:
+    def get(self, spec: ModelSpec) -> tuple[CachedModel, bool]:
         """(entry, hit). Loads on a miss and evicts to stay within the byte bound (the entry
         just loaded always stays, even if it alone is over the bound)."""
         with self.lock:
@@ -154,11 +172,11 @@ class ModelCache:
                 self.entries.move_to_end(spec.id)
                 return self.entries[spec.id], True
         t0 = time.perf_counter()
-        dm, revision = load_model(spec, self.registry, self.data_dir)
+        loaded, revision = load_model(spec, self.registry, self.data_dir)
         device = pick_device(spec)
-        dm.model = dm.model.to(device=device, dtype=DTYPES[spec.dtype]).eval()
-        nbytes = sum(t.numel() * t.element_size() for t in dm.model.state_dict().values())
-        entry = Entry(dm, revision, device, spec.dtype, nbytes, time.perf_counter() - t0)
+        loaded.model = loaded.model.to(device=device, dtype=DTYPES[spec.dtype]).eval()
+        nbytes = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
+        entry = CachedModel(loaded, revision, device, spec.dtype, nbytes, time.perf_counter() - t0)
         with self.lock:
             self.entries[spec.id] = entry
             while len(self.entries) > 1 and self.total_bytes() > self.max_bytes:

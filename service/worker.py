@@ -16,8 +16,10 @@ from prometheus_client import start_http_server
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
-from . import jobs, reaper, store
+from . import reaper, store
 from .config import Settings
+from .work import run
+from .work.context import init_worker, state
 
 log = logging.getLogger("service.worker")
 
@@ -44,7 +46,7 @@ def _heartbeat_loop(settings: Settings, name: str, stop: threading.Event) -> Non
     sends no heartbeat while a job runs, and a killed worker stays registered for minutes.
     Each beat also ends the jobs of workers whose key has expired (``service.reaper``)."""
     r = store.connect(settings.redis_url, patient=True)
-    st = jobs.state()
+    st = state()
     ttl = settings.heartbeat_ttl
     while not stop.is_set():
         try:
@@ -79,7 +81,7 @@ def run_worker(
 
     tune_allocator()  # a serving process: keep freed tensor memory for the next job
     name = store.worker_id()
-    st = jobs.init_worker(settings, name)
+    st = init_worker(settings, name)
     port = settings.metrics_port if metrics_port is None else metrics_port
     if port:
         start_http_server(port)
@@ -97,7 +99,7 @@ def run_worker(
             continue
         log.info("warming %s", model_id)
         try:
-            jobs.warm(spec)
+            run.warm(spec)
         except Exception:  # noqa: BLE001 - a broken entry must not stop the others
             log.exception("could not warm %s", model_id)
     stop = threading.Event()

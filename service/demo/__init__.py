@@ -1,8 +1,9 @@
 """Demo models that work offline on a fresh machine, built reproducibly in seconds.
 
-``build_demo_model(model_id)`` returns a :class:`DemoModel` (model, tokenizer or image spec,
-labels). The first call trains/derives the model and caches it under ``data_dir/<model_id>``
-(safetensors + JSON); later calls only load it. The faithfulness benchmark imports this too,
+``build_demo_model(model_id)`` returns a :class:`service.models.LoadedModel` (model,
+tokenizer or image spec, labels), as the registry's other source kinds do. The first call
+trains/derives the model and caches it under ``data_dir/<model_id>`` (safetensors + JSON);
+later calls only load it. The faithfulness benchmark imports this too,
 so the models here are the same ones the service explains.
 """
 
@@ -14,31 +15,20 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # service.models imports this package, and torch
+    from ..models import LoadedModel
 
 DEMO_IDS = ("minilm-sentiment", "digits-cnn", "tiny-lookup-lm", "gpt2-small-config")
-
-
-@dataclass
-class DemoModel:
-    """What the worker (or a benchmark) needs to run one demo model."""
-
-    model_id: str
-    task: str
-    model: Any  # torch.nn.Module, eval mode
-    tokenizer: Any = None  # a transformers tokenizer for text models
-    labels: list[str] | None = None
-    image: dict[str, Any] | None = None  # {"channels", "size", "mean", "std"} for image models
-    info: dict[str, Any] = field(default_factory=dict)  # build report (accuracies, seconds)
 
 
 def default_data_dir() -> Path:
     return Path(os.environ.get("BACKTRACE_DATA_DIR", "var/models"))
 
 
-def _builders() -> dict[str, tuple[Callable[[Path], dict], Callable[[Path], DemoModel]]]:
+def _builders() -> dict[str, tuple[Callable[[Path], dict], Callable[[Path], LoadedModel]]]:
     # Imported lazily: each builder pulls in torch/transformers.
     from . import digits, lookup, sentiment
 
@@ -77,11 +67,11 @@ def ensure_built(model_id: str, data_dir: str | Path | None = None) -> Path:
     return target
 
 
-def load_demo_model(path: str | Path, model_id: str) -> DemoModel:
+def load_demo_model(path: str | Path, model_id: str) -> LoadedModel:
     """Load an already built demo model from ``path`` (no training, no network)."""
     return _builders()[model_id][1](Path(path))
 
 
-def build_demo_model(model_id: str, data_dir: str | Path | None = None) -> DemoModel:
+def build_demo_model(model_id: str, data_dir: str | Path | None = None) -> LoadedModel:
     """Build (first time) and load one demo model: ``model, tokenizer, labels`` and more."""
     return load_demo_model(ensure_built(model_id, data_dir), model_id)

@@ -10,7 +10,9 @@ import json
 import time
 from pathlib import Path
 
-from . import DemoModel
+from engine.tasks import TaskName
+
+from ..models import LoadedModel
 
 LABELS = [str(d) for d in range(10)]
 IMAGE = {"channels": 1, "size": 16, "mean": [0.0], "std": [1.0], "mode": "L"}
@@ -88,7 +90,7 @@ def build(out: Path) -> dict:
     save_file(model.state_dict(), str(out / "model.safetensors"))
     (out / "image.json").write_text(json.dumps(IMAGE))
     return {
-        "task": "image-classification",
+        "task": TaskName.IMAGE_CLASSIFICATION,
         "labels": LABELS,
         "train_accuracy": train_acc,
         "heldout_accuracy": test_acc,
@@ -97,10 +99,12 @@ def build(out: Path) -> dict:
     }
 
 
-def load(path: Path) -> DemoModel:
+def load(path: Path) -> LoadedModel:
     from safetensors.torch import load_file
 
     model = make_model()
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     info = json.loads((path / "build.json").read_text())
-    return DemoModel("digits-cnn", "image-classification", model.eval(), None, LABELS, IMAGE, info)
+    return LoadedModel(
+        "digits-cnn", TaskName.IMAGE_CLASSIFICATION, model.eval(), None, LABELS, IMAGE, info
+    )

@@ -17,7 +17,9 @@ import string
 import time
 from pathlib import Path
 
-from . import DemoModel
+from engine.tasks import TaskName
+
+from ..models import LoadedModel
 
 KEYS = "abcdefgh"
 VALUES = "0123456789"
@@ -125,7 +127,7 @@ def build_lookup(out: Path) -> dict:
     model.eval().save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return {
-        "task": "generation",
+        "task": TaskName.GENERATION,
         "heldout_accuracy": acc,
         "steps": step,
         "example": lookup_example(random.Random(7))[:2],
@@ -142,13 +144,13 @@ def build_gpt2_small(out: Path) -> dict:
     model = _gpt2(len(vocab), layers=6, width=256, heads=8, positions=256)
     model.eval().save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    return {"task": "generation", "weights": "random (seed 0)", "vocab": "characters"}
+    return {"task": TaskName.GENERATION, "weights": "random (seed 0)", "vocab": "characters"}
 
 
-def load_lm(path: Path) -> DemoModel:
+def load_lm(path: Path) -> LoadedModel:
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     info = json.loads((path / "build.json").read_text())
     model = GPT2LMHeadModel.from_pretrained(path, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return DemoModel(info["model_id"], "generation", model, tok, None, info=info)
+    return LoadedModel(info["model_id"], TaskName.GENERATION, model, tok, None, info=info)

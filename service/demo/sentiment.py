@@ -12,7 +12,9 @@ import os
 import time
 from pathlib import Path
 
-from . import DemoModel
+from engine.tasks import TaskName
+
+from ..models import LoadedModel
 
 LABELS = ["negative", "positive"]
 
@@ -136,7 +138,7 @@ def build(out: Path) -> dict:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return {
-        "task": "text-classification",
+        "task": TaskName.TEXT_CLASSIFICATION,
         "labels": LABELS,
         "train_accuracy": float(clf.score(x_train, y_train)),
         "heldout_accuracy": float(clf.score(x_test, y_test)),
@@ -147,7 +149,7 @@ def build(out: Path) -> dict:
     }
 
 
-def load(path: Path) -> DemoModel:
+def load(path: Path) -> LoadedModel:
     import json
 
     from transformers import AutoTokenizer, BertForSequenceClassification
@@ -155,4 +157,6 @@ def load(path: Path) -> DemoModel:
     model = BertForSequenceClassification.from_pretrained(path, local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     info = json.loads((path / "build.json").read_text())
-    return DemoModel("minilm-sentiment", "text-classification", model, tokenizer, LABELS, info=info)
+    return LoadedModel(
+        "minilm-sentiment", TaskName.TEXT_CLASSIFICATION, model, tokenizer, LABELS, info=info
+    )

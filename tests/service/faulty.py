@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from service.demo import DemoModel
+from engine.tasks import TaskName
+from service.models import LoadedModel
 
 MESSAGE = "faulty-model: this model always raises"
 
@@ -19,5 +20,7 @@ class Faulty(torch.nn.Module):
         raise RuntimeError(MESSAGE)
 
 
-def build() -> DemoModel:
-    return DemoModel("faulty", "tabular-classification", Faulty().eval(), labels=["a", "b"])
+def build() -> LoadedModel:
+    return LoadedModel(
+        "faulty", TaskName.TABULAR_CLASSIFICATION, Faulty().eval(), labels=["a", "b"]
+    )

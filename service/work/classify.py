@@ -1,0 +1,85 @@
+"""Classification for the jobs of one batch: their rows run as one engine call (they share
+the model and every parameter, and the engine gives each row the relevance it gets alone),
+then each job gets the document of its own rows."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from . import documents, inputs
+from .context import Outcome, Run, Work, engine_relevance, one
+from .inputs import Batch
+
+
+@dataclass
+class Prepared:
+    """A job whose inputs are tensors: its rows of the batch, and its resized picture."""
+
+    work: Work
+    inputs: Batch
+    png: bytes | None
+
+
+def classify(run: Run, works: list[Work]) -> list[Outcome]:
+    """Run the jobs' rows as one engine batch; a job whose input is bad fails alone. If the
+    batch cannot be formed or the engine raises on it, each job runs on its own, so that a
+    failure belongs to the job that caused it."""
+    outcomes: list[Outcome | None] = []
+    prepared = []
+    for w in works:
+        try:
+            batch, png = inputs.for_task(run.entry, run.spec, run.task, w.req.inputs)
+        except Exception as exc:  # noqa: BLE001 - this job's input is bad
+            outcomes.append(exc)
+            continue
+        prepared.append(Prepared(w, batch, png))
+        outcomes.append(None)
+    if not prepared:
+        return [o for o in outcomes if o is not None]
+    try:
+        merged, rows = inputs.merge(run.entry, [p.inputs for p in prepared])
+        docs: list[Outcome] = list(_explain(run, merged, rows, prepared))
+    except Exception as exc:  # noqa: BLE001
+        if len(prepared) == 1:
+            docs = [exc]
+        else:
+            docs = [
+                one(lambda p=p: _explain(run, p.inputs, [slice(None)], [p])[0]) for p in prepared
+            ]
+    it = iter(docs)
+    return [next(it) if o is None else o for o in outcomes]
+
+
+def _explain(
+    run: Run, batch: Batch, rows: list[slice], prepared: list[Prepared]
+) -> list[documents.Doc]:
+    """One engine call on ``batch``; the document of each job's ``rows``."""
+    req = prepared[0].work.req  # relevance and output options are the batch group's
+    t0 = time.perf_counter()
+    dlb = run.entry.backtrace(batch)
+    capture_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = dlb.run_task(
+        task=run.task,
+        inputs=inputs.on_device(run.entry, batch),
+        relevance_nodes=req.output.relevance,
+        target=req.relevance.target,
+        reference=req.relevance.reference,
+        tokenizer=run.entry.loaded.tokenizer,
+        **engine_relevance(req),
+    )
+    engine_s = time.perf_counter() - t0  # the engine's own time, for overhead accounting
+    rows_total = int(next(iter(batch.values())).shape[0])
+    docs = []
+    for p, sl in zip(prepared, rows, strict=True):
+        part = {k: v[sl] for k, v in batch.items()}
+        doc = documents.classification(run, part, documents.rows(res, sl), req.output, p.png)
+        timings = {
+            "capture_s": capture_s,
+            "engine_s": engine_s,
+            "run_s": time.perf_counter() - t0,
+            "batch": {"jobs": len(prepared), "rows": rows_total},
+        }
+        docs.append({**doc, **documents.finished(run, p.work.req, timings)})
+    return docs

@@ -1,0 +1,146 @@
+"""What the worker's code shares, at three scopes: the process (``WorkerState``, kept across
+jobs because the model cache is what makes a warm request fast), a batch (``Run``: the jobs of
+one batch group share the model, task and every parameter) and a job (``Work``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from pydantic import ValidationError
+from rq.job import Job
+
+from engine.tasks import TaskName
+
+from .. import store
+from .. import worker_metrics as m
+from ..config import Settings
+from ..models import CachedModel, ModelCache
+from ..registry import ModelSpec, Registry, load_registry
+from ..schemas import RunTaskRequest
+
+# A job's end: its result document, or the exception that is its failure.
+Outcome = dict[str, Any] | Exception
+# The engine's relevance keywords that a request sets, with the schema's defaults.
+ENGINE_RELEVANCE = {"mode", "multiplier", "scaler", "thresholding", "temperature"}
+
+
+class JobCanceled(Exception):
+    """Raised at a checkpoint when a client asked to cancel the running job."""
+
+    def __init__(self) -> None:
+        super().__init__("canceled by request")
+
+
+def one(fn: Callable[[], dict[str, Any]]) -> Outcome:
+    """``fn()``'s document, or the exception that is the job's failure."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - recorded as the job's failure
+        return exc
+
+
+@dataclass
+class WorkerState:
+    """One per worker process: its settings, the registry it serves, the model cache."""
+
+    settings: Settings
+    registry: Registry
+    cache: ModelCache
+    name: str
+
+    def load(self, spec: ModelSpec) -> tuple[CachedModel, bool]:
+        """The cached model for ``spec`` (loaded on a miss) and whether it was a hit."""
+        entry, hit = self.cache.get(spec)
+        (m.CACHE_HITS if hit else m.CACHE_MISSES).labels(model=spec.id).inc()
+        if not hit:
+            m.LOAD.labels(model=spec.id).observe(entry.load_s)
+        return entry, hit
+
+
+_STATE: WorkerState | None = None
+
+
+def init_worker(settings: Settings | None = None, name: str | None = None) -> WorkerState:
+    """Process-wide state: the registry and the model cache (kept across jobs)."""
+    global _STATE
+    settings = settings or Settings()
+    registry = load_registry(settings.registry_path)
+    cache = ModelCache(registry, settings.data_dir, settings.cache_bytes)
+    _STATE = WorkerState(settings, registry, cache, name or store.worker_id())
+    return _STATE
+
+
+def state() -> WorkerState:
+    return _STATE or init_worker()
+
+
+@dataclass
+class Work:
+    """One job as the worker runs it. ``request`` is as the API stored it; ``job`` is its RQ
+    job (None when called directly); ``picked`` is when this worker took it."""
+
+    job_id: str
+    request: dict[str, Any]
+    job: Job | None = None
+    picked: float = field(default_factory=time.time)
+
+    @cached_property
+    def req(self) -> RunTaskRequest:
+        """The stored request, validated with the model the API validated it with, so its
+        defaults are the schema's. Raises ValidationError for a job written to the queue
+        without the API."""
+        return RunTaskRequest.model_validate(self.request)
+
+    def invalid(self) -> ValidationError | None:
+        """Why the stored request is not a valid request, if it is not."""
+        try:
+            self.req  # noqa: B018 - validates once; cached for the run
+        except ValidationError as exc:
+            return exc
+        return None
+
+    @property
+    def labels(self) -> tuple[str, str | None]:
+        """Model id and task as the stored request names them (the API resolves ``auto``),
+        for the result document and the metrics even of a request that is not valid."""
+        return str(self.request.get("model")), self.request.get("task")
+
+    @property
+    def queue_wait(self) -> float | None:
+        if self.job is None or self.job.enqueued_at is None:
+            return None
+        return max(0.0, self.picked - self.job.enqueued_at.timestamp())
+
+    def attempt(self, retries: int) -> int:
+        """Which run of the job this is (RQ's Retry re-runs a job whose worker died)."""
+        if self.job is None or self.job.retries_left is None:
+            return 1
+        return 1 + max(0, retries - self.job.retries_left)
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the jobs of one batch share: they are of one batch group (``service.batching``),
+    so they name one model, task, relevance and output options; only their inputs differ."""
+
+    state: WorkerState
+    spec: ModelSpec
+    task: TaskName
+    entry: CachedModel
+
+    @classmethod
+    def of(cls, state: WorkerState, spec: ModelSpec, req: RunTaskRequest) -> tuple[Run, bool]:
+        """The run of ``req``'s batch on its (cached) model, and whether the cache hit."""
+        entry, hit = state.load(spec)
+        task = TaskName(spec.task if req.task == TaskName.AUTO else req.task)
+        return cls(state, spec, task, entry), hit
+
+
+def engine_relevance(req: RunTaskRequest) -> dict[str, Any]:
+    """The relevance keywords of ``run_task`` that a request sets (target, reference and
+    relevance_nodes are passed on their own where they apply)."""
+    return req.relevance.model_dump(include=ENGINE_RELEVANCE)

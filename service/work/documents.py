@@ -1,0 +1,252 @@
+"""What clients read of a job: its result document (predictions and relevance of a
+classification, the tokens and relevance trace of a generation), the receipt that says what
+ran it, a failure's document, and the ``prompt`` and ``token`` events of a generation.
+
+Arrays go through ``service.codec`` (raw bytes in base64, or JSON numbers when asked)."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine import __version__ as engine_version
+from engine.tasks import TaskName
+
+from .. import __version__, codec
+from ..schemas import OutputOptions, RunTaskRequest
+from ..vocabulary import JobStatus
+from .context import Run, engine_relevance
+from .inputs import Batch
+
+Doc = dict[str, Any]
+
+
+def now() -> str:
+    """The job's end as the result document records it: RQ sets its own ``ended_at`` only
+    after the job function returns, so a poller could see the result without it."""
+    return datetime.now(UTC).isoformat()
+
+
+def message(exc: BaseException) -> str:
+    if isinstance(exc, NotImplementedError):
+        return f"not implemented in the engine: {exc}" if str(exc) else "not implemented"
+    return str(exc) or type(exc).__name__
+
+
+def failure(model: str, task: str | None, status: JobStatus, exc: BaseException) -> Doc:
+    """The document of a job that failed or was canceled (its ``error`` is also the data of
+    its terminal event)."""
+    error = {"type": type(exc).__name__, "message": message(exc)}
+    return {"status": status, "model": model, "task": task, "error": error, "ended_at": now()}
+
+
+def receipt(run: Run, req: RunTaskRequest) -> Doc:
+    """What produced a result: model revision, versions, device, and every parameter."""
+    params = {**engine_relevance(req), "relevance_nodes": req.output.relevance}
+    if req.relevance.mode == "reference":
+        params["reference"] = req.relevance.reference or "zeros"  # the engine's default
+    if run.task == TaskName.GENERATION:
+        params["generation"] = req.generation.model_dump(mode="json")
+    entry = run.entry
+    return {
+        "model": run.spec.id,
+        "revision": entry.revision,
+        "engine_version": engine_version,
+        "service_version": __version__,
+        "torch_version": torch.__version__,
+        "device": entry.device,
+        "dtype": entry.dtype,
+        "worker": run.state.name,
+        "task": run.task,
+        "parameters": params,
+    }
+
+
+def finished(run: Run, req: RunTaskRequest, timings: dict[str, Any]) -> Doc:
+    """The fields every finished job's document has, besides its result."""
+    return {
+        "status": JobStatus.FINISHED,
+        "model": run.spec.id,
+        "task": run.task,
+        "receipt": receipt(run, req),
+        "timings": timings,
+    }
+
+
+def rows(res: dict[str, Any], sl: slice) -> dict[str, Any]:
+    """The part of a batched classification result that belongs to some rows."""
+    return {
+        "predictions": res["predictions"][sl],
+        "predicted_labels": res["predicted_labels"][sl],
+        "relevance": {k: v[sl] for k, v in res["relevance"].items()},
+        "conservation": {k: np.asarray(v)[sl] for k, v in res["conservation"].items()},
+    }
+
+
+def classification(
+    run: Run, batch: Batch, res: dict[str, Any], output: OutputOptions, png: bytes | None
+) -> Doc:
+    """A classification's result for the rows of ``batch`` (``res`` is theirs, ``rows``):
+    predictions with scores, relevance per input (and per named layer when asked for), the
+    conservation check, and the picture the heatmap is drawn over."""
+    predictions = _predictions(run.entry.loaded.labels, res)
+    relevance = {k: v.detach().float().cpu().numpy() for k, v in res["relevance"].items()}
+    doc: Doc = {
+        "predictions": predictions,
+        "inputs": _items(run, batch, relevance, output),
+        "conservation": {
+            k: np.asarray(v).reshape(-1).tolist() for k, v in res["conservation"].items()
+        },
+        "summary": {
+            "labels": [p["label"] for p in predictions],
+            "scores": [p["score"] for p in predictions],
+        },
+    }
+    if png is not None:
+        doc["image_png_b64"] = base64.b64encode(png).decode()
+    if output.relevance != "inputs":
+        doc["layers"] = {
+            k: codec.encode(v, output.encoding, output.dtype)
+            for k, v in relevance.items()
+            if k not in batch
+        }
+    return doc
+
+
+def _predictions(labels: list[str] | None, res: dict[str, Any]) -> list[Doc]:
+    """Per row: the predicted class with its probability, every logit and every class's
+    probability (a sigmoid for a single-logit binary classifier, else a softmax)."""
+    logits = np.asarray(res["predictions"], dtype=np.float64)
+    logits = logits.reshape(logits.shape[0], -1)
+    if logits.shape[1] == 1:
+        p1 = 1 / (1 + np.exp(-logits[:, 0]))
+        probs = np.stack([1 - p1, p1], 1)
+    else:
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        probs = e / e.sum(1, keepdims=True)
+    names = labels or [str(j) for j in range(probs.shape[1])]
+
+    def name(j: int) -> str:
+        return names[j] if j < len(names) else str(j)
+
+    predicted = np.asarray(res["predicted_labels"]).astype(int).reshape(-1)
+    return [
+        {
+            "index": int(k),
+            "label": name(k),
+            "score": float(probs[i, k]),
+            "logits": logits[i].tolist(),
+            "scores": {name(j): float(probs[i, j]) for j in range(probs.shape[1])},
+        }
+        for i, k in enumerate(predicted)
+    ]
+
+
+def _items(
+    run: Run, batch: Batch, relevance: dict[str, np.ndarray], output: OutputOptions
+) -> list[Doc]:
+    """Per row: the tokens and their relevance (padding left out), or the input's relevance
+    (and, for an image, its map summed over channels)."""
+
+    def encode(a: np.ndarray) -> Doc:
+        return codec.encode(a, output.encoding, output.dtype)
+
+    items: list[Doc] = []
+    if "input_ids" in batch:
+        ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+        tok = run.entry.loaded.tokenizer
+        per_token = relevance.get("input_ids")
+        for i in range(ids.shape[0]):
+            row_ids = ids[i][mask[i]].tolist()
+            item: Doc = {
+                "token_ids": row_ids,
+                "tokens": tok.convert_ids_to_tokens(row_ids) if tok is not None else None,
+            }
+            if per_token is not None:
+                item["relevance"] = encode(per_token[i][mask[i].numpy()])
+            items.append(item)
+        return items
+    x_rel = relevance.get(next(iter(batch)))
+    for i in range(next(iter(batch.values())).shape[0]):
+        item = {}
+        if x_rel is not None:
+            item["relevance"] = encode(x_rel[i])
+            if run.task == TaskName.IMAGE_CLASSIFICATION:
+                item["relevance_map"] = encode(x_rel[i].sum(0))
+        items.append(item)
+    return items
+
+
+def prompt_event(tok: Any, prompt_ids: list[list[int]]) -> Doc:
+    """The ``prompt`` event: the prompt's tokens, so that a client can label relevance
+    before the result exists."""
+    return {
+        "token_ids": prompt_ids,
+        "tokens": [tok.convert_ids_to_tokens(row) for row in prompt_ids],
+        "text": [[tok.decode([t]) for t in row] for row in prompt_ids],
+    }
+
+
+def token_event(
+    step: int, token_ids: torch.Tensor, scores: torch.Tensor | None, tok: Any, top_n: int
+) -> Doc:
+    """One ``token`` event: ids, token strings, text pieces and the top scores per row."""
+    ids = [int(t) for t in torch.as_tensor(token_ids).reshape(-1).tolist()]
+    data: Doc = {
+        "step": step,
+        "token_ids": ids,
+        "tokens": tok.convert_ids_to_tokens(ids),
+        "text": [tok.decode([t]) for t in ids],
+    }
+    if scores is not None and top_n > 0:
+        probs = torch.softmax(scores.detach().float().cpu(), -1)
+        p, ix = probs.topk(min(top_n, probs.shape[-1]), -1)
+        data["top"] = [
+            [
+                {"id": int(j), "token": tok.convert_ids_to_tokens(int(j)), "prob": float(q)}
+                for q, j in zip(p[b].tolist(), ix[b].tolist(), strict=True)
+            ]
+            for b in range(p.shape[0])
+        ]
+    return data
+
+
+def generation(
+    tok: Any, prompt: Doc, res: dict[str, Any], steps: list[Doc], output: OutputOptions
+) -> Doc:
+    """A generation's result: the generated ids and text, the relevance per step, the
+    ``token`` events as they were streamed, and the conservation check per step."""
+    ids = torch.as_tensor(res["generated_ids"]).cpu()
+    prompt_len = len(prompt["token_ids"][0])
+    new = ids[:, prompt_len:] if ids.shape[1] > prompt_len else ids
+    trace = [
+        codec.encode(t["input_ids"].detach().float().cpu().numpy(), output.encoding, output.dtype)
+        for t in res.get("relevance_trace") or []
+        if t is not None and "input_ids" in t
+    ]
+    texts = [tok.decode(row, skip_special_tokens=True) for row in new.tolist()]
+    return {
+        "generation": {
+            "generated_ids": ids.tolist(),
+            "new_token_ids": new.tolist(),
+            "new_tokens": [tok.convert_ids_to_tokens(row) for row in new.tolist()],
+            "text": texts,
+            "prompt_tokens": prompt["tokens"],
+            "relevance_trace": trace,
+            "steps": steps,
+            "conservation_trace": [
+                None if c is None else {k: _floats(v) for k, v in c.items()}
+                for c in res.get("conservation_trace") or []
+            ],
+        },
+        "summary": {"text": texts},
+    }
+
+
+def _floats(t: Any) -> list[float]:
+    """A per-row tensor (or number) as a flat list of floats, for JSON."""
+    return torch.as_tensor(t).detach().float().cpu().reshape(-1).tolist()

@@ -1,0 +1,93 @@
+"""Generation with its events streamed as they exist: a ``prompt`` event first (the prompt's
+tokens, so that a client can label relevance before the result exists), then one ``token``
+event per step as the token is chosen, and ``relevance`` events when the engine hands a
+step's relevance to its callback. A cancel is honoured at every step."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+import torch
+
+from engine.tasks import TaskName
+
+from .. import codec, store
+from .. import worker_metrics as m
+from ..schemas import OutputOptions
+from ..vocabulary import Event
+from . import documents, inputs
+from .context import JobCanceled, Run, Work, engine_relevance
+
+
+class _Stream:
+    """The engine's ``on_step`` for one job: writes its events to the job's stream."""
+
+    def __init__(self, run: Run, job_id: str, r: redis.Redis, output: OutputOptions):
+        self.r, self.job_id, self.output = r, job_id, output
+        self.tok = run.entry.loaded.tokenizer
+        self.ttl, self.maxlen = run.state.settings.result_ttl, run.state.settings.stream_maxlen
+        self.written = m.TRACE_BYTES.labels(model=run.spec.id)
+        self.token_s = m.TOKEN.labels(model=run.spec.id)
+        self.last = time.perf_counter()
+        self.seen: set[int] = set()
+        self.steps: list[dict[str, Any]] = []  # the token events, kept for the result too
+
+    def add(self, event: Event, data: dict[str, Any]) -> None:
+        store.add_event(self.r, self.job_id, event, data, self.ttl, self.maxlen)
+        self.written.inc(len(json.dumps(data)))
+
+    def __call__(
+        self,
+        step: int,
+        token_ids: torch.Tensor,
+        scores: torch.Tensor | None,
+        relevance: dict[str, torch.Tensor] | None,
+    ) -> None:
+        # The engine calls once as the token is chosen (relevance None) and again when the
+        # step's relevance is ready; in the stepwise path both come in one call.
+        if step not in self.seen:
+            self.seen.add(step)
+            now = time.perf_counter()
+            self.token_s.observe(now - self.last)
+            self.last = now
+            data = documents.token_event(step, token_ids, scores, self.tok, self.output.top_scores)
+            self.add(Event.TOKEN, data)
+            self.steps.append(data)
+        if relevance is not None and "input_ids" in relevance:
+            arr = relevance["input_ids"].detach().float().cpu().numpy()
+            encoded = codec.encode(arr, self.output.encoding, self.output.dtype)
+            self.add(Event.RELEVANCE, {"step": step, "input_ids": encoded})
+        if store.cancel_requested(self.r, self.job_id):
+            raise JobCanceled()
+
+
+def generate(run: Run, work: Work, r: redis.Redis) -> documents.Doc:
+    """Run generation for one job, streaming its events; returns its result document."""
+    req = work.req
+    tok = run.entry.loaded.tokenizer
+    host_batch = inputs.tokens(run.entry, run.spec, req.inputs)
+    t0 = time.perf_counter()
+    dlb = run.entry.backtrace(host_batch)
+    capture_s = time.perf_counter() - t0
+    batch = inputs.on_device(run.entry, host_batch)
+    stream = _Stream(run, work.job_id, r, req.output)
+    prompt = documents.prompt_event(tok, batch["input_ids"].cpu().tolist())
+    stream.add(Event.PROMPT, prompt)
+    t0 = time.perf_counter()
+    res = dlb.run_task(
+        task=TaskName.GENERATION,
+        inputs=batch,
+        tokenizer=tok,
+        return_relevance=True,
+        return_scores=False,
+        on_step=stream,
+        **engine_relevance(req),
+        **req.generation.model_dump(exclude_none=True),
+    )
+    run_s = time.perf_counter() - t0
+    doc = documents.generation(tok, prompt, res, stream.steps, req.output)
+    timings = {"capture_s": capture_s, "engine_s": run_s, "run_s": run_s}
+    return {**doc, **documents.finished(run, req, timings)}

@@ -1,0 +1,150 @@
+"""A request's inputs as the model's tensors: token ids and attention mask from texts or raw
+ids, an image resized and normalised as the registry entry says, rows of features; and the
+inputs of a batch's jobs merged into one batch, with each job's rows in it."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.tasks import TaskName
+
+from ..models import CachedModel
+from ..registry import ModelSpec
+from ..schemas import Inputs
+
+Batch = dict[str, torch.Tensor]
+# An image model's input when the registry entry gives no ``image``.
+DEFAULT_IMAGE: dict[str, Any] = {"channels": 3, "size": 224, "mean": [0.0] * 3, "std": [1.0] * 3}
+
+
+def for_task(
+    entry: CachedModel, spec: ModelSpec, task: TaskName, inputs: Inputs
+) -> tuple[Batch, bytes | None]:
+    """The model's input tensors for one request, and the resized picture of an image."""
+    if task == TaskName.IMAGE_CLASSIFICATION:
+        return image(entry, inputs)
+    if task == TaskName.TABULAR_CLASSIFICATION:
+        rows = np.asarray(inputs.features, dtype=np.float32)
+        x = torch.from_numpy(rows[None] if rows.ndim == 1 else rows)
+        return {entry.input_name: x}, None
+    return tokens(entry, spec, inputs), None
+
+
+def _padding(entry: CachedModel) -> tuple[int, bool]:
+    """The tokenizer's pad id (0 without one) and whether it pads on the left."""
+    tok = entry.loaded.tokenizer
+    pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+    return pad, tok is not None and tok.padding_side == "left"
+
+
+def _padded(parts: list[torch.Tensor], value: int, left: bool) -> torch.Tensor:
+    """Rows of unequal length ([n, L] each) padded to the longest and stacked."""
+    width = max(t.shape[1] for t in parts)
+    return torch.cat(
+        [
+            torch.nn.functional.pad(
+                t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]), value=value
+            )
+            for t in parts
+        ]
+    )
+
+
+def tokens(entry: CachedModel, spec: ModelSpec, inputs: Inputs) -> Batch:
+    """input_ids and attention_mask from texts or raw ids, checked against max_tokens."""
+    tok = entry.loaded.tokenizer
+    if inputs.token_ids is not None:
+        ids = inputs.token_ids
+        rows = [ids] if ids and isinstance(ids[0], int) else ids
+        parts = [torch.tensor(r, dtype=torch.long)[None] for r in rows]
+        pad, left = _padding(entry)
+        ids_t = _padded(parts, pad, left)
+        mask = _padded([torch.ones_like(p) for p in parts], 0, left)
+        if tok is not None and ids_t.max() >= len(tok):
+            raise ValueError(f"inputs.token_ids: id {int(ids_t.max())} is not in the vocabulary")
+        enc = {"input_ids": ids_t, "attention_mask": mask}
+    else:
+        texts = [inputs.text] if isinstance(inputs.text, str) else list(inputs.text or [])
+        enc = dict(tok(texts, padding=True, return_tensors="pt"))
+        enc = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    length = enc["input_ids"].shape[1]
+    if length > spec.limits.max_tokens:
+        raise ValueError(
+            f"inputs: {length} tokens, more than max_tokens={spec.limits.max_tokens} "
+            f"for model {spec.id}"
+        )
+    return enc
+
+
+def image(entry: CachedModel, inputs: Inputs) -> tuple[Batch, bytes]:
+    """The model's input tensor [1, C, S, S] and the resized picture (PNG) for the heatmap;
+    a PNG already at the model's size and mode is kept as sent."""
+    from PIL import Image
+
+    spec = entry.loaded.image or DEFAULT_IMAGE
+    raw = base64.b64decode((inputs.image or "").split(",", 1)[-1])
+    img = Image.open(io.BytesIO(raw))
+    mode, size = spec.get("mode", "RGB" if spec["channels"] == 3 else "L"), spec["size"]
+    if img.format == "PNG" and img.mode == mode and img.size == (size, size):
+        png = raw
+    else:
+        img = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+        out = io.BytesIO()
+        img.save(out, format="PNG")
+        png = out.getvalue()
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    mean = np.asarray(spec["mean"], dtype=np.float32)[:, None, None]
+    std = np.asarray(spec["std"], dtype=np.float32)[:, None, None]
+    x = torch.from_numpy((arr - mean) / std)[None]
+    return {entry.input_name: x}, png
+
+
+def blank(entry: CachedModel, spec: ModelSpec) -> Batch | None:
+    """A sample input to warm a model up with; None for tabular models (the row width is
+    not known before a request)."""
+    if spec.task == TaskName.TABULAR_CLASSIFICATION:
+        return None
+    if spec.task == TaskName.IMAGE_CLASSIFICATION:
+        img = entry.loaded.image or DEFAULT_IMAGE
+        return {entry.input_name: torch.zeros(1, img["channels"], img["size"], img["size"])}
+    return tokens(entry, spec, Inputs(text="warm up"))
+
+
+def merge(entry: CachedModel, batches: list[Batch]) -> tuple[Batch, list[slice]]:
+    """One batch from the jobs' batches, and each job's rows in it. Token inputs of unequal
+    length are padded (the attention mask hides the padding, as for the rows of one
+    request); other inputs must agree in shape, or a ValueError says why not."""
+    sizes = [next(iter(b.values())).shape[0] for b in batches]
+    starts = np.cumsum([0, *sizes])
+    rows = [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    if len(batches) == 1:
+        return batches[0], rows
+    if "input_ids" in batches[0]:
+        pad, left = _padding(entry)
+        return {
+            "input_ids": _padded([b["input_ids"] for b in batches], pad, left),
+            "attention_mask": _padded([b["attention_mask"] for b in batches], 0, left),
+        }, rows
+    merged = {}
+    for name in batches[0]:
+        shapes = {tuple(b[name].shape[1:]) for b in batches}
+        if len(shapes) != 1:
+            raise ValueError(f"inputs {name!r} differ in shape: {sorted(shapes)}")
+        merged[name] = torch.cat([b[name] for b in batches])
+    return merged, rows
+
+
+def on_device(entry: CachedModel, batch: Batch) -> Batch:
+    """The batch on the model's device, floats in the model's dtype."""
+    first = next(entry.loaded.model.parameters(), None)
+    dtype = first.dtype if first is not None else torch.float32
+    return {
+        k: v.to(entry.device, dtype=dtype if v.is_floating_point() else v.dtype)
+        for k, v in batch.items()
+    }
