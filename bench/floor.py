@@ -39,7 +39,8 @@ def create_app(redis_url: str) -> FastAPI:
     async def relay(job_id: str) -> AsyncIterator[bytes]:
         last = "0-0"
         while True:
-            resp = await ar.xread({EVENTS.format(job_id): last}, block=5000, count=100)
+            # Blocks under redis-py's default 5 s socket timeout, like the service's reads.
+            resp = await ar.xread({EVENTS.format(job_id): last}, block=1000, count=100)
             for entry_id, fields in resp[0][1] if resp else ():
                 last = entry_id
                 yield b"event: %s\ndata: %s\n\n" % (fields[b"event"], fields[b"data"])
@@ -72,8 +73,10 @@ def consume(redis_url: str) -> None:
     """Pop each job and end it at once: one ``done`` entry on its stream."""
     r = redis.Redis.from_url(redis_url)
     while True:
-        _, item = r.brpop([QUEUE])
-        job_id = item.split(b" ", 1)[0].decode()
+        popped = r.brpop([QUEUE], timeout=1)  # under redis-py's 5 s socket timeout
+        if popped is None:
+            continue
+        job_id = popped[1].split(b" ", 1)[0].decode()
         r.xadd(EVENTS.format(job_id), {"event": "done", "data": DONE})
 
 
