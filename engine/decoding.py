@@ -17,6 +17,7 @@ Prompts are left padded; positions follow the attention mask (``cumsum - 1``) ex
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -210,6 +211,141 @@ def _gather_beams(tensor: Tensor, index: Tensor) -> Tensor:
     return torch.take_along_dim(tensor, index, dim=1)
 
 
+@dataclass
+class _Hypotheses:
+    """Beams with what tracing needs: tokens [B, S, P + N], the beam slot each came from at
+    every step [B, S, N] (-1 where none was emitted), the raw logit of every token it emitted
+    [B, S, N], and its score [B, S]."""
+
+    seq: Tensor
+    came_from: Tensor
+    logit: Tensor
+    scores: Tensor
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.seq, self.came_from, self.logit, self.scores
+
+    def gather(self, index: Tensor) -> _Hypotheses:
+        return _Hypotheses(*(_gather_beams(t, index) for t in self.tensors()))
+
+    def cat(self, other: _Hypotheses) -> _Hypotheses:
+        pairs = zip(self.tensors(), other.tensors(), strict=True)
+        return _Hypotheses(*(torch.cat(pair, 1) for pair in pairs))
+
+
+class _BeamSearch:
+    """The state of one beam search: the running beams, the finished hypotheses (the best
+    ``num_beams``, length-penalised) and whether each row can still improve on them."""
+
+    def __init__(self, input_ids: Tensor, cfg: DecodingConfig):
+        self.cfg = cfg
+        batch, self.prompt_len = input_ids.shape
+        beams, steps = cfg.num_beams, cfg.max_new_tokens
+        self.max_len = self.prompt_len + steps
+        device = input_ids.device
+        self.eos = torch.tensor(cfg.eos_token_ids, dtype=torch.long, device=device)
+        self.keep = max(2, 1 + len(cfg.eos_token_ids)) * beams
+        self.in_top_beams = torch.arange(self.keep, device=device) < beams
+        # Filler after EOS as in transformers, which treats pad id 0 as unset here.
+        fill = cfg.pad_token_id or (cfg.eos_token_ids[0] if cfg.eos_token_ids else -1)
+        seq = torch.full((batch, beams, self.max_len), fill, dtype=torch.long, device=device)
+        seq[:, :, : self.prompt_len] = input_ids[:, None]
+        came_from = torch.full((batch, beams, steps), -1, dtype=torch.long, device=device)
+        logit = torch.zeros((batch, beams, steps), device=device)
+        scores = torch.zeros((batch, beams), device=device)
+        scores[:, 1:] = NEG_INF  # only beam 0 is live at first: no duplicate candidates
+        self.running = _Hypotheses(seq, came_from, logit, scores)
+        self.done = _Hypotheses(seq.clone(), came_from.clone(), logit.clone(),
+                                torch.full((batch, beams), NEG_INF, device=device))  # fmt: skip
+        self.done_flag = torch.zeros((batch, beams), dtype=torch.bool, device=device)
+        self.improvable = torch.ones((batch, 1), dtype=torch.bool, device=device)
+        self.cur = self.prompt_len
+
+    def advance(self, logits: Tensor) -> tuple[Tensor, bool]:
+        """One step from the last position's logits [B * S, V]: the step's log-probabilities
+        [B, S, V] and whether the search is over."""
+        step, cfg = self.cur - self.prompt_len, self.cfg
+        batch, beams = self.running.scores.shape
+        vocab = logits.shape[-1]
+        log_probs = logits.log_softmax(-1).view(batch, beams, vocab)
+        total = (log_probs + self.running.scores[..., None]).view(batch, beams * vocab)
+        cand_scores, cand = torch.topk(total, self.keep)
+        cand_beam, cand_token = cand // vocab, cand % vocab
+        grown = self.running.gather(cand_beam)
+        grown.seq[:, :, self.cur] = cand_token
+        grown.came_from[:, :, step] = cand_beam
+        grown.logit[:, :, step] = logits.view(batch, beams * vocab).gather(1, cand)
+        stops = torch.isin(cand_token, self.eos) | (self.cur + 1 >= self.max_len)
+
+        # Live beams for the next step: the best candidates that did not stop.
+        live_scores = cand_scores + stops.float() * NEG_INF
+        live = torch.topk(live_scores, beams).indices
+        self.running = dataclasses.replace(grown, scores=live_scores).gather(live)
+        self._finish(grown, cand_scores, stops)
+        self.cur += 1
+        if cfg.early_stopping == "never" and cfg.length_penalty > 0.0:
+            best_len = self.max_len - self.prompt_len
+        else:
+            best_len = self.cur - self.prompt_len
+        best_running = self.running.scores[:, :1] / (best_len**cfg.length_penalty)
+        worst_done = torch.where(
+            self.done_flag, self.done.scores.min(1, keepdim=True).values, NEG_INF
+        )
+        self.improvable &= (best_running > worst_done).any(-1, keepdim=True)
+        all_full = bool(self.done_flag.all()) and cfg.early_stopping is True
+        return log_probs, not self.improvable.any() or all_full or bool(stops.all())
+
+    def _finish(self, grown: _Hypotheses, cand_scores: Tensor, stops: Tensor) -> None:
+        """Finished hypotheses: candidates among the top ``num_beams`` that stopped,
+        length-penalised, kept with the best finished so far."""
+        just_done = stops & self.in_top_beams[None, :]
+        final = cand_scores / ((self.cur + 1 - self.prompt_len) ** self.cfg.length_penalty)
+        full = self.done_flag.all(-1, keepdim=True) & (self.cfg.early_stopping is True)
+        final = final + full.float() * NEG_INF
+        final = final + (~self.improvable).float() * NEG_INF
+        final = final + (~just_done) * NEG_INF
+        both = self.done.cat(dataclasses.replace(grown, scores=final))
+        best = torch.topk(both.scores, self.cfg.num_beams).indices
+        self.done = both.gather(best)
+        self.done_flag = _gather_beams(torch.cat([self.done_flag, just_done], 1), best)
+
+    def parents(self) -> Tensor:
+        """[B * S] the flat cache row each running beam continues."""
+        batch, beams = self.running.scores.shape
+        step = self.cur - 1 - self.prompt_len
+        offset = torch.arange(batch, device=self.running.seq.device)[:, None] * beams
+        return (self.running.came_from[:, :, step] + offset).reshape(-1)
+
+    def last_tokens(self) -> Tensor:
+        """[B * S, 1] the token each running beam emitted last."""
+        return self.running.seq[:, :, self.cur - 1].reshape(-1, 1)
+
+    def decoded(self, attention_mask: Tensor, step_log_probs: list[Tensor] | None) -> Decoded:
+        """The best finished hypothesis of each row, and (with ``step_log_probs``) for each
+        step the log-probabilities of the beam that is its ancestor there."""
+        best = self.done
+        sequences, came_from, token_logits = best.seq[:, 0], best.came_from[:, 0], best.logit[:, 0]
+        lengths = (came_from >= 0).sum(1)
+        num_steps = int(lengths.max())
+        active = torch.arange(num_steps, device=sequences.device)[None, :] < lengths[:, None]
+        scores = None
+        if step_log_probs is not None:
+            ancestors = came_from.clamp(min=0)
+            scores = [
+                _gather_beams(step_log_probs[i], ancestors[:, i, None])
+                .squeeze(1)
+                .masked_fill(~active[:, i, None], 0.0)
+                for i in range(num_steps)
+            ]
+        return Decoded(
+            sequences=sequences[:, : self.prompt_len + num_steps],
+            prompt_mask=attention_mask.long(),
+            active=active,
+            token_logits=token_logits[:, :num_steps],
+            scores=scores,
+        )
+
+
 @torch.no_grad()
 def beam_search(
     model: nn.Module,
@@ -227,105 +363,19 @@ def beam_search(
     """
     _check(cfg)
     lm = CachedLM(model)
-    batch, prompt_len = input_ids.shape
-    beams, steps = cfg.num_beams, cfg.max_new_tokens
-    max_len = prompt_len + steps
-    device = input_ids.device
-    eos = torch.tensor(cfg.eos_token_ids, dtype=torch.long, device=device)
-    keep = max(2, 1 + len(cfg.eos_token_ids)) * beams
-    in_top_beams = torch.arange(keep, device=device) < beams
-
-    # Filler after EOS as in transformers, which treats pad id 0 as unset here.
-    fill = cfg.pad_token_id or (cfg.eos_token_ids[0] if cfg.eos_token_ids else -1)
-    running = torch.full((batch, beams, max_len), fill, dtype=torch.long, device=device)
-    running[:, :, :prompt_len] = input_ids[:, None]
-    running_from = torch.full((batch, beams, steps), -1, dtype=torch.long, device=device)
-    running_logit = torch.zeros((batch, beams, steps), device=device)
-    running_scores = torch.zeros((batch, beams), device=device)
-    running_scores[:, 1:] = NEG_INF  # only beam 0 is live at first: no duplicate candidates
-    done, done_from, done_logit = running.clone(), running_from.clone(), running_logit.clone()
-    done_scores = torch.full((batch, beams), NEG_INF, device=device)
-    done_flag = torch.zeros((batch, beams), dtype=torch.bool, device=device)
-    improvable = torch.ones((batch, 1), dtype=torch.bool, device=device)
+    search = _BeamSearch(input_ids, cfg)
     step_log_probs: list[Tensor] = []
-
-    mask = attention_mask.long().repeat_interleave(beams, 0)
+    mask = attention_mask.long().repeat_interleave(cfg.num_beams, 0)
     positions = position_ids_from_mask(mask)
-    logits, cache = lm(input_ids.repeat_interleave(beams, 0), mask, positions)
-    cur = prompt_len
+    logits, cache = lm(input_ids.repeat_interleave(cfg.num_beams, 0), mask, positions)
     while True:
-        step = cur - prompt_len
-        vocab = logits.shape[-1]
-        log_probs = logits.log_softmax(-1).view(batch, beams, vocab)
+        log_probs, over = search.advance(logits)
         if keep_scores:
             step_log_probs.append(log_probs)
-        total = (log_probs + running_scores[..., None]).view(batch, beams * vocab)
-        cand_scores, cand = torch.topk(total, keep)
-        cand_beam, cand_token = cand // vocab, cand % vocab
-        cand_seq = _gather_beams(running, cand_beam)
-        cand_seq[:, :, cur] = cand_token
-        cand_from = _gather_beams(running_from, cand_beam)
-        cand_from[:, :, step] = cand_beam
-        cand_logit = _gather_beams(running_logit, cand_beam)
-        cand_logit[:, :, step] = logits.view(batch, beams * vocab).gather(1, cand)
-        stops = torch.isin(cand_token, eos) | (cur + 1 >= max_len)
-
-        # Live beams for the next step: the best candidates that did not stop.
-        live_scores = cand_scores + stops.float() * NEG_INF
-        live = torch.topk(live_scores, beams).indices
-        running, running_scores = _gather_beams(cand_seq, live), _gather_beams(live_scores, live)
-        running_from = _gather_beams(cand_from, live)
-        running_logit = _gather_beams(cand_logit, live)
-
-        # Finished hypotheses: candidates among the top `beams` that stopped, length-penalised.
-        just_done = stops & in_top_beams[None, :]
-        final = cand_scores / ((cur + 1 - prompt_len) ** cfg.length_penalty)
-        full = done_flag.all(-1, keepdim=True) & (cfg.early_stopping is True)
-        final = final + full.float() * NEG_INF
-        final = final + (~improvable).float() * NEG_INF
-        final = final + (~just_done) * NEG_INF
-        best = torch.topk(torch.cat([done_scores, final], 1), beams).indices
-        done = _gather_beams(torch.cat([done, cand_seq], 1), best)
-        done_scores = _gather_beams(torch.cat([done_scores, final], 1), best)
-        done_from = _gather_beams(torch.cat([done_from, cand_from], 1), best)
-        done_logit = _gather_beams(torch.cat([done_logit, cand_logit], 1), best)
-        done_flag = _gather_beams(torch.cat([done_flag, just_done], 1), best)
-
-        cur += 1
-        if cfg.early_stopping == "never" and cfg.length_penalty > 0.0:
-            best_len = max_len - prompt_len
-        else:
-            best_len = cur - prompt_len
-        best_running = running_scores[:, :1] / (best_len**cfg.length_penalty)
-        worst_done = torch.where(done_flag, done_scores.min(1, keepdim=True).values, NEG_INF)
-        improvable = improvable & (best_running > worst_done).any(-1, keepdim=True)
-        all_full = bool(done_flag.all()) and cfg.early_stopping is True
-        if not improvable.any() or all_full or bool(stops.all()):
+        if over:
             break
-
-        parent = running_from[:, :, step] + torch.arange(batch, device=device)[:, None] * beams
-        cache.reorder_cache(parent.reshape(-1))
+        cache.reorder_cache(search.parents())
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         positions = positions[:, -1:] + 1
-        logits, cache = lm(running[:, :, cur - 1].reshape(-1, 1), mask, positions, cache)
-
-    sequences, came_from, token_logits = done[:, 0], done_from[:, 0], done_logit[:, 0]
-    lengths = (came_from >= 0).sum(1)
-    num_steps = int(lengths.max())
-    active = torch.arange(num_steps, device=device)[None, :] < lengths[:, None]
-    scores = None
-    if keep_scores:
-        ancestors = came_from.clamp(min=0)
-        scores = [
-            _gather_beams(step_log_probs[i], ancestors[:, i, None])
-            .squeeze(1)
-            .masked_fill(~active[:, i, None], 0.0)
-            for i in range(num_steps)
-        ]
-    return Decoded(
-        sequences=sequences[:, : prompt_len + num_steps],
-        prompt_mask=attention_mask.long(),
-        active=active,
-        token_logits=token_logits[:, :num_steps],
-        scores=scores,
-    )
+        logits, cache = lm(search.last_tokens(), mask, positions, cache)
+    return search.decoded(attention_mask, step_log_probs if keep_scores else None)
