@@ -16,14 +16,14 @@ from typing import Any
 import torch
 from torch import fx
 
-from .rules import RESHAPE_OPS, RULES, register_grouped_mm
+from .rules import RESHAPE_OPS, family_of
 
 aten = torch.ops.aten
 
 # Ops whose output is a normaliser or attention/routing weights: treated as constants, so a
 # product with them passes all relevance to the other operand (hand-written RMSNorm, explicit
 # softmax attention, mixture-of-experts routing). Mode "reference" gives the hand-written
-# RMSNorm the norm's exact difference rule instead (``rules._rms_eps``).
+# RMSNorm the norm's exact difference rule instead (``canonize.rms_eps``).
 CONSTANT_OPS = {
     aten.softmax.int,
     aten._softmax.default,
@@ -99,7 +99,6 @@ class Provenance:
     """Per node: bound arguments, whether it carries relevance, whether the sweep visits it."""
 
     def __init__(self, nodes: list[fx.Node], input_names: list[str], output: fx.Node):
-        register_grouped_mm()
         self.bound: dict[fx.Node, dict[str, Any]] = {}
         self.data: dict[fx.Node, bool] = {}
         for node in nodes:
@@ -154,7 +153,7 @@ class Provenance:
         for node in self.visited:
             if node.op != "call_function" or node.target is operator.getitem:
                 continue
-            if node.target not in RULES:
+            if family_of(node.target) is None:
                 missing.append((node.name, str(node.target)))
         return sorted(missing)
 

@@ -1,34 +1,29 @@
 """The forward pass that records activations and the backward sweep that applies the rules.
 
-The sweep carries ``K`` seeds at once: every relevance tensor has a leading seed axis. A
-classification batch needs one (each sample's seed lives in its own batch row); generation
-explains every emitted token of a sequence in one sweep with one seed per step.
+A ``Sweeper`` is built once per captured graph: it canonizes the graph (``engine.canonize``)
+and resolves each node's rule per mode (``engine.rules``). Each ``run`` keeps its own state in
+a ``_Pass``. The sweep carries ``K`` seeds at once: every relevance tensor has a leading seed
+axis. A classification batch needs one (each sample's seed lives in its own batch row);
+generation explains every emitted token of a sequence in one sweep with one seed per step.
 """
 
 from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, fx
 
+from .canonize import canonize
 from .capture import Captured
 from .provenance import Provenance, UnsupportedOpError
-from .rules import (
-    MODES,
-    REFERENCE_RULES,
-    RULES,
-    TINY,
-    Ctx,
-    batch_norm_affine,
-    grouped_mm,
-    identity,
-    stable,
-)
+from .recording import NodeIO, forward
+from .rules import COMPOSITES, MODES, TINY, Ctx, LinearRows, Rule, rule_for
+
+__all__ = ["Explanation", "NodeIO", "Seed", "Sweeper", "UnsupportedOpError", "forward"]
 
 aten = torch.ops.aten
 _PASS_THROUGH = {aten._to_copy.default, aten.clone.default, aten.alias.default}
@@ -80,90 +75,6 @@ class Explanation:
         return NodeIO(self.captured, self.env, self.fused)
 
 
-class NodeIO(Mapping):
-    """``node_io[name] = {"input_values": [...], "output_values": ...}`` for every op,
-    built on access: most callers read a few nodes, and the values are already recorded.
-
-    The recorded forward runs a convolution and its eval batch norm as one op (``fused``).
-    node_io shows the convolution's own output (also the norm's input): the convolution is
-    run again, unfused, the first time it is read. The norm's output is the fused op's, equal
-    to the norm of that output up to rounding."""
-
-    def __init__(
-        self,
-        captured: Captured,
-        env: dict[fx.Node, Any],
-        fused: dict[fx.Node, dict[str, Any]] | None = None,
-    ):
-        self._env, self._fused = env, fused or {}
-        self._unfused: dict[fx.Node, Any] = {}
-        self._nodes = {n.name: n for n in captured.nodes if n.op == "call_function"}
-
-    def _value(self, node: fx.Node) -> Any:
-        if not self._fused.get(node):  # not a convolution that absorbed a batch norm
-            return self._env.get(node)
-        if node not in self._unfused:
-            with torch.no_grad():
-                self._unfused[node] = _call(node, self._env.__getitem__)
-        return self._unfused[node]
-
-    def __getitem__(self, name: str) -> dict[str, Any]:
-        node = self._nodes[name]
-        ins = [self._value(a) for a in node.all_input_nodes if a in self._env]
-        return {"input_values": ins, "output_values": self._value(node)}
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._nodes)
-
-    def __len__(self) -> int:
-        return len(self._nodes)
-
-
-def forward(
-    captured: Captured,
-    inputs: dict[str, Tensor],
-    fused: dict[fx.Node, dict[str, Any]] | None = None,
-    zeroed: frozenset[fx.Node] = frozenset(),
-    routed: dict[fx.Node, Any] | None = None,
-) -> tuple[dict[fx.Node, Any], tuple]:
-    """Run the exported graph, keeping every value. Op errors propagate unchanged.
-
-    ``fused`` maps a convolution to its arguments with a following eval batch norm folded in
-    (the batch norm node, mapped to {}, then just passes the convolution's output on), as
-    inference engines do: one op instead of two, and what the sweep's rule sees. The outputs
-    of ``zeroed`` nodes are replaced by zeros (a reference forward with empty embeddings).
-    ``routed`` maps a mixture-of-experts ``topk`` to the (weights, experts) it returns instead:
-    the input's, in the reference forward.
-    """
-    routed = routed or {}
-    fused = fused or {}
-    env: dict[fx.Node, Any] = {}
-    for node in captured.nodes:
-        if node.op == "placeholder":
-            env[node] = inputs[node.name] if node.name in inputs else captured.constants[node.name]
-        elif node in fused and not fused[node]:
-            out = env[node.args[0]]
-            env[node] = (out, out.new_empty(0), out.new_empty(0))
-        elif node in fused:
-            env[node] = node.target(**fx.node.map_arg(fused[node], env.__getitem__))
-        elif node in routed:
-            env[node] = routed[node]
-        elif node.op == "call_function":
-            env[node] = _call(node, env.__getitem__)
-            if node in zeroed:
-                env[node] = torch.zeros_like(env[node])
-        elif node.op == "output":
-            outputs = fx.node.map_arg(node.args[0], env.__getitem__)
-            return env, tuple(outputs) if isinstance(outputs, list | tuple) else (outputs,)
-    raise RuntimeError("graph has no output node")
-
-
-def _call(node: fx.Node, value_of: Callable[[fx.Node], Any]) -> Any:
-    """Run ``node``'s op on the values of its arguments."""
-    args = fx.node.map_arg(node.args, value_of)
-    return node.target(*args, **fx.node.map_arg(node.kwargs, value_of))
-
-
 _NONNEGATIVE_OPS = {
     aten.relu.default,
     aten.sigmoid.default,
@@ -189,6 +100,10 @@ def _exact(value: Any) -> Any:
     return value
 
 
+# The seed head's rule per mode: the linear family's, on the seed's sparse entries.
+_SEED_HEAD = LinearRows()
+
+
 class Sweeper:
     """Applies the rules over one captured graph; caches |W| across runs."""
 
@@ -196,15 +111,13 @@ class Sweeper:
         self.captured = captured
         self.seed_node = seed_node
         self.provenance = Provenance(captured.nodes, captured.input_names, seed_node)
-        self._abs: dict[int, Tensor] = {}
+        self._abs: dict[Any, Any] = {}
         self._order = [n for n in captured.nodes if n in self.provenance.visited]
+        self.canonical = canonize(captured, self.provenance, self._order)
         # convolutions run with their batch norm folded in (and those batch norms: {})
-        self.fused = self._fold_batch_norms()
-        self._pass_through = self._pass_through_nodes()
+        self.fused = self.canonical.fused
         self._missing = self.provenance.unsupported()
         self._nonnegative_nodes = [n for n in self._order if _nonnegative(n)]
-        self._reference = {n for n in self._order if n.target in REFERENCE_RULES}
-        self._routing = _routing_topks(captured.nodes)
         # per node, once: whether no argument is a list of nodes, and its is_data callback
         bound = self.provenance.bound
         self._flat = {
@@ -216,52 +129,26 @@ class Sweeper:
             if n in bound
         }
         self._is_data = {n: functools.partial(self._arg_is_data, n) for n in self._flat}
+        # per mode, each node's rule, and the nodes whose rule hands R on unchanged
+        self._rules: dict[str, dict[fx.Node, Rule | None]] = {
+            mode: {n: rule_for(n.target, mode) for n in self._flat} for mode in MODES
+        }
+        self._pass_through = {mode: self._pass_through_nodes(mode) for mode in MODES}
         self._half = any(_exact(t) is not t for t in captured.constants.values())
-        self._nonnegative: set[int] = set()
         self._constant_ids = {id(t) for t in captured.constants.values()} | {
             id(args[k]) for args in self.fused.values() for k in ("weight", "bias") if k in args
         }
 
-    def _fold_batch_norms(self) -> dict[fx.Node, dict[str, Tensor]]:
-        """Fold eval batch norms into the convolution before them.
-
-        conv followed by batch norm is one affine map; the |z| rule over the folded weights
-        sinks only the folded bias, where a separate batch-norm rule would sink the whole
-        shift of every channel. It also saves a rule application per layer.
-        """
-        folded = {}
-        bound = self.provenance.bound
-        for node in self._order:
-            if node.target is not aten._native_batch_norm_legit_no_training.default:
-                continue
-            conv = bound[node]["input"]
-            if conv.target is not aten.conv2d.default or len(conv.users) != 1:
-                continue
-            value = lambda a: None if a is None else self.captured.constants.get(a.name)  # noqa: E731
-            bn = {k: (value(v) if isinstance(v, fx.Node) else v) for k, v in bound[node].items()}
-            weight, bias = value(bound[conv]["weight"]), value(bound[conv]["bias"])
-            if weight is None or any(bn[k] is None for k in ("running_mean", "running_var")):
-                continue
-            scale, shift = batch_norm_affine(bn)
-            bias = shift if bias is None else bias * scale + shift
-            folded[conv] = {
-                **bound[conv],
-                "weight": weight * scale.view(-1, 1, 1, 1),
-                "bias": bias,
-            }
-            folded[node] = {}
-        return folded
-
-    def _pass_through_nodes(self) -> dict[fx.Node, fx.Node]:
-        """Nodes whose relevance goes unchanged to one data argument: identity rules
-        (activations, norms, copies) and batch norms folded into their convolution. Half the
-        nodes of a CNN; the sweep hands their relevance on directly."""
+    def _pass_through_nodes(self, mode: str) -> dict[fx.Node, fx.Node]:
+        """Nodes whose relevance goes unchanged to one data argument in ``mode``: rules that
+        pass through (activations, norms, copies) and batch norms folded into their
+        convolution. Half the nodes of a CNN; the sweep hands their relevance on directly."""
         bound, data = self.provenance.bound, self.provenance.data
         through = {}
         for node in self._order:
             if node in self.fused and not self.fused[node]:
                 through[node] = bound[node]["input"]
-            elif RULES.get(node.target) is identity:
+            elif getattr(self._rules[mode].get(node), "passes_through", False):
                 first = next(iter(bound[node].values()))
                 if isinstance(first, fx.Node) and data.get(first, False):
                     through[node] = first
@@ -296,7 +183,7 @@ class Sweeper:
                     f"reference {name!r} has shape {tuple(value.shape)}, "
                     f"the input {tuple(inputs[name].shape)}"
                 )
-        routed = {node: env[node] for node in self._routing}
+        routed = {node: env[node] for node in self.canonical.routing}
         ref_env, _ = forward(self.captured, reference, self.fused, frozenset(zeroed), routed)
         return ref_env
 
@@ -319,10 +206,7 @@ class Sweeper:
 
     def abs_of(self, t: Tensor) -> Tensor:
         """|t|, cached for the graph's constants (parameters, folded weights): the same weights
-        are swept on every request. Outputs of ops that cannot be negative (relu, relu6,
-        sigmoid, softmax) are their own |t|. Anything else is computed afresh."""
-        if id(t) in self._nonnegative:
-            return t
+        are swept on every request. Anything else is computed afresh."""
         hit = self._abs.get(id(t))
         if hit is not None and hit[0] is t:
             return hit[1]
@@ -340,33 +224,6 @@ class Sweeper:
             hit = (bias, term if bias is None else bias.abs() + TINY)
             self._abs[key] = hit
         return hit[1]
-
-    def per_sample(self, t: Tensor, node: fx.Node, batch: int) -> Tensor:
-        """Sum a [K, *shape] tensor of ``node`` to [K, batch]."""
-        K = t.shape[0]
-        where = self.captured.batch_axis.get(node)
-        if where is None:
-            sizes = list(t.shape[1:])
-            if batch not in sizes:
-                # Not a per-sample tensor (only for batch size 1 or static captures).
-                return (t.reshape(K, -1).sum(1) / batch)[:, None].expand(K, batch)
-            axis, inner = sizes.index(batch), 1
-        else:
-            axis, inner = where.axis, where.inner
-            if not isinstance(inner, int):
-                inner = inner.subs(self._sizes)
-                if not (inner.is_Integer and inner >= 1):
-                    # Rows mixed across samples (mixture-of-experts rows are sorted by
-                    # expert): not attributable per sample, so shared evenly.
-                    return (t.reshape(K, -1).sum(1) / batch)[:, None].expand(K, batch)
-                inner = int(inner)
-        t = t.movedim(axis + 1, -1)
-        n = t.shape[-1]
-        t = t.reshape(K, -1, n).sum(1)
-        if inner == 1 and n == batch:
-            return t
-        sample = (torch.arange(n, device=t.device) // inner) % batch
-        return torch.zeros(K, batch, dtype=t.dtype, device=t.device).index_add_(1, sample, t)
 
     def run(
         self,
@@ -386,72 +243,25 @@ class Sweeper:
             raise ValueError('the recorded reference forward is for mode "reference" only')
         self.check_rules()
         batch = next(iter(inputs.values())).shape[0]
-        self._sizes = self.captured.sizes(inputs)
-        self._nonnegative = {id(env[n]) for n in self._nonnegative_nodes}
-        prov = self.provenance
         out = env[self.seed_node]
         if env_ref is not None:
             # explain the size of the change: a seed where the output fell is negated
             change = seed.gather(out) - seed.gather(env_ref[self.seed_node])
             seed = Seed(seed.index, seed.value * torch.where(change < 0, -1.0, 1.0).to(seed.value))
-        K = seed.K
-        sinks = torch.zeros(K, batch, dtype=torch.float32, device=out.device)
+        p = _Pass(
+            self,
+            env,
+            env_ref,
+            mode,
+            batch,
+            sizes=self.captured.sizes(inputs),
+            nonnegative={id(env[n]) for n in self._nonnegative_nodes},
+            sinks=torch.zeros(seed.K, batch, dtype=torch.float32, device=out.device),
+        )
         seed_total = self._seed_per_sample(seed, batch, out.device)
-        R: dict[fx.Node, Any] = self._seed(env, seed, mode, sinks, batch, env_ref)
-        kept: dict[str, Tensor] = {}
-        inputs = torch.zeros_like(sinks)
-        for node in reversed(self._order):
-            r = R.pop(node, None)
-            if r is None:
-                continue
-            if keep == "all" or node.name in keep:
-                if isinstance(r, Tensor):
-                    kept[node.name] = r
-            if node.op == "placeholder":
-                kept[node.name] = r
-                inputs += self.per_sample(r.float(), node, batch)
-                continue
-            if node.target is operator.getitem:
-                parent, index = node.args
-                parts = R.setdefault(parent, {})
-                parts[index] = parts[index] + r if index in parts else r
-                continue
-            through = self._pass_through.get(node)
-            if through is not None and not (env_ref is not None and node in self._reference):
-                # identity rules and folded batch norms, without a Ctx
-                r = r[0] if isinstance(r, dict) else r
-                R[through] = R[through] + r if through in R else r
-                continue
-            out, ref_out = env[node], None
-            if env_ref is not None:  # mode "reference" subtracts them: float32 at least
-                out, ref_out = _exact(out), _exact(env_ref[node])
-            ctx = Ctx(
-                node=node,
-                args=self._arguments(node, env),
-                out=out,
-                R=r,
-                mode=mode,
-                is_data=self._is_data[node],
-                abs_of=self.abs_of,
-                bias_term=self.bias_term,
-                ref=None if env_ref is None else self._arguments(node, env_ref),
-                ref_out=ref_out,
-            )
-            rule = REFERENCE_RULES.get(node.target) if env_ref is not None else None
-            grads, sink = (rule or RULES[node.target])(ctx)
-            if sink is not None:
-                sinks += self.per_sample(sink.float(), node, batch)
-            for name, g in grads.items():
-                arg = prov.bound[node][name]
-                pairs = zip(arg, g, strict=True) if isinstance(arg, list | tuple) else [(arg, g)]
-                for a, gi in pairs:
-                    if gi is None or not isinstance(a, fx.Node):
-                        continue
-                    if prov.data.get(a, False):
-                        R[a] = R[a] + gi if a in R else gi
-                    else:
-                        sinks += self.per_sample(gi.float(), a, batch)
-        return kept, seed_total, inputs, sinks
+        p.R = self._seed(p, seed)
+        kept, at_inputs = p.sweep(keep)
+        return kept, seed_total, at_inputs, p.sinks
 
     def _arguments(self, node: fx.Node, env: dict[fx.Node, Any]) -> dict[str, Any]:
         """The rule's arguments by name: recorded values for nodes (upcast from half
@@ -470,62 +280,145 @@ class Sweeper:
             arg = arg[index]
         return isinstance(arg, fx.Node) and self.provenance.data.get(arg, False)
 
+    def _sample_axis(self, node: fx.Node) -> int:
+        where = self.captured.batch_axis.get(node)
+        return where.axis if where else 0
+
     def _seed_per_sample(self, seed: Seed, batch: int, device) -> Tensor:
-        where = self.captured.batch_axis.get(self.seed_node)
-        axis = where.axis if where else 0
+        axis = self._sample_axis(self.seed_node)
         b = seed.index[..., axis].to(device) if batch > 1 else torch.zeros_like(seed.value).long()
         total = torch.zeros(seed.K, batch, device=device)
         return total.scatter_add_(1, b.to(device), seed.value.to(device, torch.float32))
 
-    def _seed(self, env, seed: Seed, mode: str, sinks: Tensor, batch: int, env_ref=None) -> dict:
+    def _seed(self, p: _Pass, seed: Seed) -> dict:
         """Place the seeds. Where the explained output is a linear layer (a classifier or a
-        language-model head), apply its rule to the sparse entries directly."""
+        language-model head), apply the linear rule of the mode to the sparse entries
+        directly (``rules.LinearRows``): entry e pairs its input row with its unit's weights."""
         head = self.seed_node
         while head.target in _PASS_THROUGH:
             head = head.all_input_nodes[0]
-        out = env[self.seed_node]
+        out = p.env[self.seed_node]
         if head.target is not aten.linear.default:
             dtype = torch.promote_types(out.dtype, torch.float32)
             return {self.seed_node: seed.dense(out.shape, dtype, out.device)}
         args = self.provenance.bound[head]
-        x, w, b = (_exact(env.get(args[k])) for k in ("input", "weight", "bias"))
+        x, w, b = (_exact(p.env.get(args[k])) for k in ("input", "weight", "bias"))
         dev = x.device
         index, value = seed.index.to(dev), seed.value.to(dev, x.dtype)
         pos, unit = index[..., :-1].unbind(-1), index[..., -1]
-        xs, ws = x[pos], w[unit]  # [K, E, in]
-        if mode == "reference":  # contributions of the change; the bias cancels
-            c = (xs - _exact(env_ref[args["input"]])[pos]) * ws
-            rows = c * (value / stable(c.sum(-1)))[..., None]
-        else:
-            c_abs = xs.abs() * ws.abs()
-            D = c_abs.sum(-1) + (b[unit].abs() if b is not None else 0)
-            ratio = torch.where(D != 0, value / torch.where(D != 0, D, 1), 0)
-            rows = (xs * ws if mode == "contrast" else c_abs) * ratio[..., None]
+        rows = {"input": x[pos], "weight": w[unit], "bias": None if b is None else b[unit]}
+        ref = None if p.env_ref is None else {"input": _exact(p.env_ref[args["input"]])[pos]}
+        is_data = functools.partial(self._arg_is_data, head)
+        ctx = Ctx(head, rows, None, value, is_data, p.abs_of, self.bias_term, ref)
+        grads, sink = COMPOSITES[p.mode].rule(_SEED_HEAD, head.target)(ctx)
         k = torch.arange(seed.K, device=dev)[:, None].expand_as(value)
         R = torch.zeros(seed.K, *x.shape, dtype=x.dtype, device=dev)
-        R.index_put_((k, *pos), rows, accumulate=True)
-        where = self.captured.batch_axis.get(head)
-        axis = where.axis if where else 0
-        sample = index[..., axis] if batch > 1 else torch.zeros_like(unit)
-        sinks.scatter_add_(1, sample, (value - rows.sum(-1)).float())
+        R.index_put_((k, *pos), grads["input"], accumulate=True)
+        sample = index[..., self._sample_axis(head)] if p.batch > 1 else torch.zeros_like(unit)
+        p.sinks.scatter_add_(1, sample, sink.float())
         return {args["input"]: R}
 
 
-def _routing_topks(nodes: Any) -> list[fx.Node]:
-    """The ``topk`` nodes that pick the experts of grouped expert matmuls: ancestors of a
-    grouped matmul's row offsets."""
-    found, seen = [], set()
-    stack = [n.args[2] for n in nodes if RULES.get(n.target) is grouped_mm and len(n.args) > 2]
-    while stack:
-        n = stack.pop()
-        if not isinstance(n, fx.Node) or n in seen:
-            continue
-        seen.add(n)
-        if n.target is aten.topk.default:
-            found.append(n)
-            continue  # the router's own inputs route nothing else
-        stack.extend(n.all_input_nodes)
-    return found
+@dataclass
+class _Pass:
+    """One sweep's state: the recorded forwards, the mode, the symbolic sizes of this batch,
+    which recorded values cannot be negative, the sinks so far, and the relevance waiting at
+    each node. The ``Sweeper`` it runs on is shared between calls and not written to."""
+
+    sweeper: Sweeper
+    env: dict[fx.Node, Any]
+    env_ref: dict[fx.Node, Any] | None
+    mode: str
+    batch: int
+    sizes: dict[Any, int]
+    nonnegative: set[int]
+    sinks: Tensor
+    R: dict[fx.Node, Any] = field(default_factory=dict)
+
+    def abs_of(self, t: Tensor) -> Tensor:
+        """|t|: outputs of ops that cannot be negative (relu, relu6, sigmoid, softmax) are
+        their own |t|; constants come from the sweeper's cache."""
+        return t if id(t) in self.nonnegative else self.sweeper.abs_of(t)
+
+    def sweep(self, keep: str | set[str]) -> tuple[dict[str, Tensor], Tensor]:
+        """Visit the nodes from the output back; the kept relevance and, per seed and sample,
+        the relevance that reached the inputs."""
+        s, R = self.sweeper, self.R
+        through_of = s._pass_through[self.mode]
+        kept: dict[str, Tensor] = {}
+        at_inputs = torch.zeros_like(self.sinks)
+        for node in reversed(s._order):
+            r = R.pop(node, None)
+            if r is None:
+                continue
+            if (keep == "all" or node.name in keep) and isinstance(r, Tensor):
+                kept[node.name] = r
+            if node.op == "placeholder":
+                kept[node.name] = r
+                at_inputs += self.per_sample(r.float(), node)
+            elif node.target is operator.getitem:
+                parent, index = node.args
+                parts = R.setdefault(parent, {})
+                parts[index] = parts[index] + r if index in parts else r
+            elif node in through_of:  # pass-through rules and folded batch norms, without a Ctx
+                self._add(through_of[node], r[0] if isinstance(r, dict) else r)
+            else:
+                self._apply(node, r)
+        return kept, at_inputs
+
+    def _add(self, node: fx.Node, r: Any) -> None:
+        self.R[node] = self.R[node] + r if node in self.R else r
+
+    def _apply(self, node: fx.Node, r: Any) -> None:
+        """Run the node's rule on its relevance ``r``: data arguments receive their share,
+        constants' shares and the rule's own sink go to the sinks."""
+        s, prov = self.sweeper, self.sweeper.provenance
+        out, ref_out = self.env[node], None
+        if self.env_ref is not None:  # mode "reference" subtracts them: float32 at least
+            out, ref_out = _exact(out), _exact(self.env_ref[node])
+        ref = None if self.env_ref is None else s._arguments(node, self.env_ref)
+        ctx = Ctx(node, s._arguments(node, self.env), out, r, s._is_data[node], self.abs_of,
+                  s.bias_term, ref, ref_out, s.canonical)  # fmt: skip
+        grads, sink = s._rules[self.mode][node](ctx)
+        if sink is not None:
+            self.sinks += self.per_sample(sink.float(), node)
+        for name, g in grads.items():
+            arg = prov.bound[node][name]
+            pairs = zip(arg, g, strict=True) if isinstance(arg, list | tuple) else [(arg, g)]
+            for a, gi in pairs:
+                if gi is None or not isinstance(a, fx.Node):
+                    continue
+                if prov.data.get(a, False):
+                    self._add(a, gi)
+                else:
+                    self.sinks += self.per_sample(gi.float(), a)
+
+    def per_sample(self, t: Tensor, node: fx.Node) -> Tensor:
+        """Sum a [K, *shape] tensor of ``node`` to [K, batch]."""
+        K, batch = t.shape[0], self.batch
+        where = self.sweeper.captured.batch_axis.get(node)
+        if where is None:
+            sizes = list(t.shape[1:])
+            if batch not in sizes:
+                # Not a per-sample tensor (only for batch size 1 or static captures).
+                return (t.reshape(K, -1).sum(1) / batch)[:, None].expand(K, batch)
+            axis, inner = sizes.index(batch), 1
+        else:
+            axis, inner = where.axis, where.inner
+            if not isinstance(inner, int):
+                inner = inner.subs(self.sizes)
+                if not (inner.is_Integer and inner >= 1):
+                    # Rows mixed across samples (mixture-of-experts rows are sorted by
+                    # expert): not attributable per sample, so shared evenly.
+                    return (t.reshape(K, -1).sum(1) / batch)[:, None].expand(K, batch)
+                inner = int(inner)
+        t = t.movedim(axis + 1, -1)
+        n = t.shape[-1]
+        t = t.reshape(K, -1, n).sum(1)
+        if inner == 1 and n == batch:
+            return t
+        sample = (torch.arange(n, device=t.device) // inner) % batch
+        return torch.zeros(K, batch, dtype=t.dtype, device=t.device).index_add_(1, sample, t)
 
 
 def _placeholders_behind(node: fx.Node) -> set[str]:

@@ -62,8 +62,8 @@ def test_moe_reference_mode_routes_the_reference_as_the_input(moe):
     env, _ = sweeper.forward(dict(batch))
     other = prompts(2, 6, seed=1, pads=(0, 2))["input_ids"]  # other tokens: other experts
     ref_env = sweeper.reference_forward(dict(batch), {"input_ids": other}, env)
-    assert sweeper._routing, "no routing topk found"
-    for node in sweeper._routing:  # the same experts, with the same weights
+    assert sweeper.canonical.routing, "no routing topk found"
+    for node in sweeper.canonical.routing:  # the same experts, with the same weights
         assert torch.equal(ref_env[node][1], env[node][1])
         assert torch.equal(ref_env[node][0], env[node][0])
     for c in conserved_and_paths_agree(dlb, batch, 1e-4, mode="reference"):

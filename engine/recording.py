@@ -1,0 +1,96 @@
+"""The recorded forward pass: every value of the exported graph kept, and ``NodeIO``, the
+public view of those values by node name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, fx
+
+from .capture import Captured
+
+
+class NodeIO(Mapping):
+    """``node_io[name] = {"input_values": [...], "output_values": ...}`` for every op,
+    built on access: most callers read a few nodes, and the values are already recorded.
+
+    The recorded forward runs a convolution and its eval batch norm as one op (``fused``).
+    node_io shows the convolution's own output (also the norm's input): the convolution is
+    run again, unfused, the first time it is read. The norm's output is the fused op's, equal
+    to the norm of that output up to rounding."""
+
+    def __init__(
+        self,
+        captured: Captured,
+        env: dict[fx.Node, Any],
+        fused: dict[fx.Node, dict[str, Any]] | None = None,
+    ):
+        self._env, self._fused = env, fused or {}
+        self._unfused: dict[fx.Node, Any] = {}
+        self._nodes = {n.name: n for n in captured.nodes if n.op == "call_function"}
+
+    def _value(self, node: fx.Node) -> Any:
+        if not self._fused.get(node):  # not a convolution that absorbed a batch norm
+            return self._env.get(node)
+        if node not in self._unfused:
+            with torch.no_grad():
+                self._unfused[node] = _call(node, self._env.__getitem__)
+        return self._unfused[node]
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        node = self._nodes[name]
+        ins = [self._value(a) for a in node.all_input_nodes if a in self._env]
+        return {"input_values": ins, "output_values": self._value(node)}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._nodes)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+
+def forward(
+    captured: Captured,
+    inputs: dict[str, Tensor],
+    fused: dict[fx.Node, dict[str, Any]] | None = None,
+    zeroed: frozenset[fx.Node] = frozenset(),
+    routed: dict[fx.Node, Any] | None = None,
+) -> tuple[dict[fx.Node, Any], tuple]:
+    """Run the exported graph, keeping every value. Op errors propagate unchanged.
+
+    ``fused`` maps a convolution to its arguments with a following eval batch norm folded in
+    (the batch norm node, mapped to {}, then just passes the convolution's output on), as
+    inference engines do: one op instead of two, and what the sweep's rule sees. The outputs
+    of ``zeroed`` nodes are replaced by zeros (a reference forward with empty embeddings).
+    ``routed`` maps a mixture-of-experts ``topk`` to the (weights, experts) it returns instead:
+    the input's, in the reference forward.
+    """
+    routed = routed or {}
+    fused = fused or {}
+    env: dict[fx.Node, Any] = {}
+    for node in captured.nodes:
+        if node.op == "placeholder":
+            env[node] = inputs[node.name] if node.name in inputs else captured.constants[node.name]
+        elif node in fused and not fused[node]:
+            out = env[node.args[0]]
+            env[node] = (out, out.new_empty(0), out.new_empty(0))
+        elif node in fused:
+            env[node] = node.target(**fx.node.map_arg(fused[node], env.__getitem__))
+        elif node in routed:
+            env[node] = routed[node]
+        elif node.op == "call_function":
+            env[node] = _call(node, env.__getitem__)
+            if node in zeroed:
+                env[node] = torch.zeros_like(env[node])
+        elif node.op == "output":
+            outputs = fx.node.map_arg(node.args[0], env.__getitem__)
+            return env, tuple(outputs) if isinstance(outputs, list | tuple) else (outputs,)
+    raise RuntimeError("graph has no output node")
+
+
+def _call(node: fx.Node, value_of: Callable[[fx.Node], Any]) -> Any:
+    """Run ``node``'s op on the values of its arguments."""
+    args = fx.node.map_arg(node.args, value_of)
+    return node.target(*args, **fx.node.map_arg(node.kwargs, value_of))

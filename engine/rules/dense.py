@@ -1,0 +1,373 @@
+"""Weighted maps: linear layers, addmm, convolutions, grouped expert matmuls, and products of
+two operands (matmul, mm, bmm, einsum).
+
+A weighted map y = f(x, W) + b is written once as a ``Weighted`` (its forward, its adjoint, how
+its bias share reduces) and the three modes are written once over it: ``z_abs`` (the |z| rule,
+D = f(|x|, |W|) + |b|, R_in = |x| f^T(R / D, |W|)), ``z_signed`` (signed contributions over the
+same D) and ``z_change`` (the difference rule: contributions of dx, over y - y'; the bias
+cancels). A linear layer, a convolution, a grouped matmul and the seed head's sparse rows
+(``LinearRows``) differ only in their ``Weighted``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import (
+    TINY,
+    Ctx,
+    Family,
+    Propagation,
+    difference,
+    difference_product,
+    fold_seeds,
+    proportional,
+    proportional_signed,
+    stable,
+)
+
+aten = torch.ops.aten
+
+
+@dataclass
+class Weighted:
+    """y = forward(x, W, bias), linear in x for fixed W, as the dense rules apply it."""
+
+    forward: Callable[[Tensor, Tensor, Any], Tensor]  # bias None: the map alone
+    backward: Callable[[Tensor, Tensor], Tensor]  # the adjoint in x of ratio [K, *y] -> [K, *x]
+    bias_sink: Callable[[Tensor, Any], Tensor]  # ratio * (|b| + TINY), reduced to the sink
+
+
+@dataclass
+class Operands:
+    """One node's weighted map and operands: x, W, |W| and |b| + TINY (``extra``)."""
+
+    map: Weighted
+    name: str  # the argument relevance goes to
+    x: Tensor
+    w: Tensor
+    aw: Tensor
+    extra: Any
+
+
+def z_abs(ctx: Ctx, o: Operands) -> Propagation:
+    """Mode "default": D = f(|x|, |W|) + |b|, R_in = |x| * f^T(R / D, |W|); the bias share
+    R |b| / D is the sink."""
+    ax = ctx.abs_of(o.x)
+    ratio = ctx.R / o.map.forward(ax, o.aw, o.extra)
+    return {o.name: ax * o.map.backward(ratio, o.aw)}, o.map.bias_sink(ratio, o.extra)
+
+
+def z_signed(ctx: Ctx, o: Operands) -> Propagation:
+    """Mode "contrast": R_in = x * f^T(R / D, W) over the default's D; what the signed shares
+    do not pass on is the sink."""
+    ratio = ctx.R / o.map.forward(ctx.abs_of(o.x), o.aw, o.extra)
+    return {o.name: o.x * o.map.backward(ratio, o.w)}, ctx.R - ratio * o.map.forward(o.x, o.w, None)
+
+
+def z_change(ctx: Ctx, o: Operands, dx: Tensor, ratio: Tensor) -> Propagation:
+    """Mode "reference": R_in = dx * f^T(R / dy, W), ``ratio`` = R / dy; the bias cancels."""
+    return {o.name: dx * o.map.backward(ratio, o.w)}, ctx.R - ratio * o.map.forward(dx, o.w, None)
+
+
+class WeightedFamily(Family):
+    """The three modes of a weighted map; subclasses say what their map and operands are."""
+
+    def operands(self, ctx: Ctx) -> Operands:
+        raise NotImplementedError
+
+    def default(self, ctx: Ctx) -> Propagation:
+        return z_abs(ctx, self.operands(ctx))
+
+    def contrast(self, ctx: Ctx) -> Propagation:
+        return z_signed(ctx, self.operands(ctx))
+
+    def reference(self, ctx: Ctx) -> Propagation:
+        o = self.operands(ctx)
+        dx = ctx.diff(o.name)
+        if ctx.node in ctx.facts.relu_after:
+            return reveal_cancel(ctx, o, dx, torch.relu)
+        return z_change(ctx, o, dx, self.change_ratio(ctx, o, dx))
+
+    def change_ratio(self, ctx: Ctx, o: Operands, dx: Tensor) -> Tensor:
+        """R per unit of the output's change (``Ctx.per_change``)."""
+        return ctx.per_change()
+
+
+MATRIX = Weighted(
+    forward=F.linear,
+    backward=lambda ratio, w: ratio @ w,
+    bias_sink=lambda ratio, extra: ratio @ extra,
+)
+
+
+class Linear(WeightedFamily):
+    """y = x W^T + b: the |z| rule in two matrix products."""
+
+    ops = (aten.linear.default,)
+
+    def operands(self, ctx: Ctx) -> Operands:
+        x, w, b = ctx.args["input"], ctx.args["weight"], ctx.args["bias"]
+        return Operands(MATRIX, "input", x, w, ctx.abs_of(w), ctx.bias_term(b, w.shape[0], x))
+
+
+ROWS = Weighted(
+    forward=lambda x, w, bias: (x * w).sum(-1) + (0 if bias is None else bias),
+    backward=lambda ratio, w: ratio[..., None] * w,
+    bias_sink=lambda ratio, extra: ratio * extra,
+)
+
+
+class LinearRows(Linear):
+    """The linear rule on the seed's sparse entries (``sweep``'s seed head): entry e pairs
+    the input row ``input[e]`` with the weight row ``weight[e]`` of its output unit, and
+    ``bias[e]`` with that unit's bias (or None). R is the seed's values, [K, E]."""
+
+    def operands(self, ctx: Ctx) -> Operands:
+        x, w, b = ctx.args["input"], ctx.args["weight"], ctx.args["bias"]
+        return Operands(ROWS, "input", x, w, w.abs(), b.abs() + TINY if b is not None else TINY)
+
+    def change_ratio(self, ctx: Ctx, o: Operands, dx: Tensor) -> Tensor:
+        """No output change is recorded per entry: it is the sum of the contributions."""
+        return ctx.R / stable(o.map.forward(dx, o.w, None))
+
+
+class AddMM(WeightedFamily):
+    """b + x @ W, as GPT-2's Conv1D writes a linear layer. A per-row bias is data-shaped,
+    not a linear layer's: it stays elementwise in the denominator and the sink, and in mode
+    "reference" it is held fixed (its change is not explained)."""
+
+    ops = (aten.addmm.default,)
+
+    def operands(self, ctx: Ctx) -> Operands:
+        x, w, b = ctx.args["mat1"], ctx.args["mat2"], ctx.args["self"]
+        if b.dim() > 1:
+            return Operands(_ROW_BIAS, "mat1", x, w.t(), w.abs().t(), b.abs() + TINY)
+        extra = ctx.bias_term(b, w.shape[1], x)
+        return Operands(MATRIX, "mat1", x, w.t(), ctx.abs_of(w).t(), extra)
+
+
+_ROW_BIAS = Weighted(
+    forward=lambda x, w, bias: F.linear(x, w) + (0 if bias is None else bias),
+    backward=lambda ratio, w: ratio @ w,
+    bias_sink=lambda ratio, extra: ratio * extra,
+)
+
+
+_CONV = {1: (F.conv1d, F.conv_transpose1d), 2: (F.conv2d, F.conv_transpose2d)}
+
+
+class Conv(WeightedFamily):
+    """Convolutions of any stride, padding, dilation and groups: the adjoint is a transposed
+    convolution with the same geometry."""
+
+    ops = (aten.conv1d.default, aten.conv2d.default)
+
+    def operands(self, ctx: Ctx) -> Operands:
+        a = ctx.args
+        x, w, b = a["input"], a["weight"], a["bias"]
+        spatial = w.dim() - 2
+        conv_fn, transposed = _CONV[spatial]
+        stride, pad, dil = (_expand(a[k], spatial) for k in ("stride", "padding", "dilation"))
+        groups, K = a["groups"], ctx.K
+        # output_padding recovers input sizes that a strided conv rounded down
+        out_pad = [
+            x.shape[2 + i]
+            - (
+                (ctx.R.shape[3 + i] - 1) * stride[i]
+                - 2 * pad[i]
+                + dil[i] * (w.shape[2 + i] - 1)
+                + 1
+            )
+            for i in range(spatial)
+        ]
+
+        def backward(ratio: Tensor, weight: Tensor) -> Tensor:
+            back = transposed(fold_seeds(ratio), weight, None, stride, pad, out_pad, groups, dil)
+            return back.view(K, *x.shape)
+
+        conv = Weighted(
+            forward=lambda u, weight, bias: conv_fn(u, weight, bias, stride, pad, dil, groups),
+            backward=backward,
+            bias_sink=lambda ratio, extra: ratio.flatten(3).sum(-1) * extra,
+        )
+        return Operands(conv, "input", x, w, ctx.abs_of(w), ctx.bias_term(b, w.shape[0], x))
+
+
+def _expand(v: int | list[int], n: int) -> list[int]:
+    return list(v) * (n // len(v)) if isinstance(v, list | tuple) else [v] * n
+
+
+class GroupedMM(WeightedFamily):
+    """Mixture-of-experts expert matmuls: rows (token, expert pairs) sorted by expert, row i
+    multiplied by its expert's weight W_e ([E, in, out]), ``offs`` the cumulative row counts.
+
+    The op itself is both products: D = gmm(|X|, |W|), and the adjoint gmm(R / D, W^T). The K
+    seeds ride along as extra rows: seed-major rows become row-major blocks of K, so the
+    expert offsets scale by K. Mode "reference": the reference forward routes as the input did
+    (``sweep.forward``'s ``routed``), so row i is the same token and expert in both.
+    """
+
+    def operands(self, ctx: Ctx) -> Operands:
+        first, second, third = list(ctx.args)[:3]
+        x, w, offs = ctx.args[first], ctx.args[second], ctx.args[third]
+        gmm = ctx.node.target
+
+        def backward(ratio: Tensor, weight: Tensor) -> Tensor:
+            K, S = ratio.shape[:2]
+            rows = ratio.transpose(0, 1).reshape(S * K, -1)
+            back = gmm(rows, weight.transpose(1, 2).contiguous(), offs * K)
+            return back.view(S, K, -1).transpose(0, 1)
+
+        grouped = Weighted(
+            forward=lambda u, weight, bias: gmm(u, weight, offs) + (0 if bias is None else bias),
+            backward=backward,
+            bias_sink=lambda ratio, extra: ratio * extra,
+        )
+        return Operands(grouped, first, x, w, w.abs(), TINY)
+
+    def reference(self, ctx: Ctx) -> Propagation:
+        offs = list(ctx.args)[2]
+        if not torch.equal(ctx.ref[offs], ctx.args[offs]):
+            raise NotImplementedError(
+                f'mode "reference" at {ctx.node.name}: the reference routed tokens to other'
+                " experts (routing not by topk, which the reference forward holds fixed)"
+            )
+        return super().reference(ctx)
+
+
+def reveal_cancel(ctx: Ctx, o: Operands, dx: Tensor, f: Callable[[Tensor], Tensor]) -> Propagation:
+    """Mode "reference" for z = W x + b followed by the activation ``f`` (after DeepLIFT's
+    RevealCancel): the contributions c_jk = w_jk dx_k to the change of z are split into their
+    positive sum dz+ and negative sum dz-, and f(z) - f(z') between the two parts by the order
+    they arrive in: dz+ first, dy+ = f(z' + dz+) - f(z') and dy- = f(z) - f(z' + dz+), or dz-
+    first, likewise (either way dy+ + dy- = dy exactly); each part shares its relevance among
+    its own contributions. A positive change that a negative one cancels below the relu's
+    threshold is no longer invisible. RevealCancel averages the two orders; here each order
+    weighs by its first part's share of the spread dz+ - dz-, so the larger part tends to come
+    first (chosen on training images by the faithfulness benchmark, bench/README.md).
+
+    Two products each way: dz+- = (W dx +- |W| |dx|) / 2, and per input
+    sum_j c_jk^+ a_j + c_jk^- b_j = dx_k (W^T (a + b) / 2)_k + |dx_k| (|W|^T (a - b) / 2)_k."""
+    m, w, aw, adx = o.map, o.w, o.aw, dx.abs()
+    dz, spread = m.forward(dx, w, None), m.forward(adx, aw, None)
+    zp, zn = (dz + spread) / 2, (dz - spread) / 2
+    # The parts start where the contributions do, z - dz, so each part's share is a secant of
+    # f over that part (|dy+-| <= |dz+-| for a relu); R is per unit of the activation's change
+    # as the forward passes computed it (see Ctx.per_change), and rounding's difference sinks.
+    z = ctx.out
+    start = z - dz
+    first = zp / stable(spread)  # how likely dz+ comes first
+    yp = first * (f(start + zp) - f(start)) + (1 - first) * (f(z) - f(start + zn))
+    yn = first * (f(z) - f(start + zp)) + (1 - first) * (f(start + zn) - f(start))
+    ratio = ctx.R / stable(f(z) - f(ctx.ref_out))
+    rp, rn = ratio * yp / stable(zp), ratio * yn / stable(zn)
+    r_in = dx * m.backward((rp + rn) / 2, w) + adx * m.backward((rp - rn) / 2, aw)
+    return {o.name: r_in}, ctx.R - rp * zp - rn * zn
+
+
+class Product(Family):
+    """A product of two operands (matmul, mm, bmm; einsum below).
+
+    One data operand: the other acts as weights and the |z| rule applies. Two data operands:
+    half of the relevance to each, each half distributed with the other operand held fixed.
+    Mode "reference": the difference rule (exact for two data operands)."""
+
+    ops = (aten.matmul.default, aten.mm.default, aten.bmm.default)
+
+    def operands(self, ctx: Ctx) -> tuple[Callable, list[str], list[Tensor], tuple[bool, bool]]:
+        """The product, the argument names, their values and whether each is data."""
+        names = list(ctx.args)[:2]
+        f = _PRODUCTS.get(ctx.node.target, torch.matmul)
+        data = (ctx.is_data(names[0]), ctx.is_data(names[1]))
+        return f, names, [ctx.args[n] for n in names], data
+
+    def references(self, ctx: Ctx, names: list[str]) -> list[Tensor]:
+        """The operands in the reference's forward."""
+        return [ctx.ref[n] for n in names]
+
+    def named(self, names: list[str], outs: list[Tensor | None]) -> dict[str, Any]:
+        return {n: o for n, o in zip(names, outs, strict=True) if o is not None}
+
+    def default(self, ctx: Ctx) -> Propagation:
+        f, names, (a, b), data = self.operands(ctx)
+        outs, sink = product(ctx.R, f, a, b, data, _abs_share)
+        return self.named(names, outs), sink
+
+    def contrast(self, ctx: Ctx) -> Propagation:
+        f, names, (a, b), data = self.operands(ctx)
+        outs, sink = product(ctx.R, f, a, b, data, proportional_signed)
+        return self.named(names, outs), sink
+
+    def reference(self, ctx: Ctx) -> Propagation:
+        f, names, (a, b), data = self.operands(ctx)
+        outs, sink = product_difference(ctx, f, a, b, data, self.references(ctx, names))
+        return self.named(names, outs), sink
+
+
+_PRODUCTS = {aten.mm.default: torch.mm, aten.bmm.default: torch.bmm}
+
+
+class Einsum(Product):
+    """A two-operand einsum: the product rules with the equation as the product."""
+
+    ops = (aten.einsum.default,)
+
+    def operands(self, ctx: Ctx) -> tuple[Callable, list[str], list[Tensor], tuple[bool, bool]]:
+        operands = ctx.args["tensors"]
+        if len(operands) != 2:
+            raise NotImplementedError(f"einsum with {len(operands)} operands")
+        eq = ctx.args["equation"]
+        data = (ctx.is_data("tensors", 0), ctx.is_data("tensors", 1))
+        return lambda u, v: torch.einsum(eq, u, v), ["tensors"], list(operands), data
+
+    def references(self, ctx: Ctx, names: list[str]) -> list[Tensor]:
+        return list(ctx.ref["tensors"])
+
+    def named(self, names: list[str], outs: list[Tensor | None]) -> dict[str, Any]:
+        return {"tensors": outs}
+
+
+def product(
+    R: Tensor, f: Callable, a: Tensor, b: Tensor, data: tuple[bool, bool], share: Callable
+) -> tuple[list[Tensor | None], Tensor]:
+    """Modes "default" and "contrast" of a product: each data operand takes its part of R by
+    ``share`` (``proportional_signed``, or the |z| rule) with the other operand as weights."""
+    part = R * (0.5 if all(data) else 1.0)
+    outs: list[Tensor | None] = [None, None]
+    sink = R * (0.0 if any(data) else 1.0)
+    if data[0]:
+        outs[0], s = share(part, a, lambda u: f(u, b.abs()), lambda u: f(u, b))
+        sink = sink + s
+    if data[1]:
+        outs[1], s = share(part, b, lambda v: f(a.abs(), v), lambda v: f(a, v))
+        sink = sink + s
+    return outs, sink
+
+
+def _abs_share(R: Tensor, x: Tensor, f_abs: Callable, f: Callable) -> tuple[Tensor, Tensor]:
+    """The |z| rule's share (``proportional``) in ``product``'s calling convention."""
+    return proportional(R, x, f_abs)
+
+
+def product_difference(
+    ctx: Ctx, f: Callable, a: Tensor, b: Tensor, data: tuple[bool, bool], refs
+) -> tuple[list[Tensor | None], Tensor]:
+    """Mode "reference" of a product (``refs``: the operands in the reference's forward)."""
+    ar, br = refs
+    if all(data):
+        r_a, r_b, sink = difference_product(ctx, f, a, b, ar, br)
+        return [r_a, r_b], sink
+    if data[0]:
+        r_a, sink = difference(ctx, a - ar, lambda u: f(u, b))
+        return [r_a, None], sink
+    if data[1]:
+        r_b, sink = difference(ctx, b - br, lambda v: f(a, v))
+        return [None, r_b], sink
+    return [None, None], ctx.R

@@ -1,0 +1,112 @@
+"""Pooling and reductions: max pooling, and the maps with non-negative weights (average pools,
+means, sums) by the |z| rule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import (
+    TINY,
+    Ctx,
+    Family,
+    Propagation,
+    difference,
+    proportional,
+    proportional_signed,
+    stable,
+)
+
+aten = torch.ops.aten
+
+
+class MaxPool(Family):
+    """Winner takes all (overlapping windows add up at a shared winner)."""
+
+    ops = (aten.max_pool2d.default,)
+
+    def default(self, ctx: Ctx) -> Propagation:
+        x = ctx.x
+        _, idx = _max_pool_indices(x, ctx.args)
+        flat, r_in = ctx.R.flatten(3), _zeros_like_input(ctx)
+        r_in.scatter_add_(3, idx.flatten(2).expand(ctx.K, -1, -1, -1), flat)
+        return {"self": r_in.view(ctx.K, *x.shape)}, None
+
+    def reference(self, ctx: Ctx) -> Propagation:
+        """The change of a window's maximum goes to the input's winner where the maximum
+        rose, and to the reference's winner where it fell (the element whose loss of value
+        lowered it)."""
+        a, x, xr, K = ctx.args, ctx.x, ctx.ref["self"], ctx.K
+        out, idx = _max_pool_indices(x, a)
+        out_ref, idx_ref = _max_pool_indices(xr, a)
+        xf, xrf = x.flatten(2), xr.flatten(2)
+        i, j = idx.flatten(2), idx_ref.flatten(2)
+        gap_ref = (out_ref.flatten(2) - xrf.gather(2, i)).clamp(min=0)  # j* ahead at the start
+        gap_in = (out.flatten(2) - xf.gather(2, j)).clamp(min=0)  # i* ahead at the end
+        cross = torch.where(i == j, 0.0, gap_ref / (gap_ref + gap_in + TINY))
+        d_i = (xf.gather(2, i) - xrf.gather(2, i)) * (1 - cross)
+        d_j = (xf.gather(2, j) - xrf.gather(2, j)) * cross
+        flat, r_in = ctx.R.flatten(3), _zeros_like_input(ctx)
+        ratio = flat / stable((out - out_ref).flatten(2))
+        r_in.scatter_add_(3, i.expand(K, -1, -1, -1), ratio * d_i)
+        r_in.scatter_add_(3, j.expand(K, -1, -1, -1), ratio * d_j)
+        return {"self": r_in.view(K, *x.shape)}, flat - ratio * (d_i + d_j)
+
+
+def _zeros_like_input(ctx: Ctx) -> Tensor:
+    """[K, B, C, H * W] zeros for the input's relevance."""
+    x = ctx.x
+    shape = (ctx.K, *x.shape[:2], x.shape[2] * x.shape[3])
+    return torch.zeros(shape, dtype=ctx.R.dtype, device=x.device)
+
+
+def _max_pool_indices(x: Tensor, a: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    return F.max_pool2d(
+        x,
+        a["kernel_size"],
+        a["stride"] or a["kernel_size"],
+        a["padding"],
+        a["dilation"],
+        ceil_mode=a["ceil_mode"],
+        return_indices=True,
+    )
+
+
+class PositiveMap(Family):
+    """Maps with non-negative weights (average pools, sums, means): proportional shares by
+    the |z| rule, signed in mode "contrast", the difference rule in mode "reference"."""
+
+    maps: dict[Any, Callable[[Ctx, Tensor], Tensor]] = {
+        aten.adaptive_avg_pool2d.default: lambda c, u: F.adaptive_avg_pool2d(
+            u, c.args["output_size"]
+        ),
+        aten.avg_pool2d.default: lambda c, u: aten.avg_pool2d.default(**{**c.args, "self": u}),
+        aten.mean.dim: lambda c, u: u.mean(_dims(c, u), c.args["keepdim"]),
+        aten.sum.dim_IntList: lambda c, u: u.sum(_dims(c, u), c.args["keepdim"]),
+    }
+    ops = tuple(maps)
+
+    def map(self, ctx: Ctx) -> Callable[[Tensor], Tensor]:
+        fn = self.maps[ctx.node.target]
+        return lambda u: fn(ctx, u)
+
+    def default(self, ctx: Ctx) -> Propagation:
+        r_in, sink = proportional(ctx.R, ctx.x, self.map(ctx))
+        return {ctx.first: r_in}, sink
+
+    def contrast(self, ctx: Ctx) -> Propagation:
+        f = self.map(ctx)
+        r_in, sink = proportional_signed(ctx.R, ctx.x, f, f)
+        return {ctx.first: r_in}, sink
+
+    def reference(self, ctx: Ctx) -> Propagation:
+        r_in, sink = difference(ctx, ctx.diff(ctx.first), self.map(ctx))
+        return {ctx.first: r_in}, sink
+
+
+def _dims(ctx: Ctx, u: Tensor) -> list[int]:
+    return ctx.args["dim"] or list(range(u.dim()))

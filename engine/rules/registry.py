@@ -1,0 +1,99 @@
+"""Which family covers an op (the registry, built once at import) and which of its methods a
+mode runs (the composites, one table per mode)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..tasks import MODES
+from .attention import Attention
+from .base import Family, Rule
+from .dense import AddMM, Conv, Einsum, GroupedMM, Linear, Product
+from .elementwise import Add, Identity, MaskedFill, Mul, Where
+from .normalisation import BatchNorm, GroupNorm, LayerNorm, RMSNorm
+from .pooling import MaxPool, PositiveMap
+from .shape import Adjoint, Cat, Embedding, Pad, Permute, Reshape, Split, Transpose
+
+FAMILIES: tuple[Family, ...] = (
+    Linear(),
+    AddMM(),
+    Conv(),
+    Product(),
+    Einsum(),
+    Add(),
+    Mul(),
+    Where(),
+    MaskedFill(),
+    Identity(),
+    BatchNorm(),
+    LayerNorm(),
+    RMSNorm(),
+    GroupNorm(),
+    Attention(),
+    MaxPool(),
+    PositiveMap(),
+    Reshape(),
+    Permute(),
+    Transpose(),
+    Adjoint(),
+    Cat(),
+    Split(),
+    Pad(),
+    Embedding(),
+)
+
+# op overload -> the family that covers it
+REGISTRY: Mapping[Any, Family] = {op: family for family in FAMILIES for op in family.ops}
+
+# Ops that exist only once torch or transformers registered them, by qualified name: the
+# grouped matmuls mixture-of-experts layers run their experts with.
+GROUPED_MM = GroupedMM()
+_BY_NAME: Mapping[str, Family] = {
+    "aten::_grouped_mm": GROUPED_MM,
+    "transformers::grouped_mm_fallback": GROUPED_MM,
+}
+
+
+def family_of(target: Any) -> Family | None:
+    """The family of rules for the op ``target``, None when no rule covers it."""
+    family = REGISTRY.get(target)
+    if family is None and isinstance(target, torch._ops.OpOverload):
+        family = _BY_NAME.get(target.name())
+    return family
+
+
+def grouped_mm_ops() -> tuple[Any, ...]:
+    """The grouped matmul overloads present (transformers registers its fallback on import):
+    rows sorted by expert, ``offs`` = cumulative rows per expert."""
+    try:
+        import transformers.integrations.moe  # noqa: F401 - registers the custom op
+    except ImportError:
+        return ()
+    ops = [getattr(torch.ops.aten, "_grouped_mm", None)]
+    ops.append(getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None))
+    return tuple(op.default for op in ops if op is not None and hasattr(op, "default"))
+
+
+@dataclass(frozen=True)
+class Composite:
+    """A mode, as a table: the family method that runs each op (``method``, unless
+    ``overrides`` names another method of the op's family for that op)."""
+
+    method: str
+    overrides: Mapping[Any, str] = field(default_factory=dict)
+
+    def rule(self, family: Family, target: Any) -> Rule:
+        return getattr(family, self.overrides.get(target, self.method))
+
+
+COMPOSITES: Mapping[str, Composite] = {mode: Composite(mode) for mode in MODES}
+
+
+def rule_for(target: Any, mode: str) -> Rule | None:
+    """The rule that runs the op ``target`` in ``mode``; None when no family covers it."""
+    family = family_of(target)
+    return None if family is None else COMPOSITES[mode].rule(family, target)
