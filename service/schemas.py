@@ -1,17 +1,26 @@
-"""Request bodies of the API, with bounds. Pydantic names the failing field in each 422;
-limits that depend on the model (max tokens, image size, ...) are checked in ``service.api``
-against the registry entry."""
+"""The API's wire format: the request body, with bounds, and every reply's shape.
+
+The request is validated once, by ``RunTaskRequest``: pydantic names the failing field in each
+422, limits that depend on the model (max tokens, image size, ...) are checked against the
+registry entry in ``service.api.validation``, and the worker validates the job's stored body
+with the same model. The reply models give ``/docs`` each answer's shape; the routes return
+exactly these, leaving out the keys they leave unset. Task names, modes and references come
+from ``engine.tasks`` (no torch)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-TaskName = Literal[
-    "auto", "text-classification", "image-classification", "tabular-classification", "generation"
-]
+from engine.tasks import MODES, REFERENCE_NAMES, TASK_NAMES, TaskName
 
+from .registry import Limits
+from .vocabulary import JobStatus
+
+# A request names its task as one of these strings (a Literal of the values, not the enum, so
+# that an unknown task is pydantic's literal_error, listing the names).
+RequestTask = Literal[tuple(t.value for t in TASK_NAMES)]
 
 Text = Annotated[str, Field(min_length=1, max_length=20000)]
 Row = Annotated[list[float], Field(min_length=1, max_length=4096)]
@@ -45,7 +54,7 @@ class Inputs(BaseModel):
 
 class RelevanceParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    mode: Literal["default", "contrast", "reference"] = Field(
+    mode: Literal[MODES] = Field(
         default="default",
         description="default: the non-negative |z| rule; contrast: signed contributions; "
         "reference: signed change from the input named by `reference` (default zeros), the "
@@ -57,7 +66,7 @@ class RelevanceParams(BaseModel):
     thresholding: float = Field(default=0.5, ge=0, le=1)
     temperature: float = Field(default=1.0, gt=0, le=100)
     target: int | None = Field(default=None, ge=0, description="explain this class")
-    reference: Literal["zeros", "mean", "blur", "mask"] | None = Field(
+    reference: Literal[REFERENCE_NAMES] | None = Field(
         default=None,
         description='mode "reference" only: what the input with its features removed is. '
         "zeros (the default): zero pixels, zero embeddings for tokens; mean: each image's "
@@ -109,8 +118,120 @@ class OutputOptions(BaseModel):
 class RunTaskRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._\-/]+$")
-    task: TaskName = "auto"
+    task: RequestTask = TaskName.AUTO.value
     inputs: Inputs
     relevance: RelevanceParams = Field(default_factory=RelevanceParams)
     generation: GenerationParams = Field(default_factory=GenerationParams)
     output: OutputOptions = Field(default_factory=OutputOptions)
+
+
+# ------------------------------------------------------------------ replies
+
+
+class JobUrls(BaseModel):
+    """Where to follow a job. ``heatmap`` only for tasks that have a picture."""
+
+    self: str
+    events: str = Field(description="Server-Sent Events; resume with Last-Event-ID")
+    cancel: str = Field(description="DELETE this to cancel")
+    heatmap: str | None = Field(default=None, description="the relevance as a PNG")
+
+
+class JobAccepted(BaseModel):
+    """POST /run_task's 202: the job was queued (or, with the same Idempotency-Key, it is
+    the first request's job again)."""
+
+    job_id: str
+    status: JobStatus
+    model: str
+    task: TaskName
+    urls: JobUrls
+
+
+class JobError(BaseModel):
+    """Why a job failed or was canceled: the exception's class name and its message."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    message: str
+
+
+class JobView(BaseModel):
+    """GET /jobs/{id}: what RQ and the stored result say. Keys the service does not know yet
+    are left out: the RQ fields once RQ has let the job go, ``result`` and ``timings`` before
+    it finished, ``error`` unless it failed or was canceled."""
+
+    job_id: str
+    status: JobStatus
+    model: str | None = None
+    task: str | None = Field(default=None, description="a task name; unknown when no model")
+    enqueued_at: str | None = Field(default=None, description="ISO 8601")
+    started_at: str | None = Field(default=None, description="ISO 8601")
+    ended_at: str | None = Field(default=None, description="ISO 8601")
+    result: dict[str, Any] | None = Field(
+        default=None, description="the result document: predictions, relevance, receipt"
+    )
+    timings: dict[str, Any] | None = Field(default=None, description="seconds per phase")
+    error: JobError | None = None
+    urls: JobUrls
+
+
+class CancelReply(BaseModel):
+    """DELETE /jobs/{id}: ``canceled`` (200) for a job still queued, ``canceling`` (202) for
+    one running, which stops at its next checkpoint."""
+
+    job_id: str
+    status: Literal[JobStatus.CANCELED, "canceling"]
+
+
+class ModelInfo(BaseModel):
+    """A registry entry as clients see it, and whether a live worker holds it loaded."""
+
+    id: str
+    task: TaskName
+    description: str
+    labels: list[str] | None
+    limits: Limits
+    warm: bool = Field(description="a live worker has it loaded")
+    workers_warm: int = Field(description="how many live workers have it loaded")
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str
+
+
+class Readiness(BaseModel):
+    """Ready when Redis answers and a worker's heartbeat is live; ``workers`` when Redis
+    answered, ``error`` when it did not."""
+
+    ready: bool
+    redis: bool
+    workers: int | None = None
+    error: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Any error but a validation error: what went wrong, in one line."""
+
+    detail: str
+
+
+class FieldError(BaseModel):
+    """One failing field: FastAPI's ``loc``, ``msg``, ``type``, and ``message``, one line
+    that names the field (``inputs.text: ...``)."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+    message: str
+
+
+class ValidationErrorBody(BaseModel):
+    """422: the failing fields (or, for a reused Idempotency-Key, one line)."""
+
+    detail: list[FieldError] | str
