@@ -1,0 +1,51 @@
+"""``create_app``: the wiring, and nothing else. What the routes share (settings, registry,
+Redis clients, RQ queue, metrics) is made once here and kept on ``app.state``, where
+``service.api.deps`` reads it."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from .. import __version__, store, web
+from ..config import Settings
+from ..registry import load_registry
+from . import errors
+from .deps import AsyncClients
+from .lifespan import lifespan
+from .metrics import ApiMetrics
+from .middleware import BodyLimitAndMetrics
+from .routes import events, jobs, meta
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API for ``settings`` (default: from the environment). Connecting is lazy: the app
+    is made without Redis, which is only needed once requests come."""
+    settings = settings or Settings()
+    r = store.connect(settings.redis_url)
+    app = FastAPI(
+        title="backtrace",
+        version=__version__,
+        description="Layer-wise relevance for registry models, as jobs with streamed traces.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.registry = load_registry(settings.registry_path)
+    app.state.redis = r
+    app.state.async_redis = AsyncClients(settings.redis_url)
+    app.state.queue = Queue(
+        settings.queue,
+        connection=r,
+        serializer=JSONSerializer,
+        default_timeout=settings.job_timeout,
+    )
+    app.state.metrics = ApiMetrics(r, settings.queue)
+    app.add_middleware(
+        BodyLimitAndMetrics, limit=settings.max_body_bytes, metrics=app.state.metrics
+    )
+    errors.install(app)
+    for router in (jobs.router, events.router, meta.router):
+        app.include_router(router)
+    web.mount(app)
+    return app

@@ -1,0 +1,103 @@
+"""The routes' dependencies, as ``Annotated`` types read from ``app.state`` (made once by
+``create_app``), and the API-key check.
+
+Every dependency is ``async`` though none awaits: FastAPI runs a plain ``def`` dependency in
+its thread pool, a thread hop per request for an attribute read."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+from typing import Annotated
+
+import redis
+import redis.asyncio as aredis
+from fastapi import Depends, HTTPException, Path, Request
+from rq import Queue
+
+from ..config import Settings
+from ..registry import Registry
+from .metrics import ApiMetrics
+from .sse import EventStreams
+
+
+class AsyncClients:
+    """Async Redis clients by purpose, each made on first use (inside the event loop). POST
+    /run_task enqueues on a client of its own ("enqueue"), apart from the SSE readers'
+    blocking XREADs ("sse"): sharing one, tests/chaos saw the events endpoint fail with
+    "Connection closed by server" after a Redis restart (cause not isolated)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.clients: dict[str, aredis.Redis] = {}
+
+    def get(self, purpose: str) -> aredis.Redis:
+        if purpose not in self.clients:
+            self.clients[purpose] = aredis.Redis.from_url(self.url)
+        return self.clients[purpose]
+
+    async def aclose(self) -> None:
+        for client in self.clients.values():
+            with contextlib.suppress(redis.RedisError):
+                await client.aclose()
+
+
+async def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+async def _registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+async def _redis(request: Request) -> redis.Redis:
+    return request.app.state.redis
+
+
+async def _enqueue_redis(request: Request) -> aredis.Redis:
+    return request.app.state.async_redis.get("enqueue")
+
+
+async def _queue(request: Request) -> Queue:
+    return request.app.state.queue
+
+
+async def _metrics(request: Request) -> ApiMetrics:
+    return request.app.state.metrics
+
+
+async def _streams(request: Request) -> EventStreams:
+    state = request.app.state
+    return EventStreams(state.async_redis.get("sse"), state.settings.keepalive_s, state.metrics)
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+RegistryDep = Annotated[Registry, Depends(_registry)]
+RedisDep = Annotated[redis.Redis, Depends(_redis)]
+EnqueueRedisDep = Annotated[aredis.Redis, Depends(_enqueue_redis)]
+QueueDep = Annotated[Queue, Depends(_queue)]
+MetricsDep = Annotated[ApiMetrics, Depends(_metrics)]
+StreamsDep = Annotated[EventStreams, Depends(_streams)]
+# RQ's own rule for job ids; anything else cannot name a job (422, never a 500 from RQ).
+JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+
+
+def presented_key(request: Request) -> str:
+    """The API key a request carries: ``Authorization: Bearer`` or ``X-API-Key``."""
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:]
+    return request.headers.get("x-api-key", "")
+
+
+async def authorize(request: Request, settings: SettingsDep) -> None:
+    """Only when keys are configured; compared in constant time, against every key (no early
+    exit that would tell which key a guess came close to)."""
+    if not settings.api_keys:
+        return
+    given = presented_key(request).encode()
+    ok = False
+    for k in settings.api_keys:
+        ok |= hmac.compare_digest(given, k.encode())
+    if not ok:
+        raise HTTPException(401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"})

@@ -1,0 +1,64 @@
+"""Exception handlers: every error body is ``{"detail": ...}`` (``schemas.ErrorBody``), and
+each 422 lists its failing fields with a one-line ``message`` that names the field
+(``schemas.ValidationErrorBody``), for pydantic's checks and the registry's alike."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from ..schemas import ErrorBody, ValidationErrorBody
+
+log = logging.getLogger("service.api")
+RETRY_AFTER = {"Retry-After": "5"}
+# The error replies every route may give, for /docs.
+UNAVAILABLE = {503: {"model": ErrorBody, "description": "Redis unavailable; retry later"}}
+UNAUTHORIZED = {401: {"model": ErrorBody, "description": "missing or wrong API key"}}
+INVALID = {422: {"model": ValidationErrorBody, "description": "invalid request"}}
+NO_JOB = {404: {"model": ErrorBody, "description": "no such job (unknown or expired)"}}
+
+
+def invalid(loc: list[str | int], msg: str) -> HTTPException:
+    """A 422 shaped like FastAPI's own, with a one-line message that names the field."""
+    field = ".".join(str(p) for p in loc)
+    return HTTPException(
+        422,
+        detail=[
+            {"loc": ["body", *loc], "msg": msg, "type": "value_error", "message": f"{field}: {msg}"}
+        ],
+    )
+
+
+async def redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:
+    """Redis down or restarting is a temporary condition of this service, not a bug."""
+    log.warning("503 for %s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse(
+        {"detail": f"queue unavailable, retry later ({type(exc).__name__})"},
+        503,
+        headers=RETRY_AFTER,
+    )
+
+
+async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422, each error with its ``message``."""
+    errors = []
+    for e in exc.errors():
+        loc = [str(p) for p in e["loc"]]
+        errors.append(
+            {
+                "loc": loc,
+                "msg": e["msg"],
+                "type": e["type"],
+                "message": f"{'.'.join(loc[1:] or loc)}: {e['msg']}",
+            }
+        )
+    return JSONResponse({"detail": errors}, 422)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(redis.RedisError, redis_unavailable)
+    app.add_exception_handler(RequestValidationError, validation_error)

@@ -1,0 +1,122 @@
+"""A job as clients see it (``schemas.JobView``), read from RQ's job hash and the result
+the worker stored; and ending a job that is still queued."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from fastapi import HTTPException
+from rq.exceptions import DeserializationError, InvalidJobOperation, NoSuchJobError
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from engine.tasks import TaskName
+
+from .. import store
+from ..schemas import JobUrls, JobView
+from ..vocabulary import Event, JobStatus
+
+# RQ's statuses that the service reports as one of its own (the others are spelt alike).
+RQ_STATUS = {
+    "created": JobStatus.QUEUED,
+    "scheduled": JobStatus.QUEUED,
+    "deferred": JobStatus.QUEUED,
+    "rate_limited": JobStatus.QUEUED,
+    "ready_to_enqueue": JobStatus.QUEUED,
+    "stopped": JobStatus.CANCELED,
+}
+# Tasks whose results have a picture (GET /jobs/{id}/heatmap.png).
+HEATMAP_TASKS = (
+    TaskName.IMAGE_CLASSIFICATION,
+    TaskName.GENERATION,
+    TaskName.TEXT_CLASSIFICATION,
+)
+
+
+def job_urls(job_id: str, task: str) -> JobUrls:
+    urls = JobUrls(
+        self=f"/jobs/{job_id}", events=f"/jobs/{job_id}/events", cancel=f"/jobs/{job_id}"
+    )
+    if task in HEATMAP_TASKS:
+        urls.heatmap = f"/jobs/{job_id}/heatmap.png"
+    return urls
+
+
+def fetch_job(r: redis.Redis, job_id: str) -> Job | None:
+    """The RQ job, or None when there is none or its hash is not one that RQ wrote with the
+    JSON serializer: what is in Redis is never unpickled, and never a 500."""
+    try:
+        return Job.fetch(job_id, connection=r, serializer=JSONSerializer)
+    except (NoSuchJobError, DeserializationError, ValueError, KeyError):
+        return None
+
+
+def job_view(r: redis.Redis, job_id: str) -> JobView:
+    """Status, timings and, when finished, the result (or the error); 404 for no job.
+
+    RQ's status is read first: workers store the result before RQ's status says finished,
+    so read in this order a finished job always has its result (the other order let a job
+    end between the two reads and look finished without one)."""
+    job = fetch_job(r, job_id)
+    result = store.get_result(r, job_id)
+    if job is None and result is None:
+        raise HTTPException(404, f"no job {job_id!r} (unknown or expired)")
+    view: dict[str, Any] = {"job_id": job_id}
+    if job is not None:
+        status = str(job.get_status(refresh=False).value)
+        meta = job.meta or {}
+        view.update(
+            status=RQ_STATUS.get(status, status),
+            model=meta.get("model"),
+            task=meta.get("task"),
+            enqueued_at=_iso(job.enqueued_at),
+            started_at=_iso(job.started_at),
+            ended_at=_iso(job.ended_at),
+        )
+    if result is not None:
+        view.update(
+            status=result["status"],
+            model=result.get("model"),
+            task=result.get("task"),
+            ended_at=view.get("ended_at") or result.get("ended_at"),
+        )
+        if result["status"] == JobStatus.FINISHED:
+            view.update(result=result, timings=result.get("timings"))
+        else:
+            view["error"] = result.get("error")
+    elif job is not None and view["status"] == JobStatus.FAILED:
+        view["error"] = _rq_error(job)
+    view["urls"] = job_urls(job_id, view.get("task") or "")
+    return JobView.model_validate(view)
+
+
+def _rq_error(job: Job) -> dict[str, str]:
+    """The error of a job that failed in RQ's hands (no result stored): the exception's
+    last line."""
+    try:
+        exc = job.latest_result()
+    except (ValueError, KeyError):  # not a result RQ wrote with the JSON serializer
+        exc = None
+    text = (exc.exc_string or "").strip().splitlines() if exc else []
+    return {"type": "WorkerError", "message": text[-1] if text else "failed"}
+
+
+def cancel_queued(r: redis.Redis, view: JobView, ttl: int) -> bool:
+    """Take a queued job out of RQ's queue and store it as canceled; False when it has
+    started meanwhile (its worker then sees the cancel flag)."""
+    job = fetch_job(r, view.job_id)
+    if job is None:
+        return False
+    try:
+        job.cancel()
+    except InvalidJobOperation:
+        return False
+    error = {"type": "JobCanceled", "message": "canceled while queued"}
+    doc = {"status": JobStatus.CANCELED, "model": view.model, "task": view.task, "error": error}
+    store.finish(r, view.job_id, doc, Event.CANCELED, error, ttl)
+    return True
+
+
+def _iso(dt: Any) -> str | None:
+    return dt.isoformat() if dt is not None else None

@@ -1,0 +1,37 @@
+"""What runs beside the requests: the reaper loop, which ends the jobs of dead workers even
+when no worker is left to do it (``service.reaper``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import redis
+from fastapi import FastAPI
+
+from .. import reaper
+from ..config import Settings
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    task = asyncio.create_task(reap_forever(app.state.redis, app.state.settings))
+    yield
+    task.cancel()
+    await app.state.async_redis.aclose()
+
+
+async def reap_forever(r: redis.Redis, settings: Settings) -> None:
+    """Reap every third of the heartbeat TTL; Redis down is waited out, never fatal."""
+    while True:
+        with contextlib.suppress(redis.RedisError):
+            await asyncio.to_thread(
+                reaper.reap,
+                r,
+                settings.queue,
+                settings.heartbeat_ttl,
+                settings.result_ttl,
+                settings.failure_ttl,
+            )
+        await asyncio.sleep(settings.heartbeat_ttl / 3)

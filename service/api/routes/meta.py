@@ -1,0 +1,78 @@
+"""The service itself: liveness, readiness, the registry's models and the metrics. Only
+/models needs an API key (probes and Prometheus scrape without one)."""
+
+from __future__ import annotations
+
+import redis
+from fastapi import APIRouter, Depends, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ... import __version__, store
+from ...schemas import Health, ModelInfo, ModelList, Readiness
+from ..deps import MetricsDep, RedisDep, RegistryDep, authorize
+from ..errors import UNAUTHORIZED, UNAVAILABLE
+
+router = APIRouter(tags=["service"])
+
+
+@router.get(
+    "/models",
+    response_model=ModelList,
+    dependencies=[Depends(authorize)],
+    responses={**UNAUTHORIZED, **UNAVAILABLE},
+)
+def models(r: RedisDep, registry: RegistryDep) -> ModelList:
+    """The registry, and which models a live worker holds warm."""
+    warm: dict[str, int] = {}
+    for w in store.live_workers(r):
+        for mid in w.get("models", []):
+            warm[mid] = warm.get(mid, 0) + 1
+    return ModelList(
+        models=[
+            ModelInfo(
+                id=s.id,
+                task=s.task,
+                description=s.description,
+                labels=s.labels,
+                limits=s.limits,
+                warm=warm.get(s.id, 0) > 0,
+                workers_warm=warm.get(s.id, 0),
+            )
+            for s in registry.models.values()
+        ]
+    )
+
+
+@router.get("/healthz", response_model=Health)
+def healthz() -> Health:
+    """Alive: answers without Redis."""
+    return Health(status="ok", version=__version__)
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    response_model_exclude_unset=True,
+    responses={503: {"model": Readiness, "description": "not ready"}},
+)
+def readyz(r: RedisDep, response: Response) -> Readiness:
+    """Ready when Redis answers and at least one worker's heartbeat is live."""
+    try:
+        r.ping()
+        workers = store.live_workers(r)
+    except redis.RedisError as exc:
+        response.status_code = 503
+        return Readiness(ready=False, redis=False, error=str(exc))
+    ready = len(workers) > 0
+    if not ready:
+        response.status_code = 503
+    return Readiness(ready=ready, redis=True, workers=len(workers))
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
+)
+def metrics_endpoint(metrics: MetricsDep) -> Response:
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

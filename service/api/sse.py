@@ -1,0 +1,153 @@
+"""Server-Sent Events from a job's Redis stream. Event ids are stream ids, so a client
+reconnecting with Last-Event-ID resumes without gaps or duplicates; a stream ends with the
+job's terminal event (``done``, ``error`` or ``canceled``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.asyncio as aredis
+from fastapi.responses import StreamingResponse
+from rq.job import JobStatus as RqStatus
+
+from .. import store
+from ..vocabulary import TERMINAL_EVENTS, Event
+from .metrics import ApiMetrics
+
+SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+# How long an open SSE stream waits for Redis to come back before it ends (the client then
+# reconnects with Last-Event-ID); browsers' EventSource gives up on a 503, so streams wait.
+SSE_REDIS_OUTAGE_S = 60.0
+# Events of one Redis read are sent together up to this many characters (the events are
+# ASCII JSON: bytes); a larger event goes alone, so a stalled reader still holds at most one
+# batch of events in the API.
+SSE_CHUNK_BYTES = 16 << 10
+# RQ's statuses of a job that is over ("expired": RQ's hash is gone).
+RQ_ENDED = frozenset(
+    (RqStatus.FAILED, RqStatus.STOPPED, RqStatus.CANCELED, RqStatus.FINISHED, "expired")
+)
+
+
+class _Last(str):
+    """The last chunk of an event stream (``EventStreamResponse`` ends the response with it)."""
+
+
+class EventStreamResponse(StreamingResponse):
+    """A ``StreamingResponse`` that sends its last chunk (a ``_Last``) together with the end
+    of the response: one socket write, and one wake-up of the client, less per stream."""
+
+    async def stream_response(self, send: Any) -> None:
+        start = {"type": "http.response.start", "status": self.status_code}
+        await send({**start, "headers": self.raw_headers})
+        try:
+            async for chunk in self.body_iterator:
+                last = isinstance(chunk, _Last)
+                body = chunk.encode(self.charset) if isinstance(chunk, str) else chunk
+                await send({"type": "http.response.body", "body": body, "more_body": not last})
+                if last:
+                    return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:  # also when a send fails or is cancelled: the generator's cleanup runs now
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class EventStreams:
+    """What a job's event stream needs: the SSE readers' Redis client, the keep-alive
+    interval and the metrics (which count connected clients)."""
+
+    redis: aredis.Redis
+    keepalive: float
+    metrics: ApiMetrics
+
+    async def exists(self, job_id: str) -> bool:
+        """Whether there is a job (or its events) to stream."""
+        if await self.redis.exists(store.EVENTS.format(job_id)):
+            return True
+        return bool(await self.redis.exists(f"rq:job:{job_id}"))
+
+    def response(self, job_id: str, last: str = "0-0", **headers: str) -> EventStreamResponse:
+        """The job's events after stream id ``last``, as a response."""
+        return EventStreamResponse(
+            _events(self, job_id, last),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, **headers},
+        )
+
+
+async def _events(streams: EventStreams, job_id: str, last: str) -> AsyncIterator[str]:
+    """The job's events from ``last`` on. The events of one Redis read go out in chunks of up
+    to ``SSE_CHUNK_BYTES`` (each send is a socket write that wakes the client; a job's
+    ``queued`` and ``started`` usually share one). Nothing is read from Redis before the
+    client has taken what was sent (the server's send waits while the socket is full), so a
+    slow reader costs one batch of memory; a client that goes away cancels this generator."""
+    ar, keepalive = streams.redis, streams.keepalive
+    key = store.EVENTS.format(job_id)
+    streams.metrics.sse_clients.inc()
+    down_since = None
+    pending = "retry: 2000\n\n"  # sent with the first events
+    try:
+        while True:
+            try:
+                resp = await ar.xread({key: last}, block=max(1, int(keepalive * 1000)), count=100)
+                if not resp:
+                    await _close_dead_job(ar, job_id, key, last)
+            except redis.RedisError as exc:  # Redis restarting: wait for it, bounded
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > SSE_REDIS_OUTAGE_S:
+                    return
+                yield pending + f": redis unavailable ({type(exc).__name__}), retrying\n\n"
+                pending = ""
+                await asyncio.sleep(min(1.0, keepalive))
+                continue
+            down_since = None
+            if not resp:
+                yield pending + ": keep-alive\n\n"
+                pending = ""
+                continue
+            for entry_id, fields in resp[0][1]:
+                last = entry_id.decode()
+                try:
+                    event, data = fields[b"event"].decode(), fields[b"data"].decode()
+                except (KeyError, UnicodeDecodeError):
+                    continue  # not an entry the service wrote
+                entry = f"id: {last}\nevent: {event}\ndata: {data}\n\n"
+                if pending and len(pending) + len(entry) > SSE_CHUNK_BYTES:
+                    yield pending
+                    pending = ""
+                pending += entry
+                if event in TERMINAL_EVENTS:
+                    yield _Last(pending)
+                    return
+            if pending:
+                yield pending
+                pending = ""
+    finally:  # also when the client went away (cancelled): stop counting it
+        streams.metrics.sse_clients.dec()
+
+
+async def _close_dead_job(ar: aredis.Redis, job_id: str, key: str, last: str) -> None:
+    """A worker that died (or timed out in RQ's hands) writes no terminal event: when RQ says
+    the job is over and the stream has none, write one so streams always end."""
+    status = await ar.hget(f"rq:job:{job_id}", "status")
+    status = status.decode() if status else "expired"
+    if status not in RQ_ENDED:
+        return
+    rest = await ar.xrange(key, min=f"({last}" if last != "0-0" else "-", max="+")
+    if any(f.get(b"event", b"").decode(errors="replace") in TERMINAL_EVENTS for _, f in rest):
+        return
+    error = {"type": "WorkerLost", "message": f"job ended without a result (rq status {status})"}
+    await ar.xadd(key, {"event": Event.ERROR, "data": json.dumps(error)})
+
+
+def is_stream_id(s: str) -> bool:
+    """Whether ``s`` can be a Redis stream id (``123`` or ``123-4``): a Last-Event-ID that
+    is not one starts the stream from the beginning."""
+    a, _, b = s.partition("-")
+    return a.isdigit() and (b.isdigit() or b == "")

@@ -1,0 +1,109 @@
+"""The checks of a request that depend on the model it names: the registry entry's task, the
+input kinds and references of that task (``engine.tasks``), and the entry's limits. Pydantic
+has checked everything else (``schemas.RunTaskRequest``); each failure here is a 422 that
+names its field, as pydantic's are."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from typing import Any
+
+from fastapi import HTTPException
+
+from engine.tasks import TASKS, TaskName
+
+from ..registry import Limits, ModelSpec, Registry
+from ..schemas import GenerationParams, RunTaskRequest
+from .errors import invalid
+
+
+def resolve(registry: Registry, req: RunTaskRequest) -> tuple[ModelSpec, TaskName]:
+    """The registry entry and the task it runs (404 for a model not in the registry; 422
+    for a task the model does not do)."""
+    spec = registry.get(req.model)
+    if spec is None:
+        raise HTTPException(404, f"model {req.model!r} is not in the registry (GET /models)")
+    task = TaskName(spec.task if req.task == TaskName.AUTO else req.task)
+    if task != spec.task:
+        raise invalid(["task"], f"model {spec.id} does {spec.task}, not {task}")
+    return spec, task
+
+
+def check_inputs(spec: ModelSpec, req: RunTaskRequest) -> None:
+    """Bounds that depend on the model: input kind, batch, sizes, reference, generation
+    limits. Fills in the model's default ``generation.max_new_tokens``."""
+    task = TASKS[TaskName(spec.task)]
+    kind = req.inputs.kind()
+    if kind not in task.inputs:
+        raise invalid(["inputs", kind], f"{spec.task} takes {' or '.join(task.inputs)}")
+    _check_sizes(kind, getattr(req.inputs, kind), spec.limits)
+    reference = req.relevance.reference
+    if reference not in (None, *task.references):
+        choices = ", ".join(task.references)
+        raise invalid(
+            ["relevance", "reference"], f"{spec.task} takes reference {choices}, not {reference}"
+        )
+    if task.name == TaskName.GENERATION:
+        _check_generation(req.generation, spec)
+
+
+def _check_sizes(kind: str, value: Any, lim: Limits) -> None:
+    """Rows against ``max_batch``, and each row's length or the image's size."""
+    rows = value if isinstance(value, list) and value and isinstance(value[0], list) else None
+    if kind == "text" and isinstance(value, list):
+        rows = value
+    if rows is not None and len(rows) > lim.max_batch:
+        raise invalid(["inputs", kind], f"{len(rows)} rows, more than max_batch={lim.max_batch}")
+    if kind == "token_ids":
+        longest = max(len(x) for x in rows) if rows else len(value)
+        if longest > lim.max_tokens:
+            raise invalid(
+                ["inputs", "token_ids"], f"{longest} tokens, more than max_tokens={lim.max_tokens}"
+            )
+    if kind == "text":
+        longest = max(len(t) for t in (rows or [value]))
+        if longest > lim.max_tokens * 32:  # cheap bound; the worker counts real tokens
+            raise invalid(["inputs", "text"], f"text too long for max_tokens={lim.max_tokens}")
+    if kind == "features":
+        width = max(len(x) for x in rows) if rows else len(value)
+        if width > lim.max_features:
+            raise invalid(
+                ["inputs", "features"],
+                f"{width} features, more than max_features={lim.max_features}",
+            )
+    if kind == "image":
+        check_image(value, lim.max_image_size)
+
+
+def _check_generation(g: GenerationParams, spec: ModelSpec) -> None:
+    lim = spec.limits
+    if g.max_new_tokens is None:
+        g.max_new_tokens = min(16, lim.max_new_tokens)
+    if g.max_new_tokens > lim.max_new_tokens:
+        raise invalid(
+            ["generation", "max_new_tokens"],
+            f"{g.max_new_tokens} is more than {lim.max_new_tokens} for {spec.id}",
+        )
+    if g.num_beams > lim.max_beams:
+        raise invalid(
+            ["generation", "num_beams"],
+            f"{g.num_beams} is more than {lim.max_beams} for {spec.id}",
+        )
+
+
+def check_image(b64: str, max_side: int) -> None:
+    """Decode the header only (no full decode in the API) and bound the size."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        raw = base64.b64decode(b64.split(",", 1)[-1], validate=True)
+        with Image.open(io.BytesIO(raw)) as img:
+            fmt, (w, h) = img.format, img.size
+    except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as exc:
+        raise invalid(["inputs", "image"], f"not a base64 PNG or JPEG image ({exc})") from exc
+    if fmt not in ("PNG", "JPEG"):
+        raise invalid(["inputs", "image"], f"format {fmt} is not PNG or JPEG")
+    if max(w, h) > max_side:
+        raise invalid(["inputs", "image"], f"{w}x{h} is larger than {max_side} pixels a side")
