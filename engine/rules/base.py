@@ -126,30 +126,22 @@ def stable(z: Tensor) -> Tensor:
     return z + torch.where(z >= 0, EPS, -EPS)
 
 
-def proportional(
-    R: Tensor, x: Tensor, f_abs: Callable, bias: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """The |z| rule for any map linear in ``x``: ``f_abs`` applies the map with |weights|.
-
-    D = f_abs(|x|) + |b|;  R_in = |x| * f_abs^T(R / D). The bias share is the sink: the
-    contributions add up to D - extra, so exactly R - ratio * (D - extra) stays behind."""
+def proportional(R: Tensor, x: Tensor, f_abs: Callable) -> tuple[Tensor, Tensor]:
+    """The |z| rule for any map linear in ``x`` without bias: ``f_abs`` applies the map with
+    |weights|. D = f_abs(|x|);  R_in = |x| * f_abs^T(R / D). The contributions add up to D,
+    so the sink is exactly the share R * TINY / (D + TINY) the stabiliser withheld."""
     ax = x.abs()
-    extra = _extra(bias)
-    ratio = R / (f_abs(ax) + extra)
-    return ax * vjp(f_abs, ax, ratio), ratio * extra
+    ratio = R / (f_abs(ax) + TINY)
+    return ax * vjp(f_abs, ax, ratio), ratio * TINY
 
 
 def proportional_signed(
-    R: Tensor, x: Tensor, f_abs: Callable, f_signed: Callable, bias: Tensor | None = None
+    R: Tensor, x: Tensor, f_abs: Callable, f_signed: Callable
 ) -> tuple[Tensor, Tensor]:
     """Mode "contrast" of ``proportional``: signed contributions over the same denominator,
-    R_in = x * f^T(R / D); what they do not pass on (bias, cancellation) is the sink."""
-    ratio = R / (f_abs(x.abs()) + _extra(bias))
+    R_in = x * f^T(R / D); what they do not pass on (cancellation) is the sink."""
+    ratio = R / (f_abs(x.abs()) + TINY)
     return x * vjp(f_signed, x, ratio), R - ratio * f_signed(x)
-
-
-def _extra(bias: Tensor | None) -> Tensor | float:
-    return bias.abs() + TINY if bias is not None else TINY
 
 
 def difference(ctx: Ctx, dx: Tensor, f: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
