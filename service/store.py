@@ -20,10 +20,7 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
-from .vocabulary import (
-    TERMINAL_EVENTS,  # noqa: F401 - the API reads it here for now
-    Event,
-)
+from .vocabulary import Event
 
 EVENTS = "bt:events:{}"
 RESULT = "bt:result:{}"
