@@ -185,8 +185,16 @@ class DLBacktrace:
         task = self.detect_task(inputs, tokenizer) if task == TaskName.AUTO else TaskName(task)
         if task == TaskName.GENERATION and reference is not None:
             raise ValueError("generation explains against zero embeddings: no reference=")
-        params = RelevanceParams(mode, multiplier, scaler, thresholding, temperature,
-                                 relevance_nodes, target, reference)  # fmt: skip
+        params = RelevanceParams(
+            mode=mode,
+            multiplier=multiplier,
+            scaler=scaler,
+            thresholding=thresholding,
+            temperature=temperature,
+            relevance_nodes=relevance_nodes,
+            target=target,
+            reference=reference,
+        )
         output = OutputParams(return_scores, return_relevance, return_layerwise_output, debug)
         if task == TaskName.GENERATION:
             from .generation import run_generation

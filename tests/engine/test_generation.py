@@ -10,6 +10,7 @@ from torch import nn
 
 from engine import DLBacktrace
 from engine.generation import is_causal_lm, run_generation
+from engine.params import DecodingParams, OutputParams, RelevanceParams, StepPlan
 from engine.steps import select_steps
 from tests.engine.lm_models import LookupTask, prompts, tiny_lm, train_lookup_lm, word_tokenizer
 
@@ -46,6 +47,24 @@ def test_batched_sweep_equals_stepwise(dlb, batch, beams):
     for i in range(NEW):
         assert _rel(batched, i).shape == (3, 7 + i)
         _assert_close_relative(_rel(batched, i), _rel(stepwise, i))
+
+
+def test_parameter_objects_and_keywords_agree(dlb, batch):
+    """run_generation's keyword form replaces the fields of its parameter objects."""
+    by_keywords = run_generation(dlb, batch, max_new_tokens=3, steps=[0, 2], scaler=2.0,
+                                 return_relevance=True)  # fmt: skip
+    by_objects = run_generation(
+        dlb,
+        batch,
+        RelevanceParams(relevance_nodes="inputs", scaler=2.0),
+        DecodingParams(max_new_tokens=3),
+        plan=StepPlan(steps=[0, 2]),
+        output=OutputParams(return_relevance=True),
+    )
+    assert torch.equal(by_keywords["generated_ids"], by_objects["generated_ids"])
+    assert by_objects["explained_steps"] == [0, 2]
+    for i in (0, 2):
+        assert torch.equal(_rel(by_keywords, i), _rel(by_objects, i))
 
 
 def test_tokens_equal_generate_and_trace_shapes(dlb, batch):

@@ -215,3 +215,31 @@ def test_reference_mode_treats_a_hand_written_rms_norm_as_the_norm_op():
         res = _run(DLBacktrace(model, x), x, mode="reference", reference=ref, target=0)
         rel.append(res["relevance"]["input"])
     torch.testing.assert_close(rel[1], rel[0], rtol=1e-4, atol=1e-4)
+
+
+def test_parameter_objects_validate_where_they_are_built():
+    """run_task's checks live in the parameter objects, with run_task's messages."""
+    from engine.params import DecodingParams, RelevanceParams, StepPlan, with_keywords
+
+    for bad, match in [
+        ({"mode": "bogus"}, "mode"),
+        ({"temperature": 0}, "temperature"),
+        ({"relevance_nodes": "some"}, "relevance_nodes"),
+        ({"reference": "zeros"}, 'for mode "reference"'),
+        ({"mode": "reference", "reference": "bogus"}, "reference must be"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            RelevanceParams(**bad)
+    with pytest.raises(ValueError, match="path"):
+        StepPlan(path="sideways")
+    nodes = RelevanceParams(relevance_nodes=["a", "b"])
+    assert nodes.relevance_nodes == ("a", "b") and nodes.keep == {"a", "b"}
+    assert RelevanceParams().keep == "all"
+    assert RelevanceParams(relevance_nodes="inputs").keep == set()
+    decoding, relevance = with_keywords(
+        {"temperature": 2.0, "mode": "contrast"}, DecodingParams(), RelevanceParams()
+    )
+    assert decoding.temperature == 2.0 and relevance.temperature == 1.0  # the first taker
+    assert relevance.mode == "contrast"
+    with pytest.raises(TypeError, match="unexpected arguments for generation: \\['beams'\\]"):
+        with_keywords({"beams": 2}, DecodingParams())
