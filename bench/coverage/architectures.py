@@ -1,0 +1,304 @@
+"""Which architectures the coverage run tries, and how each is built small.
+
+transformers architectures come from the auto mappings (one model class per model type), each
+built from its own configuration class with every size attribute it has shrunk (layers,
+width, heads, vocabulary, image and patch size); torchvision classifiers come from
+``list_models`` with ``weights=None``. Weights are random, the model is in eval mode, float32.
+Nothing is downloaded: a model that needs a checkpoint or a tokenizer file fails to build,
+which the run reports as ``not-built`` (not the engine's failure).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TOKENS = 9  # prompt / sentence length
+PAD, BOS, EOS = 0, 1, 2
+VOCAB = 128
+
+# transformers auto mappings the run covers, by the name the CLI takes
+HF_MAPPINGS = {
+    "sequence-classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "token-classification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+    "question-answering": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
+    "image-classification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+    "causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+}
+TORCHVISION = "torchvision"
+MAPPINGS = (*HF_MAPPINGS, TORCHVISION)
+
+# Scalar size attributes, by the names configurations use for them. Only those a
+# configuration already has are set.
+_LAYERS = 2
+_LAYER_NAMES = (
+    "num_hidden_layers num_layers n_layer n_layers encoder_layers decoder_layers "
+    "num_encoder_layers num_decoder_layers"
+).split()
+_SCALARS: dict[str, int] = {
+    **dict.fromkeys(_LAYER_NAMES, _LAYERS),
+    **dict.fromkeys(("hidden_size", "d_model", "n_embd", "embed_dim", "dim"), 32),
+    **dict.fromkeys(("embedding_size", "word_embed_proj_dim", "projection_dim"), 32),
+    **dict.fromkeys(
+        "num_attention_heads n_head n_heads num_heads encoder_attention_heads "
+        "decoder_attention_heads".split(),
+        4,
+    ),
+    **dict.fromkeys(("num_key_value_heads", "num_kv_heads", "multi_query_group_num"), 2),
+    **dict.fromkeys(("head_dim", "kv_channels", "attention_head_size"), 8),
+    **dict.fromkeys(
+        "intermediate_size ffn_dim d_ff n_inner d_inner encoder_ffn_dim decoder_ffn_dim "
+        "ffn_hidden_size".split(),
+        48,
+    ),
+    **dict.fromkeys(
+        ("moe_intermediate_size", "shared_expert_intermediate_size", "expert_intermediate_size"),
+        24,
+    ),  # fmt: skip
+    **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4),
+    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "top_k_experts"), 2),
+    **dict.fromkeys(("n_shared_experts", "num_shared_experts", "n_group", "topk_group"), 1),
+    **dict.fromkeys(("kv_lora_rank", "q_lora_rank"), 16),
+    **dict.fromkeys(("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"), 8),
+    **dict.fromkeys(("vocab_size", "n_vocab"), VOCAB),
+    **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"), 64),
+    **dict.fromkeys(("d_latents", "num_latents"), 32),  # Perceiver
+    **dict.fromkeys(("num_self_attends_per_block", "num_blocks"), 1),
+    **dict.fromkeys(("image_size",), 32),
+    **dict.fromkeys(("patch_size",), 8),
+}
+# ids the inputs use for padding and special tokens (inside the shrunk vocabulary)
+_SPECIAL = {"pad_token_id": PAD, "bos_token_id": BOS, "eos_token_id": EOS}
+# list-valued sizes (one entry per stage of a hierarchical model)
+_DEPTH_LISTS = ("depths", "num_hidden_layers_per_stage", "block_repeats")
+_WIDTH_LISTS = ("hidden_sizes", "embed_dims", "dims", "embed_dim_per_stage")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One architecture: the mapping it comes from, its name there, and its model class."""
+
+    mapping: str
+    name: str
+    model_class: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.mapping}/{self.name}"
+
+
+def list_architectures(mapping: str) -> list[Arch]:
+    """Every architecture of a mapping (the first model class where a type lists several)."""
+    if mapping == TORCHVISION:
+        import torchvision
+
+        names = torchvision.models.list_models(module=torchvision.models)
+        return [Arch(mapping, n, n) for n in sorted(names)]
+    from transformers.models.auto import modeling_auto
+
+    table = getattr(modeling_auto, HF_MAPPINGS[mapping])
+    return [
+        Arch(mapping, name, cls if isinstance(cls, str) else cls[0])
+        for name, cls in sorted(table.items())
+    ]
+
+
+class NotBuilt(Exception):
+    """The architecture cannot be built here (configuration, checkpoint or data missing)."""
+
+
+def build(arch: Arch) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A small random instance of ``arch`` and its inputs (batch of 2), checked to run eager.
+
+    transformers: the fully shrunk configuration first, then with only the depth shrunk (some
+    models tie sizes together in ways a generic shrink misses), else ``NotBuilt``."""
+    if arch.mapping == TORCHVISION:
+        return _torchvision(arch.name)
+    errors = []
+    for shrink in (_shrunk, _shallow):
+        try:
+            return _transformers(arch, shrink)
+        except Exception as e:  # noqa: BLE001 - any failure here is the build's, reported
+            errors.append(f"{type(e).__name__}: {first_line(e)}")
+    raise NotBuilt(errors[0])
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+# ------------------------------------------------------------------ transformers
+
+
+def _config(model_type: str, sizes: Callable[[Any], dict[str, Any]]) -> Any:
+    """The default configuration of ``model_type`` rebuilt with ``sizes`` applied, nested
+    configurations (text, vision) included."""
+    from transformers import CONFIG_MAPPING
+
+    config_cls = CONFIG_MAPPING[model_type]
+    default = config_cls()
+    return config_cls(**_overrides(default, sizes))
+
+
+def _overrides(config: Any, sizes: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    from transformers import PretrainedConfig
+
+    out = sizes(config)
+    for key, value in vars(config).items():
+        if isinstance(value, PretrainedConfig):
+            sub = value.to_dict()
+            sub.update(_overrides(value, sizes))
+            out[key] = sub
+    return out
+
+
+def _shrunk(config: Any) -> dict[str, Any]:
+    """Every known size attribute of ``config`` made small, and what derives from them."""
+    have = vars(config)
+    out: dict[str, Any] = {k: v for k, v in _SCALARS.items() if isinstance(have.get(k), int)}
+    for key in ("head_dim", "num_key_value_heads"):  # some defaults leave them unset
+        if key in have and have[key] is None:
+            out[key] = _SCALARS[key]
+    out.update(_shallow(config))
+    for key in _DEPTH_LISTS:
+        if isinstance(have.get(key), list | tuple):
+            out[key] = [1] * len(have[key])
+    for key in _WIDTH_LISTS:
+        if isinstance(have.get(key), list | tuple):
+            out[key] = [16 * 2 ** min(i, 2) for i in range(len(have[key]))]
+    if isinstance(have.get("num_heads"), list | tuple):
+        out["num_heads"] = [1] * len(have["num_heads"])
+    if isinstance(have.get("image_size"), list | tuple):
+        out["image_size"] = [32] * len(have["image_size"])
+    if isinstance(have.get("patch_size"), list | tuple):
+        out["patch_size"] = [8] * len(have["patch_size"])
+    return out
+
+
+def _shallow(config: Any) -> dict[str, Any]:
+    """Only the depth, the vocabulary and the special ids: small, and hard to get wrong."""
+    have = vars(config)
+    out: dict[str, Any] = {k: _LAYERS for k in _LAYER_NAMES if isinstance(have.get(k), int)}
+    if isinstance(have.get("vocab_size"), int):
+        out["vocab_size"] = VOCAB
+        out.update(_SPECIAL)
+    depth = next((k for k in ("num_hidden_layers", "num_layers") if k in out), None)
+    types = next((k for k in ("layer_types", "block_types") if have.get(k)), None)
+    if depth is not None and types is not None and isinstance(have[types], list | tuple):
+        out[types] = _mixed(list(have[types]), _LAYERS)
+        out[depth] = len(out[types])
+    return out
+
+
+def _mixed(types: list[Any], n: int) -> list[Any]:
+    """The first ``n`` layer types, or more so that every kind of layer (hybrid models:
+    linear and full attention, mamba) appears once."""
+    kinds = [t for i, t in enumerate(types) if t not in types[:i]]
+    kept = types[:n]
+    return kept + [t for t in kinds if t not in kept]
+
+
+def _transformers(arch: Arch, shrink: Callable[[Any], dict[str, Any]]):
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = _config(arch.name, shrink)
+    config.num_labels = 2 if arch.mapping == "question-answering" else 3  # QA: start, end
+    if hasattr(config, "use_cache") and arch.mapping != "causal-lm":
+        config.use_cache = False
+    model_cls = getattr(transformers, arch.model_class)
+    torch.manual_seed(0)
+    model = model_cls(config).float().eval()
+    _no_zero_heads(model)
+    if hasattr(model, "set_default_language"):  # X-MOD adapters are chosen per language
+        model.set_default_language(config.languages[0])
+    inputs = _inputs(arch, model.config)
+    with torch.no_grad():
+        model(**inputs)  # it must run eager, or the configuration is at fault
+    return model, inputs
+
+
+def _inputs(arch: Arch, config: Any) -> dict[str, torch.Tensor]:
+    if arch.mapping == "image-classification":
+        size = _image_size(config)
+        channels = getattr(config, "num_channels", 3)
+        g = torch.Generator().manual_seed(0)
+        return {"pixel_values": torch.randn(2, channels, size, size, generator=g)}
+    # generation and models that classify from the last token pad on the left
+    left = arch.mapping == "causal-lm" or config.model_type == "xlnet"
+    return text_inputs(_vocab(config), left_pad=left)
+
+
+def _vocab(config: Any) -> int:
+    for c in (config, getattr(config, "text_config", None)):
+        if isinstance(getattr(c, "vocab_size", None), int):
+            return c.vocab_size
+    return VOCAB
+
+
+def _image_size(config: Any) -> int:
+    for c in (config, getattr(config, "vision_config", None)):
+        size = getattr(c, "image_size", None)
+        if isinstance(size, int):
+            return size
+        if isinstance(size, list | tuple) and size:
+            return int(size[0])
+    return 32
+
+
+def text_inputs(vocab: int, left_pad: bool) -> dict[str, torch.Tensor]:
+    """Two sequences, the second padded by three pad tokens on the given side. Right-padded
+    (classifier) rows end with EOS, as tokenizers make them (BART-style heads read it)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(EOS + 3, min(vocab, VOCAB), (2, TOKENS), generator=g)
+    mask = torch.ones_like(ids)
+    pad = slice(0, 3) if left_pad else slice(TOKENS - 3, TOKENS)
+    ids[1, pad], mask[1, pad] = PAD, 0
+    if not left_pad:
+        ids[0, -1], ids[1, TOKENS - 4] = EOS, EOS
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _no_zero_heads(model: nn.Module) -> None:
+    """Heads initialised to zero (ViT's, some classifiers') have nothing to explain."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and not module.weight.any():
+            nn.init.normal_(module.weight, std=0.02)
+
+
+# ------------------------------------------------------------------ torchvision
+
+_SIZES = (32, 64, 96, 128, 160, 224, 299, 384, 518)
+
+
+def _torchvision(name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The model with 10 classes, at the smallest input of ``_SIZES`` it runs on eager."""
+    import torchvision
+
+    torch.manual_seed(0)
+    kwargs: dict[str, Any] = {"weights": None, "num_classes": 10}
+    if name in ("inception_v3", "googlenet"):
+        kwargs["aux_logits"] = False
+        kwargs["init_weights"] = True
+    model = torchvision.models.get_model(name, **kwargs).eval()
+    _no_zero_heads(model)
+    last: Exception | None = None
+    for size in _SIZES:
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        try:
+            with torch.no_grad():
+                model(x)
+        except Exception as e:  # noqa: BLE001 - too small for this model: try the next size
+            last = e
+            continue
+        return model, {"x": x}
+    raise NotBuilt(f"no input size in {_SIZES} runs: {type(last).__name__}: {first_line(last)}")

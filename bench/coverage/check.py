@@ -1,0 +1,235 @@
+"""One architecture through the engine, classified: build, capture, run, then forward equality
+and conservation, as a new user would try it (public API only).
+
+Statuses, in the order a run can fail: ``not-built`` (the configuration or model cannot be
+made here: not the engine's failure), ``capture`` (``DLBacktrace(model, inputs)`` raised),
+``unsupported-op`` (an op without a rule; the detail names the ops), ``run-error``
+(``run_task`` raised), ``forward-differs`` (the engine's logits or tokens are not the eager
+model's), ``conservation`` (inputs + sinks != seed per sample, or nothing reaches the inputs),
+``ok``; the CLI adds ``timeout`` and ``memory`` for runs it had to stop.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .architectures import TORCHVISION, Arch, NotBuilt, build, first_line
+
+OK = "ok"
+STATUSES = (
+    OK,
+    "not-built",
+    "capture",
+    "unsupported-op",
+    "run-error",
+    "forward-differs",
+    "conservation",
+    "timeout",
+    "memory",
+)
+MULTIPLIER = 100.0
+CONSERVATION_RTOL = 1e-4
+FORWARD_RTOL, FORWARD_ATOL = 1e-4, 1e-4
+NEW_TOKENS = 3
+_MEMORY = re.compile(r"MemoryError|bad_alloc|can't allocate memory|out of memory")
+# the mapping's task when the engine has it; the issue adds token classification and QA
+_TASKS = {
+    "sequence-classification": "text-classification",
+    "token-classification": "token-classification",
+    "question-answering": "question-answering",
+    "image-classification": "image-classification",
+    "causal-lm": "generation",
+    TORCHVISION: "image-classification",
+}
+
+
+@dataclass
+class Outcome:
+    """What one architecture did: a status of ``STATUSES``, a one-line detail, the time."""
+
+    mapping: str
+    name: str
+    status: str
+    detail: str = ""
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Failed(Exception):
+    """A classified failure: its status and detail."""
+
+    def __init__(self, status: str, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def stage(name: str) -> None:
+    """Say which stage runs now (stderr), so a run stopped at its time limit says where."""
+    print(f"@stage {name}", file=sys.stderr, flush=True)
+
+
+def check_architecture(arch: Arch) -> Outcome:
+    """Build, capture and run ``arch``; the first failure decides the status."""
+    started = time.perf_counter()
+    try:
+        _check(arch)
+        status, detail = OK, ""
+    except _Failed as f:
+        status, detail = f.status, f.detail
+    if status != OK and _MEMORY.search(detail):
+        status = "memory"
+    return Outcome(arch.mapping, arch.name, status, detail, time.perf_counter() - started)
+
+
+def _check(arch: Arch) -> None:
+    from engine import DLBacktrace
+
+    stage("build")
+    try:
+        model, inputs = build(arch)
+    except NotBuilt as e:
+        raise _Failed("not-built", str(e)) from None
+    stage("capture")
+    try:
+        dlb = DLBacktrace(model, inputs)
+    except Exception as e:  # noqa: BLE001 - every capture failure is a result
+        raise _Failed("capture", _describe(e)) from None
+    stage("run")
+    task = engine_task(arch.mapping)
+    if task == "generation":
+        _check_generation(dlb, model, inputs)
+    else:
+        _check_classification(dlb, model, inputs, task)
+
+
+def engine_task(mapping: str) -> str:
+    """The task the mapping runs as: its own where the engine knows it, else
+    text-classification (what a user would try before the engine had the task)."""
+    from engine.tasks import TASK_NAMES
+
+    task = _TASKS[mapping]
+    return task if task in TASK_NAMES else "text-classification"
+
+
+def _run(dlb: Any, **kwargs: Any) -> tuple[dict[str, Any], list[str]]:
+    """``run_task``, its failures classified, and the warnings it gave."""
+    from engine import UnsupportedOpError
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = dlb.run_task(multiplier=MULTIPLIER, relevance_nodes="inputs", **kwargs)
+        except UnsupportedOpError as e:
+            raise _Failed("unsupported-op", ", ".join(missing_ops(str(e)))) from None
+        except Exception as e:  # noqa: BLE001 - every run failure is a result
+            raise _Failed("run-error", _describe(e)) from None
+    return result, [str(w.message) for w in caught]
+
+
+def missing_ops(message: str) -> list[str]:
+    """The op names of an ``UnsupportedOpError`` message, once each, sorted."""
+    ops = re.findall(r"([\w.]+) at node", message)
+    return sorted(set(ops)) or [first_line(RuntimeError(message))]
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {first_line(e)}"
+
+
+# ------------------------------------------------------------------ classification
+
+
+def _check_classification(dlb: Any, model: nn.Module, inputs: dict, task: str) -> None:
+    result, _ = _run(dlb, task=task, inputs=inputs)
+    with torch.no_grad():
+        eager = _logits(model(**inputs))
+    got = [torch.as_tensor(np.asarray(p)).float() for p in _leaves(result["predictions"])]
+    for want, have in zip(eager, got, strict=False):
+        if want.shape != have.shape or not torch.allclose(
+            have, want.float(), rtol=FORWARD_RTOL, atol=FORWARD_ATOL
+        ):
+            raise _Failed("forward-differs", _difference(want, have))
+    _check_conservation([result["conservation"]])
+
+
+def _logits(out: Any) -> list[torch.Tensor]:
+    """The output tensors a head explains: logits, or start and end logits."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    fields = [getattr(out, k, None) for k in ("logits", "start_logits", "end_logits")]
+    found = [t for t in fields if isinstance(t, torch.Tensor)]
+    return found or [t for t in torch.utils._pytree.tree_leaves(out) if torch.is_tensor(t)][:1]
+
+
+def _leaves(predictions: Any) -> list[Any]:
+    if isinstance(predictions, dict):
+        return list(predictions.values())
+    if isinstance(predictions, list | tuple):
+        return list(predictions)
+    return [predictions]
+
+
+def _difference(want: torch.Tensor, have: torch.Tensor) -> str:
+    if want.shape != have.shape:
+        return f"logits shape {tuple(have.shape)}, eager {tuple(want.shape)}"
+    return f"max |diff| {float((have - want.float()).abs().max()):.3g}"
+
+
+def _check_conservation(reports: list[dict[str, Any]]) -> None:
+    """inputs + sinks == seed per sample (1e-4 of the multiplier), and not all in sinks."""
+    for c in reports:
+        seed, at_inputs, sinks = (np.asarray(_numpy(c[k]), np.float64) for k in
+                                  ("seed", "inputs", "sinks"))  # fmt: skip
+        if not np.all(np.isfinite(at_inputs + sinks)):
+            raise _Failed("conservation", "non-finite relevance")
+        error = float(np.abs(at_inputs + sinks - seed).max())
+        if error > CONSERVATION_RTOL * MULTIPLIER:
+            raise _Failed(
+                "conservation",
+                f"seed {seed.tolist()}, inputs + sinks {(at_inputs + sinks).round(4).tolist()}",
+            )
+        if np.any(seed != 0) and not np.any(at_inputs[seed != 0]):
+            raise _Failed("conservation", "nothing reaches the inputs (all in sinks)")
+
+
+def _numpy(x: Any) -> Any:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
+
+
+# ------------------------------------------------------------------ generation
+
+
+def _check_generation(dlb: Any, model: nn.Module, inputs: dict) -> None:
+    result, said = _run(
+        dlb,
+        task="generation",
+        inputs=inputs,
+        max_new_tokens=NEW_TOKENS,
+        return_relevance=True,
+    )
+    differs = [w for w in said if "logits differ" in w]
+    if differs:
+        raise _Failed("forward-differs", differs[0])
+    with torch.no_grad():
+        want = model.generate(
+            **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
+        ).cpu()
+    have = torch.as_tensor(result["generated_ids"]).cpu()
+    n = min(want.shape[1], have.shape[1])
+    if not torch.equal(want[:, :n], have[:, :n]):
+        raise _Failed(
+            "forward-differs", f"tokens {have[:, -NEW_TOKENS:].tolist()}, "
+            f"transformers' generate {want[:, -NEW_TOKENS:].tolist()}"
+        )  # fmt: skip
+    _check_conservation([c for c in result["conservation_trace"] if c is not None])

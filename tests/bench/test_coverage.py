@@ -1,0 +1,65 @@
+"""``bench.coverage`` on a representative handful of tiny architectures (text classifier,
+decoders generating, a CNN, a vision transformer): each must be ok, through the same
+per-architecture check the CLI runs; and the report groups failures by cause."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.coverage.architectures import Arch, list_architectures
+from bench.coverage.check import STATUSES, check_architecture, missing_ops
+from bench.coverage.report import failures, markdown, summary
+
+SUBSET = [
+    ("sequence-classification", "bert"),
+    ("causal-lm", "gpt2"),
+    ("causal-lm", "llama"),
+    ("torchvision", "resnet18"),
+    ("image-classification", "vit"),
+]
+
+
+@pytest.mark.parametrize("mapping, name", SUBSET)
+def test_representative_architectures_are_ok(mapping, name):
+    arch = next(a for a in list_architectures(mapping) if a.name == name)
+    outcome = check_architecture(arch)
+    assert (outcome.status, outcome.detail) == ("ok", "")
+    assert outcome.seconds > 0
+
+
+def test_a_model_class_that_does_not_exist_is_not_built():
+    outcome = check_architecture(Arch("causal-lm", "llama", "NoSuchModelForCausalLM"))
+    assert outcome.status == "not-built"
+    assert "NoSuchModelForCausalLM" in outcome.detail
+
+
+def test_missing_ops_are_named_once_each():
+    message = (
+        "no relevance rule for: aten.type_as.default at node 'type_as', "
+        "aten.pad.default at node 'pad', aten.type_as.default at node 'type_as_1'"
+    )
+    assert missing_ops(message) == ["aten.pad.default", "aten.type_as.default"]
+
+
+def test_report_counts_built_ok_and_groups_failures_by_op():
+    rows = {
+        "causal-lm/a": {"mapping": "causal-lm", "status": "ok"},
+        "causal-lm/b": {"mapping": "causal-lm", "status": "not-built", "detail": "x"},
+        "causal-lm/c": {"mapping": "causal-lm", "status": "unsupported-op", "detail": "p, q"},
+        "causal-lm/d": {"mapping": "causal-lm", "status": "unsupported-op", "detail": "p"},
+        "causal-lm/e": {"mapping": "causal-lm", "status": "timeout", "detail": "over 60 s"},
+    }
+    summ = summary(rows, {"causal-lm": 9})
+    assert summ == {
+        "causal-lm": {"architectures": 9, "run": 5, "built": 4, "ok": 1, "percent": 25.0}
+    }
+    fails = failures(rows)
+    assert [(f["cause"], f["count"]) for f in fails] == [
+        ("no rule for p", 2),
+        ("no rule for q", 1),
+        ("timeout", 1),
+    ]
+    table = markdown(summ, fails)
+    assert "| causal-lm | 9 | 5 | 4 | 1 | 25.0 % |" in table
+    assert "| no rule for p | 2 | c, d |" in table
+    assert set(r["status"] for r in rows.values()) <= set(STATUSES)
