@@ -173,6 +173,10 @@ class JobView(BaseModel):
     )
     timings: dict[str, Any] | None = Field(default=None, description="seconds per phase")
     error: JobError | None = None
+    workers_alive: int | None = Field(
+        default=None, description="while queued or started: workers whose heartbeat is live"
+    )
+    note: str | None = Field(default=None, description="why a job may not move on, for people")
     urls: JobUrls
 
 

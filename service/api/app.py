@@ -17,6 +17,7 @@ from .lifespan import lifespan
 from .metrics import ApiMetrics
 from .middleware import BodyLimitAndMetrics
 from .routes import events, jobs, meta
+from .sse import SSE_SOCKET_MARGIN_S
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -33,7 +34,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.registry = load_registry(settings.registry_path)
     app.state.redis = r
-    app.state.async_redis = AsyncClients(settings.redis_url)
+    sse_timeout = settings.keepalive_s + SSE_SOCKET_MARGIN_S
+    app.state.async_redis = AsyncClients(
+        settings.redis_url, {"sse": {"socket_timeout": sse_timeout}}
+    )
     app.state.queue = Queue(
         settings.queue,
         connection=r,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis
 import redis.asyncio as aredis
@@ -25,15 +25,18 @@ class AsyncClients:
     """Async Redis clients by purpose, each made on first use (inside the event loop). POST
     /run_task enqueues on a client of its own ("enqueue"), apart from the SSE readers'
     blocking XREADs ("sse"): sharing one, tests/chaos saw the events endpoint fail with
-    "Connection closed by server" after a Redis restart (cause not isolated)."""
+    "Connection closed by server" after a Redis restart (cause not isolated). ``options``
+    are a purpose's client settings (the SSE readers' socket timeout)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, options: dict[str, dict[str, Any]] | None = None):
         self.url = url
+        self.options = options or {}
         self.clients: dict[str, aredis.Redis] = {}
 
     def get(self, purpose: str) -> aredis.Redis:
         if purpose not in self.clients:
-            self.clients[purpose] = aredis.Redis.from_url(self.url)
+            kw = self.options.get(purpose, {})
+            self.clients[purpose] = aredis.Redis.from_url(self.url, **kw)
         return self.clients[purpose]
 
     async def aclose(self) -> None:

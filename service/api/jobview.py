@@ -91,6 +91,21 @@ def job_view(r: redis.Redis, job_id: str) -> JobView:
     return JobView.model_validate(view)
 
 
+NO_WORKER = "no worker is alive: the job waits in the queue until one starts"
+
+
+def with_workers(r: redis.Redis, view: JobView) -> JobView:
+    """A job not over yet, with how many workers are alive to run it, and a note when none
+    is (the job then stays queued: POST /run_task still queues, for autoscalers that start
+    workers from zero)."""
+    if view.status.terminal:
+        return view
+    view.workers_alive = len(store.live_workers(r))
+    if view.workers_alive == 0:
+        view.note = NO_WORKER
+    return view
+
+
 def _rq_error(job: Job) -> dict[str, str]:
     """The error of a job that failed in RQ's hands (no result stored): the exception's
     last line."""

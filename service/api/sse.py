@@ -24,6 +24,13 @@ SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no", "Connecti
 # How long an open SSE stream waits for Redis to come back before it ends (the client then
 # reconnects with Last-Event-ID); browsers' EventSource gives up on a 503, so streams wait.
 SSE_REDIS_OUTAGE_S = 60.0
+# The SSE readers' socket timeout is the keep-alive (XREAD's block time) plus this: a blocking
+# read that Redis answers empty is a quiet job, and only a socket silent for longer than the
+# block asked for is a Redis that stopped answering (redis-py's default, 5 s, is shorter
+# than the default block of 15 s and turned every quiet stream into a reported outage).
+SSE_SOCKET_MARGIN_S = 10.0
+KEEPALIVE = ": keep-alive\n\n"
+NO_WORKER = ": no worker is alive; the job waits in the queue until one starts\n\n"
 # Events of one Redis read are sent together up to this many characters (the events are
 # ASCII JSON: bytes); a larger event goes alone, so a stalled reader still holds at most one
 # batch of events in the API.
@@ -95,12 +102,12 @@ async def _events(streams: EventStreams, job_id: str, last: str) -> AsyncIterato
     try:
         while True:
             try:
-                resp = await ar.xread({key: last}, block=max(1, int(keepalive * 1000)), count=100)
-                if not resp:
-                    await _close_dead_job(ar, job_id, key, last)
+                resp = await _read(ar, job_id, key, last, keepalive)
+                quiet = "" if resp else await _quiet_note(ar)
             except redis.RedisError as exc:  # Redis restarting: wait for it, bounded
                 down_since = down_since or time.monotonic()
                 if time.monotonic() - down_since > SSE_REDIS_OUTAGE_S:
+                    yield _Last(pending + ": redis unavailable too long; reconnect\n\n")
                     return
                 yield pending + f": redis unavailable ({type(exc).__name__}), retrying\n\n"
                 pending = ""
@@ -108,7 +115,7 @@ async def _events(streams: EventStreams, job_id: str, last: str) -> AsyncIterato
                 continue
             down_since = None
             if not resp:
-                yield pending + ": keep-alive\n\n"
+                yield pending + quiet
                 pending = ""
                 continue
             for entry_id, fields in resp[0][1]:
@@ -132,6 +139,27 @@ async def _events(streams: EventStreams, job_id: str, last: str) -> AsyncIterato
         streams.metrics.sse_clients.dec()
 
 
+async def _read(ar: aredis.Redis, job_id: str, key: str, last: str, keepalive: float) -> Any:
+    """One blocking XREAD of the job's stream after ``last``; empty when the job was quiet
+    for ``keepalive`` seconds (a read that timed out is that too: a keep-alive, not an
+    outage). A quiet job that RQ says is over gets its terminal event here."""
+    try:
+        resp = await ar.xread({key: last}, block=max(1, int(keepalive * 1000)), count=100)
+    except redis.TimeoutError:
+        resp = None
+    if not resp:
+        await _close_dead_job(ar, job_id, key, last)
+    return resp
+
+
+async def _quiet_note(ar: aredis.Redis) -> str:
+    """The comment a quiet stream sends: a keep-alive, or, while no worker's heartbeat is
+    live (``store.live_workers``), that no worker is alive to run the job."""
+    async for _ in ar.scan_iter(match=store.WORKER.format("*"), count=100):
+        return KEEPALIVE
+    return NO_WORKER
+
+
 async def _close_dead_job(ar: aredis.Redis, job_id: str, key: str, last: str) -> None:
     """A worker that died (or timed out in RQ's hands) writes no terminal event: when RQ says
     the job is over and the stream has none, write one so streams always end."""
@@ -151,3 +179,23 @@ def is_stream_id(s: str) -> bool:
     is not one starts the stream from the beginning."""
     a, _, b = s.partition("-")
     return a.isdigit() and (b.isdigit() or b == "")
+
+
+def _id_key(stream_id: str) -> tuple[int, int]:
+    a, _, b = stream_id.partition("-")
+    return int(a), int(b or 0)
+
+
+async def resume_error(ar: aredis.Redis, job_id: str, last: str) -> str | None:
+    """Why ``last`` cannot resume the job's stream, or None when it can. An id after the
+    stream's last entry would block until an event newer than it, which the job never
+    writes: the stream would hang instead of ending."""
+    if last == "0-0":
+        return None
+    newest = await ar.xrevrange(store.EVENTS.format(job_id), count=1)
+    if not newest:
+        return f"Last-Event-ID {last}: the job has no events yet; reconnect without it"
+    top = newest[0][0].decode()
+    if _id_key(last) > _id_key(top):
+        return f"Last-Event-ID {last} is after the job's last event {top}; use an id it sent"
+    return None

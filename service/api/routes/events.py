@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fastapi import HTTPException, Request, Response
 
+from ...schemas import ErrorBody
 from ..deps import JobId, StreamsDep
 from ..errors import NO_JOB
-from ..sse import EventStreamResponse, is_stream_id
+from ..sse import EventStreamResponse, is_stream_id, resume_error
 from . import authorized_router
 
 router = authorized_router("jobs")
@@ -20,14 +21,22 @@ router = authorized_router("jobs")
             "description": "the job's events, up to and including its terminal event",
             "content": {"text/event-stream": {}},
         },
+        400: {"model": ErrorBody, "description": "Last-Event-ID is after the job's last event"},
         **NO_JOB,
     },
 )
 async def job_events(job_id: JobId, request: Request, streams: StreamsDep) -> EventStreamResponse:
     """Server-Sent Events from the job's Redis stream. Event ids are stream ids, so a
     client reconnecting with Last-Event-ID (header, or ``last_event_id`` in the query)
-    resumes without gaps or duplicates."""
+    resumes without gaps or duplicates; an id after the job's last event is a 400.
+    While the job is quiet the stream sends comments: ``: keep-alive``, or ``: no worker is
+    alive ...`` while no worker runs. It always ends with ``done``, ``error`` or
+    ``canceled``."""
     if not await streams.exists(job_id):
         raise HTTPException(404, f"no job {job_id!r} (unknown or expired)")
     last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-    return streams.response(job_id, last if last and is_stream_id(last) else "0-0")
+    last = last if last and is_stream_id(last) else "0-0"
+    why = await resume_error(streams.redis, job_id, last)
+    if why:
+        raise HTTPException(400, why)
+    return streams.response(job_id, last)

@@ -24,7 +24,7 @@ from ..deps import (
 from ..enqueue import enqueue
 from ..errors import NO_JOB
 from ..idempotency import IdempotentRequest
-from ..jobview import cancel_queued, job_urls, job_view
+from ..jobview import cancel_queued, job_urls, job_view, with_workers
 from ..render import heatmap_png
 from ..sse import EventStreams
 from . import authorized_router
@@ -133,8 +133,9 @@ def _answer(
     responses=NO_JOB,
 )
 def get_job(job_id: JobId, r: RedisDep) -> JobView:
-    """Status, timings and, when finished, the result (or the error)."""
-    return job_view(r, job_id)
+    """Status, timings and, when finished, the result (or the error). A job not over yet
+    says how many workers are alive (``workers_alive``), with a ``note`` when none is."""
+    return with_workers(r, job_view(r, job_id))
 
 
 @router.delete(
