@@ -11,7 +11,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from engine.tasks import MODES, REFERENCE_NAMES, TASK_NAMES, TaskName
 
@@ -28,15 +39,52 @@ Ids = Annotated[list[int], Field(min_length=1, max_length=4096)]
 Batch = 64  # rows per request, before the model's own max_batch
 
 
+def _one_sentence(message: str) -> WrapValidator:
+    """A union's failure as one sentence saying what is allowed, instead of pydantic's
+    error per member of the union (``inputs.text.constrained-str: ... | inputs.text.list[
+    constrained-str]: ...``)."""
+
+    def validate(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            raise PydanticCustomError("invalid_input", message) from exc
+
+    return WrapValidator(validate)
+
+
+TextInput = Annotated[
+    Text | Annotated[list[Text], Field(min_length=1, max_length=Batch)] | None,
+    _one_sentence(
+        f"must be a non-empty string or a list of them (at most {Batch} texts of at most "
+        "20000 characters)"
+    ),
+]
+FeaturesInput = Annotated[
+    Row | Annotated[list[Row], Field(min_length=1, max_length=Batch)] | None,
+    _one_sentence(
+        "must be a list of numbers or a list of such rows (at most "
+        f"{Batch} rows of 1 to 4096 numbers)"
+    ),
+]
+TokenIdsInput = Annotated[
+    Ids | Annotated[list[Ids], Field(min_length=1, max_length=Batch)] | None,
+    _one_sentence(
+        "must be a list of token ids (integers) or a list of such lists (at most "
+        f"{Batch} rows of 1 to 4096 ids)"
+    ),
+]
+
+
 class Inputs(BaseModel):
     """Exactly one of: text (or a list of texts), a base64 PNG/JPEG image, a tabular row (or
     rows) of numbers, or raw token ids (a list, or a list of lists)."""
 
     model_config = ConfigDict(extra="forbid")
-    text: Text | Annotated[list[Text], Field(min_length=1, max_length=Batch)] | None = None
+    text: TextInput = None
     image: str | None = Field(default=None, description="base64 PNG or JPEG (data: URL ok)")
-    features: Row | Annotated[list[Row], Field(min_length=1, max_length=Batch)] | None = None
-    token_ids: Ids | Annotated[list[Ids], Field(min_length=1, max_length=Batch)] | None = None
+    features: FeaturesInput = None
+    token_ids: TokenIdsInput = None
 
     @model_validator(mode="after")
     def exactly_one(self) -> Inputs:

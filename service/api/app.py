@@ -14,6 +14,7 @@ from ..registry import load_registry
 from . import errors
 from .deps import AsyncClients
 from .lifespan import lifespan
+from .metadata import ModelMetadata
 from .metrics import ApiMetrics
 from .middleware import BodyLimitAndMetrics
 from .routes import events, jobs, meta
@@ -33,6 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.registry = load_registry(settings.registry_path)
+    app.state.metadata = ModelMetadata(app.state.registry, settings.data_dir)
     app.state.redis = r
     sse_timeout = settings.keepalive_s + SSE_SOCKET_MARGIN_S
     app.state.async_redis = AsyncClients(

@@ -17,6 +17,7 @@ from rq import Queue
 
 from ..config import Settings
 from ..registry import Registry
+from .metadata import ModelMetadata
 from .metrics import ApiMetrics
 from .sse import EventStreams
 
@@ -53,6 +54,10 @@ async def _registry(request: Request) -> Registry:
     return request.app.state.registry
 
 
+async def _metadata(request: Request) -> ModelMetadata:
+    return request.app.state.metadata
+
+
 async def _redis(request: Request) -> redis.Redis:
     return request.app.state.redis
 
@@ -76,6 +81,7 @@ async def _streams(request: Request) -> EventStreams:
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
 RegistryDep = Annotated[Registry, Depends(_registry)]
+MetadataDep = Annotated[ModelMetadata, Depends(_metadata)]
 RedisDep = Annotated[redis.Redis, Depends(_redis)]
 EnqueueRedisDep = Annotated[aredis.Redis, Depends(_enqueue_redis)]
 QueueDep = Annotated[Queue, Depends(_queue)]

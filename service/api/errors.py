@@ -5,6 +5,7 @@ each 422 lists its failing fields with a one-line ``message`` that names the fie
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import redis
 from fastapi import FastAPI, HTTPException, Request
@@ -44,19 +45,29 @@ async def redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResp
 
 
 async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's 422, each error with its ``message``."""
+    """FastAPI's 422, each error with its ``message``; a body that is not JSON says where."""
     errors = []
     for e in exc.errors():
         loc = [str(p) for p in e["loc"]]
-        errors.append(
-            {
-                "loc": loc,
-                "msg": e["msg"],
-                "type": e["type"],
-                "message": f"{'.'.join(loc[1:] or loc)}: {e['msg']}",
-            }
-        )
+        message = f"{'.'.join(loc[1:] or loc)}: {e['msg']}"
+        if e["type"] == "json_invalid":
+            message = _json_error(e, exc.body)
+            loc = ["body"]
+        errors.append({"loc": loc, "msg": e["msg"], "type": e["type"], "message": message})
     return JSONResponse({"detail": errors}, 422)
+
+
+def _json_error(error: dict[str, Any], body: Any) -> str:
+    """Where JSON decoding stopped, as line and column (FastAPI gives the character offset
+    as the error's ``loc``)."""
+    why = (error.get("ctx") or {}).get("error", "JSON decode error")
+    pos = error["loc"][-1]
+    if not isinstance(pos, int) or not isinstance(body, str | bytes):
+        return f"request body is not valid JSON: {why}"
+    text = body.decode(errors="replace") if isinstance(body, bytes) else body
+    line = text.count("\n", 0, pos) + 1
+    column = pos - (text.rfind("\n", 0, pos) + 1) + 1
+    return f"request body is not valid JSON: {why} at line {line} column {column}"
 
 
 def install(app: FastAPI) -> None:

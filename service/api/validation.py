@@ -94,16 +94,24 @@ def _check_generation(g: GenerationParams, spec: ModelSpec) -> None:
 
 
 def check_image(b64: str, max_side: int) -> None:
-    """Decode the header only (no full decode in the API) and bound the size."""
+    """Decode the header only (no full decode in the API) and bound the size. Pillow refuses
+    to open an image of more than twice its pixel limit (a decompression bomb): that is
+    too large as well."""
     from PIL import Image, UnidentifiedImageError
 
+    loc = ["inputs", "image"]
     try:
         raw = base64.b64decode(b64.split(",", 1)[-1], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise invalid(loc, "not a base64 PNG or JPEG image (not valid base64)") from exc
+    try:
         with Image.open(io.BytesIO(raw)) as img:
             fmt, (w, h) = img.format, img.size
-    except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as exc:
-        raise invalid(["inputs", "image"], f"not a base64 PNG or JPEG image ({exc})") from exc
+    except Image.DecompressionBombError as exc:
+        raise invalid(loc, f"too many pixels; at most {max_side} pixels a side") from exc
+    except (UnidentifiedImageError, ValueError, OSError) as exc:
+        raise invalid(loc, "not a base64 PNG or JPEG image (unreadable image data)") from exc
     if fmt not in ("PNG", "JPEG"):
-        raise invalid(["inputs", "image"], f"format {fmt} is not PNG or JPEG")
+        raise invalid(loc, f"format {fmt} is not PNG or JPEG")
     if max(w, h) > max_side:
-        raise invalid(["inputs", "image"], f"{w}x{h} is larger than {max_side} pixels a side")
+        raise invalid(loc, f"{w}x{h} is larger than {max_side} pixels a side")

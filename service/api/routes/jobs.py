@@ -11,10 +11,11 @@ from fastapi import Header, HTTPException, Request, Response
 from ... import store
 from ...schemas import CancelReply, ErrorBody, JobAccepted, JobView, RunTaskRequest
 from ...vocabulary import JobStatus
-from .. import validation
+from .. import door, validation
 from ..deps import (
     EnqueueRedisDep,
     JobId,
+    MetadataDep,
     QueueDep,
     RedisDep,
     RegistryDep,
@@ -24,7 +25,7 @@ from ..deps import (
 from ..enqueue import enqueue
 from ..errors import NO_JOB
 from ..idempotency import IdempotentRequest
-from ..jobview import cancel_queued, job_urls, job_view, with_workers
+from ..jobview import cancel_queued, fetch_job, job_urls, job_view, with_workers
 from ..render import heatmap_png
 from ..sse import EventStreams
 from . import authorized_router
@@ -57,11 +58,15 @@ router = authorized_router("jobs")
         429: {"model": ErrorBody, "description": "queue full; retry later"},
     },
 )
+# Async, with no thread: run in the thread pool, a POST waited for the GIL behind the event
+# loop's SSE work after each Redis round trip (bench.service: overhead p50 about 24 ms that
+# way, 18 ms this way).
 async def run_task(
     req: RunTaskRequest,
     request: Request,
     response: Response,
     registry: RegistryDep,
+    metadata: MetadataDep,
     settings: SettingsDep,
     queue: QueueDep,
     ar: EnqueueRedisDep,
@@ -76,11 +81,13 @@ async def run_task(
     ``Location``): one request instead of two, for fetch-based clients. A reconnect
     resumes through the events URL with Last-Event-ID.
 
-    Async, with no thread: run in the thread pool, a POST waited for the GIL behind the
-    event loop's SSE work after each Redis round trip (bench.service: overhead p50
-    about 24 ms that way, 18 ms this way)."""
+    Everything the model cannot take is a 422 here, naming the field, the value and what
+    is allowed: an input kind or size, a class (``relevance.target``) or token id it does
+    not have, a prompt longer than it takes, blank text, generation settings for a
+    classifier, steps past ``max_new_tokens``."""
     spec, task = validation.resolve(registry, req)
     validation.check_inputs(spec, req)
+    door.check(spec, task, req, metadata.get(spec))
     job_id = uuid.uuid4().hex
     body = req.model_dump(mode="json")
     body["task"] = task.value
@@ -168,13 +175,18 @@ def cancel_job(
     response_class=Response,
     responses={
         200: {"content": {"image/png": {}}, "description": "the heatmap"},
-        404: {"model": ErrorBody, "description": "the job has not finished, or has no heatmap"},
+        404: {
+            "model": ErrorBody,
+            "description": "no such job, or it has not finished, or has no heatmap",
+        },
     },
 )
 def job_heatmap(job_id: JobId, r: RedisDep) -> Response:
     """The relevance as a PNG: an overlay for images, token-by-step cells for generation,
     one row per text for text classification."""
     result = store.get_result(r, job_id)
+    if result is None and fetch_job(r, job_id) is None:
+        raise HTTPException(404, f"no job {job_id} (unknown or expired)")
     if result is None or result.get("status") != JobStatus.FINISHED:
         raise HTTPException(404, "no heatmap: the job has not finished")
     try:

@@ -1,0 +1,91 @@
+"""Checks at the door that need the model's metadata (``service.api.metadata``) or look at
+several fields together: what the worker would otherwise accept and then fail on with a
+Python error (a class the model does not have, a token id outside its vocabulary, a prompt
+longer than it takes) or silently ignore (blank text, generation settings sent to a
+classifier, steps past the last generated token). Each failure is a 422 naming the field,
+the value and what is allowed.
+
+Layer names in ``output.relevance`` need the model's graph, which only the worker has: the
+worker checks those."""
+
+from __future__ import annotations
+
+from engine.tasks import CLASSIFICATION_TASKS, TaskName
+
+from ..registry import ModelSpec
+from ..schemas import RunTaskRequest
+from .errors import invalid
+from .metadata import ModelMeta
+
+
+def check(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta) -> None:
+    """Every check of this module, in the order of the request's fields."""
+    _check_text(spec, req, meta)
+    _check_token_ids(req, meta)
+    _check_target(spec, task, req, meta)
+    if task == TaskName.GENERATION:
+        _check_steps(req)
+    elif req.generation.model_fields_set:
+        given = ", ".join(sorted(req.generation.model_fields_set))
+        raise invalid(
+            ["generation"],
+            f"{given}: generation settings, but {spec.id} does {task}; leave generation out",
+        )
+
+
+def _texts(req: RunTaskRequest) -> list[str]:
+    text = req.inputs.text
+    return [text] if isinstance(text, str) else list(text or [])
+
+
+def _check_text(spec: ModelSpec, req: RunTaskRequest, meta: ModelMeta) -> None:
+    """No blank text, and no text longer in tokens than the model takes."""
+    for i, text in enumerate(_texts(req)):
+        loc = ["inputs", "text"] if isinstance(req.inputs.text, str) else ["inputs", "text", i]
+        if not text.strip():
+            raise invalid(loc, "is blank (only whitespace); send some text")
+        n = meta.count_tokens(text)
+        if n is not None and n > spec.limits.max_tokens:
+            raise invalid(loc, f"{n} tokens, more than max_tokens={spec.limits.max_tokens}")
+
+
+def _check_token_ids(req: RunTaskRequest, meta: ModelMeta) -> None:
+    """Ids are indices into the vocabulary: 0 to vocab_size - 1."""
+    ids = req.inputs.token_ids
+    if not ids:
+        return
+    rows = ids if isinstance(ids[0], list) else [ids]
+    flat = [i for row in rows for i in row]
+    top = f"{meta.vocab_size - 1}" if meta.vocab_size else "the vocabulary size - 1"
+    bad = next((i for i in flat if i < 0 or (meta.vocab_size and i >= meta.vocab_size)), None)
+    if bad is not None:
+        raise invalid(["inputs", "token_ids"], f"id {bad} is not a token id (0 to {top})")
+
+
+def _check_target(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta) -> None:
+    """A classifier's target is one of its classes."""
+    target = req.relevance.target
+    if target is None or task not in CLASSIFICATION_TASKS or meta.num_classes is None:
+        return
+    if target >= meta.num_classes:
+        names = f" ({', '.join(spec.labels)})" if spec.labels else ""
+        raise invalid(
+            ["relevance", "target"],
+            f"{target} is not a class of {spec.id}: 0 to {meta.num_classes - 1}{names}",
+        )
+
+
+def _check_steps(req: RunTaskRequest) -> None:
+    """Steps name generated tokens: 0 to max_new_tokens - 1 (negative: from the end)."""
+    steps, n = req.generation.steps, req.generation.max_new_tokens or 0
+    if isinstance(steps, int) and steps > n:
+        raise invalid(
+            ["generation", "steps"], f"{steps} is more than generation.max_new_tokens={n}"
+        )
+    if isinstance(steps, list):
+        bad = [s for s in steps if not -n <= s < n]
+        if bad:
+            raise invalid(
+                ["generation", "steps"],
+                f"{bad[0]} is not a step: -{n} to {n - 1} with max_new_tokens={n}",
+            )

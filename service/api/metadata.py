@@ -1,0 +1,91 @@
+"""What the API knows of a model beyond its registry entry, for checks at the door: its
+classes, vocabulary size, positions and tokenizer, read from the model's folder
+(``config.json`` and ``tokenizer.json``, as transformers writes them) without torch.
+
+A demo model's folder is ``<data_dir>/<name>`` once built (the worker builds it on first
+use), a transformers model's is its ``source.path``. What is not there (a model not built
+yet, a torchvision or python source) is unknown, and the worker checks it as before."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..registry import ModelSpec, Registry
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """None for what is not known."""
+
+    num_classes: int | None = None
+    vocab_size: int | None = None
+    max_positions: int | None = None
+    tokenizer: Any = None  # a ``tokenizers.Tokenizer``
+
+    def count_tokens(self, text: str) -> int | None:
+        """The prompt's length in tokens, as the worker's tokenizer counts it."""
+        if self.tokenizer is None:
+            return None
+        return len(self.tokenizer.encode(text).ids)
+
+
+class ModelMetadata:
+    """Each model's ``ModelMeta``, read once its folder has a ``config.json`` (until then,
+    looked for again at each request: the worker may build the model meanwhile)."""
+
+    def __init__(self, registry: Registry, data_dir: str):
+        self.registry, self.data_dir = registry, Path(data_dir)
+        self.known: dict[str, ModelMeta] = {}
+
+    def get(self, spec: ModelSpec) -> ModelMeta:
+        if spec.id in self.known:
+            return self.known[spec.id]
+        folder = self._folder(spec)
+        config = folder / "config.json" if folder else None
+        if config is None or not config.is_file():
+            return ModelMeta(num_classes=_source_classes(spec))
+        meta = _read(folder, spec)
+        self.known[spec.id] = meta
+        return meta
+
+    def _folder(self, spec: ModelSpec) -> Path | None:
+        src = spec.source
+        if src.path:
+            return self.registry.resolve(src.path)
+        if src.kind == "demo" and src.name:
+            return self.data_dir / src.name
+        return None
+
+
+def _source_classes(spec: ModelSpec) -> int | None:
+    if spec.labels:
+        return len(spec.labels)
+    return spec.source.num_classes
+
+
+def _read(folder: Path, spec: ModelSpec) -> ModelMeta:
+    config = json.loads((folder / "config.json").read_text())
+    labels = config.get("id2label")
+    classes = _source_classes(spec) or (len(labels) if isinstance(labels, dict) else None)
+    positions = config.get("n_positions") or config.get("max_position_embeddings")
+    return ModelMeta(
+        num_classes=classes,
+        vocab_size=config.get("vocab_size"),
+        max_positions=positions,
+        tokenizer=_tokenizer(folder / "tokenizer.json"),
+    )
+
+
+def _tokenizer(path: Path) -> Any:
+    """The fast tokenizer (the Rust ``tokenizers`` package, no torch), or None."""
+    if not path.is_file():
+        return None
+    try:
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(path))
+    except (ImportError, ValueError, OSError):
+        return None

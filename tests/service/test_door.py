@@ -1,0 +1,139 @@
+"""Validation at the door: what a model cannot take is a 422 at submit that names the field,
+the value and what is allowed, in words a person can read, never a job that fails in the
+worker with a Python error or runs ignoring part of the request.
+
+The API runs in process on the session's Redis, with the demo registry and a data folder
+holding only tiny-lookup-lm's metadata (config.json and a word-level tokenizer.json, as a
+built model has them): no worker, no torch."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api import create_app
+from service.config import Settings
+
+LOOKUP_VOCAB = ["<pad>", "<eos>", "<unk>", "?", "a3", "c1", "a", "c"]
+
+
+def _lookup_model(folder: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder.mkdir(parents=True)
+    vocab = {w: i for i, w in enumerate(LOOKUP_VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"model_type": "gpt2", "vocab_size": 102, "n_positions": 32}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def api(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    data = tmp_path_factory.mktemp("door")
+    _lookup_model(data / "tiny-lookup-lm")
+    settings = Settings(redis_url=redis_url, registry_path=None, data_dir=str(data))
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def _png_header(width: int, height: int) -> str:
+    """A PNG that claims ``width`` x ``height`` (Pillow reads the header only)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    raw = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0"))
+    return base64.b64encode(raw + chunk(b"IEND", b"")).decode()
+
+
+def _message(resp) -> str:
+    assert resp.status_code == 422, resp.text
+    (error,) = resp.json()["detail"]
+    return error["message"]
+
+
+LOOKUP = {"model": "tiny-lookup-lm", "inputs": {"text": "a3 c1 ? a"}}
+SENTIMENT = {"model": "minilm-sentiment", "inputs": {"text": "fine"}}
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            {"model": "digits-cnn", "inputs": {"image": _png_header(20000, 20000)}},
+            "inputs.image: too many pixels; at most 512 pixels a side",
+        ),
+        (
+            {"model": "digits-cnn", "inputs": {"image": base64.b64encode(b"junk").decode()}},
+            "inputs.image: not a base64 PNG or JPEG image (unreadable image data)",
+        ),
+        (
+            {**SENTIMENT, "relevance": {"target": 7}},
+            "relevance.target: 7 is not a class of minilm-sentiment: 0 to 1 (negative, positive)",
+        ),
+        (
+            {**LOOKUP, "inputs": {"token_ids": [-1, 3]}},
+            "inputs.token_ids: id -1 is not a token id (0 to 101)",
+        ),
+        (
+            {**LOOKUP, "inputs": {"token_ids": [3, 500]}},
+            "inputs.token_ids: id 500 is not a token id (0 to 101)",
+        ),
+        (
+            {**LOOKUP, "inputs": {"text": " ".join(["a3"] * 30)}},
+            "inputs.text: 30 tokens, more than max_tokens=24",
+        ),
+        ({**SENTIMENT, "inputs": {"text": "  \n\t"}}, "inputs.text: is blank"),
+        ({**SENTIMENT, "inputs": {"text": ["ok", " "]}}, "inputs.text.1: is blank"),
+        (
+            {**SENTIMENT, "generation": {"num_beams": 2}},
+            "generation: num_beams: generation settings, but minilm-sentiment does",
+        ),
+        (
+            {**LOOKUP, "generation": {"steps": [99]}},
+            "generation.steps: 99 is not a step: -8 to 7 with max_new_tokens=8",
+        ),
+        (
+            {**LOOKUP, "generation": {"steps": 99, "max_new_tokens": 4}},
+            "generation.steps: 99 is more than generation.max_new_tokens=4",
+        ),
+        (
+            {**SENTIMENT, "inputs": {"text": ""}},
+            "inputs.text: must be a non-empty string or a list of them",
+        ),
+    ],
+)
+def test_refused_at_the_door(api: TestClient, body: dict, expected: str) -> None:
+    message = _message(api.post("/run_task", json=body))
+    assert message.startswith(expected), message
+    assert "<" not in message and "|" not in message, message
+
+
+def test_json_error_says_where(api: TestClient) -> None:
+    body = '{"model": "tiny-lookup-lm",\n "inputs": }'
+    resp = api.post("/run_task", content=body, headers={"Content-Type": "application/json"})
+    assert _message(resp) == "request body is not valid JSON: Expecting value at line 2 column 12"
+
+
+def test_what_the_model_takes_passes(api: TestClient) -> None:
+    for body in (LOOKUP, {**LOOKUP, "inputs": {"token_ids": [4, 3, 6]}}, SENTIMENT):
+        resp = api.post("/run_task", json=body)
+        assert resp.status_code == 202, resp.text
+        api.delete(f"/jobs/{resp.json()['job_id']}")
+
+
+def test_heatmap_of_no_job_is_404(api: TestClient) -> None:
+    resp = api.get("/jobs/nosuchjob/heatmap.png")
+    assert resp.status_code == 404 and resp.json()["detail"].startswith("no job nosuchjob")
