@@ -205,9 +205,10 @@ class JobError(BaseModel):
 
 
 class JobView(BaseModel):
-    """GET /jobs/{id}: what RQ and the stored result say. Keys the service does not know yet
-    are left out: the RQ fields once RQ has let the job go, ``result`` and ``timings`` before
-    it finished, ``error`` unless it failed or was canceled."""
+    """GET /jobs/{id}: the job's status, timings and result. Keys not known are left out:
+    the queue's timestamps once the queue has let the job go, ``result`` and ``timings``
+    before it finished, ``error`` unless it failed or was canceled, ``workers_alive`` once
+    it is over."""
 
     job_id: str
     status: JobStatus

@@ -5,6 +5,7 @@ Redis clients, RQ queue, metrics) is made once here and kept on ``app.state``, w
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from rq import Queue
 from rq.serializers import JSONSerializer
 
@@ -26,7 +27,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     is made without Redis, which is only needed once requests come."""
     settings = settings or Settings()
     r = store.connect(settings.redis_url)
-    app = FastAPI(
+    # /docs and /redoc with Swagger UI's and ReDoc's files from the fastapi-offline package,
+    # served here: the docs work without a network.
+    app = FastAPIOffline(
+        favicon_url="/favicon.ico",
         title="backtrace",
         version=__version__,
         description="Layer-wise relevance for registry models, as jobs with streamed traces.",

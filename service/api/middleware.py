@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from starlette.routing import Match, Mount
 
 from .metrics import ApiMetrics
 
@@ -20,7 +21,7 @@ class BodyLimitAndMetrics:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
-        status = [500]
+        status, root_path = [500], scope.get("root_path", "")
 
         async def send_wrapped(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -37,8 +38,7 @@ class BodyLimitAndMetrics:
                 receive = _replay(body, receive)
             await self.app(scope, receive, send_wrapped)
         finally:
-            route = scope.get("route")
-            label = getattr(route, "path", None) or "unmatched"
+            label = route_label(scope, root_path)
             self.metrics.requests.labels(label, scope["method"], str(status[0])).inc()
             self.metrics.duration.labels(label, scope["method"]).observe(time.perf_counter() - t0)
 
@@ -60,6 +60,22 @@ class BodyLimitAndMetrics:
             if not message.get("more_body"):
                 break
         return b"".join(chunks)
+
+
+def route_label(scope: dict, root_path: str) -> str:
+    """The matched route's template. FastAPI records only its own routes as the scope's
+    route: the others (a mount's files, /openapi.json, the docs pages) are matched again
+    here, against the request as it came (``root_path`` before a mount changed it); a
+    mount's files count as the mount's ``/{path}``."""
+    route = scope.get("route")
+    if getattr(route, "path", None):
+        return route.path
+    probe = {**scope, "root_path": root_path}
+    for candidate in getattr(scope.get("app"), "routes", ()):
+        if candidate.matches(probe)[0] == Match.FULL:
+            suffix = "/{path}" if isinstance(candidate, Mount) else ""
+            return getattr(candidate, "path", "unmatched") + suffix
+    return "unmatched"
 
 
 def _replay(body: bytes, receive: Any) -> Any:

@@ -1,0 +1,66 @@
+"""The API documents itself offline: /docs and /redoc load Swagger UI's and ReDoc's files
+from the API (the fastapi-offline package), never from a CDN; every route lists its error
+replies with their body; the icon is served; static files are counted under their route.
+In process, without Redis (none of this needs it)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api import create_app
+from service.config import Settings
+
+ASSET = re.compile(r"""(?:src|href|spec-url)="([^"]+)"|url: '([^']+)'""")
+
+
+@pytest.fixture(scope="module")
+def api() -> Iterator[TestClient]:
+    yield TestClient(create_app(Settings(redis_url="redis://127.0.0.1:1/0")))
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_load_only_local_assets(api: TestClient, page: str) -> None:
+    html = api.get(page)
+    assert html.status_code == 200
+    urls = [a or b for a, b in ASSET.findall(html.text)]
+    assert len(urls) >= 3, urls  # the script, the icon, the OpenAPI document
+    assert "http://" not in html.text and "https://" not in html.text
+    for url in urls:
+        assert url.startswith("/") and not url.startswith("//"), url
+        assert api.get(url).status_code == 200, url
+
+
+def test_every_route_lists_its_errors(api: TestClient) -> None:
+    paths = api.get("/openapi.json").json()["paths"]
+    expected = {
+        ("post", "/run_task"): {"404", "409", "413", "422", "429", "503"},
+        ("get", "/jobs/{job_id}"): {"404", "503"},
+        ("delete", "/jobs/{job_id}"): {"404", "409", "503"},
+        ("get", "/jobs/{job_id}/heatmap.png"): {"404", "503"},
+        ("get", "/jobs/{job_id}/events"): {"400", "404", "503"},
+        ("get", "/models"): {"401", "503"},
+        ("get", "/readyz"): {"503"},
+    }
+    for (method, path), codes in expected.items():
+        responses = paths[path][method]["responses"]
+        assert codes <= set(responses), (path, sorted(responses))
+        for code in codes:
+            schema = responses[code]["content"]["application/json"]["schema"]
+            assert schema["$ref"].startswith("#/components/schemas/"), (path, code)
+    text = str(paths)
+    for internal in ("GIL", "p50", "thread pool"):
+        assert internal not in text
+
+
+def test_icon_and_static_route_label(api: TestClient) -> None:
+    icon = api.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.content[:4] == b"\0\0\1\0"
+    assert api.get("/static/app.js").status_code == 200
+    metrics = api.get("/metrics").text
+    assert 'route="/static/{path}",status="200"' in metrics
+    assert 'route="/favicon.ico",status="200"' in metrics
+    assert 'route="unmatched",status="200"' not in metrics
