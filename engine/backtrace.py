@@ -7,7 +7,6 @@ from ``engine.tasks``."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -18,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor, fx
 
-from .capture import Captured, Inputs, bind_inputs, capture
+from . import validate
+from .capture import Captured, CaptureError, Inputs, bind_inputs, capture
 from .params import OutputParams, RelevanceParams
 from .references import named_reference
 from .sweep import Explanation, NodeIO, Seed, Sweeper
@@ -57,24 +57,47 @@ class DLBacktrace:
         self.model = model.eval().to(self.device)
         self.verbose = verbose
         self._graphs: list[tuple[Captured, Sweeper]] = []
-        self._graph_for(self._prepare(input_for_graph))
+        self._graph_for(self._prepare(input_for_graph, name="input_for_graph"))
         self.node_io: dict[str, Any] | None = None
         self.relevance: dict[str, Tensor] | None = None
         self._is_causal_lm: bool | None = None
 
     # ------------------------------------------------------------ capture and sweep
 
-    def _prepare(self, inputs: Inputs) -> dict[str, Tensor]:
-        bound = bind_inputs(self.model, inputs)
-        return {k: v.to(self.device) for k, v in bound.items() if v is not None}
+    def _prepare(self, inputs: Inputs, tokenizer: Any = None, name: str = "inputs") -> dict:
+        """Named tensors on the device, checked before any work (``engine.validate``): numpy
+        arrays, lists and text (with ``tokenizer``) converted; against the captured signature
+        once there is one; constant ids the graph does not take dropped."""
+        bound = bind_inputs(self.model, validate.as_tensors(inputs, tokenizer, name))
+        prepared = {k: v.to(self.device) for k, v in bound.items() if v is not None}
+        validate.check_values(prepared)
+        if self._graphs:
+            first = self.captured
+            prepared = validate.drop_constant_ids(prepared, first.input_names)
+            prepared = validate.check_signature(prepared, first.nodes, first.input_names)
+            validate.check_ids(prepared, first.nodes, first.constants)
+        for value in prepared.values():
+            if value.dim() == 2 and not value.is_floating_point():
+                validate.check_length(self.model, value.shape[1], f"the {name} sequence")
+        return prepared
 
     def _graph_for(self, inputs: dict[str, Tensor]) -> tuple[Captured, Sweeper]:
         """The captured graph that serves these inputs; capture again only when the shapes
-        fall outside every graph so far (a model that forced a static dimension)."""
+        fall outside every graph so far (a model that forced a static dimension). A capture
+        that fails for inputs the first graph cannot take says which shapes it was given."""
         for entry in self._graphs:
             if entry[0].accepts(inputs):
                 return entry
-        captured = capture(self.model, inputs, verbose=self.verbose)
+        try:
+            captured = capture(self.model, inputs, verbose=self.verbose)
+        except CaptureError as exc:
+            if not self._graphs:
+                raise
+            shapes = {k: tuple(v.shape) for k, v in inputs.items()}
+            raise ValueError(
+                f"inputs of shapes {shapes} do not fit the graph captured for "
+                f"{self.captured.input_names}, and the model cannot be captured for them: {exc}"
+            ) from exc
         entry = (captured, Sweeper(captured, _explained_output(captured)))
         self._graphs.append(entry)
         return entry
@@ -114,7 +137,7 @@ class DLBacktrace:
     def _forwards(self, inputs: Inputs, params: RelevanceParams, tokenizer: Any) -> _Forwards:
         """What a sweep starts from: the graph for these inputs (its rules checked before any
         work), the recorded forward, and the reference's in mode "reference"."""
-        prepared = self._prepare(inputs)
+        prepared = self._prepare(inputs, tokenizer)
         captured, sweeper = self._graph_for(prepared)
         sweeper.check_rules()
         with torch.no_grad():
@@ -132,7 +155,7 @@ class DLBacktrace:
         if isinstance(reference, str):
             ref = named_reference(reference, prepared, tokenizer)
         else:
-            ref = None if reference is None else self._prepare(reference)
+            ref = None if reference is None else self._prepare(reference, name="reference")
         return sweeper.reference_forward(prepared, ref, env)
 
     # ------------------------------------------------------------ public API
@@ -161,7 +184,7 @@ class DLBacktrace:
         return_relevance: bool = False,
         return_layerwise_output: bool = False,
         debug: bool = False,
-        relevance_nodes: str | Sequence[str] = "all",
+        relevance_nodes: str | Sequence[str] | None = None,
         target: int | Sequence[int] | None = None,
         reference: Inputs | str | None = None,
         **generation_kwargs: Any,
@@ -176,7 +199,10 @@ class DLBacktrace:
         explanation starts from, shaped like ``inputs``, or one of the names of
         ``engine.references`` ("zeros", the default: zeros, or for token ids zero embeddings;
         "mean" and "blur" for images; "mask" for tokens, with ``tokenizer``).
-        Generation takes the keywords of ``DecodingParams`` and ``StepPlan``, and ``on_step``.
+        ``relevance_nodes``: "all" (every node), "inputs", or node names; unset, "all" for
+        classification and "inputs" for generation (every node at every step is large).
+        Generation takes the keywords of ``DecodingParams`` and ``StepPlan``, and ``on_step``;
+        there ``temperature`` is the decode's (0: greedy), not a scale of the predictions.
         """
         if inputs is None:
             raise ValueError("run_task needs inputs")
@@ -185,12 +211,15 @@ class DLBacktrace:
         task = self.detect_task(inputs, tokenizer) if task == TaskName.AUTO else TaskName(task)
         if task == TaskName.GENERATION and reference is not None:
             raise ValueError("generation explains against zero embeddings: no reference=")
+        generating = task == TaskName.GENERATION
+        if relevance_nodes is None:
+            relevance_nodes = "inputs" if generating else "all"
         params = RelevanceParams(
             mode=mode,
             multiplier=multiplier,
             scaler=scaler,
             thresholding=thresholding,
-            temperature=temperature,
+            temperature=1.0 if generating else temperature,
             relevance_nodes=relevance_nodes,
             target=target,
             reference=reference,
@@ -204,8 +233,6 @@ class DLBacktrace:
             decoding, plan = with_keywords(
                 generation_kwargs, DecodingParams(temperature=temperature), StepPlan(), task=task
             )
-            if relevance_nodes == "all":  # generation keeps only the inputs' by default
-                params = dataclasses.replace(params, relevance_nodes="inputs")
             result = run_generation(self, inputs, params, decoding, tokenizer, plan=plan,
                                     output=output, on_step=on_step)  # fmt: skip
         else:
@@ -286,8 +313,8 @@ class DLBacktrace:
     ) -> Path:
         """The graph coloured by each node's total relevance, from the last ``run_task`` (or
         ``relevance``). Graphs above ``engine_auto_threshold`` nodes are drawn unlabelled.
-        Generation keeps only the inputs' relevance unless ``relevance_nodes`` named other
-        nodes, so after it only those are coloured."""
+        Generation keeps only the inputs' relevance unless ``relevance_nodes`` asked for more
+        ("all" or node names), so after it only those are coloured."""
         from .visualize import visualize_graph
 
         relevance = relevance if relevance is not None else self.relevance
@@ -339,8 +366,13 @@ class DLBacktrace:
             self._is_causal_lm = is_causal_lm(self.model)
         if self._is_causal_lm:
             return TaskName.GENERATION
-        prepared = self._prepare(inputs)
+        prepared = self._prepare(inputs, tokenizer)
         first = next(iter(prepared.values()))
+        if first.dtype == torch.uint8 and first.dim() >= 3:
+            raise TypeError(
+                f"a uint8 tensor of shape {tuple(first.shape)} is an image, not token ids: "
+                "convert it to float (e.g. x.float() / 255) and pass task='image-classification'"
+            )
         if not first.is_floating_point():
             return TaskName.TEXT_CLASSIFICATION
         if first.dim() >= 3:
@@ -380,18 +412,20 @@ class DLBacktrace:
         return {"max_abs_diff": diffs, "match": all(d <= 1e-4 for d in diffs)}
 
     def evaluation(self, result: dict[str, Any], top_k: int = 5) -> dict[str, Any]:
-        """Summary of a run_task result: conservation error and the strongest input features."""
-        c = result["conservation"]
+        """Summary of a run_task result (classification or generation): conservation error
+        and the strongest input features, as numpy arrays (indices as integers, into each
+        row's flattened input)."""
+        c = {k: _to_numpy(torch.as_tensor(v)) for k, v in result["conservation"].items()}
         error = np.abs(c["inputs"] + c["sinks"] - c["seed"]) / np.maximum(np.abs(c["seed"]), 1e-12)
         top = {}
         for name in self.captured.input_names:
             rel = result["relevance"].get(name)
             if rel is None:
                 continue
-            flat = rel.reshape(rel.shape[0], -1)
+            flat = torch.as_tensor(rel).reshape(rel.shape[0], -1)
             k = min(top_k, flat.shape[1])
             values, index = flat.topk(k, dim=1)
-            top[name] = {"index": _to_numpy(index), "value": _to_numpy(values)}
+            top[name] = {"index": index.cpu().numpy(), "value": _to_numpy(values)}
         return {
             "conservation_error": error,
             "input_share": c["inputs"] / np.where(c["seed"] == 0, 1, c["seed"]),

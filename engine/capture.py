@@ -159,7 +159,9 @@ def capture(
             with _without_kv_cache(model), torch.no_grad():
                 program = torch.export.export(model, (), args, dynamic_shapes=spec, strict=False)
             program = program.run_decompositions({})
-        except Exception as exc:  # noqa: BLE001 - every failure is reported below
+        except Exception as exc:  # noqa: BLE001 - export failures are reported below
+            if not _export_failure(exc, model):
+                raise
             errors.append(f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
             if verbose:
                 print(f"[capture] {label} export failed: {errors[-1]}")
@@ -170,6 +172,23 @@ def capture(
     raise CaptureError(
         f"torch.export could not capture {type(model).__name__}: " + " | ".join(errors)
     )
+
+
+# Where the exceptions of a failed export come from: torch's tracer and the libraries it
+# calls, and Python itself (the model's code raising TypeError, IndexError, ...).
+_EXPORT_PACKAGES = {"builtins", "torch", "transformers", "sympy", "functorch"}
+
+
+def _export_failure(exc: Exception, model: torch.nn.Module) -> bool:
+    """Whether ``exc`` says the export failed (so the next attempt may succeed) rather than
+    something of the caller's environment: a job timeout raised from a signal handler, an
+    interrupt, memory. Decided by the package of the exception's class: torch and the
+    libraries it calls, Python's built-in exceptions (except timeouts and memory), or a package
+    the model's own modules come from."""
+    if isinstance(exc, TimeoutError | MemoryError):
+        return False
+    packages = _EXPORT_PACKAGES | {type(m).__module__.split(".")[0] for m in model.modules()}
+    return type(exc).__module__.split(".")[0] in packages
 
 
 def _wrap(program: ExportedProgram) -> Captured:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import validate
 from .decoding import Decoded, decode
 from .params import DecodingParams, OutputParams, RelevanceParams, StepPlan, with_keywords
 from .step_explainer import Explained, Layout, StepExplainer, check_logits
@@ -95,6 +96,7 @@ def _prompt(inputs: Any, tokenizer: Any, device: torch.device) -> tuple[Tensor, 
             inputs = dict(tokenizer(inputs, return_tensors="pt", padding=True))
         finally:
             tokenizer.padding_side = side
+    inputs = validate.as_tensors(inputs)
     if isinstance(inputs, Tensor):
         ids, mask = inputs, None
     elif isinstance(inputs, Mapping):  # a dict, or a tokenizer's BatchEncoding
@@ -108,6 +110,17 @@ def _prompt(inputs: Any, tokenizer: Any, device: torch.device) -> tuple[Tensor, 
     if not torch.equal(mask, mask.cummax(1).values):
         raise ValueError("prompts must be left padded (attention_mask zeros only on the left)")
     return ids, mask
+
+
+def _check_prompt(dlb: Any, name: str, ids: Tensor, mask: Tensor, new_tokens: int) -> None:
+    """Before decoding: prompt ids inside the vocabulary of the graph's embedding, and the
+    longest row plus ``new_tokens`` inside the model's position table."""
+    validate.check_values({name: ids})
+    if ids.is_floating_point():
+        raise TypeError(f"{name}: expected integer token ids, got {ids.dtype}")
+    validate.check_ids({name: ids}, dlb.captured.nodes, dlb.captured.constants)
+    length = int(mask.sum(1).max()) + new_tokens
+    validate.check_length(dlb.model, length, f"the prompt plus max_new_tokens ({new_tokens})")
 
 
 # ------------------------------------------------------------------ run_task entry point
@@ -160,6 +173,7 @@ def run_generation(
     cfg = decoding.resolve(lm, tokenizer)
     layout = Layout(ids.shape[1], (1 - mask).sum(1))
     explainer = StepExplainer(dlb, layout, relevance, _grouped_mm_ops())
+    _check_prompt(dlb, explainer.token_input, ids, mask, cfg.max_new_tokens)
     keep_scores = output.return_scores or on_step is not None
     streamed = plan.path == "stepwise" and cfg.num_beams == 1
     if streamed:

@@ -15,6 +15,8 @@ No torch here: a service can build and validate these without loading the engine
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -50,6 +52,8 @@ class RelevanceParams:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("multiplier", "scaler", "thresholding", "temperature"):
+            _finite(name, getattr(self, name))
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         nodes = self.relevance_nodes
@@ -76,12 +80,24 @@ class RelevanceParams:
         return set(nodes)
 
 
+def _finite(name: str, value: Any) -> None:
+    """A real, finite number: ``"100"`` is a ``TypeError``, NaN or inf a ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
 @dataclass(frozen=True)
 class DecodingParams:
-    """What the caller asked of the decode. ``None`` leaves a setting to ``resolve``:
-    ``do_sample=None`` samples when a sampling setting was asked for (temperature other than 1
-    or 0, or top_k / top_p given) and decodes greedily otherwise, so that plain calls are
-    deterministic; temperature 0 always means greedy. ``num_beams > 1`` is beam search."""
+    """What the caller asked of the decode, with the meaning transformers gives it.
+    ``None`` leaves a setting to ``resolve``. ``top_k=0`` and ``top_p=1.0`` switch those
+    warpers off and ``temperature=1.0`` changes nothing, as in ``generate``; ``do_sample=None``
+    samples only when a setting that changes the distribution was asked for (temperature
+    other than 1, top_k > 0, top_p < 1), so ``temperature=1.0, top_k=0, top_p=1.0`` decodes
+    greedily, like plain calls. Temperature 0 means greedy, even with ``do_sample=True``
+    (``generate`` raises there; the limit of sampling as temperature goes to 0 is the argmax).
+    ``num_beams > 1`` is beam search."""
 
     max_new_tokens: int = 50
     temperature: float | None = None
@@ -93,6 +109,27 @@ class DecodingParams:
     early_stopping: bool | str = False
     seed: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.temperature is not None:
+            _finite("temperature", self.temperature)
+            if self.temperature < 0:
+                raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        top_k = self.top_k
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0
+        ):
+            raise ValueError(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
+        if self.top_p is not None:
+            _finite("top_p", self.top_p)
+            if not 0 < self.top_p <= 1:
+                raise ValueError(f"top_p must lie in (0, 1] (1: off), got {self.top_p}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(
+            self.max_new_tokens, numbers.Integral
+        ):
+            raise TypeError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
     def resolve(self, lm: Any, tokenizer: Any = None) -> DecodingConfig:
         """The decode to run: greedy or sampling decided, unset sampling settings at
         ``SAMPLING_DEFAULTS``, EOS and padding ids from the model's generation config, its
@@ -101,8 +138,10 @@ class DecodingParams:
 
         do_sample = self.do_sample
         if do_sample is None:
-            do_sample = self.temperature not in (None, 0.0, 1.0) or (
-                self.top_k is not None or self.top_p is not None
+            do_sample = (
+                self.temperature not in (None, 0.0, 1.0)
+                or self.top_k not in (None, 0)
+                or self.top_p not in (None, 1.0)
             )
         if self.temperature == 0.0:
             do_sample = False

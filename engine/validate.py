@@ -1,0 +1,208 @@
+"""Inputs checked before any work, against the captured graph's input signature.
+
+A wrong input otherwise surfaces as a raw torch error deep in a forward or an export (``a and b
+must have same reduction dim``, ``index out of range in self``), or worse as NaN relevance.
+Here every check names the argument, what the graph expects and what it received.
+
+Also here: the forms accepted where tensors are (numpy arrays, nested lists, text with a
+tokenizer), converted once, and the inputs a graph does not take dropped when they only select
+constant embeddings (``token_type_ids`` left at the model's default, zeros).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import SymInt, Tensor, fx
+
+from .provenance import ID_PATH_OPS
+
+aten = torch.ops.aten
+
+# Inputs that only select constant embeddings: their zeros are the model's own default.
+CONSTANT_ID_INPUTS = ("token_type_ids",)
+
+
+def as_tensors(inputs: Any, tokenizer: Any = None, name: str = "inputs") -> Any:
+    """``inputs`` with numpy arrays and (nested) lists of numbers as tensors, and text (a string
+    or a list of strings) tokenized with padding; tensors, tuples and mappings keep their form.
+    ``None`` is a ``TypeError`` naming ``name``."""
+    if inputs is None:
+        raise TypeError(f"{name} is None: pass a tensor, a tuple of tensors or a dict of tensors")
+    if _is_text(inputs):
+        if tokenizer is None:
+            raise TypeError(f"{name} is text: pass tokenizer= to turn it into token ids")
+        return dict(tokenizer(inputs, return_tensors="pt", padding=True))
+    if isinstance(inputs, Mapping):
+        return {k: _tensor(v, f"{name}[{k!r}]") for k, v in inputs.items()}
+    if isinstance(inputs, tuple):
+        return tuple(_tensor(v, f"{name}[{i}]") for i, v in enumerate(inputs))
+    return _tensor(inputs, name)
+
+
+def _is_text(inputs: Any) -> bool:
+    return isinstance(inputs, str) or (
+        isinstance(inputs, list) and bool(inputs) and all(isinstance(s, str) for s in inputs)
+    )
+
+
+def _tensor(value: Any, name: str) -> Any:
+    if value is None or isinstance(value, Tensor):
+        return value
+    if isinstance(value, np.ndarray | list | int | float | np.generic):
+        try:  # an array keeps its dtype; Python numbers take torch's defaults (float32, int64)
+            return torch.as_tensor(value) if isinstance(value, np.ndarray) else torch.tensor(value)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name}: cannot make a tensor of it ({exc})") from exc
+    raise TypeError(f"{name}: expected a tensor, numpy array or list, got {type(value).__name__}")
+
+
+def check_values(inputs: Mapping[str, Tensor]) -> None:
+    """No empty input, and no NaN or inf in a floating-point one (count and first position)."""
+    for name, value in inputs.items():
+        if value.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(value.shape)})")
+        if value.is_floating_point():
+            bad = ~torch.isfinite(value)
+            count = int(bad.sum())
+            if count:
+                first = tuple(int(i) for i in bad.nonzero()[0])
+                raise ValueError(
+                    f"{name} holds {count} NaN or inf value(s), the first at position {first}"
+                )
+
+
+def drop_constant_ids(inputs: dict[str, Tensor], taken: list[str]) -> dict[str, Tensor]:
+    """Without the constant-id inputs the graph does not take and that hold the model's
+    default (zeros): a tokenizer's ``token_type_ids`` then needs no second graph."""
+    return {
+        k: v
+        for k, v in inputs.items()
+        if k in taken or k not in CONSTANT_ID_INPUTS or bool(v.any())
+    }
+
+
+def check_signature(inputs: dict[str, Tensor], nodes: list[fx.Node], names: list[str]) -> dict:
+    """Each input against the graph's placeholder of its name: rank and dtype, and the static
+    dimensions no other graph could change (channels, features). Integer inputs of another
+    integer dtype are cast to the graph's. Returns the inputs, cast."""
+    placeholders = {
+        n.name: n.meta["val"] for n in nodes if n.op == "placeholder" and n.name in names
+    }
+    out = {}
+    for name, value in inputs.items():
+        meta = placeholders.get(name)
+        if meta is None:
+            out[name] = value
+            continue
+        want = _shape(meta)
+        if meta.dim() != value.dim():
+            raise ValueError(
+                f"{name}: expected {meta.dim()} dimensions {want}, got shape {tuple(value.shape)}"
+            )
+        out[name] = _dtype(name, value, meta.dtype)
+        fixed = _fixed_axis(meta)
+        if fixed is not None and meta.shape[fixed] != value.shape[fixed]:
+            raise ValueError(
+                f"{name}: expected shape {want} (dimension {fixed} is {meta.shape[fixed]}), "
+                f"got {tuple(value.shape)}"
+            )
+    return out
+
+
+def _shape(meta: Tensor) -> str:
+    dims = ["B" if i == 0 else str(s) for i, s in enumerate(meta.shape)]
+    dims = [d if not d.startswith("s") else "*" for d in dims]  # dynamic: any size
+    return "[" + ", ".join(dims) + "]"
+
+
+def _fixed_axis(meta: Tensor) -> int | None:
+    """The axis that says what a floating-point input is (image channels, feature width):
+    static in the graph, and a model takes no other size there."""
+    if not meta.is_floating_point() or meta.dim() < 2:
+        return None
+    axis = 1 if meta.dim() >= 4 else meta.dim() - 1
+    return axis if not isinstance(meta.shape[axis], SymInt) else None
+
+
+def _dtype(name: str, value: Tensor, want: torch.dtype) -> Tensor:
+    if value.dtype == want:
+        return value
+    if not want.is_floating_point and not value.is_floating_point():
+        return value.to(want)  # int32 ids or a bool mask: the same values
+    if want.is_floating_point and value.dtype == torch.uint8 and value.dim() >= 3:
+        raise TypeError(
+            f"{name}: got a uint8 image, the model takes {want}: convert it to float "
+            "(e.g. x.float() / 255, then the model's normalisation)"
+        )
+    if want.is_floating_point and value.is_floating_point():
+        raise TypeError(
+            f"{name}: the model takes {want}, got {value.dtype}: convert it (x.to({want}))"
+        )
+    kind = "integer ids" if not want.is_floating_point else "floating-point values"
+    raise TypeError(f"{name}: expected {kind} ({want}), got {value.dtype}")
+
+
+def check_ids(inputs: Mapping[str, Tensor], nodes: list[fx.Node], constants: dict) -> None:
+    """Ids that index an embedding table lie in [0, rows of the table)."""
+    for name, rows in _table_rows(nodes, constants).items():
+        ids = inputs.get(name)
+        if ids is None:
+            continue
+        bad = (ids < 0) | (ids >= rows)
+        count = int(bad.sum())
+        if count:
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"{name}: ids must lie in [0, {rows}) (the embedding table's rows); {count} "
+                f"do not, the first {int(ids[first])} at position {first}"
+            )
+
+
+def _table_rows(nodes: list[fx.Node], constants: dict) -> dict[str, int]:
+    """For each integer input that an embedding looks up: the smallest table's rows."""
+    rows: dict[str, int] = {}
+    for node in nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, Tensor) or val.is_floating_point():
+            continue
+        frontier, seen = [node], set()
+        while frontier:
+            current = frontier.pop()
+            for user in current.users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                if user.target is aten.embedding.default and user.args[1] is current:
+                    table = constants.get(user.args[0].name)
+                    if table is not None:
+                        rows[node.name] = min(rows.get(node.name, table.shape[0]), table.shape[0])
+                elif user.target in ID_PATH_OPS:
+                    frontier.append(user)
+    return rows
+
+
+def position_limit(model: torch.nn.Module) -> int | None:
+    """Rows of the model's learned position table (config ``max_position_embeddings`` or
+    ``n_positions`` where an embedding of that size exists): positions past it do not exist.
+    Rotary models have no table and take longer sequences."""
+    config = next((m.config for m in model.modules() if hasattr(m, "config")), None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(limit, int):
+        return None
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding) and module.num_embeddings == limit:
+            return limit
+    return None
+
+
+def check_length(model: torch.nn.Module, length: int, what: str) -> None:
+    """``length`` positions fit the model's position table."""
+    limit = position_limit(model)
+    if limit is not None and length > limit:
+        raise ValueError(f"{what} is {length} positions, the model's position table has {limit}")
