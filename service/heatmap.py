@@ -1,5 +1,6 @@
 """PNG heatmaps drawn with numpy and Pillow only (the API process has no torch or
-matplotlib): red for positive relevance, blue for negative, white for none."""
+matplotlib): red for positive relevance, blue for negative, white for none, with the colour
+scale under each picture."""
 
 from __future__ import annotations
 
@@ -20,6 +21,34 @@ def diverging(values: np.ndarray) -> np.ndarray:
     return (rgb * 255).round().astype(np.uint8)
 
 
+SCALE_H = 46  # the colour scale under a heatmap: a bar, its labels and what max is
+
+
+def with_scale(img: Image.Image, note: str) -> Image.Image:
+    """``img`` with the colour scale under it: the diverging colours from -1 to +1 of the
+    largest magnitude, labelled, and ``note`` saying what that magnitude is taken over."""
+    font = ImageFont.load_default()
+    bar_w = max(120, min(img.width - 8, 300))
+    note_w = int(_text_width(font, note)) + 8
+    out = Image.new("RGB", (max(img.width, bar_w + 8, note_w), img.height + SCALE_H), "white")
+    out.paste(img, (0, 0))
+    bar = diverging(np.linspace(-1, 1, bar_w, dtype=np.float32))
+    strip = Image.fromarray(np.repeat(bar[None], 10, axis=0))
+    y = img.height + 4
+    out.paste(strip, (4, y))
+    draw = ImageDraw.Draw(out)
+    draw.rectangle([3, y - 1, 4 + bar_w, y + 10], outline="grey")
+    draw.text((4, y + 12), "-max", fill="black", font=font)
+    draw.text((4 + bar_w // 2 - 3, y + 12), "0", fill="black", font=font)
+    draw.text((bar_w - 20, y + 12), "+max", fill="black", font=font)
+    draw.text((4, y + 26), note, fill="black", font=font)
+    return out
+
+
+def _text_width(font: ImageFont.ImageFont, text: str) -> float:
+    return ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=font)
+
+
 def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -35,7 +64,7 @@ def image_overlay(image_png_b64: str, relevance_map: np.ndarray, size: int = 256
     out = Image.new("RGB", (2 * size + 8, size), "white")
     out.paste(Image.blend(base, heat, 0.55), (0, 0))
     out.paste(heat, (size + 8, 0))
-    return _png(out)
+    return _png(with_scale(out, "max: the largest |relevance| of the image"))
 
 
 def token_grid(rows: list[np.ndarray], col_labels: list[str], row_labels: list[str]) -> bytes:
@@ -61,4 +90,4 @@ def token_grid(rows: list[np.ndarray], col_labels: list[str], row_labels: list[s
         img.paste(
             tile.rotate(90, expand=True), (left + j * cell_w, 2), tile.rotate(90, expand=True)
         )
-    return _png(img)
+    return _png(with_scale(img, "max: each row's largest |relevance|"))

@@ -149,9 +149,20 @@ export function report(conservationList, timingsList, conservation, timings) {
   timingsList.replaceChildren();
   for (const [name, value] of Object.entries(timings || {})) {
     if (value === null) continue;
-    const text = typeof value === "number" ? `${(1000 * value).toFixed(1)} ms` : String(value);
-    define(timingsList, name.replace(/_s$/, "").replace(/_/g, " "), text);
+    define(timingsList, name.replace(/_s$/, "").replace(/_/g, " "), timingText(value));
   }
+}
+
+/** A timing as people read it: seconds as ms, a batch as "2 jobs, 3 rows", never
+ * "[object Object]". */
+function timingText(value) {
+  if (typeof value === "number") return `${(1000 * value).toFixed(1)} ms`;
+  if (value && typeof value === "object") {
+    return Object.entries(value)
+      .map(([k, v]) => `${v} ${k}`)
+      .join(", ");
+  }
+  return String(value);
 }
 
 function define(list, term, value) {

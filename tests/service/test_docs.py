@@ -1,16 +1,20 @@
 """The API documents itself offline: /docs and /redoc load Swagger UI's and ReDoc's files
 from the API (the fastapi-offline package), never from a CDN; every route lists its error
-replies with their body; the icon is served; static files are counted under their route.
-In process, without Redis (none of this needs it)."""
+replies with their body; the icon is served; static files are counted under their route;
+heatmaps carry their colour scale. In process, without Redis (none of this needs it)."""
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
+from service import heatmap
 from service.api import create_app
 from service.config import Settings
 
@@ -64,3 +68,12 @@ def test_icon_and_static_route_label(api: TestClient) -> None:
     assert 'route="/static/{path}",status="200"' in metrics
     assert 'route="/favicon.ico",status="200"' in metrics
     assert 'route="unmatched",status="200"' not in metrics
+
+
+def test_text_heatmap_has_a_colour_scale() -> None:
+    """Relevance all positive still shows the whole scale, blue (-max) to red (+max)."""
+    png = heatmap.token_grid([np.array([1.0, 0.5]), np.array([0.2, 0.1])], ["a", "b"], ["x", "y"])
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).reshape(-1, 3).astype(int)
+    blue = (pixels[:, 2] > 200) & (pixels[:, 0] < 60)
+    red = (pixels[:, 0] > 200) & (pixels[:, 2] < 60)
+    assert blue.any() and red.any()

@@ -198,3 +198,17 @@ def test_generation_settings_reach_the_api(page: Any) -> None:
     shaded = page.locator("#matrix tbody tr:first-child td[data-relevance]").count()
     assert shaded == steps, "every generated token's relevance reached the matrix"
     screenshot(page, "generation-sampling")
+
+
+def test_timings_read_as_text_and_icon_is_served(page: Any, stack: Stack) -> None:
+    """A classification's timings include its batch (jobs and rows), shown as words, never
+    as "[object Object]"; the page's icon is there."""
+    page.select_option("#model", "minilm-sentiment")
+    page.fill("#text", "a quiet, decent film")
+    page.click("#run")
+    page.wait_for_selector("#report", state="visible")
+    timings = page.text_content("#timings")
+    assert "[object Object]" not in timings
+    assert "batch" in timings and "jobs" in timings and "rows" in timings, timings
+    icon = httpx.get(f"{stack.url}/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/")
