@@ -25,7 +25,7 @@ import torch
 from engine.tasks import TaskName
 
 from .demo import ensure_built, load_demo_model
-from .registry import ModelSpec, Registry
+from .registry import ImageSpec, ModelSpec, Registry
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -40,7 +40,7 @@ class LoadedModel:
     model: Any  # torch.nn.Module, eval mode
     tokenizer: Any = None  # a transformers tokenizer for text models
     labels: list[str] | None = None
-    image: dict[str, Any] | None = None  # {"channels", "size", "mean", "std"} for image models
+    image: ImageSpec | None = None  # how an image model's input is made from a picture
     info: dict[str, Any] = field(default_factory=dict)  # build report (accuracies, seconds)
 
 
@@ -115,13 +115,9 @@ def _load_torchvision(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel,
     if weights is None:
         raise ValueError(f"registry entry {spec.id}: torchvision source needs weights")
     model.load_state_dict(load_file(str(weights)))
-    image = spec.image or {
-        "channels": 3,
-        "size": 224,
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
-        "mode": "RGB",
-    }
+    image = spec.image or ImageSpec(
+        channels=3, size=224, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]
+    )
     return LoadedModel(spec.id, spec.task, model.eval(), None, spec.labels, image), weights.parent
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.tasks import MODEL_TASKS
 
@@ -54,6 +54,34 @@ class Source(BaseModel):
     factory: str | None = None
 
 
+class ImageSpec(BaseModel):
+    """How an uploaded picture becomes an image model's input: converted to ``mode`` (``L``
+    for one channel, ``RGB`` for three), resized to ``size`` x ``size``, scaled to [0, 1],
+    inverted as ``invert`` says, then normalised with ``mean`` and ``std`` per channel.
+
+    ``invert`` is the ink polarity: a model trained on white ink on black (``auto``) reads a
+    light picture (mean intensity above 0.5, as people photograph or draw on paper)
+    inverted; ``always`` inverts every picture, ``never`` none."""
+
+    model_config = ConfigDict(extra="forbid")
+    channels: Literal[1, 3] = 3
+    size: int = Field(default=224, ge=1)
+    mean: list[float] | None = None  # default: 0 per channel
+    std: list[float] | None = None  # default: 1 per channel
+    mode: Literal["L", "RGB"] | None = None  # default: from channels
+    invert: Literal["auto", "never", "always"] = "never"
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> ImageSpec:
+        """Defaults that follow ``channels``, and a mean and std of one value per channel."""
+        self.mode = self.mode or ("L" if self.channels == 1 else "RGB")
+        self.mean = self.mean or [0.0] * self.channels
+        self.std = self.std or [1.0] * self.channels
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"image: mean and std need {self.channels} values (channels)")
+        return self
+
+
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str
@@ -64,8 +92,11 @@ class ModelSpec(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "auto"  # auto: cuda when there is one
-    warm: bool = False  # load when a worker starts
-    image: dict[str, Any] | None = None  # channels, size, mean, std, mode
+    # Load and capture when a worker starts, before it reports itself ready (its heartbeat).
+    warm: bool = False
+    image: ImageSpec | None = None
+    # What the model expects of its input, for people (``/models``, the page).
+    expects: str = ""
 
 
 DEMO_REGISTRY: list[dict[str, Any]] = [
@@ -77,6 +108,7 @@ DEMO_REGISTRY: list[dict[str, Any]] = [
         "source": {"kind": "demo", "name": "minilm-sentiment"},
         "labels": ["negative", "positive"],
         "limits": {"max_tokens": 128},
+        "expects": "English text (a sentence or a short review), up to 128 tokens",
         "warm": True,
     },
     {
@@ -86,7 +118,16 @@ DEMO_REGISTRY: list[dict[str, Any]] = [
         "source": {"kind": "demo", "name": "digits-cnn"},
         "labels": [str(d) for d in range(10)],
         "limits": {"max_image_size": 512},
-        "image": {"channels": 1, "size": 16, "mean": [0.0], "std": [1.0], "mode": "L"},
+        "image": {
+            "channels": 1,
+            "size": 16,
+            "mean": [0.0],
+            "std": [1.0],
+            "mode": "L",
+            "invert": "auto",
+        },
+        "expects": "a single handwritten digit, centred, white ink on black "
+        "(a light background is inverted); resized to 16x16 grey",
         "warm": True,
     },
     {
@@ -95,6 +136,8 @@ DEMO_REGISTRY: list[dict[str, Any]] = [
         "description": "2-layer GPT-2 trained on key-value lookup: 'a3 c1 f9 h0 ? c' -> '1'",
         "source": {"kind": "demo", "name": "tiny-lookup-lm"},
         "limits": {"max_tokens": 24, "max_new_tokens": 8},
+        "expects": "key-value pairs and a query key, e.g. 'a3 c1 f9 h0 ? c', up to 24 tokens",
+        "warm": True,
     },
     {
         "id": "gpt2-small-config",
@@ -102,6 +145,8 @@ DEMO_REGISTRY: list[dict[str, Any]] = [
         "description": "GPT-2 architecture, 6 layers, width 256, random weights, char tokenizer",
         "source": {"kind": "demo", "name": "gpt2-small-config"},
         "limits": {"max_tokens": 128, "max_new_tokens": 64},
+        "expects": "any text (characters); the weights are random, so is the continuation",
+        "warm": True,
     },
 ]
 

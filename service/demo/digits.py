@@ -1,7 +1,8 @@
 """``digits-cnn``: a small CNN trained on scikit-learn's bundled 8x8 digits, upsampled to
 16x16 so that a heatmap over the input has something to show.
 
-Inputs are one grey channel in [0, 1], ink bright on a dark background (as in the data set).
+Inputs are one grey channel in [0, 1], ink bright on a dark background (as in the data set);
+a picture with a light background (ink on paper) is inverted before it reaches the model.
 Training is seeded and single-threaded, so the weights are the same on every machine."""
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from pathlib import Path
 from engine.tasks import TaskName
 
 from ..models import LoadedModel
+from ..registry import ImageSpec
 
 LABELS = [str(d) for d in range(10)]
-IMAGE = {"channels": 1, "size": 16, "mean": [0.0], "std": [1.0], "mode": "L"}
+IMAGE = {"channels": 1, "size": 16, "mean": [0.0], "std": [1.0], "mode": "L", "invert": "auto"}
 
 
 def make_model():
@@ -106,5 +108,11 @@ def load(path: Path) -> LoadedModel:
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     info = json.loads((path / "build.json").read_text())
     return LoadedModel(
-        "digits-cnn", TaskName.IMAGE_CLASSIFICATION, model.eval(), None, LABELS, IMAGE, info
+        "digits-cnn",
+        TaskName.IMAGE_CLASSIFICATION,
+        model.eval(),
+        None,
+        LABELS,
+        ImageSpec.model_validate(IMAGE),
+        info,
     )

@@ -9,16 +9,20 @@ from dataclasses import dataclass
 
 from . import documents, inputs
 from .context import Outcome, Run, Work, engine_relevance, one
-from .inputs import Batch
+from .inputs import Batch, Tensors
 
 
 @dataclass
 class Prepared:
-    """A job whose inputs are tensors: its rows of the batch, and its resized picture."""
+    """A job whose inputs are tensors (its rows of the batch, its resized picture, what to
+    warn about its input)."""
 
     work: Work
-    inputs: Batch
-    png: bytes | None
+    tensors: Tensors
+
+    @property
+    def inputs(self) -> Batch:
+        return self.tensors.batch
 
 
 def classify(run: Run, works: list[Work]) -> list[Outcome]:
@@ -29,11 +33,11 @@ def classify(run: Run, works: list[Work]) -> list[Outcome]:
     prepared = []
     for w in works:
         try:
-            batch, png = inputs.for_task(run.entry, run.spec, run.task, w.req.inputs)
+            tensors = inputs.for_task(run.entry, run.spec, run.task, w.req.inputs)
         except Exception as exc:  # noqa: BLE001 - this job's input is bad
             outcomes.append(exc)
             continue
-        prepared.append(Prepared(w, batch, png))
+        prepared.append(Prepared(w, tensors))
         outcomes.append(None)
     if not prepared:
         return [o for o in outcomes if o is not None]
@@ -74,7 +78,7 @@ def _explain(
     docs = []
     for p, sl in zip(prepared, rows, strict=True):
         part = {k: v[sl] for k, v in batch.items()}
-        doc = documents.classification(run, part, documents.rows(res, sl), req.output, p.png)
+        doc = documents.classification(run, part, documents.rows(res, sl), req.output, p.tensors)
         timings = {
             "capture_s": capture_s,
             "engine_s": engine_s,

@@ -20,7 +20,7 @@ from .. import __version__, codec
 from ..schemas import OutputOptions, RunTaskRequest
 from ..vocabulary import JobStatus
 from .context import Run, engine_relevance
-from .inputs import Batch
+from .inputs import Batch, Tensors
 
 Doc = dict[str, Any]
 
@@ -88,11 +88,12 @@ def rows(res: dict[str, Any], sl: slice) -> dict[str, Any]:
 
 
 def classification(
-    run: Run, batch: Batch, res: dict[str, Any], output: OutputOptions, png: bytes | None
+    run: Run, batch: Batch, res: dict[str, Any], output: OutputOptions, tensors: Tensors
 ) -> Doc:
     """A classification's result for the rows of ``batch`` (``res`` is theirs, ``rows``):
     predictions with scores, relevance per input (and per named layer when asked for), the
-    conservation check, and the picture the heatmap is drawn over."""
+    conservation check, the picture the heatmap is drawn over, and warnings about the input
+    (also in the summary, so that the stream's ``done`` event carries them)."""
     predictions = _predictions(run.entry.loaded.labels, res)
     relevance = {k: v.detach().float().cpu().numpy() for k, v in res["relevance"].items()}
     doc: Doc = {
@@ -106,8 +107,10 @@ def classification(
             "scores": [p["score"] for p in predictions],
         },
     }
-    if png is not None:
-        doc["image_png_b64"] = base64.b64encode(png).decode()
+    if tensors.png is not None:
+        doc["image_png_b64"] = base64.b64encode(tensors.png).decode()
+    if tensors.warnings:
+        doc["warnings"] = doc["summary"]["warnings"] = tensors.warnings
     if output.relevance != "inputs":
         doc["layers"] = {
             k: codec.encode(v, output.encoding, output.dtype)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -14,25 +14,37 @@ import torch
 from engine.tasks import TaskName
 
 from ..models import CachedModel
-from ..registry import ModelSpec
+from ..registry import ImageSpec, ModelSpec
 from ..schemas import Inputs
 
 Batch = dict[str, torch.Tensor]
 # An image model's input when the registry entry gives no ``image``.
-DEFAULT_IMAGE: dict[str, Any] = {"channels": 3, "size": 224, "mean": [0.0] * 3, "std": [1.0] * 3}
+DEFAULT_IMAGE = ImageSpec()
+# A picture whose pixels spread less than this (standard deviation, intensities in [0, 1])
+# holds nothing a classifier could read: its prediction says nothing, however confident.
+UNIFORM_STD = 0.02
+NEARLY_UNIFORM = "the image is nearly uniform: nothing to read (the prediction means nothing)"
 
 
-def for_task(
-    entry: CachedModel, spec: ModelSpec, task: TaskName, inputs: Inputs
-) -> tuple[Batch, bytes | None]:
-    """The model's input tensors for one request, and the resized picture of an image."""
+@dataclass
+class Tensors:
+    """One request's input tensors, the resized picture of an image (drawn under its
+    heatmap) and what the result should warn about the input."""
+
+    batch: Batch
+    png: bytes | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def for_task(entry: CachedModel, spec: ModelSpec, task: TaskName, inputs: Inputs) -> Tensors:
+    """The model's input tensors for one request."""
     if task == TaskName.IMAGE_CLASSIFICATION:
         return image(entry, inputs)
     if task == TaskName.TABULAR_CLASSIFICATION:
         rows = np.asarray(inputs.features, dtype=np.float32)
         x = torch.from_numpy(rows[None] if rows.ndim == 1 else rows)
-        return {entry.input_name: x}, None
-    return tokens(entry, spec, inputs), None
+        return Tensors({entry.input_name: x})
+    return Tensors(tokens(entry, spec, inputs))
 
 
 def _padding(entry: CachedModel) -> tuple[int, bool]:
@@ -81,28 +93,32 @@ def tokens(entry: CachedModel, spec: ModelSpec, inputs: Inputs) -> Batch:
     return enc
 
 
-def image(entry: CachedModel, inputs: Inputs) -> tuple[Batch, bytes]:
-    """The model's input tensor [1, C, S, S] and the resized picture (PNG) for the heatmap;
-    a PNG already at the model's size and mode is kept as sent."""
+def image(entry: CachedModel, inputs: Inputs) -> Tensors:
+    """The model's input tensor [1, C, S, S] as the image spec says (``ImageSpec``), the
+    resized picture (PNG; one already at the model's size and mode is kept as sent), and a
+    warning when the picture is nearly uniform (a blank page)."""
     from PIL import Image
 
     spec = entry.loaded.image or DEFAULT_IMAGE
     raw = base64.b64decode((inputs.image or "").split(",", 1)[-1])
     img = Image.open(io.BytesIO(raw))
-    mode, size = spec.get("mode", "RGB" if spec["channels"] == 3 else "L"), spec["size"]
-    if img.format == "PNG" and img.mode == mode and img.size == (size, size):
+    size = spec.size
+    if img.format == "PNG" and img.mode == spec.mode and img.size == (size, size):
         png = raw
     else:
-        img = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+        img = img.convert(spec.mode).resize((size, size), Image.Resampling.BILINEAR)
         out = io.BytesIO()
         img.save(out, format="PNG")
         png = out.getvalue()
     arr = np.asarray(img, dtype=np.float32) / 255.0
+    warnings = [NEARLY_UNIFORM] if float(arr.std()) < UNIFORM_STD else []
+    if spec.invert == "always" or (spec.invert == "auto" and float(arr.mean()) > 0.5):
+        arr = 1.0 - arr  # ink on paper, for a model trained on light ink on dark
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    mean = np.asarray(spec["mean"], dtype=np.float32)[:, None, None]
-    std = np.asarray(spec["std"], dtype=np.float32)[:, None, None]
+    mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
     x = torch.from_numpy((arr - mean) / std)[None]
-    return {entry.input_name: x}, png
+    return Tensors({entry.input_name: x}, png, warnings)
 
 
 def blank(entry: CachedModel, spec: ModelSpec) -> Batch | None:
@@ -112,7 +128,7 @@ def blank(entry: CachedModel, spec: ModelSpec) -> Batch | None:
         return None
     if spec.task == TaskName.IMAGE_CLASSIFICATION:
         img = entry.loaded.image or DEFAULT_IMAGE
-        return {entry.input_name: torch.zeros(1, img["channels"], img["size"], img["size"])}
+        return {entry.input_name: torch.zeros(1, img.channels, img.size, img.size)}
     return tokens(entry, spec, Inputs(text="warm up"))
 
 
