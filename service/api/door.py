@@ -5,8 +5,8 @@ longer than it takes) or silently ignore (blank text, generation settings sent t
 classifier, steps past the last generated token). Each failure is a 422 naming the field,
 the value and what is allowed.
 
-Layer names in ``output.relevance`` need the model's graph, which only the worker has: the
-worker checks those."""
+Layer names in ``output.relevance`` need the model's graph, which only the worker has: they
+are not checked here."""
 
 from __future__ import annotations
 
