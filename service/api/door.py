@@ -25,6 +25,7 @@ def check(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta)
     _check_target(spec, task, req, meta)
     if task == TaskName.GENERATION:
         _check_steps(req)
+        _check_positions(req, meta)
     elif req.generation.model_fields_set:
         given = ", ".join(sorted(req.generation.model_fields_set))
         raise invalid(
@@ -73,6 +74,28 @@ def _check_target(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: Mo
             ["relevance", "target"],
             f"{target} is not a class of {spec.id}: 0 to {meta.num_classes - 1}{names}",
         )
+
+
+def _prompt_length(req: RunTaskRequest, meta: ModelMeta) -> int | None:
+    """The longest prompt in tokens; None when the tokenizer is not known."""
+    ids = req.inputs.token_ids
+    if ids:
+        return max(len(r) for r in ids) if isinstance(ids[0], list) else len(ids)
+    counts = [meta.count_tokens(t) for t in _texts(req)]
+    return None if None in counts or not counts else max(counts)
+
+
+def _check_positions(req: RunTaskRequest, meta: ModelMeta) -> None:
+    """The prompt and the generated tokens together fit the model's positions."""
+    n = _prompt_length(req, meta)
+    new = req.generation.max_new_tokens or 0
+    if meta.max_positions is None or n is None or n + new <= meta.max_positions:
+        return
+    raise invalid(
+        ["generation", "max_new_tokens"],
+        f"{new} after a {n}-token prompt is more than the model's {meta.max_positions} "
+        f"positions: at most {max(meta.max_positions - n, 0)}",
+    )
 
 
 def _check_steps(req: RunTaskRequest) -> None:

@@ -32,7 +32,8 @@ def _lookup_model(folder: Path) -> None:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(folder / "tokenizer.json"))
-    config = {"model_type": "gpt2", "vocab_size": 102, "n_positions": 32}
+    # fewer positions than the real model's 32, so that max_tokens + max_new_tokens overflow
+    config = {"model_type": "gpt2", "vocab_size": 102, "n_positions": 28}
     (folder / "config.json").write_text(json.dumps(config))
 
 
@@ -94,6 +95,11 @@ SENTIMENT = {"model": "minilm-sentiment", "inputs": {"text": "fine"}}
         (
             {**LOOKUP, "inputs": {"text": " ".join(["a3"] * 30)}},
             "inputs.text: 30 tokens, more than max_tokens=24",
+        ),
+        (
+            {**LOOKUP, "inputs": {"token_ids": [4] * 22}, "generation": {"max_new_tokens": 8}},
+            "generation.max_new_tokens: 8 after a 22-token prompt is more than the model's 28 "
+            "positions: at most 6",
         ),
         ({**SENTIMENT, "inputs": {"text": "  \n\t"}}, "inputs.text: is blank"),
         ({**SENTIMENT, "inputs": {"text": ["ok", " "]}}, "inputs.text.1: is blank"),
