@@ -30,7 +30,15 @@ from engine.rules.pooling import MaxPool, PositiveMap
 from engine.rules.shape import Cat, Pad, Permute, Reshape, Split, Transpose
 
 aten = torch.ops.aten
-torch.set_default_dtype(torch.float64)  # closed forms compared to 1e-10
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Closed forms compared in double precision; the default is restored for other tests."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 class Node:
@@ -69,15 +77,9 @@ def rand(*shape: int, seed: int = 0) -> torch.Tensor:
 
 def conserved(R, grads, sink) -> None:
     """inputs + sink = R, per seed."""
-    total = sum(g.flatten(1).sum(1) for g in _flat(grads)) + (
-        0 if sink is None else sink.flatten(1).sum(1)
-    )
-    torch.testing.assert_close(total, R.flatten(1).sum(1))
-
-
-def _flat(grads):
-    for g in grads.values():
-        yield from (g if isinstance(g, list) else [g])
+    parts = [g for v in grads.values() for g in (v if isinstance(v, list) else [v])]
+    parts += [] if sink is None else [sink]
+    torch.testing.assert_close(sum(g.flatten(1).sum(1) for g in parts), R.flatten(1).sum(1))
 
 
 # ---------------------------------------------------------------- dense
@@ -137,12 +139,11 @@ def test_linear_reference_reveal_cancel_conserves():
     args = {"input": x, "weight": w, "bias": b}
     ctx = ctx_of(aten.linear.default, args, R, ref={**args, "input": xr},
                  out=F.linear(x, w, b), ref_out=F.linear(xr, w, b))  # fmt: skip
+    plain, _ = Linear().reference(ctx)
     ctx.facts = Canonical(relu_after=frozenset({ctx.node}))
     grads, sink = Linear().reference(ctx)
     conserved(R, grads, sink)
-    assert not torch.allclose(grads["input"], Linear().reference(ctx_of(
-        aten.linear.default, args, R, ref={**args, "input": xr}, out=ctx.out, ref_out=ctx.ref_out
-    ))[0]["input"])  # fmt: skip
+    assert not torch.allclose(grads["input"], plain["input"])
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -495,5 +496,4 @@ def test_registry_covers_each_op_once_and_grouped_mm_by_name():
     ops = [op for family in FAMILIES for op in family.ops]
     assert len(ops) == len(set(ops))
     for op in grouped_mm_ops():  # present only once torch or transformers registered them
-        assert family_of(op) is not None
         assert all(rule_for(op, mode) is not None for mode in MODES)
