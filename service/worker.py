@@ -9,17 +9,21 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import start_http_server
 from rq import Queue, SimpleWorker
+from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from . import reaper, store
+from . import worker_metrics as m
 from .config import Settings
+from .registry import Registry
 from .work import run
-from .work.context import init_worker, state
+from .work.context import JobCanceled, init_worker, state
 
 log = logging.getLogger("service.worker")
 
@@ -39,6 +43,14 @@ class Worker(SimpleWorker):
             if (datetime.now(UTC) - last).total_seconds() < self.HEARTBEAT_EVERY_S:
                 return
         super().heartbeat(timeout, pipeline)
+
+    def handle_exception(self, job: Job, *exc_info: Any) -> None:
+        """A job canceled by request is logged in one line: it is an ending a client asked
+        for, not an error with a traceback worth reading."""
+        if isinstance(exc_info[1], JobCanceled):
+            self.log.info("Worker %s: job %s canceled by request", self.name, job.id)
+            return
+        super().handle_exception(job, *exc_info)
 
 
 def _heartbeat_loop(settings: Settings, name: str, stop: threading.Event) -> None:
@@ -64,6 +76,26 @@ def _heartbeat_loop(settings: Settings, name: str, stop: threading.Event) -> Non
     r.delete(store.WORKER.format(name))
 
 
+def _warm(registry: Registry, wanted: list[str]) -> None:
+    """Load, capture and run once each wanted model, with a log line per model, before the
+    heartbeat starts: /readyz counts a worker only once it serves every warm model without
+    a capture. A model that cannot warm is logged and left to load on first use."""
+    ids = list(dict.fromkeys(wanted))
+    for i, model_id in enumerate(ids, 1):
+        spec = registry.get(model_id)
+        if spec is None:
+            log.warning("cannot warm %s: not in the registry", model_id)
+            continue
+        log.info("warming %s (%d of %d)", model_id, i, len(ids))
+        t0 = time.perf_counter()
+        try:
+            run.warm(spec)
+        except Exception:  # noqa: BLE001 - a broken entry must not stop the others
+            log.exception("could not warm %s", model_id)
+            continue
+        log.info("warm %s in %.1f s", model_id, time.perf_counter() - t0)
+
+
 def run_worker(
     settings: Settings | None = None,
     burst: bool = False,
@@ -82,26 +114,18 @@ def run_worker(
     tune_allocator()  # a serving process: keep freed tensor memory for the next job
     name = store.worker_id()
     st = init_worker(settings, name)
+    m.declare((s.id, s.task) for s in st.registry.models.values())
     port = settings.metrics_port if metrics_port is None else metrics_port
     if port:
         start_http_server(port)
     # Explicit list (--no-warm gives none) > BACKTRACE_WARM_MODELS > the registry's flags.
     if warm is not None:
-        wanted = set(warm)
+        wanted = list(warm)
     elif settings.warm_models:
-        wanted = set(settings.warm_models)
+        wanted = list(settings.warm_models)
     else:
-        wanted = {s.id for s in st.registry.models.values() if s.warm}
-    for model_id in sorted(wanted):
-        spec = st.registry.get(model_id)
-        if spec is None:
-            log.warning("cannot warm %s: not in the registry", model_id)
-            continue
-        log.info("warming %s", model_id)
-        try:
-            run.warm(spec)
-        except Exception:  # noqa: BLE001 - a broken entry must not stop the others
-            log.exception("could not warm %s", model_id)
+        wanted = [s.id for s in st.registry.models.values() if s.warm]
+    _warm(st.registry, wanted)
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat_loop, args=(settings, name, stop), daemon=True)
     beat.start()

@@ -4,7 +4,13 @@ do not rename. No job id is ever a label."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from engine.tasks import TaskName
+
+from .vocabulary import JobStatus
 
 # Relevance jobs run for minutes on big models: buckets go to 600 s (the job timeout).
 RUN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -50,6 +56,22 @@ GPU_ALLOCATED = Gauge(
 GPU_RESERVED = Gauge(
     "backtrace_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved", ["device"]
 )
+
+
+def declare(models: Iterable[tuple[str, str]]) -> None:
+    """Create every labelled series at zero for these (model id, task) pairs. A series that
+    first appears at its first increment is invisible to ``rate()`` and ``increase()`` for
+    that increment, and a ratio panel (cache hits over all lookups) drops a model that has
+    only misses; declared at start, each one counts from zero."""
+    for model, task in models:
+        for status in (s for s in JobStatus if s.terminal):
+            JOBS.labels(task=task, model=model, status=status)
+        for histogram in (RUN, QUEUE_WAIT):
+            histogram.labels(task=task, model=model)
+        for series in (CACHE_HITS, CACHE_MISSES, LOAD, TRACE_BYTES):
+            series.labels(model=model)
+        if task == TaskName.GENERATION:
+            TOKEN.labels(model=model)
 
 
 def update_gpu_memory() -> None:
