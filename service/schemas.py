@@ -243,6 +243,7 @@ class ModelInfo(BaseModel):
     id: str
     task: TaskName
     description: str
+    expects: str = Field(default="", description="what the model expects of its input")
     labels: list[str] | None
     limits: Limits
     warm: bool = Field(description="a live worker has it loaded")

@@ -29,7 +29,8 @@ async function loadModels() {
 function chooseModel() {
   const model = models[$("model").value];
   if (!model) return;
-  $("model-description").textContent = model.description || "";
+  const expects = model.expects ? ` Expects: ${model.expects}.` : "";
+  $("model-description").textContent = (model.description || "") + expects;
   for (const set of document.querySelectorAll("fieldset[data-tasks]")) {
     const fits = set.dataset.tasks.split(" ").includes(model.task);
     set.hidden = !fits;

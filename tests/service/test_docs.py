@@ -77,3 +77,12 @@ def test_text_heatmap_has_a_colour_scale() -> None:
     blue = (pixels[:, 2] > 200) & (pixels[:, 0] < 60)
     red = (pixels[:, 0] > 200) & (pixels[:, 2] < 60)
     assert blue.any() and red.any()
+
+
+def test_models_say_what_they_expect(api: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/models carries each registry entry's ``expects`` (the page shows it)."""
+    from service import store
+
+    monkeypatch.setattr(store, "live_workers", lambda r: [])
+    models = {m["id"]: m for m in api.get("/models").json()["models"]}
+    assert "white ink on black" in models["digits-cnn"]["expects"]

@@ -202,8 +202,10 @@ def test_generation_settings_reach_the_api(page: Any) -> None:
 
 def test_timings_read_as_text_and_icon_is_served(page: Any, stack: Stack) -> None:
     """A classification's timings include its batch (jobs and rows), shown as words, never
-    as "[object Object]"; the page's icon is there."""
+    as "[object Object]"; the page's icon is there; the model's description says what it
+    expects."""
     page.select_option("#model", "minilm-sentiment")
+    assert "Expects: English text" in page.text_content("#model-description")
     page.fill("#text", "a quiet, decent film")
     page.click("#run")
     page.wait_for_selector("#report", state="visible")

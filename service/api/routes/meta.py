@@ -33,6 +33,7 @@ def models(r: RedisDep, registry: RegistryDep) -> ModelList:
                 id=s.id,
                 task=s.task,
                 description=s.description,
+                expects=s.expects,
                 labels=s.labels,
                 limits=s.limits,
                 warm=warm.get(s.id, 0) > 0,
