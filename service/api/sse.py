@@ -155,9 +155,13 @@ async def _read(ar: aredis.Redis, job_id: str, key: str, last: str, keepalive: f
 async def _quiet_note(ar: aredis.Redis) -> str:
     """The comment a quiet stream sends: a keep-alive, or, while no worker's heartbeat is
     live (``store.live_workers``), that no worker is alive to run the job."""
-    async for _ in ar.scan_iter(match=store.WORKER.format("*"), count=100):
-        return KEEPALIVE
-    return NO_WORKER
+    cursor = 0
+    while True:
+        cursor, keys = await ar.scan(cursor, match=store.WORKER.format("*"), count=1000)
+        if keys:
+            return KEEPALIVE
+        if not cursor:
+            return NO_WORKER
 
 
 async def _close_dead_job(ar: aredis.Redis, job_id: str, key: str, last: str) -> None:
