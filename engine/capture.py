@@ -112,6 +112,17 @@ class Captured:
     def graph(self) -> fx.Graph:
         return self.program.graph
 
+    @property
+    def data_inputs(self) -> list[str]:
+        """The inputs relevance is explained onto: floating-point inputs and the token ids
+        (``input_ids``, else the first integer input). Other integer inputs (token type ids,
+        position ids, masks) select or shape constants: their share is a sink, whatever the
+        graph takes."""
+        values = {n.name: n.meta["val"] for n in self.nodes if n.op == "placeholder"}
+        ints = [n for n in self.input_names if not values[n].is_floating_point()]
+        ids = "input_ids" if "input_ids" in ints else (ints[0] if ints else None)
+        return [n for n in self.input_names if n == ids or values[n].is_floating_point()]
+
     def sizes(self, inputs: Mapping[str, torch.Tensor]) -> dict[sympy.Symbol, int]:
         """Values of the shape symbols for these run-time inputs."""
         values = {}

@@ -191,3 +191,13 @@ def test_export_failures_fall_through_and_are_reported(monkeypatch):
     monkeypatch.setattr(torch.export, "export", interrupt)
     with pytest.raises(_JobTimeout):
         capture(model, {"input": torch.randn(2, 4)})
+
+
+def test_only_token_ids_and_float_inputs_are_data():
+    """A graph captured with token_type_ids names only input_ids as data: the sweep's
+    provenance should take ``captured.data_inputs`` (token type ids select constants)."""
+    model, inputs = ZOO["bert"]()
+    example = {**inputs, "token_type_ids": torch.zeros_like(inputs["input_ids"])}
+    captured = capture(model, example)
+    assert set(captured.input_names) == {"input_ids", "attention_mask", "token_type_ids"}
+    assert captured.data_inputs == ["input_ids"]
