@@ -1,0 +1,58 @@
+"""Images as people send them (the registry's image spec): the digit demo reads a digit drawn
+in black on white as it reads the same digit in white on black (it was trained on the latter,
+and a light background is inverted), at another size and as RGB; a blank page is answered with
+a warning that there is nothing to read, in the result and in the stream's ``done`` event."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+from PIL import Image, ImageOps
+
+from service.demo.digits import dataset, sample_png
+from service.registry import load_registry
+from tests.helpers.jobs import events, submit, wait
+
+NEARLY_UNIFORM = "nearly uniform"
+
+
+def _b64(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _classify(client, image: str) -> dict:
+    job = submit(client, {"model": "digits-cnn", "inputs": {"image": image}})["job_id"]
+    view = wait(client, job)
+    assert view["status"] == "finished", view
+    return view["result"]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_a_black_on_white_digit_reads_as_its_inversion(client, index: int) -> None:
+    digit = Image.open(io.BytesIO(sample_png(index)))
+    on_paper = ImageOps.invert(digit).resize((64, 64)).convert("RGB")  # as drawn on paper
+    label = str(int(dataset()[1][index]))
+    white_ink = _classify(client, _b64(digit))["predictions"][0]
+    black_ink = _classify(client, _b64(on_paper))
+    assert white_ink["label"] == label
+    assert black_ink["predictions"][0]["label"] == label
+    assert "warnings" not in black_ink
+
+
+def test_a_blank_page_is_answered_with_a_warning(client) -> None:
+    page = _b64(Image.new("L", (200, 280), 250))
+    job = submit(client, {"model": "digits-cnn", "inputs": {"image": page}})["job_id"]
+    done = events(client, job)[-1]
+    assert done[1] == "done" and NEARLY_UNIFORM in " ".join(done[2]["summary"]["warnings"])
+    result = wait(client, job)["result"]
+    assert any(NEARLY_UNIFORM in w for w in result["warnings"])
+
+
+def test_the_registry_says_what_the_digit_model_expects() -> None:
+    spec = load_registry(None).get("digits-cnn")
+    assert spec is not None and spec.image is not None and spec.image.invert == "auto"
+    assert "white ink on black" in spec.expects and "inverted" in spec.expects
