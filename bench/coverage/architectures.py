@@ -223,7 +223,10 @@ def _transformers(arch: Arch, shrink: Callable[[Any], dict[str, Any]]):
         model.set_default_language(config.languages[0])
     inputs = _inputs(arch, model.config)
     with torch.no_grad():
-        model(**inputs)  # it must run eager, or the configuration is at fault
+        out = model(**inputs)  # it must run eager, or the configuration is at fault
+    first = next(t for t in torch.utils._pytree.tree_leaves(out) if torch.is_tensor(t))
+    if first.is_floating_point() and float(first.abs().max()) < 1e-6:
+        raise ValueError(f"the random model's outputs vanish (max {float(first.abs().max()):.2g})")
     return model, inputs
 
 
