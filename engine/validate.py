@@ -195,9 +195,12 @@ def position_limit(model: torch.nn.Module) -> int | None:
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if not isinstance(limit, int):
         return None
+    get_tokens = getattr(model, "get_input_embeddings", None)
+    tokens = get_tokens() if callable(get_tokens) else None  # a vocabulary of the same size
     for module in model.modules():
-        if isinstance(module, torch.nn.Embedding) and module.num_embeddings == limit:
-            return limit
+        if isinstance(module, torch.nn.Embedding) and module is not tokens:
+            if module.num_embeddings == limit:
+                return limit
     return None
 
 
