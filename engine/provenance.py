@@ -37,6 +37,19 @@ CONSTANT_OPS = {
     aten.var_mean.correction,
 }
 
+# Ops that create a tensor shaped like their input without its values (a buffer to write
+# into, zeros, a fill): constants, whatever they are made from.
+CREATION_OPS = {
+    aten.new_empty.default,
+    aten.new_zeros.default,
+    aten.new_ones.default,
+    aten.new_full.default,
+    aten.empty_like.default,
+    aten.zeros_like.default,
+    aten.ones_like.default,
+    aten.full_like.default,
+}
+
 # Ops that move integer ids around without computing with them: an embedding lookup after
 # them still traces back to the input's ids.
 ID_PATH_OPS = {
@@ -117,7 +130,7 @@ class Provenance:
         if node.target is operator.getitem:
             parent, index = node.args
             return self.data.get(parent, False) and _floating(val)
-        if node not in self.bound or node.target in CONSTANT_OPS:
+        if node not in self.bound or node.target in CONSTANT_OPS or node.target in CREATION_OPS:
             return False
         args = list(_tensor_args(self.bound[node]))
         if node.target is aten.embedding.default:

@@ -43,8 +43,80 @@ class Identity(Family):
         aten.lift_fresh_copy.default,
         aten.contiguous.default,
         aten.dropout.default,
+        aten.type_as.default,
+        aten.square.default,
+        aten.clamp.default,
+        aten.clamp.Tensor,
+        aten.clamp_min.default,
+        aten.clamp_max.default,
+        aten.softplus.default,
+        aten.expm1.default,
+        aten.log_sigmoid.default,
     )
     default = contrast = reference = Family.identity
+
+
+class Copy(Family):
+    """``copy(self, src)``: the output holds src's values (broadcast), so relevance goes to
+    src; the overwritten ``self`` contributed nothing."""
+
+    ops = (aten.copy.default,)
+
+    def default(self, ctx: Ctx) -> Propagation:
+        return {"src": unbroadcast(ctx.R, ctx.args["src"].shape)}, None
+
+
+class Extremum(Family):
+    """Elementwise min / max of two tensors: each output element's relevance goes to the
+    operand it was taken from (``self`` on ties), as ``Where`` does."""
+
+    ops = (aten.min.other, aten.max.other, aten.minimum.default, aten.maximum.default)
+
+    def default(self, ctx: Ctx) -> Propagation:
+        a, b = ctx.args["self"], ctx.args["other"]
+        took_a = (ctx.out == a).expand_as(ctx.out)
+        return {
+            "self": unbroadcast(torch.where(took_a, ctx.R, 0), a.shape),
+            "other": unbroadcast(torch.where(took_a, 0, ctx.R), b.shape),
+        }, None
+
+
+class AddCMul(Family):
+    """``self + value * tensor1 * tensor2``: a residual sum of ``self`` and a gate, split as
+    ``Add`` splits (in proportion to |operand|), the gate's share halved between its data
+    factors as ``Mul`` does. Mode "reference": the changes of the sum's terms, the product's
+    change split exactly (t1 t2 - t1' t2' = dt1 (t2 + t2') / 2 + (t1 + t1') / 2 dt2)."""
+
+    ops = (aten.addcmul.default,)
+
+    def default(self, ctx: Ctx) -> Propagation:
+        a, t1, t2 = ctx.args["self"], ctx.args["tensor1"], ctx.args["tensor2"]
+        aa, ap = a.abs(), (ctx.args["value"] * t1 * t2).abs()
+        ratio = ctx.R / (aa + ap + TINY)
+        factors = [n for n in ("tensor1", "tensor2") if ctx.is_data(n)] or ["tensor1"]
+        grads = {"self": unbroadcast(ratio * aa, a.shape)}
+        for n in factors:
+            grads[n] = unbroadcast(ratio * ap / len(factors), ctx.args[n].shape)
+        return grads, ratio * TINY
+
+    def reference(self, ctx: Ctx) -> Propagation:
+        value, (t1, t2), (r1, r2) = (
+            ctx.args["value"],
+            self._factors(ctx.args),
+            self._factors(ctx.ref),
+        )
+        parts = {
+            "self": ctx.diff("self"),
+            "tensor1": value * (t1 - r1) * (t2 + r2) / 2,
+            "tensor2": value * (t1 + r1) / 2 * (t2 - r2),
+        }
+        ratio = ctx.per_change()
+        grads = {n: unbroadcast(ratio * d, ctx.args[n].shape) for n, d in parts.items()}
+        return grads, ctx.R - ratio * sum(parts.values())
+
+    @staticmethod
+    def _factors(args: dict) -> tuple[Tensor, Tensor]:
+        return args["tensor1"], args["tensor2"]
 
 
 class Add(Family):

@@ -17,7 +17,6 @@ from .base import (
     Propagation,
     difference,
     proportional,
-    proportional_signed,
     stable,
 )
 
@@ -78,7 +77,7 @@ def _max_pool_indices(x: Tensor, a: dict[str, Any]) -> tuple[Tensor, Tensor]:
 
 class PositiveMap(Family):
     """Maps with non-negative weights (average pools, sums, means): proportional shares by
-    the |z| rule, signed in mode "contrast", the difference rule in mode "reference"."""
+    the |z| rule (in modes "default" and "contrast"), the difference rule in mode "reference"."""
 
     maps: dict[Any, Callable[[Ctx, Tensor], Tensor]] = {
         aten.adaptive_avg_pool2d.default: lambda c, u: F.adaptive_avg_pool2d(
@@ -87,6 +86,13 @@ class PositiveMap(Family):
         aten.avg_pool2d.default: lambda c, u: aten.avg_pool2d.default(**{**c.args, "self": u}),
         aten.mean.dim: lambda c, u: u.mean(_dims(c, u), c.args["keepdim"]),
         aten.sum.dim_IntList: lambda c, u: u.sum(_dims(c, u), c.args["keepdim"]),
+        aten.cumsum.default: lambda c, u: u.cumsum(c.args["dim"]),
+        aten.adaptive_avg_pool1d.default: lambda c, u: F.adaptive_avg_pool1d(
+            u, c.args["output_size"]
+        ),
+        aten.upsample_bilinear2d.vec: lambda c, u: aten.upsample_bilinear2d.vec(
+            **{**c.args, "input": u}
+        ),
     }
     ops = tuple(maps)
 
@@ -98,11 +104,6 @@ class PositiveMap(Family):
         r_in, sink = proportional(ctx.R, ctx.x, self.map(ctx))
         return {ctx.first: r_in}, sink
 
-    def contrast(self, ctx: Ctx) -> Propagation:
-        f = self.map(ctx)
-        r_in, sink = proportional_signed(ctx.R, ctx.x, f, f)
-        return {ctx.first: r_in}, sink
-
     def reference(self, ctx: Ctx) -> Propagation:
         r_in, sink = difference(ctx, ctx.diff(ctx.first), self.map(ctx))
         return {ctx.first: r_in}, sink
@@ -110,3 +111,51 @@ class PositiveMap(Family):
 
 def _dims(ctx: Ctx, u: Tensor) -> list[int]:
     return ctx.args["dim"] or list(range(u.dim()))
+
+
+class Share(Family):
+    """Reductions that are not linear (log-sum-exp, max, min, vector norms): each output
+    element's relevance is shared over the elements it reduced, by weights that add up to 1,
+    so it is conserved in every mode. log-sum-exp: by softmax, the weights of its gradient
+    (a soft maximum); amax / amin: the winner takes all, as in max pooling (ties split
+    evenly); the p-norm: in proportion to |x|^p, each element's share of sum |x|^p (for
+    p = inf, the winner).
+
+    Mode "reference" uses the same shares: the weights at the input, not a difference rule,
+    as the activations pass relevance on unchanged there."""
+
+    ops = (
+        aten.logsumexp.default,
+        aten.amax.default,
+        aten.amin.default,
+        aten.linalg_vector_norm.default,
+    )
+
+    def default(self, ctx: Ctx) -> Propagation:
+        x, a = ctx.x, ctx.args
+        dims = a["dim"] or list(range(x.dim()))
+        keepdim = a["keepdim"]
+        R = ctx.R if keepdim else ctx.R.reshape(ctx.K, *_kept_shape(x, dims))
+        return {"self": R * _weights(ctx.node.target, x, dims, a)}, None
+
+
+def _kept_shape(x: Tensor, dims: list[int]) -> list[int]:
+    reduced = {d % x.dim() for d in dims}
+    return [1 if i in reduced else n for i, n in enumerate(x.shape)]
+
+
+def _weights(target: Any, x: Tensor, dims: list[int], a: dict[str, Any]) -> Tensor:
+    """Weights over ``dims`` that add up to 1, the shape of ``x``."""
+    if target is aten.logsumexp.default:
+        return _normalise((x - x.amax(dims, keepdim=True)).exp(), dims)
+    if target is aten.linalg_vector_norm.default:
+        p = float(a["ord"])
+        if abs(p) != float("inf"):
+            return _normalise(x.abs() ** p if p else (x != 0).to(x.dtype), dims)
+        x, target = x.abs(), aten.amax.default if p > 0 else aten.amin.default
+    extreme = x.amax(dims, keepdim=True) if target is aten.amax.default else x.amin(dims, True)
+    return _normalise((x == extreme).to(x.dtype), dims)
+
+
+def _normalise(w: Tensor, dims: list[int]) -> Tensor:
+    return w / w.sum(dims, keepdim=True).clamp_min(TINY)

@@ -13,10 +13,22 @@ from ..tasks import MODES
 from .attention import Attention
 from .base import Family, Rule
 from .dense import AddMM, Conv, Einsum, GroupedMM, Linear, Product
-from .elementwise import Add, Identity, MaskedFill, Mul, Where
+from .elementwise import Add, AddCMul, Copy, Extremum, Identity, MaskedFill, Mul, Where
 from .normalisation import BatchNorm, GroupNorm, LayerNorm, RMSNorm
-from .pooling import MaxPool, PositiveMap
-from .shape import Adjoint, Cat, Embedding, Pad, Permute, Reshape, Split, Transpose
+from .pooling import MaxPool, PositiveMap, Share
+from .shape import (
+    Adjoint,
+    Cat,
+    Embedding,
+    Pad,
+    Permute,
+    Reshape,
+    Scatter,
+    Split,
+    Stack,
+    TopK,
+    Transpose,
+)
 
 FAMILIES: tuple[Family, ...] = (
     Linear(),
@@ -29,6 +41,9 @@ FAMILIES: tuple[Family, ...] = (
     Where(),
     MaskedFill(),
     Identity(),
+    Copy(),
+    Extremum(),
+    AddCMul(),
     BatchNorm(),
     LayerNorm(),
     RMSNorm(),
@@ -36,11 +51,15 @@ FAMILIES: tuple[Family, ...] = (
     Attention(),
     MaxPool(),
     PositiveMap(),
+    Share(),
     Reshape(),
     Permute(),
     Transpose(),
     Adjoint(),
     Cat(),
+    Stack(),
+    Scatter(),
+    TopK(),
     Split(),
     Pad(),
     Embedding(),

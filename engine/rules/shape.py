@@ -4,10 +4,13 @@ every mode: these maps have no bias and no weights."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Ctx, Family, Propagation, vjp
+from .base import TINY, Ctx, Family, Propagation, vjp
 
 aten = torch.ops.aten
 
@@ -68,11 +71,24 @@ class Adjoint(Family):
         aten.flip.default,
         aten.unfold.default,
         aten.diagonal.default,
+        aten.repeat_interleave.self_int,
+        aten.upsample_nearest1d.vec,
+        aten.upsample_nearest2d.vec,
+        aten.upsample_nearest2d.default,
+        aten.im2col.default,
+        aten.reflection_pad1d.default,
+        aten.reflection_pad2d.default,
+        aten.replication_pad1d.default,
+        aten.replication_pad2d.default,
     )
 
     def default(self, ctx: Ctx) -> Propagation:
+        """Integer inputs (ids on their way to an embedding) are selected as floats: the
+        adjoint of a selection does not depend on the values."""
         args = dict(ctx.args)
         x = args.pop(ctx.first)
+        if not x.is_floating_point():
+            x = x.to(ctx.R.dtype)
         return {ctx.first: vjp(lambda u: ctx.node.target(u, **args), x, ctx.R)}, None
 
 
@@ -86,6 +102,69 @@ class Cat(Family):
         dim = ctx.args["dim"] % tensors[0].dim()
         sizes = [t.shape[dim] for t in tensors]
         return {"tensors": list(ctx.R.split(sizes, dim=dim + 1))}, None
+
+
+class Stack(Family):
+    """Each piece gets its slice of the stacked dimension."""
+
+    ops = (aten.stack.default,)
+
+    def default(self, ctx: Ctx) -> Propagation:
+        dim = ctx.args["dim"] % (ctx.R.dim() - 1)
+        return {"tensors": list(ctx.R.unbind(dim + 1))}, None
+
+
+class Scatter(Family):
+    """Writes into a tensor (``slice_scatter``, ``index_put``, ``index_add``), linear in all
+    its tensor operands together: an element that was overwritten takes relevance from the
+    one that replaced it (the adjoint), one that was added to shares it with the addends in
+    proportion to |operand| (the |z| rule; the difference rule in mode "reference").
+    A constant operand's share is a sink."""
+
+    ops = (aten.slice_scatter.default, aten.index_put.default, aten.index_add.default)
+
+    def default(self, ctx: Ctx) -> Propagation:
+        names, f = self._map(ctx, absolute=True)
+        values = [ctx.args[n] for n in names]
+        if not self._adds(ctx):
+            return dict(zip(names, _joint_vjp(f, values, ctx.R), strict=True)), None
+        magnitudes = [v.abs() for v in values]
+        ratio = ctx.R / (f(*magnitudes) + TINY)
+        shares = _joint_vjp(f, magnitudes, ratio)
+        return {n: m * g for n, m, g in zip(names, magnitudes, shares, strict=True)}, ratio * TINY
+
+    def reference(self, ctx: Ctx) -> Propagation:
+        if not self._adds(ctx):
+            return self.default(ctx)
+        names, f = self._map(ctx, absolute=False)
+        changes = [ctx.diff(n) for n in names]
+        ratio = ctx.per_change()
+        shares = _joint_vjp(f, changes, ratio)
+        grads = {n: d * g for n, d, g in zip(names, changes, shares, strict=True)}
+        return grads, ctx.R - ratio * f(*changes)
+
+    @staticmethod
+    def _adds(ctx: Ctx) -> bool:
+        return ctx.node.target is aten.index_add.default or bool(ctx.args.get("accumulate"))
+
+    @staticmethod
+    def _map(ctx: Ctx, absolute: bool) -> tuple[list[str], Callable[..., Tensor]]:
+        """The floating-point operands and the op as a function of them (|alpha| for the
+        |z| rule)."""
+        names = [n for n, v in ctx.args.items() if isinstance(v, Tensor) and v.is_floating_point()]
+        args = dict(ctx.args)
+        if args.get("end") is not None:  # the exported graph's end may be sys.maxsize
+            args["end"] = min(args["end"], ctx.x.shape[args["dim"]])
+        if absolute and "alpha" in args:
+            args["alpha"] = abs(args["alpha"])
+        return names, lambda *ts: ctx.node.target(**{**args, **dict(zip(names, ts, strict=True))})
+
+
+def _joint_vjp(f: Callable[..., Tensor], values: list[Tensor], R: Tensor) -> list[Tensor]:
+    """Adjoint of the map ``f``, linear in all of ``values`` together, for each of the K
+    relevance maps: one result per operand."""
+    _, pullback = torch.func.vjp(f, *values)
+    return list(torch.func.vmap(pullback)(R))
 
 
 class Split(Family):
@@ -105,23 +184,34 @@ class Split(Family):
         return {ctx.first: torch.cat(parts, dim=dim + 1)}, None
 
 
-class Pad(Family):
-    """The padded border holds constants: its relevance is a sink."""
+class TopK(Family):
+    """The k values taken give their relevance back to the elements they were taken from
+    (the indices carry none)."""
 
-    ops = (aten.constant_pad_nd.default,)
+    ops = (aten.topk.default,)
 
     def default(self, ctx: Ctx) -> Propagation:
-        pads = ctx.args["pad"]
-        if any(p < 0 for p in pads):
-            raise NotImplementedError("constant_pad_nd with negative padding (cropping)")
-        index = [slice(None)] * ctx.R.dim()
-        for i in range(len(pads) // 2):
-            axis = ctx.R.dim() - 1 - i
-            index[axis] = slice(pads[2 * i], ctx.R.shape[axis] - pads[2 * i + 1])
-        kept: Tensor = ctx.R[tuple(index)]
-        sink = ctx.R.clone()
-        sink[tuple(index)] = 0
-        return {"self": kept.reshape(ctx.K, *ctx.x.shape)}, sink
+        values, index = ctx.out
+        r = ctx.R.get(0)
+        r_in = torch.zeros(r.shape[0], *ctx.x.shape, dtype=r.dtype, device=r.device)
+        dim = ctx.args["dim"] % ctx.x.dim()
+        return {"self": r_in.scatter_add(dim + 1, index.expand_as(r), r)}, None
+
+
+class Pad(Family):
+    """A constant border holds constants: its relevance is a sink (negative pads crop: the
+    cropped elements contributed nothing). A reflected, replicated or circular border copies
+    elements: their relevance goes back to the element each copied (the adjoint)."""
+
+    ops = (aten.constant_pad_nd.default, aten.pad.default)
+
+    def default(self, ctx: Ctx) -> Propagation:
+        pads, mode = ctx.args["pad"], ctx.args.get("mode", "constant")
+        r_in = vjp(lambda u: F.pad(u, pads, mode), ctx.x, ctx.R)
+        if mode != "constant":
+            return {"self": r_in}, None
+        border = F.pad(torch.zeros_like(ctx.x), pads, value=1.0)
+        return {"self": r_in}, ctx.R * border
 
 
 class Embedding(Family):

@@ -1,0 +1,178 @@
+"""The ops architectures met without a rule (issue 16): each in a tiny module captured with
+DLBacktrace, conserved in every mode, and the closed form where there is one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine import DLBacktrace
+from engine.rules import rule_for
+from engine.rules.pooling import Share
+from engine.rules.shape import Pad, Scatter, Stack, TopK
+
+from .test_rules import conserved, ctx_of, rand
+
+aten = torch.ops.aten
+B, D = 2, 8
+
+
+class Head(nn.Module):
+    """``body`` (the op under test, [B, 8] -> any shape) then a linear head to 3 logits."""
+
+    def __init__(self, body: Callable[[torch.Tensor], torch.Tensor], width: int):
+        super().__init__()
+        self.body = body
+        torch.manual_seed(0)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x).reshape(x.shape[0], -1))
+
+
+def _scatter(x):
+    y = x.new_empty(x.shape)
+    y[:, :4] = 2 * x[:, :4]
+    y[:, 4:] = torch.relu(x[:, 4:])
+    return y
+
+
+def _index_put(x):
+    y = torch.zeros_like(x)
+    y[:, torch.tensor([0, 2])] = x[:, :2]
+    return y + x
+
+
+def _grid(x):
+    return x.reshape(x.shape[0], 1, 2, 4)
+
+
+BODIES: dict[str, tuple[Callable, int]] = {
+    "type_as": (lambda x: torch.tanh(x).type_as(x), D),
+    "stack": (lambda x: torch.stack([x, x * 3, torch.relu(x)], 1), 3 * D),
+    "slice_scatter_copy_new_empty": (_scatter, D),
+    "pad_constant": (lambda x: F.pad(_grid(x), (1, 2, 1, 0)), 3 * 7),
+    "pad_reflect": (lambda x: F.pad(_grid(x), (1, 1, 1, 1), mode="reflect"), 4 * 6),
+    "pad_replicate": (lambda x: F.pad(_grid(x), (2, 1, 1, 1), mode="replicate"), 4 * 7),
+    "square": (lambda x: torch.square(x), D),
+    "clamp": (lambda x: x.clamp(-0.5, 0.5), D),
+    "softplus": (lambda x: F.softplus(x), D),
+    "expm1": (lambda x: torch.expm1(x), D),
+    "min_other": (lambda x: torch.min(x, x.flip(-1) * 2), D),
+    "addcmul": (lambda x: torch.addcmul(x, x, torch.tanh(x), value=0.5), D),
+    "cumsum": (lambda x: x.cumsum(-1), D),
+    "repeat_interleave": (lambda x: x.repeat_interleave(2, dim=-1), 2 * D),
+    "zeros_like": (lambda x: x + torch.zeros_like(x), D),
+    "upsample_nearest": (lambda x: F.interpolate(_grid(x), scale_factor=2), 4 * D),
+    "upsample_bilinear": (
+        lambda x: F.interpolate(_grid(x), scale_factor=2, mode="bilinear"),
+        4 * D,
+    ),
+    "vector_norm": (lambda x: torch.linalg.vector_norm(x.reshape(-1, 2, 4), dim=-1), 2),
+    "index_add": (lambda x: x.index_add(1, torch.tensor([0, 0, 3]), x[:, :3]), D),
+    "index_put": (_index_put, D),
+    "im2col": (lambda x: F.unfold(_grid(x), (2, 2)), 4 * 3),
+    "logsumexp": (lambda x: x.reshape(-1, 2, 4).logsumexp(-1), 2),
+    "topk": (lambda x: x.topk(3, dim=-1).values, 3),
+    "amax": (lambda x: x.reshape(-1, 2, 4).amax(-1), 2),
+}
+
+_cache: dict[str, DLBacktrace] = {}
+
+
+def captured(name: str) -> DLBacktrace:
+    if name not in _cache:
+        body, width = BODIES[name]
+        _cache[name] = DLBacktrace(Head(body, width).eval(), {"x": rand(B, D)})
+    return _cache[name]
+
+
+@pytest.mark.parametrize("mode", ["default", "contrast", "reference"])
+@pytest.mark.parametrize("name", list(BODIES))
+def test_conserved(name, mode):
+    result = captured(name).run_task(inputs={"x": rand(B, D, seed=1)}, mode=mode)
+    c = result["conservation"]
+    assert abs(c["inputs"] + c["sinks"] - c["seed"]).max() <= 1e-5 * 100.0, c
+    if mode == "default":
+        assert (abs(c["inputs"]) > 1e-3).all(), c
+
+
+def test_stack_gives_each_piece_its_slice():
+    R = rand(2, 3, 4, 5)
+    (grads, sink) = Stack().default(ctx_of(aten.stack.default, {"tensors": [], "dim": 1}, R))
+    assert sink is None
+    for i, piece in enumerate(grads["tensors"]):
+        assert torch.equal(piece, R[:, :, i])
+
+
+def test_constant_pad_border_is_a_sink_and_crop_drops():
+    x, R = rand(1, 3, 4), rand(2, 1, 4, 5)
+    args = {"self": x, "pad": [2, -1, 1, 0], "mode": "constant", "value": 0.0}
+    grads, sink = Pad().default(ctx_of(aten.pad.default, args, R))
+    assert torch.equal(grads["self"][..., :3], R[..., 1:, 2:])
+    assert torch.equal(grads["self"][..., 3:], torch.zeros(2, 1, 3, 1))  # cropped
+    assert sink[..., 1:, 2:].abs().sum() == 0 and torch.equal(sink[..., 0, :], R[..., 0, :])
+    assert torch.equal(sink[..., :2], R[..., :2])
+
+
+def test_reflect_pad_gives_the_border_to_the_element_it_copied():
+    x, R = rand(1, 1, 3), torch.ones(1, 1, 1, 5)
+    args = {"self": x, "pad": [1, 1], "mode": "reflect", "value": None}
+    grads, sink = Pad().default(ctx_of(aten.pad.default, args, R))
+    assert sink is None and grads["self"].tolist() == [[[[1.0, 3.0, 1.0]]]]
+
+
+def test_cumsum_shares_by_magnitude():
+    x, R = rand(1, 4), rand(3, 1, 4)
+    grads, sink = rule_for(aten.cumsum.default, "default")(
+        ctx_of(aten.cumsum.default, {"self": x, "dim": -1}, R)
+    )
+    expected = x.abs() * (R / x.abs().cumsum(-1)).flip(-1).cumsum(-1).flip(-1)
+    torch.testing.assert_close(grads["self"], expected)
+    conserved(R, grads, sink)
+
+
+def test_reductions_share_by_their_weights():
+    x, R = rand(2, 5), rand(3, 2)
+    for op, extra, weights in (
+        (aten.logsumexp.default, {}, torch.softmax(x, -1)),
+        (aten.amax.default, {}, F.one_hot(x.argmax(-1), 5).to(x.dtype)),
+        (aten.linalg_vector_norm.default, {"ord": 2}, x**2 / (x**2).sum(-1, keepdim=True)),
+    ):
+        args = {"self": x, **extra, "dim": [-1], "keepdim": False}
+        grads, sink = Share().default(ctx_of(op, args, R))
+        torch.testing.assert_close(grads["self"], R[..., None] * weights)
+        conserved(R, grads, sink)
+
+
+def test_slice_scatter_moves_relevance_with_the_elements():
+    x, src, R = rand(2, 6), rand(2, 2, seed=1), rand(3, 2, 6, seed=2)
+    args = {"self": x, "src": src, "dim": 1, "start": 1, "end": 5, "step": 2}
+    grads, sink = Scatter().default(ctx_of(aten.slice_scatter.default, args, R))
+    assert torch.equal(grads["src"], R[..., 1:5:2])
+    assert torch.equal(grads["self"][..., 1:5:2], torch.zeros(3, 2, 2))
+    conserved(R, grads, sink)
+
+
+def test_index_add_shares_by_magnitude():
+    x, src, R = rand(4), rand(2, seed=1), rand(3, 4, seed=2)
+    index = torch.tensor([1, 1])
+    args = {"self": x, "dim": 0, "index": index, "source": src, "alpha": 1}
+    grads, sink = Scatter().default(ctx_of(aten.index_add.default, args, R))
+    denominator = x.abs().index_add(0, index, src.abs())
+    torch.testing.assert_close(grads["source"], src.abs() * (R / denominator)[:, index])
+    conserved(R, grads, sink)
+
+
+def test_topk_returns_relevance_to_the_taken_elements():
+    x, R = rand(2, 5), rand(3, 2, 2)
+    out = x.topk(2)
+    grads, _ = TopK().default(
+        ctx_of(aten.topk.default, {"self": x, "k": 2, "dim": -1}, {0: R}, out=out)
+    )
+    assert torch.equal(grads["self"].gather(2, out.indices.expand(3, -1, -1)), R)
+    assert torch.allclose(grads["self"].sum(-1), R.sum(-1))
