@@ -20,7 +20,7 @@ from .metadata import ModelMeta
 
 def check(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta) -> None:
     """Every check of this module, in the order of the request's fields."""
-    _check_text(spec, req, meta)
+    _check_text(spec, task, req, meta)
     _check_token_ids(req, meta)
     _check_target(spec, task, req, meta)
     if task == TaskName.GENERATION:
@@ -39,13 +39,14 @@ def _texts(req: RunTaskRequest) -> list[str]:
     return [text] if isinstance(text, str) else list(text or [])
 
 
-def _check_text(spec: ModelSpec, req: RunTaskRequest, meta: ModelMeta) -> None:
-    """No blank text, and no text longer in tokens than the model takes."""
+def _check_text(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta) -> None:
+    """No blank text, and no generation prompt longer in tokens than the model takes (a
+    classifier's text is counted by the worker, which fails the job with the same words)."""
     for i, text in enumerate(_texts(req)):
         loc = ["inputs", "text"] if isinstance(req.inputs.text, str) else ["inputs", "text", i]
         if not text.strip():
             raise invalid(loc, "is blank (only whitespace); send some text")
-        n = meta.count_tokens(text)
+        n = meta.count_tokens(text) if task == TaskName.GENERATION else None
         if n is not None and n > spec.limits.max_tokens:
             raise invalid(loc, f"{n} tokens, more than max_tokens={spec.limits.max_tokens}")
 
