@@ -19,10 +19,11 @@ from torch import Tensor, fx
 
 from . import validate
 from .capture import Captured, CaptureError, Inputs, bind_inputs, capture
+from .heads import SEEDS, Position, qa_logits
 from .params import OutputParams, RelevanceParams
 from .references import named_reference
 from .sweep import Explanation, NodeIO, Seed, Sweeper
-from .tasks import TASK_NAMES, TaskName
+from .tasks import TASK_NAMES, TASKS, TaskName
 
 log = logging.getLogger("engine")
 
@@ -57,6 +58,7 @@ class DLBacktrace:
         self.model = model.eval().to(self.device)
         self.verbose = verbose
         self._graphs: list[tuple[Captured, Sweeper]] = []
+        self._head_sweepers: dict[tuple[int, fx.Node], Sweeper] = {}
         self._graph_for(self._prepare(input_for_graph, name="input_for_graph"))
         self.node_io: dict[str, Any] | None = None
         self.relevance: dict[str, Tensor] | None = None
@@ -134,16 +136,28 @@ class DLBacktrace:
             relevance, seed_total, at_inputs, sinks, f.outputs, f.env, f.sweeper.fused, f.captured
         )
 
-    def _forwards(self, inputs: Inputs, params: RelevanceParams, tokenizer: Any) -> _Forwards:
+    def _forwards(
+        self, inputs: Inputs, params: RelevanceParams, tokenizer: Any, task: str | None = None
+    ) -> _Forwards:
         """What a sweep starts from: the graph for these inputs (its rules checked before any
-        work), the recorded forward, and the reference's in mode "reference"."""
+        work), the recorded forward, and the reference's in mode "reference". Question
+        answering sweeps from the [B, T, 2] logits its two outputs are split from."""
         prepared = self._prepare(inputs, tokenizer)
         captured, sweeper = self._graph_for(prepared)
+        if task == TaskName.QUESTION_ANSWERING:
+            sweeper = self._head_sweeper(captured, qa_logits(_float_outputs(captured)))
         sweeper.check_rules()
         with torch.no_grad():
             env, outputs = sweeper.forward(prepared)
             env_ref = self._reference_env(sweeper, prepared, env, params, tokenizer)
         return _Forwards(prepared, captured, sweeper, env, outputs, env_ref)
+
+    def _head_sweeper(self, captured: Captured, node: fx.Node) -> Sweeper:
+        """A sweeper seeded on ``node`` instead of the first output, built once per graph."""
+        key = (id(captured), node)
+        if key not in self._head_sweepers:
+            self._head_sweepers[key] = Sweeper(captured, node)
+        return self._head_sweepers[key]
 
     def _reference_env(
         self, sweeper: Sweeper, prepared, env: dict, params: RelevanceParams, tokenizer: Any
@@ -187,6 +201,7 @@ class DLBacktrace:
         relevance_nodes: str | Sequence[str] | None = None,
         target: int | Sequence[int] | None = None,
         reference: Inputs | str | None = None,
+        position: Position = None,
         **generation_kwargs: Any,
     ) -> dict[str, Any]:
         """Predict and explain in one call (see ``dlbacktrace-pipeline.md``).
@@ -195,7 +210,9 @@ class DLBacktrace:
         value (so inputs + sinks = multiplier * scaler). ``temperature`` divides the logits
         reported as ``predictions``. ``thresholding`` is the decision threshold on the sigmoid
         of a single-logit binary classifier. ``target`` explains a given class instead of the
-        predicted one. ``reference`` (mode "reference" only): the input whose output the
+        predicted one, and ``position`` the token explained (token-classification, and
+        text-classification of [B, T, C] logits); ``engine.heads`` says what each task
+        explains by default. ``reference`` (mode "reference" only): the input whose output the
         explanation starts from, shaped like ``inputs``, or one of the names of
         ``engine.references`` ("zeros", the default: zeros, or for token ids zero embeddings;
         "mean" and "blur" for images; "mask" for tokens, with ``tokenizer``).
@@ -238,7 +255,7 @@ class DLBacktrace:
         else:
             if generation_kwargs:
                 raise TypeError(f"unexpected arguments for {task}: {sorted(generation_kwargs)}")
-            result = self._classify(task, inputs, params, output, tokenizer)
+            result = self._classify(task, inputs, params, output, tokenizer, position)
         self.relevance = result.get("relevance")
         return result
 
@@ -249,14 +266,21 @@ class DLBacktrace:
         params: RelevanceParams,
         output: OutputParams,
         tokenizer: Any,
+        position: Position = None,
     ) -> dict[str, Any]:
-        """One forward and one sweep seeded on each row's decided (or ``target``) logit."""
+        """One forward and one sweep seeded as ``engine.heads`` decides for the task: one seed
+        per sample (its relevance without the seed axis), or the task's ``seeds`` (relevance
+        [K, B, ...], conservation [K, B])."""
         started = time.perf_counter()
-        f = self._forwards(inputs, params, tokenizer)
-        decision = _decide(f.env[f.sweeper.seed_node], params)
+        f = self._forwards(inputs, params, tokenizer, task)
+        logits = f.env[f.sweeper.seed_node]
+        mask = _padding_mask(f.prepared, logits)
+        decision = SEEDS[task](logits, params, mask, position, task)
         exp = self._sweep(f, decision.seed, params)
         scaler = params.scaler
-        relevance = {k: v[0] * scaler for k, v in exp.relevance.items()}
+        per_seed = bool(TASKS[task].seeds) and position is None
+        first = slice(None) if per_seed else 0
+        relevance = {k: v[first] * scaler for k, v in exp.relevance.items()}
         node_io = exp.node_io()
         self.node_io = node_io
         predictions = _to_numpy(decision.scaled)
@@ -270,12 +294,15 @@ class DLBacktrace:
             "target": decision.target.cpu().numpy(),
             "mode": params.mode,
             "conservation": {
-                "seed": _to_numpy(exp.seed[0]) * scaler,
-                "inputs": _to_numpy(exp.inputs[0]) * scaler,
-                "sinks": _to_numpy(exp.sinks[0]) * scaler,
+                "seed": _to_numpy(exp.seed[first]) * scaler,
+                "inputs": _to_numpy(exp.inputs[first]) * scaler,
+                "sinks": _to_numpy(exp.sinks[first]) * scaler,
             },
             "timings": {"total_s": time.perf_counter() - started},
+            **decision.extra,
         }
+        if per_seed:
+            result["seeds"] = TASKS[task].seeds
         if params.mode in ("contrast", "reference"):
             names = f.captured.input_names
             result["relevance_positive"] = {
@@ -433,49 +460,33 @@ class DLBacktrace:
         }
 
 
-def _explained_output(captured: Captured) -> fx.Node:
-    """The first floating-point tensor the model returns (logits)."""
+def _float_outputs(captured: Captured) -> list[fx.Node]:
+    """The floating-point tensors the model returns, in order."""
     outputs = captured.output.args[0]
     outputs = outputs if isinstance(outputs, list | tuple) else (outputs,)
-    for node in outputs:
-        val = node.meta.get("val") if isinstance(node, fx.Node) else None
-        if isinstance(val, Tensor) and val.is_floating_point():
-            return node
-    raise ValueError("the model returns no floating-point tensor to explain")
+    return [
+        node
+        for node in outputs
+        if isinstance(node, fx.Node)
+        and isinstance(node.meta.get("val"), Tensor)
+        and node.meta["val"].is_floating_point()
+    ]
 
 
-class _Decision(NamedTuple):
-    scaled: Tensor  # logits / temperature, reported as predictions
-    labels: Tensor  # [B] the decided class
-    target: Tensor  # [B] the explained class: ``target`` where given, else the decided one
-    seed: Seed
+def _explained_output(captured: Captured) -> fx.Node:
+    """The first floating-point tensor the model returns (logits)."""
+    outputs = _float_outputs(captured)
+    if not outputs:
+        raise ValueError("the model returns no floating-point tensor to explain")
+    return outputs[0]
 
 
-def _decide(logits: Tensor, params: RelevanceParams) -> _Decision:
-    """Each row's decision (argmax, or for a single logit its sigmoid against
-    ``thresholding``) and the seed on the explained logit. In modes "contrast" and "reference"
-    a single logit decided "negative" is seeded with the opposite sign: the evidence for
-    "negative" is the evidence against the logit."""
-    scaled = logits.float() / params.temperature
-    single = scaled.dim() == 1 or scaled.shape[-1] == 1
-    batch = logits.shape[0]
-    if single:
-        labels = (torch.sigmoid(scaled.reshape(batch)) >= params.thresholding).long()
-    else:
-        labels = scaled.argmax(-1)
-    explained = labels if params.target is None else _targets(params.target, batch, logits.device)
-    unit = torch.zeros_like(explained) if single else explained
-    sign = torch.ones(batch, device=logits.device)
-    if single and params.mode in ("contrast", "reference"):
-        sign = torch.where(explained == 1, 1.0, -1.0)
-    rows = torch.arange(batch, device=logits.device)
-    index = torch.stack([rows, unit], -1) if logits.dim() == 2 else rows[:, None]
-    return _Decision(scaled, labels, explained, Seed(index[None], (sign * params.multiplier)[None]))
-
-
-def _targets(target: int | Sequence[int], batch: int, device) -> Tensor:
-    t = torch.as_tensor(target, device=device).long().reshape(-1)
-    return t.expand(batch) if t.numel() == 1 else t
+def _padding_mask(prepared: dict[str, Tensor], logits: Tensor) -> Tensor | None:
+    """The inputs' ``attention_mask`` where it masks the logits' token axis ([B, T])."""
+    mask = prepared.get("attention_mask")
+    if mask is None or logits.dim() < 2 or tuple(mask.shape) != tuple(logits.shape[:2]):
+        return None
+    return mask
 
 
 def _to_numpy(t: Tensor) -> np.ndarray:

@@ -16,6 +16,8 @@ class TaskName(StrEnum):
     TEXT_CLASSIFICATION = "text-classification"
     IMAGE_CLASSIFICATION = "image-classification"
     TABULAR_CLASSIFICATION = "tabular-classification"
+    TOKEN_CLASSIFICATION = "token-classification"
+    QUESTION_ANSWERING = "question-answering"
     GENERATION = "generation"
 
 
@@ -32,13 +34,17 @@ class Task:
     """One task. ``inputs``: the request input kinds the service accepts for it (``text``,
     ``token_ids``, ``image``, ``features``); ``references``: the named references
     (``engine.references``) that make sense for those inputs; ``batchable``: whether the
-    service may run several requests of it as one batch."""
+    service may run several requests of it as one batch; ``seeds``: what the leading axis of
+    its relevance holds when one run explains several outputs of a sample (question answering:
+    the start, then the end; token classification: one seed per token, ``("token",)``); empty
+    where one output is explained and the result drops that axis."""
 
     name: TaskName
     call: EngineCall
     inputs: tuple[str, ...]
     references: tuple[str, ...]
     batchable: bool
+    seeds: tuple[str, ...] = ()
 
 
 TASKS: dict[TaskName, Task] = {
@@ -64,6 +70,22 @@ TASKS: dict[TaskName, Task] = {
             ("features",),
             ("zeros",),
             True,
+        ),
+        Task(
+            TaskName.TOKEN_CLASSIFICATION,
+            EngineCall.CLASSIFY,
+            ("text", "token_ids"),
+            ("zeros", "mask"),
+            False,
+            ("token",),
+        ),
+        Task(
+            TaskName.QUESTION_ANSWERING,
+            EngineCall.CLASSIFY,
+            ("text", "token_ids"),
+            ("zeros", "mask"),
+            False,
+            ("start", "end"),
         ),
         Task(TaskName.GENERATION, EngineCall.GENERATE, ("text", "token_ids"), ("zeros",), False),
     )

@@ -1,0 +1,203 @@
+"""How each task turns a model's logits into seeds: which output is explained, and how much.
+
+One function per task (``SEEDS``), each from the logits, the ``RelevanceParams``, the padding
+mask ``[B, T]`` (``None`` where the inputs carry none) and an optional ``position``:
+
+- text-, image- and tabular-classification explain one ``[B, C]`` decision per sample. Text
+  models whose logits keep a token axis (``[B, T, C]``: a causal LM run as a classifier, a
+  token classifier) are explained at ``position`` or else at each sample's last non-padded
+  token, the token a causal LM's classification head reads. Image and tabular logits of any
+  other rank are an error: which of their outputs is "the decision" is not ours to guess.
+- token-classification explains a ``position``'s label (one seed), or every token's label at
+  once: seed k explains token k, so relevance is ``[T, B, T]``; padding tokens get no seed.
+- question-answering explains the predicted answer: seed 0 the start logit at the argmax
+  start, seed 1 the end logit at the argmax end (the order of ``TASKS[...].seeds``), over the
+  ``[B, T, 2]`` logits that the start and end outputs are split from (``qa_logits``).
+
+``target`` replaces the predicted label (a class index, one per sample or one for all).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, fx
+
+from .params import RelevanceParams
+from .sweep import Seed
+from .tasks import TaskName
+
+Position = int | Sequence[int] | None
+
+
+class Decision(NamedTuple):
+    """What a run decided and explains. ``labels`` / ``target``: the decided and the explained
+    labels ([B], or [B, T] per token); ``extra``: task-specific result entries."""
+
+    scaled: Tensor  # logits / temperature, reported as predictions
+    labels: Tensor
+    target: Tensor
+    seed: Seed
+    extra: dict[str, Any]
+
+
+def classification(
+    logits: Tensor, params: RelevanceParams, mask: Tensor | None, position: Position, task: str
+) -> Decision:
+    """Each sample's decision (argmax, or for a single logit its sigmoid against
+    ``thresholding``) and the seed on the explained logit. In modes "contrast" and "reference"
+    a single logit decided "negative" is seeded with the opposite sign: the evidence for
+    "negative" is the evidence against the logit."""
+    batch = logits.shape[0]
+    rows = torch.arange(batch, device=logits.device)
+    where: tuple[Tensor, ...] = (rows,)
+    if logits.dim() == 3 and task == TaskName.TEXT_CLASSIFICATION:
+        pos = _positions(position, mask, logits) if position is not None else _last(mask, logits)
+        where = (rows, pos)
+    elif logits.dim() > 2 or position is not None:
+        raise ValueError(
+            f"{task} explains [B, C] logits (text: [B, T, C] at one position); this model "
+            f"returns {tuple(logits.shape)}: use task='token-classification' for one label per "
+            "token, or a model that pools its output"
+        )
+    scaled = logits.float() / params.temperature
+    decided = scaled[where]
+    single = decided.dim() == 1 or decided.shape[-1] == 1
+    if single:
+        labels = (torch.sigmoid(decided.reshape(batch)) >= params.thresholding).long()
+    else:
+        labels = decided.argmax(-1)
+    explained = labels if params.target is None else _targets(params.target, labels.shape, rows)
+    sign = torch.ones(batch, device=logits.device)
+    if single and params.mode in ("contrast", "reference"):
+        sign = torch.where(explained == 1, 1.0, -1.0)
+    index = list(where)
+    if logits.dim() > len(where):
+        index.append(torch.zeros_like(explained) if single else explained)
+    seed = Seed(torch.stack(index, -1)[None], (sign * params.multiplier)[None])
+    extra = {"position": where[1].cpu().numpy()} if len(where) > 1 else {}
+    return Decision(decided, labels, explained, seed, extra)
+
+
+def token_classification(
+    logits: Tensor, params: RelevanceParams, mask: Tensor | None, position: Position, task: str
+) -> Decision:
+    """Seeds on ``[B, T, C]`` logits: the label at ``position`` (one seed per sample), or
+    without a position every token's label (seed k on token k; padding's seed is zero)."""
+    if logits.dim() != 3:
+        raise ValueError(
+            f"{task} explains [B, T, C] logits, one label per token; this model returns "
+            f"{tuple(logits.shape)}"
+        )
+    batch, length = logits.shape[:2]
+    rows = torch.arange(batch, device=logits.device)
+    scaled = logits.float() / params.temperature
+    labels = scaled.argmax(-1)  # [B, T]
+    explained = labels if params.target is None else _targets(params.target, labels.shape, rows)
+    if position is not None:
+        pos = _positions(position, mask, logits)
+        index = torch.stack([rows, pos, explained[rows, pos]], -1)[None]
+        value = torch.full((1, batch), params.multiplier, device=logits.device)
+        return Decision(scaled, labels, explained, Seed(index, value), {"position": pos.cpu()})
+    tokens = torch.arange(length, device=logits.device)
+    b, t = torch.meshgrid(rows, tokens, indexing="ij")  # [B, T]
+    index = torch.stack([b, t, explained], -1).transpose(0, 1)  # [T, B, 3]: seed k on token k
+    kept = torch.ones(batch, length, device=logits.device) if mask is None else mask.float()
+    value = (kept * params.multiplier).transpose(0, 1)
+    return Decision(scaled, labels, explained, Seed(index, value), {})
+
+
+def question_answering(
+    logits: Tensor, params: RelevanceParams, mask: Tensor | None, position: Position, task: str
+) -> Decision:
+    """Two seeds on ``[B, T, 2]`` logits: the start logit at the argmax start over unpadded
+    tokens, and the end logit at the argmax end. Start and end are chosen independently, as
+    the two outputs of the head are; ``answer_span`` reports both ([B, 2])."""
+    if logits.dim() != 3 or logits.shape[-1] != 2:
+        raise ValueError(f"{task} explains [B, T, 2] start / end logits, got {tuple(logits.shape)}")
+    if position is not None or params.target is not None:
+        raise ValueError(f"{task} explains the predicted answer: no position= or target=")
+    scaled = logits.float() / params.temperature
+    masked = scaled if mask is None else scaled.masked_fill(mask[..., None] == 0, -torch.inf)
+    span = masked.argmax(1)  # [B, 2]: start, end
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    index = torch.stack(
+        [torch.stack([rows, span[:, k], torch.full_like(rows, k)], -1) for k in (0, 1)]
+    )
+    value = torch.full(index.shape[:2], params.multiplier, device=logits.device)
+    extra = {"answer_span": span.cpu().numpy()}
+    return Decision(scaled, span, span, Seed(index, value), extra)
+
+
+SEEDS: dict[TaskName, Callable[..., Decision]] = {
+    TaskName.TEXT_CLASSIFICATION: classification,
+    TaskName.IMAGE_CLASSIFICATION: classification,
+    TaskName.TABULAR_CLASSIFICATION: classification,
+    TaskName.TOKEN_CLASSIFICATION: token_classification,
+    TaskName.QUESTION_ANSWERING: question_answering,
+}
+
+
+def qa_logits(outputs: Sequence[fx.Node]) -> fx.Node:
+    """The ``[B, T, 2]`` node a question-answering model's start and end outputs are split
+    from (transformers: linear -> split -> squeeze -> contiguous), or the first output itself
+    where the model returns that tensor."""
+    start = outputs[0]
+    if _shape(start)[-1:] == (2,):
+        return start
+    behind = _chain(start)
+    for node in _chain(outputs[1]) if len(outputs) > 1 else ():
+        if node in behind and len(_shape(node)) == 3 and _shape(node)[-1] == 2:
+            return node
+    raise ValueError(
+        "question-answering needs a model returning start and end logits split from one "
+        "[B, T, 2] tensor, or that tensor itself"
+    )
+
+
+def _chain(node: fx.Node, depth: int = 8) -> list[fx.Node]:
+    """``node`` and its first inputs back through ``depth`` single-input ops."""
+    chain = [node]
+    while len(chain) < depth and len(node.all_input_nodes) == 1:
+        node = node.all_input_nodes[0]
+        chain.append(node)
+    return chain
+
+
+def _shape(node: fx.Node) -> tuple:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, Tensor) else ()
+
+
+def _last(mask: Tensor | None, logits: Tensor) -> Tensor:
+    """Each sample's last non-padded position (right or left padding alike)."""
+    length = logits.shape[1]
+    if mask is None:
+        return torch.full((logits.shape[0],), length - 1, device=logits.device)
+    tokens = torch.arange(length, device=logits.device)
+    return torch.where(mask.to(logits.device) != 0, tokens, -1).amax(1).clamp(min=0)
+
+
+def _positions(position: Position, mask: Tensor | None, logits: Tensor) -> Tensor:
+    """``position`` per sample, checked against the sequence and its padding."""
+    batch, length = logits.shape[:2]
+    pos = torch.as_tensor(position, device=logits.device).long().reshape(-1)
+    if pos.numel() not in (1, batch) or ((pos < 0) | (pos >= length)).any():
+        raise ValueError(f"position must be one index in [0, {length}) or one per sample")
+    pos = pos.expand(batch)
+    if mask is not None and (mask.to(pos.device)[torch.arange(batch), pos] == 0).any():
+        raise ValueError(f"position {pos.tolist()} falls on padding")
+    return pos
+
+
+def _targets(target: Any, shape: torch.Size, rows: Tensor) -> Tensor:
+    """``target`` as labels of ``shape``: one for all, or one per sample."""
+    t = torch.as_tensor(target, device=rows.device).long()
+    if t.numel() == 1:
+        return t.reshape(()).expand(shape)
+    t = t.reshape(-1)
+    if t.numel() != shape[0]:
+        raise ValueError(f"target must be one label or one per sample ({shape[0]}): {t.numel()}")
+    return t.reshape(-1, *([1] * (len(shape) - 1))).expand(shape)
