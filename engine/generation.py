@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from . import validate
 from .decoding import Decoded, decode
+from .memory import plan_seeds
 from .params import DecodingParams, OutputParams, RelevanceParams, StepPlan, with_keywords
 from .step_explainer import Explained, Layout, StepExplainer, check_logits
 from .steps import OnStep, decode_stepwise, explain_decoded, select_steps
@@ -174,6 +175,9 @@ def run_generation(
     layout = Layout(ids.shape[1], (1 - mask).sum(1))
     explainer = StepExplainer(dlb, layout, relevance, _grouped_mm_ops())
     _check_prompt(dlb, explainer.token_input, ids, mask, cfg.max_new_tokens)
+    length = ids.shape[1] + cfg.max_new_tokens - 1  # the longest explanation forward
+    seeds = plan_seeds(dlb, plan, ids.shape[0], length, relevance.mode, explainer.nodes)
+    plan = dataclasses.replace(plan, max_seeds_per_sweep=seeds)
     keep_scores = output.return_scores or on_step is not None
     streamed = plan.path == "stepwise" and cfg.num_beams == 1
     if streamed:

@@ -188,15 +188,47 @@ def _special_ids(lm: Any, tokenizer: Any) -> tuple[tuple[int, ...], int]:
 class StepPlan:
     """Which generation steps to explain (``engine.steps.select_steps``: "all", "none", the
     first N, or a list) and how: "batched" (after decoding, one forward and one sweep per
-    ``max_seeds_per_sweep`` steps) or "stepwise" (each step as soon as it is emitted)."""
+    ``max_seeds_per_sweep`` steps) or "stepwise" (each step as soon as it is emitted).
+
+    ``memory_budget`` bounds a sweep's working memory: None (unbounded: ``max_seeds_per_sweep``
+    seeds), bytes as an int or a string ("512MB", "2GB", "1.5GiB"), or "auto" (half the free
+    memory of the device, ``engine.memory``). With a budget the seeds per sweep follow from
+    the graph's estimate, and a request that cannot fit one seed is refused before decoding."""
 
     steps: str | int | Sequence[int] | None = "all"
     path: str = "batched"
     max_seeds_per_sweep: int = 64
+    memory_budget: int | str | None = None
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
             raise ValueError(f"path must be 'batched' or 'stepwise', got {self.path!r}")
+        if self.memory_budget is not None and self.memory_budget != "auto":
+            object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget))
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_bytes(value: Any) -> int:
+    """A positive number of bytes from an int or a string with a unit ("2GB", "1.5 GiB")."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        number, unit = float(value), ""
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        split = len(text.rstrip("kmgtib"))
+        number_text, unit = text[:split].strip(), text[split:]
+        try:
+            number = float(number_text)
+        except ValueError:
+            number = math.nan
+    else:
+        raise TypeError(f'memory_budget must be bytes (int or "2GB") or "auto", got {value!r}')
+    if unit not in _UNITS or not math.isfinite(number) or number * _UNITS[unit] < 1:
+        raise ValueError(f'memory_budget must be positive bytes ("512MB", "2GB", "1.5GiB"),'
+                         f" an int, or \"auto\"; got {value!r}")  # fmt: skip
+    return int(number * _UNITS[unit])
 
 
 @dataclass(frozen=True)

@@ -290,13 +290,19 @@ class Sweeper:
         total = torch.zeros(seed.K, batch, device=device)
         return total.scatter_add_(1, b.to(device), seed.value.to(device, torch.float32))
 
+    def seed_head(self) -> fx.Node:
+        """The op the seeds are placed through: the explained output, past copies. A linear
+        head's seeds land on its input (``_seed``), never on the [B, T, V] output."""
+        head = self.seed_node
+        while head.target in _PASS_THROUGH:
+            head = head.all_input_nodes[0]
+        return head
+
     def _seed(self, p: _Pass, seed: Seed) -> dict:
         """Place the seeds. Where the explained output is a linear layer (a classifier or a
         language-model head), apply the linear rule of the mode to the sparse entries
         directly (``rules.LinearRows``): entry e pairs its input row with its unit's weights."""
-        head = self.seed_node
-        while head.target in _PASS_THROUGH:
-            head = head.all_input_nodes[0]
+        head = self.seed_head()
         out = p.env[self.seed_node]
         if head.target is not aten.linear.default:
             dtype = torch.promote_types(out.dtype, torch.float32)

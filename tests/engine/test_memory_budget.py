@@ -1,0 +1,76 @@
+"""memory_budget: seeds per sweep chosen from the graph's estimate, a request that cannot fit
+refused before any work, and the same relevance however many sweeps the budget asks for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import DLBacktrace
+from engine.generation import run_generation
+from engine.memory import MemoryBudgetError, estimate, plan_seeds, resolve_budget
+from engine.params import StepPlan
+from tests.engine.lm_models import prompts, tiny_lm
+
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return prompts(2, 7, seed=1, pads=(0, 2))
+
+
+@pytest.fixture(scope="module")
+def dlb(batch):
+    return DLBacktrace(tiny_lm("llama", sharpen=5.0), batch)
+
+
+def _needed(dlb, batch, seeds):
+    captured, sweeper = dlb._graphs[0]
+    shape = (batch["input_ids"].shape[0], batch["input_ids"].shape[1] + NEW - 1)
+    sizes = captured.sizes({n: torch.empty(shape, device="meta") for n in captured.input_names})
+    return estimate(sweeper, sizes, "default", set()).needed(seeds)
+
+
+def test_budget_parsing():
+    assert StepPlan(memory_budget="2GB").memory_budget == 2 * 10**9
+    assert StepPlan(memory_budget="1.5 GiB").memory_budget == 3 * 2**29
+    assert StepPlan(memory_budget=4096).memory_budget == 4096
+    assert StepPlan(memory_budget="auto").memory_budget == "auto"
+    assert resolve_budget("auto", torch.device("cpu")) > 0
+    for bad in ("lots", "0MB", "-1GB", "2XB"):
+        with pytest.raises(ValueError, match="memory_budget"):
+            StepPlan(memory_budget=bad)
+    with pytest.raises(TypeError, match="memory_budget"):
+        StepPlan(memory_budget=True)
+
+
+@pytest.mark.parametrize("path", ["batched", "stepwise"])
+def test_too_small_budget_is_refused_before_any_work(dlb, batch, path):
+    calls = []
+    hook = dlb.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        needed = _needed(dlb, batch, 1)
+        with pytest.raises(MemoryBudgetError, match=f"at least {needed / 1e6:.1f} MB"):
+            dlb.run_task("generation", batch, max_new_tokens=NEW, path=path,
+                         memory_budget=needed - 1)  # fmt: skip
+    finally:
+        hook.remove()
+    assert calls == []
+
+
+def test_fitting_budget_splits_sweeps_and_keeps_relevance(dlb, batch, monkeypatch):
+    kw = dict(max_new_tokens=NEW, return_relevance=True)
+    unbounded = run_generation(dlb, batch, **kw)
+    budget = _needed(dlb, batch, 2)
+    plan = StepPlan(memory_budget=budget)
+    assert plan_seeds(dlb, plan, 2, 7 + NEW - 1, "default", "inputs") == 2
+    sweeps = []
+    explain = dlb.explain
+    monkeypatch.setattr(dlb, "explain", lambda *a, **k: sweeps.append(1) or explain(*a, **k))
+    bounded = run_generation(dlb, batch, memory_budget=budget, **kw)
+    assert len(sweeps) == NEW // 2
+    assert torch.equal(bounded["generated_ids"], unbounded["generated_ids"])
+    for a, b in zip(bounded["relevance_trace"], unbounded["relevance_trace"], strict=True):
+        a, b = a["input_ids"], b["input_ids"]
+        assert float((a - b).abs().max()) <= 1e-5 * max(float(b.abs().max()), 1e-12)
