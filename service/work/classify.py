@@ -7,6 +7,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from engine.tasks import TASKS
+
 from . import documents, inputs
 from .context import Outcome, Run, Work, engine_relevance, one
 from .inputs import Batch, Tensors
@@ -78,7 +80,12 @@ def _explain(
     docs = []
     for p, sl in zip(prepared, rows, strict=True):
         part = {k: v[sl] for k, v in batch.items()}
-        doc = documents.classification(run, part, documents.rows(res, sl), req.output, p.tensors)
+        if TASKS[run.task].seeds:  # never batched (engine.tasks): the result is the job's
+            doc = documents.per_token(run, part, res, req.output)
+        else:
+            doc = documents.classification(
+                run, part, documents.rows(res, sl), req.output, p.tensors
+            )
         timings = {
             "capture_s": capture_s,
             "engine_s": engine_s,

@@ -120,6 +120,43 @@ def classification(
     return doc
 
 
+def per_token(run: Run, batch: Batch, res: dict[str, Any], output: OutputOptions) -> Doc:
+    """The result of a task with several seeds per row (``engine.tasks``: one per token for
+    token-classification, start and end for question-answering). Per row, over its real
+    tokens: the tokens, what was predicted (each token's label, or the answer span as
+    indices into those tokens), and relevance [seeds, tokens] with the seeds' names
+    (``seeds``; "token": seed k explains real token k)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    loaded = run.entry.loaded
+    relevance = res["relevance"].get("input_ids")  # [K, B, T]
+    items: list[Doc] = []
+    for i in range(ids.shape[0]):
+        real = mask[i].numpy()
+        row_ids = ids[i][mask[i]].tolist()
+        tokens = loaded.tokenizer.convert_ids_to_tokens(row_ids) if loaded.tokenizer else None
+        item: Doc = {"token_ids": row_ids, "tokens": tokens, "seeds": list(res["seeds"])}
+        seeds = real
+        if run.task == TaskName.QUESTION_ANSWERING:
+            span = (np.cumsum(real) - 1)[np.asarray(res["answer_span"][i])]
+            item["answer_span"] = span.tolist()
+            item["answer_tokens"] = (tokens or row_ids)[span[0] : span[1] + 1]
+            seeds = np.ones(len(res["seeds"]), dtype=bool)
+        else:
+            names = loaded.labels or []
+            picked = np.asarray(res["predicted_labels"][i])[real]
+            item["labels"] = [names[k] if k < len(names) else str(k) for k in picked.tolist()]
+        if relevance is not None:
+            r = relevance[:, i].detach().float().cpu().numpy()[seeds][:, real]
+            item["relevance"] = codec.encode(r, output.encoding, output.dtype)
+        items.append(item)
+    key = "labels" if run.task == TaskName.TOKEN_CLASSIFICATION else "answer_tokens"
+    return {
+        "inputs": items,
+        "conservation": {k: np.asarray(v).tolist() for k, v in res["conservation"].items()},
+        "summary": {key: [item[key] for item in items]},
+    }
+
+
 def _predictions(labels: list[str] | None, res: dict[str, Any]) -> list[Doc]:
     """Per row: the predicted class with its probability, every logit and every class's
     probability (a sigmoid for a single-logit binary classifier, else a softmax)."""
