@@ -114,6 +114,12 @@ class RelevanceParams(BaseModel):
     thresholding: float = Field(default=0.5, ge=0, le=1)
     temperature: float = Field(default=1.0, gt=0, le=100)
     target: int | None = Field(default=None, ge=0, description="explain this class")
+    position: int | None = Field(
+        default=None,
+        ge=0,
+        description="token-classification: explain this token's label (default: every "
+        "token's, one relevance row per token)",
+    )
     reference: Literal[REFERENCE_NAMES] | None = Field(
         default=None,
         description='mode "reference" only: what the input with its features removed is. '

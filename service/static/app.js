@@ -156,6 +156,7 @@ async function finish() {
       return;
     }
     if (current.task === "image-classification") await showImage(view.result);
+    else if (view.result.inputs[0]?.seeds) showTokens(view.result);
     else showClassification(view.result);
     showReport(current.id, view.result.conservation, view.result.timings);
   } catch (err) {
@@ -294,6 +295,25 @@ function showClassification(result) {
       rows.push(render.tokenRow(item.tokens, values, "Relevance"));
     }
   }
+  $("text-tokens").replaceChildren(...rows);
+  $("text-view").hidden = false;
+}
+
+/** Token classification and question answering: what was predicted (each token's label,
+ *  or the answer), then one relevance row per seed (per token, or the start and the end). */
+function showTokens(result) {
+  const item = result.inputs[0];
+  const answer = item.answer_tokens;
+  $("label").textContent = answer
+    ? `Answer: ${answer.map(render.display).join(" ")}`
+    : `Labels: ${item.tokens.map((t, i) => `${render.display(t)}/${item.labels[i]}`).join(" ")}`;
+  $("probabilities").replaceChildren();
+  const captions = answer
+    ? item.seeds
+    : item.tokens.map((t, i) => `${render.display(t)} → ${item.labels[i]}`);
+  const rows = (item.relevance?.values ?? []).map((values, k) =>
+    render.tokenRow(item.tokens, values, captions[k]),
+  );
   $("text-tokens").replaceChildren(...rows);
   $("text-view").hidden = false;
 }

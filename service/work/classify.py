@@ -71,6 +71,7 @@ def _explain(
         inputs=inputs.on_device(run.entry, batch),
         relevance_nodes=req.output.relevance,
         target=req.relevance.target,
+        position=req.relevance.position,
         reference=req.relevance.reference,
         tokenizer=run.entry.loaded.tokenizer,
         **engine_relevance(req),

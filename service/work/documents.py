@@ -49,6 +49,8 @@ def receipt(run: Run, req: RunTaskRequest) -> Doc:
     params = {**engine_relevance(req), "relevance_nodes": req.output.relevance}
     if req.relevance.mode == "reference":
         params["reference"] = req.relevance.reference or "zeros"  # the engine's default
+    if req.relevance.position is not None:
+        params["position"] = req.relevance.position
     if run.task == TaskName.GENERATION:
         params["generation"] = req.generation.model_dump(mode="json")
     entry = run.entry
