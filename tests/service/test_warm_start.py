@@ -8,11 +8,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
+import pytest
 
+from service.client import Client
 from service.demo import DEMO_IDS, ensure_built
 from service.redis_server import free_port
 from service.registry import load_registry
@@ -28,20 +29,6 @@ FIRST_JOBS = {
 }
 # A capture costs seconds (torch.export); a cached one is a dictionary lookup.
 NO_CAPTURE_S = 0.5
-
-
-def _ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("serve exited:\n" + log.read_text()[-3000:])
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("not ready:\n" + log.read_text()[-3000:])
 
 
 def test_every_demo_model_is_warm_before_ready(tmp_path: Path) -> None:
@@ -60,7 +47,10 @@ def test_every_demo_model_is_warm_before_ready(tmp_path: Path) -> None:
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _ready(url, proc, log)
+        try:
+            Client(url).wait_ready(timeout=900, processes=(proc,))
+        except (RuntimeError, TimeoutError) as exc:
+            pytest.fail(f"not ready ({exc}):\n" + log.read_text()[-3000:])
         models = httpx.get(f"{url}/models", timeout=10).json()["models"]
         assert {m["id"] for m in models if m["warm"]} == set(DEMO_IDS)
         for model_id in DEMO_IDS:
@@ -74,5 +64,8 @@ def test_every_demo_model_is_warm_before_ready(tmp_path: Path) -> None:
                 assert timings["cache"] == "hit", (model_id, timings)
                 assert timings["capture_s"] < NO_CAPTURE_S, (model_id, timings)
     finally:
-        proc.terminate()
-        proc.wait(60)
+        proc.terminate()  # serve stops its worker and its redis-server
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
