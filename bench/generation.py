@@ -6,7 +6,8 @@ a 32-token prompt, GPT-2 configuration with 6 layers and width 256, random weigh
 step: KV-cached decode, then one forward and one batched sweep) and ``ratio``. Target: ratio <= 4.
 Each figure is the median of ``--repeats`` runs after one warm-up; the ``*_cpu_s`` figures
 (process CPU time, all threads) are less sensitive to other jobs sharing the machine.
-``--device cuda`` runs both on the GPU.
+``--device cuda`` runs both on the GPU. ``--scale`` measures a Llama-style model at the sizes
+of issue 14 instead (``bench.generation_scale``; ``--scale-sizes 128+16`` for a quick run).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import transformers
 
 from bench.engine import sync
+from bench.generation_scale import SIZES, parse_sizes, scale_report
 from engine import DLBacktrace
 from engine.generation import run_generation
 
@@ -53,7 +55,14 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--scale", action="store_true", help="the Llama-style sizes of issue 14")
+    parser.add_argument("--scale-sizes", type=parse_sizes, default=list(SIZES),
+                        help='prompt+new sizes for --scale, e.g. "128+16,512+64"')  # fmt: skip
+    parser.add_argument("--memory-budget", default=None, help='for --scale: "2GB", "auto"')
     args = parser.parse_args()
+    if args.scale:
+        print(json.dumps(scale_report(args.scale_sizes, args.device, args.memory_budget), indent=2))
+        return
 
     model, inputs = build(prompt_len=args.prompt_len, device=args.device)
     # eos_token_id=None: generate all tokens, like the explained run (a random model may hit EOS)
