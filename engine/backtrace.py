@@ -19,6 +19,7 @@ from torch import Tensor, fx
 
 from . import validate
 from .capture import Captured, CaptureError, Inputs, bind_inputs, capture
+from .contrast import class_index, contrast_seed
 from .heads import SEEDS, Position, qa_logits
 from .params import OutputParams, RelevanceParams
 from .references import named_reference
@@ -120,14 +121,22 @@ class DLBacktrace:
         relevance_nodes: str | Sequence[str] = "all",
         reference: Inputs | str | None = None,
         tokenizer: Any = None,
+        contrast_with: int | str = "runner-up",
     ) -> Explanation:
         """One forward over ``inputs`` and one sweep for all ``seed.K`` seeds (mode
         "reference": one more forward, over ``reference``: inputs, or a name from
-        ``engine.references``, where "mask" needs the ``tokenizer``)."""
-        params = RelevanceParams(mode=mode, relevance_nodes=relevance_nodes, reference=reference)
+        ``engine.references``, where "mask" needs the ``tokenizer``; mode "contrast": each
+        seeded logit against ``contrast_with``, see ``engine.contrast``)."""
+        params = RelevanceParams(
+            mode=mode, relevance_nodes=relevance_nodes, reference=reference,
+            contrast_with=contrast_with,
+        )  # fmt: skip
         return self._sweep(self._forwards(inputs, params, tokenizer), seed, params)
 
     def _sweep(self, f: _Forwards, seed: Seed, params: RelevanceParams) -> Explanation:
+        if params.mode == "contrast":
+            alternative = class_index(params.contrast_with, self.model)
+            seed = contrast_seed(seed, f.env[f.sweeper.seed_node], alternative)
         with torch.no_grad():
             relevance, seed_total, at_inputs, sinks = f.sweeper.run(
                 f.env, f.prepared, seed, params.mode, params.keep, f.env_ref
@@ -202,6 +211,7 @@ class DLBacktrace:
         target: int | Sequence[int] | None = None,
         reference: Inputs | str | None = None,
         position: Position = None,
+        contrast_with: int | str = "runner-up",
         **generation_kwargs: Any,
     ) -> dict[str, Any]:
         """Predict and explain in one call (see ``dlbacktrace-pipeline.md``).
@@ -216,6 +226,9 @@ class DLBacktrace:
         explanation starts from, shaped like ``inputs``, or one of the names of
         ``engine.references`` ("zeros", the default: zeros, or for token ids zero embeddings;
         "mean" and "blur" for images; "mask" for tokens, with ``tokenizer``).
+        ``contrast_with`` (mode "contrast" only): what the target is explained against, its
+        logit difference split into signed relevance (``engine.contrast``): "runner-up" (the
+        default; in generation, each step's runner-up token), "rest", a class index or label.
         ``relevance_nodes``: "all" (every node), "inputs", or node names; unset, "all" for
         classification and "inputs" for generation (every node at every step is large).
         Generation takes the keywords of ``DecodingParams`` and ``StepPlan``, and ``on_step``;
@@ -240,6 +253,7 @@ class DLBacktrace:
             relevance_nodes=relevance_nodes,
             target=target,
             reference=reference,
+            contrast_with=contrast_with,
         )
         output = OutputParams(return_scores, return_relevance, return_layerwise_output, debug)
         if task == TaskName.GENERATION:

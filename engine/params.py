@@ -37,7 +37,9 @@ class RelevanceParams:
 
     ``relevance_nodes``: "all", "inputs", or node names (kept as a tuple); ``target``: the
     classes to explain instead of the predicted ones; ``reference``: inputs or a name of
-    ``engine.references``, for mode "reference" only.
+    ``engine.references``, for mode "reference" only; ``contrast_with``: the alternative the
+    target is explained against in mode "contrast" (``engine.contrast``): "runner-up", "rest"
+    (the softmax-weighted other classes), a class index or a label.
     """
 
     mode: str = "default"
@@ -48,6 +50,7 @@ class RelevanceParams:
     relevance_nodes: str | tuple[str, ...] = "all"
     target: Any = None
     reference: Any = None
+    contrast_with: int | str = "runner-up"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -70,6 +73,22 @@ class RelevanceParams:
                 raise ValueError(
                     f"reference must be inputs or one of {REFERENCE_NAMES}, got {self.reference!r}"
                 )
+        self._check_contrast_with()
+
+    def _check_contrast_with(self) -> None:
+        """An index >= 0 or a non-empty label, and anything but the default only in mode
+        "contrast" (a label is looked up in the model when the run starts)."""
+        alt = self.contrast_with
+        if isinstance(alt, bool) or not isinstance(alt, numbers.Integral | str):
+            raise TypeError(f"contrast_with must be a class index or a label, got {alt!r}")
+        if isinstance(alt, numbers.Integral):
+            if alt < 0:
+                raise ValueError(f"contrast_with must be a class index >= 0, got {alt}")
+            object.__setattr__(self, "contrast_with", int(alt))
+        elif not alt:
+            raise ValueError("contrast_with must not be empty")
+        if alt != "runner-up" and self.mode != "contrast":
+            raise ValueError('contrast_with= is for mode "contrast"')
 
     @property
     def keep(self) -> str | set[str]:

@@ -99,8 +99,9 @@ class StepExplainer:
         )
         value = torch.stack([active[:, s].float() * self.relevance.multiplier for s in steps])
         return self.dlb.explain(
-            self.graph_inputs(sequence), Seed(index, value), self.relevance.mode, self.nodes
-        )
+            self.graph_inputs(sequence), Seed(index, value), self.relevance.mode, self.nodes,
+            contrast_with=self.relevance.contrast_with,
+        )  # fmt: skip
 
     def trace(self, e: Explained, step: int) -> dict[str, Tensor]:
         """Relevance of the step's seed as the trace entry of ``step``: over the prompt and the

@@ -31,7 +31,8 @@ _PASS_THROUGH = {aten._to_copy.default, aten.clone.default, aten.alias.default}
 
 @dataclass
 class Seed:
-    """K seeds on the explained output: seed k puts ``value[k, e]`` at ``output[index[k, e]]``.
+    """K seeds on the explained output: seed k puts ``value[k, e]`` at ``output[index[k, e]]``
+    (in mode "contrast", ``value[k, e]`` times the output there: ``engine.contrast``).
 
     Entries are sparse so that a seed on a [B, T, V] language-model output never becomes a
     dense tensor of that size.
@@ -258,8 +259,12 @@ class Sweeper:
             nonnegative={id(env[n]) for n in self._nonnegative_nodes},
             sinks=torch.zeros(seed.K, batch, dtype=torch.float32, device=out.device),
         )
+        per_unit = seed
+        if mode == "contrast":
+            # per unit of each entry's logit (``engine.contrast``): the entries hold value * z
+            seed = Seed(seed.index, seed.value * seed.gather(out).to(seed.value.device).double())
         seed_total = self._seed_per_sample(seed, batch, out.device)
-        p.R = self._seed(p, seed)
+        p.R = self._seed(p, seed, per_unit)
         kept, at_inputs = p.sweep(keep)
         return kept, seed_total, at_inputs, p.sinks
 
@@ -287,8 +292,8 @@ class Sweeper:
     def _seed_per_sample(self, seed: Seed, batch: int, device) -> Tensor:
         axis = self._sample_axis(self.seed_node)
         b = seed.index[..., axis].to(device) if batch > 1 else torch.zeros_like(seed.value).long()
-        total = torch.zeros(seed.K, batch, device=device)
-        return total.scatter_add_(1, b.to(device), seed.value.to(device, torch.float32))
+        total = torch.zeros(seed.K, batch, device=device, dtype=torch.float64)
+        return total.scatter_add_(1, b.to(device), seed.value.to(device, total.dtype)).float()
 
     def seed_head(self) -> fx.Node:
         """The op the seeds are placed through: the explained output, past copies. A linear
@@ -298,10 +303,12 @@ class Sweeper:
             head = head.all_input_nodes[0]
         return head
 
-    def _seed(self, p: _Pass, seed: Seed) -> dict:
+    def _seed(self, p: _Pass, seed: Seed, per_unit: Seed) -> dict:
         """Place the seeds. Where the explained output is a linear layer (a classifier or a
         language-model head), apply the linear rule of the mode to the sparse entries
-        directly (``rules.LinearRows``): entry e pairs its input row with its unit's weights."""
+        directly (``rules.LinearRows``): entry e pairs its input row with its unit's weights.
+        Mode "contrast" hands that rule the seed ``per_unit`` of logit, which it splits
+        exactly."""
         head = self.seed_head()
         out = p.env[self.seed_node]
         if head.target is not aten.linear.default:
@@ -310,7 +317,8 @@ class Sweeper:
         args = self.provenance.bound[head]
         x, w, b = (_exact(p.env.get(args[k])) for k in ("input", "weight", "bias"))
         dev = x.device
-        index, value = seed.index.to(dev), seed.value.to(dev, x.dtype)
+        index = seed.index.to(dev)
+        value = (per_unit if p.mode == "contrast" else seed).value.to(dev, x.dtype)
         pos, unit = index[..., :-1].unbind(-1), index[..., -1]
         rows = {"input": x[pos], "weight": w[unit], "bias": None if b is None else b[unit]}
         ref = None if p.env_ref is None else {"input": _exact(p.env_ref[args["input"]])[pos]}

@@ -5,17 +5,18 @@ matmuls, matmul and einsum products; ``elementwise``; ``normalisation``; ``atten
 ``pooling``; ``shape``). A family is a small class (``base.Family``) listing its ops, with one
 method per mode: ``default``, ``contrast``, ``reference``. All of them are built from one
 mechanism in ``base``: the |z| proportional propagation (``proportional``; in ``dense``, the
-same written over a weighted map's forward and adjoint), its signed variant and the
-difference rule, with ``Ctx`` holding what a rule sees of a node.
+same written over a weighted map's forward and adjoint) and the difference rule, with ``Ctx``
+holding what a rule sees of a node.
 
 Mode ``"default"`` is the |z| rule of Backtrace: contributions ``|x_k w_jk|`` share ``R_j`` in
-proportion, ``|b_j|`` takes the rest. Mode ``"contrast"`` uses signed contributions over the
-same denominator, so opposing evidence comes out negative; what the signed shares do not pass
-on is reported as sink. Mode ``"reference"`` explains the change from a reference input
-(``ctx.ref``), as DeepLIFT's rescale rule does: a map linear in ``x`` shares ``R_j`` by the
-contributions of the difference over their sum ``y_j - y'_j`` (the bias cancels); a product of
-two data operands splits exactly; activations pass relevance on. Relevance is signed; what a
-stabilised denominator withholds is the sink.
+proportion, ``|b_j|`` takes the rest. Mode ``"contrast"`` explains a logit difference
+(``engine.contrast``): its seed is signed, and the families run their default rules, which
+are linear in ``R`` and so carry signed relevance down conserved; only the seed head differs
+(``LinearRows.contrast`` splits the difference exactly). Mode ``"reference"`` explains the
+change from a reference input (``ctx.ref``), as DeepLIFT's rescale rule does: a map linear in
+``x`` shares ``R_j`` by the contributions of the difference over their sum ``y_j - y'_j``
+(the bias cancels); a product of two data operands splits exactly; activations pass relevance
+on. Relevance is signed; what a stabilised denominator withholds is the sink.
 
 A mode is a table (``registry.Composite``) that picks each family's method, as Zennit's
 composites pick rules: a new mode is one method per family that needs one plus one entry in

@@ -8,8 +8,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from .base import TINY, Ctx, Family, Propagation, proportional_signed
-from .dense import product
+from .base import TINY, Ctx, Family, Propagation
 
 aten = torch.ops.aten
 
@@ -39,17 +38,6 @@ class Attention(Family):
         # what the shares withheld: R * 2 TINY / (2 D) for each half
         sink = (ratio * (2 * TINY)).sum(-1) + (ratio_qk * (2 * TINY)).sum(-1)
         return _regroup(r_q, r_k, r_v, groups), sink
-
-    def contrast(self, ctx: Ctx) -> Propagation:
-        """The same two products with the signed shares."""
-        q, k, v, groups = _operands(ctx)
-        A = _weights(ctx, q, k)
-        signed = proportional_signed
-        (r_a, r_v), sink_av = product(ctx.R, torch.matmul, A, v, (True, True), signed)
-        kt = k.transpose(-2, -1)
-        (r_q, r_kt), sink_qk = product(r_a, torch.matmul, q, kt, (True, True), signed)
-        sink = sink_av.sum(-1) + sink_qk.sum(-1)
-        return _regroup(r_q, r_kt.transpose(-2, -1), r_v, groups), sink
 
     def reference(self, ctx: Ctx) -> Propagation:
         """Multipliers (relevance per unit of change) from the output back: A V - A' V' split

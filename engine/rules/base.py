@@ -135,15 +135,6 @@ def proportional(R: Tensor, x: Tensor, f_abs: Callable) -> tuple[Tensor, Tensor]
     return ax * vjp(f_abs, ax, ratio), ratio * TINY
 
 
-def proportional_signed(
-    R: Tensor, x: Tensor, f_abs: Callable, f_signed: Callable
-) -> tuple[Tensor, Tensor]:
-    """Mode "contrast" of ``proportional``: signed contributions over the same denominator,
-    R_in = x * f^T(R / D); what they do not pass on (cancellation) is the sink."""
-    ratio = R / (f_abs(x.abs()) + TINY)
-    return x * vjp(f_signed, x, ratio), R - ratio * f_signed(x)
-
-
 def difference(ctx: Ctx, dx: Tensor, f: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
     """Mode "reference" for the op, a map ``f`` linear in ``x`` (bias left out: it cancels):
     R_in = dx * f^T(R / dy), and the sink R - (R / dy) f(dx)."""

@@ -2,11 +2,12 @@
 two operands (matmul, mm, bmm, einsum).
 
 A weighted map y = f(x, W) + b is written once as a ``Weighted`` (its forward, its adjoint, how
-its bias share reduces) and the three modes are written once over it: ``z_abs`` (the |z| rule,
-D = f(|x|, |W|) + |b|, R_in = |x| f^T(R / D, |W|)), ``z_signed`` (signed contributions over the
-same D) and ``z_change`` (the difference rule: contributions of dx, over y - y'; the bias
-cancels). A linear layer, a convolution, a grouped matmul and the seed head's sparse rows
-(``LinearRows``) differ only in their ``Weighted``.
+its bias share reduces) and the modes are written once over it: ``z_abs`` (the |z| rule,
+D = f(|x|, |W|) + |b|, R_in = |x| f^T(R / D, |W|); modes "default" and "contrast") and
+``z_change`` (the difference rule: contributions of dx, over y - y'; the bias cancels). A
+linear layer, a convolution, a grouped matmul and the seed head's sparse rows (``LinearRows``)
+differ only in their ``Weighted``. Mode "contrast" differs from "default" only at the seed
+head: ``LinearRows.contrast`` splits the logit difference exactly.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from .base import (
     difference_product,
     fold_seeds,
     proportional,
-    proportional_signed,
     stable,
 )
 
@@ -64,13 +64,6 @@ def z_abs(ctx: Ctx, o: Operands) -> Propagation:
     return {o.name: ax * o.map.backward(ratio, o.aw)}, o.map.bias_sink(ratio, o.extra)
 
 
-def z_signed(ctx: Ctx, o: Operands) -> Propagation:
-    """Mode "contrast": R_in = x * f^T(R / D, W) over the default's D; what the signed shares
-    do not pass on is the sink."""
-    ratio = ctx.R / o.map.forward(ctx.abs_of(o.x), o.aw, o.extra)
-    return {o.name: o.x * o.map.backward(ratio, o.w)}, ctx.R - ratio * o.map.forward(o.x, o.w, None)
-
-
 def z_change(ctx: Ctx, o: Operands, dx: Tensor, ratio: Tensor) -> Propagation:
     """Mode "reference": R_in = dx * f^T(R / dy, W), ``ratio`` = R / dy; the bias cancels."""
     return {o.name: dx * o.map.backward(ratio, o.w)}, ctx.R - ratio * o.map.forward(dx, o.w, None)
@@ -84,9 +77,6 @@ class WeightedFamily(Family):
 
     def default(self, ctx: Ctx) -> Propagation:
         return z_abs(ctx, self.operands(ctx))
-
-    def contrast(self, ctx: Ctx) -> Propagation:
-        return z_signed(ctx, self.operands(ctx))
 
     def reference(self, ctx: Ctx) -> Propagation:
         o = self.operands(ctx)
@@ -136,6 +126,18 @@ class LinearRows(Linear):
     def change_ratio(self, ctx: Ctx, o: Operands, dx: Tensor) -> Tensor:
         """No output change is recorded per entry: it is the sum of the contributions."""
         return ctx.R / stable(o.map.forward(dx, o.w, None))
+
+    def contrast(self, ctx: Ctx) -> Propagation:
+        """Mode "contrast": R is relevance per unit of each entry's logit (+m on the target,
+        -m, or -m times the softmax weights of "rest", on the alternatives), so the entries
+        of one sample explain m (z_t - z_a), a linear map with weight w_t - w_a and bias
+        b_t - b_a. Its contributions x_j (w_tj - w_aj) are exact (gradient times input of a
+        linear map; no denominator that could vanish where z_t is close to z_a), and the bias
+        difference is the sink: inputs + sinks = m (z_t - z_a) to rounding."""
+        o = self.operands(ctx)
+        bias = ctx.args["bias"]
+        sink = ctx.R * (0 if bias is None else bias)
+        return {o.name: o.x * o.map.backward(ctx.R, o.w)}, sink
 
 
 class AddMM(WeightedFamily):
@@ -297,12 +299,7 @@ class Product(Family):
 
     def default(self, ctx: Ctx) -> Propagation:
         f, names, (a, b), data = self.operands(ctx)
-        outs, sink = product(ctx.R, f, a, b, data, _abs_share)
-        return self.named(names, outs), sink
-
-    def contrast(self, ctx: Ctx) -> Propagation:
-        f, names, (a, b), data = self.operands(ctx)
-        outs, sink = product(ctx.R, f, a, b, data, proportional_signed)
+        outs, sink = product(ctx.R, f, a, b, data)
         return self.named(names, outs), sink
 
     def reference(self, ctx: Ctx) -> Propagation:
@@ -335,25 +332,20 @@ class Einsum(Product):
 
 
 def product(
-    R: Tensor, f: Callable, a: Tensor, b: Tensor, data: tuple[bool, bool], share: Callable
+    R: Tensor, f: Callable, a: Tensor, b: Tensor, data: tuple[bool, bool]
 ) -> tuple[list[Tensor | None], Tensor]:
-    """Modes "default" and "contrast" of a product: each data operand takes its part of R by
-    ``share`` (``proportional_signed``, or the |z| rule) with the other operand as weights."""
+    """Mode "default" (and "contrast") of a product: each data operand takes its part of R by
+    the |z| rule (``proportional``) with the other operand as weights."""
     part = R * (0.5 if all(data) else 1.0)
     outs: list[Tensor | None] = [None, None]
     sink = R * (0.0 if any(data) else 1.0)
     if data[0]:
-        outs[0], s = share(part, a, lambda u: f(u, b.abs()), lambda u: f(u, b))
+        outs[0], s = proportional(part, a, lambda u: f(u, b.abs()))
         sink = sink + s
     if data[1]:
-        outs[1], s = share(part, b, lambda v: f(a.abs(), v), lambda v: f(a, v))
+        outs[1], s = proportional(part, b, lambda v: f(a.abs(), v))
         sink = sink + s
     return outs, sink
-
-
-def _abs_share(R: Tensor, x: Tensor, f_abs: Callable, f: Callable) -> tuple[Tensor, Tensor]:
-    """The |z| rule's share (``proportional``) in ``product``'s calling convention."""
-    return proportional(R, x, f_abs)
 
 
 def product_difference(

@@ -34,11 +34,6 @@ class BatchNorm(Family):
         r_in = R * (ac / (ac + extra))
         return {"input": r_in}, R - r_in
 
-    def contrast(self, ctx: Ctx) -> Propagation:
-        c, extra, R = self._contributions(ctx)
-        r_in = R * (c / (c.abs() + extra))
-        return {"input": r_in}, R - r_in
-
     def reference(self, ctx: Ctx) -> Propagation:
         """The shift cancels: each unit's change is all its own."""
         x = ctx.args["input"]

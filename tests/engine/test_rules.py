@@ -105,15 +105,15 @@ def test_linear_default_is_the_z_rule():
     conserved(R, grads, sink)
 
 
-def test_linear_contrast_is_the_signed_rule():
-    """R_in = x w R / (|x||W|^T + |b|): signed shares over the default's denominator."""
+def test_linear_contrast_is_the_default_rule():
+    """Mode "contrast" differs only at the seed head: below it the |z| rule, linear in R,
+    carries signed relevance down (R of both signs here)."""
     x, w, b, R = linear_case()
-    grads, sink = Linear().contrast(
-        ctx_of(aten.linear.default, {"input": x, "weight": w, "bias": b}, R)
-    )
-    D = x.abs() @ w.abs().T + b.abs()
-    expected = torch.einsum("bi,oi,kbo->kbi", x, w, R / D)
-    torch.testing.assert_close(grads["input"], expected)
+    ctx = ctx_of(aten.linear.default, {"input": x, "weight": w, "bias": b}, R)
+    grads, sink = Linear().contrast(ctx)
+    expected, expected_sink = Linear().default(ctx)
+    torch.testing.assert_close(grads["input"], expected["input"])
+    torch.testing.assert_close(sink, expected_sink)
     conserved(R, grads, sink)
 
 
@@ -146,7 +146,7 @@ def test_linear_reference_reveal_cancel_conserves():
     assert not torch.allclose(grads["input"], plain["input"])
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ["default", "reference"])
 def test_seed_rows_are_the_linear_rule(mode):
     """The seed head (``LinearRows``) on sparse entries equals the linear rule on the rows."""
     x, w, b, _ = linear_case()
@@ -164,6 +164,21 @@ def test_seed_rows_are_the_linear_rule(mode):
     expected, _ = getattr(Linear(), mode)(dense)
     torch.testing.assert_close(got["input"], expected["input"], rtol=1e-4, atol=1e-8)
     conserved(value, got, sink)
+
+
+def test_seed_rows_contrast_split_the_difference_exactly():
+    """Mode "contrast": entries carry relevance per unit of their logit (+u on the target,
+    -u on the alternative), so one sample's entries explain u (z_t - z_a): contributions
+    u x (w_t - w_a), the bias difference u (b_t - b_a) the sink."""
+    x, w, b, _ = linear_case()
+    unit = torch.tensor([[1, 3]])  # sample 0: class 1 against class 3
+    value = torch.tensor([[2.0, -2.0]])
+    rows = {"input": x[[0, 0]][None], "weight": w[unit], "bias": b[unit]}
+    got, sink = LinearRows().contrast(ctx_of(aten.linear.default, rows, value))
+    torch.testing.assert_close(got["input"].sum(1)[0], 2.0 * x[0] * (w[1] - w[3]))
+    torch.testing.assert_close(sink.sum(), 2.0 * (b[1] - b[3]))
+    z = F.linear(x[0], w, b)
+    torch.testing.assert_close(got["input"].sum() + sink.sum(), 2.0 * (z[1] - z[3]))
 
 
 def test_addmm_is_a_linear_layer():
@@ -346,7 +361,7 @@ def test_identity_passes_through(mode):
 
 
 def test_batch_norm_default_and_contrast():
-    """y = x s + t per channel: R_in = R |x s| / (|x s| + |t|) (contrast: signed numerator)."""
+    """y = x s + t per channel: R_in = R |x s| / (|x s| + |t|) (contrast: the same)."""
     x = rand(2, 3, 4, seed=1)
     stats = {"weight": rand(3, seed=2), "bias": rand(3, seed=3), "running_mean": rand(3, seed=4),
              "running_var": rand(3, seed=5).abs() + 0.5, "momentum": 0.1, "eps": 1e-5}  # fmt: skip
@@ -354,7 +369,7 @@ def test_batch_norm_default_and_contrast():
     t = stats["bias"] - stats["running_mean"] * s
     R = rand(1, 2, 3, 4, seed=6)
     c, shift = x * s[:, None], t.abs()[:, None]
-    for mode, numerator in (("default", c.abs()), ("contrast", c)):
+    for mode, numerator in (("default", c.abs()), ("contrast", c.abs())):
         ctx = ctx_of(aten._native_batch_norm_legit_no_training.default, {"input": x, **stats}, (R,))
         grads, sink = getattr(BatchNorm(), mode)(ctx)
         torch.testing.assert_close(grads["input"], R * numerator / (c.abs() + shift))
@@ -427,14 +442,14 @@ def test_max_pool_winner_takes_all_and_reference_conserves():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_mean_is_a_positive_map(mode):
-    """mean over the last axis: R_in = R x_i / sum x (|x| in mode default)."""
+    """mean over the last axis: R_in = R |x_i| / sum |x| (x - x' in mode reference)."""
     x, xr = rand(2, 5, seed=1), rand(2, 5, seed=2)
     y, yr = x.mean(-1), xr.mean(-1)
     R = rand(1, 2, seed=3)
     args = {"self": x, "dim": [-1], "keepdim": False, "dtype": None}
     ctx = ctx_of(aten.mean.dim, args, R, ref={**args, "self": xr}, out=y, ref_out=yr)
     grads, sink = getattr(PositiveMap(), mode)(ctx)
-    source = {"default": x.abs(), "contrast": x, "reference": x - xr}[mode]
+    source = {"default": x.abs(), "contrast": x.abs(), "reference": x - xr}[mode]
     D = (x - xr).sum(-1) if mode == "reference" else x.abs().sum(-1)
     torch.testing.assert_close(
         grads["self"], R[..., None] * source / D[:, None], rtol=1e-4, atol=1e-6
