@@ -104,10 +104,11 @@ class RelevanceParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     mode: Literal[MODES] = Field(
         default="default",
-        description="default: the non-negative |z| rule; contrast: signed contributions; "
-        "reference: signed change from the input named by `reference` (default zeros), the "
-        "most faithful mode in bench.faithfulness with the removal baseline (blur, mask), at "
-        "about twice the cost",
+        description="default: the non-negative |z| rule; contrast: why the target and not its "
+        "alternative (`contrast_with`), signed: positive toward the target, negative toward "
+        "the alternative, adding up to the seed; reference: signed change from the input "
+        "named by `reference` (default zeros), the most faithful mode in bench.faithfulness "
+        "with the removal baseline (blur, mask), at about twice the cost",
     )
     multiplier: float = Field(default=100.0, gt=0, le=1e6)
     scaler: float = Field(default=1.0, gt=0, le=1e6)
@@ -128,6 +129,22 @@ class RelevanceParams(BaseModel):
         "replaced by the mask (or unknown) token. The mode is only as faithful as this "
         "choice (bench/README.md, Faithfulness)",
     )
+
+    contrast_with: int | Annotated[str, Field(min_length=1, max_length=200)] | None = Field(
+        default=None,
+        description='mode "contrast" only: what the target is explained against. runner-up '
+        "(the default; in generation, each step's runner-up token), rest (the other classes, "
+        "weighted by their softmax), a class index, or one of the model's labels",
+    )
+
+    @field_validator("contrast_with")
+    @classmethod
+    def _contrast_with_needs_its_mode(cls, value: Any, info: ValidationInfo) -> Any:
+        if "mode" in info.data and value is not None and info.data["mode"] != "contrast":
+            raise ValueError(f'contrast_with is for mode "contrast", not {info.data["mode"]!r}')
+        if isinstance(value, int) and value < 0:
+            raise ValueError("contrast_with must be a class index >= 0 or a label")
+        return value
 
     @field_validator("reference")
     @classmethod

@@ -65,6 +65,11 @@ async function buildRequest(model) {
   // masked tokens (the choices that make it the most faithful mode in bench.faithfulness).
   const removed = { "image-classification": "blur", "text-classification": "mask" }[model.task];
   if (body.relevance.mode === "reference" && removed) body.relevance.reference = removed;
+  // Mode "contrast" explains the output against the runner-up unless another is named.
+  const against = $("contrast-with").value.trim();
+  if (body.relevance.mode === "contrast" && against) {
+    body.relevance.contrast_with = /^\d+$/.test(against) ? Number(against) : against;
+  }
   if (model.task === "image-classification") {
     const file = $("image").files[0];
     if (!file) throw new Error("choose an image file first");

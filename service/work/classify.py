@@ -74,7 +74,7 @@ def _explain(
         position=req.relevance.position,
         reference=req.relevance.reference,
         tokenizer=run.entry.loaded.tokenizer,
-        **engine_relevance(req),
+        **engine_relevance(req, run.entry.loaded.labels),
     )
     engine_s = time.perf_counter() - t0  # the engine's own time, for overhead accounting
     rows_total = int(next(iter(batch.values())).shape[0])

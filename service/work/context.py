@@ -140,7 +140,13 @@ class Run:
         return cls(state, spec, task, entry), hit
 
 
-def engine_relevance(req: RunTaskRequest) -> dict[str, Any]:
+def engine_relevance(req: RunTaskRequest, labels: list[str] | None = None) -> dict[str, Any]:
     """The relevance keywords of ``run_task`` that a request sets (target, reference and
-    relevance_nodes are passed on their own where they apply)."""
-    return req.relevance.model_dump(include=ENGINE_RELEVANCE)
+    relevance_nodes are passed on their own where they apply). ``contrast_with`` only when
+    given, a label of the model's registry ``labels`` as its index (the engine knows labels
+    only from a transformers config)."""
+    params = req.relevance.model_dump(include=ENGINE_RELEVANCE)
+    alt = req.relevance.contrast_with
+    if alt is not None:
+        params["contrast_with"] = labels.index(alt) if alt in (labels or []) else alt
+    return params
