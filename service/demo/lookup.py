@@ -1,10 +1,14 @@
 """Causal LMs for generation demos: ``tiny-lookup-lm`` and ``gpt2-small-config``.
 
-``tiny-lookup-lm`` is a 2-layer, width-64 GPT-2 trained on a key-value lookup: the prompt
+``tiny-lookup-lm`` is a 1-layer, width-64 GPT-2 trained on a key-value lookup: the prompt
 ``a3 c1 f9 h0 ? c`` asks for the value stored under key ``c``, and the answer is ``1`` then
 ``<eos>``. Each key-value pair is one token, so a single attention hop solves the task and the
 model learns it in a few hundred steps on a CPU; the answer's relevance should peak at the
-pair token that holds it (planted evidence for faithfulness checks).
+pair token that holds it (planted evidence for faithfulness checks). One layer, because with
+two the trained model depends on the machine's float rounding: on one CPU it read the pair
+token at the answer, on another (same seed, same versions) it first copied the value into the
+query's position and the relevance peaked there; with one layer the only route from the pair
+to the answer is the one attention hop (trained to 100 % in 500 steps on both).
 
 ``gpt2-small-config`` is the GPT-2 architecture with 6 layers of width 256 and seeded random
 weights, over a character tokenizer we ship (the byte-level BPE would need a download)."""
@@ -94,7 +98,7 @@ def build_lookup(out: Path) -> dict:
     try:
         torch.manual_seed(0)
         tok = _tokenizer(lookup_vocab(), "words")
-        model = _gpt2(len(lookup_vocab()), layers=2, width=64, heads=4, positions=32)
+        model = _gpt2(len(lookup_vocab()), layers=1, width=64, heads=4, positions=32)
 
         def batch(rng: random.Random, n: int):
             rows = []
