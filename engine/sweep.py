@@ -111,7 +111,7 @@ class Sweeper:
     def __init__(self, captured: Captured, seed_node: fx.Node):
         self.captured = captured
         self.seed_node = seed_node
-        self.provenance = Provenance(captured.nodes, captured.input_names, seed_node)
+        self.provenance = Provenance(captured.nodes, captured.data_inputs, seed_node)
         self._abs: dict[Any, Any] = {}
         self._order = [n for n in captured.nodes if n in self.provenance.visited]
         self.canonical = canonize(captured, self.provenance, self._order)
