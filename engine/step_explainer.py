@@ -74,6 +74,7 @@ class StepExplainer:
         self.axes = _node_axes(dlb.captured, self.token_input)
         self.expert_nodes = [n for n in dlb.captured.nodes if n.target in expert_ops]
         self.hidden: set[str] = set()  # kept for per-expert totals, not for the trace
+        self.keep_values = False  # every sweep's recorded forward, for layer outputs
         if self.expert_nodes and self.nodes == "inputs":
             self.hidden = {n.args[0].name for n in self.expert_nodes}
             self.nodes = sorted(self.hidden)
@@ -102,6 +103,17 @@ class StepExplainer:
             self.graph_inputs(sequence), Seed(index, value), self.relevance.mode, self.nodes,
             contrast_with=self.relevance.contrast_with,
         )  # fmt: skip
+
+    def release(self, exp: Explanation) -> None:
+        """Drop a finished sweep's recorded forward and outputs (its logits already checked),
+        keeping its relevance and the values per-expert totals read: a generation of many
+        sweeps then holds one recorded forward at a time, as ``engine.memory`` assumes.
+        Nothing is dropped when layer outputs are asked for (``keep_values``)."""
+        if self.keep_values:
+            return
+        offsets = (n.args[2] if len(n.args) > 2 else n.kwargs["offs"] for n in self.expert_nodes)
+        exp.env = {n: exp.env[n] for n in offsets if n in exp.env}
+        exp.outputs = ()
 
     def trace(self, e: Explained, step: int) -> dict[str, Tensor]:
         """Relevance of the step's seed as the trace entry of ``step``: over the prompt and the
@@ -209,11 +221,17 @@ def _visible(t: Tensor, axes: Axes | None, layout: Layout, length: int) -> Tenso
 
 
 def check_logits(
-    exp: Explanation, layout: Layout, steps: list[int], tokens: Tensor, decoded_logits: Tensor
+    exp: Explanation,
+    layout: Layout,
+    steps: list[int],
+    tokens: Tensor,
+    decoded_logits: Tensor,
+    stacklevel: int = 4,
 ) -> None:
     """Warn when the graph's logits for emitted tokens differ from the decode's (a wrapper that
     changes the logits, or positions the graph builds differently): the trace would then
-    explain numbers other than the ones that chose the tokens."""
+    explain numbers other than the ones that chose the tokens. ``stacklevel``: the warning's
+    frame, the caller of run_generation."""
     logits = exp.outputs[0]
     batch = logits.shape[0]
     rows = torch.arange(batch, device=logits.device)
@@ -226,6 +244,6 @@ def check_logits(
                 f"graph logits differ from the decode's at step {s} "
                 f"(max diff {float((got - want).abs().max()):.3g}); relevance explains the graph",
                 RuntimeWarning,
-                stacklevel=4,  # the caller of run_generation
+                stacklevel=stacklevel,
             )
             return

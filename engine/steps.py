@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .decoding import Decoded, DecodingConfig, Step, iter_decode
 from .params import StepPlan
-from .step_explainer import Explained, StepExplainer
+from .step_explainer import Explained, StepExplainer, check_logits
 
 # on_step(step, token_ids [B], scores [B, V], relevance or None): see ``run_generation``.
 OnStep = Callable[[int, Tensor, Tensor, dict[str, Tensor] | None], None]
@@ -49,7 +49,8 @@ def explain_decoded(
 ) -> dict[int, Explained]:
     """Explain the ``todo`` steps of a finished decode: batched, one forward over the positions
     up to the group's last seed and one sweep per ``plan.max_seeds_per_sweep`` steps; stepwise,
-    one forward and one sweep per step."""
+    one forward and one sweep per step. Each sweep's logits are checked against the decode's,
+    and its recorded forward released once the next sweep has run."""
     prompt_len = explainer.layout.prompt_len
     tokens = decoded.sequences[:, prompt_len:]
     size = plan.max_seeds_per_sweep if plan.path == "batched" else 1
@@ -58,6 +59,9 @@ def explain_decoded(
         group = todo[start : start + size]
         sequence = decoded.sequences[:, : prompt_len + group[-1]]
         exp = explainer.explain(sequence, group, tokens, decoded.active)
+        check_logits(exp, explainer.layout, group, tokens, decoded.token_logits, stacklevel=5)
+        if explained:
+            explainer.release(explained[todo[start - 1]].exp)
         explained.update({s: Explained(exp, k) for k, s in enumerate(group)})
     return explained
 
@@ -77,7 +81,8 @@ def decode_stepwise(
 
     Steps are chosen before the number of steps is known; a negative list entry counts from
     ``max_new_tokens`` here, and run_generation explains it afterwards if the generation
-    stopped early."""
+    stopped early. Each step's logits are checked against the decode's as it is explained,
+    and the previous step's recorded forward released."""
     chosen = set(select_steps(steps, cfg.max_new_tokens))
     emitted: list[Step] = []
     explained: dict[int, Explained] = {}
@@ -88,9 +93,12 @@ def decode_stepwise(
             tokens = torch.stack([s.tokens for s in emitted], 1)
             active = torch.stack([s.active for s in emitted], 1)
             sequence = torch.cat([ids, tokens[:, :-1]], 1)
-            explained[step.index] = Explained(
-                explainer.explain(sequence, [step.index], tokens, active), 0
-            )
+            exp = explainer.explain(sequence, [step.index], tokens, active)
+            logits = torch.stack([s.token_logits for s in emitted], 1)
+            check_logits(exp, explainer.layout, [step.index], tokens, logits)
+            if explained:
+                explainer.release(explained[max(explained)].exp)
+            explained[step.index] = Explained(exp, 0)
             relevance = explainer.trace(explained[step.index], step.index)
         if on_step is not None:
             on_step(step.index, step.tokens, step.scores, relevance)

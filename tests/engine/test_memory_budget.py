@@ -1,5 +1,6 @@
 """memory_budget: seeds per sweep chosen from the graph's estimate, a request that cannot fit
-refused before any work, and the same relevance however many sweeps the budget asks for."""
+refused before any work, and the same relevance however many sweeps the budget asks for, with
+one recorded forward held at a time."""
 
 from __future__ import annotations
 
@@ -67,9 +68,14 @@ def test_fitting_budget_splits_sweeps_and_keeps_relevance(dlb, batch, monkeypatc
     assert plan_seeds(dlb, plan, 2, 7 + NEW - 1, "default", "inputs") == 2
     sweeps = []
     explain = dlb.explain
-    monkeypatch.setattr(dlb, "explain", lambda *a, **k: sweeps.append(1) or explain(*a, **k))
+    monkeypatch.setattr(
+        dlb, "explain", lambda *a, **k: sweeps.append(explain(*a, **k)) or sweeps[-1]
+    )
     bounded = run_generation(dlb, batch, memory_budget=budget, **kw)
     assert len(sweeps) == NEW // 2
+    # one recorded forward held at a time: earlier sweeps keep only their relevance
+    assert [bool(e.env) for e in sweeps] == [False] * (len(sweeps) - 1) + [True]
+    assert bounded["node_io"]
     assert torch.equal(bounded["generated_ids"], unbounded["generated_ids"])
     for a, b in zip(bounded["relevance_trace"], unbounded["relevance_trace"], strict=True):
         a, b = a["input_ids"], b["input_ids"]
