@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from .base import TINY, Ctx, Family, Propagation
+from .base import TINY, Ctx, Family, Propagation, unbroadcast
 
 aten = torch.ops.aten
 
@@ -37,7 +37,7 @@ class Attention(Family):
         r_q, r_k = aq * (ratio_qk @ ak), ak * (ratio_qk.transpose(-2, -1) @ aq)
         # what the shares withheld: R * 2 TINY / (2 D) for each half
         sink = (ratio * (2 * TINY)).sum(-1) + (ratio_qk * (2 * TINY)).sum(-1)
-        return _regroup(r_q, r_k, r_v, groups), sink
+        return _regroup(ctx, r_q, r_k, r_v, groups), sink
 
     def reference(self, ctx: Ctx) -> Propagation:
         """Multipliers (relevance per unit of change) from the output back: A V - A' V' split
@@ -57,7 +57,7 @@ class Attention(Family):
         r_q = (q - qr) * (mult_s @ ((k + kr) / 2))
         r_k = (k - kr) * (mult_s.transpose(-2, -1) @ ((q + qr) / 2))
         sink = (ctx.R - ratio * (A @ v - Ar @ vr)).sum(-1)
-        return _regroup(r_q, r_k, r_v, groups), sink
+        return _regroup(ctx, r_q, r_k, r_v, groups), sink
 
 
 def _operands(ctx: Ctx) -> tuple[Tensor, Tensor, Tensor, int]:
@@ -75,11 +75,13 @@ def _weights(ctx: Ctx, q: Tensor, k: Tensor) -> Tensor:
     return attention_weights(q, k, a["attn_mask"], a["is_causal"], a["scale"])
 
 
-def _regroup(r_q: Tensor, r_k: Tensor, r_v: Tensor, groups: int) -> dict[str, Tensor]:
-    """Relevance of the repeated K and V summed back over each group."""
+def _regroup(ctx: Ctx, r_q: Tensor, r_k: Tensor, r_v: Tensor, groups: int) -> dict[str, Tensor]:
+    """Relevance of the repeated K and V summed back over each group, and of operands the
+    matmuls broadcast (one K or V head for all query heads) summed over what they met."""
     if groups > 1:
         r_k, r_v = (r.unflatten(-3, (r.shape[-3] // groups, groups)).sum(-3) for r in (r_k, r_v))
-    return {"query": r_q, "key": r_k, "value": r_v}
+    r = {"query": r_q, "key": r_k, "value": r_v}
+    return {n: unbroadcast(t, ctx.args[n].shape) for n, t in r.items()}
 
 
 def _scale(scale: float | None, q: Tensor) -> float:

@@ -51,6 +51,13 @@ def _grid(x):
     return x.reshape(x.shape[0], 1, 2, 4)
 
 
+def _one_kv_head(x):
+    """Multi-query attention as falcon writes it: one K / V head broadcast to 2 query heads."""
+    q = x.reshape(x.shape[0], 1, 2, 4).expand(-1, 2, -1, -1)
+    kv = x.reshape(x.shape[0], 1, 2, 4)
+    return F.scaled_dot_product_attention(q * 2, kv, kv)
+
+
 BODIES: dict[str, tuple[Callable, int]] = {
     "type_as": (lambda x: torch.tanh(x).type_as(x), D),
     "stack": (lambda x: torch.stack([x, x * 3, torch.relu(x)], 1), 3 * D),
@@ -79,6 +86,7 @@ BODIES: dict[str, tuple[Callable, int]] = {
     "logsumexp": (lambda x: x.reshape(-1, 2, 4).logsumexp(-1), 2),
     "topk": (lambda x: x.topk(3, dim=-1).values, 3),
     "amax": (lambda x: x.reshape(-1, 2, 4).amax(-1), 2),
+    "attention_one_kv_head": (_one_kv_head, 2 * D),
 }
 
 _cache: dict[str, DLBacktrace] = {}
