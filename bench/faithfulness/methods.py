@@ -6,6 +6,11 @@ a batch: pixel-shaped [n, 1, H, W] for images, one score per token [n, T] for te
 methods on text work on the token embeddings and sum over the hidden size, as their authors'
 tutorials do. Integrated Gradients integrates from the task's removal baseline (the mean-pixel
 image, the [MASK] or <unk> embeddings), so it answers the question the perturbation asks.
+
+In a contrast row ``target`` is [n, 2], the class and its alternative (the runner-up), and
+every method explains the logit difference: the engine in mode "contrast", Captum on a
+forward that returns the logits minus the alternative's, Zennit and LXT from the output
+gradient one-hot(target) - one-hot(alternative).
 """
 
 from __future__ import annotations
@@ -23,6 +28,22 @@ Explain = Callable[[Inputs, Tensor], Tensor]
 # The engine's seed size; relevance is rank-compared, so any positive value would do.
 SEED = 100.0
 IG_STEPS = 50
+
+
+def _pair(target: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The explained class and, in a contrast row, its alternative."""
+    return (target[:, 0], target[:, 1]) if target.dim() == 2 else (target, None)
+
+
+def _difference(forward: Callable) -> Callable:
+    """``forward`` with the alternative's logit subtracted (the last extra argument)."""
+
+    def contrast_forward(*args: Tensor) -> Tensor:
+        *rest, alternative = args
+        out = forward(*rest)
+        return out - out.gather(1, alternative[:, None])
+
+    return contrast_forward
 
 
 @dataclass(frozen=True)
@@ -65,7 +86,7 @@ def _engine(mode: str, named: bool = False) -> Callable[[Task], Explain]:
                     task="image-classification" if task.kind == "image" else "text-classification",
                     mode=mode,
                     multiplier=SEED,
-                    target=target,
+                    target=_pair(target)[0],  # contrast: the runner-up is the alternative
                     relevance_nodes="inputs",
                 )
                 return res["relevance"][key]
@@ -75,7 +96,8 @@ def _engine(mode: str, named: bool = False) -> Callable[[Task], Explain]:
         def next_token(inputs: Inputs, target: Tensor) -> Tensor:
             n, length = inputs["input_ids"].shape
             rows = torch.arange(n)
-            index = torch.stack([rows, torch.full_like(rows, length - 1), target], -1)
+            token = _pair(target)[0]
+            index = torch.stack([rows, torch.full_like(rows, length - 1), token], -1)
             seed = Seed(index[None], torch.full((1, n), SEED))
             exp = dlb.explain(
                 inputs, seed, mode=mode, relevance_nodes="inputs", **reference(inputs)
@@ -137,10 +159,13 @@ def _captum(name: str) -> Callable[[Task], Explain]:
         import captum.attr
 
         forward, split, reduce = _differentiable(task)
-        algo = getattr(captum.attr, name)(forward)
+        contrast = task.target.dim() == 2
+        algo = getattr(captum.attr, name)(_difference(forward) if contrast else forward)
 
         def explain(inputs: Inputs, target: Tensor) -> Tensor:
             x, extra = split(inputs)
+            target, alternative = _pair(target)
+            extra = (*extra, alternative) if contrast else extra
             kwargs = {"target": target, "additional_forward_args": extra or None}
             if name == "IntegratedGradients":
                 kwargs.update(baselines=_baseline(task, inputs), n_steps=IG_STEPS)
@@ -165,11 +190,19 @@ def _zennit_epsilon_plus(task: Task) -> Explain:
         x = inputs["input"]
         with Gradient(model=task.model, composite=composite) as attributor:
             logits = task.model(x)
-            one_hot = torch.nn.functional.one_hot(target, logits.shape[-1]).to(x.dtype)
-            _, relevance = attributor(x, one_hot)
+            _, relevance = attributor(x, _output_gradient(target, logits))
         return relevance.detach()
 
     return explain
+
+
+def _output_gradient(target: Tensor, logits: Tensor) -> Tensor:
+    """one-hot(target), minus one-hot(alternative) in a contrast row."""
+    target, alternative = _pair(target)
+    grad = torch.nn.functional.one_hot(target, logits.shape[-1]).to(logits.dtype)
+    if alternative is not None:
+        grad = grad - torch.nn.functional.one_hot(alternative, logits.shape[-1]).to(grad)
+    return grad
 
 
 def _lxt(variant: str) -> Callable[[Task], Explain]:
@@ -184,7 +217,8 @@ def _lxt(variant: str) -> Callable[[Task], Explain]:
             x, extra = split(inputs)
             x = x.requires_grad_()
             with patched(task.model, variant), torch.enable_grad():
-                forward(x, *extra).gather(1, target[:, None]).sum().backward()
+                out = forward(x, *extra)
+                (out * _output_gradient(target, out)).sum().backward()
             return reduce(x * x.grad).detach()
 
         return explain

@@ -4,7 +4,9 @@ feature is removed, and which output is explained.
 Every task reduces to the same interface, so the metric code never looks at pixels or tokens:
 ``features`` marks which of a sample's F feature slots exist, ``pool`` turns input-shaped
 relevance into one score per feature, ``remove`` replaces the chosen features by the task's
-documented baseline, and ``score`` reads the explained output (the target's logit).
+documented baseline, and ``score`` reads the explained output (the target's logit). The
+contrast rows (``<model>-contrast``) explain and perturb the logit difference target minus
+runner-up instead: their ``target`` is [N, 2], the class and its alternative.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class Task:
     kind: str  # "image", "text" or "lm"
     model: nn.Module
     inputs: Inputs  # N samples, batched (and padded where lengths differ)
-    target: Tensor  # [N] class or token explained: the model's prediction
+    target: Tensor  # [N] class or token explained: the prediction ([N, 2]: and runner-up)
     features: Tensor  # [N, F] bool: which feature slots a sample has
     steps: int  # points of a perturbation curve after the unperturbed one
     baseline: str  # what a removed feature becomes, in words (for the JSON and README)
@@ -54,6 +56,10 @@ class Task:
         return out[:, -1] if self.kind == "lm" else out
 
     def score(self, inputs: Inputs, target: Tensor) -> Tensor:
+        """The target's logit, or with an alternative ([n, 2]) the logit difference."""
+        if target.dim() == 2:
+            both = self.logits(inputs).gather(1, target)
+            return both[:, 0] - both[:, 1]
         return self.logits(inputs).gather(1, target[:, None])[:, 0]
 
     def pool(self, relevance: Tensor) -> Tensor:
@@ -178,9 +184,29 @@ def lookup_task(data_dir: str | None, n: int) -> Task:
     return task
 
 
-TASKS = {
+def contrasted(build):
+    """The contrast row of a task: the prediction against the runner-up, whose logit
+    difference is what the perturbation curves read and every method explains."""
+
+    def build_contrast(data_dir: str | None, n: int) -> Task:
+        task = build(data_dir, n)
+        runner_up = torch.cat(
+            [
+                task.logits(task.subset(slice(i, i + 128))).topk(2, -1).indices[:, 1]
+                for i in range(0, task.n, 128)
+            ]
+        )
+        task.name = f"{task.name}-contrast"
+        task.target = torch.stack([task.target, runner_up], -1)
+        return task
+
+    return build_contrast
+
+
+USUAL = {
     "digits-cnn": digits_task,
     "digits-cnn-blur": lambda data_dir, n: digits_task(data_dir, n, fill="blur"),
     "minilm-sentiment": sentiment_task,
     "tiny-lookup-lm": lookup_task,
 }
+TASKS = {**USUAL, **{f"{name}-contrast": contrasted(build) for name, build in USUAL.items()}}
