@@ -17,10 +17,12 @@ swapping the two flips every sign. A target below its alternative (d < 0, a ``ta
 ``contrast_with`` the caller named) has the seed -multiplier, as mode "reference" negates
 a fall. Where the output is a linear layer, the seed head splits d exactly
 (``rules.LinearRows.contrast``: x_j (w_tj - w_aj), the bias difference a sink); below it the
-default rules carry the signed relevance on (they are linear in R, so signs and sums are
-kept; no cancellation is booked as sink), which is the difference of the target's and the
-alternative's explanations. A single logit is already a difference (of the positive and the
-negative class): it is its own contrast.
+|z| rules carry the signed relevance on (they are linear in R, so signs and sums are kept; no
+cancellation is booked as sink), as the difference of the target's and the alternative's
+explanations, with one change: biases below the head take no share (the data explain the
+difference; on MiniLM this lifted the inputs' share from 0.33-0.38 to 0.39-0.45, on the
+digits CNN to about 1, and its contrast ABPC from 10.2 to 11.5 on 16 images). A single logit
+is already a difference (of the positive and the negative class): it is its own contrast.
 """
 
 from __future__ import annotations

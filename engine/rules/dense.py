@@ -6,14 +6,14 @@ its bias share reduces) and the modes are written once over it: ``z_abs`` (the |
 D = f(|x|, |W|) + |b|, R_in = |x| f^T(R / D, |W|); modes "default" and "contrast") and
 ``z_change`` (the difference rule: contributions of dx, over y - y'; the bias cancels). A
 linear layer, a convolution, a grouped matmul and the seed head's sparse rows (``LinearRows``)
-differ only in their ``Weighted``. Mode "contrast" differs from "default" only at the seed
-head: ``LinearRows.contrast`` splits the logit difference exactly.
+differ only in their ``Weighted``. Mode "contrast" is the |z| rule without the bias share,
+and at the seed head ``LinearRows.contrast`` splits the logit difference exactly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -72,10 +72,20 @@ def z_change(ctx: Ctx, o: Operands, dx: Tensor, ratio: Tensor) -> Propagation:
 class WeightedFamily(Family):
     """The three modes of a weighted map; subclasses say what their map and operands are."""
 
+    bias: str | None = "bias"  # the argument that holds the bias
+
     def operands(self, ctx: Ctx) -> Operands:
         raise NotImplementedError
 
     def default(self, ctx: Ctx) -> Propagation:
+        return z_abs(ctx, self.operands(ctx))
+
+    def contrast(self, ctx: Ctx) -> Propagation:
+        """The |z| rule without the bias share: a difference of two logits is explained by
+        the data, and a bias (like the head's b_t - b_a) is a sink only at the seed."""
+        b = ctx.args.get(self.bias) if self.bias else None
+        if b is not None:
+            ctx = replace(ctx, args={**ctx.args, self.bias: torch.zeros_like(b)})
         return z_abs(ctx, self.operands(ctx))
 
     def reference(self, ctx: Ctx) -> Propagation:
@@ -146,6 +156,7 @@ class AddMM(WeightedFamily):
     "reference" it is held fixed (its change is not explained)."""
 
     ops = (aten.addmm.default,)
+    bias = "self"
 
     def operands(self, ctx: Ctx) -> Operands:
         x, w, b = ctx.args["mat1"], ctx.args["mat2"], ctx.args["self"]

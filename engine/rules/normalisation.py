@@ -1,6 +1,7 @@
 """Normalisations: eval batch norm (when not folded into its convolution), layer, RMS and group
 norm. The normalising factor is a constant in modes "default" and "contrast" (relevance passes
-unchanged; the affine weight is not a target); mode "reference" splits the change of a layer or
+unchanged; the affine weight is not a target; a batch norm's shift takes no share in mode
+"contrast"); mode "reference" splits the change of a layer or
 RMS norm exactly (``norm_difference``)."""
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ class BatchNorm(Family):
         c, extra, R = self._contributions(ctx)
         ac = c.abs()
         r_in = R * (ac / (ac + extra))
+        return {"input": r_in}, R - r_in
+
+    def contrast(self, ctx: Ctx) -> Propagation:
+        """As ``WeightedFamily.contrast``: the shift takes no share."""
+        c, _, R = self._contributions(ctx)
+        ac = c.abs()
+        r_in = R * (ac / (ac + TINY))
         return {"input": r_in}, R - r_in
 
     def reference(self, ctx: Ctx) -> Propagation:

@@ -105,16 +105,18 @@ def test_linear_default_is_the_z_rule():
     conserved(R, grads, sink)
 
 
-def test_linear_contrast_is_the_default_rule():
-    """Mode "contrast" differs only at the seed head: below it the |z| rule, linear in R,
-    carries signed relevance down (R of both signs here)."""
+def test_linear_contrast_is_the_bias_free_z_rule():
+    """Mode "contrast" below the seed head: the |z| rule, linear in R, carries signed
+    relevance down (R of both signs here), and the bias takes no share."""
     x, w, b, R = linear_case()
-    ctx = ctx_of(aten.linear.default, {"input": x, "weight": w, "bias": b}, R)
-    grads, sink = Linear().contrast(ctx)
-    expected, expected_sink = Linear().default(ctx)
-    torch.testing.assert_close(grads["input"], expected["input"])
-    torch.testing.assert_close(sink, expected_sink)
+    grads, sink = Linear().contrast(
+        ctx_of(aten.linear.default, {"input": x, "weight": w, "bias": b}, R)
+    )
+    D = x.abs() @ w.abs().T
+    expected = torch.einsum("bi,oi,kbo->kbi", x.abs(), w.abs(), R / D)
+    torch.testing.assert_close(grads["input"], expected)
     conserved(R, grads, sink)
+    assert sink.abs().max() < 1e-12
 
 
 def test_linear_reference_is_the_difference_rule():
@@ -361,7 +363,7 @@ def test_identity_passes_through(mode):
 
 
 def test_batch_norm_default_and_contrast():
-    """y = x s + t per channel: R_in = R |x s| / (|x s| + |t|) (contrast: the same)."""
+    """y = x s + t per channel: R_in = R |x s| / (|x s| + |t|) (contrast: all of R)."""
     x = rand(2, 3, 4, seed=1)
     stats = {"weight": rand(3, seed=2), "bias": rand(3, seed=3), "running_mean": rand(3, seed=4),
              "running_var": rand(3, seed=5).abs() + 0.5, "momentum": 0.1, "eps": 1e-5}  # fmt: skip
@@ -369,10 +371,10 @@ def test_batch_norm_default_and_contrast():
     t = stats["bias"] - stats["running_mean"] * s
     R = rand(1, 2, 3, 4, seed=6)
     c, shift = x * s[:, None], t.abs()[:, None]
-    for mode, numerator in (("default", c.abs()), ("contrast", c.abs())):
+    for mode, bias_share in (("default", shift), ("contrast", 0.0)):
         ctx = ctx_of(aten._native_batch_norm_legit_no_training.default, {"input": x, **stats}, (R,))
         grads, sink = getattr(BatchNorm(), mode)(ctx)
-        torch.testing.assert_close(grads["input"], R * numerator / (c.abs() + shift))
+        torch.testing.assert_close(grads["input"], R * c.abs() / (c.abs() + bias_share))
         torch.testing.assert_close(grads["input"] + sink, R)
 
 
