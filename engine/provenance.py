@@ -62,6 +62,7 @@ ID_PATH_OPS = {
     aten.alias.default,
     aten.permute.default,
     aten.transpose.int,
+    aten.index_put.default,  # ids masked to a placeholder id (gemma3's image tokens)
 }
 
 # Arguments a rule never sends relevance to, although they may be data.

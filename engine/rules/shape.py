@@ -124,19 +124,26 @@ class Scatter(Family):
     ops = (aten.slice_scatter.default, aten.index_put.default, aten.index_add.default)
 
     def default(self, ctx: Ctx) -> Propagation:
-        names, f = self._map(ctx, absolute=True)
-        values = [ctx.args[n] for n in names]
+        names, f, values = self._map(ctx, absolute=True)
+        data = [ctx.is_data(n) for n in names]
         if not self._adds(ctx):
-            return dict(zip(names, _joint_vjp(f, values, ctx.R), strict=True)), None
+            shares = _joint_vjp(f, values, ctx.R)
+            # what constants wrote, in the output's shape (a broadcast constant's own shape
+            # would not say which sample its share came from)
+            written = f(*_constants([torch.ones_like(v) for v in values], data))
+            grads = {n: g for n, g, d in zip(names, shares, data, strict=True) if d}
+            return grads, ctx.R * written
         magnitudes = [v.abs() for v in values]
         ratio = ctx.R / (f(*magnitudes) + TINY)
         shares = _joint_vjp(f, magnitudes, ratio)
-        return {n: m * g for n, m, g in zip(names, magnitudes, shares, strict=True)}, ratio * TINY
+        grads = {n: m * g for n, m, g, d in zip(names, magnitudes, shares, data, strict=True) if d}
+        constants = f(*_constants(magnitudes, data))
+        return grads, ratio * (constants + TINY)
 
     def reference(self, ctx: Ctx) -> Propagation:
         if not self._adds(ctx):
             return self.default(ctx)
-        names, f = self._map(ctx, absolute=False)
+        names, f, _ = self._map(ctx, absolute=False)
         changes = [ctx.diff(n) for n in names]
         ratio = ctx.per_change()
         shares = _joint_vjp(f, changes, ratio)
@@ -148,16 +155,34 @@ class Scatter(Family):
         return ctx.node.target is aten.index_add.default or bool(ctx.args.get("accumulate"))
 
     @staticmethod
-    def _map(ctx: Ctx, absolute: bool) -> tuple[list[str], Callable[..., Tensor]]:
-        """The floating-point operands and the op as a function of them (|alpha| for the
-        |z| rule)."""
-        names = [n for n, v in ctx.args.items() if isinstance(v, Tensor) and v.is_floating_point()]
+    def _map(ctx: Ctx, absolute: bool) -> tuple[list[str], Callable[..., Tensor], list[Tensor]]:
+        """The operands written from and into, the op as a function of them (|alpha| for the
+        |z| rule) and their values. Integer ids (an index_put that masks some ids on their way
+        to an embedding) are taken as floats: the adjoint of a write does not depend on them."""
+        names = [n for n in _WRITTEN if isinstance(ctx.args.get(n), Tensor)]
         args = dict(ctx.args)
+        for n in names:
+            if not args[n].is_floating_point():
+                args[n] = args[n].to(ctx.R.dtype)
         if args.get("end") is not None:  # the exported graph's end may be sys.maxsize
             args["end"] = min(args["end"], ctx.x.shape[args["dim"]])
         if absolute and "alpha" in args:
             args["alpha"] = abs(args["alpha"])
-        return names, lambda *ts: ctx.node.target(**{**args, **dict(zip(names, ts, strict=True))})
+        return (
+            names,
+            lambda *ts: ctx.node.target(**{**args, **dict(zip(names, ts, strict=True))}),
+            [args[n] for n in names],
+        )
+
+
+# the operands of Scatter's ops that values are written from or into (not their indices)
+_WRITTEN = ("self", "src", "values", "source")
+
+
+def _constants(values: list[Tensor], data: list[bool]) -> list[Tensor]:
+    """``values`` with the data operands zeroed: the op applied to them is what constants
+    put in."""
+    return [torch.zeros_like(v) if d else v for v, d in zip(values, data, strict=True)]
 
 
 def _joint_vjp(f: Callable[..., Tensor], values: list[Tensor], R: Tensor) -> list[Tensor]:

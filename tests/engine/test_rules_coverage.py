@@ -184,3 +184,29 @@ def test_topk_returns_relevance_to_the_taken_elements():
     )
     assert torch.equal(grads["self"].gather(2, out.indices.expand(3, -1, -1)), R)
     assert torch.allclose(grads["self"].sum(-1), R.sum(-1))
+
+
+class MaskedIds(nn.Module):
+    """gemma3's image-token masking: some ids replaced by a placeholder id (index_put) before
+    the embedding lookup; relevance must still reach the ids."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = nn.Embedding(16, 4), nn.Linear(4, 3)
+
+    def forward(self, input_ids):
+        ids = input_ids.clone()
+        ids[ids > 12] = 0
+        return self.head(self.embed(ids).mean(1))
+
+
+@pytest.mark.parametrize("mode", ["default", "contrast", "reference"])
+def test_masked_ids_reach_the_input(mode):
+    ids = torch.tensor([[1, 14, 3, 5], [15, 2, 7, 9]])
+    result = DLBacktrace(MaskedIds().eval(), {"input_ids": ids}).run_task(
+        inputs={"input_ids": ids}, mode=mode
+    )
+    c = result["conservation"]
+    assert abs(c["inputs"] + c["sinks"] - c["seed"]).max() <= 1e-5 * 100.0, c
+    assert (abs(c["inputs"]) > 1.0).all(), c
