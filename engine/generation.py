@@ -25,6 +25,7 @@ from . import validate
 from .decoding import Decoded, decode
 from .memory import plan_seeds
 from .params import DecodingParams, OutputParams, RelevanceParams, StepPlan, with_keywords
+from .rules import grouped_mm_ops
 from .step_explainer import Explained, Layout, StepExplainer
 from .steps import OnStep, decode_stepwise, explain_decoded, select_steps
 
@@ -32,18 +33,6 @@ log = logging.getLogger("engine")
 
 # run_generation's relevance defaults: run_task's, keeping only the inputs' relevance.
 GENERATION_RELEVANCE = RelevanceParams(relevance_nodes="inputs")
-
-
-def _grouped_mm_ops() -> tuple[Any, ...]:
-    """The grouped matmuls mixture-of-experts layers of transformers run their experts with
-    (rows sorted by expert, ``offs`` = cumulative rows per expert)."""
-    try:
-        import transformers.integrations.moe  # noqa: F401 - registers the custom op
-    except ImportError:
-        return ()
-    ops = [getattr(torch.ops.aten, "_grouped_mm", None)]
-    ops.append(getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None))
-    return tuple(op.default for op in ops if op is not None and hasattr(op, "default"))
 
 
 # ------------------------------------------------------------------ model detection
@@ -173,7 +162,7 @@ def run_generation(
     ids, mask = _prompt(inputs, tokenizer, dlb.device)
     cfg = decoding.resolve(lm, tokenizer)
     layout = Layout(ids.shape[1], (1 - mask).sum(1))
-    explainer = StepExplainer(dlb, layout, relevance, _grouped_mm_ops())
+    explainer = StepExplainer(dlb, layout, relevance, grouped_mm_ops())
     explainer.keep_values = output.return_layerwise_output
     _check_prompt(dlb, explainer.token_input, ids, mask, cfg.max_new_tokens)
     length = ids.shape[1] + cfg.max_new_tokens - 1  # the longest explanation forward
