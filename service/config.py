@@ -51,6 +51,12 @@ class Settings:
     # Queued classification jobs of one model and parameters that a worker runs as one engine
     # batch (service.batching); 1 turns batching off.
     max_batch: int = field(default_factory=lambda: _int("BACKTRACE_MAX_BATCH", 8))
+    # Bound on a generation sweep's working memory (engine.memory): "auto" (half the free
+    # memory of the worker's device, read per job), a size such as "2GB", or "none"; a job that
+    # cannot fit fails before any work, saying what it needs.
+    memory_budget: str = field(
+        default_factory=lambda: os.environ.get("BACKTRACE_MEMORY_BUDGET", "auto")
+    )
     warm_models: tuple[str, ...] = field(
         default_factory=lambda: tuple(
             m for m in os.environ.get("BACKTRACE_WARM_MODELS", "").split(",") if m.strip()

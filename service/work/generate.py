@@ -84,6 +84,7 @@ def generate(run: Run, work: Work, r: redis.Redis) -> documents.Doc:
         return_relevance=True,
         return_scores=False,
         on_step=stream,
+        memory_budget=_budget(run.state.settings.memory_budget),
         **engine_relevance(req),
         **req.generation.model_dump(exclude_none=True),
     )
@@ -91,3 +92,9 @@ def generate(run: Run, work: Work, r: redis.Redis) -> documents.Doc:
     doc = documents.generation(tok, prompt, res, stream.steps, req.output)
     timings = {"capture_s": capture_s, "engine_s": run_s, "run_s": run_s}
     return {**doc, **documents.finished(run, req, timings)}
+
+
+def _budget(setting: str) -> str | None:
+    """The worker's memory budget for ``run_task`` (``BACKTRACE_MEMORY_BUDGET``; "none": the
+    engine's fixed number of seeds per sweep)."""
+    return None if setting.strip().lower() in ("", "none") else setting
