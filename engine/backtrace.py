@@ -285,6 +285,13 @@ class DLBacktrace:
         """One forward and one sweep seeded as ``engine.heads`` decides for the task: one seed
         per sample (its relevance without the seed axis), or the task's ``seeds`` (relevance
         [K, B, ...], conservation [K, B])."""
+        if task == TaskName.QUESTION_ANSWERING and params.mode == "contrast":
+            # the QA seeds sit on the [B, T, 2] start/end logits: a runner-up along that last
+            # axis would set a start against an end, which explains nothing
+            raise ValueError(
+                'mode "contrast" is not defined for question-answering (its start and end '
+                'logits are not alternatives of one another); use "default" or "reference"'
+            )
         started = time.perf_counter()
         f = self._forwards(inputs, params, tokenizer, task)
         logits = f.env[f.sweeper.seed_node]

@@ -81,6 +81,15 @@ def load_model(spec: ModelSpec, registry: Registry, data_dir: str) -> tuple[Load
     return loaded, (_sha(weights) if weights else "unversioned")
 
 
+# The transformers head a task loads when the registry's source names none.
+_DEFAULT_HEADS = {
+    TaskName.GENERATION: "causal-lm",
+    TaskName.TOKEN_CLASSIFICATION: "token-classification",
+    TaskName.QUESTION_ANSWERING: "question-answering",
+    TaskName.IMAGE_CLASSIFICATION: "image-classification",
+}
+
+
 def _load_transformers(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel, Path | None]:
     import transformers as tf
 
@@ -93,7 +102,9 @@ def _load_transformers(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel
         "sequence-classification": tf.AutoModelForSequenceClassification,
         "image-classification": tf.AutoModelForImageClassification,
         "causal-lm": tf.AutoModelForCausalLM,
-    }[src.head or ("causal-lm" if spec.task == TaskName.GENERATION else "sequence-classification")]
+        "token-classification": tf.AutoModelForTokenClassification,
+        "question-answering": tf.AutoModelForQuestionAnswering,
+    }[src.head or _DEFAULT_HEADS.get(spec.task, "sequence-classification")]
     kw = {"local_files_only": local, "trust_remote_code": False, "use_safetensors": True}
     model = head.from_pretrained(where, **kw).eval()
     tok = (

@@ -36,7 +36,8 @@ class Source(BaseModel):
     - ``demo``: a built-in demo model (``name``); ``path`` is a prebuilt copy, else it is built
       under the data dir on first use.
     - ``transformers``: ``path`` (a local folder) or ``hub_id`` (only where a hub is reachable);
-      ``head`` is ``sequence-classification``, ``image-classification`` or ``causal-lm``.
+      ``head`` is ``sequence-classification``, ``image-classification``, ``causal-lm``,
+      ``token-classification`` or ``question-answering`` (default: the one the task implies).
     - ``torchvision``: ``arch`` and a safetensors ``weights`` file, ``num_classes``.
     - ``python``: ``factory`` (``module:function``) returning a ``service.models.LoadedModel``;
       for operators' own code (and the tests' failing model). Never reachable from a request.

@@ -248,3 +248,11 @@ def test_question_answering_finds_the_markers_around_the_answer():
     start_hits = (rel[0].argmax(-1) == test_spans[:, 0] - 1).float().mean()
     end_hits = (rel[1].argmax(-1) == test_spans[:, 1] + 1).float().mean()
     assert start_hits >= 0.9 and end_hits >= 0.9, (start_hits, end_hits)
+
+
+def test_question_answering_refuses_contrast():
+    """Start and end logits are not alternatives of one another: contrast is refused before
+    any work, naming the mode and the task."""
+    dlb = DLBacktrace(tiny_bert("BertForQuestionAnswering", num_labels=2), padded(2))
+    with pytest.raises(ValueError, match='mode "contrast" is not defined for question-answering'):
+        dlb.run_task(task="question-answering", inputs=padded(2), mode="contrast")
