@@ -101,7 +101,7 @@ class DLBacktrace:
                 f"inputs of shapes {shapes} do not fit the graph captured for "
                 f"{self.captured.input_names}, and the model cannot be captured for them: {exc}"
             ) from exc
-        entry = (captured, Sweeper(captured, _explained_output(captured)))
+        entry = (captured, Sweeper(captured, captured.explained_output()))
         self._graphs.append(entry)
         return entry
 
@@ -154,7 +154,7 @@ class DLBacktrace:
         prepared = self._prepare(inputs, tokenizer)
         captured, sweeper = self._graph_for(prepared)
         if task == TaskName.QUESTION_ANSWERING:
-            sweeper = self._head_sweeper(captured, qa_logits(_float_outputs(captured)))
+            sweeper = self._head_sweeper(captured, qa_logits(captured.float_outputs()))
         sweeper.check_rules()
         with torch.no_grad():
             env, outputs = sweeper.forward(prepared)
@@ -479,27 +479,6 @@ class DLBacktrace:
             "input_share": c["inputs"] / np.where(c["seed"] == 0, 1, c["seed"]),
             "top_features": top,
         }
-
-
-def _float_outputs(captured: Captured) -> list[fx.Node]:
-    """The floating-point tensors the model returns, in order."""
-    outputs = captured.output.args[0]
-    outputs = outputs if isinstance(outputs, list | tuple) else (outputs,)
-    return [
-        node
-        for node in outputs
-        if isinstance(node, fx.Node)
-        and isinstance(node.meta.get("val"), Tensor)
-        and node.meta["val"].is_floating_point()
-    ]
-
-
-def _explained_output(captured: Captured) -> fx.Node:
-    """The first floating-point tensor the model returns (logits)."""
-    outputs = _float_outputs(captured)
-    if not outputs:
-        raise ValueError("the model returns no floating-point tensor to explain")
-    return outputs[0]
 
 
 def _padding_mask(prepared: dict[str, Tensor], logits: Tensor) -> Tensor | None:

@@ -123,6 +123,25 @@ class Captured:
         ids = "input_ids" if "input_ids" in ints else (ints[0] if ints else None)
         return [n for n in self.input_names if n == ids or values[n].is_floating_point()]
 
+    def float_outputs(self) -> list[fx.Node]:
+        """The floating-point tensors the model returns, in order."""
+        outputs = self.output.args[0]
+        outputs = outputs if isinstance(outputs, list | tuple) else (outputs,)
+        return [
+            node
+            for node in outputs
+            if isinstance(node, fx.Node)
+            and isinstance(node.meta.get("val"), torch.Tensor)
+            and node.meta["val"].is_floating_point()
+        ]
+
+    def explained_output(self) -> fx.Node:
+        """The first floating-point tensor the model returns (the logits)."""
+        outputs = self.float_outputs()
+        if not outputs:
+            raise ValueError("the model returns no floating-point tensor to explain")
+        return outputs[0]
+
     def sizes(self, inputs: Mapping[str, torch.Tensor]) -> dict[sympy.Symbol, int]:
         """Values of the shape symbols for these run-time inputs."""
         values = {}

@@ -170,15 +170,7 @@ def run_generation(
     plan = dataclasses.replace(plan, max_seeds_per_sweep=seeds)
     keep_scores = output.return_scores or on_step is not None
     streamed = plan.path == "stepwise" and cfg.num_beams == 1
-    if streamed:
-        decoded, explained = decode_stepwise(
-            lm, ids, mask, cfg, keep_scores, explainer, plan.steps, on_step
-        )
-    else:
-        decoded, explained = decode(lm, ids, mask, cfg, keep_scores), {}
-        if on_step is not None:
-            for i in range(decoded.num_steps):
-                on_step(i, decoded.sequences[:, layout.prompt_len + i], decoded.scores[i], None)
+    decoded, explained = _decode(lm, ids, mask, cfg, keep_scores, explainer, plan, on_step)
     decode_s = time.perf_counter() - started
     tokens = decoded.sequences[:, layout.prompt_len :]
     chosen = select_steps(plan.steps, decoded.num_steps)
@@ -199,6 +191,28 @@ def run_generation(
     if output.debug:
         _log_steps(result, tokens)
     return result
+
+
+def _decode(
+    lm: nn.Module,
+    ids: Tensor,
+    mask: Tensor,
+    cfg: Any,
+    keep_scores: bool,
+    explainer: StepExplainer,
+    plan: StepPlan,
+    on_step: OnStep | None,
+) -> tuple[Decoded, dict[int, Explained]]:
+    """Decode, explaining steps as tokens appear on the stepwise path (greedy or sampling);
+    otherwise decode only, announcing each token to ``on_step`` (explained later)."""
+    if plan.path == "stepwise" and cfg.num_beams == 1:
+        return decode_stepwise(lm, ids, mask, cfg, keep_scores, explainer, plan.steps, on_step)
+    decoded = decode(lm, ids, mask, cfg, keep_scores)
+    if on_step is not None:
+        start = explainer.layout.prompt_len
+        for i in range(decoded.num_steps):
+            on_step(i, decoded.sequences[:, start + i], decoded.scores[i], None)
+    return decoded, {}
 
 
 def _explain_rest(

@@ -134,7 +134,7 @@ DEMO_REGISTRY: list[dict[str, Any]] = [
     {
         "id": "tiny-lookup-lm",
         "task": "generation",
-        "description": "2-layer GPT-2 trained on key-value lookup: 'a3 c1 f9 h0 ? c' -> '1'",
+        "description": "1-layer GPT-2 trained on key-value lookup: 'a3 c1 f9 h0 ? c' -> '1'",
         "source": {"kind": "demo", "name": "tiny-lookup-lm"},
         "limits": {"max_tokens": 24, "max_new_tokens": 8},
         "expects": "key-value pairs and a query key, e.g. 'a3 c1 f9 h0 ? c', up to 24 tokens",

@@ -11,6 +11,7 @@ from torch import nn
 
 from engine import DLBacktrace
 from engine.tasks import TASKS, TaskName
+from tests.helpers.tiny import tiny_bert
 
 
 def assert_conserved(result: dict) -> None:
@@ -41,22 +42,6 @@ def test_image_classification_of_higher_rank_logits_is_a_clear_error():
     dlb = DLBacktrace(nn.Linear(4, 3), (x,))
     with pytest.raises(ValueError, match="token-classification"):
         dlb.run_task(inputs=(x,))  # detected as an image: [B, C] logits or an error
-
-
-def tiny_bert(cls_name: str, num_labels: int = 3):
-    import transformers
-
-    config = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=num_labels,
-    )
-    torch.manual_seed(0)
-    return getattr(transformers, cls_name)(config).eval()
 
 
 def padded(batch: int, length: int = 6) -> dict[str, torch.Tensor]:

@@ -15,22 +15,7 @@ from engine.tasks import TaskName
 from service import codec
 from service.schemas import OutputOptions
 from service.work import documents
-
-
-def tiny(cls_name: str, labels: int):
-    import transformers
-
-    config = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=labels,
-    )
-    torch.manual_seed(0)
-    return getattr(transformers, cls_name)(config).eval()
+from tests.helpers.tiny import tiny_bert
 
 
 @pytest.mark.parametrize(
@@ -45,7 +30,7 @@ def test_per_token_document(task, cls_name, labels):
     mask = torch.ones_like(ids)
     mask[1, 4:] = 0
     batch = {"input_ids": ids, "attention_mask": mask}
-    res = DLBacktrace(tiny(cls_name, labels), batch).run_task(task=task, inputs=batch)
+    res = DLBacktrace(tiny_bert(cls_name, labels), batch).run_task(task=task, inputs=batch)
     loaded = SimpleNamespace(tokenizer=None, labels=["O", "B", "I"])
     run = SimpleNamespace(task=task, entry=SimpleNamespace(loaded=loaded))
     doc = documents.per_token(run, batch, res, OutputOptions(dtype="float32"))
