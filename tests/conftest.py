@@ -47,15 +47,19 @@ def _registry(tmp: Path) -> Path:
     models = [
         {**m, "warm": m["id"] != "gpt2-small-config"} for m in DEMO_REGISTRY if m["id"] in keep
     ]
-    models.append(
+    # Two models that always raise: "faulty" for the service tests (which check it is not
+    # warm until used), "faulty-metrics" for the Prometheus test's failed jobs, which runs
+    # first on the same session stack.
+    models += [
         {
-            "id": "faulty",
+            "id": model_id,
             "task": "tabular-classification",
             "description": "always raises (tests)",
             "source": {"kind": "python", "factory": "tests.service.faulty:build"},
             "labels": ["a", "b"],
         }
-    )
+        for model_id in ("faulty", "faulty-metrics")
+    ]
     # The other source kinds, from files made here: a transformers folder (the built
     # sentiment model) and a torchvision architecture with a safetensors weights file.
     data_dir = Path(os.environ.get("BACKTRACE_DATA_DIR", ROOT / "var" / "models"))

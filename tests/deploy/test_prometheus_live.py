@@ -76,7 +76,7 @@ def load_jobs() -> list[tuple[dict, str]]:
         "inputs": {"text": "a3 c1 f9 h0 ? c"},
         "generation": {"max_new_tokens": 2},
     }
-    faulty = {"model": "faulty", "inputs": {"features": [1, 2, 3, 4]}}
+    faulty = {"model": "faulty-metrics", "inputs": {"features": [1, 2, 3, 4]}}
     return [(digit, "finished"), (digit, "finished"), (lm, "finished"), (faulty, "failed")]
 
 
