@@ -13,6 +13,7 @@ failures by cause (JSON) and both as markdown for ``bench/README.md`` are printe
 from __future__ import annotations
 
 import argparse
+import fcntl
 import itertools
 import json
 import os
@@ -22,6 +23,7 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,8 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     def one(arch: Arch) -> None:
         outcome = run_isolated(arch, args.timeout, args.memory_gb)
         with lock:
-            results[arch.key] = outcome.as_dict()
-            _write(args.out, results)
+            results.update(_merge(args.out, {arch.key: outcome.as_dict()}))
             print(f"{arch.key}: {outcome.status} {outcome.detail} ({outcome.seconds:.1f} s)",
                   file=sys.stderr, flush=True)  # fmt: skip
 
@@ -89,11 +90,18 @@ def _select(archs: list[Arch], args: argparse.Namespace) -> list[Arch]:
     return archs
 
 
-def _write(path: Path, results: dict) -> None:
+def _merge(path: Path, rows: dict) -> dict:
+    """``rows`` written into the results file as it is now, under an exclusive lock: another
+    run writing the same file meanwhile keeps its rows. Returns the file's rows."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dict(sorted(results.items())), indent=1) + "\n")
-    tmp.replace(path)
+    with open(Path(tempfile.gettempdir()) / f"{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(path.read_text()) if path.exists() else {}
+        results.update(rows)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dict(sorted(results.items())), indent=1) + "\n")
+        tmp.replace(path)
+    return results
 
 
 # ------------------------------------------------------------------ isolation
