@@ -1,5 +1,6 @@
-"""Pooling and reductions: max pooling, and the maps with non-negative weights (average pools,
-means, sums) by the |z| rule."""
+"""Pooling, interpolation and reductions: max pooling, the maps with non-negative weights
+(average pools, means, sums, bilinear upsampling) and bicubic interpolation (signed weights)
+by the |z| rule, and the non-linear reductions by shares that add up to 1."""
 
 from __future__ import annotations
 
@@ -107,6 +108,51 @@ class PositiveMap(Family):
     def reference(self, ctx: Ctx) -> Propagation:
         r_in, sink = difference(ctx, ctx.diff(ctx.first), self.map(ctx))
         return {ctx.first: r_in}, sink
+
+
+class Interpolation(Family):
+    """Separable 2-D interpolations y = A_h x A_w^T whose weights can be negative (bicubic;
+    the antialiased kernels too): the |z| rule over |A_h| and |A_w|, D = |A_h| |x| |A_w|^T,
+    whose contributions add up to D exactly, so R is conserved (the stabiliser's share is
+    the sink). Mode "reference": the difference rule over the op itself (linear in x, so
+    exact with signed weights)."""
+
+    ops = (
+        aten.upsample_bicubic2d.vec,
+        aten.upsample_bicubic2d.default,
+        aten._upsample_bicubic2d_aa.vec,
+        aten._upsample_bicubic2d_aa.default,
+        aten._upsample_bilinear2d_aa.vec,
+        aten._upsample_bilinear2d_aa.default,
+    )
+
+    def default(self, ctx: Ctx) -> Propagation:
+        a_h, a_w = (a.abs() for a in axis_matrices(ctx))
+        r_in, sink = proportional(
+            ctx.R, ctx.x, lambda u: torch.einsum("oh,...hw,pw->...op", a_h, u, a_w)
+        )
+        return {ctx.first: r_in}, sink
+
+    def reference(self, ctx: Ctx) -> Propagation:
+        r_in, sink = difference(ctx, ctx.diff(ctx.first), _op_on(ctx))
+        return {ctx.first: r_in}, sink
+
+
+def _op_on(ctx: Ctx) -> Callable[[Tensor], Tensor]:
+    """The node's op, with its arguments, applied to another first argument."""
+    return lambda u: ctx.node.target(**{**ctx.args, ctx.first: u})
+
+
+def axis_matrices(ctx: Ctx) -> tuple[Tensor, Tensor]:
+    """A_h [H_out, H] and A_w [W_out, W] of a separable interpolation, read off the op applied
+    to unit rows (columns) held constant along the other axis: each output row of an
+    interpolation kernel sums to 1, so the other axis contributes a factor 1."""
+    x, op = ctx.x, _op_on(ctx)
+    h, w = x.shape[-2:]
+    eye = torch.eye(max(h, w), dtype=x.dtype, device=x.device)
+    rows = eye[:h, None, :h, None].expand(h, 1, h, w).contiguous()
+    cols = eye[:w, None, None, :w].expand(w, 1, h, w).contiguous()
+    return op(rows)[:, 0, :, 0].T, op(cols)[:, 0, 0, :].T
 
 
 def _dims(ctx: Ctx, u: Tensor) -> list[int]:

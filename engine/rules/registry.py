@@ -15,7 +15,8 @@ from .base import Family, Rule
 from .dense import AddMM, Conv, Einsum, GroupedMM, Linear, Product
 from .elementwise import Add, AddCMul, Copy, Extremum, Identity, MaskedFill, Mul, Where
 from .normalisation import BatchNorm, GroupNorm, LayerNorm, RMSNorm
-from .pooling import MaxPool, PositiveMap, Share
+from .pooling import Interpolation, MaxPool, PositiveMap, Share
+from .recurrent import LSTM
 from .shape import (
     Adjoint,
     Cat,
@@ -51,6 +52,7 @@ FAMILIES: tuple[Family, ...] = (
     Attention(),
     MaxPool(),
     PositiveMap(),
+    Interpolation(),
     Share(),
     Reshape(),
     Permute(),
@@ -63,6 +65,7 @@ FAMILIES: tuple[Family, ...] = (
     Split(),
     Pad(),
     Embedding(),
+    LSTM(),
 )
 
 # op overload -> the family that covers it

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import DLBacktrace
-from engine.rules import rule_for
-from engine.rules.pooling import Share
+from engine.rules import TINY, rule_for
+from engine.rules.pooling import Interpolation, Share
+from engine.rules.recurrent import LSTM, forward
 from engine.rules.shape import Pad, Scatter, Stack, TopK
 
 from .test_rules import conserved, ctx_of, rand
@@ -58,6 +59,27 @@ def _one_kv_head(x):
     return F.scaled_dot_product_attention(q * 2, kv, kv)
 
 
+class Recurrent(nn.Module):
+    """An LSTM over the 8 features read as 4 steps of 2: its output sequence, and with
+    ``states`` its final h and c too (time-major, projected, one direction)."""
+
+    def __init__(self, states: bool = False):
+        super().__init__()
+        torch.manual_seed(1)
+        self.states = states
+        if states:
+            self.lstm = nn.LSTM(2, 3, proj_size=2)
+        else:
+            self.lstm = nn.LSTM(2, 3, num_layers=2, bidirectional=True, batch_first=True)
+
+    def forward(self, x):
+        steps = x.reshape(x.shape[0], 4, 2)
+        if not self.states:
+            return self.lstm(steps)[0]
+        out, (h, c) = self.lstm(steps.transpose(0, 1))
+        return torch.cat([out.transpose(0, 1).flatten(1), h[0], c[0]], 1)
+
+
 BODIES: dict[str, tuple[Callable, int]] = {
     "type_as": (lambda x: torch.tanh(x).type_as(x), D),
     "stack": (lambda x: torch.stack([x, x * 3, torch.relu(x)], 1), 3 * D),
@@ -79,6 +101,16 @@ BODIES: dict[str, tuple[Callable, int]] = {
         lambda x: F.interpolate(_grid(x), scale_factor=2, mode="bilinear"),
         4 * D,
     ),
+    "upsample_bicubic": (
+        lambda x: F.interpolate(_grid(x), scale_factor=2, mode="bicubic"),
+        4 * D,
+    ),
+    "upsample_bicubic_antialias": (
+        lambda x: F.interpolate(_grid(x), size=(1, 3), mode="bicubic", antialias=True),
+        3,
+    ),
+    "lstm_two_layers_bidirectional": (Recurrent(), 4 * 6),
+    "lstm_projected_with_states": (Recurrent(states=True), 4 * 2 + 2 + 3),
     "vector_norm": (lambda x: torch.linalg.vector_norm(x.reshape(-1, 2, 4), dim=-1), 2),
     "index_add": (lambda x: x.index_add(1, torch.tensor([0, 0, 3]), x[:, :3]), D),
     "index_put": (_index_put, D),
@@ -210,3 +242,73 @@ def test_masked_ids_reach_the_input(mode):
     c = result["conservation"]
     assert abs(c["inputs"] + c["sinks"] - c["seed"]).max() <= 1e-5 * 100.0, c
     assert (abs(c["inputs"]) > 1.0).all(), c
+
+
+def _cubic(s: torch.Tensor, a: float = -0.75) -> torch.Tensor:
+    """The cubic convolution kernel torch's bicubic interpolation uses."""
+    s = s.abs()
+    near = ((a + 2) * s - (a + 3)) * s * s + 1
+    far = ((a * s - 5 * a) * s + 8 * a) * s - 4 * a
+    return torch.where(s <= 1, near, torch.where(s < 2, far, 0.0))
+
+
+def test_bicubic_shares_by_the_magnitude_of_its_signed_weights():
+    """One row of 4 upsampled to 8: A built from the kernel (taps clamped at the border);
+    R_in = |x| * |A|^T (R / (|A| |x|)), conserved although some weights are negative."""
+    x, R = rand(1, 1, 1, 4), rand(3, 1, 1, 1, 8, seed=1)
+    src = (torch.arange(8) + 0.5) * 4 / 8 - 0.5
+    A = torch.zeros(8, 4)
+    for j, s in enumerate(src.tolist()):
+        base = int(torch.floor(torch.tensor(s)))
+        for tap in range(-1, 3):
+            A[j, min(max(base + tap, 0), 3)] += _cubic(torch.tensor(s - base - tap))
+    assert (A < 0).any()
+    args = {"input": x, "output_size": [1, 8], "align_corners": False, "scale_factors": None}
+    torch.testing.assert_close(aten.upsample_bicubic2d.vec(**args)[0, 0, 0], A @ x[0, 0, 0])
+    grads, sink = Interpolation().default(ctx_of(aten.upsample_bicubic2d.vec, args, R))
+    ratio = R[:, 0, 0, 0] / (A.abs() @ x[0, 0, 0].abs() + TINY)
+    torch.testing.assert_close(grads["input"][:, 0, 0, 0], x[0, 0, 0].abs() * (ratio @ A.abs()))
+    conserved(R, grads, sink)
+
+
+def _lstm_args(lstm: nn.LSTM, x: torch.Tensor) -> dict:
+    layers = lstm.num_layers * (2 if lstm.bidirectional else 1)
+    h0 = torch.zeros(layers, x.shape[0], lstm.proj_size or lstm.hidden_size)
+    return {
+        "input": x,
+        "hx": [h0, torch.zeros(layers, x.shape[0], lstm.hidden_size)],
+        "params": list(lstm._flat_weights),
+        "has_biases": lstm.bias,
+        "num_layers": lstm.num_layers,
+        "dropout": 0.0,
+        "train": False,
+        "bidirectional": lstm.bidirectional,
+        "batch_first": lstm.batch_first,
+    }
+
+
+def test_lstm_rule_runs_the_cells_as_torch_does():
+    lstm = Recurrent().lstm
+    x = rand(2, 5, 2)
+    layers = forward(x, *_lstm_args(lstm, x)["hx"], _lstm_args(lstm, x))
+    top = torch.cat([torch.stack([c.outputs[t] for t in range(5)], 1) for c in layers[-1][1]], -1)
+    torch.testing.assert_close(top, lstm(x)[0])
+
+
+def test_lstm_one_step_gives_the_cell_input_share_to_x():
+    """One step from zero states: h = o tanh(i g), so R goes whole to g, whose pre-activation
+    W_g x + b shares it by the |z| rule; the gates take none."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4, batch_first=True)
+    x, R = rand(2, 1, 3), rand(5, 2, 1, 4, seed=1)
+    args = _lstm_args(lstm, x)
+    grads, sink = LSTM().default(ctx_of(aten.lstm.input, args, {0: R}))
+    w = lstm.weight_ih_l0[8:12].detach()
+    b = (lstm.bias_ih_l0 + lstm.bias_hh_l0)[8:12].detach()
+    contributions = x[:, 0, None, :].abs() * w.abs()  # [B, unit, feature]
+    shares = contributions / (contributions.sum(-1, keepdim=True) + b.abs()[:, None] + TINY)
+    expected = torch.einsum("kbj,bjf->kbf", R[:, :, 0], shares)
+    torch.testing.assert_close(grads["input"][:, :, 0], expected)
+    assert grads["hx"][0].abs().max() == 0 and grads["hx"][1].abs().max() == 0
+    total = grads["input"].flatten(1).sum(1) + sink.flatten(1).sum(1)
+    torch.testing.assert_close(total, R.flatten(1).sum(1))
