@@ -2,7 +2,8 @@
 
 Each module holds one family of ops (``dense``: linear, addmm, convolutions, grouped expert
 matmuls, matmul and einsum products; ``elementwise``; ``normalisation``; ``attention``;
-``pooling`` (with interpolation and reductions); ``shape``; ``recurrent``: the LSTM). A family is a small class (``base.Family``) listing its ops, with one
+``pooling``, with interpolation and reductions; ``shape``; ``recurrent``: the LSTM).
+A family is a small class (``base.Family``) listing its ops, with one
 method per mode: ``default``, ``contrast``, ``reference``. All of them are built from one
 mechanism in ``base``: the |z| proportional propagation (``proportional``; in ``dense``, the
 same written over a weighted map's forward and adjoint) and the difference rule, with ``Ctx``
