@@ -283,12 +283,14 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    """Ready when Redis answers and a worker's heartbeat is live; ``workers`` when Redis
+    """Ready when Redis answers and a worker that takes jobs has a live heartbeat;
+    ``workers`` (those) and ``warming`` (live, still warming their models) when Redis
     answered, ``error`` when it did not."""
 
     ready: bool
     redis: bool
     workers: int | None = None
+    warming: int | None = None
     error: str | None = None
 
 

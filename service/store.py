@@ -3,8 +3,10 @@
 Per job: an RQ job (status, timings), a stream of events ``bt:events:<id>`` (``XADD`` with an
 approximate MAXLEN and an EXPIRE, so every reader sees every entry and can resume from an
 entry id), the final document ``bt:result:<id>`` and a cancel flag ``bt:cancel:<id>``.
-Per worker: a heartbeat key with the models it holds warm. Per Idempotency-Key (hashed with
-the caller's API key): the first request's fingerprint and response. No torch here."""
+Per worker: a heartbeat key with its status (warming or ready) and the models it holds warm.
+Per model: the node names of its captured graph, once a worker has warmed it. Per
+Idempotency-Key (hashed with the caller's API key): the first request's fingerprint and
+response. No torch here."""
 
 from __future__ import annotations
 
@@ -20,13 +22,14 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
-from .vocabulary import Event
+from .vocabulary import Event, WorkerStatus
 
 EVENTS = "bt:events:{}"
 RESULT = "bt:result:{}"
 CANCEL = "bt:cancel:{}"
 WORKER = "bt:worker:{}"
 IDEMPOTENCY = "bt:idem:{}"
+GRAPH = "bt:graph:{}"
 # Commands on these are queued, not sent: the API enqueues on the async client's pipeline.
 PIPELINES = (redis.client.Pipeline, redis.asyncio.client.Pipeline)
 
@@ -156,9 +159,27 @@ def heartbeat(r: redis.Redis, name: str, info: dict[str, Any], ttl: int = 15) ->
 
 
 def live_workers(r: redis.Redis) -> list[dict[str, Any]]:
-    """Workers whose heartbeat has not expired. RQ's own worker keys outlive a killed
-    SimpleWorker by minutes (no heartbeat during a job), so readiness uses ours."""
+    """Workers whose heartbeat has not expired, warming or ready (``is_ready``). RQ's own
+    worker keys outlive a killed SimpleWorker by minutes (no heartbeat during a job), so
+    readiness uses ours."""
     keys = list(r.scan_iter(match=WORKER.format("*"), count=100))
     if not keys:
         return []
-    return [json.loads(v) for v in r.mget(keys) if v]
+    return decode_workers(r.mget(keys))
+
+
+def decode_workers(values: list[bytes | None]) -> list[dict[str, Any]]:
+    """The heartbeats among raw values of worker keys (a key that expired between the scan
+    and the read is None)."""
+    return [json.loads(v) for v in values if v]
+
+
+def is_ready(info: dict[str, Any]) -> bool:
+    """Whether a heartbeat is from a worker that takes jobs (not one still warming)."""
+    return info.get("status", WorkerStatus.READY) == WorkerStatus.READY
+
+
+def publish_graph(r: redis.Redis, model_id: str, revision: str, nodes: list[str]) -> None:
+    """The node names of a model's captured graph (no expiry: a worker that warms the model
+    again overwrites them), for the API to check ``output.relevance`` at the door."""
+    r.set(GRAPH.format(model_id), json.dumps({"revision": revision, "nodes": nodes}))

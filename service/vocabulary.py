@@ -1,4 +1,5 @@
-"""The service's vocabulary, defined once: job statuses and stream event names. No torch."""
+"""The service's vocabulary, defined once: job statuses, stream event names and what a
+worker's heartbeat says it is doing. No torch."""
 
 from __future__ import annotations
 
@@ -38,3 +39,13 @@ class Event(StrEnum):
 
 
 TERMINAL_EVENTS = (Event.DONE, Event.ERROR, Event.CANCELED)
+
+
+class WorkerStatus(StrEnum):
+    """What a worker's heartbeat (``store.WORKER``) says it is doing. ``warming``: loading
+    and capturing the models it warms, not yet taking jobs (/readyz does not count it);
+    ``ready``: taking jobs. A heartbeat without a status is from a worker that predates
+    warming heartbeats, which beat only once ready."""
+
+    WARMING = "warming"
+    READY = "ready"

@@ -13,6 +13,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from prometheus_client import start_http_server
 from rq import Queue, SimpleWorker
 from rq.job import Job
@@ -22,8 +23,9 @@ from . import reaper, store
 from . import worker_metrics as m
 from .config import Settings
 from .registry import Registry
+from .vocabulary import WorkerStatus
 from .work import run
-from .work.context import JobCanceled, init_worker, state
+from .work.context import JobCanceled, WorkerState, init_worker, state
 
 log = logging.getLogger("service.worker")
 
@@ -53,33 +55,70 @@ class Worker(SimpleWorker):
         super().handle_exception(job, *exc_info)
 
 
-def _heartbeat_loop(settings: Settings, name: str, stop: threading.Event) -> None:
-    """Our own liveness key, refreshed three times per TTL from a thread: RQ's SimpleWorker
-    sends no heartbeat while a job runs, and a killed worker stays registered for minutes.
-    Each beat also ends the jobs of workers whose key has expired (``service.reaper``)."""
-    r = store.connect(settings.redis_url, patient=True)
-    st = state()
-    ttl = settings.heartbeat_ttl
-    while not stop.is_set():
-        try:
-            info = {
-                "name": name,
-                "pid": os.getpid(),
-                "queue": settings.queue,
-                "models": st.cache.warm_ids(),
-            }
-            store.heartbeat(r, name, info, ttl)
-            reaper.reap(r, settings.queue, ttl, settings.result_ttl, settings.failure_ttl)
-        except Exception:  # noqa: BLE001 - Redis blips must not kill the worker
-            log.warning("heartbeat failed", exc_info=True)
-        stop.wait(ttl / 3)
-    r.delete(store.WORKER.format(name))
+class Heartbeat:
+    """Our own liveness key (``store.WORKER``), refreshed three times per TTL from a thread
+    from the moment the worker starts: ``warming`` (with the model being warmed, its place
+    and the count) while it loads and captures its warm models, then ``ready``. Without the
+    warming beats a warming worker looked like no worker at all. RQ's SimpleWorker sends no
+    heartbeat while a job runs, and a killed worker stays registered for minutes. Each beat
+    also ends the jobs of workers whose key has expired (``service.reaper``)."""
+
+    def __init__(self, settings: Settings, st: WorkerState):
+        self.settings, self.st = settings, st
+        self.status = WorkerStatus.WARMING
+        self.warming: dict[str, Any] | None = None
+        self._wake = threading.Event()  # a beat now: the status changed, or stop
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def warming_model(self, model_id: str, index: int, total: int) -> None:
+        self.warming = {"model": model_id, "index": index, "total": total}
+        self._wake.set()
+
+    def ready(self) -> None:
+        self.status, self.warming = WorkerStatus.READY, None
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def info(self) -> dict[str, Any]:
+        info = {
+            "name": self.st.name,
+            "pid": os.getpid(),
+            "queue": self.settings.queue,
+            "status": self.status,
+            "models": self.st.cache.warm_ids() if self.status == WorkerStatus.READY else [],
+        }
+        if self.warming is not None:
+            info["warming"] = self.warming
+        return info
+
+    def _run(self) -> None:
+        s = self.settings
+        r = store.connect(s.redis_url, patient=True)
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                store.heartbeat(r, self.st.name, self.info(), s.heartbeat_ttl)
+                reaper.reap(r, s.queue, s.heartbeat_ttl, s.result_ttl, s.failure_ttl)
+            except Exception:  # noqa: BLE001 - Redis blips must not kill the worker
+                log.warning("heartbeat failed", exc_info=True)
+            self._wake.wait(s.heartbeat_ttl / 3)
+        r.delete(store.WORKER.format(self.st.name))
 
 
-def _warm(registry: Registry, wanted: list[str]) -> None:
-    """Load, capture and run once each wanted model, with a log line per model, before the
-    heartbeat starts: /readyz counts a worker only once it serves every warm model without
-    a capture. A model that cannot warm is logged and left to load on first use."""
+def _warm(registry: Registry, wanted: list[str], beat: Heartbeat, r: redis.Redis) -> None:
+    """Load, capture and run once each wanted model, with a log line and a heartbeat per
+    model, before the worker takes jobs: /readyz counts a worker only once it serves every
+    warm model without a capture. Each warmed model's graph node names are published for
+    the API's check of ``output.relevance``. A model that cannot warm is logged and left to
+    load on first use."""
     ids = list(dict.fromkeys(wanted))
     for i, model_id in enumerate(ids, 1):
         spec = registry.get(model_id)
@@ -87,13 +126,30 @@ def _warm(registry: Registry, wanted: list[str]) -> None:
             log.warning("cannot warm %s: not in the registry", model_id)
             continue
         log.info("warming %s (%d of %d)", model_id, i, len(ids))
+        beat.warming_model(model_id, i, len(ids))
         t0 = time.perf_counter()
         try:
             run.warm(spec)
+            _publish_graph(r, model_id)
         except Exception:  # noqa: BLE001 - a broken entry must not stop the others
             log.exception("could not warm %s", model_id)
             continue
         log.info("warm %s in %.1f s", model_id, time.perf_counter() - t0)
+
+
+def _publish_graph(r: redis.Redis, model_id: str) -> None:
+    """The names of the nodes that can carry relevance (inputs and operations) in the
+    graphs captured for the model (``store.publish_graph``)."""
+    entry = state().cache.entries.get(model_id)
+    if entry is None or not entry.backtraces:
+        return
+    names = {
+        node.name
+        for dlb in entry.backtraces.values()
+        for node in dlb.graph.nodes
+        if node.op in ("placeholder", "call_function", "call_method", "call_module")
+    }
+    store.publish_graph(r, model_id, entry.revision, sorted(names))
 
 
 def run_worker(
@@ -112,8 +168,9 @@ def run_worker(
     from engine import tune_allocator
 
     tune_allocator()  # a serving process: keep freed tensor memory for the next job
-    name = store.worker_id()
-    st = init_worker(settings, name)
+    st = init_worker(settings, store.worker_id())
+    beat = Heartbeat(settings, st)
+    beat.start()  # warming: the job view and /readyz say so from now on
     m.declare((s.id, s.task) for s in st.registry.models.values())
     port = settings.metrics_port if metrics_port is None else metrics_port
     if port:
@@ -125,22 +182,19 @@ def run_worker(
         wanted = list(settings.warm_models)
     else:
         wanted = [s.id for s in st.registry.models.values() if s.warm]
-    _warm(st.registry, wanted)
-    stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat_loop, args=(settings, name, stop), daemon=True)
-    beat.start()
     r = store.connect(settings.redis_url, patient=True)
+    _warm(st.registry, wanted, beat, r)
+    beat.ready()
     queue = Queue(settings.queue, connection=r, serializer=JSONSerializer)
     worker = Worker(
         [queue],
         connection=r,
         serializer=JSONSerializer,
-        name=name,
+        name=st.name,
         # Find jobs abandoned by a dead worker within minutes, not the default 10.
         maintenance_interval=60,
     )
     try:
         worker.work(burst=burst, max_jobs=max_jobs, logging_level="INFO")
     finally:
-        stop.set()
-        beat.join(timeout=10)
+        beat.stop()

@@ -5,17 +5,21 @@ longer than it takes) or silently ignore (blank text, generation settings sent t
 classifier, steps past the last generated token). Each failure is a 422 naming the field,
 the value and what is allowed.
 
-Layer names in ``output.relevance`` need the model's graph, which only the worker has: they
-are not checked here."""
+Layer names in ``output.relevance`` need the model's graph, which only a worker captures:
+``check_layers`` reads the names it publishes when it warms the model."""
 
 from __future__ import annotations
+
+import difflib
+
+import redis.asyncio as aredis
 
 from engine.tasks import CLASSIFICATION_TASKS, TaskName
 
 from ..registry import ModelSpec
 from ..schemas import RunTaskRequest
 from .errors import invalid
-from .metadata import ModelMeta
+from .metadata import ModelMeta, ModelMetadata
 
 
 def check(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta) -> None:
@@ -32,6 +36,31 @@ def check(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta)
             ["generation"],
             f"{given}: generation settings, but {spec.id} does {task}; leave generation out",
         )
+
+
+async def check_layers(
+    ar: aredis.Redis, spec: ModelSpec, req: RunTaskRequest, metadata: ModelMetadata
+) -> None:
+    """Layer names in ``output.relevance`` are node names of the model's captured graph, as
+    the worker that warmed the model published them (``service.worker``). Until a worker
+    has (no worker warmed the model yet: it is not marked warm, or its workers are still
+    starting), the names are accepted and the job runs: the worker's result then has no
+    layer for a name that is not a node. Only a request that names layers reads Redis."""
+    names = req.output.relevance
+    if not isinstance(names, list) or not names:
+        return
+    nodes = await metadata.graph_nodes(ar, spec)
+    unknown = [n for n in names if n not in nodes] if nodes is not None else []
+    if not unknown:
+        return
+    close = difflib.get_close_matches(unknown[0], sorted(nodes), n=3)
+    hint = f"; closest: {', '.join(close)}" if close else ""
+    raise invalid(
+        ["output", "relevance"],
+        f"{', '.join(map(repr, unknown))} not a node of {spec.id}'s graph ({len(nodes)} "
+        f"nodes{hint}); ask for 'all' to get every node's relevance under its name, or "
+        "'inputs'",
+    )
 
 
 def _texts(req: RunTaskRequest) -> list[str]:

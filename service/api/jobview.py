@@ -94,15 +94,28 @@ def job_view(r: redis.Redis, job_id: str) -> JobView:
 NO_WORKER = "no worker is alive: the job waits in the queue until one starts"
 
 
+def waiting_note(workers: list[dict[str, Any]]) -> str | None:
+    """Why a job waits although POST /run_task queued it: no worker is alive, or the live
+    ones are still warming (``WorkerStatus``; the one furthest along is named, with its
+    model). None when a worker is ready to take jobs."""
+    if any(store.is_ready(w) for w in workers):
+        return None
+    if not workers:
+        return NO_WORKER
+    w = max((w.get("warming") or {} for w in workers), key=lambda p: p.get("index", 0))
+    where = f" (model {w['model']}, {w['index']} of {w['total']})" if "model" in w else ""
+    return f"a worker is warming{where}; the job starts when it is ready"
+
+
 def with_workers(r: redis.Redis, view: JobView) -> JobView:
-    """A job not over yet, with how many workers are alive to run it, and a note when none
-    is (the job then stays queued: POST /run_task still queues, for autoscalers that start
-    workers from zero)."""
+    """A job not over yet, with how many workers are alive to run it (warming ones too),
+    and a note when none takes jobs yet (the job then stays queued: POST /run_task still
+    queues, for autoscalers that start workers from zero)."""
     if view.status.terminal:
         return view
-    view.workers_alive = len(store.live_workers(r))
-    if view.workers_alive == 0:
-        view.note = NO_WORKER
+    workers = store.live_workers(r)
+    view.workers_alive = len(workers)
+    view.note = waiting_note(workers)
     return view
 
 

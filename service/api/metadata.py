@@ -4,7 +4,10 @@ classes, vocabulary size, positions and tokenizer, read from the model's folder
 
 A demo model's folder is ``<data_dir>/<name>`` once built (the worker builds it on first
 use), a transformers model's is its ``source.path``. What is not there (a model not built
-yet, a torchvision or python source) is unknown, and the worker checks it as before."""
+yet, a torchvision or python source) is unknown, and the worker checks it as before.
+
+The node names of a model's captured graph come from Redis instead (``store.GRAPH``): only
+a worker captures graphs, and it publishes their names when it warms the model."""
 
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio as aredis
+
+from .. import store
 from ..registry import ModelSpec, Registry
 
 
@@ -50,6 +56,17 @@ class ModelMetadata:
         meta = _read(folder, spec)
         self.known[spec.id] = meta
         return meta
+
+    async def graph_nodes(self, ar: aredis.Redis, spec: ModelSpec) -> set[str] | None:
+        """The node names a worker published when it warmed the model; None until one has
+        (or when the value is not what workers write). Read at each request that names
+        layers, never cached: a worker that warms a new revision publishes new names."""
+        raw = await ar.get(store.GRAPH.format(spec.id))
+        try:
+            nodes = json.loads(raw)["nodes"] if raw else None
+        except (ValueError, KeyError, TypeError):
+            return None
+        return set(nodes) if isinstance(nodes, list) else None
 
     def _folder(self, spec: ModelSpec) -> Path | None:
         src = spec.source

@@ -18,6 +18,7 @@ from rq.job import JobStatus as RqStatus
 
 from .. import store
 from ..vocabulary import TERMINAL_EVENTS, Event
+from .jobview import waiting_note
 from .metrics import ApiMetrics
 
 SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
@@ -30,7 +31,6 @@ SSE_REDIS_OUTAGE_S = 60.0
 # than the default block of 15 s and turned every quiet stream into a reported outage).
 SSE_SOCKET_MARGIN_S = 10.0
 KEEPALIVE = ": keep-alive\n\n"
-NO_WORKER = ": no worker is alive; the job waits in the queue until one starts\n\n"
 # Events of one Redis read are sent together up to this many characters (the events are
 # ASCII JSON: bytes); a larger event goes alone, so a stalled reader still holds at most one
 # batch of events in the API.
@@ -153,15 +153,17 @@ async def _read(ar: aredis.Redis, job_id: str, key: str, last: str, keepalive: f
 
 
 async def _quiet_note(ar: aredis.Redis) -> str:
-    """The comment a quiet stream sends: a keep-alive, or, while no worker's heartbeat is
-    live (``store.live_workers``), that no worker is alive to run the job."""
-    cursor = 0
+    """The comment a quiet stream sends: a keep-alive while a worker takes jobs, else why
+    the job waits (``jobview.waiting_note``: no worker is alive, or one is warming)."""
+    cursor, keys = 0, []
     while True:
-        cursor, keys = await ar.scan(cursor, match=store.WORKER.format("*"), count=1000)
-        if keys:
-            return KEEPALIVE
+        cursor, found = await ar.scan(cursor, match=store.WORKER.format("*"), count=1000)
+        keys += found
         if not cursor:
-            return NO_WORKER
+            break
+    workers = store.decode_workers(await ar.mget(keys)) if keys else []
+    note = waiting_note(workers)
+    return KEEPALIVE if note is None else f": {note}\n\n"
 
 
 async def _close_dead_job(ar: aredis.Redis, job_id: str, key: str, last: str) -> None:

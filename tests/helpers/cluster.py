@@ -5,7 +5,6 @@ processes that tests kill, API processes, and SSE listeners that run in threads.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ from typing import Any
 import httpx
 import redis
 
+from service import store
 from service.client import Client
 from service.redis_server import free_port
 from tests.helpers.stack import ROOT, start_api
@@ -124,10 +124,10 @@ class Cluster:
         return self.live
 
     def heartbeats(self, pids: set[int]) -> dict[int, str]:
-        """Worker names by pid, from the live heartbeat keys of these processes."""
-        r = self.r()
-        infos = [json.loads(v) for k in r.scan_iter("bt:worker:*") if (v := r.get(k))]
-        return {i["pid"]: i["name"] for i in infos if i["pid"] in pids}
+        """Worker names by pid, from the live heartbeat keys of these processes that take
+        jobs (a worker's heartbeat says ``warming`` while it loads its models)."""
+        infos = store.live_workers(self.r())
+        return {i["pid"]: i["name"] for i in infos if i["pid"] in pids and store.is_ready(i)}
 
     def kill(self, worker: Worker) -> None:
         """SIGKILL, as the OOM killer or a node failure would."""

@@ -84,10 +84,12 @@ async def run_task(
     Everything the model cannot take is a 422 here, naming the field, the value and what
     is allowed: an input kind or size, a class (``relevance.target``) or token id it does
     not have, a prompt longer than it takes, blank text, generation settings for a
-    classifier, steps past ``max_new_tokens``."""
+    classifier, steps past ``max_new_tokens``, a layer its graph does not have (once a
+    worker has warmed the model)."""
     spec, task = validation.resolve(registry, req)
     validation.check_inputs(spec, req)
     door.check(spec, task, req, metadata.get(spec))
+    await door.check_layers(ar, spec, req, metadata)
     job_id = uuid.uuid4().hex
     body = req.model_dump(mode="json")
     body["task"] = task.value

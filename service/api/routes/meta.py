@@ -22,9 +22,9 @@ router = APIRouter(tags=["service"])
     responses={**UNAUTHORIZED, **UNAVAILABLE},
 )
 def models(r: RedisDep, registry: RegistryDep) -> ModelList:
-    """The registry, and which models a live worker holds warm."""
+    """The registry, and which models a worker that takes jobs holds warm."""
     warm: dict[str, int] = {}
-    for w in store.live_workers(r):
+    for w in filter(store.is_ready, store.live_workers(r)):
         for mid in w.get("models", []):
             warm[mid] = warm.get(mid, 0) + 1
     return ModelList(
@@ -57,17 +57,18 @@ def healthz() -> Health:
     responses={503: {"model": Readiness, "description": "not ready"}},
 )
 def readyz(r: RedisDep, response: Response) -> Readiness:
-    """Ready when Redis answers and at least one worker's heartbeat is live."""
+    """Ready when Redis answers and at least one worker takes jobs (its heartbeat is live
+    and says ``ready``; a worker still warming its models is counted apart)."""
     try:
         r.ping()
         workers = store.live_workers(r)
     except redis.RedisError as exc:
         response.status_code = 503
         return Readiness(ready=False, redis=False, error=str(exc))
-    ready = len(workers) > 0
+    ready = sum(map(store.is_ready, workers))
     if not ready:
         response.status_code = 503
-    return Readiness(ready=ready, redis=True, workers=len(workers))
+    return Readiness(ready=ready > 0, redis=True, workers=ready, warming=len(workers) - ready)
 
 
 @router.get(
