@@ -50,8 +50,8 @@ CREATION_OPS = {
     aten.full_like.default,
 }
 
-# Ops that move integer ids around without computing with them: an embedding lookup after
-# them still traces back to the input's ids.
+# Ops that move integer ids around or re-encode each one: an embedding lookup after them
+# still traces back to the input's ids.
 ID_PATH_OPS = {
     *RESHAPE_OPS,
     aten.expand.default,
@@ -63,6 +63,13 @@ ID_PATH_OPS = {
     aten.permute.default,
     aten.transpose.int,
     aten.index_put.default,  # ids masked to a placeholder id (gemma3's image tokens)
+    # integer arithmetic on ids re-encodes each token (CANINE hashes code points into buckets)
+    aten.add.Tensor,
+    aten.add.Scalar,
+    aten.mul.Tensor,
+    aten.mul.Scalar,
+    aten.remainder.Scalar,
+    aten.remainder.Tensor,
 }
 
 # Arguments a rule never sends relevance to, although they may be data.

@@ -195,13 +195,22 @@ def position_limit(model: torch.nn.Module) -> int | None:
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if not isinstance(limit, int):
         return None
-    get_tokens = getattr(model, "get_input_embeddings", None)
-    tokens = get_tokens() if callable(get_tokens) else None  # a vocabulary of the same size
+    tokens = _token_table(model)  # a vocabulary of the same size is not a position table
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding) and module is not tokens:
             if module.num_embeddings == limit:
                 return limit
     return None
+
+
+def _token_table(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The model's token embedding, None where it has none to give: transformers raises
+    NotImplementedError for models that hash characters into several tables (CANINE)."""
+    get_tokens = getattr(model, "get_input_embeddings", None)
+    try:
+        return get_tokens() if callable(get_tokens) else None
+    except NotImplementedError:
+        return None
 
 
 def check_length(model: torch.nn.Module, length: int, what: str) -> None:

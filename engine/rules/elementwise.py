@@ -119,8 +119,22 @@ class AddCMul(Family):
         return args["tensor1"], args["tensor2"]
 
 
+class IdArithmetic(Family):
+    """Integer arithmetic on token ids (CANINE hashes each code point into buckets: (id + 1)
+    * prime % buckets): the result stands for the token, so R goes whole to the ids."""
+
+    ops = (aten.remainder.Scalar, aten.remainder.Tensor)
+    default = contrast = reference = Family.identity
+
+
+def _on_ids(ctx: Ctx) -> bool:
+    """Whether the op computes integer ids (``IdArithmetic``), not values."""
+    return isinstance(ctx.out, Tensor) and not ctx.out.is_floating_point()
+
+
 class Add(Family):
-    """Residuals: split elementwise in proportion to |operand|; a constant's share is a sink."""
+    """Residuals: split elementwise in proportion to |operand|; a constant's share is a sink.
+    On integer ids, R goes whole to the ids (``IdArithmetic``)."""
 
     ops = (
         aten.add.Tensor,
@@ -132,6 +146,8 @@ class Add(Family):
     )
 
     def default(self, ctx: Ctx) -> Propagation:
+        if _on_ids(ctx):
+            return {ctx.first: ctx.R}, None
         a, b = ctx.args["self"], ctx.args["other"] * ctx.args.get("alpha", 1)
         aa = a.abs() if isinstance(a, Tensor) else abs(a)
         ab = b.abs() if isinstance(b, Tensor) else abs(b)
@@ -147,6 +163,8 @@ class Add(Family):
 
     def reference(self, ctx: Ctx) -> Propagation:
         """Shares of the operands' changes; a constant does not change."""
+        if _on_ids(ctx):
+            return self.default(ctx)
         alpha = ctx.args.get("alpha", 1)
         coef = {
             aten.sub.Tensor: (1, -alpha),

@@ -13,7 +13,17 @@ from ..tasks import MODES
 from .attention import Attention
 from .base import Family, Rule
 from .dense import AddMM, Conv, Einsum, GroupedMM, Linear, Product
-from .elementwise import Add, AddCMul, Copy, Extremum, Identity, MaskedFill, Mul, Where
+from .elementwise import (
+    Add,
+    AddCMul,
+    Copy,
+    Extremum,
+    IdArithmetic,
+    Identity,
+    MaskedFill,
+    Mul,
+    Where,
+)
 from .normalisation import BatchNorm, GroupNorm, LayerNorm, RMSNorm
 from .pooling import Interpolation, MaxPool, PositiveMap, Share
 from .recurrent import LSTM
@@ -42,6 +52,7 @@ FAMILIES: tuple[Family, ...] = (
     Where(),
     MaskedFill(),
     Identity(),
+    IdArithmetic(),
     Copy(),
     Extremum(),
     AddCMul(),

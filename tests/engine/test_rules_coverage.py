@@ -4,6 +4,7 @@ DLBacktrace, conserved in every mode, and the closed form where there is one."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -216,6 +217,38 @@ def test_topk_returns_relevance_to_the_taken_elements():
     )
     assert torch.equal(grads["self"].gather(2, out.indices.expand(3, -1, -1)), R)
     assert torch.allclose(grads["self"].sum(-1), R.sum(-1))
+
+
+class HashedIds(nn.Module):
+    """CANINE's input: each id hashed into buckets by integer arithmetic, ((id + 1) * prime)
+    % buckets, before each lookup; and, like CANINE, no single token table to give
+    (``get_input_embeddings`` raises) beside a learned position table."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.config = SimpleNamespace(max_position_embeddings=8)
+        self.tables = nn.ModuleList(nn.Embedding(32, 4) for _ in range(2))
+        self.positions, self.head = nn.Embedding(8, 4), nn.Linear(4, 3)
+
+    def get_input_embeddings(self):
+        raise NotImplementedError("no single token table")
+
+    def forward(self, input_ids):
+        hashed = [t(((input_ids + 1) * p) % 32) for t, p in zip(self.tables, (31, 43), strict=True)]
+        h = sum(hashed) + self.positions(torch.arange(input_ids.shape[1]))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("mode", ["default", "contrast", "reference"])
+def test_hashed_ids_reach_the_input(mode):
+    ids = torch.tensor([[1, 14, 3, 5], [15, 2, 7, 9]])
+    result = DLBacktrace(HashedIds().eval(), {"input_ids": ids}).run_task(
+        inputs={"input_ids": ids}, mode=mode
+    )
+    c = result["conservation"]
+    assert abs(c["inputs"] + c["sinks"] - c["seed"]).max() <= 1e-5 * 100.0, c
+    assert (abs(c["inputs"]) > 1.0).all(), c
 
 
 class MaskedIds(nn.Module):
