@@ -1,7 +1,8 @@
 """One real stack per test session, shared by tests/service and tests/web: a private
 redis-server, one worker process (RQ SimpleWorker) and the API under uvicorn on loopback,
-with a test registry (four demo models, a model that always raises and two from the other
-source kinds). Fixtures start nothing until a test asks for them.
+with a test registry (four demo models, a model that always raises, two from the other
+source kinds and tiny BERTs for token classification and question answering). Fixtures
+start nothing until a test asks for them.
 
 Redis: a private ``redis-server`` on a free port (the binary must be on PATH); without one,
 TEST_REDIS_URL names a server the tests may flush. Demo models are built once into
@@ -27,6 +28,7 @@ from service.cli import api_command
 from service.client import Client
 from service.redis_server import PrivateRedis, free_port
 from service.registry import DEMO_REGISTRY
+from tests.helpers import models as tiny_berts
 from tests.helpers.stack import ROOT, Stack
 
 
@@ -92,6 +94,12 @@ def _registry(tmp: Path) -> Path:
         }
     )
     _torchvision_weights(tmp / "resnet18.safetensors")
+    # The tasks with several seeds per row, on tiny random BERTs (tests/helpers/models.py).
+    bert = tiny_berts.build_folders(tmp / "tiny-bert")
+    models += [
+        tiny_berts.entry("tiny-bert-tokens", bert / "tiny-bert-tokens", "token-classification"),
+        tiny_berts.entry("tiny-bert-qa", bert / "tiny-bert-qa", "question-answering"),
+    ]
     path = tmp / "registry.yaml"
     path.write_text(yaml.safe_dump({"models": models}))
     return path

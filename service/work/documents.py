@@ -127,17 +127,28 @@ def per_token(run: Run, batch: Batch, res: dict[str, Any], output: OutputOptions
     token-classification, start and end for question-answering). Per row, over its real
     tokens: the tokens, what was predicted (each token's label, or the answer span as
     indices into those tokens), and relevance [seeds, tokens] with the seeds' names
-    (``seeds``; "token": seed k explains real token k)."""
+    (``seeds``; "token": seed k explains real token k). Token classification at one
+    ``position`` has one seed, that token's label (``position``: its index among the real
+    tokens); the engine drops the seed axis there, and it is put back here."""
     ids, mask = batch["input_ids"], batch["attention_mask"].bool()
     loaded = run.entry.loaded
     relevance = res["relevance"].get("input_ids")  # [K, B, T]
+    conservation = {k: np.asarray(v) for k, v in res["conservation"].items()}  # [K, B]
+    at_position = "position" in res
+    if at_position:
+        relevance = None if relevance is None else relevance[None]
+        conservation = {k: v[None] for k, v in conservation.items()}
     items: list[Doc] = []
     for i in range(ids.shape[0]):
         real = mask[i].numpy()
         row_ids = ids[i][mask[i]].tolist()
         tokens = loaded.tokenizer.convert_ids_to_tokens(row_ids) if loaded.tokenizer else None
-        item: Doc = {"token_ids": row_ids, "tokens": tokens, "seeds": list(res["seeds"])}
+        seed_names = ["token"] if at_position else list(res["seeds"])
+        item: Doc = {"token_ids": row_ids, "tokens": tokens, "seeds": seed_names}
         seeds = real
+        if at_position:
+            item["position"] = int((np.cumsum(real) - 1)[int(res["position"][i])])
+            seeds = np.ones(1, dtype=bool)
         if run.task == TaskName.QUESTION_ANSWERING:
             span = (np.cumsum(real) - 1)[np.asarray(res["answer_span"][i])]
             item["answer_span"] = span.tolist()
@@ -154,7 +165,7 @@ def per_token(run: Run, batch: Batch, res: dict[str, Any], output: OutputOptions
     key = "labels" if run.task == TaskName.TOKEN_CLASSIFICATION else "answer_tokens"
     return {
         "inputs": items,
-        "conservation": {k: np.asarray(v).tolist() for k, v in res["conservation"].items()},
+        "conservation": {k: v.tolist() for k, v in conservation.items()},
         "summary": {key: [item[key] for item in items]},
     }
 
