@@ -4,8 +4,9 @@ A sweep holds the recorded forward (every op's value, in the model's dtype: ``fi
 per seed, the relevance waiting at the nodes the sweep has reached but not yet passed, plus
 what the requested ``relevance_nodes`` keep (rules compute in float32 at least). ``estimate``
 walks the graph from the output back as ``sweep._Pass.sweep`` does, with every node's size
-at the run's symbolic sizes, and takes the largest such frontier, attention's seeds x heads x
-positions^2 terms included (``rules.attention`` holds three per seed). A rule's temporaries
+at the run's symbolic sizes, and takes the largest such frontier. Attention holds no
+seeds x heads x positions^2 tensor (``rules.attention`` sweeps the scores in blocks of queries):
+its score-sized tensors are shared by the seeds, and count as fixed. A rule's temporaries
 (ratios, denominators, the shares it hands on) come on top: ``RULE_FACTOR``, measured against
 the resident memory of sweeps of a small Llama-style model (2 layers, width 128, 4 heads, 2 KV
 heads; 256 and 512 positions, 1 to 32 seeds, RSS sampled every 2 ms): the estimate was 1.7-2.3
@@ -23,12 +24,17 @@ import torch
 from torch import Tensor, fx
 
 from .params import RelevanceParams
+from .rules.attention import BLOCK_ELEMENTS
 from .sweep import Sweeper
 
 # The rules' temporaries over the largest live frontier; measured RSS per seed was 1.35 times
 # the frontier on the model above, and 2 keeps the estimate above every measured peak.
 RULE_FACTOR = 2.0
 AUTO_FRACTION = 0.5  # "auto": this share of the device's free memory
+# Score-sized tensors the attention rule holds for all seeds (``rules.attention``): A and the
+# score multiplier's shared factor; mode "reference" also the scores of both inputs, the
+# reference's weights, the softmax slopes and their mix (some freed before the blocks).
+SHARED_SCORES = {"reference": 6}
 
 
 class MemoryBudgetError(ValueError):
@@ -87,7 +93,7 @@ def estimate(sweeper: Sweeper, sizes: dict, mode: str, keep: str | set[str]) -> 
     head = sweeper.seed_head()
     start = prov.bound[head]["input"] if head.target is torch.ops.aten.linear.default else head
     live: dict[fx.Node, int] = {start: numel(start)}
-    kept = peak = fixed_scores = 0
+    kept = peak = scores = 0
     for node in reversed(sweeper._order):
         if node not in live:
             continue
@@ -103,18 +109,18 @@ def estimate(sweeper: Sweeper, sizes: dict, mode: str, keep: str | set[str]) -> 
         else:
             targets = [a for a in node.all_input_nodes if prov.data.get(a, False)]
         added = sum(numel(a) for a in targets if a not in live)
-        scores = _scores(node, sizes) * width
-        fixed_scores = max(fixed_scores, 2 * scores)  # A and |Q| |K|^T, shared by the seeds
-        peak = max(peak, kept + sum(live.values()) + here + added + 3 * scores)
+        scores = max(scores, _scores(node, sizes))
+        peak = max(peak, kept + sum(live.values()) + here + added)
         for a in targets:
             live.setdefault(a, numel(a))
-    return SweepMemory(fixed + fixed_scores, math.ceil(peak * RULE_FACTOR))
+    # a block of per-seed scores and its temporaries: at most two blocks (``rules.attention``)
+    shared = (SHARED_SCORES.get(mode, 2) * scores + 2 * BLOCK_ELEMENTS) * width if scores else 0
+    return SweepMemory(fixed + shared, math.ceil(peak * RULE_FACTOR))
 
 
 def _scores(node: fx.Node, sizes: dict) -> int:
-    """Elements of an attention's score matrix [B, heads, queries, keys], which its rule
-    (``rules.attention``) holds per seed three times (R of A, its ratio, the product
-    before it): zero for other ops."""
+    """Elements of an attention's score matrix [B, heads, queries, keys]: zero for other
+    ops."""
     if node.target is not torch.ops.aten.scaled_dot_product_attention.default:
         return 0
     q, k = (a.meta["val"] for a in node.args[:2])

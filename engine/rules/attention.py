@@ -1,16 +1,32 @@
 """scaled_dot_product_attention, as the ops it is made of: O = A V with
-A = softmax(Q K^T * scale + mask)."""
+A = softmax(Q K^T * scale + mask).
+
+In every mode the rule has one shape: per seed, a multiplier of each (query, key) score, from
+which Q and K get their relevance by two products, and V by one product with the attention
+weights. The per-seed score multipliers are never held whole ([seeds, heads, queries, keys]
+was most of a long prompt's sweep memory): ``score_sweep`` computes them a block of queries at
+a time, as fused attention kernels never hold the score matrix, over only the keys those
+queries attend to (causality: a block's keys end at its last query) and only for the seeds
+with relevance at those queries (a generation step's seed has none past its position).
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .base import TINY, Ctx, Family, Propagation, unbroadcast
 
 aten = torch.ops.aten
+
+# Elements of one block of per-seed score multipliers [*heads, queries, seeds, keys]: 32 MB
+# in float32. ``engine.memory`` counts two such blocks (the block and its temporaries) as
+# fixed memory of a sweep.
+BLOCK_ELEMENTS = 2**23
 
 
 class Attention(Family):
@@ -25,24 +41,28 @@ class Attention(Family):
     ops = (aten.scaled_dot_product_attention.default,)
 
     def default(self, ctx: Ctx) -> Propagation:
-        """The two product rules written out as matmuls (A >= 0; the softmax scale cancels in
-        the |z| shares of Q K^T)."""
+        """The two product rules as matmuls (A >= 0; the softmax scale cancels in the |z|
+        shares of Q K^T). With ratio = R / (2 (A |V| + TINY)): R_V = |V| (A^T ratio), and per
+        score R_A = A (ratio |V|^T), split by ratio_qk = R_A / (2 (|Q| |K|^T + TINY)), so
+        the score multiplier is M (ratio |V|^T) with M = A / (2 (|Q| |K|^T + TINY)) shared
+        by the seeds; R_Q = |Q| (ratio_qk |K|) and R_K = |K| (ratio_qk^T |Q|)."""
         q, k, v, groups = _operands(ctx)
         A = _weights(ctx, q, k)
-        av = v.abs()
+        aq, ak, av = q.abs(), k.abs(), v.abs()
+        M = torch.div(A, (aq @ ak.mT).add_(TINY).mul_(2))
         ratio = ctx.R / (2 * (A @ av + TINY))
-        r_v, r_a = av * (A.transpose(-2, -1) @ ratio), A * (ratio @ av.transpose(-2, -1))
-        aq, ak = q.abs(), k.abs()
-        ratio_qk = r_a / (2 * (aq @ ak.transpose(-2, -1) + TINY))
-        r_q, r_k = aq * (ratio_qk @ ak), ak * (ratio_qk.transpose(-2, -1) @ aq)
-        # what the shares withheld: R * 2 TINY / (2 D) for each half
-        sink = (ratio * (2 * TINY)).sum(-1) + (ratio_qk * (2 * TINY)).sum(-1)
-        return _regroup(ctx, r_q, r_k, r_v, groups), sink
+        mult_q, mult_k, mult_v = score_sweep(
+            ratio, av, A, aq, ak, lambda S, b: S.mul_(M[..., b.rows, None, b.cols])
+        )
+        # what the shares withheld, R * 2 TINY / (2 D) for each half: ratio_qk summed over
+        # the keys is ratio . (M |V|)
+        sink = (ratio.sum(-1) + (ratio * (M @ av)).sum(-1)) * (2 * TINY)
+        return _regroup(ctx, aq * mult_q, ak * mult_k, av * mult_v, groups), sink
 
     def reference(self, ctx: Ctx) -> Propagation:
         """Multipliers (relevance per unit of change) from the output back: A V - A' V' split
         exactly between the change of A and of V; the softmax by its exact linearisation
-        (``softmax_multiplier``); Q K^T - Q' K'^T split like A V."""
+        (``softmax_slopes``); Q K^T - Q' K'^T split like A V."""
         q, k, v, groups = _operands(ctx)
         A = _weights(ctx, q, k)
         qr, kr, vr, _ = _operands(replace(ctx, args=ctx.ref))
@@ -50,14 +70,105 @@ class Attention(Family):
         S = attention_scores(q, k, ctx.args["attn_mask"], ctx.args["is_causal"], scale)
         Sr = attention_scores(qr, kr, ctx.ref["attn_mask"], ctx.ref["is_causal"], scale)
         Ar = torch.softmax(Sr, dim=-1).nan_to_num(0.0)
+        m, w = softmax_slopes(S, Sr, A, Ar)
+        del S, Sr
         ratio = ctx.per_change()
-        r_v = (v - vr) * ((A + Ar).transpose(-2, -1) @ ratio) / 2
-        mult_a = ratio @ ((v + vr) / 2).transpose(-2, -1)
-        mult_s = softmax_multiplier(S, Sr, A, Ar, mult_a) * scale
-        r_q = (q - qr) * (mult_s @ ((k + kr) / 2))
-        r_k = (k - kr) * (mult_s.transpose(-2, -1) @ ((q + qr) / 2))
+
+        def scores_of(mult_a: Tensor, b: Block) -> Tensor:
+            mult_a.mul_(m[..., b.rows, None, b.cols])
+            return mult_a.sub_(w[..., b.rows, None, b.cols] * mult_a.sum(-1, keepdim=True))
+
+        mult_q, mult_k, mult_v = score_sweep(
+            ratio, (v + vr) / 2, (A + Ar) / 2, (q + qr) / 2, (k + kr) / 2, scores_of
+        )
+        r_q, r_k = (q - qr) * mult_q * scale, (k - kr) * mult_k * scale
         sink = (ctx.R - ratio * (A @ v - Ar @ vr)).sum(-1)
-        return _regroup(ctx, r_q, r_k, r_v, groups), sink
+        return _regroup(ctx, r_q, r_k, (v - vr) * mult_v, groups), sink
+
+
+@dataclass(frozen=True)
+class Block:
+    """Query positions ``rows``, the keys ``cols`` any of them attends to, and the seeds with
+    relevance at those queries (``None``: all of them)."""
+
+    rows: slice
+    cols: slice
+    seeds: Tensor | None
+
+
+def plan_blocks(weights: Tensor, live: Tensor) -> list[Block]:
+    """Blocks of queries, each of at most ``BLOCK_ELEMENTS`` per-seed scores. ``weights``
+    [*heads, Tq, Tk] is zero where a query does not attend to a key (masked, future), ``live``
+    [K, Tq] says where each seed has relevance. Blocks whose queries attend to nothing or that
+    no seed reaches are left out: all their products are zero. One transfer to the host."""
+    K, Tq = live.shape
+    Tk = weights.shape[-1]
+    size = max(1, BLOCK_ELEMENTS // (weights[..., 0, 0].numel() * K * Tk))
+    n = -(-Tq // size)
+    attends = weights.ne(0).reshape(-1, Tq, Tk).any(0)
+    attends = F.pad(attends, (0, 0, 0, n * size - Tq)).view(n, size, Tk).any(1)  # [n, Tk]
+    reached = F.pad(live, (0, n * size - Tq)).view(K, n, size).any(2).T  # [n, K]
+    at = torch.arange(Tk, device=weights.device)
+    first = torch.where(attends, at, Tk).amin(1)
+    last = torch.where(attends, at, -1).amax(1) + 1
+    first, last, reached = first.tolist(), last.tolist(), reached.cpu()
+    blocks = []
+    for i in range(n):
+        if first[i] >= last[i] or not reached[i].any():
+            continue
+        seeds = None if reached[i].all() else reached[i].nonzero()[:, 0].to(weights.device)
+        rows = slice(i * size, min((i + 1) * size, Tq))
+        blocks.append(Block(rows, slice(first[i], last[i]), seeds))
+    return blocks
+
+
+def score_sweep(
+    X: Tensor,
+    Y: Tensor,
+    mix: Tensor,
+    left: Tensor,
+    right: Tensor,
+    scores_of: Callable[[Tensor, Block], Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The multipliers of Q, K and V from X [K, *heads, Tq, c], without [K, heads, Tq, Tk].
+
+    Per block, the score multipliers S = scores_of(X Y^T) [*heads, rows, seeds, keys] (in
+    place), and: mult_q = S right, mult_k = S^T left (summed over the blocks), mult_v = mix^T
+    X. The seeds ride inside each block's rows, so each product is one large matmul per head.
+    Results are [K, *heads, T, features]."""
+    K, Tq = X.shape[0], X.shape[-2]
+    Xp = X.movedim(0, -2).contiguous()  # [*heads, Tq, K, c]
+    heads, Tk = Xp.shape[:-3], Y.shape[-2]
+    live = Xp.ne(0).movedim(-2, 0).reshape(K, -1, Tq, Xp.shape[-1]).any(-1).any(1)
+    out_q = X.new_zeros(*heads, Tq, K, right.shape[-1])
+    out_k = X.new_zeros(*heads, Tk, K, left.shape[-1])
+    out_v = X.new_zeros(*heads, Tk, K, Xp.shape[-1])
+    for b in plan_blocks(mix, live):
+        x = Xp[..., b.rows, :, :]
+        if b.seeds is not None:
+            x = x.index_select(-2, b.seeds)
+        rows, n, c = x.shape[-3:]
+        S = (x.reshape(*heads, rows * n, c) @ Y[..., b.cols, :].mT).view(*heads, rows, n, -1)
+        S = scores_of(S, b)
+        cols = S.shape[-1]
+        q_part = (S.view(*heads, rows * n, cols) @ right[..., b.cols, :]).view(*heads, rows, n, -1)
+        k_part = S.view(*heads, rows, n * cols).mT @ left[..., b.rows, :]
+        k_part = k_part.view(*heads, n, cols, -1).movedim(-3, -2)
+        v_part = (mix[..., b.rows, b.cols].mT @ x.reshape(*heads, rows, n * c)).view(
+            *heads, cols, n, c
+        )
+        _add(out_q[..., b.rows, :, :], q_part, b.seeds)
+        _add(out_k[..., b.cols, :, :], k_part, b.seeds)
+        _add(out_v[..., b.cols, :, :], v_part, b.seeds)
+    return out_q.movedim(-2, 0), out_k.movedim(-2, 0), out_v.movedim(-2, 0)
+
+
+def _add(out: Tensor, part: Tensor, seeds: Tensor | None) -> None:
+    """Add ``part`` [*heads, T, n, f] into ``out`` [*heads, T, K, f] at ``seeds``."""
+    if seeds is None:
+        out.add_(part)
+    else:
+        out.index_add_(-2, seeds, part)
 
 
 def _operands(ctx: Ctx) -> tuple[Tensor, Tensor, Tensor, int]:
@@ -88,21 +199,21 @@ def _scale(scale: float | None, q: Tensor) -> float:
     return q.shape[-1] ** -0.5 if scale is None else scale
 
 
-def softmax_multiplier(S: Tensor, Sr: Tensor, A: Tensor, Ar: Tensor, mult: Tensor) -> Tensor:
-    """Multiplier of the scores S, given the multiplier ``mult`` of A = softmax(S) (last dim).
+def softmax_slopes(S: Tensor, Sr: Tensor, A: Tensor, Ar: Tensor) -> tuple[Tensor, Tensor]:
+    """The exact linearisation of A = softmax(S) (last dim) between two inputs: the
+    multiplier of S, given the multiplier ``mult`` of A, is ``mm - w sum(mm)`` with
+    ``mm = mult m``.
 
     Exactly A - A' = diag(m) (I - 1 w^T) (S - S'), with m = (A - A') / (log A - log A'), the
     exp's ratio of differences (A where they vanish), and w = m / sum(m): both A and A' sum
-    to 1. The multiplier of S is that map's transpose applied to ``mult``. Masked positions
-    (A = A' = 0) get nothing."""
+    to 1; the multiplier is that map's transpose applied to ``mult``. Masked positions
+    (A = A' = 0) have m = w = 0 and get nothing."""
     live = (A > 0) | (Ar > 0)
     dlog = torch.where(live, torch.log_softmax(S, -1) - torch.log_softmax(Sr, -1), 0.0)
     dlog = dlog.nan_to_num(0.0, 0.0, 0.0)
     m = torch.where(dlog.abs() > 1e-6, (A - Ar) / torch.where(dlog == 0, 1.0, dlog), (A + Ar) / 2)
     m = torch.where(live, m, 0.0)
-    w = m / (m.sum(-1, keepdim=True) + TINY)
-    mm = mult * m
-    return mm - w * mm.sum(-1, keepdim=True)
+    return m, m / (m.sum(-1, keepdim=True) + TINY)
 
 
 def attention_scores(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool, scale) -> Tensor:
