@@ -63,7 +63,12 @@ async function buildRequest(model) {
   };
   // Mode "reference" starts from the input with its features removed: a blurred image, or
   // masked tokens (the choices that make it the most faithful mode in bench.faithfulness).
-  const removed = { "image-classification": "blur", "text-classification": "mask" }[model.task];
+  const removed = {
+    "image-classification": "blur",
+    "text-classification": "mask",
+    "token-classification": "mask",
+    "question-answering": "mask",
+  }[model.task];
   if (body.relevance.mode === "reference" && removed) body.relevance.reference = removed;
   // Mode "contrast" explains the output against the runner-up unless another is named.
   const against = $("contrast-with").value.trim();
@@ -116,7 +121,13 @@ async function submit(event) {
   reset();
   try {
     const accepted = await api("POST", "/run_task", await buildRequest(model));
-    job = { id: accepted.job_id, task: accepted.task, mode: $("mode").value, source: null };
+    job = {
+      id: accepted.job_id,
+      task: accepted.task,
+      mode: $("mode").value,
+      heatmap: accepted.urls.heatmap,
+      source: null,
+    };
     $("cancel").disabled = false;
     setStatus(`Job ${job.id} queued.`);
     if (job.task === "generation") startGeneration();
@@ -160,10 +171,13 @@ async function finish() {
       showGenerationReport(); // per step: it follows the selected token
       return;
     }
+    let conservation = view.result.conservation;
     if (current.task === "image-classification") await showImage(view.result);
-    else if (view.result.inputs[0]?.seeds) showTokens(view.result);
-    else showClassification(view.result);
-    showReport(current.id, view.result.conservation, view.result.timings);
+    else if (view.result.inputs[0]?.seeds) {
+      showTokens(view.result);
+      conservation = seedTotals(conservation);
+    } else showClassification(view.result);
+    showReport(current, conservation, view.result.timings);
   } catch (err) {
     showError(`Could not read the result: ${err.message}`);
   }
@@ -280,7 +294,7 @@ function moveFocus(event) {
 function showGenerationReport() {
   const g = job.result.generation;
   const step = gen.selected;
-  showReport(job.id, g.conservation_trace?.[step], job.result.timings);
+  showReport(job, g.conservation_trace?.[step], job.result.timings);
 }
 
 // ------------------------------------------------------------------ classification
@@ -323,6 +337,13 @@ function showTokens(result) {
   $("text-view").hidden = false;
 }
 
+/** Conservation of a result with several seeds per row ([seeds][rows]) as the report
+ *  shows one: the first row's seeds added up (each seed is conserved, so is their sum). */
+function seedTotals(conservation) {
+  const total = (perSeed) => [perSeed.reduce((sum, rows) => sum + rows[0], 0)];
+  return Object.fromEntries(Object.entries(conservation).map(([k, v]) => [k, total(v)]));
+}
+
 let picture = null; // the decoded image, kept to redraw when the opacity changes
 let heatmap = null;
 
@@ -345,9 +366,10 @@ function redrawImage() {
 
 // ------------------------------------------------------------------ shared bits
 
-function showReport(jobId, conservation, timings) {
+function showReport(current, conservation, timings) {
   render.report($("conservation"), $("timings"), conservation, timings);
-  $("heatmap-link").href = `/jobs/${jobId}/heatmap.png`;
+  $("heatmap-link").href = current.heatmap ?? "#";
+  $("heatmap-link").hidden = !current.heatmap; // not every task has a picture
   $("report").hidden = false;
 }
 
