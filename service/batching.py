@@ -73,19 +73,22 @@ def announce(pipe: Any, group: str, job_id: str, ttl: int) -> None:
 # KEYS: the group's list, RQ's queue, the claims hash. ARGV: how many to claim, the worker,
 # started_at as RQ writes it, RQ's job key prefix, the claim's deadline (unix seconds). Job
 # hashes are addressed by id inside the script (as RQ's own keys are: one Redis, not a
-# cluster).
+# cluster). Returns each claimed id followed by its job hash (HGETALL's field, value list):
+# the jobs come back in the claim's round trip, not in a fetch of their own after it.
 _CLAIM = Script(
     None,
     b"""
-local claimed = {}
-while #claimed < tonumber(ARGV[1]) do
+local claimed, n = {}, 0
+while n < tonumber(ARGV[1]) do
   local id = redis.call('LPOP', KEYS[1])
   if not id then break end
   if redis.call('LREM', KEYS[2], 1, id) == 1 then
     redis.call('HSET', ARGV[4] .. id, 'status', 'started', 'worker_name', ARGV[2],
                'started_at', ARGV[3])
     redis.call('HSET', KEYS[3], id, ARGV[2] .. '|' .. ARGV[5])
+    n = n + 1
     claimed[#claimed + 1] = id
+    claimed[#claimed + 1] = redis.call('HGETALL', ARGV[4] .. id)
   end
 end
 return claimed
@@ -103,16 +106,21 @@ def claim(
     if limit <= 0:
         return []
     started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    keys = [BATCH.format(group), Queue(queue, connection=r).key, CLAIMS]
+    keys = [BATCH.format(group), Queue.redis_queue_namespace_prefix + queue, CLAIMS]
     args = [limit, worker, started, Job.redis_job_namespace_prefix, time.time() + timeout]
-    ids = [i.decode() for i in _CLAIM(keys, args, r)]
-    if not ids:
-        return []
-    jobs = Job.fetch_many(ids, connection=r, serializer=JSONSerializer)
-    gone = [i for i, j in zip(ids, jobs, strict=True) if j is None]
+    reply = _CLAIM(keys, args, r)
+    jobs, gone = [], []
+    for raw_id, fields in zip(reply[::2], reply[1::2], strict=True):
+        stored = dict(zip(fields[::2], fields[1::2], strict=True))
+        if b"data" not in stored:  # the job's hash is gone (expired or deleted)
+            gone.append(raw_id)
+            continue
+        job = Job(raw_id.decode(), connection=r, serializer=JSONSerializer)
+        job.restore(stored)
+        jobs.append(job)
     if gone:
         r.hdel(CLAIMS, *gone)
-    return [j for j in jobs if j is not None]
+    return jobs
 
 
 def settle(pipe: Any, job: Job, status: str, result_ttl: int, failure_ttl: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import redis
@@ -54,20 +55,8 @@ async def _registry(request: Request) -> Registry:
     return request.app.state.registry
 
 
-async def _metadata(request: Request) -> ModelMetadata:
-    return request.app.state.metadata
-
-
 async def _redis(request: Request) -> redis.Redis:
     return request.app.state.redis
-
-
-async def _enqueue_redis(request: Request) -> aredis.Redis:
-    return request.app.state.async_redis.get("enqueue")
-
-
-async def _queue(request: Request) -> Queue:
-    return request.app.state.queue
 
 
 async def _metrics(request: Request) -> ApiMetrics:
@@ -79,14 +68,37 @@ async def _streams(request: Request) -> EventStreams:
     return EventStreams(state.async_redis.get("sse"), state.settings.keepalive_s, state.metrics)
 
 
+@dataclass(frozen=True)
+class Submission:
+    """What POST /run_task uses, as one dependency: FastAPI solves each dependency of each
+    request on its own (a coroutine, its cache key, its bookkeeping), and the route had six."""
+
+    settings: Settings
+    registry: Registry
+    metadata: ModelMetadata
+    queue: Queue
+    redis: aredis.Redis  # the enqueue client
+    streams: EventStreams
+
+
+async def _submission(request: Request) -> Submission:
+    state = request.app.state
+    return Submission(
+        state.settings,
+        state.registry,
+        state.metadata,
+        state.queue,
+        state.async_redis.get("enqueue"),
+        await _streams(request),
+    )
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 RegistryDep = Annotated[Registry, Depends(_registry)]
-MetadataDep = Annotated[ModelMetadata, Depends(_metadata)]
 RedisDep = Annotated[redis.Redis, Depends(_redis)]
-EnqueueRedisDep = Annotated[aredis.Redis, Depends(_enqueue_redis)]
-QueueDep = Annotated[Queue, Depends(_queue)]
 MetricsDep = Annotated[ApiMetrics, Depends(_metrics)]
 StreamsDep = Annotated[EventStreams, Depends(_streams)]
+SubmissionDep = Annotated[Submission, Depends(_submission)]
 # RQ's own rule for job ids; anything else cannot name a job (422, never a 500 from RQ).
 JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
 
@@ -99,9 +111,11 @@ def presented_key(request: Request) -> str:
     return request.headers.get("x-api-key", "")
 
 
-async def authorize(request: Request, settings: SettingsDep) -> None:
+async def authorize(request: Request) -> None:
     """Only when keys are configured; compared in constant time, against every key (no early
-    exit that would tell which key a guess came close to)."""
+    exit that would tell which key a guess came close to). Settings from the app's state,
+    not a dependency of its own: this runs on every request."""
+    settings: Settings = request.app.state.settings
     if not settings.api_keys:
         return
     given = presented_key(request).encode()

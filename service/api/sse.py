@@ -79,16 +79,27 @@ class EventStreams:
             return True
         return bool(await self.redis.exists(f"rq:job:{job_id}"))
 
-    def response(self, job_id: str, last: str = "0-0", **headers: str) -> EventStreamResponse:
-        """The job's events after stream id ``last``, as a response."""
+    async def peek(self, job_id: str, last: str) -> Any:
+        """The job's events after ``last`` that are there now (a read that does not block):
+        events mean the job exists, so the usual request (the job's ``queued`` is written
+        when it is accepted) needs no EXISTS round trip before its stream starts."""
+        return await self.redis.xread({store.EVENTS.format(job_id): last}, count=100)
+
+    def response(
+        self, job_id: str, last: str = "0-0", first: Any = None, **headers: str
+    ) -> EventStreamResponse:
+        """The job's events after stream id ``last``, as a response (``first``: a read of
+        them already made, by ``peek``)."""
         return EventStreamResponse(
-            _events(self, job_id, last),
+            _events(self, job_id, last, first),
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **headers},
         )
 
 
-async def _events(streams: EventStreams, job_id: str, last: str) -> AsyncIterator[str]:
+async def _events(
+    streams: EventStreams, job_id: str, last: str, first: Any = None
+) -> AsyncIterator[str]:
     """The job's events from ``last`` on. The events of one Redis read go out in chunks of up
     to ``SSE_CHUNK_BYTES`` (each send is a socket write that wakes the client; a job's
     ``queued`` and ``started`` usually share one). Nothing is read from Redis before the
@@ -102,7 +113,7 @@ async def _events(streams: EventStreams, job_id: str, last: str) -> AsyncIterato
     try:
         while True:
             try:
-                resp = await _read(ar, job_id, key, last, keepalive)
+                resp, first = first or await _read(ar, job_id, key, last, keepalive), None
                 quiet = "" if resp else await _quiet_note(ar)
             except redis.RedisError as exc:  # Redis restarting: wait for it, bounded
                 down_since = down_since or time.monotonic()

@@ -3,6 +3,8 @@ queue limit (back-pressure) and the job timeout."""
 
 from __future__ import annotations
 
+import uuid
+
 import httpx
 
 from tests.helpers.jobs import events, submit, wait
@@ -10,7 +12,15 @@ from tests.helpers.stack import start_api
 
 
 def test_api_keys_and_back_pressure(stack) -> None:
-    env = {**stack.env, "BACKTRACE_API_KEYS": "k1,k2", "BACKTRACE_MAX_QUEUE": "0"}
+    # A queue no worker reads: an idle worker takes a job off its queue as it is pushed, and
+    # a job that never waited is accepted even past the limit.
+    queue = f"keys-{uuid.uuid4().hex[:8]}"
+    env = {
+        **stack.env,
+        "BACKTRACE_API_KEYS": "k1,k2",
+        "BACKTRACE_MAX_QUEUE": "0",
+        "BACKTRACE_QUEUE": queue,
+    }
     proc, url = start_api(env, stack.tmp / "api-keys.log")
     try:
         body = {"model": "minilm-sentiment", "inputs": {"text": "fine"}}

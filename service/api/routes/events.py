@@ -32,11 +32,13 @@ async def job_events(job_id: JobId, request: Request, streams: StreamsDep) -> Ev
     While the job is quiet the stream sends comments: ``: keep-alive``, or ``: no worker is
     alive ...`` while no worker runs. It always ends with ``done``, ``error`` or
     ``canceled``."""
-    if not await streams.exists(job_id):
-        raise HTTPException(404, f"no job {job_id!r} (unknown or expired)")
     last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     last = last if last and is_stream_id(last) else "0-0"
-    why = await resume_error(streams.redis, job_id, last)
-    if why:
-        raise HTTPException(400, why)
-    return streams.response(job_id, last)
+    first = await streams.peek(job_id, last)  # events there: the job exists, resumes
+    if not first:
+        if not await streams.exists(job_id):
+            raise HTTPException(404, f"no job {job_id!r} (unknown or expired)")
+        why = await resume_error(streams.redis, job_id, last)
+        if why:
+            raise HTTPException(400, why)
+    return streams.response(job_id, last, first)

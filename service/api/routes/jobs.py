@@ -12,16 +12,7 @@ from ... import store
 from ...schemas import CancelReply, ErrorBody, JobAccepted, JobView, RunTaskRequest
 from ...vocabulary import JobStatus
 from .. import door, validation
-from ..deps import (
-    EnqueueRedisDep,
-    JobId,
-    MetadataDep,
-    QueueDep,
-    RedisDep,
-    RegistryDep,
-    SettingsDep,
-    StreamsDep,
-)
+from ..deps import JobId, RedisDep, SettingsDep, SubmissionDep
 from ..enqueue import enqueue
 from ..errors import NO_JOB
 from ..idempotency import IdempotentRequest
@@ -65,12 +56,7 @@ async def run_task(
     req: RunTaskRequest,
     request: Request,
     response: Response,
-    registry: RegistryDep,
-    metadata: MetadataDep,
-    settings: SettingsDep,
-    queue: QueueDep,
-    ar: EnqueueRedisDep,
-    streams: StreamsDep,
+    api: SubmissionDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Any:
     """Validate against the registry and enqueue; 202 with the job id and its URLs.
@@ -86,10 +72,10 @@ async def run_task(
     not have, a prompt longer than it takes, blank text, generation settings for a
     classifier, steps past ``max_new_tokens``, a layer its graph does not have (once a
     worker has warmed the model)."""
-    spec, task = validation.resolve(registry, req)
+    spec, task = validation.resolve(api.registry, req)
     validation.check_inputs(spec, req)
-    door.check(spec, task, req, metadata.get(spec))
-    await door.check_layers(ar, spec, req, metadata)
+    door.check(spec, task, req, api.metadata.get(spec))
+    await door.check_layers(api.redis, spec, req, api.metadata)
     job_id = uuid.uuid4().hex
     body = req.model_dump(mode="json")
     body["task"] = task.value
@@ -104,17 +90,17 @@ async def run_task(
     idem = IdempotentRequest.of(request, idempotency_key, body)
     if idem is not None:
         doc = accepted.model_dump(mode="json", exclude_unset=True)
-        first = await idem.claim(ar, doc, settings.result_ttl)
+        first = await idem.claim(api.redis, doc, api.settings.result_ttl)
         if first is not None:
             replayed = JobAccepted.model_validate(first)
-            return _answer(replayed, wants_stream, response, streams, replayed=True)
+            return _answer(replayed, wants_stream, response, api.streams, replayed=True)
     try:
-        await enqueue(ar, queue, settings, job_id, body, spec.id, task)
+        await enqueue(api.redis, api.queue, api.settings, job_id, body, spec.id, task)
     except BaseException:
         if idem is not None:  # not accepted: a retry with the same key may try again
-            await idem.release(ar)
+            await idem.release(api.redis)
         raise
-    return _answer(accepted, wants_stream, response, streams, replayed=False)
+    return _answer(accepted, wants_stream, response, api.streams, replayed=False)
 
 
 def _answer(
