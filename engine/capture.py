@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import operator
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -294,6 +295,8 @@ def _inner(node: fx.Node, axis: int, axes: dict) -> sympy.Expr | int:
     for arg in node.all_input_nodes:
         known = axes.get(arg)
         val = arg.meta.get("val")
+        if isinstance(val, list | tuple) and val:  # a multi-output op (topk): the output taken
+            val = val[node.args[1] if node.target is operator.getitem else 0]
         if known is None or not isinstance(val, torch.Tensor):
             continue
         if val.dim() > known.axis and _expr(val.shape[known.axis]) == size:

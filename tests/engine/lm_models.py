@@ -41,6 +41,12 @@ CONFIGS: dict[str, tuple[str, str, dict]] = {
         dict(_MOE, num_experts=4, moe_intermediate_size=48, shared_expert_intermediate_size=48),
     ),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(_MOE, num_experts=4)),
+    # experts as a loop over index-gathered rows (no grouped matmul), routed by topk
+    "jetmoe": (
+        "JetMoeConfig",
+        "JetMoeForCausalLM",
+        dict(_MOE, num_local_experts=4, kv_channels=16, num_key_value_heads=2),
+    ),
 }
 
 
