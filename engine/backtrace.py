@@ -123,10 +123,10 @@ class DLBacktrace:
         tokenizer: Any = None,
         contrast_with: int | str = "runner-up",
     ) -> Explanation:
-        """One forward over ``inputs`` and one sweep for all ``seed.K`` seeds (mode
-        "reference": one more forward, over ``reference``: inputs, or a name from
-        ``engine.references``, where "mask" needs the ``tokenizer``; mode "contrast": each
-        seeded logit against ``contrast_with``, see ``engine.contrast``)."""
+        """One forward over ``inputs`` and one sweep for all ``seed.K`` seeds (modes
+        "reference" and "contrast": one more forward, over ``reference``: inputs, or a name
+        from ``engine.references``, where "mask" needs the ``tokenizer``; mode "contrast":
+        each seeded logit against ``contrast_with``, see ``engine.contrast``)."""
         params = RelevanceParams(
             mode=mode, relevance_nodes=relevance_nodes, reference=reference,
             contrast_with=contrast_with,
@@ -149,8 +149,8 @@ class DLBacktrace:
         self, inputs: Inputs, params: RelevanceParams, tokenizer: Any, task: str | None = None
     ) -> _Forwards:
         """What a sweep starts from: the graph for these inputs (its rules checked before any
-        work), the recorded forward, and the reference's in mode "reference". Question
-        answering sweeps from the [B, T, 2] logits its two outputs are split from."""
+        work), the recorded forward, and the reference's (modes "reference", "contrast").
+        Question answering sweeps from the [B, T, 2] logits its two outputs are split from."""
         prepared = self._prepare(inputs, tokenizer)
         captured, sweeper = self._graph_for(prepared)
         if task == TaskName.QUESTION_ANSWERING:
@@ -171,8 +171,8 @@ class DLBacktrace:
     def _reference_env(
         self, sweeper: Sweeper, prepared, env: dict, params: RelevanceParams, tokenizer: Any
     ) -> dict | None:
-        """The recorded forward of the reference input, for mode "reference" only."""
-        if params.mode != "reference":
+        """The recorded forward of the reference input, for modes "reference" and "contrast"."""
+        if params.mode == "default":
             return None
         reference = params.reference
         if isinstance(reference, str):
@@ -222,8 +222,8 @@ class DLBacktrace:
         of a single-logit binary classifier. ``target`` explains a given class instead of the
         predicted one, and ``position`` the token explained (token-classification, and
         text-classification of [B, T, C] logits); ``engine.heads`` says what each task
-        explains by default. ``reference`` (mode "reference" only): the input whose output the
-        explanation starts from, shaped like ``inputs``, or one of the names of
+        explains by default. ``reference`` (modes "reference" and "contrast"): the input whose
+        output the explanation starts from, shaped like ``inputs``, or one of the names of
         ``engine.references`` ("zeros", the default: zeros, or for token ids zero embeddings;
         "mean" and "blur" for images; "mask" for tokens, with ``tokenizer``).
         ``contrast_with`` (mode "contrast" only): what the target is explained against, its

@@ -32,9 +32,10 @@ from .sweep import Sweeper
 RULE_FACTOR = 2.0
 AUTO_FRACTION = 0.5  # "auto": this share of the device's free memory
 # Score-sized tensors the attention rule holds for all seeds (``rules.attention``): A and the
-# score multiplier's shared factor; mode "reference" also the scores of both inputs, the
-# reference's weights, the softmax slopes and their mix (some freed before the blocks).
-SHARED_SCORES = {"reference": 6}
+# score multiplier's shared factor; modes "reference" and "contrast" also the scores of both
+# inputs, the reference's weights, the softmax slopes and their mix (some freed before the
+# blocks).
+SHARED_SCORES = {"reference": 6, "contrast": 6}
 
 
 class MemoryBudgetError(ValueError):

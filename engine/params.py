@@ -37,9 +37,9 @@ class RelevanceParams:
 
     ``relevance_nodes``: "all", "inputs", or node names (kept as a tuple); ``target``: the
     classes to explain instead of the predicted ones; ``reference``: inputs or a name of
-    ``engine.references``, for mode "reference" only; ``contrast_with``: the alternative the
-    target is explained against in mode "contrast" (``engine.contrast``): "runner-up", "rest"
-    (the softmax-weighted other classes), a class index or a label.
+    ``engine.references``, for modes "reference" and "contrast"; ``contrast_with``: the
+    alternative the target is explained against in mode "contrast" (``engine.contrast``):
+    "runner-up", "rest" (the softmax-weighted other classes), a class index or a label.
     """
 
     mode: str = "default"
@@ -67,8 +67,8 @@ class RelevanceParams:
         if not isinstance(nodes, str):
             object.__setattr__(self, "relevance_nodes", tuple(nodes))
         if self.reference is not None:
-            if self.mode != "reference":
-                raise ValueError('reference= is for mode "reference"')
+            if self.mode == "default":
+                raise ValueError('reference= is for modes "reference" and "contrast"')
             if isinstance(self.reference, str) and self.reference not in REFERENCE_NAMES:
                 raise ValueError(
                     f"reference must be inputs or one of {REFERENCE_NAMES}, got {self.reference!r}"

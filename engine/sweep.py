@@ -236,16 +236,16 @@ class Sweeper:
         env_ref: dict[fx.Node, Any] | None = None,
     ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
         """Sweep ``seed`` back to ``inputs``; returns the kept relevance and, per seed and
-        sample, the seed, the relevance at the inputs and the sinks. Mode "reference" needs
-        ``env_ref``, the recorded forward of the reference input."""
+        sample, the seed, the relevance at the inputs and the sinks. Modes "reference" and
+        "contrast" need ``env_ref``, the recorded forward of the reference input."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if (mode == "reference") != (env_ref is not None):
-            raise ValueError('the recorded reference forward is for mode "reference" only')
+        if (mode != "default") != (env_ref is not None):
+            raise ValueError('the reference forward is for modes "reference" and "contrast"')
         self.check_rules()
         batch = next(iter(inputs.values())).shape[0]
         out = env[self.seed_node]
-        if env_ref is not None:
+        if mode == "reference":
             # explain the size of the change: a seed where the output fell is negated
             change = seed.gather(out) - seed.gather(env_ref[self.seed_node])
             seed = Seed(seed.index, seed.value * torch.where(change < 0, -1.0, 1.0).to(seed.value))
@@ -308,11 +308,13 @@ class Sweeper:
         language-model head), apply the linear rule of the mode to the sparse entries
         directly (``rules.LinearRows``): entry e pairs its input row with its unit's weights.
         Mode "contrast" hands that rule the seed ``per_unit`` of logit, which it splits
-        exactly."""
+        exactly; on any other output the seed is its change (``_contrast_change``)."""
         head = self.seed_head()
         out = p.env[self.seed_node]
         if head.target is not aten.linear.default:
             dtype = torch.promote_types(out.dtype, torch.float32)
+            if p.mode == "contrast":
+                seed = self._contrast_change(p, per_unit)
             return {self.seed_node: seed.dense(out.shape, dtype, out.device)}
         args = self.provenance.bound[head]
         x, w, b = (_exact(p.env.get(args[k])) for k in ("input", "weight", "bias"))
@@ -331,6 +333,19 @@ class Sweeper:
         sample = index[..., self._sample_axis(head)] if p.batch > 1 else torch.zeros_like(unit)
         p.sinks.scatter_add_(1, sample, sink.float())
         return {args["input"]: R}
+
+    def _contrast_change(self, p: _Pass, per_unit: Seed) -> Seed:
+        """Mode "contrast" on an output that is no linear layer: each entry's logit splits
+        into its change from the reference, the seed the rules carry down, and its value in
+        the reference's forward, a sink (as ``LinearRows.contrast`` splits a linear head)."""
+        out = p.env[self.seed_node]
+        value = per_unit.value.to(out.device, torch.float64)
+        at_ref = value * per_unit.gather(p.env_ref[self.seed_node]).to(value)
+        index = per_unit.index.to(out.device)
+        axis = self._sample_axis(self.seed_node)
+        sample = index[..., axis] if p.batch > 1 else torch.zeros_like(index[..., 0])
+        p.sinks.scatter_add_(1, sample, at_ref.float())
+        return Seed(index, value * per_unit.gather(out).to(value) - at_ref)
 
 
 @dataclass
@@ -388,7 +403,7 @@ class _Pass:
         constants' shares and the rule's own sink go to the sinks."""
         s, prov = self.sweeper, self.sweeper.provenance
         out, ref_out = self.env[node], None
-        if self.env_ref is not None:  # mode "reference" subtracts them: float32 at least
+        if self.env_ref is not None:  # modes "reference", "contrast": float32 at least
             out, ref_out = _exact(out), _exact(self.env_ref[node])
         ref = None if self.env_ref is None else s._arguments(node, self.env_ref)
         ctx = Ctx(node, s._arguments(node, self.env), out, r, s._is_data[node], self.abs_of,

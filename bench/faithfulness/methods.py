@@ -8,9 +8,9 @@ tutorials do. Integrated Gradients integrates from the task's removal baseline (
 image, the [MASK] or <unk> embeddings), so it answers the question the perturbation asks.
 
 In a contrast row ``target`` is [n, 2], the class and its alternative (the runner-up), and
-every method explains the logit difference: the engine in mode "contrast", Captum on a
-forward that returns the logits minus the alternative's, Zennit and LXT from the output
-gradient one-hot(target) - one-hot(alternative).
+every method explains the logit difference: the engine in mode "contrast" (from the removal
+baseline, as IG), Captum on a forward that returns the logits minus the alternative's,
+Zennit and LXT from the output gradient one-hot(target) - one-hot(alternative).
 """
 
 from __future__ import annotations
@@ -58,9 +58,10 @@ class Method:
 
 
 def _engine(mode: str, named: bool = False) -> Callable[[Task], Explain]:
-    """This engine in ``mode``. Mode "reference" starts from the removal baseline, as
-    Integrated Gradients does; ``named``: from the engine's named reference that a caller
-    would pick for the task (``task.extra["reference"]``), which need not be that baseline."""
+    """This engine in ``mode``. Modes "reference" and "contrast" start from the removal
+    baseline, as Integrated Gradients does; ``named``: from the engine's named reference that
+    a caller would pick for the task (``task.extra["reference"]``), which need not be that
+    baseline."""
 
     def build(task: Task) -> Explain:
         from engine import DLBacktrace
@@ -69,7 +70,7 @@ def _engine(mode: str, named: bool = False) -> Callable[[Task], Explain]:
         dlb = DLBacktrace(task.model, task.subset(slice(0, 2)))
 
         def reference(inputs: Inputs) -> dict:
-            if mode != "reference":
+            if mode == "default":
                 return {}
             if named:
                 tokenizer = task.extra.get("tokenizer")

@@ -11,10 +11,9 @@ holding what a rule sees of a node.
 
 Mode ``"default"`` is the |z| rule of Backtrace: contributions ``|x_k w_jk|`` share ``R_j`` in
 proportion, ``|b_j|`` takes the rest. Mode ``"contrast"`` explains a logit difference
-(``engine.contrast``): its seed is signed, and the families run their default rules, which
-are linear in ``R`` and so carry signed relevance down conserved, except that a weighted map's
-bias (and a batch norm's shift) takes no share; the seed head (``LinearRows.contrast``)
-splits the difference exactly. Mode ``"reference"`` explains the
+(``engine.contrast``): its seed is signed, the seed head (``LinearRows.contrast``) splits
+the difference exactly, and below it the families run their ``reference`` rules, from the
+same reference input (``Family.contrast``). Mode ``"reference"`` explains the
 change from a reference input (``ctx.ref``), as DeepLIFT's rescale rule does: a map linear in
 ``x`` shares ``R_j`` by the contributions of the difference over their sum ``y_j - y'_j``
 (the bias cancels); a product of two data operands splits exactly; activations pass relevance

@@ -44,7 +44,8 @@ class Ctx:
     is_data: Callable[..., bool]
     abs_of: Callable[[Tensor], Tensor]
     bias_term: Callable[[Tensor | None, int, Tensor], Tensor]
-    ref: dict[str, Any] | None = None  # the arguments in the reference's forward (mode "reference")
+    ref: dict[str, Any] | None = None  # the arguments in the reference's forward (modes
+    # "reference" and "contrast")
     ref_out: Any = None  # the output in the reference's forward
     facts: Canonical = field(default_factory=Canonical)
 
@@ -91,7 +92,8 @@ class Family:
     """The rules of a family of ops, one method per mode (``engine.rules.modes`` picks which).
 
     ``ops`` lists the op overloads the family covers. A family whose math is the same in
-    every mode writes ``default`` only: ``contrast`` and ``reference`` fall back to it."""
+    every mode writes ``default`` only: ``reference`` falls back to it. Mode ``contrast``
+    runs the ``reference`` rules (``engine.contrast``); only the seed head differs."""
 
     ops: tuple[Any, ...] = ()
 
@@ -99,7 +101,7 @@ class Family:
         raise NotImplementedError
 
     def contrast(self, ctx: Ctx) -> Propagation:
-        return self.default(ctx)
+        return self.reference(ctx)
 
     def reference(self, ctx: Ctx) -> Propagation:
         return self.default(ctx)

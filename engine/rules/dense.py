@@ -3,17 +3,17 @@ two operands (matmul, mm, bmm, einsum).
 
 A weighted map y = f(x, W) + b is written once as a ``Weighted`` (its forward, its adjoint, how
 its bias share reduces) and the modes are written once over it: ``z_abs`` (the |z| rule,
-D = f(|x|, |W|) + |b|, R_in = |x| f^T(R / D, |W|); modes "default" and "contrast") and
-``z_change`` (the difference rule: contributions of dx, over y - y'; the bias cancels). A
-linear layer, a convolution, a grouped matmul and the seed head's sparse rows (``LinearRows``)
-differ only in their ``Weighted``. Mode "contrast" is the |z| rule without the bias share,
-and at the seed head ``LinearRows.contrast`` splits the logit difference exactly.
+D = f(|x|, |W|) + |b|, R_in = |x| f^T(R / D, |W|); mode "default") and ``z_change`` (the
+difference rule: contributions of dx, over y - y'; the bias cancels; modes "reference" and
+"contrast"). A linear layer, a convolution, a grouped matmul and the seed head's sparse rows
+(``LinearRows``) differ only in their ``Weighted``. At the seed head ``LinearRows.contrast``
+splits the logit difference exactly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -80,14 +80,6 @@ class WeightedFamily(Family):
     def default(self, ctx: Ctx) -> Propagation:
         return z_abs(ctx, self.operands(ctx))
 
-    def contrast(self, ctx: Ctx) -> Propagation:
-        """The |z| rule without the bias share: a difference of two logits is explained by
-        the data, and a bias (like the head's b_t - b_a) is a sink only at the seed."""
-        b = ctx.args.get(self.bias) if self.bias else None
-        if b is not None:
-            ctx = replace(ctx, args={**ctx.args, self.bias: torch.zeros_like(b)})
-        return z_abs(ctx, self.operands(ctx))
-
     def reference(self, ctx: Ctx) -> Propagation:
         o = self.operands(ctx)
         dx = ctx.diff(o.name)
@@ -141,13 +133,13 @@ class LinearRows(Linear):
         """Mode "contrast": R is relevance per unit of each entry's logit (+m on the target,
         -m, or -m times the softmax weights of "rest", on the alternatives), so the entries
         of one sample explain m (z_t - z_a), a linear map with weight w_t - w_a and bias
-        b_t - b_a. Its contributions x_j (w_tj - w_aj) are exact (gradient times input of a
-        linear map; no denominator that could vanish where z_t is close to z_a), and the bias
-        difference is the sink: inputs + sinks = m (z_t - z_a) to rounding."""
+        b_t - b_a. It splits exactly into the contributions of the change from the reference,
+        (x_j - x'_j) (w_tj - w_aj), which go on down, and the reference's own difference
+        x' (w_t - w_a) + b_t - b_a, the sink: inputs + sinks = m (z_t - z_a) to rounding.
+        (No denominator that could vanish where z_t is close to z_a.)"""
         o = self.operands(ctx)
-        bias = ctx.args["bias"]
-        sink = ctx.R * (0 if bias is None else bias)
-        return {o.name: o.x * o.map.backward(ctx.R, o.w)}, sink
+        sink = ctx.R * o.map.forward(ctx.ref[o.name], o.w, ctx.args["bias"])
+        return {o.name: ctx.diff(o.name) * o.map.backward(ctx.R, o.w)}, sink
 
 
 class AddMM(WeightedFamily):
@@ -345,7 +337,7 @@ class Einsum(Product):
 def product(
     R: Tensor, f: Callable, a: Tensor, b: Tensor, data: tuple[bool, bool]
 ) -> tuple[list[Tensor | None], Tensor]:
-    """Mode "default" (and "contrast") of a product: each data operand takes its part of R by
+    """Mode "default" of a product: each data operand takes its part of R by
     the |z| rule (``proportional``) with the other operand as weights."""
     part = R * (0.5 if all(data) else 1.0)
     outs: list[Tensor | None] = [None, None]

@@ -1,8 +1,7 @@
 """Normalisations: eval batch norm (when not folded into its convolution), layer, RMS and group
-norm. The normalising factor is a constant in modes "default" and "contrast" (relevance passes
-unchanged; the affine weight is not a target; a batch norm's shift takes no share in mode
-"contrast"); mode "reference" splits the change of a layer or
-RMS norm exactly (``norm_difference``)."""
+norm. The normalising factor is a constant in mode "default" (relevance passes unchanged; the
+affine weight is not a target); modes "reference" and "contrast" split the change of a layer
+or RMS norm exactly (``norm_difference``)."""
 
 from __future__ import annotations
 
@@ -35,13 +34,6 @@ class BatchNorm(Family):
         r_in = R * (ac / (ac + extra))
         return {"input": r_in}, R - r_in
 
-    def contrast(self, ctx: Ctx) -> Propagation:
-        """As ``WeightedFamily.contrast``: the shift takes no share."""
-        c, _, R = self._contributions(ctx)
-        ac = c.abs()
-        r_in = R * (ac / (ac + TINY))
-        return {"input": r_in}, R - r_in
-
     def reference(self, ctx: Ctx) -> Propagation:
         """The shift cancels: each unit's change is all its own."""
         x = ctx.args["input"]
@@ -69,7 +61,7 @@ class LayerNorm(Family):
 
     ops = (aten.layer_norm.default,)
     center = True
-    default = contrast = Family.identity
+    default = Family.identity
 
     def reference(self, ctx: Ctx) -> Propagation:
         a = ctx.args

@@ -78,7 +78,7 @@ def _max_pool_indices(x: Tensor, a: dict[str, Any]) -> tuple[Tensor, Tensor]:
 
 class PositiveMap(Family):
     """Maps with non-negative weights (average pools, sums, means): proportional shares by
-    the |z| rule (in modes "default" and "contrast"), the difference rule in mode "reference"."""
+    the |z| rule (in mode "default"), the difference rule in modes "reference" and "contrast"."""
 
     maps: dict[Any, Callable[[Ctx, Tensor], Tensor]] = {
         aten.adaptive_avg_pool2d.default: lambda c, u: F.adaptive_avg_pool2d(

@@ -7,8 +7,8 @@ sinks of no relevance: they only scale the signal. So h_t's relevance goes to c_
 c_t's is shared between c_{t-1} and the cell input g by |f c_{t-1}| and |i g|; g's
 pre-activation W_ig x_t + W_hg h_{t-1} + b shares it between x_t, h_{t-1} and the bias (the
 sink) by the |z| rule; h_{t-1}'s relevance then joins c_{t-1}'s, one step back. Each share
-adds up to what it splits, so R is conserved. Mode "contrast" leaves the bias out; mode
-"reference" uses the same shares, at the input (a difference rule would need both passes'
+adds up to what it splits, so R is conserved. Modes "reference" and "contrast" use the
+same shares, at the input (a difference rule would need both passes'
 gates at every step and would still split their products approximately).
 """
 
@@ -50,13 +50,10 @@ class LSTM(Family):
     ops = (aten.lstm.input,)
 
     def default(self, ctx: Ctx) -> Propagation:
-        return _lstm(ctx, with_bias=True)
-
-    def contrast(self, ctx: Ctx) -> Propagation:
-        return _lstm(ctx, with_bias=False)
+        return _lstm(ctx)
 
 
-def _lstm(ctx: Ctx, with_bias: bool) -> Propagation:
+def _lstm(ctx: Ctx) -> Propagation:
     """The layers from the top down; each direction's relevance at the layer's input adds
     up, and becomes the relevance of the layer below's output."""
     a, K = ctx.args, next(iter(ctx.R.values())).shape[0]  # R: {output index: relevance}
@@ -74,7 +71,7 @@ def _lstm(ctx: Ctx, with_bias: bool) -> Propagation:
             n = layer * dirs + d
             r_h = None if r_out is None else r_out[..., d * width : (d + 1) * width]
             ends = [None if r is None else r[:, n] for r in r_last]
-            r_h0[:, n], r_c0[:, n] = _backward(ctx, cell, inputs, r_h, ends, r_in, sink, with_bias)
+            r_h0[:, n], r_c0[:, n] = _backward(ctx, cell, inputs, r_h, ends, r_in, sink)
         r_out = r_in
     return {"input": _time_major(r_out, a), "hx": _states_back([r_h0, r_c0], a)}, (
         _time_major(sink, a)
@@ -116,12 +113,12 @@ def _run(x: Tensor, h: Tensor, c: Tensor, weights: list[Tensor], has_biases: boo
     return cell
 
 
-def _backward(ctx, cell, inputs, r_h, ends, r_in, sink, with_bias) -> tuple[Tensor, Tensor]:
+def _backward(ctx, cell, inputs, r_h, ends, r_in, sink) -> tuple[Tensor, Tensor]:
     """One cell's steps in reverse: writes x_t's relevance into ``r_in``, the bias shares into
     ``sink`` ([K, B, T]); returns the relevance of the initial h and c."""
     T, H = inputs.shape[1], cell.c_prev[0].shape[-1]
     aw_ih, aw_hh = ctx.abs_of(cell.w_ih)[2 * H : 3 * H], ctx.abs_of(cell.w_hh)[2 * H : 3 * H]
-    bias = TINY if cell.bias is None or not with_bias else cell.bias[2 * H : 3 * H].abs() + TINY
+    bias = TINY if cell.bias is None else cell.bias[2 * H : 3 * H].abs() + TINY
     zeros = torch.zeros(r_in.shape[0], inputs.shape[0], H, dtype=inputs.dtype, device=inputs.device)
     r_h_next = zeros[..., : cell.h_prev[0].shape[-1]] if ends[0] is None else ends[0]
     r_c_next = zeros if ends[1] is None else ends[1]

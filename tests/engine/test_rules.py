@@ -105,18 +105,17 @@ def test_linear_default_is_the_z_rule():
     conserved(R, grads, sink)
 
 
-def test_linear_contrast_is_the_bias_free_z_rule():
-    """Mode "contrast" below the seed head: the |z| rule, linear in R, carries signed
-    relevance down (R of both signs here), and the bias takes no share."""
+def test_linear_contrast_is_the_reference_rule():
+    """Mode "contrast" below the seed head: the difference rule of mode "reference"."""
     x, w, b, R = linear_case()
-    grads, sink = Linear().contrast(
-        ctx_of(aten.linear.default, {"input": x, "weight": w, "bias": b}, R)
-    )
-    D = x.abs() @ w.abs().T
-    expected = torch.einsum("bi,oi,kbo->kbi", x.abs(), w.abs(), R / D)
-    torch.testing.assert_close(grads["input"], expected)
-    conserved(R, grads, sink)
-    assert sink.abs().max() < 1e-12
+    xr = rand(3, 5, seed=5)
+    args = {"input": x, "weight": w, "bias": b}
+    ctx = ctx_of(aten.linear.default, args, R, ref={**args, "input": xr},
+                 out=F.linear(x, w, b), ref_out=F.linear(xr, w, b))  # fmt: skip
+    grads, sink = Linear().contrast(ctx)
+    expected, expected_sink = Linear().reference(ctx)
+    torch.testing.assert_close(grads["input"], expected["input"])
+    torch.testing.assert_close(sink, expected_sink)
 
 
 def test_linear_reference_is_the_difference_rule():
@@ -171,14 +170,18 @@ def test_seed_rows_are_the_linear_rule(mode):
 def test_seed_rows_contrast_split_the_difference_exactly():
     """Mode "contrast": entries carry relevance per unit of their logit (+u on the target,
     -u on the alternative), so one sample's entries explain u (z_t - z_a): contributions
-    u x (w_t - w_a), the bias difference u (b_t - b_a) the sink."""
+    u (x - x') (w_t - w_a) of the change from the reference, and the reference's own
+    difference u (x' (w_t - w_a) + b_t - b_a) the sink."""
     x, w, b, _ = linear_case()
+    xr = rand(3, 5, seed=5)
     unit = torch.tensor([[1, 3]])  # sample 0: class 1 against class 3
     value = torch.tensor([[2.0, -2.0]])
     rows = {"input": x[[0, 0]][None], "weight": w[unit], "bias": b[unit]}
-    got, sink = LinearRows().contrast(ctx_of(aten.linear.default, rows, value))
-    torch.testing.assert_close(got["input"].sum(1)[0], 2.0 * x[0] * (w[1] - w[3]))
-    torch.testing.assert_close(sink.sum(), 2.0 * (b[1] - b[3]))
+    ref = {"input": xr[[0, 0]][None]}
+    got, sink = LinearRows().contrast(ctx_of(aten.linear.default, rows, value, ref=ref))
+    dw = w[1] - w[3]
+    torch.testing.assert_close(got["input"].sum(1)[0], 2.0 * (x[0] - xr[0]) * dw)
+    torch.testing.assert_close(sink.sum(), 2.0 * (xr[0] @ dw + b[1] - b[3]))
     z = F.linear(x[0], w, b)
     torch.testing.assert_close(got["input"].sum() + sink.sum(), 2.0 * (z[1] - z[3]))
 
@@ -239,7 +242,7 @@ def test_product_one_data_operand_is_the_linear_rule():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_product_two_data_operands(mode):
-    """Half of R to each operand (default, contrast); the exact split of ab - a'b' (reference)."""
+    """Half of R to each operand (default); the exact split of ab - a'b' (reference, contrast)."""
     a, b = rand(3, 4, seed=1), rand(4, 2, seed=2)
     ar, br = rand(3, 4, seed=3), rand(4, 2, seed=4)
     R = rand(1, 3, 2, seed=5).abs()
@@ -250,7 +253,7 @@ def test_product_two_data_operands(mode):
     if mode == "default":
         for g in grads.values():
             torch.testing.assert_close(g.sum(), R.sum() / 2)
-    if mode == "reference":
+    if mode != "default":
         torch.testing.assert_close(sink, R * (1 - (a @ b - ar @ br) / stable(a @ b - ar @ br)))
 
 
@@ -362,8 +365,8 @@ def test_identity_passes_through(mode):
 # ---------------------------------------------------------------- normalisation
 
 
-def test_batch_norm_default_and_contrast():
-    """y = x s + t per channel: R_in = R |x s| / (|x s| + |t|) (contrast: all of R)."""
+def test_batch_norm_default():
+    """y = x s + t per channel: R_in = R |x s| / (|x s| + |t|)."""
     x = rand(2, 3, 4, seed=1)
     stats = {"weight": rand(3, seed=2), "bias": rand(3, seed=3), "running_mean": rand(3, seed=4),
              "running_var": rand(3, seed=5).abs() + 0.5, "momentum": 0.1, "eps": 1e-5}  # fmt: skip
@@ -371,11 +374,10 @@ def test_batch_norm_default_and_contrast():
     t = stats["bias"] - stats["running_mean"] * s
     R = rand(1, 2, 3, 4, seed=6)
     c, shift = x * s[:, None], t.abs()[:, None]
-    for mode, bias_share in (("default", shift), ("contrast", 0.0)):
-        ctx = ctx_of(aten._native_batch_norm_legit_no_training.default, {"input": x, **stats}, (R,))
-        grads, sink = getattr(BatchNorm(), mode)(ctx)
-        torch.testing.assert_close(grads["input"], R * c.abs() / (c.abs() + bias_share))
-        torch.testing.assert_close(grads["input"] + sink, R)
+    ctx = ctx_of(aten._native_batch_norm_legit_no_training.default, {"input": x, **stats}, (R,))
+    grads, sink = BatchNorm().default(ctx)
+    torch.testing.assert_close(grads["input"], R * c.abs() / (c.abs() + shift))
+    torch.testing.assert_close(grads["input"] + sink, R)
 
 
 def test_layer_norm_reference_conserves_and_default_passes_through():
@@ -444,15 +446,16 @@ def test_max_pool_winner_takes_all_and_reference_conserves():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_mean_is_a_positive_map(mode):
-    """mean over the last axis: R_in = R |x_i| / sum |x| (x - x' in mode reference)."""
+    """mean over the last axis: R_in = R |x_i| / sum |x| (x - x' in modes reference and
+    contrast)."""
     x, xr = rand(2, 5, seed=1), rand(2, 5, seed=2)
     y, yr = x.mean(-1), xr.mean(-1)
     R = rand(1, 2, seed=3)
     args = {"self": x, "dim": [-1], "keepdim": False, "dtype": None}
     ctx = ctx_of(aten.mean.dim, args, R, ref={**args, "self": xr}, out=y, ref_out=yr)
     grads, sink = getattr(PositiveMap(), mode)(ctx)
-    source = {"default": x.abs(), "contrast": x.abs(), "reference": x - xr}[mode]
-    D = (x - xr).sum(-1) if mode == "reference" else x.abs().sum(-1)
+    source = x.abs() if mode == "default" else x - xr
+    D = x.abs().sum(-1) if mode == "default" else (x - xr).sum(-1)
     torch.testing.assert_close(
         grads["self"], R[..., None] * source / D[:, None], rtol=1e-4, atol=1e-6
     )
