@@ -98,9 +98,10 @@ class Cluster:
         self.apis.append(proc)
         return url
 
-    def workers(self, n: int, timeout: float = 120) -> list[Worker]:
+    def workers(self, n: int, timeout: float = 300) -> list[Worker]:
         """Exactly n live workers: extra ones are killed, missing ones started together
-        (returned once each has its heartbeat)."""
+        (returned once each takes jobs: warming three models, gpt2's capture among them,
+        takes minutes on a loaded 2-core machine)."""
         alive = [w for w in self.live if w.proc.poll() is None]
         for w in alive[n:]:
             self.kill(w)
