@@ -9,7 +9,9 @@ own (batch rows do not interact; padding is masked), so batching changes nothing
 How, keeping RQ's queue the one source of truth:
 
 - The API, after enqueueing a batchable job, also appends its id to ``bt:batch:<group>``, where
-  the group names the model and every parameter that must agree for rows to share one run.
+  the group names the model and every parameter that must agree for rows to share one run
+  (in the same script: ``service.api.enqueue``). The list only hints: ids that RQ has already
+  handed out are dropped when a claim pops them.
 - A worker that starts a job of that group runs ``claim``: an atomic script pops ids from the
   group's list and takes each one out of RQ's queue (``LREM``); only an id still queued is
   claimed, so a job is never run twice, and one canceled or already started is skipped. A
@@ -62,12 +64,12 @@ def group_key(request: dict[str, Any]) -> str | None:
     return f"{request.get('model')}:{digest}"
 
 
-def announce(pipe: Any, group: str, job_id: str, ttl: int) -> None:
-    """Offer a just-enqueued job to batching (on the API's enqueue pipeline). The list only
-    hints: ids that RQ has already handed out are dropped when a claim pops them."""
+def wait(r: redis.Redis, group: str, timeout: float) -> bool:
+    """Block up to ``timeout`` seconds (at least a millisecond: 0 would block for good) until
+    the group's list holds an id; whether it does. BLMOVE of the list onto itself, left to
+    left: it takes nothing, so a claim still decides which jobs are this worker's."""
     key = BATCH.format(group)
-    pipe.rpush(key, job_id)
-    pipe.expire(key, ttl)
+    return r.blmove(key, key, max(0.001, timeout), "LEFT", "LEFT") is not None
 
 
 # KEYS: the group's list, RQ's queue, the claims hash. ARGV: how many to claim, the worker,

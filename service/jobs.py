@@ -21,6 +21,11 @@ from .work.run import run_batch
 # How long a job keeps running further batches of its group that arrive meanwhile; bounded
 # so that jobs of other models behind it in the queue are not starved.
 BATCH_ROUNDS_S = 0.5
+# How long a job with no more of its group queued waits for one to arrive before it goes
+# back to RQ (within BATCH_ROUNDS_S). Ending a job and dequeuing the next costs RQ about a
+# dozen Redis round trips, all before the next job starts; under closed-loop load the next
+# job of the group usually arrives within milliseconds of the last batch's end.
+BATCH_WAIT_S = 0.03
 
 
 def run_job(request: dict[str, Any]) -> dict[str, Any]:
@@ -28,11 +33,12 @@ def run_job(request: dict[str, Any]) -> dict[str, Any]:
 
     A classification job also takes the queued jobs of its batch group (``service.batching``)
     and runs them in the same engine call; it ends those itself. While more of them keep
-    arriving it runs further batches of the group, up to ``BATCH_ROUNDS_S``: under steady
-    load that skips RQ's own round trips between batches (about ten per job), which were most
-    of the time a request waited in the queue. Every failure inside is deterministic (bad
-    input, the model raised, timeout), so it is recorded with its message and not retried;
-    RQ's Retry only re-runs jobs whose worker died under them. A BaseException (a cold
+    arriving (waiting up to ``BATCH_WAIT_S`` for the next) it runs further batches of the
+    group, up to ``BATCH_ROUNDS_S``: under steady load that skips RQ's own round trips
+    between batches (about a dozen per job), which were most of the time a request waited
+    in the queue. Every failure inside is deterministic (bad input, the model raised,
+    timeout), so it is recorded with its message and not retried; RQ's Retry only re-runs
+    jobs whose worker died under them. A BaseException (a cold
     shutdown of the worker) is left to RQ: the job is then abandoned and retried, and the
     claimed jobs are put back by the reaper."""
     st = state()
@@ -51,9 +57,15 @@ def run_job(request: dict[str, Any]) -> dict[str, Any]:
         return [Work(j.id, j.kwargs["request"], j) for j in jobs]
 
     outcome = run_batch(st, r, [primary, *claim(st.settings.max_batch - 1)], primary)
-    until = time.monotonic() + BATCH_ROUNDS_S
-    while batched and time.monotonic() < until and (works := claim(st.settings.max_batch)):
-        run_batch(st, r, works, None)
+    until, waited = time.monotonic() + BATCH_ROUNDS_S, False
+    while batched and (left := until - time.monotonic()) > 0:
+        if works := claim(st.settings.max_batch):
+            run_batch(st, r, works, None)
+            waited = False
+        elif waited or not batching.wait(r, group, min(BATCH_WAIT_S, left)):
+            break
+        else:
+            waited = True  # one of the group arrived: claim it (another worker may have)
     m.update_gpu_memory()
     if isinstance(outcome, Exception):
         if job is not None:

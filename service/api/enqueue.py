@@ -1,16 +1,18 @@
 """Putting an accepted job on the queue: RQ's job (by dotted path, so this process never
-imports the worker's code), its ``queued`` event and its offer to dynamic batching, in one
-Redis transaction, which also reads the queue's length: one round trip per accepted job.
-A job that made the queue longer than its limit is taken back out (429)."""
+imports the worker's code), its ``queued`` event and its offer to dynamic batching, written
+by one script that also reads the queue's length: one command and one round trip per
+accepted job. A job that made the queue longer than its limit is taken back out (429)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import redis.asyncio as aredis
 from fastapi import HTTPException
 from rq import Queue, Retry
 from rq.job import Job
+from rq.utils import now
 
 from engine.tasks import TaskName
 
@@ -20,6 +22,38 @@ from ..vocabulary import Event
 from .errors import RETRY_AFTER
 
 JOB_FUNC = "service.jobs.run_job"
+
+# What RQ's ``Queue.enqueue_call`` writes for a job without dependencies (the queue in RQ's
+# set of queues, the job's hash with its expiry, its id on the queue), then the job's first
+# event and its batch offer (``service.batching``), and the queue's length after the push.
+# RQ on a transaction pipeline took fifteen commands (MULTI, EXEC, expiries of dependency
+# keys that a job without dependencies never has), each packed and each reply parsed in
+# this process. KEYS: the job's hash, RQ's queue, RQ's set of queues, the job's stream, its
+# batch group's list (optional). ARGV: the job id, the job's TTL, the stream's TTL, the
+# stream's MAXLEN, the event's name and data, then the hash's fields and values.
+_ENQUEUE = """
+redis.call('SADD', KEYS[3], KEYS[2])
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[5], 'data', ARGV[6])
+redis.call('EXPIRE', KEYS[4], ARGV[3])
+if KEYS[5] then
+  redis.call('RPUSH', KEYS[5], ARGV[1])
+  redis.call('EXPIRE', KEYS[5], ARGV[2])
+end
+return redis.call('LLEN', KEYS[2])
+"""
+
+# Take a just-enqueued job back out of the queue, with its RQ hash, its stream and its batch
+# offer, unless a worker has taken it meanwhile. KEYS: RQ's queue, the job's hash, its
+# stream, its batch group's list (or the queue again). ARGV: the job id.
+_WITHDRAW = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('LREM', KEYS[4], 1, ARGV[1])
+return 1
+"""
 
 
 async def enqueue(
@@ -33,14 +67,11 @@ async def enqueue(
 ) -> None:
     """Enqueue the validated request ``body`` as job ``job_id`` (429 when the queue is full).
 
-    Given a pipeline, RQ builds the job and only queues commands on it, so the async client's
-    pipeline takes the whole enqueue in one awaited round trip (RQ starts the MULTI, so it
-    comes first). The queue's length is read in the same transaction, after the push: a
-    separate LLEN before it was a second round trip for every request, and no more exact
+    RQ builds the job (its hash's fields, as ``Queue.enqueue_call`` would store them);
+    ``_ENQUEUE`` writes it. The queue's length is read by the same script, after the push:
+    a separate LLEN before it was a second round trip for every request, and no more exact
     (other API processes enqueue between the two)."""
-    stream_ttl = settings.job_timeout * (settings.retries + 1) + settings.result_ttl
-    pipe = ar.pipeline()
-    queue.enqueue_call(
+    job = queue.create_job(
         JOB_FUNC,
         kwargs={"request": body},
         job_id=job_id,
@@ -51,34 +82,19 @@ async def enqueue(
         retry=Retry(max=settings.retries) if settings.retries else None,
         description=f"{model} {task}",
         meta={"model": model, "task": task},
-        pipeline=pipe,
     )
-    store.add_event(
-        pipe,
-        job_id,
-        Event.QUEUED,
-        {"model": model, "task": task},
-        stream_ttl,
-        settings.stream_maxlen,
-    )
+    job.origin, job.enqueued_at = queue.name, now()
+    stream_ttl = settings.job_timeout * (settings.retries + 1) + settings.result_ttl
     group = batching.group_key(body)
+    keys = [job.key, queue.key, queue.redis_queues_keys, store.EVENTS.format(job_id)]
     if group is not None:
-        batching.announce(pipe, group, job_id, settings.result_ttl)
-    pipe.llen(queue.key)
-    depth = (await pipe.execute())[-1]
+        keys.append(batching.BATCH.format(group))
+    event = json.dumps({"model": model, "task": task})  # as store.add_event writes data
+    args = [job_id, settings.result_ttl, stream_ttl, settings.stream_maxlen, Event.QUEUED, event]
+    args += [x for field_value in job.to_dict().items() for x in field_value]
+    depth = await ar.eval(_ENQUEUE, len(keys), *keys, *args)
     if depth > settings.max_queue and await _withdraw(ar, queue.key, job_id, group):
         raise HTTPException(429, "queue full, retry later", headers=RETRY_AFTER)
-
-
-# Take a just-enqueued job back out of the queue, with its RQ hash, its stream and its batch
-# offer, unless a worker has taken it meanwhile. KEYS: RQ's queue, the job's hash, its
-# stream, its batch group's list (or the queue again). ARGV: the job id.
-_WITHDRAW = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('DEL', KEYS[2], KEYS[3])
-redis.call('LREM', KEYS[4], 1, ARGV[1])
-return 1
-"""
 
 
 async def _withdraw(ar: aredis.Redis, queue_key: str, job_id: str, group: str | None) -> bool:
