@@ -1,8 +1,9 @@
 """Capture a model once with ``torch.export`` and keep what the sweep needs.
 
-The graph is exported non-strict with dynamic batch and sequence dimensions where the model allows
-it, then functionalised (``run_decompositions({})``): in-place ops such as ``relu_`` or ``add_``
-would otherwise overwrite recorded activations, while high-level ops (linear, conv2d, layer_norm,
+The graph is exported non-strict with dynamic batch and sequence dimensions where the model
+allows it (static if it must; by draft export past a data-dependent guard), then
+functionalised (``run_decompositions({})``): in-place ops such as ``relu_`` or ``add_`` would
+otherwise overwrite recorded activations, while high-level ops (linear, conv2d, layer_norm,
 scaled_dot_product_attention, embedding, pooling) stay graph leaves, which is what rules are
 written for.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import operator
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -179,20 +181,26 @@ class Captured:
 def capture(
     model: torch.nn.Module, example: dict[str, torch.Tensor], verbose: bool = False
 ) -> Captured:
-    """Export ``model(**example)``: first with dynamic dims, then, if that fails, static."""
+    """Export ``model(**example)``: first with dynamic dims, then, if that fails, static;
+    then, if they stopped at a data-dependent guard, by draft export (``_export``)."""
     attempts = [
         ("dynamic", _widen_batch(example), _dynamic_spec(example)),
-        ("static", example, None),
+        # fresh tensors: a failed attempt may have marked the example's dims dynamic
+        ("static", _fresh(example), None),
+        ("draft", _fresh(example), None),
     ]
-    errors = []
+    errors, data_dependent = [], False
     for label, args, spec in attempts:
+        if label == "draft" and not data_dependent:
+            break
         try:
             with _without_kv_cache(model), torch.no_grad():
-                program = torch.export.export(model, (), args, dynamic_shapes=spec, strict=False)
+                program = _export(label, model, args, spec)
             program = program.run_decompositions({})
         except Exception as exc:  # noqa: BLE001 - export failures are reported below
             if not _export_failure(exc, model):
                 raise
+            data_dependent |= "data-dependent" in str(exc)
             errors.append(f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
             if verbose:
                 print(f"[capture] {label} export failed: {errors[-1]}")
@@ -203,6 +211,26 @@ def capture(
     raise CaptureError(
         f"torch.export could not capture {type(model).__name__}: " + " | ".join(errors)
     )
+
+
+def _fresh(example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in example.items()}
+
+
+def _export(label: str, model: torch.nn.Module, args: dict, spec: dict | None) -> ExportedProgram:
+    """One export attempt. ``draft``: a branch on a value computed from the inputs (a
+    data-dependent guard: Longformer's "any global attention?") cannot be traced
+    symbolically; draft export runs real tensors alongside, takes the example's branch and
+    records the condition as a runtime assertion in the graph, so an input that would take
+    the other branch raises ("Runtime assertion failed") instead of running the wrong one."""
+    if label != "draft":
+        return torch.export.export(model, (), args, dynamic_shapes=spec, strict=False)
+    warnings.warn(
+        f"{type(model).__name__}: captured by draft export, with its data-dependent branches "
+        "fixed to the example's; inputs that take another branch raise",
+        stacklevel=4,
+    )
+    return torch.export.draft_export(model, (), args)
 
 
 # Where the exceptions of a failed export come from: torch's tracer and the libraries it

@@ -63,6 +63,8 @@ ID_PATH_OPS = {
     aten.permute.default,
     aten.transpose.int,
     aten.index_put.default,  # ids masked to a placeholder id (gemma3's image tokens)
+    aten.pad.default,  # ids padded to a multiple of the attention window (Longformer)
+    aten.constant_pad_nd.default,
     # integer arithmetic on ids re-encodes each token (CANINE hashes code points into buckets)
     aten.add.Tensor,
     aten.add.Scalar,

@@ -80,6 +80,7 @@ class Adjoint(Family):
         aten.reflection_pad2d.default,
         aten.replication_pad1d.default,
         aten.replication_pad2d.default,
+        aten.as_strided.default,  # overlapping windows (Longformer's chunks) add up
     )
 
     def default(self, ctx: Ctx) -> Propagation:
@@ -115,13 +116,19 @@ class Stack(Family):
 
 
 class Scatter(Family):
-    """Writes into a tensor (``slice_scatter``, ``index_put``, ``index_add``), linear in all
+    """Writes into a tensor (``slice_scatter``, ``select_scatter``, ``index_put``,
+    ``index_add``), linear in all
     its tensor operands together: an element that was overwritten takes relevance from the
     one that replaced it (the adjoint), one that was added to shares it with the addends in
     proportion to |operand| (the |z| rule; the difference rule in mode "reference").
     A constant operand's share is a sink."""
 
-    ops = (aten.slice_scatter.default, aten.index_put.default, aten.index_add.default)
+    ops = (
+        aten.slice_scatter.default,
+        aten.select_scatter.default,
+        aten.index_put.default,
+        aten.index_add.default,
+    )
 
     def default(self, ctx: Ctx) -> Propagation:
         names, f, values = self._map(ctx, absolute=True)
@@ -225,17 +232,19 @@ class TopK(Family):
 
 class Pad(Family):
     """A constant border holds constants: its relevance is a sink (negative pads crop: the
-    cropped elements contributed nothing). A reflected, replicated or circular border copies
-    elements: their relevance goes back to the element each copied (the adjoint)."""
+    cropped elements contributed nothing; padded token ids: the pad tokens' share). A
+    reflected, replicated or circular border copies elements: their relevance goes back to
+    the element each copied (the adjoint)."""
 
     ops = (aten.constant_pad_nd.default, aten.pad.default)
 
     def default(self, ctx: Ctx) -> Propagation:
         pads, mode = ctx.args["pad"], ctx.args.get("mode", "constant")
-        r_in = vjp(lambda u: F.pad(u, pads, mode), ctx.x, ctx.R)
+        x = ctx.x if ctx.x.is_floating_point() else ctx.x.to(ctx.R.dtype)  # ids padded
+        r_in = vjp(lambda u: F.pad(u, pads, mode), x, ctx.R)
         if mode != "constant":
             return {"self": r_in}, None
-        border = F.pad(torch.zeros_like(ctx.x), pads, value=1.0)
+        border = F.pad(torch.zeros_like(x), pads, value=1.0)
         return {"self": r_in}, ctx.R * border
 
 

@@ -49,6 +49,12 @@ def _index_put(x):
     return y + x
 
 
+def _select_scatter(x):
+    y = x.clone()
+    y[:, 2] = torch.relu(x[:, 3]) * 2
+    return y
+
+
 def _grid(x):
     return x.reshape(x.shape[0], 1, 2, 4)
 
@@ -112,6 +118,11 @@ BODIES: dict[str, tuple[Callable, int]] = {
     ),
     "lstm_two_layers_bidirectional": (Recurrent(), 4 * 6),
     "lstm_projected_with_states": (Recurrent(states=True), 4 * 2 + 2 + 3),
+    "select_scatter": (_select_scatter, D),
+    "as_strided_overlapping": (
+        lambda x: x.contiguous().as_strided((x.shape[0], 3, 4), (8, 2, 1)),
+        12,
+    ),
     "vector_norm": (lambda x: torch.linalg.vector_norm(x.reshape(-1, 2, 4), dim=-1), 2),
     "index_add": (lambda x: x.index_add(1, torch.tensor([0, 0, 3]), x[:, :3]), D),
     "index_put": (_index_put, D),
@@ -345,3 +356,31 @@ def test_lstm_one_step_gives_the_cell_input_share_to_x():
     assert grads["hx"][0].abs().max() == 0 and grads["hx"][1].abs().max() == 0
     total = grads["input"].flatten(1).sum(1) + sink.flatten(1).sum(1)
     torch.testing.assert_close(total, R.flatten(1).sum(1))
+
+
+class Branch(nn.Module):
+    """Longformer's "any global attention?": a Python branch on a value of the input, which
+    export cannot trace symbolically (a data-dependent guard)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x, flags):
+        h = torch.tanh(x)
+        if flags.any():
+            h = h * 2
+        return self.head(h)
+
+
+def test_a_data_dependent_branch_is_captured_by_draft_export_and_asserted():
+    x, flags = rand(B, D), torch.zeros(B, D, dtype=torch.long)
+    with pytest.warns(UserWarning, match="draft export"):
+        dlb = DLBacktrace(Branch().eval(), {"x": x, "flags": flags})
+    result = dlb.run_task(inputs={"x": rand(B, D, seed=1), "flags": flags})
+    c = result["conservation"]
+    assert abs(c["inputs"] + c["sinks"] - c["seed"]).max() <= 1e-5 * 100.0, c
+    assert (abs(c["inputs"]) > 1.0).all(), c
+    with pytest.raises(RuntimeError, match="Runtime assertion failed"):
+        dlb.run_task(inputs={"x": x, "flags": torch.ones_like(flags)})
