@@ -55,11 +55,11 @@ async def check_layers(
         return
     close = difflib.get_close_matches(unknown[0], sorted(nodes), n=3)
     hint = f"; closest: {', '.join(close)}" if close else ""
+    are = "is not a node" if len(unknown) == 1 else "are not nodes"
     raise invalid(
         ["output", "relevance"],
-        f"{', '.join(map(repr, unknown))} not a node of {spec.id}'s graph ({len(nodes)} "
-        f"nodes{hint}); ask for 'all' to get every node's relevance under its name, or "
-        "'inputs'",
+        f"{', '.join(map(repr, unknown))} {are} of {spec.id}'s graph ({len(nodes)} nodes"
+        f"{hint}); ask for 'all' to get every node's relevance under its name, or 'inputs'",
     )
 
 

@@ -174,7 +174,7 @@ def test_unknown_layer_names_are_refused_once_a_worker_warmed_the_model(
         assert error["loc"] == ["body", "output", "relevance"]
         message = error["message"]
         assert message.startswith(
-            "output.relevance: 'lineer_3' not a node of tiny-bert-text's graph ("
+            "output.relevance: 'lineer_3' is not a node of tiny-bert-text's graph ("
         ), message
         assert "closest: linear_3" in message and "'all'" in message, message
 
