@@ -148,7 +148,10 @@ def captured(name: str) -> DLBacktrace:
 def test_conserved(name, mode):
     result = captured(name).run_task(inputs={"x": rand(B, D, seed=1)}, mode=mode)
     c = result["conservation"]
-    assert abs(c["inputs"] + c["sinks"] - c["seed"]).max() <= 1e-5 * 100.0, c
+    # 1e-5 of the seed, or of the parts where they are larger: mode "contrast" can explain a
+    # small logit difference by large opposite shares (float32 sums them to ~1e-7 of each)
+    scale = max(100.0, float(abs(c["inputs"]).max() + abs(c["sinks"]).max()))
+    assert abs(c["inputs"] + c["sinks"] - c["seed"]).max() <= 1e-5 * scale, c
     if mode == "default":
         assert (abs(c["inputs"]) > 1e-3).all(), c
 
