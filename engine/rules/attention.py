@@ -50,13 +50,13 @@ class Attention(Family):
         A = _weights(ctx, q, k)
         aq, ak, av = q.abs(), k.abs(), v.abs()
         M = torch.div(A, (aq @ ak.mT).add_(TINY).mul_(2))
-        ratio = ctx.R / (2 * (A @ av + TINY))
+        ratio = seeds_inside(ctx.R / (2 * (A @ av + TINY)))
         mult_q, mult_k, mult_v = score_sweep(
             ratio, av, A, aq, ak, lambda S, b: S.mul_(M[..., b.rows, None, b.cols])
         )
         # what the shares withheld, R * 2 TINY / (2 D) for each half: ratio_qk summed over
         # the keys is ratio . (M |V|)
-        sink = (ratio.sum(-1) + (ratio * (M @ av)).sum(-1)) * (2 * TINY)
+        sink = (ratio @ (M @ av + 1)[..., None]).squeeze(-1).movedim(-1, 0) * (2 * TINY)
         return _regroup(ctx, aq * mult_q, ak * mult_k, av * mult_v, groups), sink
 
     def reference(self, ctx: Ctx) -> Propagation:
@@ -72,7 +72,7 @@ class Attention(Family):
         Ar = torch.softmax(Sr, dim=-1).nan_to_num(0.0)
         m, w = softmax_slopes(S, Sr, A, Ar)
         del S, Sr
-        ratio = ctx.per_change()
+        ratio = seeds_inside(ctx.per_change())
 
         def scores_of(mult_a: Tensor, b: Block) -> Tensor:
             mult_a.mul_(m[..., b.rows, None, b.cols])
@@ -82,7 +82,7 @@ class Attention(Family):
             ratio, (v + vr) / 2, (A + Ar) / 2, (q + qr) / 2, (k + kr) / 2, scores_of
         )
         r_q, r_k = (q - qr) * mult_q * scale, (k - kr) * mult_k * scale
-        sink = (ctx.R - ratio * (A @ v - Ar @ vr)).sum(-1)
+        sink = (ctx.R - ratio.movedim(-2, 0) * (A @ v - Ar @ vr)).sum(-1)
         return _regroup(ctx, r_q, r_k, (v - vr) * mult_v, groups), sink
 
 
@@ -122,6 +122,13 @@ def plan_blocks(weights: Tensor, live: Tensor) -> list[Block]:
     return blocks
 
 
+def seeds_inside(R: Tensor) -> Tensor:
+    """[K, *heads, T, f] -> [*heads, T, K, f], contiguous (``R`` itself where it already is:
+    not to be written to): the layout ``score_sweep`` takes, in which a block of positions
+    holds all its seeds' rows together."""
+    return R.movedim(0, -2).contiguous()
+
+
 def score_sweep(
     X: Tensor,
     Y: Tensor,
@@ -130,45 +137,43 @@ def score_sweep(
     right: Tensor,
     scores_of: Callable[[Tensor, Block], Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The multipliers of Q, K and V from X [K, *heads, Tq, c], without [K, heads, Tq, Tk].
+    """The multipliers of Q, K and V from X [*heads, Tq, K, c] (``seeds_inside``), without
+    [K, heads, Tq, Tk].
 
     Per block, the score multipliers S = scores_of(X Y^T) [*heads, rows, seeds, keys] (in
     place), and: mult_q = S right, mult_k = S^T left (summed over the blocks), mult_v = mix^T
     X. The seeds ride inside each block's rows, so each product is one large matmul per head.
     Results are [K, *heads, T, features]."""
-    K, Tq = X.shape[0], X.shape[-2]
-    Xp = X.movedim(0, -2).contiguous()  # [*heads, Tq, K, c]
-    heads, Tk = Xp.shape[:-3], Y.shape[-2]
-    live = Xp.ne(0).movedim(-2, 0).reshape(K, -1, Tq, Xp.shape[-1]).any(-1).any(1)
+    heads, (Tq, K, c), Tk = X.shape[:-3], X.shape[-3:], Y.shape[-2]
+    live = X.ne(0).any(-1).reshape(-1, Tq, K).any(0).T
     out_q = X.new_zeros(*heads, Tq, K, right.shape[-1])
-    out_k = X.new_zeros(*heads, Tk, K, left.shape[-1])
-    out_v = X.new_zeros(*heads, Tk, K, Xp.shape[-1])
+    out_k = X.new_zeros(*heads, K, Tk, left.shape[-1])
+    out_v = X.new_zeros(*heads, Tk, K, c)
     for b in plan_blocks(mix, live):
-        x = Xp[..., b.rows, :, :]
+        x = X[..., b.rows, :, :]
         if b.seeds is not None:
             x = x.index_select(-2, b.seeds)
-        rows, n, c = x.shape[-3:]
+        rows, n = x.shape[-3:-1]
         S = (x.reshape(*heads, rows * n, c) @ Y[..., b.cols, :].mT).view(*heads, rows, n, -1)
         S = scores_of(S, b)
         cols = S.shape[-1]
         q_part = (S.view(*heads, rows * n, cols) @ right[..., b.cols, :]).view(*heads, rows, n, -1)
-        k_part = S.view(*heads, rows, n * cols).mT @ left[..., b.rows, :]
-        k_part = k_part.view(*heads, n, cols, -1).movedim(-3, -2)
-        v_part = (mix[..., b.rows, b.cols].mT @ x.reshape(*heads, rows, n * c)).view(
-            *heads, cols, n, c
+        k_part = (S.view(*heads, rows, n * cols).mT @ left[..., b.rows, :]).view(
+            *heads, n, cols, -1
         )
-        _add(out_q[..., b.rows, :, :], q_part, b.seeds)
-        _add(out_k[..., b.cols, :, :], k_part, b.seeds)
-        _add(out_v[..., b.cols, :, :], v_part, b.seeds)
-    return out_q.movedim(-2, 0), out_k.movedim(-2, 0), out_v.movedim(-2, 0)
+        v_part = mix[..., b.rows, b.cols].mT @ x.reshape(*heads, rows, n * c)
+        _add(out_q[..., b.rows, :, :], q_part, b.seeds, -2)
+        _add(out_k[..., b.cols, :], k_part, b.seeds, -3)
+        _add(out_v[..., b.cols, :, :], v_part.view(*heads, cols, n, c), b.seeds, -2)
+    return out_q.movedim(-2, 0), out_k.movedim(-3, 0), out_v.movedim(-2, 0)
 
 
-def _add(out: Tensor, part: Tensor, seeds: Tensor | None) -> None:
-    """Add ``part`` [*heads, T, n, f] into ``out`` [*heads, T, K, f] at ``seeds``."""
+def _add(out: Tensor, part: Tensor, seeds: Tensor | None, axis: int) -> None:
+    """Add ``part`` into ``out`` at ``seeds`` along the seed ``axis`` (all seeds: None)."""
     if seeds is None:
         out.add_(part)
     else:
-        out.index_add_(-2, seeds, part)
+        out.index_add_(axis, seeds, part)
 
 
 def _operands(ctx: Ctx) -> tuple[Tensor, Tensor, Tensor, int]:
