@@ -1,4 +1,4 @@
-"""KV-cached decoding for Hugging Face causal LMs: greedy, sampling and beam search.
+"""Decoding for Hugging Face causal LMs: greedy, sampling and beam search.
 
 Why our own loop instead of ``model.generate``: the relevance trace needs, for every emitted token,
 the row it belongs to, whether the row was still generating, the processed scores, and (for beam
@@ -7,9 +7,10 @@ of that, and it cannot hand a token to a streaming callback before the next forw
 
 The loop reproduces ``generate`` for the settings it supports: greedy and beam search return the
 same token ids, and sampling draws the same tokens as ``torch.manual_seed(seed)`` followed by
-``generate(do_sample=True, ...)`` (same warpers, same ``torch.multinomial`` draws). Logits
-processors configured in a checkpoint's ``generation_config`` (repetition penalty, ...) are not
-applied: only the arguments given here are.
+``generate(do_sample=True, ...)`` (same warpers, same ``torch.multinomial`` draws). The logits
+processors are the ones ``generate`` builds from the model's ``generation_config`` with the
+settings given here (forced BOS / EOS, suppressed tokens, minimum length, ...), and each step
+runs the model with its KV cache or over the whole prefix (``engine.lm_runner``).
 
 Prompts are left padded; positions follow the attention mask (``cumsum - 1``) exactly as in
 ``generate``, so left padding does not shift absolute position embeddings.
@@ -18,12 +19,13 @@ Prompts are left padded; positions follow the attention mask (``cumsum - 1``) ex
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from .lm_runner import LMRunner, logits_processors
 
 NEG_INF = -1.0e9  # the "impossible" score of transformers' beam search, kept for identical ties
 
@@ -88,57 +90,6 @@ class Decoded:
         return self.sequences.shape[1] - self.prompt_len
 
 
-def position_ids_from_mask(mask: Tensor) -> Tensor:
-    """Positions that count only real tokens, as ``generate`` builds them for left padding."""
-    positions = mask.long().cumsum(-1) - 1
-    return positions.masked_fill(mask == 0, 0)
-
-
-def process_scores(logits: Tensor, cfg: DecodingConfig) -> Tensor:
-    """Temperature, top-k and top-p warpers in the order and with the semantics of transformers."""
-    if not cfg.do_sample:
-        return logits
-    scores = logits
-    if cfg.temperature != 1.0:
-        scores = scores / cfg.temperature
-    if cfg.top_k:
-        k = min(cfg.top_k, scores.shape[-1])
-        kth = torch.topk(scores, k).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, -float("inf"))
-    if cfg.top_p is not None and cfg.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=False)
-        cumulative = sorted_scores.softmax(-1).cumsum(-1)
-        remove_sorted = cumulative <= (1 - cfg.top_p)
-        remove_sorted[..., -1:] = False  # always keep the most likely token
-        remove = remove_sorted.scatter(1, order, remove_sorted)
-        scores = scores.masked_fill(remove, -float("inf"))
-    return scores
-
-
-class CachedLM:
-    """Calls an HF causal LM with its KV cache; knows which optional arguments its forward takes."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        params = inspect.signature(model.forward).parameters
-        self.takes_positions = "position_ids" in params
-        self.takes_logits_to_keep = "logits_to_keep" in params
-        # transformers renamed past_key_values to cache in 5.2x; earlier 5.x take the old name
-        self.cache_name = "cache" if "cache" in params else "past_key_values"
-
-    def __call__(self, input_ids: Tensor, mask: Tensor, positions: Tensor, cache=None):
-        """Logits of the last position [B, V] (float32) and the updated cache."""
-        kwargs = {"attention_mask": mask, "use_cache": True}
-        if cache is not None:
-            kwargs[self.cache_name] = cache
-        if self.takes_positions:
-            kwargs["position_ids"] = positions
-        if self.takes_logits_to_keep:
-            kwargs["logits_to_keep"] = 1
-        out = self.model(input_ids=input_ids, **kwargs)
-        return out.logits[:, -1].float(), getattr(out, self.cache_name)
-
-
 def _check(cfg: DecodingConfig) -> None:
     if cfg.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
@@ -162,18 +113,17 @@ def iter_decode(
     _check(cfg)
     if cfg.num_beams > 1:
         raise ValueError("iter_decode does greedy or sampling; use beam_search for num_beams > 1")
-    lm = CachedLM(model)
+    runner = LMRunner(model, input_ids, attention_mask)
+    processors = logits_processors(model, cfg, input_ids, attention_mask)
     generator = None
     if cfg.do_sample:
         generator = torch.Generator(device=input_ids.device)
         generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
     eos = torch.tensor(cfg.eos_token_ids, dtype=torch.long, device=input_ids.device)
-    mask = attention_mask.long()
-    positions = position_ids_from_mask(mask)
-    logits, cache = lm(input_ids, mask, positions)
+    logits = runner.start()
     active = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for index in range(cfg.max_new_tokens):
-        scores = process_scores(logits, cfg)
+        scores = processors(runner.ids, logits)
         if cfg.do_sample:
             tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
         else:
@@ -184,9 +134,7 @@ def iter_decode(
         active &= ~torch.isin(tokens, eos)
         if not active.any() or index + 1 == cfg.max_new_tokens:
             return
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        positions = positions[:, -1:] + 1
-        logits, cache = lm(tokens[:, None], mask, positions, cache)
+        logits = runner.advance(tokens)
 
 
 def decode(
@@ -261,13 +209,13 @@ class _BeamSearch:
         self.improvable = torch.ones((batch, 1), dtype=torch.bool, device=device)
         self.cur = self.prompt_len
 
-    def advance(self, logits: Tensor) -> tuple[Tensor, bool]:
-        """One step from the last position's logits [B * S, V]: the step's log-probabilities
-        [B, S, V] and whether the search is over."""
+    def advance(self, logits: Tensor, log_probs: Tensor) -> bool:
+        """One step from the last position's raw logits [B * S, V] and processed
+        log-probabilities [B * S, V]: whether the search is over."""
         step, cfg = self.cur - self.prompt_len, self.cfg
         batch, beams = self.running.scores.shape
         vocab = logits.shape[-1]
-        log_probs = logits.log_softmax(-1).view(batch, beams, vocab)
+        log_probs = log_probs.view(batch, beams, vocab)
         total = (log_probs + self.running.scores[..., None]).view(batch, beams * vocab)
         cand_scores, cand = torch.topk(total, self.keep)
         cand_beam, cand_token = cand // vocab, cand % vocab
@@ -293,7 +241,7 @@ class _BeamSearch:
         )
         self.improvable &= (best_running > worst_done).any(-1, keepdim=True)
         all_full = bool(self.done_flag.all()) and cfg.early_stopping is True
-        return log_probs, not self.improvable.any() or all_full or bool(stops.all())
+        return not self.improvable.any() or all_full or bool(stops.all())
 
     def _finish(self, grown: _Hypotheses, cand_scores: Tensor, stops: Tensor) -> None:
         """Finished hypotheses: candidates among the top ``num_beams`` that stopped,
@@ -317,8 +265,8 @@ class _BeamSearch:
         return (self.running.came_from[:, :, step] + offset).reshape(-1)
 
     def last_tokens(self) -> Tensor:
-        """[B * S, 1] the token each running beam emitted last."""
-        return self.running.seq[:, :, self.cur - 1].reshape(-1, 1)
+        """[B * S] the token each running beam emitted last."""
+        return self.running.seq[:, :, self.cur - 1].reshape(-1)
 
     def decoded(self, attention_mask: Tensor, step_log_probs: list[Tensor] | None) -> Decoded:
         """The best finished hypothesis of each row, and (with ``step_log_probs``) for each
@@ -362,20 +310,18 @@ def beam_search(
     sequence's ancestor at step i (not beam slot 0, which need not be an ancestor).
     """
     _check(cfg)
-    lm = CachedLM(model)
     search = _BeamSearch(input_ids, cfg)
-    step_log_probs: list[Tensor] = []
     mask = attention_mask.long().repeat_interleave(cfg.num_beams, 0)
-    positions = position_ids_from_mask(mask)
-    logits, cache = lm(input_ids.repeat_interleave(cfg.num_beams, 0), mask, positions)
+    runner = LMRunner(model, input_ids.repeat_interleave(cfg.num_beams, 0), mask)
+    processors = logits_processors(model, cfg, runner.ids, mask)
+    step_log_probs: list[Tensor] = []
+    logits = runner.start()
     while True:
-        log_probs, over = search.advance(logits)
+        log_probs = processors(runner.ids, logits.log_softmax(-1))
+        over = search.advance(logits, log_probs)
         if keep_scores:
-            step_log_probs.append(log_probs)
+            step_log_probs.append(log_probs.view(search.running.scores.shape + (-1,)))
         if over:
             break
-        cache.reorder_cache(search.parents())
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        positions = positions[:, -1:] + 1
-        logits, cache = lm(search.last_tokens(), mask, positions, cache)
+        logits = runner.advance(search.last_tokens(), search.parents())
     return search.decoded(attention_mask, step_log_probs if keep_scores else None)

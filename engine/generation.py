@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from . import validate
 from .decoding import Decoded, decode
+from .lm_runner import sees_later_tokens, takes_position_ids
 from .memory import plan_seeds
 from .params import DecodingParams, OutputParams, RelevanceParams, StepPlan, with_keywords
 from .rules import grouped_mm_ops
@@ -161,13 +162,11 @@ def run_generation(
         raise ValueError(f"{type(dlb.model).__name__} contains no transformers causal LM")
     ids, mask = _prompt(inputs, tokenizer, dlb.device)
     cfg = decoding.resolve(lm, tokenizer)
-    layout = Layout(ids.shape[1], (1 - mask).sum(1))
+    layout = _layout(lm, ids, mask)
     explainer = StepExplainer(dlb, layout, relevance, grouped_mm_ops())
     explainer.keep_values = output.return_layerwise_output
     _check_prompt(dlb, explainer.token_input, ids, mask, cfg.max_new_tokens)
-    length = ids.shape[1] + cfg.max_new_tokens - 1  # the longest explanation forward
-    seeds = plan_seeds(dlb, plan, ids.shape[0], length, relevance.mode, explainer.nodes)
-    plan = dataclasses.replace(plan, max_seeds_per_sweep=seeds)
+    plan = _sweep_plan(dlb, lm, ids, mask, cfg.max_new_tokens, plan, explainer)
     keep_scores = output.return_scores or on_step is not None
     streamed = plan.path == "stepwise" and cfg.num_beams == 1
     decoded, explained = _decode(lm, ids, mask, cfg, keep_scores, explainer, plan, on_step)
@@ -191,6 +190,36 @@ def run_generation(
     if output.debug:
         _log_steps(result, tokens)
     return result
+
+
+def _sweep_plan(
+    dlb: Any,
+    lm: nn.Module,
+    ids: Tensor,
+    mask: Tensor,
+    new_tokens: int,
+    plan: StepPlan,
+    explainer: StepExplainer,
+) -> StepPlan:
+    """``plan`` with its seeds per sweep: as many as memory allows (``engine.memory``), but one
+    for an LM that attends to later tokens, where one forward over the final sequence would
+    show each step its future."""
+    length = ids.shape[1] + new_tokens - 1  # the longest explanation forward
+    mode = explainer.relevance.mode
+    seeds = plan_seeds(dlb, plan, ids.shape[0], length, mode, explainer.nodes)
+    if seeds > 1 and plan.path == "batched" and sees_later_tokens(lm, ids, mask):
+        log.info("%s attends to later tokens: one sweep per step", type(lm).__name__)
+        seeds = 1
+    return dataclasses.replace(plan, max_seeds_per_sweep=seeds)
+
+
+def _layout(lm: nn.Module, ids: Tensor, mask: Tensor) -> Layout:
+    """How the explanation forward lays out the rows: left padding moved to the end, so that a
+    graph numbering positions itself sees the real tokens' positions, as the decode gave them;
+    kept in place for an LM whose forward takes no positions, which decoded with left padding
+    numbered (as ``generate`` does)."""
+    shift = (1 - mask).sum(1) if takes_position_ids(lm) else torch.zeros_like(mask[:, 0])
+    return Layout(ids.shape[1], shift)
 
 
 def _decode(

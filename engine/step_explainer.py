@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .decoding import position_ids_from_mask
+from .lm_runner import position_ids_from_mask
 from .params import RelevanceParams
 from .sweep import Explanation, Seed
 

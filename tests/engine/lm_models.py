@@ -50,6 +50,21 @@ CONFIGS: dict[str, tuple[str, str, dict]] = {
 }
 
 
+class WrappedLM(nn.Module):
+    """A causal LM whose forward a test replaces; everything else (its generation config,
+    transformers' processor builders) is the wrapped LM's."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["lm"], name)
+
+
 def tiny_lm(family: str, seed: int = 0, sharpen: float = 1.0) -> nn.Module:
     """A random-weight causal LM of ``family``. ``sharpen`` scales the LM head so that logits
     are peaked (random models otherwise emit near-uniform logits and never stop at EOS)."""

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from engine.decoding import DecodingConfig, decode
-from tests.engine.lm_models import EOS, PAD, prompts, tiny_lm
+from tests.engine.lm_models import EOS, PAD, WrappedLM, prompts, tiny_lm
 
 FAMILIES = ["gpt2", "llama", "qwen2", "mistral"]
 NEW = 10
@@ -96,13 +97,9 @@ def test_beam_scores_follow_the_returned_sequence(batch):
     torch.testing.assert_close(picked.T, logp, rtol=1e-4, atol=1e-4)
 
 
-class OldCacheName(torch.nn.Module):
+class OldCacheName(WrappedLM):
     """A causal LM as transformers before 5.2x calls it: the KV cache is ``past_key_values``
     (5.17 was on the GPU machine's image, and decoding asked for ``cache``)."""
-
-    def __init__(self, lm: torch.nn.Module):
-        super().__init__()
-        self.lm = lm
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, **kw):
         out = self.lm(
@@ -115,9 +112,11 @@ class OldCacheName(torch.nn.Module):
         return SimpleNamespace(logits=out.logits, past_key_values=out.cache)
 
 
-def test_the_cache_goes_by_the_name_the_model_takes(batch):
+def test_the_cache_goes_by_the_name_the_model_takes(batch, caplog):
     lm = tiny_lm("llama")
     expected = lm.generate(**batch, max_new_tokens=NEW, do_sample=False)
     old = OldCacheName(lm)
-    got = decode(old, batch["input_ids"], batch["attention_mask"], _cfg())
+    with caplog.at_level(logging.INFO, logger="engine"):
+        got = decode(old, batch["input_ids"], batch["attention_mask"], _cfg())
     assert torch.equal(got.sequences, expected)
+    assert "without a KV cache" not in caplog.text  # its cache was used
