@@ -114,12 +114,17 @@ def classification(
     if tensors.warnings:
         doc["warnings"] = doc["summary"]["warnings"] = tensors.warnings
     if output.relevance != "inputs":
-        doc["layers"] = {
-            k: codec.encode(v, output.encoding, output.dtype)
-            for k, v in relevance.items()
-            if k not in batch
-        }
+        doc["layers"] = _layers(relevance, batch, output)
     return doc
+
+
+def _layers(relevance: dict[str, Any], batch: Batch, output: OutputOptions) -> Doc:
+    """The relevance of the named layers (every node for "all"): what is not an input."""
+    return {
+        k: codec.encode(np.asarray(v), output.encoding, output.dtype)
+        for k, v in relevance.items()
+        if k not in batch
+    }
 
 
 def per_token(run: Run, batch: Batch, res: dict[str, Any], output: OutputOptions) -> Doc:
@@ -129,7 +134,8 @@ def per_token(run: Run, batch: Batch, res: dict[str, Any], output: OutputOptions
     indices into those tokens), and relevance [seeds, tokens] with the seeds' names
     (``seeds``; "token": seed k explains real token k). Token classification at one
     ``position`` has one seed, that token's label (``position``: its index among the real
-    tokens); the engine drops the seed axis there, and it is put back here."""
+    tokens); the engine drops the seed axis there, and it is put back here. Named layers
+    (``output.relevance``) come whole, [seeds, rows, ...] (a position: [rows, ...])."""
     ids, mask = batch["input_ids"], batch["attention_mask"].bool()
     loaded = run.entry.loaded
     relevance = res["relevance"].get("input_ids")  # [K, B, T]
@@ -163,11 +169,15 @@ def per_token(run: Run, batch: Batch, res: dict[str, Any], output: OutputOptions
             item["relevance"] = codec.encode(r, output.encoding, output.dtype)
         items.append(item)
     key = "labels" if run.task == TaskName.TOKEN_CLASSIFICATION else "answer_tokens"
-    return {
+    doc: Doc = {
         "inputs": items,
         "conservation": {k: v.tolist() for k, v in conservation.items()},
         "summary": {key: [item[key] for item in items]},
     }
+    if output.relevance != "inputs":  # [seeds, rows, ...] per layer, padding included
+        layers = {k: v.detach().float().cpu().numpy() for k, v in res["relevance"].items()}
+        doc["layers"] = _layers(layers, batch, output)
+    return doc
 
 
 def _predictions(labels: list[str] | None, res: dict[str, Any]) -> list[Doc]:

@@ -19,7 +19,8 @@ JSON = {"encoding": "json", "dtype": "float32"}
 
 
 def _run(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
-    view = wait(client, submit(client, {**body, "output": JSON})["job_id"])
+    output = {**JSON, **body.get("output", {})}
+    view = wait(client, submit(client, {**body, "output": output})["job_id"])
     assert view["status"] == JobStatus.FINISHED, view
     return view["result"]
 
@@ -67,6 +68,18 @@ def test_token_classification_at_one_position(client: httpx.Client) -> None:
     rel = np.asarray(item["relevance"]["values"])
     assert rel.shape == (1, 6)
     np.testing.assert_allclose(rel.sum(), at_inputs.sum(), rtol=1e-4, atol=1e-3)
+
+
+def test_token_classification_returns_named_layers(client: httpx.Client) -> None:
+    body = {
+        "model": "tiny-bert-tokens",
+        "inputs": {"text": "tom lives in paris"},
+        "output": {"relevance": ["linear"]},
+    }
+    result = _run(client, body)
+    layer = np.asarray(result["layers"]["linear"]["values"])
+    assert layer.shape == (6, 1, 6, 16)  # [seeds, rows, tokens, width]
+    _conserved(result)
 
 
 def test_question_answering_explains_start_and_end(client: httpx.Client) -> None:
