@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,10 +133,24 @@ def _load_torchvision(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel,
     return LoadedModel(spec.id, spec.task, model.eval(), None, spec.labels, image), weights.parent
 
 
+# The nodes whose relevance a request can ask for by name (``output.relevance``): the graph's
+# inputs and operations, not its constants (``get_attr``) or its output.
+RELEVANCE_OPS = ("placeholder", "call_function", "call_method", "call_module")
+# Told the node names of a model's graphs (model id, revision, names) after each capture.
+OnCapture = Callable[[str, str, list[str]], None]
+
+
+def node_names(dlb: Any) -> list[str]:
+    """The names ``output.relevance`` may use for a captured graph (``RELEVANCE_OPS``)."""
+    return sorted(n.name for n in dlb.graph.nodes if n.op in RELEVANCE_OPS)
+
+
 @dataclass
 class CachedModel:
     """One model in the cache: the loaded model, where it runs, and its engine object
-    (captured graphs) per input signature."""
+    (captured graphs) per input signature. ``on_capture`` hears of every capture, whether a
+    worker warms the model or a job finds it cold, so that the API can check layer names
+    from the model's first job on."""
 
     loaded: LoadedModel
     revision: str
@@ -144,6 +159,7 @@ class CachedModel:
     nbytes: int
     load_s: float
     backtraces: dict[tuple, Any] = field(default_factory=dict)
+    on_capture: OnCapture | None = None
 
     @functools.cached_property
     def input_name(self) -> str:
@@ -160,14 +176,21 @@ class CachedModel:
         key = tuple((k, v.dim()) for k, v in inputs.items())
         if key not in self.backtraces:
             self.backtraces[key] = DLBacktrace(self.loaded.model, inputs, device=self.device)
+            if self.on_capture is not None:
+                names = sorted({n for dlb in self.backtraces.values() for n in node_names(dlb)})
+                self.on_capture(self.loaded.model_id, self.revision, names)
         return self.backtraces[key]
 
 
 class ModelCache:
-    """LRU over registry ids, evicting least recently used models beyond ``max_bytes``."""
+    """LRU over registry ids, evicting least recently used models beyond ``max_bytes``;
+    each entry tells ``on_capture`` of its captures (``CachedModel``)."""
 
-    def __init__(self, registry: Registry, data_dir: str, max_bytes: int):
+    def __init__(
+        self, registry: Registry, data_dir: str, max_bytes: int, on_capture: OnCapture | None = None
+    ):
         self.registry, self.data_dir, self.max_bytes = registry, data_dir, max_bytes
+        self.on_capture = on_capture
         self.entries: OrderedDict[str, CachedModel] = OrderedDict()
         self.lock = threading.Lock()
 
@@ -183,7 +206,10 @@ class ModelCache:
         device = pick_device(spec)
         loaded.model = loaded.model.to(device=device, dtype=DTYPES[spec.dtype]).eval()
         nbytes = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
-        entry = CachedModel(loaded, revision, device, spec.dtype, nbytes, time.perf_counter() - t0)
+        load_s = time.perf_counter() - t0
+        entry = CachedModel(
+            loaded, revision, device, spec.dtype, nbytes, load_s, {}, self.on_capture
+        )
         with self.lock:
             self.entries[spec.id] = entry
             while len(self.entries) > 1 and self.total_bytes() > self.max_bytes:

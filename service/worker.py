@@ -13,7 +13,6 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-import redis
 from prometheus_client import start_http_server
 from rq import Queue, SimpleWorker
 from rq.job import Job
@@ -25,7 +24,7 @@ from .config import Settings
 from .registry import Registry
 from .vocabulary import WorkerStatus
 from .work import run
-from .work.context import JobCanceled, WorkerState, init_worker, state
+from .work.context import JobCanceled, WorkerState, init_worker
 
 log = logging.getLogger("service.worker")
 
@@ -113,11 +112,11 @@ class Heartbeat:
         r.delete(store.WORKER.format(self.st.name))
 
 
-def _warm(registry: Registry, wanted: list[str], beat: Heartbeat, r: redis.Redis) -> None:
+def _warm(registry: Registry, wanted: list[str], beat: Heartbeat) -> None:
     """Load, capture and run once each wanted model, with a log line and a heartbeat per
     model, before the worker takes jobs: /readyz counts a worker only once it serves every
-    warm model without a capture. Each warmed model's graph node names are published for
-    the API's check of ``output.relevance``. A model that cannot warm is logged and left to
+    warm model without a capture (the cache publishes each captured graph's node names, as
+    for any capture: ``service.models``). A model that cannot warm is logged and left to
     load on first use."""
     ids = list(dict.fromkeys(wanted))
     for i, model_id in enumerate(ids, 1):
@@ -130,26 +129,10 @@ def _warm(registry: Registry, wanted: list[str], beat: Heartbeat, r: redis.Redis
         t0 = time.perf_counter()
         try:
             run.warm(spec)
-            _publish_graph(r, model_id)
         except Exception:  # noqa: BLE001 - a broken entry must not stop the others
             log.exception("could not warm %s", model_id)
             continue
         log.info("warm %s in %.1f s", model_id, time.perf_counter() - t0)
-
-
-def _publish_graph(r: redis.Redis, model_id: str) -> None:
-    """The names of the nodes that can carry relevance (inputs and operations) in the
-    graphs captured for the model (``store.publish_graph``)."""
-    entry = state().cache.entries.get(model_id)
-    if entry is None or not entry.backtraces:
-        return
-    names = {
-        node.name
-        for dlb in entry.backtraces.values()
-        for node in dlb.graph.nodes
-        if node.op in ("placeholder", "call_function", "call_method", "call_module")
-    }
-    store.publish_graph(r, model_id, entry.revision, sorted(names))
 
 
 def run_worker(
@@ -182,8 +165,8 @@ def run_worker(
         wanted = list(settings.warm_models)
     else:
         wanted = [s.id for s in st.registry.models.values() if s.warm]
+    _warm(st.registry, wanted, beat)
     r = store.connect(settings.redis_url, patient=True)
-    _warm(st.registry, wanted, beat, r)
     beat.ready()
     queue = Queue(settings.queue, connection=r, serializer=JSONSerializer)
     worker = Worker(

@@ -6,16 +6,15 @@ classifier, steps past the last generated token). Each failure is a 422 naming t
 the value and what is allowed.
 
 Layer names in ``output.relevance`` need the model's graph, which only a worker captures:
-``check_layers`` reads the names it publishes when it warms the model."""
+``check_layers`` reads the names it publishes when it captures the model's graph."""
 
 from __future__ import annotations
-
-import difflib
 
 import redis.asyncio as aredis
 
 from engine.tasks import CLASSIFICATION_TASKS, TaskName
 
+from .. import layer_names
 from ..registry import ModelSpec
 from ..schemas import RunTaskRequest
 from .errors import invalid
@@ -42,25 +41,20 @@ async def check_layers(
     ar: aredis.Redis, spec: ModelSpec, req: RunTaskRequest, metadata: ModelMetadata
 ) -> None:
     """Layer names in ``output.relevance`` are node names of the model's captured graph, as
-    the worker that warmed the model published them (``service.worker``). Until a worker
-    has (no worker warmed the model yet: it is not marked warm, or its workers are still
-    starting), the names are accepted and the job runs: the worker's result then has no
-    layer for a name that is not a node. Only a request that names layers reads Redis."""
+    the worker that captured it published them (``service.models``). Until a worker has (no
+    job has run on the model yet, nor has a worker warmed it), the names are accepted and the
+    worker checks them on the graph it captures, in the same words (``service.layer_names``).
+    Only a request that names layers reads Redis."""
     names = req.output.relevance
     if not isinstance(names, list) or not names:
         return
     nodes = await metadata.graph_nodes(ar, spec)
-    unknown = [n for n in names if n not in nodes] if nodes is not None else []
-    if not unknown:
+    if nodes is None:
         return
-    close = difflib.get_close_matches(unknown[0], sorted(nodes), n=3)
-    hint = f"; closest: {', '.join(close)}" if close else ""
-    are = "is not a node" if len(unknown) == 1 else "are not nodes"
-    raise invalid(
-        ["output", "relevance"],
-        f"{', '.join(map(repr, unknown))} {are} of {spec.id}'s graph ({len(nodes)} nodes"
-        f"{hint}); ask for 'all' to get every node's relevance under its name, or 'inputs'",
-    )
+    try:
+        layer_names.check(spec.id, names, nodes)
+    except layer_names.UnknownNodes as exc:
+        raise invalid(list(exc.loc), exc.msg) from None
 
 
 def _texts(req: RunTaskRequest) -> list[str]:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from engine.tasks import TASKS
 
+from .. import layer_names
+from ..models import node_names
 from . import documents, inputs
 from .context import Outcome, Run, Work, engine_relevance, one
 from .inputs import Batch, Tensors
@@ -65,6 +67,9 @@ def _explain(
     t0 = time.perf_counter()
     dlb = run.entry.backtrace(batch)
     capture_s = time.perf_counter() - t0
+    # The API checks the names once a graph of the model is published; a cold model's first
+    # job is checked here, on the graph just captured (the engine skips unknown names).
+    layer_names.check(run.spec.id, req.output.relevance, node_names(dlb))
     t0 = time.perf_counter()
     res = dlb.run_task(
         task=run.task,

@@ -4,12 +4,14 @@ one batch group share the model, task and every parameter) and a job (``Work``).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+import redis
 from pydantic import ValidationError
 from rq.job import Job
 
@@ -21,6 +23,8 @@ from ..config import Settings
 from ..models import CachedModel, ModelCache
 from ..registry import ModelSpec, Registry, load_registry
 from ..schemas import RunTaskRequest
+
+log = logging.getLogger("service.worker")
 
 # A job's end: its result document, or the exception that is its failure.
 Outcome = dict[str, Any] | Exception
@@ -61,15 +65,34 @@ class WorkerState:
         return entry, hit
 
 
+class GraphPublisher:
+    """Publishes a captured graph's node names (``store.publish_graph``) for the API's check
+    of ``output.relevance``, on a connection of its own, opened at the first capture. A
+    failed write is logged, never the job's failure: the worker checks the names itself."""
+
+    def __init__(self, redis_url: str):
+        self.redis_url = redis_url
+        self._r: redis.Redis | None = None
+
+    def __call__(self, model_id: str, revision: str, nodes: list[str]) -> None:
+        try:
+            self._r = self._r or store.connect(self.redis_url, patient=True)
+            store.publish_graph(self._r, model_id, revision, nodes)
+        except redis.RedisError:
+            log.warning("could not publish the graph of %s", model_id, exc_info=True)
+
+
 _STATE: WorkerState | None = None
 
 
 def init_worker(settings: Settings | None = None, name: str | None = None) -> WorkerState:
-    """Process-wide state: the registry and the model cache (kept across jobs)."""
+    """Process-wide state: the registry and the model cache (kept across jobs), which
+    publishes the node names of each graph it captures (``GraphPublisher``)."""
     global _STATE
     settings = settings or Settings()
     registry = load_registry(settings.registry_path)
-    cache = ModelCache(registry, settings.data_dir, settings.cache_bytes)
+    publish = GraphPublisher(settings.redis_url)
+    cache = ModelCache(registry, settings.data_dir, settings.cache_bytes, publish)
     _STATE = WorkerState(settings, registry, cache, name or store.worker_id())
     return _STATE
 
