@@ -4,6 +4,8 @@ per-architecture check the CLI runs; and the report groups failures by cause."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from bench.coverage.architectures import Arch, list_architectures
@@ -63,3 +65,17 @@ def test_report_counts_built_ok_and_groups_failures_by_op():
     assert "| causal-lm | 9 | 5 | 4 | 1 | 25.0 % |" in table
     assert "| no rule for p | 2 | c, d |" in table
     assert set(r["status"] for r in rows.values()) <= set(STATUSES)
+
+
+def test_results_merge_into_the_file_as_it_is_then(tmp_path):
+    """Two runs writing one results file (another helper's reruns) keep each other's rows:
+    each row is merged into what the file holds when it is written."""
+    from bench.coverage.__main__ import _merge
+
+    path = tmp_path / "coverage.json"
+    mine = _merge(path, {"causal-lm/a": {"status": "ok"}})
+    _merge(path, {"causal-lm/b": {"status": "timeout"}})  # the other run
+    merged = _merge(path, {"causal-lm/a": {"status": "run-error"}})
+    assert mine == {"causal-lm/a": {"status": "ok"}}
+    assert merged == {"causal-lm/a": {"status": "run-error"}, "causal-lm/b": {"status": "timeout"}}
+    assert json.loads(path.read_text()) == merged
