@@ -9,21 +9,16 @@ has two tiny random BERTs (``tests.helpers.models``), neither marked warm."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-import yaml
 
-from service.redis_server import PrivateRedis
 from service.vocabulary import JobStatus
 from tests.helpers import models
 from tests.helpers.jobs import events, submit, wait
-from tests.helpers.stack import ROOT, start_api
+from tests.helpers.stack import private_stack
 
 TEXT = {"text": "the cat sat on the mat"}
 COLD = {"cold-text": "text-classification", "cold-tokens": "token-classification"}
@@ -35,33 +30,8 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("layer-names")
     folders = models.build_folders(tmp / "models")
     entries = [models.entry(m, folders / FOLDERS[m], task) for m, task in COLD.items()]
-    (tmp / "registry.yaml").write_text(yaml.safe_dump({"models": entries}))
-    drop = ("BACKTRACE_WARM_MODELS", "BACKTRACE_QUEUE")
-    with PrivateRedis() as server:
-        env = {k: v for k, v in os.environ.items() if k not in drop}
-        env.update(
-            REDIS_URL=server.url,
-            BACKTRACE_REGISTRY=str(tmp / "registry.yaml"),
-            BACKTRACE_DATA_DIR=str(tmp / "data"),
-            BACKTRACE_SSE_KEEPALIVE="1",
-            BACKTRACE_TORCH_THREADS="1",
-            HF_HUB_OFFLINE="1",
-            PYTHONPATH=str(ROOT),
-        )
-        api, url = start_api(env, tmp / "api.log")
-        with open(tmp / "worker.log", "w") as out:
-            cmd = [sys.executable, "-m", "service", "worker", "--metrics-port", "0"]
-            worker = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            yield url
-        finally:
-            for p in (worker, api):
-                p.terminate()
-            for p in (worker, api):
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+    with private_stack(tmp, entries) as stack:
+        yield stack.url
 
 
 def _layers(model: str, names: list[str]) -> dict[str, Any]:

@@ -11,9 +11,7 @@ checked by the worker on its first job (tests/service/test_layer_names.py)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,13 +22,11 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import yaml
 
-from service.redis_server import PrivateRedis
 from service.vocabulary import JobStatus
 from tests.helpers import models
 from tests.helpers.jobs import events, submit, wait
-from tests.helpers.stack import ROOT, start_api
+from tests.helpers.stack import private_stack
 
 TEXT = {"text": "the cat sat on the mat"}
 WARMING_NOTE = "a worker is warming (model gated-bert, 2 of 2); the job starts when it is ready"
@@ -74,36 +70,9 @@ def warming(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Warming]:
         models.entry("tiny-bert-text", text, "text-classification", warm=True),
         gated,
     ]
-    (tmp / "registry.yaml").write_text(yaml.safe_dump({"models": entries}))
-    drop = ("BACKTRACE_WARM_MODELS", "BACKTRACE_QUEUE")
-    with PrivateRedis() as server:
-        env = {k: v for k, v in os.environ.items() if k not in drop}
-        env.update(
-            REDIS_URL=server.url,
-            BACKTRACE_REGISTRY=str(tmp / "registry.yaml"),
-            BACKTRACE_DATA_DIR=str(tmp / "data"),
-            BACKTRACE_HEARTBEAT_TTL="3",
-            BACKTRACE_SSE_KEEPALIVE="1",
-            BACKTRACE_TORCH_THREADS="1",
-            HF_HUB_OFFLINE="1",
-            PYTHONPATH=str(ROOT),
-            **{models.GATE_ENV: str(tmp / "gate"), models.GATED_FOLDER_ENV: str(text)},
-        )
-        api, url = start_api(env, tmp / "api.log")
-        log = tmp / "worker.log"
-        with open(log, "w") as out:
-            cmd = [sys.executable, "-m", "service", "worker", "--metrics-port", "0"]
-            worker = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            yield Warming(url, tmp / "gate", worker, log)
-        finally:
-            for p in (worker, api):
-                p.terminate()
-            for p in (worker, api):
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+    gate = {models.GATE_ENV: str(tmp / "gate"), models.GATED_FOLDER_ENV: str(text)}
+    with private_stack(tmp, entries, BACKTRACE_HEARTBEAT_TTL="3", **gate) as stack:
+        yield Warming(stack.url, tmp / "gate", stack.worker, stack.worker_log)
 
 
 def test_warming_worker_is_named_until_ready(warming: Warming) -> None:
