@@ -4,7 +4,7 @@ Per job: an RQ job (status, timings), a stream of events ``bt:events:<id>`` (``X
 approximate MAXLEN and an EXPIRE, so every reader sees every entry and can resume from an
 entry id), the final document ``bt:result:<id>`` and a cancel flag ``bt:cancel:<id>``.
 Per worker: a heartbeat key with its status (warming or ready) and the models it holds warm.
-Per model: the node names of its captured graph, once a worker has warmed it. Per
+Per model: the node names of its captured graph, once a worker has captured it. Per
 Idempotency-Key (hashed with the caller's API key): the first request's fingerprint and
 response. No torch here."""
 
@@ -180,6 +180,6 @@ def is_ready(info: dict[str, Any]) -> bool:
 
 
 def publish_graph(r: redis.Redis, model_id: str, revision: str, nodes: list[str]) -> None:
-    """The node names of a model's captured graph (no expiry: a worker that warms the model
-    again overwrites them), for the API to check ``output.relevance`` at the door."""
+    """The node names of a model's captured graph (no expiry: a worker that captures the
+    model again overwrites them), for the API to check ``output.relevance`` at the door."""
     r.set(GRAPH.format(model_id), json.dumps({"revision": revision, "nodes": nodes}))

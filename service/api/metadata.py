@@ -7,7 +7,7 @@ use), a transformers model's is its ``source.path``. What is not there (a model 
 yet, a torchvision or python source) is unknown, and the worker checks it as before.
 
 The node names of a model's captured graph come from Redis instead (``store.GRAPH``): only
-a worker captures graphs, and it publishes their names when it warms the model."""
+a worker captures graphs, and it publishes their names at each capture."""
 
 from __future__ import annotations
 
@@ -58,9 +58,9 @@ class ModelMetadata:
         return meta
 
     async def graph_nodes(self, ar: aredis.Redis, spec: ModelSpec) -> set[str] | None:
-        """The node names a worker published when it warmed the model; None until one has
-        (or when the value is not what workers write). Read at each request that names
-        layers, never cached: a worker that warms a new revision publishes new names."""
+        """The node names a worker published when it captured the model's graph; None until
+        one has (or when the value is not what workers write). Read at each request that
+        names layers, never cached: a worker that captures a new revision publishes anew."""
         raw = await ar.get(store.GRAPH.format(spec.id))
         try:
             nodes = json.loads(raw)["nodes"] if raw else None

@@ -71,7 +71,7 @@ async def run_task(
     is allowed: an input kind or size, a class (``relevance.target``) or token id it does
     not have, a prompt longer than it takes, blank text, generation settings for a
     classifier, steps past ``max_new_tokens``, a layer its graph does not have (once a
-    worker has warmed the model)."""
+    worker has captured it)."""
     spec, task = validation.resolve(api.registry, req)
     validation.check_inputs(spec, req)
     door.check(spec, task, req, api.metadata.get(spec))
