@@ -80,3 +80,19 @@ def test_fitting_budget_splits_sweeps_and_keeps_relevance(dlb, batch, monkeypatc
     for a, b in zip(bounded["relevance_trace"], unbounded["relevance_trace"], strict=True):
         a, b = a["input_ids"], b["input_ids"]
         assert float((a - b).abs().max()) <= 1e-5 * max(float(b.abs().max()), 1e-12)
+
+
+def test_memory_per_seed_grows_with_positions_not_their_square(dlb):
+    """Attention holds no seeds x heads x positions^2 tensor (``rules.attention`` sweeps the
+    scores in blocks): doubling the positions doubles a seed's memory, and the shared score
+    matrices, which grow with the square, are fixed memory."""
+    captured, sweeper = dlb._graphs[0]
+
+    def memory(positions):
+        shape = {n: torch.empty(2, positions, device="meta") for n in captured.input_names}
+        return estimate(sweeper, captured.sizes(shape), "default", set())
+
+    short, long = memory(64), memory(128)
+    assert 1.9 <= long.per_seed / short.per_seed <= 2.1
+    # A and its shared factor, [2 rows, 4 heads, T, T] float32, grow with T^2 as fixed memory
+    assert long.fixed - short.fixed >= 2 * 2 * 4 * (128**2 - 64**2) * 4
