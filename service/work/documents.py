@@ -47,7 +47,7 @@ def failure(model: str, task: str | None, status: JobStatus, exc: BaseException)
 def receipt(run: Run, req: RunTaskRequest) -> Doc:
     """What produced a result: model revision, versions, device, and every parameter."""
     params = {**engine_relevance(req), "relevance_nodes": req.output.relevance}
-    if req.relevance.mode == "reference":
+    if req.relevance.mode in ("reference", "contrast"):
         params["reference"] = req.relevance.reference or "zeros"  # the engine's default
     if req.relevance.position is not None:
         params["position"] = req.relevance.position
@@ -121,10 +121,17 @@ def classification(
 def _layers(relevance: dict[str, Any], batch: Batch, output: OutputOptions) -> Doc:
     """The relevance of the named layers (every node for "all"): what is not an input."""
     return {
-        k: codec.encode(np.asarray(v), output.encoding, output.dtype)
+        k: codec.encode(numpy(v), output.encoding, output.dtype)
         for k, v in relevance.items()
         if k not in batch
     }
+
+
+def numpy(t: Any) -> np.ndarray:
+    """A relevance tensor (any dtype or device) or array as a float numpy array, for the codec."""
+    if isinstance(t, torch.Tensor):
+        return t.detach().float().cpu().numpy()
+    return np.asarray(t)
 
 
 def per_token(run: Run, batch: Batch, res: dict[str, Any], output: OutputOptions) -> Doc:
@@ -279,20 +286,30 @@ def token_event(
 
 
 def generation(
-    tok: Any, prompt: Doc, res: dict[str, Any], steps: list[Doc], output: OutputOptions
+    tok: Any,
+    prompt: Doc,
+    res: dict[str, Any],
+    steps: list[Doc],
+    batch: Batch,
+    output: OutputOptions,
 ) -> Doc:
-    """A generation's result: the generated ids and text, the relevance per step, the
-    ``token`` events as they were streamed, and the conservation check per step."""
+    """A generation's result: the generated ids and text, the relevance per explained step,
+    the ``token`` events as they were streamed, and the conservation check per step.
+
+    Named layers (``output.relevance``) come in ``layers_trace``, one entry per entry of
+    ``relevance_trace`` (explained steps): {node name: relevance in the node's own shape, cut
+    to the positions that step saw}, e.g. [B, prompt_len + i, hidden] for a hidden state, so
+    that summed over ``hidden`` the token embedding's gives the entry of ``relevance_trace``.
+    Only here, not in the stream's ``relevance`` events: a layer is ``hidden`` times the
+    size of the inputs' relevance per step ("all": every node's), too much for events sent
+    per token and kept in a capped stream, and a client reads the document once."""
     ids = torch.as_tensor(res["generated_ids"]).cpu()
     prompt_len = len(prompt["token_ids"][0])
     new = ids[:, prompt_len:] if ids.shape[1] > prompt_len else ids
-    trace = [
-        codec.encode(t["input_ids"].detach().float().cpu().numpy(), output.encoding, output.dtype)
-        for t in res.get("relevance_trace") or []
-        if t is not None and "input_ids" in t
-    ]
+    explained = [t for t in res.get("relevance_trace") or [] if t is not None and "input_ids" in t]
+    trace = [codec.encode(numpy(t["input_ids"]), output.encoding, output.dtype) for t in explained]
     texts = [tok.decode(row, skip_special_tokens=True) for row in new.tolist()]
-    return {
+    doc: Doc = {
         "generation": {
             "generated_ids": ids.tolist(),
             "new_token_ids": new.tolist(),
@@ -308,6 +325,9 @@ def generation(
         },
         "summary": {"text": texts},
     }
+    if output.relevance != "inputs":
+        doc["generation"]["layers_trace"] = [_layers(t, batch, output) for t in explained]
+    return doc
 
 
 def _floats(t: Any) -> list[float]:

@@ -1,7 +1,8 @@
 """Generation with its events streamed as they exist: a ``prompt`` event first (the prompt's
 tokens, so that a client can label relevance before the result exists), then one ``token``
 event per step as the token is chosen, and ``relevance`` events when the engine hands a
-step's relevance to its callback. A cancel is honoured at every step."""
+step's relevance to its callback (the inputs' only: named layers, ``output.relevance``, come
+in the result document, ``documents.generation``). A cancel is honoured at every step."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import torch
 
 from engine.tasks import TaskName
 
-from .. import codec, store
+from .. import codec, layer_names, store
 from .. import worker_metrics as m
+from ..models import node_names
 from ..schemas import OutputOptions
 from ..vocabulary import Event
 from . import documents, inputs
@@ -57,7 +59,7 @@ class _Stream:
             self.add(Event.TOKEN, data)
             self.steps.append(data)
         if relevance is not None and "input_ids" in relevance:
-            arr = relevance["input_ids"].detach().float().cpu().numpy()
+            arr = documents.numpy(relevance["input_ids"])
             encoded = codec.encode(arr, self.output.encoding, self.output.dtype)
             self.add(Event.RELEVANCE, {"step": step, "input_ids": encoded})
         if store.cancel_requested(self.r, self.job_id):
@@ -72,6 +74,9 @@ def generate(run: Run, work: Work, r: redis.Redis) -> documents.Doc:
     t0 = time.perf_counter()
     dlb = run.entry.backtrace(host_batch)
     capture_s = time.perf_counter() - t0
+    # As for classification (service.work.classify): a cold model's first job is checked
+    # here, on the graph just captured (the engine skips unknown names).
+    layer_names.check(run.spec.id, req.output.relevance, node_names(dlb))
     batch = inputs.on_device(run.entry, host_batch)
     stream = _Stream(run, work.job_id, r, req.output)
     prompt = documents.prompt_event(tok, batch["input_ids"].cpu().tolist())
@@ -85,11 +90,12 @@ def generate(run: Run, work: Work, r: redis.Redis) -> documents.Doc:
         return_scores=False,
         on_step=stream,
         memory_budget=_budget(run.state.settings.memory_budget),
+        relevance_nodes=req.output.relevance,
         **engine_relevance(req),
         **req.generation.model_dump(exclude_none=True),
     )
     run_s = time.perf_counter() - t0
-    doc = documents.generation(tok, prompt, res, stream.steps, req.output)
+    doc = documents.generation(tok, prompt, res, stream.steps, host_batch, req.output)
     timings = {"capture_s": capture_s, "engine_s": run_s, "run_s": run_s}
     return {**doc, **documents.finished(run, req, timings)}
 
