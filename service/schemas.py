@@ -123,7 +123,8 @@ class RelevanceParams(BaseModel):
     )
     reference: Literal[REFERENCE_NAMES] | None = Field(
         default=None,
-        description='mode "reference" only: what the input with its features removed is. '
+        description='modes "reference" and "contrast": what the input with its features removed '
+        "is (contrast explains the change from it). "
         "zeros (the default): zero pixels, zero embeddings for tokens; mean: each image's "
         "mean colour; blur: the image blurred; mask: every token but the special ones "
         "replaced by the mask (or unknown) token. The mode is only as faithful as this "
@@ -152,8 +153,8 @@ class RelevanceParams(BaseModel):
         if "mode" not in info.data:  # mode itself is invalid: that error says enough
             return value
         mode = info.data["mode"]
-        if value is not None and mode != "reference":
-            raise ValueError(f'reference is for mode "reference", not {mode!r}')
+        if value is not None and mode not in ("reference", "contrast"):
+            raise ValueError(f'reference is for modes "reference" and "contrast", not {mode!r}')
         return value
 
 

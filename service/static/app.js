@@ -61,15 +61,16 @@ async function buildRequest(model) {
     relevance: { mode: $("mode").value, multiplier: number("multiplier") },
     output: { encoding: "json", dtype: "float32" },
   };
-  // Mode "reference" starts from the input with its features removed: a blurred image, or
-  // masked tokens (the choices that make it the most faithful mode in bench.faithfulness).
+  // Modes "reference" and "contrast" start from the input with its features removed: a blurred
+  // image, or masked tokens (the choices that make them most faithful in bench.faithfulness).
   const removed = {
     "image-classification": "blur",
     "text-classification": "mask",
     "token-classification": "mask",
     "question-answering": "mask",
   }[model.task];
-  if (body.relevance.mode === "reference" && removed) body.relevance.reference = removed;
+  const fromReference = ["reference", "contrast"].includes(body.relevance.mode);
+  if (fromReference && removed) body.relevance.reference = removed;
   // Mode "contrast" explains the output against the runner-up unless another is named.
   const against = $("contrast-with").value.trim();
   if (body.relevance.mode === "contrast" && against) {
