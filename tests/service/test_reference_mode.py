@@ -27,11 +27,12 @@ def test_reference_mode(client: httpx.Client) -> None:
 
 
 def test_named_references(client: httpx.Client) -> None:
-    """A named reference changes the explanation and is in the receipt; one that does not fit
-    the model's inputs, or comes without its mode, is a 422 that names the field."""
+    """A named reference changes the explanation and is in the receipt (modes reference and
+    contrast); one that does not fit the model's inputs, or comes with another mode, is a 422
+    that names the field."""
 
-    def run(model: str, inputs: dict, reference: str | None) -> dict:
-        rel = {"mode": "reference", **({"reference": reference} if reference else {})}
+    def run(model: str, inputs: dict, reference: str | None, mode: str = "reference") -> dict:
+        rel = {"mode": mode, **({"reference": reference} if reference else {})}
         body = {"model": model, "inputs": inputs, "relevance": rel, "output": {"encoding": "json"}}
         view = wait(client, submit(client, body)["job_id"])
         assert view["status"] == "finished", view
@@ -47,10 +48,13 @@ def test_named_references(client: httpx.Client) -> None:
     mask, plain = run("minilm-sentiment", text, "mask"), run("minilm-sentiment", text, None)
     values = [np.asarray(r["inputs"][0]["relevance"]["values"]) for r in (mask, plain)]
     assert values[0].shape == values[1].shape and not np.allclose(*values)
+    # contrast explains the change from the same references
+    contrast = run("minilm-sentiment", text, "mask", mode="contrast")
+    assert contrast["receipt"]["parameters"]["reference"] == "mask"
 
     bad = [
         ("digits-cnn", image, {"mode": "reference", "reference": "mask"}, "takes reference"),
-        ("minilm-sentiment", text, {"reference": "mask"}, 'for mode "reference"'),
+        ("minilm-sentiment", text, {"reference": "mask"}, 'for modes "reference" and "contrast"'),
         ("digits-cnn", image, {"mode": "reference", "reference": "noise"}, "Input should be"),
     ]
     for model, inputs, rel, message in bad:
