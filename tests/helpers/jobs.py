@@ -57,3 +57,20 @@ def submit(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
     resp = client.post("/run_task", json=body)
     assert resp.status_code == 202, resp.text
     return resp.json()
+
+
+def refused_layers(client: httpx.Client, body: dict[str, Any]) -> str:
+    """The reason a job naming unknown layers fails with, on a model whose graph the door does
+    not know yet: the worker fails the job (status and final ``error`` event say why), and the
+    same body is then refused at the door with the same message on ``output.relevance``."""
+    job = submit(client, body)["job_id"]
+    *_, (_, last, data) = events(client, job)
+    view = wait(client, job)
+    assert view["status"] == JobStatus.FAILED, view
+    reason = view["error"]["message"]
+    assert (last, data["message"]) == ("error", reason)
+    resp = client.post("/run_task", json=body)
+    assert resp.status_code == 422, resp.text
+    (error,) = resp.json()["detail"]
+    assert (error["loc"], error["message"]) == (["body", "output", "relevance"], reason)
+    return reason
