@@ -3,7 +3,7 @@ public view of those values by node name."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -57,8 +57,12 @@ def forward(
     fused: dict[fx.Node, dict[str, Any]] | None = None,
     zeroed: frozenset[fx.Node] = frozenset(),
     routed: dict[fx.Node, Any] | None = None,
+    keep: Collection[fx.Node] | None = None,
 ) -> tuple[dict[fx.Node, Any], tuple]:
-    """Run the exported graph, keeping every value. Op errors propagate unchanged.
+    """Run the exported graph, keeping every value (or, given ``keep``, only those values and
+    the graph's inputs and outputs: the rest are dropped once the last op reading them ran,
+    so a sweep's recorded forward holds what its rules read, not every intermediate).
+    Op errors propagate unchanged.
 
     ``fused`` maps a convolution to its arguments with a following eval batch norm folded in
     (the batch norm node, mapped to {}, then just passes the convolution's output on), as
@@ -70,7 +74,10 @@ def forward(
     routed = routed or {}
     fused = fused or {}
     env: dict[fx.Node, Any] = {}
+    drops = {} if keep is None else _drops(captured, keep)
     for node in captured.nodes:
+        for done in drops.get(node, ()):
+            env.pop(done, None)
         if node.op == "placeholder":
             env[node] = inputs[node.name] if node.name in inputs else captured.constants[node.name]
         elif node in fused and not fused[node]:
@@ -88,6 +95,21 @@ def forward(
             outputs = fx.node.map_arg(node.args[0], env.__getitem__)
             return env, tuple(outputs) if isinstance(outputs, list | tuple) else (outputs,)
     raise RuntimeError("graph has no output node")
+
+
+def _drops(captured: Captured, keep: Collection[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
+    """Per node, the op values not in ``keep`` whose last reader ran just before it: dropped
+    as the forward reaches it (a value no op reads goes at the next node)."""
+    nodes = list(captured.nodes)
+    last = {n: i for i, n in enumerate(nodes)}
+    for i, node in enumerate(nodes):
+        for a in node.all_input_nodes:
+            last[a] = i
+    drops: dict[fx.Node, list[fx.Node]] = {}
+    for node, i in last.items():
+        if node.op == "call_function" and node not in keep and i + 1 < len(nodes):
+            drops.setdefault(nodes[i + 1], []).append(node)
+    return drops
 
 
 def _call(node: fx.Node, value_of: Callable[[fx.Node], Any]) -> Any:

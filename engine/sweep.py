@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import operator
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,6 +142,7 @@ class Sweeper:
             mode: {n: rule_for(n.target, mode) for n in self._flat} for mode in MODES
         }
         self._pass_through = {mode: self._pass_through_nodes(mode) for mode in MODES}
+        self.read = self._read_nodes()
         self._half = any(_exact(t) is not t for t in captured.constants.values())
         self._constant_ids = {id(t) for t in captured.constants.values()} | {
             id(args[k]) for args in self.fused.values() for k in ("weight", "bias") if k in args
@@ -161,9 +163,23 @@ class Sweeper:
                     through[node] = first
         return through
 
-    def forward(self, inputs: dict[str, Tensor]) -> tuple[dict[fx.Node, Any], tuple]:
-        """The recorded forward, with batch norms fused into their convolutions."""
-        return forward(self.captured, inputs, self.fused)
+    def _read_nodes(self) -> frozenset[fx.Node]:
+        """The op values a sweep reads in any mode, all a lean forward records: rules' arguments
+        and outputs, the seed head's arguments, the output, the routing references reuse."""
+        read = {self.seed_node, *self.canonical.routing}
+        fx.node.map_arg(self.provenance.bound.get(self.seed_head(), {}), read.add)
+        through = set.intersection(*(set(t) for t in self._pass_through.values()))
+        for node in self._flat:
+            if node.target is operator.getitem or node in through:
+                continue
+            read.add(node)
+            fx.node.map_arg(self.fused.get(node) or self.provenance.bound[node], read.add)
+        return frozenset(read)
+
+    def forward(self, inputs: dict[str, Tensor], lean: bool = False) -> tuple[dict, tuple]:
+        """The recorded forward, batch norms fused into their convolutions; ``lean``: only
+        what a sweep reads (``read``), no ``node_io``."""
+        return forward(self.captured, inputs, self.fused, keep=self.read if lean else None)
 
     def reference_forward(
         self, inputs: dict[str, Tensor], reference: dict[str, Tensor] | None, env: dict
@@ -191,7 +207,9 @@ class Sweeper:
                     f"the input {tuple(inputs[name].shape)}"
                 )
         routed = {node: env[node] for node in self.canonical.routing}
-        ref_env, _ = forward(self.captured, reference, self.fused, frozenset(zeroed), routed)
+        ref_env, _ = forward(  # lean: only the sweep reads it, never node_io
+            self.captured, reference, self.fused, frozenset(zeroed), routed, self.read
+        )
         return ref_env
 
     def _embeddings_of(self, name: str) -> set[fx.Node]:
@@ -240,10 +258,12 @@ class Sweeper:
         mode: str,
         keep: str | set[str],
         env_ref: dict[fx.Node, Any] | None = None,
+        retain: Collection[fx.Node] | None = None,
     ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
         """Sweep ``seed`` back to ``inputs``; returns the kept relevance and, per seed and
         sample, the seed, the relevance at the inputs and the sinks. Modes "reference" and
-        "contrast" need ``env_ref``, the recorded forward of the reference input."""
+        "contrast" need ``env_ref``, the recorded forward of the reference input. Given
+        ``retain``, recorded values but those are freed as the sweep passes them."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if (mode != "default") != (env_ref is not None):
@@ -262,8 +282,9 @@ class Sweeper:
             mode,
             batch,
             sizes=self.captured.sizes(inputs),
-            nonnegative={id(env[n]) for n in self._nonnegative_nodes},
+            nonnegative={id(env[n]) for n in self._nonnegative_nodes if n in env},
             sinks=torch.zeros(seed.K, batch, dtype=torch.float32, device=out.device),
+            retain=retain,
         )
         per_unit = seed
         if mode == "contrast":
@@ -368,6 +389,7 @@ class _Pass:
     sizes: dict[Any, int]
     nonnegative: set[int]
     sinks: Tensor
+    retain: Collection[fx.Node] | None = None  # None: free nothing (``Sweeper.run``)
     R: dict[fx.Node, Any] = field(default_factory=dict)
 
     def abs_of(self, t: Tensor) -> Tensor:
@@ -378,17 +400,16 @@ class _Pass:
     def sweep(self, keep: str | set[str]) -> tuple[dict[str, Tensor], Tensor]:
         """Visit the nodes from the output back; the kept relevance and, per seed and sample,
         the relevance that reached the inputs."""
-        s, R = self.sweeper, self.R
-        through_of = s._pass_through[self.mode]
+        R, through_of = self.R, self.sweeper._pass_through[self.mode]
         kept: dict[str, Tensor] = {}
         at_inputs = torch.zeros_like(self.sinks)
-        for node in reversed(s._order):
+        for node in reversed(self.sweeper.captured.nodes):
             r = R.pop(node, None)
-            if r is None:
-                continue
-            if (keep == "all" or node.name in keep) and isinstance(r, Tensor):
+            if r is not None and (keep == "all" or node.name in keep) and isinstance(r, Tensor):
                 kept[node.name] = r
-            if node.op == "placeholder":
+            if r is None:
+                pass  # not on the relevance path, or no relevance reached it
+            elif node.op == "placeholder":
                 kept[node.name] = r
                 at_inputs += self.per_sample(r.float(), node)
             elif node.target is operator.getitem:
@@ -399,7 +420,16 @@ class _Pass:
                 self._add(through_of[node], r[0] if isinstance(r, dict) else r)
             else:
                 self._apply(node, r)
+            self._free(node)
         return kept, at_inputs
+
+    def _free(self, node: fx.Node) -> None:
+        """Drop ``node``'s recorded values (``retain`` aside): their readers come later in the
+        forward, so their rules have run. Their ids leave ``nonnegative``: ids get reused."""
+        if self.retain is None or node.op != "call_function" or node in self.retain:
+            return
+        for env in (self.env, self.env_ref or {}):
+            self.nonnegative.discard(id(env.pop(node, None)))
 
     def _add(self, node: fx.Node, r: Any) -> None:
         self.R[node] = self.R[node] + r if node in self.R else r

@@ -1,0 +1,61 @@
+"""The lean recorded forward (only the values the rules read) and a sweep that frees what it
+has passed give the same relevance as the full record, and leave no op value alive."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from engine import DLBacktrace
+from engine.sweep import Seed
+from tests.engine.lm_models import prompts, tiny_lm
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def dlb(request):
+    batch = prompts(2, 7, seed=1, pads=(0, 2))
+    return DLBacktrace(tiny_lm(request.param, sharpen=5.0), batch), batch
+
+
+def _seed(batch) -> Seed:
+    rows, T = batch["input_ids"].shape
+    index = torch.tensor([[[b, T - 1 - k, 3 + b + k] for b in range(rows)] for k in range(2)])
+    return Seed(index, torch.ones(2, rows, dtype=torch.float64))
+
+
+def _sweep(dlb, batch, mode, lean):
+    sweeper = dlb._graphs[0][1]
+    prepared = dlb._prepare(batch)
+    with torch.no_grad():
+        env, _ = sweeper.forward(prepared, lean=lean)
+        ref = None
+        if mode != "default":
+            ref = sweeper.reference_forward(prepared, None, env)
+        weak = [weakref.ref(v) for n, v in env.items()
+                if n.op == "call_function" and isinstance(v, torch.Tensor)]  # fmt: skip
+        retain = frozenset() if lean else None
+        out = sweeper.run(env, prepared, _seed(batch), mode, "all", ref, retain=retain)
+    return out, env, weak
+
+
+@pytest.mark.parametrize("mode", ["default", "reference", "contrast"])
+def test_lean_and_freed_sweep_equals_full(dlb, mode):
+    model, batch = dlb
+    full, full_env, _ = _sweep(model, batch, mode, lean=False)
+    lean, lean_env, weak = _sweep(model, batch, mode, lean=True)
+    sweeper = model._graphs[0][1]
+    recorded = {n for n in full_env if n.op == "call_function"}
+    assert sweeper.seed_node in sweeper.read and len(sweeper.read) < len(recorded)
+    for a, b in zip(full[1:], lean[1:], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert full[0].keys() == lean[0].keys()
+    for name, rel in full[0].items():
+        torch.testing.assert_close(lean[0][name], rel, rtol=1e-6, atol=1e-6)
+    # the sweep freed every op value it passed: none is left in the record, nor alive
+    assert not [n for n in lean_env if n.op == "call_function"]
+    assert len(full_env) > len(lean_env)
+    gc.collect()
+    assert all(w() is None for w in weak)
