@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import struct
+import zlib
 from typing import Any
 
 from fastapi import HTTPException
@@ -93,10 +95,34 @@ def _check_generation(g: GenerationParams, spec: ModelSpec) -> None:
         )
 
 
+# PNG's (bit depth, colour type) pairs (PNG specification, IHDR).
+_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(raw: bytes) -> tuple[int, int] | None:
+    """Width and height from a PNG whose header Pillow would read without a question: the
+    signature, an IHDR chunk with a valid CRC, sizes above 0, a known depth/colour pair and
+    filter method 0, then at once the first IDAT chunk (Pillow's ``open`` reads the chunks
+    up to there; the pixels are not read here nor there). None for anything else. Why:
+    ``Image.open`` costs the API about 0.2 ms of CPU a request for the same two numbers;
+    whatever this does not vouch for goes to Pillow, so every refusal keeps Pillow's
+    verdict and message."""
+    if len(raw) < 41 or not raw.startswith(_PNG_SIGNATURE) or raw[8:16] != b"\0\0\0\rIHDR":
+        return None
+    if raw[37:41] != b"IDAT":
+        return None
+    w, h, depth, colour, _, filt = struct.unpack(">IIBBBB", raw[16:28])
+    crc_ok = zlib.crc32(raw[12:29]) == struct.unpack(">I", raw[29:33])[0]
+    if not crc_ok or w == 0 or h == 0 or filt or depth not in _PNG_DEPTHS.get(colour, ()):
+        return None
+    return w, h
+
+
 def check_image(b64: str, max_side: int) -> None:
     """Decode the header only (no full decode in the API) and bound the size. Pillow refuses
     to open an image of more than twice its pixel limit (a decompression bomb): that is
-    too large as well."""
+    too large as well, also when the PNG header is read here (``png_size``)."""
     from PIL import Image, UnidentifiedImageError
 
     loc = ["inputs", "image"]
@@ -104,13 +130,20 @@ def check_image(b64: str, max_side: int) -> None:
         raw = base64.b64decode(b64.split(",", 1)[-1], validate=True)
     except (binascii.Error, ValueError) as exc:
         raise invalid(loc, "not a base64 PNG or JPEG image (not valid base64)") from exc
-    try:
-        with Image.open(io.BytesIO(raw)) as img:
-            fmt, (w, h) = img.format, img.size
-    except Image.DecompressionBombError as exc:
-        raise invalid(loc, f"too many pixels; at most {max_side} pixels a side") from exc
-    except (UnidentifiedImageError, ValueError, OSError) as exc:
-        raise invalid(loc, "not a base64 PNG or JPEG image (unreadable image data)") from exc
+    too_many = f"too many pixels; at most {max_side} pixels a side"
+    size = png_size(raw)
+    if size is not None:
+        fmt, (w, h) = "PNG", size
+        if Image.MAX_IMAGE_PIXELS and w * h > 2 * Image.MAX_IMAGE_PIXELS:
+            raise invalid(loc, too_many)
+    else:
+        try:
+            with Image.open(io.BytesIO(raw)) as img:
+                fmt, (w, h) = img.format, img.size
+        except Image.DecompressionBombError as exc:
+            raise invalid(loc, too_many) from exc
+        except (UnidentifiedImageError, ValueError, OSError) as exc:
+            raise invalid(loc, "not a base64 PNG or JPEG image (unreadable image data)") from exc
     if fmt not in ("PNG", "JPEG"):
         raise invalid(loc, f"format {fmt} is not PNG or JPEG")
     if max(w, h) > max_side:
