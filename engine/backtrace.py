@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -122,32 +122,38 @@ class DLBacktrace:
         reference: Inputs | str | None = None,
         tokenizer: Any = None,
         contrast_with: int | str = "runner-up",
+        retain: Collection[fx.Node] | None = None,
     ) -> Explanation:
         """One forward over ``inputs`` and one sweep for all ``seed.K`` seeds (modes
         "reference" and "contrast": one more forward, over ``reference``: inputs, or a name
         from ``engine.references``, where "mask" needs the ``tokenizer``; mode "contrast":
-        each seeded logit against ``contrast_with``, see ``engine.contrast``)."""
+        each seeded logit against ``contrast_with``, see ``engine.contrast``). ``retain``: a
+        lean forward, freed by the sweep but ``retain`` (``Sweeper.run``), no ``node_io``."""
         params = RelevanceParams(
             mode=mode, relevance_nodes=relevance_nodes, reference=reference,
             contrast_with=contrast_with,
         )  # fmt: skip
-        return self._sweep(self._forwards(inputs, params, tokenizer), seed, params)
+        forwards = self._forwards(inputs, params, tokenizer, lean=retain is not None)
+        return self._sweep(forwards, seed, params, retain)
 
-    def _sweep(self, f: _Forwards, seed: Seed, params: RelevanceParams) -> Explanation:
+    def _sweep(
+        self, f: _Forwards, seed: Seed, params: RelevanceParams, retain: Collection | None = None
+    ) -> Explanation:
         if params.mode == "contrast":
             alternative = class_index(params.contrast_with, self.model)
             seed = contrast_seed(seed, f.env[f.sweeper.seed_node], alternative)
         with torch.no_grad():
             relevance, seed_total, at_inputs, sinks = f.sweeper.run(
-                f.env, f.prepared, seed, params.mode, params.keep, f.env_ref
+                f.env, f.prepared, seed, params.mode, params.keep, f.env_ref, retain
             )
         return Explanation(
             relevance, seed_total, at_inputs, sinks, f.outputs, f.env, f.sweeper.fused, f.captured
         )
 
     def _forwards(
-        self, inputs: Inputs, params: RelevanceParams, tokenizer: Any, task: str | None = None
-    ) -> _Forwards:
+        self, inputs: Inputs, params: RelevanceParams, tokenizer: Any, task: str | None = None,
+        lean: bool = False,
+    ) -> _Forwards:  # fmt: skip
         """What a sweep starts from: the graph for these inputs (its rules checked before any
         work), the recorded forward, and the reference's (modes "reference", "contrast").
         Question answering sweeps from the [B, T, 2] logits its two outputs are split from."""
@@ -157,7 +163,7 @@ class DLBacktrace:
             sweeper = self._head_sweeper(captured, qa_logits(captured.float_outputs()))
         sweeper.check_rules()
         with torch.no_grad():
-            env, outputs = sweeper.forward(prepared)
+            env, outputs = sweeper.forward(prepared, lean)
             env_ref = self._reference_env(sweeper, prepared, env, params, tokenizer)
         return _Forwards(prepared, captured, sweeper, env, outputs, env_ref)
 

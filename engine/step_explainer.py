@@ -102,7 +102,12 @@ class StepExplainer:
         return self.dlb.explain(
             self.graph_inputs(sequence), Seed(index, value), self.relevance.mode, self.nodes,
             contrast_with=self.relevance.contrast_with,
+            retain=None if self.keep_values else self._offsets(),
         )  # fmt: skip
+
+    def _offsets(self) -> set:
+        """The values per-expert totals read after the sweep (grouped matmuls' ``offs``)."""
+        return {n.args[2] if len(n.args) > 2 else n.kwargs["offs"] for n in self.expert_nodes}
 
     def release(self, exp: Explanation) -> None:
         """Drop a finished sweep's recorded forward and outputs (its logits already checked),
@@ -111,8 +116,7 @@ class StepExplainer:
         Nothing is dropped when layer outputs are asked for (``keep_values``)."""
         if self.keep_values:
             return
-        offsets = (n.args[2] if len(n.args) > 2 else n.kwargs["offs"] for n in self.expert_nodes)
-        exp.env = {n: exp.env[n] for n in offsets if n in exp.env}
+        exp.env = {n: exp.env[n] for n in self._offsets() if n in exp.env}
         exp.outputs = ()
 
     def trace(self, e: Explained, step: int) -> dict[str, Tensor]:
