@@ -159,7 +159,9 @@ class Captured:
 
     def accepts(self, inputs: Mapping[str, torch.Tensor]) -> bool:
         """Whether run-time inputs fit the captured shapes (static dims equal, dynamic dims
-        within the exported upper bound)."""
+        within the exported upper bound). A dim asked dynamic that export specialised (the
+        model loops over the sequence, say) is a SymInt of constant value: static too, so that
+        another length is captured again instead of run through a graph of the example's."""
         if set(inputs) != set(self.input_names):
             return False
         placeholders = {n.name: n for n in self.nodes if n.op == "placeholder"}
@@ -168,11 +170,12 @@ class Captured:
             if meta.dim() != value.dim() or meta.dtype != value.dtype:
                 return False
             for size, actual in zip(meta.shape, value.shape, strict=True):
-                if isinstance(size, int):
-                    if size != actual:
+                expr = _expr(size)
+                if expr.is_number:  # static, or a dynamic dim export specialised (a SymInt
+                    if int(expr) != actual:  # of constant value: RWKV's, Mamba's length)
                         return False
                     continue
-                bound = self.program.range_constraints.get(size.node.expr)
+                bound = self.program.range_constraints.get(expr)
                 if bound is not None and bound.upper.is_Integer and actual > int(bound.upper):
                     return False
         return True
