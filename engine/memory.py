@@ -1,6 +1,7 @@
 """The sweep's working memory: an estimate from the graph, and seeds per sweep from a budget.
 
-A sweep holds the recorded forward (every op's value, in the model's dtype: ``fixed``) and,
+A sweep holds the recorded forward (the values its rules read, in the model's dtype, at the
+peak of the forward that records them: ``fixed``; the sweep frees them as it goes) and,
 per seed, the relevance waiting at the nodes the sweep has reached but not yet passed, plus
 what the requested ``relevance_nodes`` keep (rules compute in float32 at least). ``estimate``
 walks the graph from the output back as ``sweep._Pass.sweep`` does, with every node's size
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, fx
 
 from .params import RelevanceParams
+from .recording import drop_schedule
 from .rules.attention import BLOCK_ELEMENTS
 from .sweep import Sweeper
 
@@ -85,7 +87,7 @@ def resolve_budget(budget: int | str, device: torch.device) -> int:
 def estimate(sweeper: Sweeper, sizes: dict, mode: str, keep: str | set[str]) -> SweepMemory:
     """The working memory of one sweep over ``sweeper``'s graph at the symbolic ``sizes``."""
     prov, through = sweeper.provenance, sweeper._pass_through[mode]
-    fixed = sum(_bytes(n, sizes) for n in sweeper.captured.nodes if n.op == "call_function")
+    fixed = _recorded(sweeper, sizes, mode)
     width = torch.promote_types(_dtype(sweeper.seed_node), torch.float32).itemsize
 
     def numel(node: fx.Node) -> int:
@@ -117,6 +119,23 @@ def estimate(sweeper: Sweeper, sizes: dict, mode: str, keep: str | set[str]) -> 
     # a block of per-seed scores and its temporaries: at most two blocks (``rules.attention``)
     shared = (SHARED_SCORES.get(mode, 2) * scores + 2 * BLOCK_ELEMENTS) * width if scores else 0
     return SweepMemory(fixed + shared, math.ceil(peak * RULE_FACTOR))
+
+
+def _recorded(sweeper: Sweeper, sizes: dict, mode: str) -> int:
+    """Peak bytes of the lean recorded forward (``Sweeper.forward(lean=True)``): what is alive
+    at each op as it runs, values dropped as ``recording.drop_schedule`` drops them, outputs
+    kept; modes "reference" and "contrast" hold the reference's record on top."""
+    captured = sweeper.captured
+    drops = drop_schedule(captured, sweeper.read)
+    alive = peak = 0
+    for node in captured.nodes:
+        alive -= sum(_bytes(n, sizes) for n in drops.get(node, ()))
+        if node.op == "call_function":
+            alive += _bytes(node, sizes)
+            peak = max(peak, alive)
+    if mode == "default":
+        return peak
+    return peak + sum(_bytes(n, sizes) for n in sweeper.read if n.op == "call_function")
 
 
 def _scores(node: fx.Node, sizes: dict) -> int:

@@ -74,7 +74,7 @@ def forward(
     routed = routed or {}
     fused = fused or {}
     env: dict[fx.Node, Any] = {}
-    drops = {} if keep is None else _drops(captured, keep)
+    drops = {} if keep is None else drop_schedule(captured, keep)
     for node in captured.nodes:
         for done in drops.get(node, ()):
             env.pop(done, None)
@@ -97,7 +97,7 @@ def forward(
     raise RuntimeError("graph has no output node")
 
 
-def _drops(captured: Captured, keep: Collection[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
+def drop_schedule(captured: Captured, keep: Collection[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
     """Per node, the op values not in ``keep`` whose last reader ran just before it: dropped
     as the forward reaches it (a value no op reads goes at the next node)."""
     nodes = list(captured.nodes)

@@ -50,7 +50,7 @@ def explain_decoded(
     """Explain the ``todo`` steps of a finished decode: batched, one forward over the positions
     up to the group's last seed and one sweep per ``plan.max_seeds_per_sweep`` steps; stepwise,
     one forward and one sweep per step. Each sweep's logits are checked against the decode's,
-    and its recorded forward released once the next sweep has run."""
+    and its recorded forward released before the next sweep's forward."""
     prompt_len = explainer.layout.prompt_len
     tokens = decoded.sequences[:, prompt_len:]
     size = plan.max_seeds_per_sweep if plan.path == "batched" else 1
@@ -58,10 +58,10 @@ def explain_decoded(
     for start in range(0, len(todo), size):
         group = todo[start : start + size]
         sequence = decoded.sequences[:, : prompt_len + group[-1]]
+        if explained:  # before the next forward: one recorded forward alive at a time
+            explainer.release(explained[todo[start - 1]].exp)
         exp = explainer.explain(sequence, group, tokens, decoded.active)
         check_logits(exp, explainer.layout, group, tokens, decoded.token_logits, stacklevel=5)
-        if explained:
-            explainer.release(explained[todo[start - 1]].exp)
         explained.update({s: Explained(exp, k) for k, s in enumerate(group)})
     return explained
 
@@ -82,7 +82,7 @@ def decode_stepwise(
     Steps are chosen before the number of steps is known; a negative list entry counts from
     ``max_new_tokens`` here, and run_generation explains it afterwards if the generation
     stopped early. Each step's logits are checked against the decode's as it is explained,
-    and the previous step's recorded forward released."""
+    and the previous step's recorded forward released before the next."""
     chosen = set(select_steps(steps, cfg.max_new_tokens))
     emitted: list[Step] = []
     explained: dict[int, Explained] = {}
@@ -93,11 +93,11 @@ def decode_stepwise(
             tokens = torch.stack([s.tokens for s in emitted], 1)
             active = torch.stack([s.active for s in emitted], 1)
             sequence = torch.cat([ids, tokens[:, :-1]], 1)
+            if explained:  # before the next forward: one recorded forward alive at a time
+                explainer.release(explained[max(explained)].exp)
             exp = explainer.explain(sequence, [step.index], tokens, active)
             logits = torch.stack([s.token_logits for s in emitted], 1)
             check_logits(exp, explainer.layout, [step.index], tokens, logits)
-            if explained:
-                explainer.release(explained[max(explained)].exp)
             explained[step.index] = Explained(exp, 0)
             relevance = explainer.trace(explained[step.index], step.index)
         if on_step is not None:

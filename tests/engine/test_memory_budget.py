@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import DLBacktrace
+from engine import DLBacktrace, memory
 from engine.generation import run_generation
 from engine.memory import MemoryBudgetError, estimate, plan_seeds, resolve_budget
 from engine.params import StepPlan
@@ -96,3 +96,24 @@ def test_memory_per_seed_grows_with_positions_not_their_square(dlb):
     assert 1.9 <= long.per_seed / short.per_seed <= 2.1
     # A and its shared factor, [2 rows, 4 heads, T, T] float32, grow with T^2 as fixed memory
     assert long.fixed - short.fixed >= 2 * 2 * 4 * (128**2 - 64**2) * 4
+
+
+def test_estimate_counts_the_lean_record(dlb, batch):
+    """The recorded forward's estimate is the lean record's peak (what rules read, and the
+    outputs): below every op's value, and above what the lean forward really holds."""
+    captured, sweeper = dlb._graphs[0]
+    sizes = captured.sizes(dict(batch))
+    ops = [n for n in captured.nodes if n.op == "call_function"]
+    everything = sum(memory._bytes(n, sizes) for n in ops)
+    fixed = memory._recorded(sweeper, sizes, "default")
+    with torch.no_grad():
+        env, _ = sweeper.forward(dlb._prepare(batch), lean=True)
+    held = sum(_tensor_bytes(v) for n, v in env.items() if n.op == "call_function")
+    assert held <= fixed < everything
+    assert {n for n in env if n.op == "call_function"} <= sweeper.read
+    assert memory._recorded(sweeper, sizes, "reference") > fixed  # the reference's record too
+
+
+def _tensor_bytes(value) -> int:
+    vals = value if isinstance(value, list | tuple) else [value]
+    return sum(v.numel() * v.element_size() for v in vals if isinstance(v, torch.Tensor))
