@@ -206,7 +206,8 @@ def _sweep_plan(
     show each step its future."""
     length = ids.shape[1] + new_tokens - 1  # the longest explanation forward
     mode = explainer.relevance.mode
-    seeds = plan_seeds(dlb, plan, ids.shape[0], length, mode, explainer.nodes)
+    lean = not explainer.keep_values  # layer outputs keep every recorded value
+    seeds = plan_seeds(dlb, plan, ids.shape[0], length, mode, explainer.nodes, lean)
     if seeds > 1 and plan.path == "batched" and sees_later_tokens(lm, ids, mask):
         log.info("%s attends to later tokens: one sweep per step", type(lm).__name__)
         seeds = 1

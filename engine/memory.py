@@ -84,10 +84,14 @@ def resolve_budget(budget: int | str, device: torch.device) -> int:
     return int(free * AUTO_FRACTION)
 
 
-def estimate(sweeper: Sweeper, sizes: dict, mode: str, keep: str | set[str]) -> SweepMemory:
-    """The working memory of one sweep over ``sweeper``'s graph at the symbolic ``sizes``."""
+def estimate(
+    sweeper: Sweeper, sizes: dict, mode: str, keep: str | set[str], lean: bool = True
+) -> SweepMemory:
+    """The working memory of one sweep over ``sweeper``'s graph at the symbolic ``sizes``;
+    ``lean``: the recorded forward keeps only what the rules read (False: every op's value,
+    as when layer outputs are asked for)."""
     prov, through = sweeper.provenance, sweeper._pass_through[mode]
-    fixed = _recorded(sweeper, sizes, mode)
+    fixed = _recorded(sweeper, sizes, mode, lean)
     width = torch.promote_types(_dtype(sweeper.seed_node), torch.float32).itemsize
 
     def numel(node: fx.Node) -> int:
@@ -121,12 +125,13 @@ def estimate(sweeper: Sweeper, sizes: dict, mode: str, keep: str | set[str]) -> 
     return SweepMemory(fixed + shared, math.ceil(peak * RULE_FACTOR))
 
 
-def _recorded(sweeper: Sweeper, sizes: dict, mode: str) -> int:
-    """Peak bytes of the lean recorded forward (``Sweeper.forward(lean=True)``): what is alive
-    at each op as it runs, values dropped as ``recording.drop_schedule`` drops them, outputs
-    kept; modes "reference" and "contrast" hold the reference's record on top."""
+def _recorded(sweeper: Sweeper, sizes: dict, mode: str, lean: bool) -> int:
+    """Peak bytes of the recorded forward: lean (``Sweeper.forward(lean=True)``), what is
+    alive at each op as it runs, values dropped as ``recording.drop_schedule`` drops them,
+    outputs kept; else every op's value. Modes "reference" and "contrast" hold the
+    reference's (always lean) record on top."""
     captured = sweeper.captured
-    drops = drop_schedule(captured, sweeper.read)
+    drops = drop_schedule(captured, sweeper.read) if lean else {}
     alive = peak = 0
     for node in captured.nodes:
         alive -= sum(_bytes(n, sizes) for n in drops.get(node, ()))
@@ -180,9 +185,12 @@ def _concrete(size: Any, sizes: dict) -> int:
     return int(value) if value.is_number else int(size.node.hint)
 
 
-def plan_seeds(dlb: Any, plan: Any, batch: int, length: int, mode: str, nodes: Any) -> int:
+def plan_seeds(
+    dlb: Any, plan: Any, batch: int, length: int, mode: str, nodes: Any, lean: bool = True
+) -> int:
     """Seeds per sweep for a generation of ``batch`` rows over at most ``length`` positions,
-    keeping ``nodes`` (``relevance_nodes``): ``plan.max_seeds_per_sweep`` without a budget;
+    keeping ``nodes`` (``relevance_nodes``), with a lean recorded forward or not (``lean``,
+    see ``estimate``): ``plan.max_seeds_per_sweep`` without a budget;
     with one, as many as fit (one, on the stepwise path, must fit), checked before any
     forward runs."""
     if plan.memory_budget is None:
@@ -190,6 +198,6 @@ def plan_seeds(dlb: Any, plan: Any, batch: int, length: int, mode: str, nodes: A
     captured, sweeper = dlb._graphs[0]  # the graph generation explains with (dlb.captured)
     shapes = {n: torch.empty(batch, length, device="meta") for n in captured.input_names}
     keep = RelevanceParams(relevance_nodes=nodes).keep
-    memory = estimate(sweeper, captured.sizes(shapes), mode, keep)
+    memory = estimate(sweeper, captured.sizes(shapes), mode, keep, lean)
     budget = resolve_budget(plan.memory_budget, torch.device(dlb.device))
     return max(1, memory.seeds_within(budget, f"{batch} row(s) x {length} positions"))
