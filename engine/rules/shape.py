@@ -81,6 +81,10 @@ class Adjoint(Family):
         aten.replication_pad1d.default,
         aten.replication_pad2d.default,
         aten.as_strided.default,  # overlapping windows (Longformer's chunks) add up
+        # triangles of a data tensor (linear attention's causal masks): the zeroed entries
+        # are zero outputs, which the rules above them give no relevance
+        aten.tril.default,
+        aten.triu.default,
     )
 
     def default(self, ctx: Ctx) -> Propagation:

@@ -131,6 +131,7 @@ BODIES: dict[str, tuple[Callable, int]] = {
     "topk": (lambda x: x.topk(3, dim=-1).values, 3),
     "amax": (lambda x: x.reshape(-1, 2, 4).amax(-1), 2),
     "attention_one_kv_head": (_one_kv_head, 2 * D),
+    "tril_triu": (lambda x: _grid(x).tril() - 2 * _grid(x).triu(1), D),
 }
 
 _cache: dict[str, DLBacktrace] = {}
