@@ -225,7 +225,7 @@ def test_parameter_objects_validate_where_they_are_built():
         ({"mode": "bogus"}, "mode"),
         ({"temperature": 0}, "temperature"),
         ({"relevance_nodes": "some"}, "relevance_nodes"),
-        ({"reference": "zeros"}, 'for mode "reference"'),
+        ({"reference": "zeros"}, 'for modes "reference" and "contrast"'),
         ({"mode": "reference", "reference": "bogus"}, "reference must be"),
     ]:
         with pytest.raises(ValueError, match=match):
