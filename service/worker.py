@@ -152,12 +152,12 @@ def run_worker(
 
     tune_allocator()  # a serving process: keep freed tensor memory for the next job
     st = init_worker(settings, store.worker_id())
-    beat = Heartbeat(settings, st)
-    beat.start()  # warming: the job view and /readyz say so from now on
     m.declare((s.id, s.task) for s in st.registry.models.values())
     port = settings.metrics_port if metrics_port is None else metrics_port
     if port:
-        start_http_server(port)
+        start_http_server(port)  # before the heartbeat: a taken port leaves no warming key
+    beat = Heartbeat(settings, st)
+    beat.start()  # warming: the job view and /readyz say so from now on
     # Explicit list (--no-warm gives none) > BACKTRACE_WARM_MODELS > the registry's flags.
     if warm is not None:
         wanted = list(warm)
