@@ -220,7 +220,7 @@ def _layout(lm: nn.Module, ids: Tensor, mask: Tensor) -> Layout:
     kept in place for an LM whose forward takes no positions, which decoded with left padding
     numbered (as ``generate`` does)."""
     shift = (1 - mask).sum(1) if takes_position_ids(lm) else torch.zeros_like(mask[:, 0])
-    return Layout(ids.shape[1], shift)
+    return Layout(ids.shape[1], shift, mask)
 
 
 def _decode(

@@ -89,6 +89,23 @@ def check_plain_forward(model: nn.Module, input_ids: Tensor, mask: Tensor) -> No
         )
 
 
+def withheld(
+    model: nn.Module, ids: Tensor, cached: bool, first: bool, kwargs: dict[str, Any]
+) -> list[str]:
+    """The mask or positions of ``kwargs`` that ``generate`` does not feed ``model`` at this
+    step, asked of the model's own ``prepare_inputs_for_generation``: Mamba's cached step
+    takes no mask (its state already holds the padding), and feeding it one gives other
+    logits than generate's, and than a full forward's. Only what it withholds is taken from
+    it; the inputs themselves stay the runner's. A preparation that raises: no verdict."""
+    try:
+        fed = model.prepare_inputs_for_generation(
+            ids, next_sequence_length=1 if cached else None, is_first_iteration=first, **kwargs
+        )
+    except Exception:  # noqa: BLE001 - it needs inputs the runner does not have: no verdict
+        return []
+    return [k for k in ("attention_mask", "position_ids") if k in kwargs and fed.get(k) is None]
+
+
 class LMRunner:
     """The sequences decoded so far (``ids`` [R, L], ``mask`` [R, L]) and the model's state.
 
@@ -113,7 +130,7 @@ class LMRunner:
 
     def start(self) -> Tensor:
         """Logits [R, V] (float32) of the prompt's last position."""
-        return self._forward(self.ids, None)
+        return self._forward(None, first=True)
 
     def advance(self, tokens: Tensor, parents: Tensor | None = None) -> Tensor:
         """Rows continue ``parents`` (when given) and emit ``tokens`` [R]: the next logits."""
@@ -124,15 +141,16 @@ class LMRunner:
         self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
         if self.cache is None:
-            return self._forward(self.ids, None)
+            return self._forward(None)
         try:
-            return self._forward(self.ids[:, -1:], self.cache)
+            return self._forward(self.cache)
         except Exception as e:  # noqa: BLE001 - any failure of the cached step: run uncached
             self._drop_cache(f"its cached step raised {type(e).__name__}: {str(e)[:200]}")
-            return self._forward(self.ids, None)
+            return self._forward(None)
 
-    def _forward(self, ids: Tensor, cache: Any) -> Tensor:
-        """Logits of the last position for ``ids``, the last tokens of ``self.ids``."""
+    def _forward(self, cache: Any, first: bool = False) -> Tensor:
+        """Logits of the last position of ``self.ids``: with ``cache``, a step over the last
+        token; without, the whole sequence."""
         kwargs: dict[str, Any] = {"attention_mask": self.mask}
         if self.uncached is None:
             kwargs["use_cache"] = True
@@ -141,9 +159,14 @@ class LMRunner:
         elif self.takes_use_cache:
             kwargs["use_cache"] = False
         if self.takes_positions:
-            kwargs["position_ids"] = position_ids_from_mask(self.mask)[:, -ids.shape[1] :]
+            kwargs["position_ids"] = position_ids_from_mask(self.mask)
         if self.takes_logits_to_keep:
             kwargs["logits_to_keep"] = 1
+        for name in withheld(self.model, self.ids, cache is not None, first, kwargs):
+            del kwargs[name]
+        if "position_ids" in kwargs and cache is not None:
+            kwargs["position_ids"] = kwargs["position_ids"][:, -1:]
+        ids = self.ids if cache is None else self.ids[:, -1:]
         out = self.model(input_ids=ids, **kwargs)
         if self.uncached is None:
             self.cache = getattr(out, self.cache_name, None)

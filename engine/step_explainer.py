@@ -7,7 +7,9 @@ causal attention, trailing padding influences nothing before it, and a graph tha
 positions with ``arange`` (no ``position_ids`` input) then sees exactly the positions the decode
 used. Relevance and layer outputs are shifted back (per node, along the batch and sequence axes
 read from the exported symbolic shapes, ``Axes``), so ``relevance_trace[i]["input_ids"]`` lines
-up with ``generated_ids`` and padding positions hold zeros.
+up with ``generated_ids`` and padding positions hold zeros. A model whose forward takes no
+positions keeps its padding in place (the decode numbered it too), masked as the decode masked
+it: an all-ones mask there would let the padding into the state of a recurrent model.
 """
 
 from __future__ import annotations
@@ -34,18 +36,24 @@ class Explained(NamedTuple):
 
 @dataclass
 class Layout:
-    """Where each row's prompt starts: the explanation forward shifts rows left by ``shift``."""
+    """Where each row's prompt starts: the explanation forward shifts rows left by ``shift``
+    (zero where the padding stays in place); ``prompt_mask`` [B, P] is the decode's mask."""
 
     prompt_len: int
     shift: Tensor  # [B] left-padding length of each row
+    prompt_mask: Tensor
 
     def compact(self, sequence: Tensor) -> tuple[Tensor, Tensor]:
-        """Token ids and mask with each row's padding moved to the end."""
+        """Token ids and mask with each row shifted left by ``shift``: the decode's mask (the
+        prompt's, then ones) moved with the ids, zeros where the shift empties positions. A
+        row kept in place keeps its padding masked, as the decode ran it."""
         batch, length = sequence.shape
         j = torch.arange(length, device=sequence.device)[None] + self.shift[:, None]
         valid = j < length
-        ids = sequence.gather(1, j.clamp(max=length - 1)).masked_fill(~valid, 0)
-        return ids, valid.long()
+        j = j.clamp(max=length - 1)
+        ids = sequence.gather(1, j).masked_fill(~valid, 0)
+        decoded = torch.nn.functional.pad(self.prompt_mask, (0, length - self.prompt_len), value=1)
+        return ids, decoded.long().gather(1, j).masked_fill(~valid, 0)
 
     def position(self, step: int) -> Tensor:
         """[B] compact position whose logits chose the token of ``step``."""
