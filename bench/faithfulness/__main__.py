@@ -7,8 +7,12 @@ model (not committed), and prints a table. See ``bench/README.md`` for the setup
 from __future__ import annotations
 
 import argparse
+import datetime
+import hashlib
 import importlib.metadata
 import json
+import os
+import platform
 import statistics
 import time
 import warnings
@@ -71,6 +75,7 @@ def run_task(name: str, n: int, batch: int, methods: list[str] | None, data_dir:
         "features_per_sample": round(float(task.features.sum(1).float().mean()), 2),
         "steps": task.steps,
         "baseline": task.baseline,
+        "model": {"build": task.build, "weights_sha256": weights_fingerprint(task.model)},
         "methods": {},
         "skipped": {},
     }
@@ -99,6 +104,34 @@ def run_task(name: str, n: int, batch: int, methods: list[str] | None, data_dir:
         )
     report["against_best_peer"] = against_best_peer(per_sample)
     return report
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """The first 16 hex digits of a SHA-256 over the model's parameters and buffers, in
+    order: two results files scored the same model only if these agree (the demo models are
+    trained on first use, and the lookup LM's training differs between CPUs)."""
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _machine() -> dict[str, Any]:
+    """When and where: the date, the CPU and the load average (the cores are shared, and the
+    costs move with the load; the ABPCs do not)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return {
+        "started_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_average_start": [round(v, 2) for v in os.getloadavg()],
+    }
 
 
 def against_best_peer(per_sample: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -175,6 +208,7 @@ def main() -> None:
             "batch": args.batch,
             "threads": torch.get_num_threads(),
             "packages": _versions(),
+            **_machine(),
         },
         "models": {},
     }
@@ -185,6 +219,7 @@ def main() -> None:
         plot_model(name, results["models"][name], args.out)
         (args.out / "faithfulness.json").write_text(json.dumps(results, indent=1) + "\n")
     results["settings"]["total_seconds"] = round(time.perf_counter() - started, 1)
+    results["settings"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     (args.out / "faithfulness.json").write_text(json.dumps(results, indent=1) + "\n")
     print(table(results))
 

@@ -40,6 +40,10 @@ class Task:
     steps: int  # points of a perturbation curve after the unperturbed one
     baseline: str  # what a removed feature becomes, in words (for the JSON and README)
     extra: dict[str, Any] = field(default_factory=dict)
+    # the demo's build report (training steps, accuracy): a demo model is trained on first use,
+    # and the lookup LM's training rounds differently on another CPU, so runs on two machines
+    # may score two different models (see ``weights_fingerprint``)
+    build: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -119,6 +123,7 @@ def digits_task(data_dir: str | None, n: int, fill: str = "mean") -> Task:
         steps=16,
         baseline=f"{PATCH}x{PATCH} pixel patches set to {words[fill]}",
         extra={"fill": fills[fill], "reference": fill},
+        build=demo.info,
     )
     task.target = _predicted(task)
     return task
@@ -150,6 +155,7 @@ def sentiment_task(data_dir: str | None, n: int) -> Task:
         steps=10,
         baseline="token replaced by [MASK] ([CLS], [SEP] and padding are never removed)",
         extra={"fill": tok.mask_token_id, "tokenizer": tok, "reference": "mask"},
+        build=demo.info,
     )
     task.target = _predicted(task)
     return task
@@ -179,6 +185,7 @@ def lookup_task(data_dir: str | None, n: int) -> Task:
         steps=ids.shape[1],
         baseline="token replaced by <unk> (never trained: its embedding is the initial one)",
         extra={"fill": tok.unk_token_id, "tokenizer": tok, "reference": "mask"},
+        build=demo.info,
     )
     task.target = _predicted(task)
     return task

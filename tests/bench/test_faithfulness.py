@@ -29,6 +29,9 @@ CASES = [
 def test_methods_give_well_formed_curves(name, methods):
     report = run_task(name, n=4, batch=4, methods=methods, data_dir=None)
     assert set(report["methods"]) == set(methods), report["skipped"]
+    # which model was scored: its build report and a fingerprint of its weights
+    assert report["model"]["build"]["model_id"] == name
+    assert len(report["model"]["weights_sha256"]) == 16
     for row in report["methods"].values():
         assert len(row["morf_curve"]) == len(row["lerf_curve"]) == report["steps"] + 1
         # both curves start from the same unperturbed input and end with everything removed
