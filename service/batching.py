@@ -15,9 +15,12 @@ How, keeping RQ's queue the one source of truth:
 - A worker that starts a job of that group runs ``claim``: an atomic script pops ids from the
   group's list and takes each one out of RQ's queue (``LREM``); only an id still queued is
   claimed, so a job is never run twice, and one canceled or already started is skipped. A
-  claimed job is marked started by this worker in its RQ hash and recorded in ``bt:claims``.
-- After the batch, ``settle`` ends each claimed job in RQ (status, registry, expiry) beside the
-  result the worker stored for clients, and removes its claim.
+  claimed job is marked started by this worker in its RQ hash, recorded in ``bt:claims`` and
+  given its ``started`` event, and the claim returns it with its cancel flag: one round trip
+  from the queue to the engine.
+- After the batch's results are stored for clients, ``settle`` ends each claimed job in RQ
+  (status, registry, expiry) and removes its claim, in the round trip of the worker's next
+  claim or wait.
 - If the worker dies holding claims, ``requeue_lost`` (run by the reaper) puts those jobs back
   at the front of RQ's queue, not into a batch list: a job that killed its worker then runs
   alone, under RQ's retry accounting. No torch here."""
@@ -29,11 +32,11 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from redis.commands.core import Script
 from rq import Queue
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
@@ -42,7 +45,8 @@ from rq.serializers import JSONSerializer
 
 from engine.tasks import TASKS
 
-from .vocabulary import JobStatus
+from . import store
+from .vocabulary import Event, JobStatus
 
 BATCH = "bt:batch:{}"
 CLAIMS = "bt:claims"
@@ -64,64 +68,100 @@ def group_key(request: dict[str, Any]) -> str | None:
     return f"{request.get('model')}:{digest}"
 
 
-def wait(r: redis.Redis, group: str, timeout: float) -> bool:
+def _after(pipe: Any, command: Callable[[Any], Any]) -> Any:
+    """The reply of ``command`` run on ``pipe`` after what ``pipe`` already holds (the
+    settling of the last batch: ``settle``), in one round trip."""
+    command(pipe)
+    return pipe.execute()[-1]
+
+
+def wait(r: redis.Redis, group: str, timeout: float, pipe: Any = None) -> bool:
     """Block up to ``timeout`` seconds (at least a millisecond: 0 would block for good) until
     the group's list holds an id; whether it does. BLMOVE of the list onto itself, left to
-    left: it takes nothing, so a claim still decides which jobs are this worker's."""
+    left: it takes nothing, so a claim still decides which jobs are this worker's. With
+    ``pipe``, its commands go first in the same round trip."""
     key = BATCH.format(group)
-    return r.blmove(key, key, max(0.001, timeout), "LEFT", "LEFT") is not None
+    pipe = pipe if pipe is not None else r.pipeline(transaction=False)
+    moved = _after(pipe, lambda p: p.blmove(key, key, max(0.001, timeout), "LEFT", "LEFT"))
+    return moved is not None
+
+
+@dataclass(frozen=True)
+class Start:
+    """What a claim writes for each job it takes: the ``started`` event's stream TTL and
+    MAXLEN, and the worker's retry limit (the attempt number is 1 + retries - retries_left,
+    as ``Work.attempt`` counts it)."""
+
+    ttl: int
+    maxlen: int
+    retries: int
 
 
 # KEYS: the group's list, RQ's queue, the claims hash. ARGV: how many to claim, the worker,
-# started_at as RQ writes it, RQ's job key prefix, the claim's deadline (unix seconds). Job
-# hashes are addressed by id inside the script (as RQ's own keys are: one Redis, not a
-# cluster). Returns each claimed id followed by its job hash (HGETALL's field, value list):
-# the jobs come back in the claim's round trip, not in a fetch of their own after it.
-_CLAIM = Script(
-    None,
-    b"""
+# started_at as RQ writes it, RQ's job key prefix, the claim's deadline (unix seconds), the
+# events' key prefix, the cancel flags' key prefix, the stream's TTL and MAXLEN, the retry
+# limit, the started event's name. Job hashes, streams and flags are addressed by id inside
+# the script (as RQ's own keys are: one Redis, not a cluster). A claimed job is marked
+# started in RQ, gets its ``started`` event (data as ``service.work.run`` writes it for the
+# jobs RQ hands out: worker and attempt), and comes back as its id, whether a cancel was
+# asked, and its job hash (HGETALL's field, value list): the claim is the batch's only
+# round trip before the engine runs. An id whose hash is gone (expired) leaves the queue
+# and is not claimed.
+_CLAIM = """
 local claimed, n = {}, 0
 while n < tonumber(ARGV[1]) do
   local id = redis.call('LPOP', KEYS[1])
   if not id then break end
-  if redis.call('LREM', KEYS[2], 1, id) == 1 then
-    redis.call('HSET', ARGV[4] .. id, 'status', 'started', 'worker_name', ARGV[2],
-               'started_at', ARGV[3])
+  local job = ARGV[4] .. id
+  if redis.call('LREM', KEYS[2], 1, id) == 1 and redis.call('EXISTS', job) == 1 then
+    redis.call('HSET', job, 'status', 'started', 'worker_name', ARGV[2], 'started_at', ARGV[3])
     redis.call('HSET', KEYS[3], id, ARGV[2] .. '|' .. ARGV[5])
+    local left, attempt = tonumber(redis.call('HGET', job, 'retries_left')), 1
+    if left then attempt = 1 + math.max(0, tonumber(ARGV[10]) - left) end
+    local data = cjson.encode({worker = ARGV[2], attempt = attempt})
+    local stream = ARGV[6] .. id
+    redis.call('XADD', stream, 'MAXLEN', '~', ARGV[9], '*', 'event', ARGV[11], 'data', data)
+    redis.call('EXPIRE', stream, ARGV[8])
     n = n + 1
     claimed[#claimed + 1] = id
-    claimed[#claimed + 1] = redis.call('HGETALL', ARGV[4] .. id)
+    claimed[#claimed + 1] = redis.call('EXISTS', ARGV[7] .. id)
+    claimed[#claimed + 1] = redis.call('HGETALL', job)
   end
 end
 return claimed
-""",
-)
+"""
 
 
 def claim(
-    r: redis.Redis, group: str, queue: str, worker: str, limit: int, timeout: float
-) -> list[Job]:
-    """Take up to ``limit`` jobs of ``group`` out of RQ's queue for this worker; returns them
-    (their requests are in ``job.kwargs``). Jobs whose hash is gone are released again.
-    A claim not settled within ``timeout`` seconds counts as lost even if the worker lives
-    (a batch that died on a Redis error must not strand its jobs)."""
+    r: redis.Redis,
+    group: str,
+    queue: str,
+    worker: str,
+    limit: int,
+    timeout: float,
+    start: Start,
+    pipe: Any = None,
+) -> list[tuple[Job, bool]]:
+    """Take up to ``limit`` jobs of ``group`` out of RQ's queue for this worker, each with
+    its ``started`` event written; returns them (their requests are in ``job.kwargs``), each
+    with whether a cancel was asked. A claim not settled within ``timeout`` seconds counts
+    as lost even if the worker lives (a batch that died on a Redis error must not strand
+    its jobs). With ``pipe``, its commands go first in the same round trip."""
     if limit <= 0:
         return []
     started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     keys = [BATCH.format(group), Queue.redis_queue_namespace_prefix + queue, CLAIMS]
     args = [limit, worker, started, Job.redis_job_namespace_prefix, time.time() + timeout]
-    reply = _CLAIM(keys, args, r)
-    jobs, gone = [], []
-    for raw_id, fields in zip(reply[::2], reply[1::2], strict=True):
-        stored = dict(zip(fields[::2], fields[1::2], strict=True))
-        if b"data" not in stored:  # the job's hash is gone (expired or deleted)
-            gone.append(raw_id)
-            continue
+    args += [store.EVENTS.format(""), store.CANCEL.format(""), start.ttl, start.maxlen]
+    args += [start.retries, Event.STARTED]
+    # EVAL with the script's text: a pipeline's EVALSHA costs a SCRIPT EXISTS round trip.
+    pipe = pipe if pipe is not None else r.pipeline(transaction=False)
+    reply = _after(pipe, lambda p: p.eval(_CLAIM, len(keys), *keys, *args))
+    jobs = []
+    for raw_id, canceled, fields in zip(reply[::3], reply[1::3], reply[2::3], strict=True):
         job = Job(raw_id.decode(), connection=r, serializer=JSONSerializer)
-        job.restore(stored)
-        jobs.append(job)
-    if gone:
-        r.hdel(CLAIMS, *gone)
+        job.restore(dict(zip(fields[::2], fields[1::2], strict=True)))
+        jobs.append((job, bool(canceled)))
     return jobs
 
 
@@ -144,11 +184,16 @@ def settle(pipe: Any, job: Job, status: str, result_ttl: int, failure_ttl: int) 
 
 
 def requeue_lost(
-    r: redis.Redis, alive: Callable[[str], bool], on_requeue: Callable[[Job], None]
+    r: redis.Redis,
+    alive: Callable[[str], bool],
+    on_requeue: Callable[[Job], None],
+    result_ttl: int,
+    failure_ttl: int,
 ) -> list[str]:
     """Put the claimed jobs of dead workers, and claims past their deadline, back at the
     front of their RQ queue; returns their ids. ``on_requeue`` tells the job's clients first
-    (a ``retrying`` event)."""
+    (a ``retrying`` event). A claimed job whose result is stored is ended in RQ as it ended,
+    never run again (its worker died between the result and ``settle``)."""
     lost = []
     for raw_id, raw_claim in r.hgetall(CLAIMS).items():
         job_id, (worker, _, deadline) = raw_id.decode(), raw_claim.decode().rpartition("|")
@@ -158,7 +203,12 @@ def requeue_lost(
             job = Job.fetch(job_id, connection=r, serializer=JSONSerializer)
         except Exception:  # noqa: BLE001 - expired or not RQ's: nothing to put back
             job = None
-        if job is not None and job.get_status(refresh=False) == RQStatus.STARTED:
+        doc = store.get_result(r, job_id) if job is not None else None
+        if doc is not None:  # its result is stored: the worker died before settling it
+            pipe = r.pipeline(transaction=False)
+            settle(pipe, job, doc["status"], result_ttl, failure_ttl)
+            pipe.execute()
+        elif job is not None and job.get_status(refresh=False) == RQStatus.STARTED:
             on_requeue(job)
             Queue(job.origin, connection=r, serializer=JSONSerializer).enqueue_job(
                 job, at_front=True

@@ -48,24 +48,32 @@ def run_job(request: dict[str, Any]) -> dict[str, Any]:
     primary = Work(job_id, request, job)
     group = batching.group_key(request)
     batched = job is not None and group is not None and st.settings.max_batch > 1
+    s = st.settings
+    start = batching.Start(s.result_ttl, s.stream_maxlen, s.retries)
+
+    # RQ's bookkeeping of the claimed jobs of each batch (``batching.settle``) travels with
+    # the next claim or wait: their results are stored already, and it saves a round trip.
+    settle = r.pipeline(transaction=False)
 
     def claim(n: int) -> list[Work]:
         if not batched:
             return []
         timeout = st.settings.job_timeout + 60  # as RQ's own started-job registry
-        jobs = batching.claim(r, group, job.origin, st.name, n, timeout)
-        return [Work(j.id, j.kwargs["request"], j) for j in jobs]
+        jobs = batching.claim(r, group, job.origin, st.name, n, timeout, start, settle)
+        return [Work(j.id, j.kwargs["request"], j, started=True, cancel_asked=c) for j, c in jobs]
 
-    outcome = run_batch(st, r, [primary, *claim(st.settings.max_batch - 1)], primary)
+    outcome = run_batch(st, r, [primary, *claim(st.settings.max_batch - 1)], primary, settle)
     until, waited = time.monotonic() + BATCH_ROUNDS_S, False
     while batched and (left := until - time.monotonic()) > 0:
         if works := claim(st.settings.max_batch):
-            run_batch(st, r, works, None)
+            run_batch(st, r, works, None, settle)
             waited = False
-        elif waited or not batching.wait(r, group, min(BATCH_WAIT_S, left)):
+        elif waited or not batching.wait(r, group, min(BATCH_WAIT_S, left), settle):
             break
         else:
             waited = True  # one of the group arrived: claim it (another worker may have)
+    if len(settle):
+        settle.execute()
     m.update_gpu_memory()
     if isinstance(outcome, Exception):
         if job is not None:

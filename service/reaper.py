@@ -61,7 +61,8 @@ def reap(
         lost.append(job_id)
     if lost:
         registry.cleanup(timestamp=1, exception_handlers=[_tell_clients(r, result_ttl)])
-    return lost + batching.requeue_lost(r, alive, _tell_requeued(r, result_ttl))
+    tell = _tell_requeued(r, result_ttl)
+    return lost + batching.requeue_lost(r, alive, tell, result_ttl, failure_ttl)
 
 
 def _end_in_rq(
@@ -117,7 +118,7 @@ def _tell_clients(r: redis.Redis, result_ttl: int) -> Any:
                 "task": meta.get("task"),
                 "error": error,
             }
-            store.finish(r, job.id, doc, Event.ERROR, error, result_ttl)
+            store.finish(r, job.id, store.Ending(Event.ERROR, error, doc), result_ttl)
         return True
 
     return handler

@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -46,19 +47,27 @@ def connect(url: str, patient: bool = False) -> redis.Redis:
 # Append an event unless it already is the stream's last entry, and push the expiry out, in
 # one atomic step (with the final document too, when KEYS[2] is given). A worker's client
 # retries a write whose reply was lost while Redis restarted; this keeps the retry from
-# writing the event twice.
+# writing the event twice. With KEYS[3] (a job's cancel flag) and a second event, data and
+# document in ARGV[6..8]: that second ending is written instead when the flag is set, and
+# the reply says which (1: the second), so a cancel asked while the job ran costs no read
+# of its own before the result is stored.
 _APPEND = Script(
     None,
     b"""
-if KEYS[2] then redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[4]) end
+local event, data, doc, second = ARGV[1], ARGV[2], ARGV[5], 0
+if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then
+  event, data, doc, second = ARGV[6], ARGV[7], ARGV[8], 1
+end
+if KEYS[2] then redis.call('SET', KEYS[2], doc, 'EX', ARGV[4]) end
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
 local id
-if last and last[2][2] == ARGV[1] and last[2][4] == ARGV[2] then
+if last and last[2][2] == event and last[2][4] == data then
   id = last[1]
 else
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'event', ARGV[1], 'data', ARGV[2])
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'event', event, 'data', data)
 end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+if KEYS[3] then return second end
 return id
 """,
 )
@@ -92,31 +101,46 @@ def add_event(
 def start(
     r: redis.Redis, jobs: list[tuple[str, dict[str, Any]]], ttl: int, maxlen: int = 10000
 ) -> list[bool]:
-    """The worker's first write for each job of a batch: a ``started`` event, and whether
-    cancel was asked, all in one round trip (per-job Redis round trips are most of a small
-    job's overhead)."""
+    """The worker's first write for each job it took from RQ (jobs claimed for a batch get
+    theirs from the claim: ``service.batching``): a ``started`` event, and whether cancel
+    was asked, all in one round trip."""
     pipe = r.pipeline(transaction=False)
     for job_id, data in jobs:
         pipe.exists(CANCEL.format(job_id))
         _append(pipe, [EVENTS.format(job_id)], [Event.STARTED, json.dumps(data), maxlen, ttl])
-    return [bool(x) for x in pipe.execute()[::2]]
+    return [bool(x) for x in pipe.execute()[::2]] if jobs else []
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a job ends in Redis: its terminal event, that event's data, its final document."""
+
+    event: Event
+    data: dict[str, Any]
+    doc: dict[str, Any]
+
+    def encoded(self) -> list[str]:
+        return [self.event, json.dumps(self.data), json.dumps(self.doc, separators=(",", ":"))]
 
 
 def finish(
     r: redis.Redis | redis.client.Pipeline,
     job_id: str,
-    doc: dict[str, Any],
-    event: Event,
-    data: dict[str, Any],
+    ending: Ending,
     ttl: int,
     maxlen: int = 10000,
+    if_canceled: Ending | None = None,
 ) -> int:
     """Store the final document and append the terminal event together, atomically, so a
     stream reader that sees ``done`` can always read the result (on a pipeline, when it is
-    executed). Returns bytes written."""
-    raw, payload = json.dumps(doc, separators=(",", ":")), json.dumps(data)
-    keys = [EVENTS.format(job_id), RESULT.format(job_id)]
-    _append(r, keys, [event, payload, maxlen, ttl, raw])
+    executed). With ``if_canceled``, that ending is written instead when a cancel was asked
+    meanwhile, and the script's reply (1) says so. Returns bytes written."""
+    event, payload, raw = ending.encoded()
+    keys, args = [EVENTS.format(job_id), RESULT.format(job_id)], [event, payload, maxlen, ttl, raw]
+    if if_canceled is not None:
+        keys.append(CANCEL.format(job_id))
+        args += if_canceled.encoded()
+    _append(r, keys, args)
     return len(raw) + len(payload)
 
 
@@ -137,14 +161,6 @@ def request_cancel(r: redis.Redis, job_id: str, ttl: int) -> None:
 
 def cancel_requested(r: redis.Redis, job_id: str) -> bool:
     return bool(r.exists(CANCEL.format(job_id)))
-
-
-def cancels_requested(r: redis.Redis, job_ids: list[str]) -> list[bool]:
-    """``cancel_requested`` for a batch, in one round trip."""
-    pipe = r.pipeline(transaction=False)
-    for job_id in job_ids:
-        pipe.exists(CANCEL.format(job_id))
-    return [bool(x) for x in pipe.execute()]
 
 
 def worker_id() -> str:

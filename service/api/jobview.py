@@ -142,7 +142,7 @@ def cancel_queued(r: redis.Redis, view: JobView, ttl: int) -> bool:
         return False
     error = {"type": "JobCanceled", "message": "canceled while queued"}
     doc = {"status": JobStatus.CANCELED, "model": view.model, "task": view.task, "error": error}
-    store.finish(r, view.job_id, doc, Event.CANCELED, error, ttl)
+    store.finish(r, view.job_id, store.Ending(Event.CANCELED, error, doc), ttl)
     return True
 
 

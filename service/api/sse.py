@@ -35,6 +35,9 @@ KEEPALIVE = ": keep-alive\n\n"
 # ASCII JSON: bytes); a larger event goes alone, so a stalled reader still holds at most one
 # batch of events in the API.
 SSE_CHUNK_BYTES = 16 << 10
+# How long events that do not end a job are held back to go out with those that follow
+# (``_events``): short enough not to be seen, long enough for a small model's whole job.
+SSE_HOLD_S = 0.025
 # RQ's statuses of a job that is over ("expired": RQ's hash is gone).
 RQ_ENDED = frozenset(
     (RqStatus.FAILED, RqStatus.STOPPED, RqStatus.CANCELED, RqStatus.FINISHED, "expired")
@@ -47,18 +50,33 @@ class _Last(str):
 
 class EventStreamResponse(StreamingResponse):
     """A ``StreamingResponse`` that sends its last chunk (a ``_Last``) together with the end
-    of the response: one socket write, and one wake-up of the client, less per stream."""
+    of the response: one socket write, and one wake-up of the client, less per stream.
+    With ``headers_with_first``, the status line and headers wait for the first chunk (for
+    a stream whose first events are known: they follow within ``SSE_HOLD_S``), so that the
+    two writes leave back to back and wake the client once."""
+
+    def __init__(self, *args: Any, headers_with_first: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.headers_with_first = headers_with_first
 
     async def stream_response(self, send: Any) -> None:
         start = {"type": "http.response.start", "status": self.status_code}
-        await send({**start, "headers": self.raw_headers})
+        start["headers"] = self.raw_headers
+        started = not self.headers_with_first
+        if started:
+            await send(start)
         try:
             async for chunk in self.body_iterator:
+                if not started:
+                    await send(start)
+                    started = True
                 last = isinstance(chunk, _Last)
                 body = chunk.encode(self.charset) if isinstance(chunk, str) else chunk
                 await send({"type": "http.response.body", "body": body, "more_body": not last})
                 if last:
                     return
+            if not started:
+                await send(start)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:  # also when a send fails or is cancelled: the generator's cleanup runs now
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
@@ -94,40 +112,46 @@ class EventStreams:
             _events(self, job_id, last, first),
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **headers},
+            headers_with_first=bool(first),
         )
 
 
 async def _events(
     streams: EventStreams, job_id: str, last: str, first: Any = None
 ) -> AsyncIterator[str]:
-    """The job's events from ``last`` on. The events of one Redis read go out in chunks of up
-    to ``SSE_CHUNK_BYTES`` (each send is a socket write that wakes the client; a job's
-    ``queued`` and ``started`` usually share one). Nothing is read from Redis before the
-    client has taken what was sent (the server's send waits while the socket is full), so a
-    slow reader costs one batch of memory; a client that goes away cancels this generator."""
+    """The job's events from ``last`` on. Events that do not end the job are held back for
+    up to ``SSE_HOLD_S`` after the first of them, and go out together with what follows
+    them meanwhile: a short job's ``queued``, ``started`` and ``done`` reach the client in
+    one socket write (one wake-up of the client) instead of three, while the terminal event
+    is never held. The held events of one batch go out in chunks of up to
+    ``SSE_CHUNK_BYTES``. Nothing is read from Redis before the client has taken what was
+    sent (the server's send waits while the socket is full), so a slow reader costs one
+    batch of memory; a client that goes away cancels this generator."""
     ar, keepalive = streams.redis, streams.keepalive
     key = store.EVENTS.format(job_id)
     streams.metrics.sse_clients.inc()
-    down_since = None
+    down_since, hold_until = None, None
     pending = "retry: 2000\n\n"  # sent with the first events
     try:
         while True:
+            held = hold_until is not None
+            block = max(0.001, hold_until - time.monotonic()) if held else keepalive
             try:
-                resp, first = first or await _read(ar, job_id, key, last, keepalive), None
-                quiet = "" if resp else await _quiet_note(ar)
+                resp, first = first or await _read(ar, job_id, key, last, block, held), None
+                quiet = "" if resp or held else await _quiet_note(ar)
             except redis.RedisError as exc:  # Redis restarting: wait for it, bounded
                 down_since = down_since or time.monotonic()
                 if time.monotonic() - down_since > SSE_REDIS_OUTAGE_S:
                     yield _Last(pending + ": redis unavailable too long; reconnect\n\n")
                     return
                 yield pending + f": redis unavailable ({type(exc).__name__}), retrying\n\n"
-                pending = ""
+                pending, hold_until = "", None
                 await asyncio.sleep(min(1.0, keepalive))
                 continue
             down_since = None
-            if not resp:
+            if not resp:  # the hold is over, or the job was quiet: a keep-alive
                 yield pending + quiet
-                pending = ""
+                pending, hold_until = "", None
                 continue
             for entry_id, fields in resp[0][1]:
                 last = entry_id.decode()
@@ -143,22 +167,23 @@ async def _events(
                 if event in TERMINAL_EVENTS:
                     yield _Last(pending)
                     return
-            if pending:
-                yield pending
-                pending = ""
+            hold_until = hold_until or time.monotonic() + SSE_HOLD_S
     finally:  # also when the client went away (cancelled): stop counting it
         streams.metrics.sse_clients.dec()
 
 
-async def _read(ar: aredis.Redis, job_id: str, key: str, last: str, keepalive: float) -> Any:
-    """One blocking XREAD of the job's stream after ``last``; empty when the job was quiet
-    for ``keepalive`` seconds (a read that timed out is that too: a keep-alive, not an
-    outage). A quiet job that RQ says is over gets its terminal event here."""
+async def _read(
+    ar: aredis.Redis, job_id: str, key: str, last: str, block: float, held: bool
+) -> Any:
+    """One blocking XREAD of the job's stream after ``last``, for up to ``block`` seconds;
+    empty when nothing came (a read that timed out is that too: a keep-alive, not an
+    outage). A quiet job that RQ says is over gets its terminal event here (not checked at
+    the end of a hold, which is no sign of a quiet job)."""
     try:
-        resp = await ar.xread({key: last}, block=max(1, int(keepalive * 1000)), count=100)
+        resp = await ar.xread({key: last}, block=max(1, int(block * 1000)), count=100)
     except redis.TimeoutError:
         resp = None
-    if not resp:
+    if not resp and not held:
         await _close_dead_job(ar, job_id, key, last)
     return resp
 

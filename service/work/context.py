@@ -104,12 +104,16 @@ def state() -> WorkerState:
 @dataclass
 class Work:
     """One job as the worker runs it. ``request`` is as the API stored it; ``job`` is its RQ
-    job (None when called directly); ``picked`` is when this worker took it."""
+    job (None when called directly); ``picked`` is when this worker took it. A job claimed
+    for a batch is ``started`` already (the claim wrote its event) and knows whether a
+    cancel was asked by then (``cancel_asked``)."""
 
     job_id: str
     request: dict[str, Any]
     job: Job | None = None
     picked: float = field(default_factory=time.time)
+    started: bool = False
+    cancel_asked: bool = False
 
     @cached_property
     def req(self) -> RunTaskRequest:

@@ -1,7 +1,8 @@
 """Batch orchestration and recording: for the jobs of one batch, the ``started`` events (and
-cancels asked meanwhile) in one round trip, the model from the cache, one engine call
-(``classify``) or a streamed generation (``generate``), then each job's result document or
-failure with its terminal event, in one pipeline, and the worker's metrics."""
+cancels asked by then) of those the batch's claim did not start, the model from the cache,
+one engine call (``classify``) or a streamed generation (``generate``), then each job's
+result document or failure with its terminal event in one pipeline (a cancel asked
+meanwhile is checked by the same write), RQ's bookkeeping, and the worker's metrics."""
 
 from __future__ import annotations
 
@@ -39,18 +40,32 @@ def warm(spec: ModelSpec) -> None:
 
 
 def run_batch(
-    st: WorkerState, r: redis.Redis, works: list[Work], primary: Work | None
+    st: WorkerState,
+    r: redis.Redis,
+    works: list[Work],
+    primary: Work | None,
+    settle: redis.client.Pipeline,
 ) -> Outcome | None:
-    """Run the works as one batch and store every result; the jobs claimed from the queue
-    are also ended in RQ. Returns the outcome of ``primary`` (the job RQ handed out)."""
+    """Run the works as one batch and store every result; RQ's ending of the jobs claimed
+    from the queue is queued on ``settle``, for the caller to send with its next command.
+    Returns the outcome of ``primary`` (the job RQ handed out).
+
+    The results go out in one pipeline, each written as ``canceled`` instead where a
+    cancel was asked while the batch ran (``store.finish``): the clients' terminal events
+    wait for no other round trip. RQ's bookkeeping needs those endings, so it follows."""
     outcomes = _outcomes(st, r, works)
     pipe = r.pipeline(transaction=False)
-    for w, o in zip(works, outcomes, strict=True):
-        status = _record(st, pipe, w, o)
+    written = [_write(st, pipe, w, o) for w, o in zip(works, outcomes, strict=True)]
+    replies = pipe.execute()
+    ended = [
+        JobCanceled() if isinstance(o, dict) and second == 1 else o
+        for o, second in zip(outcomes, replies, strict=True)
+    ]
+    for w, o, n in zip(works, ended, written, strict=True):
+        status = _count(st, w, o, n)
         if w is not primary and w.job is not None:
-            batching.settle(pipe, w.job, status, st.settings.result_ttl, st.settings.failure_ttl)
-    pipe.execute()
-    return outcomes[0] if primary is not None else None
+            batching.settle(settle, w.job, status, st.settings.result_ttl, st.settings.failure_ttl)
+    return ended[0] if primary is not None else None
 
 
 def _outcomes(st: WorkerState, r: redis.Redis, works: list[Work]) -> list[Outcome]:
@@ -65,26 +80,31 @@ def _outcomes(st: WorkerState, r: redis.Redis, works: list[Work]) -> list[Outcom
     if spec is None:
         error = ValueError(f"model {req.model!r} is not in this worker's registry")
         return _fill(outcomes, error)
-    retries, ttl, maxlen = st.settings.retries, st.settings.result_ttl, st.settings.stream_maxlen
-    starts = [(w.job_id, {"worker": st.name, "attempt": w.attempt(retries)}) for w in works]
-    canceled = store.start(r, starts, ttl, maxlen)
+    canceled = _start(st, r, works)
     outcomes = [JobCanceled() if c else o for o, c in zip(outcomes, canceled, strict=True)]
     try:
         run, hit = Run.of(st, spec, req)
     except Exception as exc:  # noqa: BLE001 - the model cannot load: every job fails with it
         return _fill(outcomes, exc)
     _run(run, r, works, outcomes)
-    ok = [i for i, o in enumerate(outcomes) if isinstance(o, dict)]
-    asked = store.cancels_requested(r, [works[i].job_id for i in ok])
-    for i, c in zip(ok, asked, strict=True):
-        doc = outcomes[i]
-        assert isinstance(doc, dict)
-        if c:
-            outcomes[i] = JobCanceled()
-            continue
-        doc["timings"]["load_s"] = 0.0 if hit else run.entry.load_s
-        doc["timings"]["cache"] = "hit" if hit else "miss"
+    for doc in outcomes:
+        if isinstance(doc, dict):
+            doc["timings"]["load_s"] = 0.0 if hit else run.entry.load_s
+            doc["timings"]["cache"] = "hit" if hit else "miss"
     return _fill(outcomes, RuntimeError("not run"))
+
+
+def _start(st: WorkerState, r: redis.Redis, works: list[Work]) -> list[bool]:
+    """Whether a cancel was asked of each job by the time it starts; writes the ``started``
+    events of the jobs whose claim did not (the one RQ handed out)."""
+    retries, ttl, maxlen = st.settings.retries, st.settings.result_ttl, st.settings.stream_maxlen
+    fresh = [
+        (w.job_id, {"worker": st.name, "attempt": w.attempt(retries)})
+        for w in works
+        if not w.started
+    ]
+    asked = iter(store.start(r, fresh, ttl, maxlen))
+    return [w.cancel_asked if w.started else next(asked) for w in works]
 
 
 def _fill(outcomes: list[Outcome | None], exc: Exception) -> list[Outcome]:
@@ -103,29 +123,44 @@ def _run(run: Run, r: redis.Redis, works: list[Work], outcomes: list[Outcome | N
         outcomes[i] = outcome
 
 
-def _record(st: WorkerState, pipe: redis.client.Pipeline, w: Work, outcome: Outcome) -> JobStatus:
-    """Store the job's result (or error) and its terminal event on ``pipe``; update the
-    metrics; return the job's final status."""
+def _write(st: WorkerState, pipe: redis.client.Pipeline, w: Work, outcome: Outcome) -> int:
+    """Store the job's result (or error) and its terminal event on ``pipe``; a result is
+    written as ``canceled`` instead if a cancel was asked meanwhile (the pipeline's reply
+    for it is then 1). Returns the bytes written."""
+    model_id, task = w.labels
+    ttl, maxlen = st.settings.result_ttl, st.settings.stream_maxlen
+    if isinstance(outcome, dict):
+        doc = outcome
+        doc["timings"] = {"queue_wait_s": w.queue_wait, **doc["timings"]}
+        doc["timings"]["total_s"] = time.time() - w.picked
+        doc["ended_at"] = documents.now()
+        data = {"status": JobStatus.FINISHED, "summary": doc.get("summary", {})}
+        data["timings"] = doc["timings"]
+        canceled = _failure(model_id, task, JobCanceled())
+        done = store.Ending(Event.DONE, data, doc)
+        return store.finish(pipe, w.job_id, done, ttl, maxlen, canceled)
+    return store.finish(pipe, w.job_id, _failure(model_id, task, outcome), ttl, maxlen)
+
+
+def _failure(model_id: str, task: str | None, exc: Exception) -> store.Ending:
+    canceled = isinstance(exc, JobCanceled)
+    status = JobStatus.CANCELED if canceled else JobStatus.FAILED
+    doc = documents.failure(model_id, task, status, exc)
+    return store.Ending(Event.CANCELED if canceled else Event.ERROR, doc["error"], doc)
+
+
+def _count(st: WorkerState, w: Work, outcome: Outcome, written: int) -> JobStatus:
+    """The job's final status, counted in the worker's metrics with the bytes written."""
     model_id, task = w.labels
     spec = st.registry.get(model_id)
     task = task or (spec.task if spec else "unknown")
-    total = time.time() - w.picked
     if isinstance(outcome, dict):
-        doc, status, event = outcome, JobStatus.FINISHED, Event.DONE
-        doc["timings"] = {"queue_wait_s": w.queue_wait, **doc["timings"], "total_s": total}
-        doc["ended_at"] = documents.now()
-        data = {"status": status, "summary": doc.get("summary", {}), "timings": doc["timings"]}
+        status = JobStatus.FINISHED
     else:
-        canceled = isinstance(outcome, JobCanceled)
-        status = JobStatus.CANCELED if canceled else JobStatus.FAILED
-        event = Event.CANCELED if canceled else Event.ERROR
-        doc = documents.failure(model_id, task, status, outcome)
-        data = doc["error"]
-    ttl, maxlen = st.settings.result_ttl, st.settings.stream_maxlen
-    written = store.finish(pipe, w.job_id, doc, event, data, ttl, maxlen)
+        status = JobStatus.CANCELED if isinstance(outcome, JobCanceled) else JobStatus.FAILED
     if w.queue_wait is not None:
         m.QUEUE_WAIT.labels(task=task, model=model_id).observe(w.queue_wait)
     m.JOBS.labels(task=task, model=model_id, status=status).inc()
-    m.RUN.labels(task=task, model=model_id).observe(total)
+    m.RUN.labels(task=task, model=model_id).observe(time.time() - w.picked)
     m.TRACE_BYTES.labels(model=model_id).inc(written)
     return status

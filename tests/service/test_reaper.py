@@ -57,7 +57,7 @@ def test_a_job_whose_result_is_stored_is_ended_not_run_again(
     r: redis.Redis, status: str, event: str, registry: type, ttl: int
 ) -> None:
     job_id = _started_by_dead_worker(r)
-    store.finish(r, job_id, {"status": status}, event, {}, 60)
+    store.finish(r, job_id, store.Ending(event, {}, {"status": status}), 60)
     assert reaper.reap(r, QUEUE, 0, 60, 600) == []
     queue = Queue(QUEUE, connection=r, serializer=JSONSerializer)
     job = queue.fetch_job(job_id)

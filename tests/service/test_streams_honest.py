@@ -53,7 +53,7 @@ def test_queued_job_gets_keepalives_then_done(lonely) -> None:
         store.heartbeat(r, "test-worker", {"models": []}, ttl=30)
         time.sleep(5)
         doc = {"status": JobStatus.FINISHED, "model": JOB["model"], "task": "generation"}
-        store.finish(r, job, doc, Event.DONE, {"ok": True}, ttl=60)
+        store.finish(r, job, store.Ending(Event.DONE, {"ok": True}, doc), ttl=60)
 
     helper = threading.Thread(target=worker_comes_then_finishes)
     helper.start()

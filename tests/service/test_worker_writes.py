@@ -1,0 +1,107 @@
+"""The worker's writes that replace round trips (``service.batching.claim`` and
+``service.store.finish`` with ``if_canceled``), on a real Redis: a claim starts the jobs it
+takes and reports their cancel flags, never revives an expired job, and a final write turns
+into ``canceled`` when a cancel was asked while the job ran."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import redis
+from rq import Queue, Retry
+from rq.serializers import JSONSerializer
+
+from service import batching, store
+from service.vocabulary import Event
+
+QUEUE = "writes-test"
+GROUP = "m:abc"
+START = batching.Start(ttl=60, maxlen=100, retries=2)
+
+
+@pytest.fixture()
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    """A database of its own: the session's service uses database 0."""
+    conn = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/8")
+    conn.flushdb()
+    yield conn
+    conn.flushdb()
+
+
+def _queued(r: redis.Redis, n: int) -> list[str]:
+    """``n`` jobs in RQ's queue and in the batch group's list, as the API enqueues them."""
+    queue = Queue(QUEUE, connection=r, serializer=JSONSerializer)
+    ids = []
+    for i in range(n):
+        job = queue.enqueue("service.jobs.run_job", request={"i": i}, retry=Retry(max=2))
+        r.rpush(batching.BATCH.format(GROUP), job.id)
+        ids.append(job.id)
+    return ids
+
+
+def test_a_claim_starts_its_jobs_and_reports_their_cancel_flags(r: redis.Redis) -> None:
+    ids = _queued(r, 3)
+    store.request_cancel(r, ids[1], 60)
+    claimed = batching.claim(r, GROUP, QUEUE, "w.1.ab", 10, 600, START)
+    assert [(j.id, c) for j, c in claimed] == [(ids[0], False), (ids[1], True), (ids[2], False)]
+    assert [j.kwargs["request"]["i"] for j, _ in claimed] == [0, 1, 2]
+    for job_id in ids:
+        ((_, fields),) = r.xrange(store.EVENTS.format(job_id))
+        assert fields[b"event"] == Event.STARTED.encode()
+        assert json.loads(fields[b"data"]) == {"worker": "w.1.ab", "attempt": 1}
+        assert 0 < r.ttl(store.EVENTS.format(job_id)) <= 60
+        assert r.hget(f"rq:job:{job_id}", "status") == b"started"
+    assert not r.lrange(f"rq:queue:{QUEUE}", 0, -1)
+
+
+def test_a_claim_counts_the_attempt_from_the_retries_left(r: redis.Redis) -> None:
+    (job_id,) = _queued(r, 1)
+    r.hset(f"rq:job:{job_id}", "retries_left", 1)  # one retry spent: the second run
+    batching.claim(r, GROUP, QUEUE, "w.1.ab", 10, 600, START)
+    ((_, fields),) = r.xrange(store.EVENTS.format(job_id))
+    assert json.loads(fields[b"data"])["attempt"] == 2
+
+
+def test_a_claim_never_revives_an_expired_job(r: redis.Redis) -> None:
+    """An id still queued whose job hash expired leaves the queue unclaimed: no hash
+    without expiry, no claim, no event."""
+    gone, kept = _queued(r, 2)
+    r.delete(f"rq:job:{gone}")
+    claimed = batching.claim(r, GROUP, QUEUE, "w.1.ab", 10, 600, START)
+    assert [j.id for j, _ in claimed] == [kept]
+    assert not r.exists(f"rq:job:{gone}") and not r.exists(store.EVENTS.format(gone))
+    assert r.hkeys(batching.CLAIMS) == [kept.encode()]
+    assert not r.lrange(f"rq:queue:{QUEUE}", 0, -1)
+
+
+@pytest.mark.parametrize("cancel", [False, True])
+def test_a_result_is_stored_as_canceled_when_a_cancel_came_meanwhile(
+    r: redis.Redis, cancel: bool
+) -> None:
+    if cancel:
+        store.request_cancel(r, "j1", 60)
+    done = store.Ending(Event.DONE, {"status": "finished"}, {"status": "finished", "x": 1})
+    canceled = store.Ending(Event.CANCELED, {"type": "JobCanceled"}, {"status": "canceled"})
+    pipe = r.pipeline(transaction=False)
+    store.finish(pipe, "j1", done, 60, 100, if_canceled=canceled)
+    assert pipe.execute() == [int(cancel)]
+    ((_, fields),) = r.xrange(store.EVENTS.format("j1"))
+    assert fields[b"event"] == (Event.CANCELED if cancel else Event.DONE).encode()
+    assert store.get_result(r, "j1")["status"] == ("canceled" if cancel else "finished")
+
+
+def test_a_claimed_job_whose_result_is_stored_is_settled_not_run_again(r: redis.Redis) -> None:
+    """The worker stores a batch's results, then settles the jobs in RQ with its next
+    command: a worker that dies in between leaves claims of ended jobs, which the reaper
+    ends in RQ as they ended instead of putting them back in the queue."""
+    done_id, lost_id = _queued(r, 2)
+    batching.claim(r, GROUP, QUEUE, "w.1.dead", 10, 600, START)
+    done = store.Ending(Event.DONE, {"status": "finished"}, {"status": "finished"})
+    store.finish(r, done_id, done, 60)
+    requeued = batching.requeue_lost(r, lambda _: False, lambda _: None, 60, 600)
+    assert requeued == [lost_id]
+    assert r.lrange(f"rq:queue:{QUEUE}", 0, -1) == [lost_id.encode()]
+    assert r.hget(f"rq:job:{done_id}", "status") == b"finished"
+    assert not r.hlen(batching.CLAIMS)
