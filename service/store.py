@@ -31,6 +31,7 @@ CANCEL = "bt:cancel:{}"
 WORKER = "bt:worker:{}"
 IDEMPOTENCY = "bt:idem:{}"
 GRAPH = "bt:graph:{}"
+GRAPH_TTL_S = 24 * 3600
 # Commands on these are queued, not sent: the API enqueues on the async client's pipeline.
 PIPELINES = (redis.client.Pipeline, redis.asyncio.client.Pipeline)
 
@@ -196,6 +197,11 @@ def is_ready(info: dict[str, Any]) -> bool:
 
 
 def publish_graph(r: redis.Redis, model_id: str, revision: str, nodes: list[str]) -> None:
-    """The node names of a model's captured graph (no expiry: a worker that captures the
-    model again overwrites them), for the API to check ``output.relevance`` at the door."""
-    r.set(GRAPH.format(model_id), json.dumps({"revision": revision, "nodes": nodes}))
+    """The node names of a model's captured graph, for the API to check
+    ``output.relevance`` at the door. A worker that captures the model again overwrites
+    them; they expire after ``GRAPH_TTL_S`` all the same, so that names of a revision no
+    worker serves any more (new weights, a changed registry entry) do not refuse layers
+    for good: without them the API lets the names through and the worker checks them on
+    the graph it runs."""
+    value = json.dumps({"revision": revision, "nodes": nodes})
+    r.set(GRAPH.format(model_id), value, ex=GRAPH_TTL_S)

@@ -105,3 +105,9 @@ def test_a_claimed_job_whose_result_is_stored_is_settled_not_run_again(r: redis.
     assert r.lrange(f"rq:queue:{QUEUE}", 0, -1) == [lost_id.encode()]
     assert r.hget(f"rq:job:{done_id}", "status") == b"finished"
     assert not r.hlen(batching.CLAIMS)
+
+
+def test_published_graph_names_expire(r: redis.Redis) -> None:
+    """Names of a revision no worker captures any more must not refuse layers for good."""
+    store.publish_graph(r, "m", "rev1", ["conv1", "fc"])
+    assert 0 < r.ttl(store.GRAPH.format("m")) <= store.GRAPH_TTL_S
