@@ -12,6 +12,7 @@ a worker captures graphs, and it publishes their names at each capture."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ import redis.asyncio as aredis
 
 from .. import store
 from ..registry import ModelSpec, Registry
+
+RECHECK_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -40,19 +43,27 @@ class ModelMeta:
 
 class ModelMetadata:
     """Each model's ``ModelMeta``, read once its folder has a ``config.json`` (until then,
-    looked for again at each request: the worker may build the model meanwhile)."""
+    looked for again every ``RECHECK_S``: the worker may build the model meanwhile, and
+    some models never have one)."""
 
     def __init__(self, registry: Registry, data_dir: str):
         self.registry, self.data_dir = registry, Path(data_dir)
         self.known: dict[str, ModelMeta] = {}
+        self.missing: dict[str, float] = {}  # model id: when to look for its config again
 
     def get(self, spec: ModelSpec) -> ModelMeta:
         if spec.id in self.known:
             return self.known[spec.id]
+        registry_only = ModelMeta(num_classes=_source_classes(spec))
+        if time.monotonic() < self.missing.get(spec.id, 0.0):
+            return registry_only
         folder = self._folder(spec)
-        config = folder / "config.json" if folder else None
-        if config is None or not config.is_file():
-            return ModelMeta(num_classes=_source_classes(spec))
+        if folder is None:  # nothing to read: what the registry says is all there is
+            self.known[spec.id] = registry_only
+            return registry_only
+        if not (folder / "config.json").is_file():
+            self.missing[spec.id] = time.monotonic() + RECHECK_S
+            return registry_only
         meta = _read(folder, spec)
         self.known[spec.id] = meta
         return meta

@@ -55,7 +55,6 @@ router = authorized_router("jobs")
 async def run_task(
     req: RunTaskRequest,
     request: Request,
-    response: Response,
     api: SubmissionDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Any:
@@ -93,23 +92,19 @@ async def run_task(
         first = await idem.claim(api.redis, doc, api.settings.result_ttl)
         if first is not None:
             replayed = JobAccepted.model_validate(first)
-            return _answer(replayed, wants_stream, response, api.streams, replayed=True)
+            return _answer(replayed, wants_stream, api.streams, replayed=True)
     try:
         await enqueue(api.redis, api.queue, api.settings, job_id, body, spec.id, task)
     except BaseException:
         if idem is not None:  # not accepted: a retry with the same key may try again
             await idem.release(api.redis)
         raise
-    return _answer(accepted, wants_stream, response, api.streams, replayed=False)
+    return _answer(accepted, wants_stream, api.streams, replayed=False)
 
 
 def _answer(
-    accepted: JobAccepted,
-    wants_stream: bool,
-    response: Response,
-    streams: EventStreams,
-    replayed: bool,
-) -> JobAccepted | Response:
+    accepted: JobAccepted, wants_stream: bool, streams: EventStreams, replayed: bool
+) -> Response:
     """POST /run_task's answer for an accepted job: 202 with the job, or its events."""
     job_id = accepted.job_id
     headers = {"Location": f"/jobs/{job_id}"}
@@ -117,8 +112,10 @@ def _answer(
         headers["Idempotent-Replayed"] = "true"
     if wants_stream:
         return streams.response(job_id, **{"X-Job-Id": job_id, **headers})
-    response.headers.update(headers)
-    return accepted
+    # The model is ours and valid by construction: its JSON as a response, without FastAPI
+    # validating and serialising it again through ``response_model`` on every request.
+    body = accepted.model_dump_json(exclude_unset=True)
+    return Response(body, 202, headers, media_type="application/json")
 
 
 @router.get(
