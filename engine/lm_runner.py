@@ -46,16 +46,20 @@ def is_standard_cache(cache: Any) -> bool:
 def sees_later_tokens(model: nn.Module, input_ids: Tensor, mask: Tensor) -> bool:
     """Whether the LM's logits at a position depend on later tokens: a BERT-style decoder
     run as a causal LM without ``is_decoder`` attends both ways. Asked of the first prompt
-    row: its last token replaced, do the logits of the earlier positions move (a causal
-    model's do not, to the bit; a bidirectional one's by far more than 1e-5 of their size)?"""
-    ids, mask = input_ids[:1], mask[:1]
-    if ids.shape[1] < 2:
+    row: its last real token replaced, do the logits of its earlier real positions move (a
+    causal model's do not, to the bit; a bidirectional one's by far more than 1e-5 of their
+    size)? Padding is left out on both sides of the comparison: a padded position's logits
+    can be anything, NaN included, and a padded token is seen by no model."""
+    ids, real = input_ids[:1], mask[0].bool()
+    where = real.nonzero().flatten()
+    if where.numel() < 2:
         return False
-    before = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    last, earlier = int(where[-1]), where[:-1]
+    before = model(input_ids=ids, attention_mask=mask[:1]).logits[0, earlier].float()
     changed = ids.clone()
-    last = int(ids[0, -1])
-    changed[:, -1] = last - 1 if last > 0 else 1  # another id inside any vocabulary
-    after = model(input_ids=changed, attention_mask=mask).logits[:, :-1].float()
+    token = int(ids[0, last])
+    changed[0, last] = token - 1 if token > 0 else 1  # another id inside any vocabulary
+    after = model(input_ids=changed, attention_mask=mask[:1]).logits[0, earlier].float()
     return float((after - before).abs().max()) > 1e-5 * float(before.abs().max())
 
 
