@@ -105,6 +105,11 @@ class DLBacktrace:
         self._graphs.append(entry)
         return entry
 
+    def graph_for(self, inputs: Inputs) -> Captured:
+        """The captured graph that runs ``inputs``, captured now if none fits them (other
+        input names, or a length that a graph of static length does not take)."""
+        return self._graph_for(self._prepare(inputs))[0]
+
     @property
     def captured(self) -> Captured:
         return self._graphs[0][0]

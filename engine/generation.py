@@ -22,8 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from . import validate
+from .capture import Captured, CaptureError
 from .decoding import Decoded, decode
-from .lm_runner import sees_later_tokens, takes_position_ids
+from .lm_runner import position_ids_from_mask, sees_later_tokens, takes_position_ids
 from .memory import plan_seeds
 from .params import DecodingParams, OutputParams, RelevanceParams, StepPlan, with_keywords
 from .rules import grouped_mm_ops
@@ -162,16 +163,17 @@ def run_generation(
         raise ValueError(f"{type(dlb.model).__name__} contains no transformers causal LM")
     ids, mask = _prompt(inputs, tokenizer, dlb.device)
     cfg = decoding.resolve(lm, tokenizer)
-    layout = _layout(lm, ids, mask)
-    explainer = StepExplainer(dlb, layout, relevance, grouped_mm_ops())
-    explainer.keep_values = output.return_layerwise_output
+    explainer = _explainer(dlb, dlb.captured, lm, ids, mask, relevance, output)
     _check_prompt(dlb, explainer.token_input, ids, mask, cfg.max_new_tokens)
     plan = _sweep_plan(dlb, lm, ids, mask, cfg.max_new_tokens, plan, explainer)
+    graph = _explained_graph(dlb, ids, mask)  # after the budget's verdict: it may run the model
+    if graph is not dlb.captured:
+        explainer = _explainer(dlb, graph, lm, ids, mask, relevance, output)
     keep_scores = output.return_scores or on_step is not None
     streamed = plan.path == "stepwise" and cfg.num_beams == 1
     decoded, explained = _decode(lm, ids, mask, cfg, keep_scores, explainer, plan, on_step)
     decode_s = time.perf_counter() - started
-    tokens = decoded.sequences[:, layout.prompt_len :]
+    tokens = decoded.sequences[:, ids.shape[1] :]
     chosen = select_steps(plan.steps, decoded.num_steps)
     if not output.return_relevance and on_step is None and chosen and plan.path == "batched":
         chosen = chosen[-1:]  # only result["relevance"] is needed
@@ -214,12 +216,83 @@ def _sweep_plan(
     return dataclasses.replace(plan, max_seeds_per_sweep=seeds)
 
 
-def _layout(lm: nn.Module, ids: Tensor, mask: Tensor) -> Layout:
-    """How the explanation forward lays out the rows: left padding moved to the end, so that a
-    graph numbering positions itself sees the real tokens' positions, as the decode gave them;
-    kept in place for an LM whose forward takes no positions, which decoded with left padding
-    numbered (as ``generate`` does)."""
-    shift = (1 - mask).sum(1) if takes_position_ids(lm) else torch.zeros_like(mask[:, 0])
+def _explainer(
+    dlb: Any,
+    graph: Captured,
+    lm: nn.Module,
+    ids: Tensor,
+    mask: Tensor,
+    relevance: RelevanceParams,
+    output: OutputParams,
+) -> StepExplainer:
+    """The steps' explainer on ``graph``, its rows laid out as ``_layout`` says."""
+    layout = _layout(lm, graph, ids, mask)
+    explainer = StepExplainer(dlb, graph, layout, relevance, grouped_mm_ops())
+    explainer.keep_values = output.return_layerwise_output
+    return explainer
+
+
+def _explained_graph(dlb: Any, ids: Tensor, mask: Tensor) -> Captured:
+    """The graph that explains the steps: the first one, with left padding moved to the end
+    (``_layout``), where the model numbers the real tokens from 0 itself; else, where its
+    forward takes ``position_ids``, one that takes them, captured now on the prompt and fed
+    the decode's own layout, mask and positions. A graph that numbers positions itself cannot
+    replay them where they do not come from ``arange`` (X-MOD numbers them from the ids,
+    RoBERTa-style), nor a model whose numbers move with the padding (DeepSeek-V4's compressed
+    attention). The first graph is kept wherever it serves, so that node names (layers asked
+    for by name) stay those of the graph the caller captured. Where capturing with positions
+    fails, the first graph; the steps' logit check then says that they differ. (The memory
+    plan, made before, estimated the first graph: the same values, one [B, T] input more.)"""
+    first = dlb.captured
+    if "position_ids" in first.input_names or not takes_position_ids(dlb.model):
+        return first
+    if _replays_moved(dlb.model, first.input_names, ids, mask):
+        return first
+    given = {"input_ids": ids, "attention_mask": mask}
+    example = {k: v for k, v in given.items() if k in first.input_names}
+    example["position_ids"] = position_ids_from_mask(mask)
+    try:
+        return dlb.graph_for(example)
+    except (CaptureError, ValueError) as e:
+        log.info("generation explained without positions: capturing with them failed: %s", e)
+        return first
+
+
+@torch.no_grad()
+def _replays_moved(model: nn.Module, names: list[str], ids: Tensor, mask: Tensor) -> bool:
+    """Whether ``model`` run as a graph of inputs ``names`` (no positions) runs the prompt,
+    its padding moved to the end, to the logits of the decode's forward (padding in place,
+    positions ``cumsum - 1`` of the mask), at every real position (1e-3 of their size)."""
+    token = "input_ids" if "input_ids" in names else names[0]
+    shift = (1 - mask).sum(1)
+    moved_ids, moved_mask = Layout(ids.shape[1], shift, mask).compact(ids)
+    moved = {token: moved_ids, "attention_mask": moved_mask}
+    decoded = {token: ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask)}
+    got = _first_float(model(**{k: v for k, v in moved.items() if k in names}))
+    want = _first_float(
+        model(**{k: v for k, v in decoded.items() if k in (*names, "position_ids")})
+    )
+    for row, pad in enumerate(shift.tolist()):
+        real = ids.shape[1] - pad
+        a, b = got[row, :real].float(), want[row, pad:].float()
+        if float((a - b).abs().max()) > 1e-3 * max(1.0, float(b.abs().max())):
+            return False
+    return True
+
+
+def _first_float(out: Any) -> Tensor:
+    """The first floating-point tensor of a model's output (its logits, as the graph's)."""
+    leaves = torch.utils._pytree.tree_leaves(out)
+    return next(t for t in leaves if isinstance(t, Tensor) and t.is_floating_point())
+
+
+def _layout(lm: nn.Module, graph: Captured, ids: Tensor, mask: Tensor) -> Layout:
+    """How the explanation forward lays out the rows: as decoded (left padding in place) where
+    the graph takes the decode's positions, or where the LM takes none (it decoded with left
+    padding numbered, as ``generate`` does); else left padding moved to the end, so that a
+    graph numbering positions itself sees the real tokens' positions as the decode gave them."""
+    moved = takes_position_ids(lm) and "position_ids" not in graph.input_names
+    shift = (1 - mask).sum(1) if moved else torch.zeros_like(mask[:, 0])
     return Layout(ids.shape[1], shift, mask)
 
 

@@ -1,15 +1,18 @@
 """Explains the tokens of one decode with the captured graph: where each emitted token's seed
 sits, and how a sweep's relevance and layer outputs become a step's trace entry.
 
-Left padding is moved out of the way for the explanation forward: each row is shifted left so
-that its first real token sits at position 0 and its padding at the end (``Layout``). With
-causal attention, trailing padding influences nothing before it, and a graph that builds
-positions with ``arange`` (no ``position_ids`` input) then sees exactly the positions the decode
-used. Relevance and layer outputs are shifted back (per node, along the batch and sequence axes
-read from the exported symbolic shapes, ``Axes``), so ``relevance_trace[i]["input_ids"]`` lines
-up with ``generated_ids`` and padding positions hold zeros. A model whose forward takes no
-positions keeps its padding in place (the decode numbered it too), masked as the decode masked
-it: an all-ones mask there would let the padding into the state of a recurrent model.
+Where the LM takes positions and the graph does not (the graph the caller captured from ids and
+mask), each row is shifted left for the explanation forward so that its first real token sits
+at position 0 and its padding at the end (``Layout``): with causal attention, trailing padding
+influences nothing before it, and a graph that builds positions with ``arange`` then sees the
+positions the decode used. Relevance and layer outputs are shifted back (per node, along the
+batch and sequence axes read from the exported symbolic shapes, ``Axes``), so
+``relevance_trace[i]["input_ids"]`` lines up with ``generated_ids`` and padding positions hold
+zeros. Elsewhere the rows stay as decoded: a graph that takes ``position_ids`` gets the
+decode's (``engine.generation`` captures one where moving the padding does not replay the
+decode), and an LM whose forward takes no positions numbered the padding in the decode too.
+The mask moves with the ids: an all-ones mask over padding kept in place would let it into
+the state of a recurrent model.
 """
 
 from __future__ import annotations
@@ -61,17 +64,22 @@ class Layout:
 
 
 class StepExplainer:
-    """Explains emitted tokens of one decode with the captured graph of ``dlb``.
+    """Explains emitted tokens of one decode with ``captured``, a graph of ``dlb``.
 
     ``expert_ops``: the grouped matmul ops mixture-of-experts layers run their experts with;
     their nodes get per-expert relevance totals (``expert_relevance``)."""
 
     def __init__(
-        self, dlb: Any, layout: Layout, relevance: RelevanceParams, expert_ops: Sequence[Any]
+        self,
+        dlb: Any,
+        captured: Any,
+        layout: Layout,
+        relevance: RelevanceParams,
+        expert_ops: Sequence[Any],
     ):
-        self.dlb, self.layout, self.relevance = dlb, layout, relevance
+        self.dlb, self.captured, self.layout, self.relevance = dlb, captured, layout, relevance
         self.nodes = relevance.relevance_nodes
-        names = dlb.captured.input_names
+        names = captured.input_names
         self.token_input = "input_ids" if "input_ids" in names else names[0]
         unknown = set(names) - {self.token_input, "attention_mask", "position_ids"}
         if unknown:
@@ -79,8 +87,8 @@ class StepExplainer:
                 f"the captured graph takes inputs {sorted(unknown)} that generation cannot fill;"
                 " capture the model with input_ids (and attention_mask) only"
             )
-        self.axes = _node_axes(dlb.captured, self.token_input)
-        self.expert_nodes = [n for n in dlb.captured.nodes if n.target in expert_ops]
+        self.axes = _node_axes(captured, self.token_input)
+        self.expert_nodes = [n for n in captured.nodes if n.target in expert_ops]
         self.hidden: set[str] = set()  # kept for per-expert totals, not for the trace
         self.keep_values = False  # every sweep's recorded forward, for layer outputs
         if self.expert_nodes and self.nodes == "inputs":
@@ -91,7 +99,7 @@ class StepExplainer:
         ids, mask = self.layout.compact(sequence)
         given = {self.token_input: ids, "attention_mask": mask}
         given["position_ids"] = position_ids_from_mask(mask)
-        return {k: v for k, v in given.items() if k in self.dlb.captured.input_names}
+        return {k: v for k, v in given.items() if k in self.captured.input_names}
 
     def explain(
         self, sequence: Tensor, steps: list[int], tokens: Tensor, active: Tensor
