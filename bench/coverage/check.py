@@ -11,6 +11,7 @@ model's), ``conservation`` (inputs + sinks != seed per sample, or nothing reache
 
 from __future__ import annotations
 
+import inspect
 import re
 import sys
 import time
@@ -83,8 +84,7 @@ def check_architecture(arch: Arch) -> Outcome:
     """Build, capture and run ``arch``; the first failure decides the status."""
     started = time.perf_counter()
     try:
-        _check(arch)
-        status, detail = OK, ""
+        status, detail = OK, _check(arch)
     except _Failed as f:
         status, detail = f.status, f.detail
     if status != OK and _MEMORY.search(detail):
@@ -92,7 +92,8 @@ def check_architecture(arch: Arch) -> Outcome:
     return Outcome(arch.mapping, arch.name, status, detail, time.perf_counter() - started)
 
 
-def _check(arch: Arch) -> None:
+def _check(arch: Arch) -> str:
+    """Raises ``_Failed``; returns a note for an ok row (empty when there is none)."""
     from engine import DLBacktrace
 
     stage("build")
@@ -108,9 +109,9 @@ def _check(arch: Arch) -> None:
     stage("run")
     task = engine_task(arch.mapping)
     if task == "generation":
-        _check_generation(dlb, model, inputs)
-    else:
-        _check_classification(dlb, model, inputs, task)
+        return _check_generation(dlb, model, inputs)
+    _check_classification(dlb, model, inputs, task)
+    return ""
 
 
 def engine_task(mapping: str) -> str:
@@ -212,7 +213,9 @@ def _numpy(x: Any) -> Any:
 # ------------------------------------------------------------------ generation
 
 
-def _check_generation(dlb: Any, model: nn.Module, inputs: dict) -> None:
+def _check_generation(dlb: Any, model: nn.Module, inputs: dict) -> str:
+    """The engine's tokens against the reference (``_reference``), each step's graph logits
+    against the decode's (no 'logits differ' warning), and conservation."""
     result, said = _run(
         dlb,
         task="generation",
@@ -223,15 +226,51 @@ def _check_generation(dlb: Any, model: nn.Module, inputs: dict) -> None:
     differs = [w for w in said if "logits differ" in w]
     if differs:
         raise _Failed("forward-differs", differs[0])
-    with torch.no_grad():
-        want = model.generate(
-            **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
-        ).cpu()
+    want, note = _reference(model, inputs)
     have = torch.as_tensor(result["generated_ids"]).cpu()
     n = min(want.shape[1], have.shape[1])
     if not torch.equal(want[:, :n], have[:, :n]):
+        source = note or "transformers' generate"
         raise _Failed(
             "forward-differs", f"tokens {have[:, -NEW_TOKENS:].tolist()}, "
-            f"transformers' generate {want[:, -NEW_TOKENS:].tolist()}"
+            f"{source} {want[:, -NEW_TOKENS:].tolist()}"
         )  # fmt: skip
     _check_conservation([c for c in result["conservation_trace"] if c is not None])
+    return note
+
+
+@torch.no_grad()
+def _reference(model: nn.Module, inputs: dict) -> tuple[torch.Tensor, str]:
+    """The greedy tokens to compare with, and a note when they are not generate's.
+
+    transformers' ``generate`` is the reference where it computes the model's own logits: at
+    each step, those of a forward over the whole prefix (mask, positions ``cumsum - 1`` where
+    the forward takes them). Where its cache or state path gives others (RWKV's cached step
+    broadcasts its [B, H] state against the [B, 1, H] token into [B, B, H]: wrong for any batch
+    over 1), its tokens are not the model's, and the reference is the greedy decode by whole
+    forwards, which the engine explains."""
+    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+                         output_logits=True, return_dict_in_generate=True)  # fmt: skip
+    sequences, prompt = out.sequences.cpu(), inputs["input_ids"].shape[1]
+    mask = inputs["attention_mask"]
+    off = max(
+        float((_whole(model, sequences[:, : prompt + s], mask) - logits.float().cpu()).abs().max())
+        for s, logits in enumerate(out.logits)
+    )
+    if off <= 1e-3 * max(1.0, float(out.logits[0].abs().max())):
+        return sequences, ""
+    ids = inputs["input_ids"]
+    for _ in range(NEW_TOKENS):
+        ids = torch.cat([ids, _whole(model, ids, mask).argmax(-1, keepdim=True)], dim=1)
+    return ids, f"greedy whole forwards (generate's logits are not the forward's: off by {off:.3g})"
+
+
+def _whole(model: nn.Module, ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """Last-position logits of one forward over ``ids`` (the left-padded prompt, then new
+    tokens), masked and numbered as ``generate`` does."""
+    new = ids.shape[1] - prompt_mask.shape[1]
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(ids.shape[0], new)], dim=1)
+    kwargs = {"attention_mask": mask}
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=ids, **kwargs).logits[:, -1].float()

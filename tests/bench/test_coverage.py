@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bench.coverage.architectures import Arch, list_architectures
 from bench.coverage.check import STATUSES, check_architecture, missing_ops
@@ -79,3 +80,26 @@ def test_results_merge_into_the_file_as_it_is_then(tmp_path):
     assert mine == {"causal-lm/a": {"status": "ok"}}
     assert merged == {"causal-lm/a": {"status": "run-error"}, "causal-lm/b": {"status": "timeout"}}
     assert json.loads(path.read_text()) == merged
+
+
+def test_generation_is_compared_with_whole_forwards_where_generate_is_not_the_forward():
+    """RWKV's cached step broadcasts its [B, H] state against the [B, 1, H] token: for a batch
+    of two, generate's logits are not the model's, so the reference is the greedy decode by
+    whole forwards (and says so); llama's generate is the forward, and the reference."""
+    from bench.coverage.check import _reference
+    from tests.engine.lm_models import prompts, tiny_lm
+    from tests.engine.test_generation_uncached import UNCACHED, _build
+
+    batch = prompts(2, 6, seed=1, pads=(0, 2))
+    rwkv = _build(*UNCACHED["rwkv"])
+    tokens, note = _reference(rwkv, batch)
+    assert note.startswith("greedy whole forwards")
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        for _ in range(tokens.shape[1] - ids.shape[1]):
+            ids = torch.cat([ids, rwkv(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(tokens, ids)
+    llama = tiny_lm("llama")
+    tokens, note = _reference(llama, batch)
+    assert note == ""
+    assert torch.equal(tokens, llama.generate(**batch, max_new_tokens=3, do_sample=False))
