@@ -151,8 +151,9 @@ class DLBacktrace:
             relevance, seed_total, at_inputs, sinks = f.sweeper.run(
                 f.env, f.prepared, seed, params.mode, params.keep, f.env_ref, retain
             )
+        fused, lean = f.sweeper.fused, retain is not None
         return Explanation(
-            relevance, seed_total, at_inputs, sinks, f.outputs, f.env, f.sweeper.fused, f.captured
+            relevance, seed_total, at_inputs, sinks, f.outputs, f.env, fused, f.captured, lean
         )
 
     def _forwards(

@@ -341,6 +341,9 @@ def _result(
     """The result's traces, one entry per step (``None`` where a step was not explained), and
     the relevance, conservation and ``node_io`` of the last explained step."""
     n, last = decoded.num_steps, max(explained, default=None)
+    # node_io only where the run kept every op's value (layer outputs asked for): a lean
+    # record holds a few values, freed by the sweep (``Explanation.node_io``).
+    last_exp = None if last is None else explained[last].exp
     result: dict[str, Any] = {
         "task": "generation",
         "generated_ids": decoded.sequences,
@@ -349,7 +352,7 @@ def _result(
         "mode": explainer.relevance.mode,
         "relevance": {} if last is None else traces[last],
         "conservation": None if last is None else explainer.conservation(explained[last]),
-        "node_io": {} if last is None else explained[last].exp.node_io(),
+        "node_io": {} if last_exp is None or last_exp.lean else last_exp.node_io(),
     }
     result["conservation_trace"] = [
         explainer.conservation(explained[s]) if s in explained else None for s in range(n)

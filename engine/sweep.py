@@ -71,9 +71,18 @@ class Explanation:
     env: dict[fx.Node, Any] = field(repr=False, default_factory=dict)
     fused: dict[fx.Node, dict[str, Any]] = field(repr=False, default_factory=dict)
     captured: Captured | None = field(repr=False, default=None)  # the graph that ran
+    lean: bool = False  # the forward kept only what the rules read, freed during the sweep
 
     def node_io(self) -> NodeIO:
-        """The public ``node_io`` form: recorded inputs and output of every op."""
+        """The public ``node_io`` form: recorded inputs and output of every op. Not for a
+        lean explanation (``DLBacktrace.explain(..., retain=...)``): most op values were
+        never kept or were freed by the sweep, and a partial ``node_io`` would pass for a
+        whole one."""
+        if self.lean:
+            raise RuntimeError(
+                "node_io is not kept by a lean explanation (explain(..., retain=...)): "
+                "explain without retain to read every op's values"
+            )
         return NodeIO(self.captured, self.env, self.fused)
 
 

@@ -59,3 +59,14 @@ def test_lean_and_freed_sweep_equals_full(dlb, mode):
     assert len(full_env) > len(lean_env)
     gc.collect()
     assert all(w() is None for w in weak)
+
+
+def test_a_lean_explanation_refuses_node_io(dlb):
+    """A lean explanation holds few op values, freed by the sweep: ``node_io`` says so
+    instead of returning a partial record that passes for a whole one."""
+    model, batch = dlb
+    lean = model.explain(batch, _seed(batch), retain=frozenset())
+    with pytest.raises(RuntimeError, match="lean explanation"):
+        lean.node_io()
+    io = model.explain(batch, _seed(batch)).node_io()
+    assert sum(v["output_values"] is not None for v in io.values()) > len(io) // 2
