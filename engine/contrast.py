@@ -30,9 +30,12 @@ input does not already have: all of d where the reference tells the classes apar
 than a removed input does. Chosen by ``bench.faithfulness`` over the |z| rules below the
 head (which scored 11.9 against Integrated Gradients' 23.9 on the digits' difference, and
 0.33 against 0.67 on MiniLM's): from the removal baseline it is ahead of every peer on both
-digits tasks and MiniLM, and behind Integrated Gradients on the lookup LM (1.7 paired
-standard errors on 48 prompts, 1.1 on 256; bench/README.md). A single logit is already a
-difference (of the positive and the negative class): it is its own contrast.
+digits tasks and MiniLM, and within noise of Integrated Gradients on the lookup LM, whose
+side depends on which training run of it is scored (+0.11 +- 0.06 paired over four builds;
+bench/README.md). On the target's own logit it ranks below mode "default" on the lookup LM,
+as Integrated Gradients of the same difference does: evidence that raises the target and its
+alternative alike cancels here by definition. A single logit is already a difference (of the
+positive and the negative class): it is its own contrast.
 """
 
 from __future__ import annotations
