@@ -43,8 +43,13 @@ def test_conservation(name, mode):
     result = dlb.run_task(inputs=inputs, mode=mode, multiplier=100.0, relevance_nodes="inputs")
     c = result["conservation"]
     assert (abs(c["seed"]) == 100.0).all()
-    # inputs + sinks == seed, per sample, to 1e-4 relative
-    assert abs(c["inputs"] + c["sinks"] - c["seed"]).max() <= 1e-4 * 100.0, c
+    # inputs + sinks == seed, per sample, to 1e-4 of the seed, plus float32's rounding of the
+    # two parts where they are far larger than the seed: in mode contrast the reference
+    # input's own logit difference (the sink) can be many times the difference explained
+    # (random weights; vit_b_16 on an Intel Xeon: inputs 7627 and sinks -7527 for a seed of
+    # 100, off by 0.014, 2e-6 of the parts; it passed on the AMD EPYC machines before)
+    parts = abs(c["inputs"]) + abs(c["sinks"])
+    assert (abs(c["inputs"] + c["sinks"] - c["seed"]) <= 1e-4 * 100.0 + 1e-5 * parts).all(), c
     # the reported input relevance is really what the input tensors hold
     names = dlb.captured.input_names
     held = sum(
