@@ -23,7 +23,8 @@ How, keeping RQ's queue the one source of truth:
   claim or wait.
 - If the worker dies holding claims, ``requeue_lost`` (run by the reaper) puts those jobs back
   at the front of RQ's queue, not into a batch list: a job that killed its worker then runs
-  alone, under RQ's retry accounting. No torch here."""
+  alone, under RQ's retry accounting. A claimed job whose result is already stored (its
+  worker died before settling it) is settled instead, never run again. No torch here."""
 
 from __future__ import annotations
 

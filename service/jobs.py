@@ -7,16 +7,21 @@ serializer, so only plain JSON crosses the queue; arrays are written by us as ra
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
+import redis
 from rq import get_current_job
 
 from . import batching, store
 from . import worker_metrics as m
 from .vocabulary import JobStatus
-from .work.context import Work, state
+from .work.context import Work, WorkerState, state
 from .work.run import run_batch
+
+log = logging.getLogger("service.worker")
 
 # How long a job keeps running further batches of its group that arrive meanwhile; bounded
 # so that jobs of other models behind it in the queue are not starved.
@@ -63,8 +68,31 @@ def run_job(request: dict[str, Any]) -> dict[str, Any]:
         return [Work(j.id, j.kwargs["request"], j, started=True, cancel_asked=c) for j, c in jobs]
 
     outcome = run_batch(st, r, [primary, *claim(st.settings.max_batch - 1)], primary, settle)
+    try:  # the primary's result is stored: nothing after this may fail or rerun its job
+        if batched:
+            _further_batches(st, r, group, claim, settle)
+    except Exception:  # noqa: BLE001 - logged; the jobs claimed meanwhile go to the reaper
+        log.warning("stopped running further batches of %s", group, exc_info=True)
+    finally:
+        _send(settle)
+    m.update_gpu_memory()
+    if isinstance(outcome, Exception):
+        if job is not None:
+            job.retries_left = 0  # deterministic: a retry would fail the same way
+        raise outcome
+    return {"status": JobStatus.FINISHED}
+
+
+def _further_batches(
+    st: WorkerState,
+    r: redis.Redis,
+    group: str,
+    claim: Callable[[int], list[Work]],
+    settle: redis.client.Pipeline,
+) -> None:
+    """Run the batches of ``group`` that keep arriving, for up to ``BATCH_ROUNDS_S``."""
     until, waited = time.monotonic() + BATCH_ROUNDS_S, False
-    while batched and (left := until - time.monotonic()) > 0:
+    while (left := until - time.monotonic()) > 0:
         if works := claim(st.settings.max_batch):
             run_batch(st, r, works, None, settle)
             waited = False
@@ -72,11 +100,15 @@ def run_job(request: dict[str, Any]) -> dict[str, Any]:
             break
         else:
             waited = True  # one of the group arrived: claim it (another worker may have)
-    if len(settle):
+
+
+def _send(settle: redis.client.Pipeline) -> None:
+    """RQ's settling of the last batch's claimed jobs, if any is left to send. On a Redis
+    error they keep their claims, which the reaper settles from their stored results once
+    the claims' deadline passes (``batching.requeue_lost``)."""
+    if not len(settle):
+        return
+    try:
         settle.execute()
-    m.update_gpu_memory()
-    if isinstance(outcome, Exception):
-        if job is not None:
-            job.retries_left = 0  # deterministic: a retry would fail the same way
-        raise outcome
-    return {"status": JobStatus.FINISHED}
+    except redis.RedisError:
+        log.warning("could not settle claimed jobs in RQ; the reaper will", exc_info=True)

@@ -51,16 +51,21 @@ def connect(url: str, patient: bool = False) -> redis.Redis:
 # writing the event twice. With KEYS[3] (a job's cancel flag) and a second event, data and
 # document in ARGV[6..8]: that second ending is written instead when the flag is set, and
 # the reply says which (1: the second), so a cancel asked while the job ran costs no read
-# of its own before the result is stored.
+# of its own before the result is stored. A retry finds the ending already written (the
+# stream's last event is one of the two) and changes nothing: a cancel that came between
+# the two tries must not turn a ``done`` the clients have seen into ``canceled``.
 _APPEND = Script(
     None,
     b"""
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if KEYS[3] and last and (last[2][2] == ARGV[1] or last[2][2] == ARGV[6]) then
+  return last[2][2] == ARGV[6] and 1 or 0  -- a retry of a write that ended the job
+end
 local event, data, doc, second = ARGV[1], ARGV[2], ARGV[5], 0
 if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then
   event, data, doc, second = ARGV[6], ARGV[7], ARGV[8], 1
 end
 if KEYS[2] then redis.call('SET', KEYS[2], doc, 'EX', ARGV[4]) end
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
 local id
 if last and last[2][2] == event and last[2][4] == data then
   id = last[1]
@@ -135,7 +140,8 @@ def finish(
     """Store the final document and append the terminal event together, atomically, so a
     stream reader that sees ``done`` can always read the result (on a pipeline, when it is
     executed). With ``if_canceled``, that ending is written instead when a cancel was asked
-    meanwhile, and the script's reply (1) says so. Returns bytes written."""
+    meanwhile, and the script's reply (1) says so. Returns the size of ``ending``'s event
+    data and document, the bytes written unless the other ending was."""
     event, payload, raw = ending.encoded()
     keys, args = [EVENTS.format(job_id), RESULT.format(job_id)], [event, payload, maxlen, ttl, raw]
     if if_canceled is not None:
@@ -205,3 +211,15 @@ def publish_graph(r: redis.Redis, model_id: str, revision: str, nodes: list[str]
     the graph it runs."""
     value = json.dumps({"revision": revision, "nodes": nodes})
     r.set(GRAPH.format(model_id), value, ex=GRAPH_TTL_S)
+
+
+def keep_graphs(r: redis.Redis, model_ids: list[str]) -> None:
+    """Push out the expiry of the published node names of the models a worker holds (from
+    its heartbeat): a model captured once and kept warm is not captured again, and its
+    names must not expire while it is served."""
+    if not model_ids:
+        return
+    pipe = r.pipeline(transaction=False)
+    for model_id in model_ids:
+        pipe.expire(GRAPH.format(model_id), GRAPH_TTL_S)
+    pipe.execute()

@@ -39,6 +39,9 @@ class Event(StrEnum):
 
 
 TERMINAL_EVENTS = (Event.DONE, Event.ERROR, Event.CANCELED)
+# A job's lifecycle before it has any output: an SSE relay may hold these back briefly to
+# send them with what follows (``service.api.sse``); progress (tokens, relevance) is not held.
+LIFECYCLE_EVENTS = (Event.QUEUED, Event.STARTED, Event.RETRYING)
 
 
 class WorkerStatus(StrEnum):

@@ -60,7 +60,8 @@ class Heartbeat:
     and the count) while it loads and captures its warm models, then ``ready``. Without the
     warming beats a warming worker looked like no worker at all. RQ's SimpleWorker sends no
     heartbeat while a job runs, and a killed worker stays registered for minutes. Each beat
-    also ends the jobs of workers whose key has expired (``service.reaper``)."""
+    also keeps the published node names of the models it holds from expiring, and ends the
+    jobs of workers whose key has expired (``service.reaper``)."""
 
     def __init__(self, settings: Settings, st: WorkerState):
         self.settings, self.st = settings, st
@@ -104,7 +105,9 @@ class Heartbeat:
         while not self._stopping:
             self._wake.clear()
             try:
-                store.heartbeat(r, self.st.name, self.info(), s.heartbeat_ttl)
+                info = self.info()
+                store.heartbeat(r, self.st.name, info, s.heartbeat_ttl)
+                store.keep_graphs(r, info["models"])
                 reaper.reap(r, s.queue, s.heartbeat_ttl, s.result_ttl, s.failure_ttl)
             except Exception:  # noqa: BLE001 - Redis blips must not kill the worker
                 log.warning("heartbeat failed", exc_info=True)

@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from rq.job import JobStatus as RqStatus
 
 from .. import store
-from ..vocabulary import TERMINAL_EVENTS, Event
+from ..vocabulary import LIFECYCLE_EVENTS, TERMINAL_EVENTS, Event
 from .jobview import waiting_note
 from .metrics import ApiMetrics
 
@@ -119,18 +119,20 @@ class EventStreams:
 async def _events(
     streams: EventStreams, job_id: str, last: str, first: Any = None
 ) -> AsyncIterator[str]:
-    """The job's events from ``last`` on. Events that do not end the job are held back for
-    up to ``SSE_HOLD_S`` after the first of them, and go out together with what follows
-    them meanwhile: a short job's ``queued``, ``started`` and ``done`` reach the client in
-    one socket write (one wake-up of the client) instead of three, while the terminal event
-    is never held. The held events of one batch go out in chunks of up to
-    ``SSE_CHUNK_BYTES``. Nothing is read from Redis before the client has taken what was
-    sent (the server's send waits while the socket is full), so a slow reader costs one
-    batch of memory; a client that goes away cancels this generator."""
+    """The job's events from ``last`` on. Lifecycle events (``queued``, ``started``) are held
+    back for up to ``SSE_HOLD_S`` after the first of them, and go out together with what
+    follows them meanwhile: a short job's ``queued``, ``started`` and ``done`` reach the
+    client in one socket write (one wake-up of the client) instead of three. A terminal
+    event is never held, nor is progress (tokens, relevance: they go out with what is
+    held as they come), and the hold ends on time however fast events arrive. The events
+    of one read go out in chunks of up to ``SSE_CHUNK_BYTES``. Nothing is read from Redis
+    before the client has taken what was sent (the server's send waits while the socket is
+    full), so a slow reader costs one batch of memory; a client that goes away cancels this
+    generator."""
     ar, keepalive = streams.redis, streams.keepalive
     key = store.EVENTS.format(job_id)
     streams.metrics.sse_clients.inc()
-    down_since, hold_until = None, None
+    down_since, hold_until, holding = None, None, True
     pending = "retry: 2000\n\n"  # sent with the first events
     try:
         while True:
@@ -145,13 +147,13 @@ async def _events(
                     yield _Last(pending + ": redis unavailable too long; reconnect\n\n")
                     return
                 yield pending + f": redis unavailable ({type(exc).__name__}), retrying\n\n"
-                pending, hold_until = "", None
+                pending, hold_until, holding = "", None, True
                 await asyncio.sleep(min(1.0, keepalive))
                 continue
             down_since = None
             if not resp:  # the hold is over, or the job was quiet: a keep-alive
                 yield pending + quiet
-                pending, hold_until = "", None
+                pending, hold_until, holding = "", None, True
                 continue
             for entry_id, fields in resp[0][1]:
                 last = entry_id.decode()
@@ -167,7 +169,12 @@ async def _events(
                 if event in TERMINAL_EVENTS:
                     yield _Last(pending)
                     return
+                holding = holding and event in LIFECYCLE_EVENTS
             hold_until = hold_until or time.monotonic() + SSE_HOLD_S
+            if not holding or time.monotonic() >= hold_until:  # progress, or the hold is up
+                if pending:
+                    yield pending
+                pending, hold_until, holding = "", None, True
     finally:  # also when the client went away (cancelled): stop counting it
         streams.metrics.sse_clients.dec()
 

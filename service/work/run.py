@@ -57,12 +57,10 @@ def run_batch(
     pipe = r.pipeline(transaction=False)
     written = [_write(st, pipe, w, o) for w, o in zip(works, outcomes, strict=True)]
     replies = pipe.execute()
-    ended = [
-        JobCanceled() if isinstance(o, dict) and second == 1 else o
-        for o, second in zip(outcomes, replies, strict=True)
-    ]
-    for w, o, n in zip(works, ended, written, strict=True):
-        status = _count(st, w, o, n)
+    switched = [isinstance(o, dict) and x == 1 for o, x in zip(outcomes, replies, strict=True)]
+    ended = [JobCanceled() if c else o for o, c in zip(outcomes, switched, strict=True)]
+    for w, o, n, c in zip(works, ended, written, switched, strict=True):
+        status = _count(st, w, o, 0 if c else n)  # a canceled ending: a few bytes, not n
         if w is not primary and w.job is not None:
             batching.settle(settle, w.job, status, st.settings.result_ttl, st.settings.failure_ttl)
     return ended[0] if primary is not None else None

@@ -111,3 +111,30 @@ def test_published_graph_names_expire(r: redis.Redis) -> None:
     """Names of a revision no worker captures any more must not refuse layers for good."""
     store.publish_graph(r, "m", "rev1", ["conv1", "fc"])
     assert 0 < r.ttl(store.GRAPH.format("m")) <= store.GRAPH_TTL_S
+
+
+def test_a_retried_final_write_keeps_the_ending_clients_saw(r: redis.Redis) -> None:
+    """The worker's client retries a write whose reply was lost: a cancel that came between
+    the two tries must not turn the ``done`` already written into ``canceled``."""
+    done = store.Ending(Event.DONE, {"status": "finished"}, {"status": "finished"})
+    canceled = store.Ending(Event.CANCELED, {"type": "JobCanceled"}, {"status": "canceled"})
+    replies = []
+    for _ in range(2):
+        pipe = r.pipeline(transaction=False)
+        store.finish(pipe, "j2", done, 60, 100, if_canceled=canceled)
+        replies += pipe.execute()
+        store.request_cancel(r, "j2", 60)
+    assert replies == [0, 0]
+    assert [f[b"event"] for _, f in r.xrange(store.EVENTS.format("j2"))] == [b"done"]
+    assert store.get_result(r, "j2")["status"] == "finished"
+
+
+def test_a_served_models_names_are_kept_from_expiring(r: redis.Redis) -> None:
+    """A warm model is captured once: the heartbeat of a worker that holds it pushes the
+    expiry of its names out; a model no worker holds keeps its countdown."""
+    store.publish_graph(r, "warm", "rev1", ["fc"])
+    store.publish_graph(r, "gone", "rev1", ["fc"])
+    for model_id in ("warm", "gone"):
+        r.expire(store.GRAPH.format(model_id), 5)
+    store.keep_graphs(r, ["warm"])
+    assert r.ttl(store.GRAPH.format("warm")) > 5 >= r.ttl(store.GRAPH.format("gone"))
