@@ -51,7 +51,8 @@ CREATION_OPS = {
 }
 
 # Ops that move integer ids around or re-encode each one: an embedding lookup after them
-# still traces back to the input's ids.
+# still traces back to the input's ids (from any of their arguments: ids concatenated with
+# constant ids, added to an offset).
 ID_PATH_OPS = {
     *RESHAPE_OPS,
     aten.expand.default,
@@ -60,6 +61,8 @@ ID_PATH_OPS = {
     aten.clone.default,
     aten.contiguous.default,
     aten.alias.default,
+    aten._to_copy.default,  # ids cast to int32 (CPM-Ant)
+    aten.cat.default,  # ids after constant ids (CPM-Ant's prompt ids before the text's)
     aten.permute.default,
     aten.transpose.int,
     aten.index_put.default,  # ids masked to a placeholder id (gemma3's image tokens)
@@ -150,7 +153,7 @@ class Provenance:
         if _floating(val):
             return any(self.data.get(a, False) and _floating(_value(a)) for _, _, a in args)
         if isinstance(val, torch.Tensor) and node.target in ID_PATH_OPS:
-            return self.data.get(args[0][2], False)
+            return any(self.data.get(a, False) for _, _, a in args)
         return False
 
     def _reach(self, nodes: list[fx.Node], output: fx.Node) -> set[fx.Node]:

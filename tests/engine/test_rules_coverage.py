@@ -270,11 +270,27 @@ class MaskedIds(nn.Module):
         return self.head(self.embed(ids).mean(1))
 
 
+class PromptedIds(nn.Module):
+    """CPM-Ant's input: the ids cast to int32 and placed after constant prompt ids (cat)
+    before the lookup; the prompt's share is a sink, the text's must reach the ids."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = nn.Embedding(24, 4), nn.Linear(4, 3)
+
+    def forward(self, input_ids):
+        prompt = torch.arange(16, 19, dtype=torch.int32).repeat(input_ids.shape[0], 1)
+        ids = torch.cat([prompt, input_ids.to(torch.int32)], dim=1)
+        return self.head(self.embed(ids).mean(1))
+
+
 @pytest.mark.parametrize("mode", ["default", "contrast", "reference"])
-@pytest.mark.parametrize("model", [HashedIds, MaskedIds])
+@pytest.mark.parametrize("model", [HashedIds, MaskedIds, PromptedIds])
 def test_ids_reach_the_input(model, mode):
-    """Ids hashed by integer arithmetic (CANINE) or masked by index_put (gemma3) stay on the
-    id path: the relevance of the embeddings reaches the ids, conserved."""
+    """Ids hashed by integer arithmetic (CANINE), masked by index_put (gemma3) or cast and put
+    after constant ids (CPM-Ant) stay on the id path: the relevance of the embeddings reaches
+    the ids, conserved."""
     ids = torch.tensor([[1, 14, 3, 5], [15, 2, 7, 9]])
     result = DLBacktrace(model().eval(), {"input_ids": ids}).run_task(
         inputs={"input_ids": ids}, mode=mode
