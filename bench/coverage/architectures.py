@@ -64,8 +64,12 @@ _SCALARS: dict[str, int] = {
         24,
     ),  # fmt: skip
     **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4),
-    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "top_k_experts"), 2),
-    **dict.fromkeys(("n_shared_experts", "num_shared_experts", "n_group", "topk_group"), 1),
+    **dict.fromkeys(
+        ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k_experts", "moe_k"), 2
+    ),
+    **dict.fromkeys(
+        ("n_shared_experts", "num_shared_experts", "n_group", "num_expert_group", "topk_group"), 1
+    ),
     **dict.fromkeys(("kv_lora_rank", "q_lora_rank"), 16),
     **dict.fromkeys(("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"), 8),
     **dict.fromkeys(("vocab_size", "n_vocab"), VOCAB),
@@ -118,12 +122,14 @@ class NotBuilt(Exception):
 def build(arch: Arch) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A small random instance of ``arch`` and its inputs (batch of 2), checked to run eager.
 
-    transformers: the fully shrunk configuration first, then with only the depth shrunk (some
-    models tie sizes together in ways a generic shrink misses), else ``NotBuilt``."""
+    transformers: the fully shrunk configuration first, then the same with as many key-value
+    heads as heads (multi-head latent attention takes no grouped heads), then with only the
+    depth shrunk (some models tie sizes together in ways a generic shrink misses), else
+    ``NotBuilt``."""
     if arch.mapping == TORCHVISION:
         return _torchvision(arch.name)
     errors = []
-    for shrink in (_shrunk, _shallow):
+    for shrink in (_shrunk, _ungrouped, _shallow):
         try:
             return _transformers(arch, shrink)
         except Exception as e:  # noqa: BLE001 - any failure here is the build's, reported
@@ -181,6 +187,16 @@ def _shrunk(config: Any) -> dict[str, Any]:
         out["image_size"] = [32] * len(have["image_size"])
     if isinstance(have.get("patch_size"), list | tuple):
         out["patch_size"] = [8] * len(have["patch_size"])
+    return out
+
+
+def _ungrouped(config: Any) -> dict[str, Any]:
+    """``_shrunk`` with one key-value head per head, where the configuration groups them."""
+    out = _shrunk(config)
+    heads = next((out[k] for k in ("num_attention_heads", "n_head") if k in out), None)
+    for key in ("num_key_value_heads", "num_kv_heads"):
+        if key in out and heads is not None:
+            out[key] = heads
     return out
 
 
