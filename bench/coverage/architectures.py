@@ -72,7 +72,7 @@ _SCALARS: dict[str, int] = {
     ),
     **dict.fromkeys(("kv_lora_rank", "q_lora_rank"), 16),
     **dict.fromkeys(("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"), 8),
-    **dict.fromkeys(("vocab_size", "n_vocab"), VOCAB),
+    **dict.fromkeys(("vocab_size", "n_vocab", "unpadded_vocab_size"), VOCAB),
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"), 64),
     **dict.fromkeys(("d_latents", "num_latents"), 32),  # Perceiver
     **dict.fromkeys(("num_self_attends_per_block", "num_blocks"), 1),

@@ -105,12 +105,16 @@ def test_generation_is_compared_with_whole_forwards_where_generate_is_not_the_fo
     assert torch.equal(tokens, llama.generate(**batch, max_new_tokens=3, do_sample=False))
 
 
-@pytest.mark.parametrize("name", ["ernie4_5_moe", "glm4_moe_lite", "bailing_hybrid"])
-def test_mixture_of_experts_and_latent_attention_build_small(name):
+@pytest.mark.parametrize(
+    "name", ["ernie4_5_moe", "glm4_moe_lite", "bailing_hybrid", "inkling2_text"]
+)
+def test_configurations_with_more_size_names_build_small(name):
     """The shrink knows the top-k and group names of these configurations (``moe_k``,
     ``num_experts_per_token``, ``num_expert_group``) and gives multi-head latent attention one
     key-value head per head; otherwise the build fell back to the default widths (3.3 billion
-    parameters for bailing_hybrid) and the run past the memory limit."""
+    parameters for bailing_hybrid) and the run past the memory limit. ``unpadded_vocab_size``
+    is the LM head's width (inkling2: 200058 outputs over 128 embeddings, so decoding fed
+    the embedding ids it does not have)."""
     from bench.coverage.architectures import build
 
     arch = next(a for a in list_architectures("causal-lm") if a.name == name)
