@@ -119,4 +119,4 @@ def test_configurations_with_more_size_names_build_small(name):
 
     arch = next(a for a in list_architectures("causal-lm") if a.name == name)
     model, _ = build(arch)
-    assert sum(p.numel() for p in model.parameters()) < 10**6
+    assert sum(p.numel() for p in model.parameters()) < 3 * 10**6  # defaults: 8M to 3.3G
