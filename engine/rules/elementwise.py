@@ -36,6 +36,7 @@ class Identity(Family):
         aten.exp.default,
         aten.cos.default,
         aten.sin.default,
+        aten.abs.default,
         aten.clone.default,
         aten.alias.default,
         aten.detach.default,

@@ -100,7 +100,7 @@ class Adjoint(Family):
 class Cat(Family):
     """Split relevance along the joined dimension."""
 
-    ops = (aten.cat.default,)
+    ops = (aten.cat.default, aten.concatenate.default)
 
     def default(self, ctx: Ctx) -> Propagation:
         tensors = ctx.args["tensors"]
@@ -121,7 +121,7 @@ class Stack(Family):
 
 class Scatter(Family):
     """Writes into a tensor (``slice_scatter``, ``select_scatter``, ``index_put``,
-    ``index_add``), linear in all
+    ``index_add``, ``scatter``), linear in all
     its tensor operands together: an element that was overwritten takes relevance from the
     one that replaced it (the adjoint), one that was added to shares it with the addends in
     proportion to |operand| (the |z| rule; the difference rule in mode "reference").
@@ -132,6 +132,7 @@ class Scatter(Family):
         aten.select_scatter.default,
         aten.index_put.default,
         aten.index_add.default,
+        aten.scatter.src,
     )
 
     def default(self, ctx: Ctx) -> Propagation:

@@ -132,6 +132,12 @@ BODIES: dict[str, tuple[Callable, int]] = {
     "amax": (lambda x: x.reshape(-1, 2, 4).amax(-1), 2),
     "attention_one_kv_head": (_one_kv_head, 2 * D),
     "tril_triu": (lambda x: _grid(x).tril() - 2 * _grid(x).triu(1), D),
+    # xLSTM's stabiliser and its concatenate (cat's alias); llama4's router scatters scores
+    "abs_concatenate": (lambda x: torch.concatenate([x.abs(), x * 2], dim=1), 2 * D),
+    "scatter_src": (
+        lambda x: torch.zeros_like(x).scatter(1, torch.tensor([[1, 4], [0, 7]]), x[:, :2] * 3),
+        D,
+    ),
 }
 
 _cache: dict[str, DLBacktrace] = {}
