@@ -165,6 +165,29 @@ _ROW_BIAS = Weighted(
 )
 
 
+class BAddBMM(WeightedFamily):
+    """beta b + alpha x @ W per group (``baddbmm``): block-diagonal linear layers with a bias,
+    as RecurrentGemma's gates write them; x is ``batch1`` [G, N, I], W ``batch2`` [G, I, O].
+    The bias, broadcast over the rows, stays elementwise in the denominator and the sink."""
+
+    ops = (aten.baddbmm.default,)
+    bias = "self"
+
+    def operands(self, ctx: Ctx) -> Operands:
+        if ctx.is_data("batch2"):
+            raise NotImplementedError("baddbmm with data in batch2")
+        x, w = ctx.args["batch1"], ctx.args["batch2"] * ctx.args["alpha"]
+        extra = (ctx.args["self"] * ctx.args["beta"]).abs() + TINY
+        return Operands(_GROUPS, "batch1", x, w, w.abs(), extra)
+
+
+_GROUPS = Weighted(
+    forward=lambda x, w, bias: torch.matmul(x, w) + (0 if bias is None else bias),
+    backward=lambda ratio, w: ratio @ w.transpose(-1, -2),
+    bias_sink=lambda ratio, extra: ratio * extra,
+)
+
+
 _CONV = {1: (F.conv1d, F.conv_transpose1d), 2: (F.conv2d, F.conv_transpose2d)}
 
 

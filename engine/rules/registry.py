@@ -12,7 +12,7 @@ import torch
 from ..tasks import MODES
 from .attention import Attention
 from .base import Family, Rule
-from .dense import AddMM, Conv, Einsum, GroupedMM, Linear, Product
+from .dense import AddMM, BAddBMM, Conv, Einsum, GroupedMM, Linear, Product
 from .elementwise import (
     Add,
     AddCMul,
@@ -44,6 +44,7 @@ from .shape import (
 FAMILIES: tuple[Family, ...] = (
     Linear(),
     AddMM(),
+    BAddBMM(),
     Conv(),
     Product(),
     Einsum(),

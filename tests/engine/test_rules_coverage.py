@@ -55,6 +55,15 @@ def _select_scatter(x):
     return y
 
 
+_GROUP_W, _GROUP_B = (torch.randn(*s, generator=torch.Generator().manual_seed(2))
+                      for s in ((2, 4, 4), (2, 1, 4)))  # fmt: skip
+
+
+def _groups(x):
+    y = torch.baddbmm(_GROUP_B, x.reshape(-1, 2, 4).transpose(0, 1), _GROUP_W, alpha=0.5)
+    return y.transpose(0, 1)
+
+
 def _grid(x):
     return x.reshape(x.shape[0], 1, 2, 4)
 
@@ -133,6 +142,8 @@ BODIES: dict[str, tuple[Callable, int]] = {
     "attention_one_kv_head": (_one_kv_head, 2 * D),
     "tril_triu": (lambda x: _grid(x).tril() - 2 * _grid(x).triu(1), D),
     # xLSTM's stabiliser and its concatenate (cat's alias); llama4's router scatters scores
+    # RecurrentGemma's gates: block-diagonal linear layers with a bias
+    "baddbmm": (_groups, D),
     "abs_concatenate": (lambda x: torch.concatenate([x.abs(), x * 2], dim=1), 2 * D),
     "scatter_src": (
         lambda x: torch.zeros_like(x).scatter(1, torch.tensor([[1, 4], [0, 7]]), x[:, :2] * 3),
