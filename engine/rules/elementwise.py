@@ -34,6 +34,7 @@ class Identity(Family):
         aten.pow.Tensor_Scalar,
         aten.erf.default,
         aten.exp.default,
+        aten.log.default,
         aten.cos.default,
         aten.sin.default,
         aten.abs.default,

@@ -141,10 +141,11 @@ BODIES: dict[str, tuple[Callable, int]] = {
     "amax": (lambda x: x.reshape(-1, 2, 4).amax(-1), 2),
     "attention_one_kv_head": (_one_kv_head, 2 * D),
     "tril_triu": (lambda x: _grid(x).tril() - 2 * _grid(x).triu(1), D),
-    # xLSTM's stabiliser and its concatenate (cat's alias); llama4's router scatters scores
     # RecurrentGemma's gates: block-diagonal linear layers with a bias
     "baddbmm": (_groups, D),
+    # xLSTM's stabiliser and its concatenate (cat's alias); llama4's router scatters scores
     "abs_concatenate": (lambda x: torch.concatenate([x.abs(), x * 2], dim=1), 2 * D),
+    "log": (lambda x: torch.log(torch.sigmoid(x) + 1.0), D),  # Kimi Linear's gates
     "scatter_src": (
         lambda x: torch.zeros_like(x).scatter(1, torch.tensor([[1, 4], [0, 7]]), x[:, :2] * 3),
         D,
