@@ -49,11 +49,11 @@ _SCALARS: dict[str, int] = {
     **dict.fromkeys(("embedding_size", "word_embed_proj_dim", "projection_dim"), 32),
     **dict.fromkeys(
         "num_attention_heads n_head n_heads num_heads encoder_attention_heads "
-        "decoder_attention_heads".split(),
+        "decoder_attention_heads linear_num_heads".split(),
         4,
     ),
     **dict.fromkeys(("num_key_value_heads", "num_kv_heads", "multi_query_group_num"), 2),
-    **dict.fromkeys(("head_dim", "kv_channels", "attention_head_size"), 8),
+    **dict.fromkeys(("head_dim", "kv_channels", "attention_head_size", "linear_head_dim"), 8),
     **dict.fromkeys(
         "intermediate_size ffn_dim d_ff n_inner d_inner encoder_ffn_dim decoder_ffn_dim "
         "ffn_hidden_size".split(),
