@@ -145,12 +145,9 @@ def first_line(e: BaseException) -> str:
 # ------------------------------------------------------------------ transformers
 
 
-def _config(model_type: str, sizes: Callable[[Any], dict[str, Any]]) -> Any:
-    """The default configuration of ``model_type`` rebuilt with ``sizes`` applied, nested
+def _config(config_cls: Any, sizes: Callable[[Any], dict[str, Any]]) -> Any:
+    """The default configuration of ``config_cls`` rebuilt with ``sizes`` applied, nested
     configurations (text, vision) included."""
-    from transformers import CONFIG_MAPPING
-
-    config_cls = CONFIG_MAPPING[model_type]
     default = config_cls()
     return config_cls(**_overrides(default, sizes))
 
@@ -227,11 +224,11 @@ def _transformers(arch: Arch, shrink: Callable[[Any], dict[str, Any]]):
     import transformers
 
     transformers.logging.set_verbosity_error()
-    config = _config(arch.name, shrink)
+    model_cls = getattr(transformers, arch.model_class)
+    config = _config(_config_class(arch, model_cls), shrink)
     config.num_labels = 2 if arch.mapping == "question-answering" else 3  # QA: start, end
     if hasattr(config, "use_cache") and arch.mapping != "causal-lm":
         config.use_cache = False
-    model_cls = getattr(transformers, arch.model_class)
     torch.manual_seed(0)
     model = model_cls(config).float().eval()
     _no_zero_heads(model)
@@ -244,6 +241,19 @@ def _transformers(arch: Arch, shrink: Callable[[Any], dict[str, Any]]):
     if first.is_floating_point() and float(first.abs().max()) < 1e-6:
         raise ValueError(f"the random model's outputs vanish (max {float(first.abs().max()):.2g})")
     return model, inputs
+
+
+def _config_class(arch: Arch, model_cls: Any) -> Any:
+    """The type's configuration, or the part of it the model class takes: a causal LM of a
+    multimodal type takes the text configuration (Qwen3_5ForCausalLM's ``config_class`` is
+    Qwen3_5TextConfig, the type's Qwen3_5Config holds one as ``text_config``)."""
+    from transformers import CONFIG_MAPPING
+
+    config_cls = CONFIG_MAPPING[arch.name]
+    own = getattr(model_cls, "config_class", None)
+    if own is None or own is config_cls:
+        return config_cls
+    return own if own in {type(v) for v in vars(config_cls()).values()} else config_cls
 
 
 def _inputs(arch: Arch, config: Any) -> dict[str, torch.Tensor]:

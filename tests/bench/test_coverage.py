@@ -121,3 +121,13 @@ def test_configurations_with_more_size_names_build_small(name):
     arch = next(a for a in list_architectures("causal-lm") if a.name == name)
     model, _ = build(arch)
     assert sum(p.numel() for p in model.parameters()) < 3 * 10**6  # defaults: 8M to 3.3G
+
+
+def test_a_causal_lm_of_a_multimodal_type_builds_from_its_text_configuration():
+    """Qwen3_5ForCausalLM takes Qwen3_5TextConfig (its ``config_class``, the ``text_config`` of
+    the type's Qwen3_5Config): built from the type's configuration it had no vocab_size."""
+    from bench.coverage.architectures import build
+
+    arch = next(a for a in list_architectures("causal-lm") if a.name == "qwen3_5")
+    model, _ = build(arch)
+    assert type(model.config).__name__ == "Qwen3_5TextConfig"
