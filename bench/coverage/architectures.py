@@ -43,6 +43,7 @@ _LAYER_NAMES = (
     "num_hidden_layers num_layers n_layer n_layers encoder_layers decoder_layers "
     "num_encoder_layers num_decoder_layers"
 ).split()
+_EXPERTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _SCALARS: dict[str, int] = {
     **dict.fromkeys(_LAYER_NAMES, _LAYERS),
     **dict.fromkeys(("hidden_size", "d_model", "n_embd", "embed_dim", "dim"), 32),
@@ -63,7 +64,7 @@ _SCALARS: dict[str, int] = {
         ("moe_intermediate_size", "shared_expert_intermediate_size", "expert_intermediate_size"),
         24,
     ),  # fmt: skip
-    **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4),
+    **dict.fromkeys(_EXPERTS, 4),
     **dict.fromkeys(
         ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k_experts", "moe_k"), 2
     ),
@@ -168,7 +169,10 @@ def _shrunk(config: Any) -> dict[str, Any]:
     """Every known size attribute of ``config`` made small, and what derives from them."""
     have = vars(config)
     out: dict[str, Any] = {k: v for k, v in _SCALARS.items() if isinstance(have.get(k), int)}
-    for key in ("head_dim", "num_key_value_heads"):  # some defaults leave them unset
+    unset = ["head_dim", "num_key_value_heads"]  # some defaults leave them unset
+    if any(isinstance(have.get(k), int) for k in _EXPERTS):  # and the routing of experts
+        unset += ["num_experts_per_tok", "n_group", "topk_group"]
+    for key in unset:
         if key in have and have[key] is None:
             out[key] = _SCALARS[key]
     out.update(_shallow(config))

@@ -106,7 +106,15 @@ def test_generation_is_compared_with_whole_forwards_where_generate_is_not_the_fo
 
 
 @pytest.mark.parametrize(
-    "name", ["ernie4_5_moe", "glm4_moe_lite", "bailing_hybrid", "inkling2_text", "kimi_linear"]
+    "name",
+    [
+        "ernie4_5_moe",
+        "glm4_moe_lite",
+        "bailing_hybrid",
+        "inkling2_text",
+        "kimi_linear",
+        "deepseek_v2",
+    ],
 )
 def test_configurations_with_more_size_names_build_small(name):
     """The shrink knows the top-k and group names of these configurations (``moe_k``,
@@ -115,7 +123,8 @@ def test_configurations_with_more_size_names_build_small(name):
     parameters for bailing_hybrid) and the run past the memory limit. ``unpadded_vocab_size``
     is the LM head's width (inkling2: 200058 outputs over 128 embeddings, so decoding fed
     the embedding ids it does not have). Linear attention's heads (``linear_num_heads``,
-    ``linear_head_dim``) are heads too (kimi_linear: 3.3 million, past the memory limit)."""
+    ``linear_head_dim``) are heads too (kimi_linear: 3.3 million, past the memory limit).
+    A routing left unset by the defaults (deepseek_v2's top-k) is set where there are experts."""
     from bench.coverage.architectures import build
 
     arch = next(a for a in list_architectures("causal-lm") if a.name == name)
