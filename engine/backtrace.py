@@ -197,13 +197,18 @@ class DLBacktrace:
 
     def predict(self, inputs: Inputs, temperature: float = 1.0) -> dict[str, Any]:
         """Run the recorded forward; returns ``node_io`` and keeps it on ``self.node_io``."""
+        self.node_io, outputs = self.record(inputs)
+        self.predictions = _to_numpy(outputs[0]) / temperature
+        return self.node_io
+
+    def record(self, inputs: Inputs) -> tuple[NodeIO, tuple]:
+        """The recorded forward over ``inputs``, every op's value kept: its ``node_io`` and
+        the graph's outputs."""
         prepared = self._prepare(inputs)
         captured, sweeper = self._graph_for(prepared)
         with torch.no_grad():
             env, outputs = sweeper.forward(prepared)
-        self.node_io = NodeIO(captured, env, sweeper.fused)
-        self.predictions = _to_numpy(outputs[0]) / temperature
-        return self.node_io
+        return NodeIO(captured, env, sweeper.fused), outputs
 
     def run_task(
         self,

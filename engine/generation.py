@@ -331,6 +331,17 @@ def _explain_rest(
     return {**explained, **explain_decoded(explainer, decoded, todo, plan)}
 
 
+def _node_io(explainer: StepExplainer, decoded: Decoded, last: Explained, step: int) -> Any:
+    """Every op's recorded inputs and output at the last explained ``step``. A lean run (no
+    layer outputs asked for) recorded only what its rules read and freed that during its
+    sweeps: its last step's forward is recorded again, whole, once the sweeps are over (one
+    forward more, and one record alive at a time)."""
+    if not last.exp.lean:
+        return last.exp.node_io()
+    prefix = decoded.sequences[:, : explainer.layout.prompt_len + step]
+    return explainer.dlb.record(explainer.graph_inputs(prefix))[0]
+
+
 def _result(
     decoded: Decoded,
     explained: dict[int, Explained],
@@ -341,9 +352,6 @@ def _result(
     """The result's traces, one entry per step (``None`` where a step was not explained), and
     the relevance, conservation and ``node_io`` of the last explained step."""
     n, last = decoded.num_steps, max(explained, default=None)
-    # node_io only where the run kept every op's value (layer outputs asked for): a lean
-    # record holds a few values, freed by the sweep (``Explanation.node_io``).
-    last_exp = None if last is None else explained[last].exp
     result: dict[str, Any] = {
         "task": "generation",
         "generated_ids": decoded.sequences,
@@ -352,7 +360,7 @@ def _result(
         "mode": explainer.relevance.mode,
         "relevance": {} if last is None else traces[last],
         "conservation": None if last is None else explainer.conservation(explained[last]),
-        "node_io": {} if last_exp is None or last_exp.lean else last_exp.node_io(),
+        "node_io": {} if last is None else _node_io(explainer, decoded, explained[last], last),
     }
     result["conservation_trace"] = [
         explainer.conservation(explained[s]) if s in explained else None for s in range(n)

@@ -75,7 +75,9 @@ def test_fitting_budget_splits_sweeps_and_keeps_relevance(dlb, batch, monkeypatc
     assert len(sweeps) == NEW // 2
     # one recorded forward held at a time: earlier sweeps keep only their relevance
     assert [bool(e.env) for e in sweeps] == [False] * (len(sweeps) - 1) + [True]
-    assert bounded["node_io"]
+    # the last step's node_io is whole (recorded again after the lean sweeps)
+    io = bounded["node_io"]
+    assert sum(v["output_values"] is not None for v in io.values()) > len(io) // 2
     assert torch.equal(bounded["generated_ids"], unbounded["generated_ids"])
     for a, b in zip(bounded["relevance_trace"], unbounded["relevance_trace"], strict=True):
         a, b = a["input_ids"], b["input_ids"]
