@@ -27,6 +27,7 @@ from .decoding import Decoded, decode
 from .lm_runner import position_ids_from_mask, sees_later_tokens, takes_position_ids
 from .memory import plan_seeds
 from .params import DecodingParams, OutputParams, RelevanceParams, StepPlan, with_keywords
+from .recording import OnFirstRead
 from .rules import grouped_mm_ops
 from .step_explainer import Explained, Layout, StepExplainer
 from .steps import OnStep, decode_stepwise, explain_decoded, select_steps
@@ -334,12 +335,12 @@ def _explain_rest(
 def _node_io(explainer: StepExplainer, decoded: Decoded, last: Explained, step: int) -> Any:
     """Every op's recorded inputs and output at the last explained ``step``. A lean run (no
     layer outputs asked for) recorded only what its rules read and freed that during its
-    sweeps: its last step's forward is recorded again, whole, once the sweeps are over (one
-    forward more, and one record alive at a time)."""
+    sweeps: its last step's forward is recorded again, whole, when the result's ``node_io``
+    is first read (one forward more, after the sweeps, for callers that look)."""
     if not last.exp.lean:
         return last.exp.node_io()
-    prefix = decoded.sequences[:, : explainer.layout.prompt_len + step]
-    return explainer.dlb.record(explainer.graph_inputs(prefix))[0]
+    inputs = explainer.graph_inputs(decoded.sequences[:, : explainer.layout.prompt_len + step])
+    return OnFirstRead(lambda: explainer.dlb.record(inputs)[0])
 
 
 def _result(

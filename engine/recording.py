@@ -51,6 +51,29 @@ class NodeIO(Mapping):
         return len(self._nodes)
 
 
+class OnFirstRead(Mapping):
+    """A ``node_io`` whose forward is recorded when it is first read: a result that offers it
+    (generation's, for the last explained step) costs no forward to callers that never look
+    (the service, most scripts)."""
+
+    def __init__(self, record: Callable[[], Mapping]):
+        self._record, self._io = record, None
+
+    def _mapping(self) -> Mapping:
+        if self._io is None:
+            self._io = self._record()
+        return self._io
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        return self._mapping()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._mapping())
+
+    def __len__(self) -> int:
+        return len(self._mapping())
+
+
 def forward(
     captured: Captured,
     inputs: dict[str, Tensor],

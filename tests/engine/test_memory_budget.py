@@ -122,3 +122,15 @@ def test_estimate_counts_the_lean_record(dlb, batch):
 def _tensor_bytes(value) -> int:
     vals = value if isinstance(value, list | tuple) else [value]
     return sum(v.numel() * v.element_size() for v in vals if isinstance(v, torch.Tensor))
+
+
+def test_generation_node_io_is_recorded_only_when_read(dlb, batch, monkeypatch):
+    """A lean generation's last-step node_io costs its forward only when someone reads it."""
+    calls = []
+    record = dlb.record
+    monkeypatch.setattr(dlb, "record", lambda *a: calls.append(1) or record(*a))
+    result = run_generation(dlb, batch, max_new_tokens=2)
+    assert not calls
+    assert len(result["node_io"]) and calls == [1]
+    list(result["node_io"].items())  # read again: recorded once
+    assert calls == [1]
