@@ -22,6 +22,7 @@ from .canonize import canonize
 from .capture import Captured
 from .provenance import Provenance, UnsupportedOpError
 from .recording import NodeIO, forward
+from .rows import book, gathered_rows, row_orders, samples
 from .rules import COMPOSITES, MODES, TINY, Ctx, LinearRows, Rule, rule_for
 
 __all__ = ["Explanation", "NodeIO", "Seed", "Sweeper", "UnsupportedOpError", "forward"]
@@ -151,7 +152,8 @@ class Sweeper:
             mode: {n: rule_for(n.target, mode) for n in self._flat} for mode in MODES
         }
         self._pass_through = {mode: self._pass_through_nodes(mode) for mode in MODES}
-        self.read = self._read_nodes()
+        self.gathered = gathered_rows(captured.nodes, captured.batch_axis)
+        self.read = self._read_nodes() | row_orders(self.gathered)
         self._half = any(_exact(t) is not t for t in captured.constants.values())
         self._constant_ids = {id(t) for t in captured.constants.values()} | {
             id(args[k]) for args in self.fused.values() for k in ("weight", "bias") if k in args
@@ -400,6 +402,7 @@ class _Pass:
     sinks: Tensor
     retain: Collection[fx.Node] | None = None  # None: free nothing (``Sweeper.run``)
     R: dict[fx.Node, Any] = field(default_factory=dict)
+    rows: dict[fx.Node, Tensor] = field(default_factory=dict)  # ``rows.samples``' cache
 
     def abs_of(self, t: Tensor) -> Tensor:
         """|t|: outputs of ops that cannot be negative (relu, relu6, sigmoid, softmax) are
@@ -477,6 +480,11 @@ class _Pass:
                 # Not a per-sample tensor (only for batch size 1 or static captures).
                 return (t.reshape(K, -1).sum(1) / batch)[:, None].expand(K, batch)
             axis, inner = sizes.index(batch), 1
+        elif node in self.sweeper.gathered:  # rows in a data-dependent order
+            s = self.sweeper
+            rows = samples(node, s.gathered, self.env, s.captured.batch_axis, self.sizes,
+                           batch, self.rows)  # fmt: skip
+            return book(t, where.axis, rows, batch)
         else:
             axis, inner = where.axis, where.inner
             if not isinstance(inner, int):
