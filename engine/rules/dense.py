@@ -193,16 +193,18 @@ _CONV = {1: (F.conv1d, F.conv_transpose1d), 2: (F.conv2d, F.conv_transpose2d)}
 
 class Conv(WeightedFamily):
     """Convolutions of any stride, padding, dilation and groups: the adjoint is a transposed
-    convolution with the same geometry."""
+    convolution with the same geometry. Padding given by name ("valid", "same") is the
+    numeric padding it stands for."""
 
-    ops = (aten.conv1d.default, aten.conv2d.default)
+    ops = (aten.conv1d.default, aten.conv2d.default, aten.conv1d.padding, aten.conv2d.padding)
 
     def operands(self, ctx: Ctx) -> Operands:
         a = ctx.args
         x, w, b = a["input"], a["weight"], a["bias"]
         spatial = w.dim() - 2
         conv_fn, transposed = _CONV[spatial]
-        stride, pad, dil = (_expand(a[k], spatial) for k in ("stride", "padding", "dilation"))
+        stride, dil = (_expand(a[k], spatial) for k in ("stride", "dilation"))
+        pad = _padding(a["padding"], w, dil)
         groups, K = a["groups"], ctx.K
         # output_padding recovers input sizes that a strided conv rounded down
         out_pad = [
@@ -230,6 +232,24 @@ class Conv(WeightedFamily):
 
 def _expand(v: int | list[int], n: int) -> list[int]:
     return list(v) * (n // len(v)) if isinstance(v, list | tuple) else [v] * n
+
+
+def _padding(pad: int | list[int] | str, w: Tensor, dil: list[int]) -> list[int]:
+    """Numeric padding per spatial dimension. "same" (stride 1) pads dil * (k - 1) in all,
+    which the transposed convolution can undo only when it splits evenly between the sides
+    (odd kernels, or even dilations)."""
+    spatial = w.dim() - 2
+    if not isinstance(pad, str):
+        return _expand(pad, spatial)
+    if pad == "valid":
+        return [0] * spatial
+    total = [d * (k - 1) for d, k in zip(dil, w.shape[2:], strict=True)]
+    if any(t % 2 for t in total):
+        raise NotImplementedError(
+            f"padding='same' with kernel {list(w.shape[2:])} and dilation {dil} pads one side "
+            "more than the other; only even splits are supported"
+        )
+    return [t // 2 for t in total]
 
 
 class GroupedMM(WeightedFamily):

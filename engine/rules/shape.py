@@ -223,15 +223,18 @@ class Split(Family):
 
 class TopK(Family):
     """The k values taken give their relevance back to the elements they were taken from
-    (the indices carry none)."""
+    (the indices carry none). ``max`` / ``min`` along a dimension are the same with k = 1:
+    the winner takes all, as in max pooling."""
 
-    ops = (aten.topk.default,)
+    ops = (aten.topk.default, aten.max.dim, aten.min.dim)
 
     def default(self, ctx: Ctx) -> Propagation:
         values, index = ctx.out
         r = ctx.R.get(0)
         r_in = torch.zeros(r.shape[0], *ctx.x.shape, dtype=r.dtype, device=r.device)
         dim = ctx.args["dim"] % ctx.x.dim()
+        if ctx.node.target is not aten.topk.default and not ctx.args["keepdim"]:
+            r, index = r.unsqueeze(dim + 1), index.unsqueeze(dim)
         return {"self": r_in.scatter_add(dim + 1, index.expand_as(r), r)}, None
 
 

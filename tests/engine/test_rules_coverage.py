@@ -68,6 +68,18 @@ def _grid(x):
     return x.reshape(x.shape[0], 1, 2, 4)
 
 
+class GridConv(nn.Module):
+    """A convolution with its padding given by name (aten.conv2d.padding), on the 2 x 4 grid."""
+
+    def __init__(self, padding: str, kernel: tuple[int, int]):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = nn.Conv2d(1, 2, kernel, padding=padding)
+
+    def forward(self, x):
+        return self.conv(_grid(x))
+
+
 def _one_kv_head(x):
     """Multi-query attention as falcon writes it: one K / V head broadcast to 2 query heads."""
     q = x.reshape(x.shape[0], 1, 2, 4).expand(-1, 2, -1, -1)
@@ -139,6 +151,12 @@ BODIES: dict[str, tuple[Callable, int]] = {
     "logsumexp": (lambda x: x.reshape(-1, 2, 4).logsumexp(-1), 2),
     "topk": (lambda x: x.topk(3, dim=-1).values, 3),
     "amax": (lambda x: x.reshape(-1, 2, 4).amax(-1), 2),
+    # Hiera's pooling over mask units, and its kin
+    "max_dim": (lambda x: x.reshape(-1, 2, 4).max(-1).values, 2),
+    "min_dim_keepdim": (lambda x: x.reshape(-1, 2, 4).min(1, keepdim=True).values, 4),
+    # SigLIP's patch embedding (padding="valid"); "same" with an odd kernel
+    "conv_padding_valid": (GridConv("valid", (2, 2)), 2 * 3),
+    "conv_padding_same": (GridConv("same", (1, 3)), 2 * D),
     "attention_one_kv_head": (_one_kv_head, 2 * D),
     "tril_triu": (lambda x: _grid(x).tril() - 2 * _grid(x).triu(1), D),
     # RecurrentGemma's gates: block-diagonal linear layers with a bias
