@@ -164,6 +164,11 @@ BODIES: dict[str, tuple[Callable, int]] = {
     # xLSTM's stabiliser and its concatenate (cat's alias); llama4's router scatters scores
     "abs_concatenate": (lambda x: torch.concatenate([x.abs(), x * 2], dim=1), 2 * D),
     "log": (lambda x: torch.log(torch.sigmoid(x) + 1.0), D),  # Kimi Linear's gates
+    # YOSO's collision probability, 1 - acos(cosine) / pi, and the other inverse functions
+    "acos_asin_atan": (
+        lambda x: torch.acos(torch.tanh(x)) + torch.asin(torch.tanh(x)) * torch.atan(x),
+        D,
+    ),
     "scatter_src": (
         lambda x: torch.zeros_like(x).scatter(1, torch.tensor([[1, 4], [0, 7]]), x[:, :2] * 3),
         D,
