@@ -389,38 +389,21 @@ class DLBacktrace:
                                inputs=self.captured.input_names,
                                label_limit=engine_auto_threshold)  # fmt: skip
 
-    def visualize_tokenwise_relevance_map(
-        self,
-        timewise_relevance_out,
-        input_ids,
-        tokenizer=None,
-        generated_ids=None,
-        figsize=(12, 6),
-        **kwargs,
-    ):
-        """Heatmap of every generated token's relevance over its context (see visualize.py)."""
+    def visualize_tokenwise_relevance_map(self, *args: Any, **kwargs: Any) -> Any:
+        """Heatmap of every generated token's relevance over its context: the arguments of
+        ``engine.visualize.visualize_tokenwise_relevance_map`` (timewise_relevance_out,
+        input_ids, tokenizer=None, generated_ids=None, figsize=(12, 6), ...)."""
         from .visualize import visualize_tokenwise_relevance_map
 
-        return visualize_tokenwise_relevance_map(
-            timewise_relevance_out, input_ids, tokenizer, generated_ids, figsize, **kwargs
-        )
+        return visualize_tokenwise_relevance_map(*args, **kwargs)
 
-    def visualize_input_heatmap_for_token(
-        self,
-        timewise_relevance_out,
-        n,
-        input_ids,
-        tokenizer=None,
-        generated_ids=None,
-        figsize=(10, 3),
-        **kwargs,
-    ):
-        """Relevance of every context token for the ``n``-th generated token."""
+    def visualize_input_heatmap_for_token(self, *args: Any, **kwargs: Any) -> Any:
+        """Relevance of every context token for the ``n``-th generated token: the arguments
+        of ``engine.visualize.visualize_input_heatmap_for_token`` (timewise_relevance_out, n,
+        input_ids, tokenizer=None, generated_ids=None, figsize=(10, 3), ...)."""
         from .visualize import visualize_input_heatmap_for_token
 
-        return visualize_input_heatmap_for_token(
-            timewise_relevance_out, n, input_ids, tokenizer, generated_ids, figsize, **kwargs
-        )
+        return visualize_input_heatmap_for_token(*args, **kwargs)
 
     def detect_task(self, inputs: Inputs, tokenizer: Any = None) -> TaskName:
         """Causal LM (even behind a wrapper) -> generation; token ids -> text; images -> image;
