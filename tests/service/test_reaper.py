@@ -15,17 +15,14 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegist
 from rq.serializers import JSONSerializer
 
 from service import reaper, store
+from tests.helpers.databases import own_database
 
 QUEUE = "reaper-test"
 
 
 @pytest.fixture()
 def r(redis_url: str) -> Iterator[redis.Redis]:
-    """A database of its own: the session's service reaps database 0 under the same lock."""
-    conn = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/7")
-    conn.flushdb()
-    yield conn
-    conn.flushdb()
+    yield from own_database(redis_url, 7)
 
 
 def _started_by_dead_worker(r: redis.Redis) -> str:

@@ -15,6 +15,7 @@ from rq.serializers import JSONSerializer
 
 from service import batching, store
 from service.vocabulary import Event
+from tests.helpers.databases import own_database
 
 QUEUE = "writes-test"
 GROUP = "m:abc"
@@ -23,11 +24,7 @@ START = batching.Start(ttl=60, maxlen=100, retries=2)
 
 @pytest.fixture()
 def r(redis_url: str) -> Iterator[redis.Redis]:
-    """A database of its own: the session's service uses database 0."""
-    conn = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/8")
-    conn.flushdb()
-    yield conn
-    conn.flushdb()
+    yield from own_database(redis_url, 8)
 
 
 def _queued(r: redis.Redis, n: int) -> list[str]:
