@@ -53,8 +53,7 @@ def run_job(request: dict[str, Any]) -> dict[str, Any]:
     primary = Work(job_id, request, job)
     group = batching.group_key(request)
     batched = job is not None and group is not None and st.settings.max_batch > 1
-    s = st.settings
-    start = batching.Start(s.result_ttl, s.stream_maxlen, s.retries)
+    start = batching.Start(st.settings.result_ttl, st.settings.stream_maxlen, st.settings.retries)
 
     # RQ's bookkeeping of the claimed jobs of each batch (``batching.settle``) travels with
     # the next claim or wait: their results are stored already, and it saves a round trip.

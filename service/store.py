@@ -114,7 +114,7 @@ def start(
     for job_id, data in jobs:
         pipe.exists(CANCEL.format(job_id))
         _append(pipe, [EVENTS.format(job_id)], [Event.STARTED, json.dumps(data), maxlen, ttl])
-    return [bool(x) for x in pipe.execute()[::2]] if jobs else []
+    return [bool(x) for x in pipe.execute()[::2]]  # an empty pipeline sends nothing
 
 
 @dataclass(frozen=True)

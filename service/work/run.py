@@ -140,11 +140,18 @@ def _write(st: WorkerState, pipe: redis.client.Pipeline, w: Work, outcome: Outco
     return store.finish(pipe, w.job_id, _failure(model_id, task, outcome), ttl, maxlen)
 
 
+def _status(outcome: Outcome) -> JobStatus:
+    """The final status a job's outcome stands for."""
+    if isinstance(outcome, dict):
+        return JobStatus.FINISHED
+    return JobStatus.CANCELED if isinstance(outcome, JobCanceled) else JobStatus.FAILED
+
+
 def _failure(model_id: str, task: str | None, exc: Exception) -> store.Ending:
-    canceled = isinstance(exc, JobCanceled)
-    status = JobStatus.CANCELED if canceled else JobStatus.FAILED
+    status = _status(exc)
     doc = documents.failure(model_id, task, status, exc)
-    return store.Ending(Event.CANCELED if canceled else Event.ERROR, doc["error"], doc)
+    event = Event.CANCELED if status == JobStatus.CANCELED else Event.ERROR
+    return store.Ending(event, doc["error"], doc)
 
 
 def _count(st: WorkerState, w: Work, outcome: Outcome, written: int) -> JobStatus:
@@ -152,10 +159,7 @@ def _count(st: WorkerState, w: Work, outcome: Outcome, written: int) -> JobStatu
     model_id, task = w.labels
     spec = st.registry.get(model_id)
     task = task or (spec.task if spec else "unknown")
-    if isinstance(outcome, dict):
-        status = JobStatus.FINISHED
-    else:
-        status = JobStatus.CANCELED if isinstance(outcome, JobCanceled) else JobStatus.FAILED
+    status = _status(outcome)
     if w.queue_wait is not None:
         m.QUEUE_WAIT.labels(task=task, model=model_id).observe(w.queue_wait)
     m.JOBS.labels(task=task, model=model_id, status=status).inc()
