@@ -138,7 +138,8 @@ class DLBacktrace:
             mode=mode, relevance_nodes=relevance_nodes, reference=reference,
             contrast_with=contrast_with,
         )  # fmt: skip
-        forwards = self._forwards(inputs, params, tokenizer, lean=retain is not None)
+        lean = None if retain is None else seed
+        forwards = self._forwards(inputs, params, tokenizer, lean=lean)
         return self._sweep(forwards, seed, params, retain)
 
     def _sweep(
@@ -158,10 +159,11 @@ class DLBacktrace:
 
     def _forwards(
         self, inputs: Inputs, params: RelevanceParams, tokenizer: Any, task: str | None = None,
-        lean: bool = False,
+        lean: Seed | None = None,
     ) -> _Forwards:  # fmt: skip
         """What a sweep starts from: the graph for these inputs (its rules checked before any
-        work), the recorded forward, and the reference's (modes "reference", "contrast").
+        work), the recorded forward, and the reference's (modes "reference", "contrast"); given
+        ``lean``'s seed, lean forwards that compute a linear head at its rows only.
         Question answering sweeps from the [B, T, 2] logits its two outputs are split from."""
         prepared = self._prepare(inputs, tokenizer)
         captured, sweeper = self._graph_for(prepared)
@@ -169,8 +171,9 @@ class DLBacktrace:
             sweeper = self._head_sweeper(captured, qa_logits(captured.float_outputs()))
         sweeper.check_rules()
         with torch.no_grad():
-            env, outputs = sweeper.forward(prepared, lean)
-            env_ref = self._reference_env(sweeper, prepared, env, params, tokenizer)
+            rows = None if lean is None else lean.index[..., :-1]
+            env, outputs = sweeper.forward(prepared, lean is not None, rows)
+            env_ref = self._reference_env(sweeper, prepared, env, params, tokenizer, rows)
         return _Forwards(prepared, captured, sweeper, env, outputs, env_ref)
 
     def _head_sweeper(self, captured: Captured, node: fx.Node) -> Sweeper:
@@ -181,8 +184,9 @@ class DLBacktrace:
         return self._head_sweepers[key]
 
     def _reference_env(
-        self, sweeper: Sweeper, prepared, env: dict, params: RelevanceParams, tokenizer: Any
-    ) -> dict | None:
+        self, sweeper: Sweeper, prepared, env: dict, params: RelevanceParams, tokenizer: Any,
+        rows: Tensor | None = None,
+    ) -> dict | None:  # fmt: skip
         """The recorded forward of the reference input, for modes "reference" and "contrast"."""
         if params.mode == "default":
             return None
@@ -191,7 +195,7 @@ class DLBacktrace:
             ref = named_reference(reference, prepared, tokenizer)
         else:
             ref = None if reference is None else self._prepare(reference, name="reference")
-        return sweeper.reference_forward(prepared, ref, env)
+        return sweeper.reference_forward(prepared, ref, env, rows)
 
     # ------------------------------------------------------------ public API
 

@@ -122,25 +122,40 @@ def estimate(
             live.setdefault(a, numel(a))
     # a block of per-seed scores and its temporaries: at most two blocks (``rules.attention``)
     shared = (SHARED_SCORES.get(mode, 2) * scores + 2 * BLOCK_ELEMENTS) * width if scores else 0
-    return SweepMemory(fixed + shared, math.ceil(peak * RULE_FACTOR))
+    per_seed = math.ceil(peak * RULE_FACTOR) + (_head_rows(sweeper, sizes) if lean else 0)
+    return SweepMemory(fixed + shared, per_seed)
 
 
 def _recorded(sweeper: Sweeper, sizes: dict, mode: str, lean: bool) -> int:
     """Peak bytes of the recorded forward: lean (``Sweeper.forward(lean=True)``), what is
     alive at each op as it runs, values dropped as ``recording.drop_schedule`` drops them,
-    outputs kept; else every op's value. Modes "reference" and "contrast" hold the
-    reference's (always lean) record on top."""
+    outputs kept, a linear head (``Sweeper.head_chain``) computed at the seeds' rows only
+    (counted per seed: ``_head_rows``); else every op's value. Modes "reference" and
+    "contrast" hold the reference's (lean) record on top."""
     captured = sweeper.captured
     drops = drop_schedule(captured, sweeper.read) if lean else {}
+    head = set(sweeper.head_chain) if lean else set()
     alive = peak = 0
     for node in captured.nodes:
         alive -= sum(_bytes(n, sizes) for n in drops.get(node, ()))
-        if node.op == "call_function":
+        if node.op == "call_function" and node not in head:
             alive += _bytes(node, sizes)
             peak = max(peak, alive)
     if mode == "default":
         return peak
-    return peak + sum(_bytes(n, sizes) for n in sweeper.read if n.op == "call_function")
+    read = (n for n in sweeper.read if n.op == "call_function" and n not in head)
+    return peak + sum(_bytes(n, sizes) for n in read)
+
+
+def _head_rows(sweeper: Sweeper, sizes: dict) -> int:
+    """Bytes of one seed's rows of a lean forward's linear head and its copies: a row of the
+    output's last axis per sample (a generation step's seed has one entry per row)."""
+    total = 0
+    for node in sweeper.head_chain:
+        val = node.meta["val"]
+        rows = _concrete(val.shape[0], sizes) * _concrete(val.shape[-1], sizes)
+        total += rows * val.element_size()
+    return total
 
 
 def _scores(node: fx.Node, sizes: dict) -> int:

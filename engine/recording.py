@@ -74,6 +74,59 @@ class OnFirstRead(Mapping):
         return len(self._mapping())
 
 
+class HeadRows:
+    """A linear head's output (and its copies) computed at only some rows: ``values`` [N, V]
+    for the rows ``lookup`` numbers (-1 elsewhere; ``lookup`` has the output's shape but the
+    last axis). Indexed as the whole output would be, at those rows: ``out[b, t]`` gives
+    [..., V], ``out[b, t, v]`` gives [...]. A language model's [B, T, V] logits are what the
+    explanation forward would hold longest (266 MB at 2079 positions and a vocabulary of
+    32000), and only the seeds' rows of them are ever read (the decode check, the seed's
+    value in modes "reference" and "contrast", contrast's alternatives)."""
+
+    def __init__(self, values: Tensor, lookup: Tensor):
+        self.values, self.lookup = values, lookup
+
+    @classmethod
+    def at(cls, node: fx.Node, env: dict[fx.Node, Any], rows: Tensor) -> HeadRows:
+        """``node`` (a linear op) run on its input's ``rows`` [..., input.ndim - 1] only."""
+        x, *rest = fx.node.map_arg(node.args, env.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        where = rows.to(x.device).reshape(-1, rows.shape[-1]).unique(dim=0)
+        lookup = torch.full(x.shape[:-1], -1, dtype=torch.long, device=x.device)
+        lookup[tuple(where.unbind(-1))] = torch.arange(where.shape[0], device=x.device)
+        return cls(node.target(x[tuple(where.unbind(-1))], *rest, **kwargs), lookup)
+
+    def then(self, node: fx.Node) -> HeadRows:
+        """``node`` (a copy or cast of this output, its other arguments constants) applied."""
+        return HeadRows(node.target(self.values, *node.args[1:], **node.kwargs), self.lookup)
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.lookup.shape, self.values.shape[-1]))
+
+    def detach(self) -> HeadRows:
+        return self
+
+    def __getitem__(self, index: tuple[Tensor, ...]) -> Tensor:
+        at = self.lookup.dim()
+        row = self.lookup[index[:at]]
+        if bool((row < 0).any()):
+            raise IndexError("the head's output was computed at the seeds' rows only")
+        picked = self.values[row]
+        if len(index) == at:
+            return picked
+        unit = torch.as_tensor(index[at], device=picked.device).expand(row.shape)
+        return picked.gather(-1, unit[..., None])[..., 0]
+
+
 def forward(
     captured: Captured,
     inputs: dict[str, Tensor],
@@ -81,6 +134,7 @@ def forward(
     zeroed: frozenset[fx.Node] = frozenset(),
     routed: dict[fx.Node, Any] | None = None,
     keep: Collection[fx.Node] | None = None,
+    head: tuple[list[fx.Node], Tensor] | None = None,
 ) -> tuple[dict[fx.Node, Any], tuple]:
     """Run the exported graph, keeping every value (or, given ``keep``, only those values and
     the graph's inputs and outputs: the rest are dropped once the last op reading them ran,
@@ -92,9 +146,12 @@ def forward(
     inference engines do: one op instead of two, and what the sweep's rule sees. The outputs
     of ``zeroed`` nodes are replaced by zeros (a reference forward with empty embeddings).
     ``routed`` maps a mixture-of-experts ``topk`` to the (weights, experts) it returns instead:
-    the input's, in the reference forward.
+    the input's, in the reference forward. ``head``: a linear head and the copies from it to
+    the output, nothing else reading them (``Sweeper.head_chain``), and the rows [..., n] of
+    its input where they are computed (``HeadRows``), not the whole output.
     """
     routed = routed or {}
+    chain, rows = head or ([], None)
     fused = fused or {}
     env: dict[fx.Node, Any] = {}
     drops = {} if keep is None else drop_schedule(captured, keep)
@@ -110,6 +167,9 @@ def forward(
             env[node] = node.target(**fx.node.map_arg(fused[node], env.__getitem__))
         elif node in routed:
             env[node] = routed[node]
+        elif node in chain:
+            done = node is not chain[0]
+            env[node] = env[node.args[0]].then(node) if done else HeadRows.at(node, env, rows)
         elif node.op == "call_function":
             env[node] = _call(node, env.__getitem__)
             if node in zeroed:

@@ -97,6 +97,7 @@ class Sweeper:
             mode: {n: rule_for(n.target, mode) for n in self._flat} for mode in MODES
         }
         self._pass_through = {mode: self._pass_through_nodes(mode) for mode in MODES}
+        self.head_chain = self._head_chain()
         self.gathered = gathered_rows(captured.nodes, captured.batch_axis)
         self.read = self._read_nodes() | row_orders(self.gathered)
         self._half = any(_exact(t) is not t for t in captured.constants.values())
@@ -132,20 +133,49 @@ class Sweeper:
             fx.node.map_arg(self.fused.get(node) or self.provenance.bound[node], read.add)
         return frozenset(read)
 
-    def forward(self, inputs: dict[str, Tensor], lean: bool = False) -> tuple[dict, tuple]:
+    def _head_chain(self) -> list[fx.Node]:
+        """The seed head, where it is a linear layer, and the copies from it to the explained
+        output, where nothing else reads them: a forward for given seeds need compute them
+        only at the seeds' rows (``recording.HeadRows``). Empty for any other output."""
+        chain = [self.seed_node]
+        while chain[-1].target in _PASS_THROUGH:
+            chain.append(chain[-1].all_input_nodes[0])
+        chain.reverse()
+        if chain[0].target is not aten.linear.default:
+            return []
+        if any(list(a.users) != [b] for a, b in zip(chain, chain[1:], strict=False)):
+            return []
+        if any(u.op != "output" for u in self.seed_node.users):
+            return []
+        later = [a for n in chain[1:] for a in (*n.args[1:], *n.kwargs.values())]
+        return [] if any(isinstance(a, fx.Node) for a in later) else chain
+
+    def _head(self, rows: Tensor | None) -> tuple[list[fx.Node], Tensor] | None:
+        return (self.head_chain, rows) if rows is not None and self.head_chain else None
+
+    def forward(
+        self, inputs: dict[str, Tensor], lean: bool = False, rows: Tensor | None = None
+    ) -> tuple[dict, tuple]:
         """The recorded forward, batch norms fused into their convolutions; ``lean``: only
-        what a sweep reads (``read``), no ``node_io``."""
-        return forward(self.captured, inputs, self.fused, keep=self.read if lean else None)
+        what a sweep reads (``read``), no ``node_io``; ``rows`` (the seeds' index but the
+        last axis, with ``lean``): a linear head computed at those rows only."""
+        if not lean:
+            return forward(self.captured, inputs, self.fused)
+        return forward(self.captured, inputs, self.fused, keep=self.read, head=self._head(rows))
 
     def reference_forward(
-        self, inputs: dict[str, Tensor], reference: dict[str, Tensor] | None, env: dict
+        self,
+        inputs: dict[str, Tensor],
+        reference: dict[str, Tensor] | None,
+        env: dict,
+        rows: Tensor | None = None,
     ) -> dict[fx.Node, Any]:
         """The recorded forward of mode "reference"'s reference input. Inputs it leaves out
         default to zeros for floating-point inputs; for token ids, to the same ids with the
         embedding lookups that start relevance paths replaced by zero vectors. Routing is
         the input's (recorded in ``env``): the same experts with the same weights, constants
         as the spec has them, so each expert row has its reference row and a product with a
-        routing weight changes only through its other operand."""
+        routing weight changes only through its other operand. ``rows``: as ``forward``'s."""
         reference = dict(reference or {})
         zeroed = set()
         for name, value in inputs.items():
@@ -164,8 +194,9 @@ class Sweeper:
                 )
         routed = {node: env[node] for node in self.canonical.routing}
         ref_env, _ = forward(  # lean: only the sweep reads it, never node_io
-            self.captured, reference, self.fused, frozenset(zeroed), routed, self.read
-        )
+            self.captured, reference, self.fused, frozenset(zeroed), routed, self.read,
+            self._head(rows),
+        )  # fmt: skip
         return ref_env
 
     def _embeddings_of(self, name: str) -> set[fx.Node]:

@@ -102,18 +102,21 @@ def test_memory_per_seed_grows_with_positions_not_their_square(dlb):
 
 def test_estimate_counts_the_lean_record(dlb, batch):
     """The recorded forward's estimate is the lean record's peak (what rules read, and the
-    outputs): below every op's value, and above what the lean forward really holds; a full
-    record (layer outputs asked for) is counted whole."""
+    outputs, the LM head at the seeds' rows): below every op's value, and above what the lean
+    forward really holds; a full record (layer outputs asked for) is counted whole."""
     captured, sweeper = dlb._graphs[0]
     sizes = captured.sizes(dict(batch))
     ops = [n for n in captured.nodes if n.op == "call_function"]
     everything = sum(memory._bytes(n, sizes) for n in ops)
     fixed = memory._recorded(sweeper, sizes, "default", lean=True)
     assert memory._recorded(sweeper, sizes, "default", lean=False) == everything
+    rows = torch.tensor([[[0, 6], [1, 6]]])  # one seed on each row's last position
     with torch.no_grad():
-        env, _ = sweeper.forward(dlb._prepare(batch), lean=True)
+        env, _ = sweeper.forward(dlb._prepare(batch), lean=True, rows=rows)
     held = sum(_tensor_bytes(v) for n, v in env.items() if n.op == "call_function")
-    assert held <= fixed < everything
+    head = env[sweeper.seed_node].values
+    held += head.numel() * head.element_size()
+    assert held <= fixed + memory._head_rows(sweeper, sizes) and fixed < everything
     assert {n for n in env if n.op == "call_function"} <= sweeper.read
     # modes reference and contrast hold the reference's record too
     assert memory._recorded(sweeper, sizes, "reference", lean=True) > fixed

@@ -11,7 +11,7 @@ import torch
 
 from engine import DLBacktrace
 from engine.sweep import Seed
-from tests.engine.lm_models import prompts, tiny_lm
+from tests.engine.lm_models import VOCAB, prompts, tiny_lm
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
@@ -70,3 +70,35 @@ def test_a_lean_explanation_refuses_node_io(dlb):
         lean.node_io()
     io = model.explain(batch, _seed(batch)).node_io()
     assert sum(v["output_values"] is not None for v in io.values()) > len(io) // 2
+
+
+@pytest.mark.parametrize("mode", ["default", "reference", "contrast"])
+def test_lean_forward_computes_the_head_at_the_seed_rows_only(dlb, mode):
+    """Given the seeds' rows, a lean forward (and the reference's) runs the LM head on those
+    rows alone, never the [B, T, V] logits; the seed's logits and every mode's relevance
+    are the full record's."""
+    model, batch = dlb
+    sweeper, seed = model._graphs[0][1], _seed(batch)
+    prepared, rows = model._prepare(batch), seed.index[..., :-1]
+    with torch.no_grad():
+        env, outputs = sweeper.forward(prepared, lean=True, rows=rows)
+        full_env, full_outputs = sweeper.forward(prepared)
+    logits = outputs[0]
+    assert logits.values.shape == (4, VOCAB)  # 2 positions x 2 rows, not 2 x 7
+    assert logits.shape == full_outputs[0].shape
+    torch.testing.assert_close(seed.gather(logits), seed.gather(full_outputs[0]))
+    with pytest.raises(IndexError, match="seeds' rows"):
+        logits[torch.tensor([0]), torch.tensor([0])]
+    lean = model.explain(batch, seed, mode, "all", retain=frozenset())
+    full = model.explain(batch, seed, mode, "all")
+    assert lean.outputs[0].values.numel() == 4 * VOCAB
+    if mode != "default":
+        with torch.no_grad():
+            ref = sweeper.reference_forward(prepared, None, env, rows)
+        assert ref[sweeper.seed_node].values.numel() == 4 * VOCAB
+    for a, b in zip(
+        (lean.seed, lean.inputs, lean.sinks), (full.seed, full.inputs, full.sinks), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for name, rel in full.relevance.items():
+        torch.testing.assert_close(lean.relevance[name], rel, rtol=1e-6, atol=1e-6)
