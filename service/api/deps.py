@@ -11,6 +11,7 @@ import hmac
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import hiredis
 import redis
 import redis.asyncio as aredis
 from fastapi import Depends, HTTPException, Path, Request
@@ -21,6 +22,21 @@ from ..registry import Registry
 from .metadata import ModelMetadata
 from .metrics import ApiMetrics
 from .sse import EventStreams
+
+
+class _CPackedConnection(aredis.Connection):
+    """redis-py's asyncio connection with commands packed by hiredis' C packer, as its
+    blocking connection already does: the asyncio one packs each argument in Python (the
+    enqueue script's 56 arguments took about 12 us of a POST's CPU that way)."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str) and " " in args[0]:  # "CONFIG GET": two arguments
+            args = (*args[0].split(), *args[1:])
+        args = tuple(bytes(a) if isinstance(a, bytearray | memoryview) else a for a in args)
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as exc:  # as redis-py reports an argument it cannot encode
+            raise redis.DataError(str(exc)) from exc
 
 
 class AsyncClients:
@@ -38,7 +54,11 @@ class AsyncClients:
     def get(self, purpose: str) -> aredis.Redis:
         if purpose not in self.clients:
             kw = self.options.get(purpose, {})
-            self.clients[purpose] = aredis.Redis.from_url(self.url, **kw)
+            client = aredis.Redis.from_url(self.url, **kw)
+            pool = client.connection_pool
+            if pool.connection_class is aredis.Connection:  # TCP; TLS and sockets as they are
+                pool.connection_class = _CPackedConnection
+            self.clients[purpose] = client
         return self.clients[purpose]
 
     async def aclose(self) -> None:

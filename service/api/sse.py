@@ -59,6 +59,33 @@ class EventStreamResponse(StreamingResponse):
         super().__init__(*args, **kwargs)
         self.headers_with_first = headers_with_first
 
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """The stream, cancelled when the client goes away, even while the job is quiet and
+        nothing is being sent. Starlette's own watch (for ASGI before 2.4, which uvicorn
+        speaks) is an anyio task group per response: 85 us of a short job's 270 us stream.
+        This one is a task that waits for ``http.disconnect`` and cancels the stream's."""
+        stream, gone = asyncio.current_task(), asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+            stream.cancel()  # type: ignore[union-attr]
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        try:
+            await self.stream_response(send)
+        except asyncio.CancelledError:
+            if not gone.is_set():
+                raise
+            stream.uncancel()  # type: ignore[union-attr]  # ours: the client went away
+        except OSError:  # the client went away during a write
+            return
+        finally:
+            watcher.cancel()
+        if self.background is not None:
+            await self.background()
+
     async def stream_response(self, send: Any) -> None:
         start = {"type": "http.response.start", "status": self.status_code}
         start["headers"] = self.raw_headers
