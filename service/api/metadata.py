@@ -108,12 +108,18 @@ def _read(folder: Path, spec: ModelSpec) -> ModelMeta:
 
 
 def _tokenizer(path: Path) -> Any:
-    """The fast tokenizer (the Rust ``tokenizers`` package, no torch), or None."""
+    """The fast tokenizer (the Rust ``tokenizers`` package, no torch), or None. Without the
+    padding and truncation a ``tokenizer.json`` may carry (sentence-transformers ship a fixed
+    padding to 128): transformers turns them off for the worker's calls, so a prompt counts
+    its own tokens here too, neither padded nor cut."""
     if not path.is_file():
         return None
     try:
         from tokenizers import Tokenizer
 
-        return Tokenizer.from_file(str(path))
+        tok = Tokenizer.from_file(str(path))
     except (ImportError, ValueError, OSError):
         return None
+    tok.no_padding()
+    tok.no_truncation()
+    return tok

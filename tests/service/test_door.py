@@ -143,3 +143,26 @@ def test_what_the_model_takes_passes(api: TestClient) -> None:
 def test_heatmap_of_no_job_is_404(api: TestClient) -> None:
     resp = api.get("/jobs/nosuchjob/heatmap.png")
     assert resp.status_code == 404 and resp.json()["detail"].startswith("no job nosuchjob")
+
+
+def test_prompt_counted_without_the_tokenizers_padding(tmp_path: Path) -> None:
+    """A tokenizer.json saved with padding to a fixed length and truncation on (as
+    sentence-transformers checkpoints ship) counts a prompt's own tokens, as the worker's
+    tokenizer does: not the padded 16, nor the truncated 16 of a longer one."""
+    from service.api.metadata import ModelMetadata
+    from service.registry import ModelSpec, Registry
+
+    folder = tmp_path / "lm"
+    _lookup_model(folder)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.enable_padding(length=16, pad_id=0, pad_token="<pad>")
+    tok.enable_truncation(max_length=16)
+    tok.save(str(folder / "tokenizer.json"))
+    spec = ModelSpec.model_validate(
+        {"id": "lm", "task": "generation", "source": {"kind": "transformers", "path": "lm"}}
+    )
+    meta = ModelMetadata(Registry([spec], tmp_path), str(tmp_path)).get(spec)
+    assert meta.count_tokens("a3 c1 ? a") == 4
+    assert meta.count_tokens(" ".join(["a3"] * 30)) == 30
