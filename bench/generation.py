@@ -59,9 +59,19 @@ def main() -> None:
     parser.add_argument("--scale-sizes", type=parse_sizes, default=list(SIZES),
                         help='prompt+new sizes for --scale, e.g. "128+16,512+64"')  # fmt: skip
     parser.add_argument("--memory-budget", default=None, help='for --scale: "2GB", "auto"')
+    parser.add_argument(
+        "--seeds-per-sweep", type=int, default=None,
+        help="for --scale: max_seeds_per_sweep (default: the engine's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-ixg", action="store_true",
+        help="for --scale: skip the per-step gradient baseline (memory-only runs)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.scale:
-        print(json.dumps(scale_report(args.scale_sizes, args.device, args.memory_budget), indent=2))
+        report = scale_report(args.scale_sizes, args.device, args.memory_budget,
+                              not args.no_ixg, args.seeds_per_sweep)  # fmt: skip
+        print(json.dumps(report, indent=2))
         return
 
     model, inputs = build(prompt_len=args.prompt_len, device=args.device)

@@ -5,10 +5,13 @@ random weights; ``LlamaForCausalLM``), greedy, relevance for every step, at each
 "prompt+new" of ``--scale-sizes`` (default 512+64 and 2048+32). Each size prints, from one run:
 
 - ``plain_s``: ``model.generate``;
-- ``explained_s``: ``run_generation`` with every step explained (``--memory-budget`` passed);
+- ``explained_s``: ``run_generation`` with every step explained (``--memory-budget`` and
+  ``--seeds-per-sweep``, ``StepPlan.max_seeds_per_sweep``, passed where given);
 - ``ixg_per_step_s``: gradient x input the way per-step attribution libraries do it (Inseq,
   Captum's LLM attribution): per generated step, one forward over the prefix and one backward
-  from the emitted token's logit to the input embeddings (weights frozen), same tokens;
+  from the emitted token's logit to the input embeddings (weights frozen), same tokens
+  (``--no-ixg`` skips it, about 10 minutes at 512+64 on 2 cores, for memory-only runs: it and
+  ``explained_over_ixg`` are then null);
 - ``explained_over_plain`` and ``explained_over_ixg``;
 - ``peak_extra_mb``: the explained run's peak memory above what was in use before it (RSS
   sampled every 5 ms on the CPU, ``max_memory_allocated`` on CUDA).
@@ -100,8 +103,11 @@ def ixg_per_step(model: Any, sequence: torch.Tensor, prompt_len: int) -> float:
     return time.perf_counter() - start
 
 
-def measure_size(prompt_len: int, new: int, device: str, budget: str | None) -> dict:
+def measure_size(
+    prompt_len: int, new: int, device: str, budget: str | None, ixg: bool, seeds: int | None
+) -> dict:
     model, inputs = build_llama(prompt_len, new, device)
+    cap = {} if seeds is None else {"max_seeds_per_sweep": seeds}
     start = time.perf_counter()
     plain = model.generate(**inputs, max_new_tokens=new, do_sample=False)
     sync()
@@ -109,10 +115,10 @@ def measure_size(prompt_len: int, new: int, device: str, budget: str | None) -> 
     dlb = DLBacktrace(model, inputs, device=device)
     result, explained_s, extra_mb = peak_extra(
         lambda: run_generation(dlb, inputs, max_new_tokens=new, return_relevance=True,
-                               steps="all", memory_budget=budget),
+                               steps="all", memory_budget=budget, **cap),
         device,
     )  # fmt: skip
-    ixg_s = ixg_per_step(model, plain, prompt_len)
+    ixg_s = ixg_per_step(model, plain, prompt_len) if ixg else None
     c = result["conservation_trace"]
     worst = max(
         float(((s["inputs"] + s["sinks"] - s["seed"]).abs() / s["seed"].abs()).max()) for s in c
@@ -121,11 +127,12 @@ def measure_size(prompt_len: int, new: int, device: str, budget: str | None) -> 
         "prompt_len": prompt_len,
         "new_tokens": new,
         "memory_budget": budget,
+        "seeds_per_sweep": seeds,
         "plain_s": round(plain_s, 2),
         "explained_s": round(explained_s, 2),
-        "ixg_per_step_s": round(ixg_s, 2),
+        "ixg_per_step_s": None if ixg_s is None else round(ixg_s, 2),
         "explained_over_plain": round(explained_s / plain_s, 2),
-        "explained_over_ixg": round(explained_s / ixg_s, 3),
+        "explained_over_ixg": None if ixg_s is None else round(explained_s / ixg_s, 3),
         "peak_extra_mb": round(extra_mb, 1),
         "weights_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6),
         "same_tokens": bool(torch.equal(plain, result["generated_ids"])),
@@ -133,10 +140,16 @@ def measure_size(prompt_len: int, new: int, device: str, budget: str | None) -> 
     }
 
 
-def scale_report(sizes: list[tuple[int, int]], device: str, budget: str | None) -> dict:
+def scale_report(
+    sizes: list[tuple[int, int]],
+    device: str,
+    budget: str | None,
+    ixg: bool = True,
+    seeds: int | None = None,
+) -> dict:
     return {
         "model": MODEL,
         "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "sizes": [measure_size(p, n, device, budget) for p, n in sizes],
+        "sizes": [measure_size(p, n, device, budget, ixg, seeds) for p, n in sizes],
     }
