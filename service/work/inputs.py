@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,7 +102,7 @@ def image(entry: CachedModel, inputs: Inputs) -> Tensors:
 
     spec = entry.loaded.image or DEFAULT_IMAGE
     raw = base64.b64decode((inputs.image or "").split(",", 1)[-1])
-    img = Image.open(io.BytesIO(raw))
+    img = _picture(raw)
     size = spec.size
     if img.format == "PNG" and img.mode == spec.mode and img.size == (size, size):
         png = raw
@@ -119,6 +120,24 @@ def image(entry: CachedModel, inputs: Inputs) -> Tensors:
     std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
     x = torch.from_numpy((arr - mean) / std)[None]
     return Tensors({entry.input_name: x}, png, warnings)
+
+
+def _picture(raw: bytes) -> Any:
+    """The decoded picture, 16-bit grey (PNG's ``I;16``, ``I``) brought to 8 bits: Pillow's
+    ``convert`` to ``L`` or ``RGB`` clips those values at 255, which makes nearly any such
+    picture a white page. Data the door's header check let through but that does not decode
+    (a truncated file) is a ValueError naming the input."""
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(raw))
+        img.load()
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ValueError(f"inputs.image: not a readable PNG or JPEG image ({exc})") from None
+    if img.mode.startswith("I"):
+        deep = np.asarray(img, dtype=np.float32) / 65535.0
+        img = Image.fromarray(np.clip(deep * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    return img
 
 
 def blank(entry: CachedModel, spec: ModelSpec) -> Batch | None:

@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import base64
 import io
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageOps
 
 from service.demo.digits import dataset, sample_png
-from service.registry import load_registry
+from service.registry import ImageSpec, load_registry
+from service.schemas import Inputs
+from service.work import inputs
 from tests.helpers.jobs import events, submit, wait
 
 NEARLY_UNIFORM = "nearly uniform"
@@ -56,3 +61,26 @@ def test_the_registry_says_what_the_digit_model_expects() -> None:
     spec = load_registry(None).get("digits-cnn")
     assert spec is not None and spec.image is not None and spec.image.invert == "auto"
     assert "white ink on black" in spec.expects and "inverted" in spec.expects
+
+
+def _tensor(image: str, spec: ImageSpec) -> torch.Tensor:
+    """The model input ``service.work.inputs.image`` makes of a picture for ``spec``."""
+    entry = SimpleNamespace(loaded=SimpleNamespace(image=spec), input_name="x")
+    return inputs.image(entry, Inputs(image=image)).batch["x"]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_16_bit_png_reads_as_its_8_bit_copy(channels: int) -> None:
+    """A 16-bit grey PNG (scans, medical and scientific pictures) has the same content as
+    its 8-bit copy, not its values clipped at 255 (a white page)."""
+    grey = np.random.default_rng(0).integers(0, 65536, (40, 40), dtype=np.uint16)
+    deep = _b64(Image.fromarray(grey))
+    shallow = _b64(Image.fromarray((grey // 257).astype(np.uint8)))
+    spec = ImageSpec(channels=channels, size=40)
+    assert torch.allclose(_tensor(deep, spec), _tensor(shallow, spec), atol=1.5 / 255)
+
+
+def test_a_truncated_image_fails_naming_the_input() -> None:
+    raw = base64.b64decode(_b64(Image.effect_noise((64, 64), 50)))
+    with pytest.raises(ValueError, match=r"^inputs.image: .*truncated"):
+        _tensor(base64.b64encode(raw[:200]).decode(), ImageSpec(size=16))
