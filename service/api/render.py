@@ -1,6 +1,6 @@
 """Which heatmap a finished job's result document gets (``service.heatmap`` draws it): token
-cells per generation step, the image overlay, one row per text, or one row per tabular
-input. numpy and Pillow only."""
+cells per generation step, the image overlay, one row per text, one row per seed of a
+token task's first text, or one row per tabular input. numpy and Pillow only."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ def heatmap_png(result: dict[str, Any]) -> bytes:
         return heatmap.image_overlay(
             result["image_png_b64"], codec.decode(items[0]["relevance_map"])
         )
+    if items and "seeds" in items[0] and "relevance" in items[0]:
+        return _seed_rows(items[0])
     if items and "tokens" in items[0] and "relevance" in items[0]:
         rows = [codec.decode(it["relevance"]) for it in items]
         labels = [p["label"] for p in result.get("predictions", [])]
@@ -37,3 +39,16 @@ def heatmap_png(result: dict[str, Any]) -> bytes:
     if not arrays:
         raise LookupError("no heatmap for this result")
     return heatmap.token_grid(arrays, [], [])
+
+
+def _seed_rows(item: dict[str, Any]) -> bytes:
+    """A token task's text (``documents.per_token``): relevance [seeds, tokens], one row per
+    seed, labelled with what it explains (a token's label, the answer's start or end)."""
+    rows = list(np.atleast_2d(codec.decode(item["relevance"])))
+    tokens = [str(t) for t in item.get("tokens") or item["token_ids"]]
+    if "answer_span" in item:
+        names = list(item["seeds"])
+    else:
+        at = [item["position"]] if "position" in item else range(len(tokens))
+        names = [f"{tokens[k]} {item['labels'][k]}" for k in at]
+    return heatmap.token_grid(rows, tokens, names)

@@ -86,3 +86,28 @@ def test_models_say_what_they_expect(api: TestClient, monkeypatch: pytest.Monkey
     monkeypatch.setattr(store, "live_workers", lambda r: [])
     models = {m["id"]: m for m in api.get("/models").json()["models"]}
     assert "white ink on black" in models["digits-cnn"]["expects"]
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"seeds": ["token"], "labels": ["O", "B-PER", "O"]},  # every token's label
+        {"seeds": ["token"], "labels": ["O", "B-PER", "O"], "position": 1},  # one token's
+        {"seeds": ["start", "end"], "answer_span": [1, 2], "answer_tokens": ["who", "?"]},
+    ],
+)
+def test_token_task_heatmap_has_a_row_per_seed(item: dict) -> None:
+    """Token classification and question answering give [seeds, tokens] per text: the
+    heatmap has one row of cells per seed (a token's label, the answer's start and end)."""
+    from service import codec
+    from service.api.render import heatmap_png
+
+    tokens = ["[CLS]", "who", "?"]
+    seeds = 1 if "position" in item else len(item.get("labels") or item["seeds"])
+    relevance = codec.encode(np.linspace(-1, 1, seeds * 3).reshape(seeds, 3))
+    result = {
+        "inputs": [{"token_ids": [101, 2, 3], "tokens": tokens, **item, "relevance": relevance}]
+    }
+    img = Image.open(io.BytesIO(heatmap_png(result)))
+    one_row = Image.open(io.BytesIO(heatmap.token_grid([np.ones(3)], tokens, ["x"])))
+    assert img.height - one_row.height == 18 * (seeds - 1)  # a cell is 18 pixels high
