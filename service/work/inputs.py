@@ -49,10 +49,13 @@ def for_task(entry: CachedModel, spec: ModelSpec, task: TaskName, inputs: Inputs
 
 
 def _padding(entry: CachedModel) -> tuple[int, bool]:
-    """The tokenizer's pad id (0 without one) and whether it pads on the left."""
+    """The tokenizer's pad id (0 without one) and whether to pad on the left: as the
+    tokenizer does, but always for generation, which decodes after each prompt's last token
+    (the engine refuses right padding; a causal LM may ship a right-padding tokenizer)."""
     tok = entry.loaded.tokenizer
     pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
-    return pad, tok is not None and tok.padding_side == "left"
+    left = entry.loaded.task == TaskName.GENERATION
+    return pad, left or (tok is not None and tok.padding_side == "left")
 
 
 def _padded(parts: list[torch.Tensor], value: int, left: bool) -> torch.Tensor:
@@ -71,11 +74,11 @@ def _padded(parts: list[torch.Tensor], value: int, left: bool) -> torch.Tensor:
 def tokens(entry: CachedModel, spec: ModelSpec, inputs: Inputs) -> Batch:
     """input_ids and attention_mask from texts or raw ids, checked against max_tokens."""
     tok = entry.loaded.tokenizer
+    pad, left = _padding(entry)
     if inputs.token_ids is not None:
         ids = inputs.token_ids
         rows = [ids] if ids and isinstance(ids[0], int) else ids
         parts = [torch.tensor(r, dtype=torch.long)[None] for r in rows]
-        pad, left = _padding(entry)
         ids_t = _padded(parts, pad, left)
         mask = _padded([torch.ones_like(p) for p in parts], 0, left)
         if tok is not None and ids_t.max() >= len(tok):
@@ -83,7 +86,8 @@ def tokens(entry: CachedModel, spec: ModelSpec, inputs: Inputs) -> Batch:
         enc = {"input_ids": ids_t, "attention_mask": mask}
     else:
         texts = [inputs.text] if isinstance(inputs.text, str) else list(inputs.text or [])
-        enc = dict(tok(texts, padding=True, return_tensors="pt"))
+        side = "left" if left else "right"
+        enc = dict(tok(texts, padding=True, padding_side=side, return_tensors="pt"))
         enc = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     length = enc["input_ids"].shape[1]
     if length > spec.limits.max_tokens:

@@ -1,0 +1,36 @@
+"""Generation prompts of unequal length are padded on the left, whatever side the model's
+tokenizer pads on (a BERT-style tokenizer shipped with a causal LM pads on the right): the
+engine decodes after each prompt's last token and refuses right padding."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from engine.tasks import TaskName
+from service.demo.lookup import _tokenizer, lookup_vocab
+from service.registry import ModelSpec
+from service.schemas import Inputs
+from service.work import inputs
+
+
+def _entry(task: TaskName, side: str) -> tuple[SimpleNamespace, ModelSpec]:
+    tok = _tokenizer(lookup_vocab(), "words")
+    tok.padding_side = side
+    loaded = SimpleNamespace(tokenizer=tok, task=task)
+    spec = ModelSpec.model_validate({"id": "m", "task": task, "source": {"kind": "demo"}})
+    return SimpleNamespace(loaded=loaded), spec
+
+
+@pytest.mark.parametrize("given", [{"text": ["a3 c1 ? a", "b2"]}, {"token_ids": [[4, 5, 3], [6]]}])
+def test_generation_prompts_are_left_padded(given: dict) -> None:
+    entry, spec = _entry(TaskName.GENERATION, "right")
+    mask = inputs.tokens(entry, spec, Inputs(**given))["attention_mask"]
+    assert mask[1, -1] == 1 and mask[1, 0] == 0
+
+
+def test_classification_keeps_the_tokenizers_side() -> None:
+    entry, spec = _entry(TaskName.TEXT_CLASSIFICATION, "right")
+    mask = inputs.tokens(entry, spec, Inputs(text=["a3 c1 ? a", "b2"]))["attention_mask"]
+    assert mask[1, 0] == 1 and mask[1, -1] == 0
