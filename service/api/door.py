@@ -25,7 +25,9 @@ def check(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta)
     """Every check of this module, in the order of the request's fields."""
     _check_text(spec, task, req, meta)
     _check_token_ids(req, meta)
+    _check_selection(task, req)
     _check_target(spec, task, req, meta)
+    _check_contrast_with(spec, task, req, meta)
     if task == TaskName.GENERATION:
         _check_steps(req)
         _check_positions(req, meta)
@@ -93,10 +95,56 @@ def _check_target(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: Mo
     if target is None or task not in CLASSIFICATION_TASKS or meta.num_classes is None:
         return
     if target >= meta.num_classes:
-        names = f" ({', '.join(spec.labels)})" if spec.labels else ""
+        raise invalid(["relevance", "target"], _not_a_class(spec, target, meta.num_classes))
+
+
+def _not_a_class(spec: ModelSpec, index: int, count: int) -> str:
+    names = f" ({', '.join(spec.labels)})" if spec.labels else ""
+    return f"{index} is not a class of {spec.id}: 0 to {count - 1}{names}"
+
+
+# What a task explains, where it takes no ``target`` or ``position`` to choose otherwise (the
+# job would fail on them, or generation would run ignoring them).
+_EXPLAINS = {
+    TaskName.GENERATION: ("each step's generated token", ("target", "position")),
+    TaskName.QUESTION_ANSWERING: ("the predicted answer's start and end", ("target", "position")),
+    TaskName.IMAGE_CLASSIFICATION: ("one prediction per image", ("position",)),
+    TaskName.TABULAR_CLASSIFICATION: ("one prediction per row", ("position",)),
+}
+
+
+def _check_selection(task: TaskName, req: RunTaskRequest) -> None:
+    """No ``target`` or ``position`` where the task has nothing for them to pick."""
+    explains, unused = _EXPLAINS.get(task, ("", ()))
+    for name in unused:
+        if getattr(req.relevance, name) is not None:
+            raise invalid(["relevance", name], f"{task} explains {explains}: it takes no {name}")
+
+
+def _check_contrast_with(
+    spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta
+) -> None:
+    """An alternative the model has: a class index or label of a classifier, a token id of
+    a generation model (its classes are its vocabulary; its config's labels mean nothing)."""
+    alt, loc = req.relevance.contrast_with, ["relevance", "contrast_with"]
+    if alt is None or alt in ("runner-up", "rest"):
+        return
+    generation = task == TaskName.GENERATION
+    count = meta.vocab_size if generation else meta.num_classes
+    if generation and isinstance(alt, str):
+        top = count - 1 if count else "the vocabulary size - 1"
         raise invalid(
-            ["relevance", "target"],
-            f"{target} is not a class of {spec.id}: 0 to {meta.num_classes - 1}{names}",
+            loc, f"{alt!r} is not for generation: runner-up, rest or a token id (0 to {top})"
+        )
+    if isinstance(alt, int) and count is not None and alt >= count:
+        if generation:
+            raise invalid(loc, f"{alt} is not a token id of {spec.id}: 0 to {count - 1}")
+        raise invalid(loc, _not_a_class(spec, alt, count))
+    if isinstance(alt, str) and meta.labels is not None and alt not in meta.labels:
+        raise invalid(
+            loc,
+            f"{alt!r} is not a label of {spec.id}: runner-up, rest, a class index or one of "
+            + ", ".join(dict.fromkeys(meta.labels)),
         )
 
 

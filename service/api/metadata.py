@@ -30,6 +30,8 @@ class ModelMeta:
     """None for what is not known."""
 
     num_classes: int | None = None
+    # The names a request may give a class by (registry labels, then config.json's id2label).
+    labels: tuple[str, ...] | None = None
     vocab_size: int | None = None
     max_positions: int | None = None
     tokenizer: Any = None  # a ``tokenizers.Tokenizer``
@@ -54,7 +56,7 @@ class ModelMetadata:
     def get(self, spec: ModelSpec) -> ModelMeta:
         if spec.id in self.known:
             return self.known[spec.id]
-        registry_only = ModelMeta(num_classes=_source_classes(spec))
+        registry_only = ModelMeta(num_classes=_source_classes(spec), labels=_labels(spec, None))
         if time.monotonic() < self.missing.get(spec.id, 0.0):
             return registry_only
         folder = self._folder(spec)
@@ -94,6 +96,15 @@ def _source_classes(spec: ModelSpec) -> int | None:
     return spec.source.num_classes
 
 
+def _labels(spec: ModelSpec, id2label: Any) -> tuple[str, ...] | None:
+    """The class names a request's ``contrast_with`` may use: the registry's labels (the
+    worker maps them to indices) and the model config's (the engine reads ``label2id``)."""
+    names = list(spec.labels or [])
+    if isinstance(id2label, dict):
+        names += [str(v) for v in id2label.values()]
+    return tuple(names) if names else None
+
+
 def _read(folder: Path, spec: ModelSpec) -> ModelMeta:
     config = json.loads((folder / "config.json").read_text())
     labels = config.get("id2label")
@@ -101,6 +112,7 @@ def _read(folder: Path, spec: ModelSpec) -> ModelMeta:
     positions = config.get("n_positions") or config.get("max_position_embeddings")
     return ModelMeta(
         num_classes=classes,
+        labels=_labels(spec, labels),
         vocab_size=config.get("vocab_size"),
         max_positions=positions,
         tokenizer=_tokenizer(folder / "tokenizer.json"),

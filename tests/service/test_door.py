@@ -119,6 +119,42 @@ SENTIMENT = {"model": "minilm-sentiment", "inputs": {"text": "fine"}}
             {**SENTIMENT, "inputs": {"text": ""}},
             "inputs.text: must be a non-empty string or a list of them",
         ),
+        (
+            {**LOOKUP, "relevance": {"target": 3}},
+            "relevance.target: generation explains each step's generated token: it takes no target",
+        ),
+        (
+            {**LOOKUP, "relevance": {"position": 0}},
+            "relevance.position: generation explains each step's generated token",
+        ),
+        (
+            {
+                "model": "digits-cnn",
+                "inputs": {"image": _png_header(16, 16)},
+                "relevance": {"position": 1},
+            },
+            "relevance.position: image-classification explains one prediction per image: it "
+            "takes no position",
+        ),
+        (
+            {**LOOKUP, "relevance": {"mode": "contrast", "contrast_with": "hello"}},
+            "relevance.contrast_with: 'hello' is not for generation: runner-up, rest or a token "
+            "id (0 to 101)",
+        ),
+        (
+            {**LOOKUP, "relevance": {"mode": "contrast", "contrast_with": 500}},
+            "relevance.contrast_with: 500 is not a token id of tiny-lookup-lm: 0 to 101",
+        ),
+        (
+            {**SENTIMENT, "relevance": {"mode": "contrast", "contrast_with": "neutral"}},
+            "relevance.contrast_with: 'neutral' is not a label of minilm-sentiment: runner-up, "
+            "rest, a class index or one of negative, positive",
+        ),
+        (
+            {**SENTIMENT, "relevance": {"mode": "contrast", "contrast_with": 2}},
+            "relevance.contrast_with: 2 is not a class of minilm-sentiment: 0 to 1 (negative, "
+            "positive)",
+        ),
     ],
 )
 def test_refused_at_the_door(api: TestClient, body: dict, expected: str) -> None:
@@ -134,7 +170,18 @@ def test_json_error_says_where(api: TestClient) -> None:
 
 
 def test_what_the_model_takes_passes(api: TestClient) -> None:
-    for body in (LOOKUP, {**LOOKUP, "inputs": {"token_ids": [4, 3, 6]}}, SENTIMENT):
+    contrast = [
+        {**SENTIMENT, "relevance": {"mode": "contrast", "contrast_with": alt}}
+        for alt in ("positive", 1, "rest")
+    ]
+    lm_contrast = {**LOOKUP, "relevance": {"mode": "contrast", "contrast_with": 101}}
+    for body in (
+        LOOKUP,
+        {**LOOKUP, "inputs": {"token_ids": [4, 3, 6]}},
+        SENTIMENT,
+        *contrast,
+        lm_contrast,
+    ):
         resp = api.post("/run_task", json=body)
         assert resp.status_code == 202, resp.text
         api.delete(f"/jobs/{resp.json()['job_id']}")
