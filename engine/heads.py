@@ -56,6 +56,11 @@ def classification(
     if logits.dim() == 3 and task == TaskName.TEXT_CLASSIFICATION:
         pos = _positions(position, mask, logits) if position is not None else _last(mask, logits)
         where = (rows, pos)
+    elif position is not None and logits.dim() == 2:
+        raise ValueError(
+            f"position= picks a token of [B, T, C] logits; this model returns "
+            f"{tuple(logits.shape)}, one prediction per sample: leave position out"
+        )
     elif logits.dim() > 2 or position is not None:
         raise ValueError(
             f"{task} explains [B, C] logits (text: [B, T, C] at one position); this model "

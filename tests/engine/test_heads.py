@@ -44,6 +44,16 @@ def test_image_classification_of_higher_rank_logits_is_a_clear_error():
         dlb.run_task(inputs=(x,))  # detected as an image: [B, C] logits or an error
 
 
+@pytest.mark.parametrize("task", ["text-classification", "image-classification"])
+def test_a_position_on_pooled_logits_is_a_clear_error(task):
+    """[B, C] logits have no token to pick: the error says to leave position out, not that
+    the model should return the [B, C] it does return."""
+    x = torch.randn(2, 4)
+    dlb = DLBacktrace(nn.Linear(4, 3), (x,))
+    with pytest.raises(ValueError, match=r"returns \(2, 3\), one prediction per sample: leave"):
+        dlb.run_task(task=task, inputs=(x,), position=1)
+
+
 def padded(batch: int, length: int = 6) -> dict[str, torch.Tensor]:
     ids = torch.randint(1, 40, (batch, length), generator=torch.Generator().manual_seed(batch))
     mask = torch.ones_like(ids)
