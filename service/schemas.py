@@ -101,7 +101,7 @@ class Inputs(BaseModel):
 
 
 class RelevanceParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     mode: Literal[MODES] = Field(
         default="default",
         description="default: the non-negative |z| rule; contrast: why the target and not its "
@@ -159,7 +159,7 @@ class RelevanceParams(BaseModel):
 
 
 class GenerationParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     max_new_tokens: int | None = Field(
         default=None, ge=1, le=4096, description="default: min(16, the model's limit)"
     )

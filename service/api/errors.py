@@ -44,8 +44,18 @@ async def redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResp
     )
 
 
-async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's 422, each error with its ``message``; a body that is not JSON says where."""
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422, each error with its ``message``; a body that is not JSON says where,
+    and one not sent as JSON says so (FastAPI reads it as bytes, which pydantic then calls
+    not a dictionary)."""
+    media = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    as_json = not media or media == "application/json" or media.endswith("+json")
+    if not as_json and any(tuple(e["loc"]) == ("body",) for e in exc.errors()):
+        msg = f"request body must be JSON, sent with Content-Type: application/json (got {media})"
+        return JSONResponse(
+            {"detail": [{"loc": ["body"], "msg": msg, "type": "content_type", "message": msg}]},
+            422,
+        )
     errors = []
     for e in exc.errors():
         loc = [str(p) for p in e["loc"]]

@@ -213,3 +213,25 @@ def test_prompt_counted_without_the_tokenizers_padding(tmp_path: Path) -> None:
     meta = ModelMetadata(Registry([spec], tmp_path), str(tmp_path)).get(spec)
     assert meta.count_tokens("a3 c1 ? a") == 4
     assert meta.count_tokens(" ".join(["a3"] * 30)) == 30
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+def test_a_body_not_sent_as_json_says_so(api: TestClient, content_type: str) -> None:
+    """JSON sent with another Content-Type (curl -d sends a form's) is not read as JSON: the
+    422 says what to send, not that the body should be a dictionary."""
+    headers = {"Content-Type": content_type}
+    resp = api.post("/run_task", content=json.dumps(SENTIMENT), headers=headers)
+    expected = "request body must be JSON, sent with Content-Type: application/json"
+    assert _message(resp) == f"{expected} (got {content_type})"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("relevance", {"multiplier": "NaN"}), ("generation", {"top_p": "Infinity"})],
+)
+def test_numbers_are_finite(api: TestClient, field: str, value: dict) -> None:
+    """NaN and Infinity (which Python's JSON reads) are not numbers a setting can take."""
+    name, literal = next(iter(value.items()))
+    body = json.dumps({**LOOKUP, field: {name: 0.5}}).replace("0.5", literal)
+    resp = api.post("/run_task", content=body, headers={"Content-Type": "application/json"})
+    assert _message(resp) == f"{field}.{name}: Input should be a finite number"
