@@ -252,6 +252,7 @@ def summary(view: dict[str, Any]) -> str:
                     f"{t}:{v:+.1f}" for t, v in zip(item["tokens"], rel.tolist(), strict=False)
                 )
             )
+    lines += [_found(item) for item in res.get("inputs", []) if "seeds" in item]
     if "generation" in res:
         g = res["generation"]
         lines.append(f"generated: {g['text'][0]!r} tokens {g['new_tokens'][0]}")
@@ -261,6 +262,17 @@ def summary(view: dict[str, Any]) -> str:
         f"cache {t.get('cache')}"
     )
     return "\n".join(lines)
+
+
+def _found(item: dict[str, Any]) -> str:
+    """What a token task found in one text: each token's label, or the answer span."""
+    tokens = [str(t) for t in item.get("tokens") or item.get("token_ids", [])]
+    if "answer_span" in item:
+        start, end = item["answer_span"]
+        return f"answer: {' '.join(map(str, item['answer_tokens']))} (tokens {start} to {end})"
+    return "labels: " + " ".join(
+        f"{t}:{lab}" for t, lab in zip(tokens, item["labels"], strict=False)
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
