@@ -65,7 +65,10 @@ def _explain(
     """One engine call on ``batch``; the document of each job's ``rows``."""
     req = prepared[0].work.req  # relevance and output options are the batch group's
     t0 = time.perf_counter()
-    dlb = run.entry.backtrace(batch)
+    # Captured on the input as the model runs it (its dtype and device), as a warmed model
+    # is: a float32 picture would not go through a float16 model's first layer.
+    on_device = inputs.on_device(run.entry, batch)
+    dlb = run.entry.backtrace(on_device)
     capture_s = time.perf_counter() - t0
     # The API checks the names once a graph of the model is published; a cold model's first
     # job is checked here, on the graph just captured (the engine skips unknown names).
@@ -73,7 +76,7 @@ def _explain(
     t0 = time.perf_counter()
     res = dlb.run_task(
         task=run.task,
-        inputs=inputs.on_device(run.entry, batch),
+        inputs=on_device,
         relevance_nodes=req.output.relevance,
         target=req.relevance.target,
         position=req.relevance.position,
