@@ -99,6 +99,8 @@ def _load_transformers(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel
     if where is None:
         raise ValueError(f"registry entry {spec.id}: transformers source needs path or hub_id")
     local = src.path is not None
+    if local and not Path(where).is_dir():  # else transformers reads it as a hub id
+        raise FileNotFoundError(f"registry entry {spec.id}: source.path {where} is not a folder")
     head = {
         "sequence-classification": tf.AutoModelForSequenceClassification,
         "image-classification": tf.AutoModelForImageClassification,
@@ -122,7 +124,10 @@ def _load_torchvision(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel,
     from safetensors.torch import load_file
 
     src = spec.source
-    model = getattr(torchvision.models, src.arch or "")(weights=None, num_classes=src.num_classes)
+    build = getattr(torchvision.models, src.arch or "", None)
+    if not callable(build):
+        raise ValueError(f"registry entry {spec.id}: torchvision has no architecture {src.arch!r}")
+    model = build(weights=None, num_classes=src.num_classes)
     weights = registry.resolve(src.weights)
     if weights is None:
         raise ValueError(f"registry entry {spec.id}: torchvision source needs weights")
