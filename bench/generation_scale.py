@@ -14,7 +14,9 @@ random weights; ``LlamaForCausalLM``), greedy, relevance for every step, at each
   ``explained_over_ixg`` are then null);
 - ``explained_over_plain`` and ``explained_over_ixg``;
 - ``peak_extra_mb``: the explained run's peak memory above what was in use before it (RSS
-  sampled every 5 ms on the CPU, ``max_memory_allocated`` on CUDA).
+  sampled every 5 ms on the CPU, ``max_memory_allocated`` on CUDA);
+- ``planned_seeds_per_sweep``: the seeds per sweep the run used (``engine.memory.plan_seeds``:
+  the cap, or what the budget's estimate allows up to it).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import transformers
 from bench.engine import sync
 from engine import DLBacktrace
 from engine.generation import run_generation
+from engine.memory import plan_seeds
+from engine.params import StepPlan
 
 SIZES = ((512, 64), (2048, 32))
 MODEL = "llama n_layers=8 hidden=512 heads=8 kv_heads=2 mlp=1408 vocab=32000 (random weights)"
@@ -108,6 +112,7 @@ def measure_size(
 ) -> dict:
     model, inputs = build_llama(prompt_len, new, device)
     cap = {} if seeds is None else {"max_seeds_per_sweep": seeds}
+    plan = StepPlan(memory_budget=budget, **cap)
     start = time.perf_counter()
     plain = model.generate(**inputs, max_new_tokens=new, do_sample=False)
     sync()
@@ -128,6 +133,9 @@ def measure_size(
         "new_tokens": new,
         "memory_budget": budget,
         "seeds_per_sweep": seeds,
+        "planned_seeds_per_sweep": plan_seeds(
+            dlb, plan, 1, prompt_len + new - 1, "default", "inputs"
+        ),  # fmt: skip
         "plain_s": round(plain_s, 2),
         "explained_s": round(explained_s, 2),
         "ixg_per_step_s": None if ixg_s is None else round(ixg_s, 2),

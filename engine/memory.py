@@ -1,13 +1,16 @@
 """The sweep's working memory: an estimate from the graph, and seeds per sweep from a budget.
 
-A sweep holds the recorded forward (the values its rules read, in the model's dtype, at the
-peak of the forward that records them: ``fixed``; the sweep frees them as it goes) and,
-per seed, the relevance waiting at the nodes the sweep has reached but not yet passed, plus
-what the requested ``relevance_nodes`` keep (rules compute in float32 at least). ``estimate``
-walks the graph from the output back as ``sweep._Pass.sweep`` does, with every node's size
-at the run's symbolic sizes, and takes the largest such frontier. Attention holds no
-seeds x heads x positions^2 tensor (``rules.attention`` sweeps the scores in blocks of queries):
-its score-sized tensors are shared by the seeds, and count as fixed. A rule's temporaries
+A sweep holds the recorded forward (the values its rules read, in the model's dtype) and, per
+seed, the relevance waiting at the nodes the sweep has reached but not yet passed, plus what
+the requested ``relevance_nodes`` keep (rules compute in float32 at least). A lean sweep frees
+each recorded value as it passes the node that made it, so the two parts peak at different
+places: the record at the top of the graph, before anything is freed; a seed's frontier
+wherever the widest tensors wait (an MLP's). ``estimate`` walks the graph from the output back
+as ``sweep._Pass.sweep`` does, with every node's size at the run's symbolic sizes, and gives
+at each node what is still recorded there and each seed's frontier (``SweepMemory.points``);
+a budget is met where their sum for the seeds is largest. Attention holds no seeds x heads x
+positions^2 tensor (``rules.attention`` sweeps the scores in blocks of queries): its
+score-sized tensors are shared by the seeds, held while its rule runs. A rule's temporaries
 (ratios, denominators, the shares it hands on) come on top: ``RULE_FACTOR``, measured against
 the resident memory of sweeps of a small Llama-style model (2 layers, width 128, 4 heads, 2 KV
 heads; 256 and 512 positions, 1 to 32 seeds, RSS sampled every 2 ms): the estimate was 1.7-2.3
@@ -19,7 +22,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, fx
@@ -38,21 +41,45 @@ AUTO_FRACTION = 0.5  # "auto": this share of the device's free memory
 # inputs, the reference's weights, the softmax slopes and their mix (some freed before the
 # blocks).
 SHARED_SCORES = {"reference": 6, "contrast": 6}
+# Ops whose rule takes |W| of a constant weight from the sweeper's cache (``rules.dense``).
+_ABS_CACHED = {torch.ops.aten.linear.default, torch.ops.aten.convolution.default}
 
 
 class MemoryBudgetError(ValueError):
     """A request whose sweep cannot fit the memory budget, even with one seed per sweep."""
 
 
-@dataclass(frozen=True)
-class SweepMemory:
-    """Bytes of one sweep: ``fixed`` (the recorded forward) and ``per_seed``."""
+class Point(NamedTuple):
+    """What a sweep holds at ``node``: ``fixed`` whatever the seeds, and ``per_seed``."""
 
+    node: str
     fixed: int
     per_seed: int
 
+
+@dataclass(frozen=True)
+class SweepMemory:
+    """Bytes of one sweep: ``forward``, the recorded forward's own peak; ``points``, at each
+    node the sweep visits, what it holds whatever the seeds (the recorded values it has not
+    passed yet, attention's shared score tensors at an attention node) and what it holds per
+    seed. A lean sweep frees the recorded values as it passes them, so the top of the graph,
+    where the most is still recorded, need not be where a seed holds the most."""
+
+    forward: int
+    points: tuple[Point, ...]
+
+    @property
+    def fixed(self) -> int:
+        """The most held whatever the seeds, at any point (the forward's peak included)."""
+        return max([self.forward, *(p.fixed for p in self.points)])
+
+    @property
+    def per_seed(self) -> int:
+        """The most one seed holds at any point."""
+        return max((p.per_seed for p in self.points), default=0)
+
     def needed(self, seeds: int) -> int:
-        return self.fixed + seeds * self.per_seed
+        return max([self.forward, *(p.fixed + seeds * p.per_seed for p in self.points)])
 
     def seeds_within(self, budget: int, what: str) -> int:
         """How many seeds one sweep may carry within ``budget`` bytes (at least one, or
@@ -60,10 +87,11 @@ class SweepMemory:
         if budget < self.needed(1):
             raise MemoryBudgetError(
                 f"memory_budget {_mb(budget)} cannot hold one sweep of {what}: it needs at "
-                f"least {_mb(self.needed(1))} (recorded forward {_mb(self.fixed)} + "
-                f"{_mb(self.per_seed)} per seed); raise the budget or shorten the request"
+                f"least {_mb(self.needed(1))} (recorded forward and shared scores up to "
+                f"{_mb(self.fixed)}, up to {_mb(self.per_seed)} per seed); raise the budget "
+                f"or shorten the request"
             )
-        return (budget - self.fixed) // self.per_seed
+        return min(((budget - p.fixed) // p.per_seed for p in self.points if p.per_seed), default=1)
 
 
 def _mb(n: int) -> str:
@@ -88,63 +116,94 @@ def estimate(
     sweeper: Sweeper, sizes: dict, mode: str, keep: str | set[str], lean: bool = True
 ) -> SweepMemory:
     """The working memory of one sweep over ``sweeper``'s graph at the symbolic ``sizes``;
-    ``lean``: the recorded forward keeps only what the rules read (False: every op's value,
-    as when layer outputs are asked for)."""
-    prov, through = sweeper.provenance, sweeper._pass_through[mode]
-    fixed = _recorded(sweeper, sizes, mode, lean)
+    ``lean``: the recorded forward keeps only what the rules read, and the sweep frees each
+    value as it passes the node that made it (False: every op's value, kept to the end, as
+    when layer outputs are asked for)."""
+    prov = sweeper.provenance
+    forward_peak, held = _recorded(sweeper, sizes, mode, lean)
+    recorded = sum(held.values())
     width = torch.promote_types(_dtype(sweeper.seed_node), torch.float32).itemsize
-
-    def numel(node: fx.Node) -> int:
-        return _bytes(node, sizes, itemsize=width)
-
+    head_rows = _head_rows(sweeper, sizes) if lean else 0
+    recorded += _cached_abs(sweeper, sizes)  # never freed: counted at every point
     head = sweeper.seed_head()
     start = prov.bound[head]["input"] if head.target is torch.ops.aten.linear.default else head
-    live: dict[fx.Node, int] = {start: numel(start)}
-    kept = peak = scores = 0
-    for node in reversed(sweeper._order):
-        if node not in live:
-            continue
-        here = live.pop(node)
-        if keep == "all" or node.op == "placeholder" or node.name in keep:
-            kept += here
-        if node.op == "placeholder":
-            continue
-        if node.target is operator.getitem:
-            targets = [node.args[0]]
-        elif node in through:
-            targets = [through[node]]
-        else:
-            targets = [a for a in node.all_input_nodes if prov.data.get(a, False)]
-        added = sum(numel(a) for a in targets if a not in live)
-        scores = max(scores, _scores(node, sizes))
-        peak = max(peak, kept + sum(live.values()) + here + added)
-        for a in targets:
-            live.setdefault(a, numel(a))
-    # a block of per-seed scores and its temporaries: at most two blocks (``rules.attention``)
-    shared = (SHARED_SCORES.get(mode, 2) * scores + 2 * BLOCK_ELEMENTS) * width if scores else 0
-    per_seed = math.ceil(peak * RULE_FACTOR) + (_head_rows(sweeper, sizes) if lean else 0)
-    return SweepMemory(fixed + shared, per_seed)
+    live: dict[fx.Node, int] = {start: _bytes(start, sizes, width)}
+    kept, points = 0, []
+    for node in reversed(sweeper.captured.nodes):
+        if node in live:
+            here = live.pop(node)
+            if keep == "all" or node.op == "placeholder" or node.name in keep:
+                kept += here
+            if node.op != "placeholder":
+                targets = _targets(sweeper, node, mode)
+                added = sum(_bytes(a, sizes, width) for a in targets if a not in live)
+                frontier = kept + sum(live.values()) + here + added
+                shared = _shared_scores(node, sizes, mode) * width
+                per_seed = math.ceil(frontier * RULE_FACTOR) + head_rows
+                points.append(Point(node.name, recorded + shared, per_seed))
+                for a in targets:
+                    live.setdefault(a, _bytes(a, sizes, width))
+        if lean:
+            recorded -= held.get(node, 0)
+    return SweepMemory(forward_peak, tuple(points))
 
 
-def _recorded(sweeper: Sweeper, sizes: dict, mode: str, lean: bool) -> int:
-    """Peak bytes of the recorded forward: lean (``Sweeper.forward(lean=True)``), what is
-    alive at each op as it runs, values dropped as ``recording.drop_schedule`` drops them,
-    outputs kept, a linear head (``Sweeper.head_chain``) computed at the seeds' rows only
-    (counted per seed: ``_head_rows``); else every op's value. Modes "reference" and
-    "contrast" hold the reference's (lean) record on top."""
+def _recorded(sweeper: Sweeper, sizes: dict, mode: str, lean: bool) -> tuple[int, dict]:
+    """Peak bytes of the recorded forward, and the bytes of each node's value it holds when
+    the sweep starts. Lean (``Sweeper.forward(lean=True)``): what is alive at each op as it
+    runs, values dropped as ``recording.drop_schedule`` drops them, outputs kept, a linear
+    head (``Sweeper.head_chain``) computed at the seeds' rows only (counted per seed:
+    ``_head_rows``); else every op's value. Modes "reference" and "contrast" hold the
+    reference's (lean) record on top."""
     captured = sweeper.captured
     drops = drop_schedule(captured, sweeper.read) if lean else {}
     head = set(sweeper.head_chain) if lean else set()
+    held: dict[fx.Node, int] = {}
     alive = peak = 0
     for node in captured.nodes:
-        alive -= sum(_bytes(n, sizes) for n in drops.get(node, ()))
+        alive -= sum(held.pop(n, 0) for n in drops.get(node, ()))
         if node.op == "call_function" and node not in head:
-            alive += _bytes(node, sizes)
+            held[node] = _bytes(node, sizes)
+            alive += held[node]
             peak = max(peak, alive)
     if mode == "default":
-        return peak
-    read = (n for n in sweeper.read if n.op == "call_function" and n not in head)
-    return peak + sum(_bytes(n, sizes) for n in read)
+        return peak, held
+    read = [n for n in sweeper.read if n.op == "call_function" and n not in head]
+    for n in read:
+        held[n] = held.get(n, 0) + _bytes(n, sizes)
+    return peak + sum(_bytes(n, sizes) for n in read), held
+
+
+def _targets(sweeper: Sweeper, node: fx.Node, mode: str) -> list[fx.Node]:
+    """The nodes ``node`` hands its relevance on to, as ``sweep._Pass.sweep`` does."""
+    through = sweeper._pass_through[mode]
+    if node.target is operator.getitem:
+        return [node.args[0]]
+    if node in through:
+        return [through[node]]
+    return [a for a in node.all_input_nodes if sweeper.provenance.data.get(a, False)]
+
+
+def _shared_scores(node: fx.Node, sizes: dict, mode: str) -> int:
+    """Elements the attention rule at ``node`` holds for all seeds while it runs: the
+    score-sized tensors of ``SHARED_SCORES``, and a block of per-seed scores with its
+    temporaries, two blocks (``rules.attention``); none at other nodes."""
+    scores = _scores(node, sizes)
+    return SHARED_SCORES.get(mode, 2) * scores + 2 * BLOCK_ELEMENTS if scores else 0
+
+
+def _cached_abs(sweeper: Sweeper, sizes: dict) -> int:
+    """Bytes of the |W| ``Sweeper.abs_of`` caches from the first sweep on: the weights of the
+    linear layers and convolutions on the relevance path (each once), but the seed head's,
+    whose rows the seeds take. 90 MB for the 55 M Llama of ``bench.generation --scale``."""
+    bound, data, head = sweeper.provenance.bound, sweeper.provenance.data, sweeper.seed_head()
+    weights = set()
+    for node in sweeper._order:
+        if node.target in _ABS_CACHED and node is not head:
+            w = bound[node].get("weight")
+            if isinstance(w, fx.Node) and w.op == "placeholder" and not data.get(w, False):
+                weights.add(w)
+    return sum(_bytes(w, sizes) for w in weights)
 
 
 def _head_rows(sweeper: Sweeper, sizes: dict) -> int:
@@ -205,9 +264,9 @@ def plan_seeds(
 ) -> int:
     """Seeds per sweep for a generation of ``batch`` rows over at most ``length`` positions,
     keeping ``nodes`` (``relevance_nodes``), with a lean recorded forward or not (``lean``,
-    see ``estimate``): ``plan.max_seeds_per_sweep`` without a budget;
-    with one, as many as fit (one, on the stepwise path, must fit), checked before any
-    forward runs."""
+    see ``estimate``): ``plan.max_seeds_per_sweep`` without a budget; with one, as many as
+    fit up to that cap (one, on the stepwise path, must fit), checked before any forward
+    runs."""
     if plan.memory_budget is None:
         return plan.max_seeds_per_sweep
     captured, sweeper = dlb._graphs[0]  # the graph generation explains with (dlb.captured)
@@ -215,4 +274,5 @@ def plan_seeds(
     keep = RelevanceParams(relevance_nodes=nodes).keep
     memory = estimate(sweeper, captured.sizes(shapes), mode, keep, lean)
     budget = resolve_budget(plan.memory_budget, torch.device(dlb.device))
-    return max(1, memory.seeds_within(budget, f"{batch} row(s) x {length} positions"))
+    fit = memory.seeds_within(budget, f"{batch} row(s) x {length} positions")
+    return max(1, min(plan.max_seeds_per_sweep, fit))

@@ -11,6 +11,7 @@ from engine import DLBacktrace, memory
 from engine.generation import run_generation
 from engine.memory import MemoryBudgetError, estimate, plan_seeds, resolve_budget
 from engine.params import StepPlan
+from engine.sweep import Seed, _Pass
 from tests.engine.lm_models import prompts, tiny_lm
 
 NEW = 6
@@ -66,6 +67,9 @@ def test_fitting_budget_splits_sweeps_and_keeps_relevance(dlb, batch, monkeypatc
     budget = _needed(dlb, batch, 2)
     plan = StepPlan(memory_budget=budget)
     assert plan_seeds(dlb, plan, 2, 7 + NEW - 1, "default", "inputs") == 2
+    # a budget that holds more seeds than the cap still sweeps at most the cap
+    roomy = StepPlan(memory_budget="1TB", max_seeds_per_sweep=5)
+    assert plan_seeds(dlb, roomy, 2, 7 + NEW - 1, "default", "inputs") == 5
     sweeps = []
     explain = dlb.explain
     monkeypatch.setattr(
@@ -108,8 +112,8 @@ def test_estimate_counts_the_lean_record(dlb, batch):
     sizes = captured.sizes(dict(batch))
     ops = [n for n in captured.nodes if n.op == "call_function"]
     everything = sum(memory._bytes(n, sizes) for n in ops)
-    fixed = memory._recorded(sweeper, sizes, "default", lean=True)
-    assert memory._recorded(sweeper, sizes, "default", lean=False) == everything
+    fixed = memory._recorded(sweeper, sizes, "default", lean=True)[0]
+    assert memory._recorded(sweeper, sizes, "default", lean=False)[0] == everything
     rows = torch.tensor([[[0, 6], [1, 6]]])  # one seed on each row's last position
     with torch.no_grad():
         env, _ = sweeper.forward(dlb._prepare(batch), lean=True, rows=rows)
@@ -119,7 +123,45 @@ def test_estimate_counts_the_lean_record(dlb, batch):
     assert held <= fixed + memory._head_rows(sweeper, sizes) and fixed < everything
     assert {n for n in env if n.op == "call_function"} <= sweeper.read
     # modes reference and contrast hold the reference's record too
-    assert memory._recorded(sweeper, sizes, "reference", lean=True) > fixed
+    assert memory._recorded(sweeper, sizes, "reference", lean=True)[0] > fixed
+
+
+@pytest.mark.parametrize("mode", ["default", "reference"])
+def test_estimate_follows_the_sweep_freeing_the_record(dlb, batch, monkeypatch, mode):
+    """A lean sweep frees each recorded value as it passes the node that made it: at every
+    node the estimate's fixed part covers what the sweep really still holds there (the
+    input's and the reference's records), and it shrinks as the sweep goes down, so that the
+    seeds a budget allows are set where the record and the frontier together are largest."""
+    captured, sweeper = dlb._graphs[0]
+    sizes = captured.sizes(dict(batch))
+    held: dict[str, int] = {}
+    free = _Pass._free
+
+    def spy(self, node):
+        envs = (self.env, self.env_ref or {})
+        held[node.name] = sum(
+            _tensor_bytes(v) for env in envs for n, v in env.items() if n.op == "call_function"
+        )
+        free(self, node)
+
+    monkeypatch.setattr(_Pass, "_free", spy)
+    rows = torch.tensor([[[0, 6], [1, 6]]])
+    dlb.explain(batch, Seed(torch.cat([rows, torch.tensor([[[3], [4]]])], -1),
+                            torch.ones(1, 2, dtype=torch.float64)),
+                mode, "inputs", retain=frozenset())  # fmt: skip
+    est = estimate(sweeper, sizes, mode, {"input_ids"})
+    assert len(est.points) > 10
+    for point in est.points:
+        assert held[point.node] <= point.fixed, point.node
+    # the sweep has freed most of the record (the cached |W| stays)
+    cached = memory._cached_abs(sweeper, sizes)
+    weights = [v[1] for k, v in sweeper._abs.items() if isinstance(k, int)]  # |W| by id
+    assert cached == sum(_tensor_bytes(w) for w in weights)
+    assert 0 < cached and est.points[-1].fixed - cached < (est.points[0].fixed - cached) / 4
+    # the budget binds where the record and the seeds' frontier together are largest
+    budget = est.needed(3)
+    assert est.seeds_within(budget, "x") == 3
+    assert all(p.fixed + 3 * p.per_seed <= budget for p in est.points)
 
 
 def _tensor_bytes(value) -> int:
