@@ -101,6 +101,6 @@ def generate(run: Run, work: Work, r: redis.Redis) -> documents.Doc:
 
 
 def _budget(setting: str) -> str | None:
-    """The worker's memory budget for ``run_task`` (``BACKTRACE_MEMORY_BUDGET``; "none": the
-    engine's fixed number of seeds per sweep)."""
+    """The worker's memory budget for ``run_task`` (``BACKTRACE_MEMORY_BUDGET``; "none": no
+    budget, the engine's default cap of seeds per sweep, ``StepPlan.max_seeds_per_sweep``)."""
     return None if setting.strip().lower() in ("", "none") else setting
