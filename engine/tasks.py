@@ -37,7 +37,9 @@ class Task:
     service may run several requests of it as one batch; ``seeds``: what the leading axis of
     its relevance holds when one run explains several outputs of a sample (question answering:
     the start, then the end; token classification: one seed per token, ``("token",)``); empty
-    where one output is explained and the result drops that axis."""
+    where one output is explained and the result drops that axis. ``pairs``: whether a text
+    input may be a pair of texts, tokenized as two segments (a question and its context, two
+    sentences); generation continues one prompt."""
 
     name: TaskName
     call: EngineCall
@@ -45,6 +47,7 @@ class Task:
     references: tuple[str, ...]
     batchable: bool
     seeds: tuple[str, ...] = ()
+    pairs: bool = False
 
 
 TASKS: dict[TaskName, Task] = {
@@ -56,6 +59,7 @@ TASKS: dict[TaskName, Task] = {
             ("text", "token_ids"),
             ("zeros", "mask"),
             True,
+            pairs=True,
         ),
         Task(
             TaskName.IMAGE_CLASSIFICATION,
@@ -78,6 +82,7 @@ TASKS: dict[TaskName, Task] = {
             ("zeros", "mask"),
             False,
             ("token",),
+            pairs=True,
         ),
         Task(
             TaskName.QUESTION_ANSWERING,
@@ -86,6 +91,7 @@ TASKS: dict[TaskName, Task] = {
             ("zeros", "mask"),
             False,
             ("start", "end"),
+            pairs=True,
         ),
         Task(TaskName.GENERATION, EngineCall.GENERATE, ("text", "token_ids"), ("zeros",), False),
     )
@@ -94,6 +100,8 @@ TASKS: dict[TaskName, Task] = {
 # Task names a model can be registered for (``auto`` is resolved from the model at run time).
 MODEL_TASKS = tuple(TASKS)
 CLASSIFICATION_TASKS = tuple(t.name for t in TASKS.values() if t.call is EngineCall.CLASSIFY)
+# The tasks whose text may come in pairs (``Task.pairs``).
+PAIR_TASKS = tuple(t.name for t in TASKS.values() if t.pairs)
 # What ``run_task(task=...)`` accepts.
 TASK_NAMES = (TaskName.AUTO, *TASKS)
 

@@ -173,6 +173,19 @@ class CachedModel:
         params = inspect.signature(self.loaded.model.forward).parameters
         return next(iter(params)) if params else "x"
 
+    @functools.cached_property
+    def segments(self) -> bool:
+        """Whether the model's token inputs carry ``token_type_ids``: its tokenizer makes
+        them and its forward takes them (a BERT), so that the second text of a pair reaches
+        the model as segment 1. Not for generation, which decodes one prompt."""
+        tok, model = self.loaded.tokenizer, self.loaded.model
+        return (
+            self.loaded.task != TaskName.GENERATION
+            and tok is not None
+            and "token_type_ids" in getattr(tok, "model_input_names", ())
+            and "token_type_ids" in inspect.signature(model.forward).parameters
+        )
+
     def backtrace(self, inputs: dict[str, torch.Tensor]) -> Any:
         """The DLBacktrace for these input names and ranks, captured on first use. The engine
         marks batch and sequence dims dynamic, so one capture serves all lengths."""

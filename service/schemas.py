@@ -24,7 +24,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from engine.tasks import MODES, REFERENCE_NAMES, TASK_NAMES, TaskName
+from engine.tasks import MODES, PAIR_TASKS, REFERENCE_NAMES, TASK_NAMES, TaskName
 
 from .registry import Limits
 from .vocabulary import JobStatus
@@ -76,12 +76,36 @@ TokenIdsInput = Annotated[
 ]
 
 
+def pair_refusal(task: str) -> str:
+    """Why a task takes no ``text_pair`` (the door's and the worker's words)."""
+    return f"{task} takes one text per input: text_pair is for {', '.join(PAIR_TASKS)}"
+
+
+def no_separator(model_id: str) -> str:
+    """Why a model takes no ``text_pair``: its tokenizer would run the texts together."""
+    return (
+        f"the tokenizer of {model_id} puts no separator between the two texts of a pair, "
+        "so the model cannot tell them apart: send one text"
+    )
+
+
 class Inputs(BaseModel):
     """Exactly one of: text (or a list of texts), a base64 PNG/JPEG image, a tabular row (or
-    rows) of numbers, or raw token ids (a list, or a list of lists)."""
+    rows) of numbers, or raw token ids (a list, or a list of lists); with text, optionally
+    the second text of each pair (``text_pair``: a question's context, an NLI hypothesis),
+    which the tokenizer joins to the first as its own segment."""
 
     model_config = ConfigDict(extra="forbid")
     text: TextInput = None
+    text_pair: TextInput = Field(
+        default=None,
+        description="the second text of each pair, tokenized with `text` as one input "
+        "(`tokenizer(text, text_pair)`: separators and token_type_ids as the model was "
+        "trained with): question-answering's context after the question in `text`, a "
+        "sentence-pair classifier's second sentence. A string with one text, or a list with "
+        "one per text. For question-answering, text-classification and token-classification "
+        "models whose tokenizer separates pairs; both texts count against max_tokens",
+    )
     image: str | None = Field(default=None, description="base64 PNG or JPEG (data: URL ok)")
     features: FeaturesInput = None
     token_ids: TokenIdsInput = None
@@ -95,6 +119,29 @@ class Inputs(BaseModel):
                 + (f" (got {', '.join(given)})" if given else "")
             )
         return self
+
+    @field_validator("text_pair")
+    @classmethod
+    def _one_per_text(cls, pair: str | list[str] | None, info: ValidationInfo) -> Any:
+        """A second text for each first text: a string for a string, a list as long as the
+        list (a string for a list would leave open which text it pairs with)."""
+        if pair is None or "text" not in info.data:  # text itself is invalid: that error says
+            return pair
+        text = info.data["text"]
+        if text is None:
+            raise ValueError("is the second text of a pair: give the first in text")
+        if isinstance(text, str) != isinstance(pair, str):
+            raise ValueError("must be a string with one text, a list with a list of texts")
+        if isinstance(text, list) and len(text) != len(pair):
+            raise ValueError(f"has {len(pair)} texts for {len(text)} in text: give one per text")
+        return pair
+
+    def pairs(self) -> list[tuple[str, str | None]]:
+        """Each text with its second text (None without ``text_pair``)."""
+        texts = [self.text] if isinstance(self.text, str) else list(self.text or [])
+        seconds = self.text_pair
+        others = [seconds] if isinstance(seconds, str) else list(seconds or [None] * len(texts))
+        return list(zip(texts, others, strict=True))
 
     def kind(self) -> str:
         return next(k for k in ("text", "image", "features", "token_ids") if getattr(self, k))

@@ -16,7 +16,7 @@ from engine.tasks import CLASSIFICATION_TASKS, TaskName
 
 from .. import layer_names
 from ..registry import ModelSpec
-from ..schemas import RunTaskRequest
+from ..schemas import RunTaskRequest, no_separator
 from .errors import invalid
 from .metadata import ModelMeta, ModelMetadata
 
@@ -65,15 +65,25 @@ def _texts(req: RunTaskRequest) -> list[str]:
 
 
 def _check_text(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta) -> None:
-    """No blank text, and no generation prompt longer in tokens than the model takes (a
-    classifier's text is counted by the worker, which fails the job with the same words)."""
-    for i, text in enumerate(_texts(req)):
-        loc = ["inputs", "text"] if isinstance(req.inputs.text, str) else ["inputs", "text", i]
-        if not text.strip():
-            raise invalid(loc, "is blank (only whitespace); send some text")
-        n = meta.count_tokens(text) if task == TaskName.GENERATION else None
+    """No blank text, and no generation prompt or pair of texts longer in tokens than the
+    model takes (one classifier's text is counted by the worker, which fails the job with
+    the same words); a pair only for a tokenizer that separates its texts."""
+    one = isinstance(req.inputs.text, str)
+    if req.inputs.text_pair is not None and meta.separates_pairs() is False:
+        raise invalid(["inputs", "text_pair"], no_separator(spec.id))
+    for i, (text, pair) in enumerate(req.inputs.pairs()):
+        loc = ["inputs", "text"] if one else ["inputs", "text", i]
+        pair_loc = ["inputs", "text_pair"] if one else ["inputs", "text_pair", i]
+        for where, value in ((loc, text), (pair_loc, pair)):
+            if value is not None and not value.strip():
+                raise invalid(where, "is blank (only whitespace); send some text")
+        n = meta.count_tokens(text, pair) if pair or task == TaskName.GENERATION else None
         if n is not None and n > spec.limits.max_tokens:
-            raise invalid(loc, f"{n} tokens, more than max_tokens={spec.limits.max_tokens}")
+            counted = " with its text" if pair else ""
+            raise invalid(
+                pair_loc if pair else loc,
+                f"{n} tokens{counted}, more than max_tokens={spec.limits.max_tokens}",
+            )
 
 
 def _check_token_ids(req: RunTaskRequest, meta: ModelMeta) -> None:

@@ -36,11 +36,23 @@ class ModelMeta:
     max_positions: int | None = None
     tokenizer: Any = None  # a ``tokenizers.Tokenizer``
 
-    def count_tokens(self, text: str) -> int | None:
-        """The prompt's length in tokens, as the worker's tokenizer counts it."""
+    def count_tokens(self, text: str, pair: str | None = None) -> int | None:
+        """The input's length in tokens (a pair's: both texts, with their separators), as
+        the worker's tokenizer counts it."""
         if self.tokenizer is None:
             return None
-        return len(self.tokenizer.encode(text).ids)
+        return len(self.tokenizer.encode(text, pair).ids)
+
+    def separates_pairs(self) -> bool | None:
+        """Whether the tokenizer marks where a pair's second text starts (more special tokens
+        for a pair than for one text; a causal LM's template adds none): None when the
+        tokenizer is not known."""
+        if self.tokenizer is None:
+            return None
+        post = self.tokenizer.post_processor
+        return post is not None and (
+            post.num_special_tokens_to_add(True) > post.num_special_tokens_to_add(False)
+        )
 
 
 class ModelMetadata:

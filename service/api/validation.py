@@ -17,7 +17,7 @@ from fastapi import HTTPException
 from engine.tasks import TASKS, TaskName
 
 from ..registry import Limits, ModelSpec, Registry
-from ..schemas import GenerationParams, RunTaskRequest
+from ..schemas import GenerationParams, RunTaskRequest, pair_refusal
 from .errors import invalid
 
 
@@ -41,6 +41,8 @@ def check_inputs(spec: ModelSpec, req: RunTaskRequest) -> None:
     if kind not in task.inputs:
         raise invalid(["inputs", kind], f"{spec.task} takes {' or '.join(task.inputs)}")
     _check_sizes(kind, getattr(req.inputs, kind), spec.limits)
+    if req.inputs.text_pair is not None:
+        _check_pairs(spec, task.pairs, req)
     reference = req.relevance.reference
     if reference not in (None, *task.references):
         choices = ", ".join(task.references)
@@ -77,6 +79,17 @@ def _check_sizes(kind: str, value: Any, lim: Limits) -> None:
             )
     if kind == "image":
         check_image(value, lim.max_image_size)
+
+
+def _check_pairs(spec: ModelSpec, pairs: bool, req: RunTaskRequest) -> None:
+    """A pair of texts for a task that takes pairs, within the cheap bound on characters
+    (the door counts a pair's tokens where it knows the tokenizer, ``door``)."""
+    loc = ["inputs", "text_pair"]
+    if not pairs:
+        raise invalid(loc, pair_refusal(spec.task))
+    longest = max(len(text) + len(pair or "") for text, pair in req.inputs.pairs())
+    if longest > spec.limits.max_tokens * 32:
+        raise invalid(loc, f"text and text_pair too long for max_tokens={spec.limits.max_tokens}")
 
 
 def _check_generation(g: GenerationParams, spec: ModelSpec) -> None:

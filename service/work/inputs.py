@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.tasks import TaskName
+from engine.tasks import PAIR_TASKS, TaskName
 
 from ..models import CachedModel
 from ..registry import ImageSpec, ModelSpec
-from ..schemas import Inputs
+from ..schemas import Inputs, no_separator, pair_refusal
 
 Batch = dict[str, torch.Tensor]
 # An image model's input when the registry entry gives no ``image``.
@@ -72,23 +72,15 @@ def _padded(parts: list[torch.Tensor], value: int, left: bool) -> torch.Tensor:
 
 
 def tokens(entry: CachedModel, spec: ModelSpec, inputs: Inputs) -> Batch:
-    """input_ids and attention_mask from texts or raw ids, checked against max_tokens."""
-    tok = entry.loaded.tokenizer
+    """input_ids and attention_mask from texts (and their pairs) or raw ids, checked against
+    max_tokens; and token_type_ids where the model takes them (``CachedModel.segments``):
+    the tokenizer's for texts, zeros (one segment) for raw ids, so that every batch of the
+    model has the same inputs and runs through one captured graph."""
     pad, left = _padding(entry)
     if inputs.token_ids is not None:
-        ids = inputs.token_ids
-        rows = [ids] if ids and isinstance(ids[0], int) else ids
-        parts = [torch.tensor(r, dtype=torch.long)[None] for r in rows]
-        ids_t = _padded(parts, pad, left)
-        mask = _padded([torch.ones_like(p) for p in parts], 0, left)
-        if tok is not None and ids_t.max() >= len(tok):
-            raise ValueError(f"inputs.token_ids: id {int(ids_t.max())} is not in the vocabulary")
-        enc = {"input_ids": ids_t, "attention_mask": mask}
+        enc = _raw_ids(entry, inputs.token_ids, pad, left)
     else:
-        texts = [inputs.text] if isinstance(inputs.text, str) else list(inputs.text or [])
-        side = "left" if left else "right"
-        enc = dict(tok(texts, padding=True, padding_side=side, return_tensors="pt"))
-        enc = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        enc = _encoded(entry, spec, inputs, "left" if left else "right")
     length = enc["input_ids"].shape[1]
     if length > spec.limits.max_tokens:
         raise ValueError(
@@ -96,6 +88,46 @@ def tokens(entry: CachedModel, spec: ModelSpec, inputs: Inputs) -> Batch:
             f"for model {spec.id}"
         )
     return enc
+
+
+def _raw_ids(entry: CachedModel, ids: list, pad: int, left: bool) -> Batch:
+    """Rows of token ids padded to one batch, each checked against the vocabulary."""
+    tok = entry.loaded.tokenizer
+    rows = [ids] if ids and isinstance(ids[0], int) else ids
+    parts = [torch.tensor(r, dtype=torch.long)[None] for r in rows]
+    ids_t = _padded(parts, pad, left)
+    mask = _padded([torch.ones_like(p) for p in parts], 0, left)
+    if tok is not None and ids_t.max() >= len(tok):
+        raise ValueError(f"inputs.token_ids: id {int(ids_t.max())} is not in the vocabulary")
+    enc = {"input_ids": ids_t, "attention_mask": mask}
+    if entry.segments:
+        enc["token_type_ids"] = torch.zeros_like(ids_t)
+    return enc
+
+
+def _encoded(entry: CachedModel, spec: ModelSpec, inputs: Inputs, side: str) -> Batch:
+    """The tokenizer's encoding of the texts, as ``tokenizer(text, text_pair)`` where the
+    request pairs them."""
+    tok = entry.loaded.tokenizer
+    texts, seconds = zip(*inputs.pairs(), strict=True)
+    pairs = list(seconds) if inputs.text_pair is not None else None
+    if pairs is not None:
+        check_pairs(entry, spec)
+    enc = tok(list(texts), pairs, padding=True, padding_side=side, return_tensors="pt")
+    names = ("input_ids", "attention_mask", *(("token_type_ids",) if entry.segments else ()))
+    return {k: enc[k] for k in names}
+
+
+def check_pairs(entry: CachedModel, spec: ModelSpec) -> None:
+    """A pair of texts is one input only for a task that takes pairs and a tokenizer that
+    marks where the second text starts (more special tokens for a pair than for one text:
+    BERT's second [SEP], RoBERTa's </s></s>); the door says the same where it knows the
+    tokenizer."""
+    if spec.task not in PAIR_TASKS:
+        raise ValueError(f"inputs.text_pair: {pair_refusal(spec.task)}")
+    tok = entry.loaded.tokenizer
+    if tok.num_special_tokens_to_add(pair=True) <= tok.num_special_tokens_to_add(pair=False):
+        raise ValueError(f"inputs.text_pair: {no_separator(spec.id)}")
 
 
 def image(entry: CachedModel, inputs: Inputs) -> Tensors:
@@ -167,8 +199,8 @@ def merge(entry: CachedModel, batches: list[Batch]) -> tuple[Batch, list[slice]]
     if "input_ids" in batches[0]:
         pad, left = _padding(entry)
         return {
-            "input_ids": _padded([b["input_ids"] for b in batches], pad, left),
-            "attention_mask": _padded([b["attention_mask"] for b in batches], 0, left),
+            name: _padded([b[name] for b in batches], pad if name == "input_ids" else 0, left)
+            for name in batches[0]
         }, rows
     merged = {}
     for name in batches[0]:

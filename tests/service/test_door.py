@@ -14,6 +14,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -155,6 +156,24 @@ SENTIMENT = {"model": "minilm-sentiment", "inputs": {"text": "fine"}}
             "relevance.contrast_with: 2 is not a class of minilm-sentiment: 0 to 1 (negative, "
             "positive)",
         ),
+        (
+            {**LOOKUP, "inputs": {"text": "a3 c1", "text_pair": "a"}},
+            "inputs.text_pair: generation takes one text per input: text_pair is for "
+            "text-classification, token-classification, question-answering",
+        ),
+        (
+            {**SENTIMENT, "inputs": {"text": ["ok", "fine"], "text_pair": ["so"]}},
+            "inputs.text_pair: Value error, has 1 texts for 2 in text: give one per text",
+        ),
+        (
+            {**SENTIMENT, "inputs": {"text": "ok", "text_pair": ["so"]}},
+            "inputs.text_pair: Value error, must be a string with one text, a list with a list",
+        ),
+        (
+            {**SENTIMENT, "inputs": {"token_ids": [3, 4], "text_pair": "so"}},
+            "inputs.text_pair: Value error, is the second text of a pair: give the first in text",
+        ),
+        ({**SENTIMENT, "inputs": {"text": "ok", "text_pair": " "}}, "inputs.text_pair: is blank"),
     ],
 )
 def test_refused_at_the_door(api: TestClient, body: dict, expected: str) -> None:
@@ -235,3 +254,63 @@ def test_numbers_are_finite(api: TestClient, field: str, value: dict) -> None:
     body = json.dumps({**LOOKUP, field: {name: 0.5}}).replace("0.5", literal)
     resp = api.post("/run_task", content=body, headers={"Content-Type": "application/json"})
     assert _message(resp) == f"{field}.{name}: Input should be a finite number"
+
+
+def _pair_meta(tmp_path: Path, pairs: bool) -> tuple[Any, Any]:
+    """A text classifier of max_tokens 8 and what the door knows of it: a word-level
+    tokenizer whose template separates a pair as BERT's does ([CLS] a [SEP] b [SEP]), or
+    one without a template (texts run together, as a causal LM's tokenizer does)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from service.api.metadata import ModelMeta
+    from service.registry import ModelSpec
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "[CLS]", "[SEP]", "a", "b"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if pairs:
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", 1), ("[SEP]", 2)],
+        )
+    source = {"kind": "transformers", "path": str(tmp_path)}
+    spec = {"id": "nli", "task": "text-classification", "source": source}
+    meta = ModelMeta(tokenizer=tok)
+    return ModelSpec.model_validate({**spec, "limits": {"max_tokens": 8}}), meta
+
+
+@pytest.mark.parametrize(
+    ("pairs", "inputs", "expected"),
+    [
+        (True, {"text": "a b", "text_pair": "a b a"}, None),  # 3 + 5 = 8 tokens
+        (
+            True,
+            {"text": ["a", "a b"], "text_pair": ["b", "a b a b"]},
+            "inputs.text_pair.1: 9 tokens with its text, more than max_tokens=8",
+        ),
+        (
+            False,
+            {"text": "a", "text_pair": "b"},
+            "inputs.text_pair: the tokenizer of nli puts no separator between the two texts",
+        ),
+    ],
+)
+def test_a_pair_counted_and_separated(
+    tmp_path: Path, pairs: bool, inputs: dict, expected: str | None
+) -> None:
+    """Both texts of a pair count against max_tokens, separators included, where the door
+    knows the tokenizer; a tokenizer with no separator for pairs takes none."""
+    from fastapi import HTTPException
+
+    from service.api import door
+    from service.schemas import RunTaskRequest
+
+    spec, meta = _pair_meta(tmp_path, pairs)
+    req = RunTaskRequest.model_validate({"model": "nli", "inputs": inputs})
+    if expected is None:
+        door.check(spec, spec.task, req, meta)
+        return
+    with pytest.raises(HTTPException) as caught:
+        door.check(spec, spec.task, req, meta)
+    assert caught.value.detail[0]["message"].startswith(expected)

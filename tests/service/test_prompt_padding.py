@@ -20,7 +20,7 @@ def _entry(task: TaskName, side: str) -> tuple[SimpleNamespace, ModelSpec]:
     tok.padding_side = side
     loaded = SimpleNamespace(tokenizer=tok, task=task)
     spec = ModelSpec.model_validate({"id": "m", "task": task, "source": {"kind": "demo"}})
-    return SimpleNamespace(loaded=loaded), spec
+    return SimpleNamespace(loaded=loaded, segments=False), spec
 
 
 @pytest.mark.parametrize("given", [{"text": ["a3 c1 ? a", "b2"]}, {"token_ids": [[4, 5, 3], [6]]}])

@@ -98,3 +98,31 @@ def test_question_answering_explains_start_and_end(client: httpx.Client) -> None
     rel = np.asarray(item["relevance"]["values"])
     assert rel.shape == (2, len(tokens))
     np.testing.assert_allclose(rel.sum(1), at_inputs[:, 0], rtol=1e-4, atol=1e-3)
+
+
+def test_question_answering_of_a_question_and_its_context(client: httpx.Client) -> None:
+    """``text_pair`` carries the context: one input of two segments, [CLS] question [SEP]
+    context [SEP], whose answer is the plain forward's with the tokenizer's token_type_ids
+    (the model of the test registry, built again here), explained over both texts."""
+    import torch
+    from transformers import BertTokenizerFast
+
+    from tests.helpers.models import VOCAB
+    from tests.helpers.tiny import tiny_bert
+
+    question, context = "who lives in paris", "tom lives in the big city"
+    body = {"model": "tiny-bert-qa", "inputs": {"text": question, "text_pair": context}}
+    result = _run(client, body)
+    _conserved(result)
+    (item,) = result["inputs"]
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(VOCAB)}, do_lower_case=True)
+    enc = tok(question, context, return_tensors="pt")
+    assert item["token_ids"] == enc["input_ids"][0].tolist()
+    assert item["tokens"][5:7] == ["[SEP]", "tom"] and item["tokens"][-1] == "[SEP]"
+    with torch.no_grad():
+        out = tiny_bert("BertForQuestionAnswering", 2)(**enc)
+    expected = [int(out.start_logits.argmax()), int(out.end_logits.argmax())]
+    assert item["answer_span"] == expected
+    rel = np.abs(np.asarray(item["relevance"]["values"]))  # [start/end, tokens]
+    second = enc["token_type_ids"][0].bool().numpy()
+    assert (rel[:, ~second].sum(1) > 0).all() and (rel[:, second].sum(1) > 0).all()
