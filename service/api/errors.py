@@ -9,8 +9,10 @@ from typing import Any
 
 import redis
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..schemas import ErrorBody, ValidationErrorBody
 
@@ -75,11 +77,34 @@ def _json_error(error: dict[str, Any], body: Any) -> str:
     if not isinstance(pos, int) or not isinstance(body, str | bytes):
         return f"request body is not valid JSON: {why}"
     text = body.decode(errors="replace") if isinstance(body, bytes) else body
+    return f"request body is not valid JSON: {why} at {_line_column(text, pos)}"
+
+
+def _line_column(text: str, pos: int) -> str:
+    """``line L column C`` of character ``pos`` of ``text``."""
     line = text.count("\n", 0, pos) + 1
     column = pos - (text.rfind("\n", 0, pos) + 1) + 1
-    return f"request body is not valid JSON: {why} at line {line} column {column}"
+    return f"line {line} column {column}"
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """FastAPI's own reply, but for a JSON body that is not UTF-8 (or UTF-16/32, which JSON
+    also reads): FastAPI reads it as a parse failure of no kind it names (a plain 400,
+    "There was an error parsing the body"), which is a 422 in this service's format here,
+    saying which byte, where."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or not isinstance(cause, UnicodeDecodeError):
+        return await http_exception_handler(request, exc)
+    before = cause.object[: cause.start].decode("utf-8", errors="replace")  # valid up to there
+    where = _line_column(before, len(before))
+    byte = cause.object[cause.start : cause.start + 1].hex()
+    msg = f"request body is not valid JSON: not UTF-8 (byte 0x{byte} at {where})"
+    return JSONResponse(
+        {"detail": [{"loc": ["body"], "msg": msg, "type": "json_invalid", "message": msg}]}, 422
+    )
 
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(redis.RedisError, redis_unavailable)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)

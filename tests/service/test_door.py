@@ -188,6 +188,19 @@ def test_json_error_says_where(api: TestClient) -> None:
     assert _message(resp) == "request body is not valid JSON: Expecting value at line 2 column 12"
 
 
+def test_a_body_not_utf8_says_which_byte(api: TestClient) -> None:
+    """Invalid UTF-8 in a JSON body is a 422 in the service's format naming the byte and
+    where, not FastAPI's plain 400 "There was an error parsing the body"; other errors keep
+    their replies."""
+    body = b'{"model": "m",\n "inputs": {"text": "\xff"}}'
+    resp = api.post("/run_task", content=body, headers={"Content-Type": "application/json"})
+    expected = "request body is not valid JSON: not UTF-8 (byte 0xff at line 2 column 22)"
+    assert _message(resp) == expected
+    assert resp.json()["detail"][0]["loc"] == ["body"]
+    resp = api.post("/run_task", json={**SENTIMENT, "model": "nosuchmodel"})
+    assert resp.status_code == 404 and resp.json()["detail"].startswith("model 'nosuchmodel'")
+
+
 def test_what_the_model_takes_passes(api: TestClient) -> None:
     contrast = [
         {**SENTIMENT, "relevance": {"mode": "contrast", "contrast_with": alt}}
