@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -33,6 +34,31 @@ from .vocabulary import JobStatus
 # that an unknown task is pydantic's literal_error, listing the names).
 RequestTask = Literal[tuple(t.value for t in TASK_NAMES)]
 
+
+def _no_booleans(number: str) -> BeforeValidator:
+    """Refuses true and false where numbers are meant (``number``: "integer" or "number"),
+    also inside lists: pydantic's lax mode reads them as 1 and 0, so that ``target: true``
+    explained class 1 and ``multiplier: true`` seeded with 1. Put on the whole field's type,
+    so that the field's bounds stay in its JSON schema (``minimum``)."""
+
+    def refuse(value: Any) -> Any:
+        if _holds_boolean(value):
+            raise PydanticCustomError(
+                "bool_not_number", f"Input should be a valid {number}, not true or false"
+            )
+        return value
+
+    return BeforeValidator(refuse)
+
+
+def _holds_boolean(value: Any) -> bool:
+    return isinstance(value, bool) or (
+        isinstance(value, list) and any(_holds_boolean(v) for v in value)
+    )
+
+
+INTEGERS = _no_booleans("integer")
+NUMBERS = _no_booleans("number")
 Text = Annotated[str, Field(min_length=1, max_length=20000)]
 Row = Annotated[list[float], Field(min_length=1, max_length=4096)]
 Ids = Annotated[list[int], Field(min_length=1, max_length=4096)]
@@ -66,6 +92,7 @@ FeaturesInput = Annotated[
         "must be a list of numbers or a list of such rows (at most "
         f"{Batch} rows of 1 to 4096 numbers)"
     ),
+    NUMBERS,
 ]
 TokenIdsInput = Annotated[
     Ids | Annotated[list[Ids], Field(min_length=1, max_length=Batch)] | None,
@@ -73,6 +100,7 @@ TokenIdsInput = Annotated[
         "must be a list of token ids (integers) or a list of such lists (at most "
         f"{Batch} rows of 1 to 4096 ids)"
     ),
+    INTEGERS,
 ]
 
 
@@ -157,12 +185,14 @@ class RelevanceParams(BaseModel):
         "named by `reference` (default zeros), the most faithful mode in bench.faithfulness "
         "with the removal baseline (blur, mask), at about twice the cost",
     )
-    multiplier: float = Field(default=100.0, gt=0, le=1e6)
-    scaler: float = Field(default=1.0, gt=0, le=1e6)
-    thresholding: float = Field(default=0.5, ge=0, le=1)
-    temperature: float = Field(default=1.0, gt=0, le=100)
-    target: int | None = Field(default=None, ge=0, description="explain this class")
-    position: int | None = Field(
+    multiplier: Annotated[float, NUMBERS] = Field(default=100.0, gt=0, le=1e6)
+    scaler: Annotated[float, NUMBERS] = Field(default=1.0, gt=0, le=1e6)
+    thresholding: Annotated[float, NUMBERS] = Field(default=0.5, ge=0, le=1)
+    temperature: Annotated[float, NUMBERS] = Field(default=1.0, gt=0, le=100)
+    target: Annotated[int | None, INTEGERS] = Field(
+        default=None, ge=0, description="explain this class"
+    )
+    position: Annotated[int | None, INTEGERS] = Field(
         default=None,
         ge=0,
         description="token-classification: explain this token's label (default: every "
@@ -178,7 +208,9 @@ class RelevanceParams(BaseModel):
         "choice (bench/README.md, Faithfulness)",
     )
 
-    contrast_with: int | Annotated[str, Field(min_length=1, max_length=200)] | None = Field(
+    contrast_with: Annotated[
+        int | Annotated[str, Field(min_length=1, max_length=200)] | None, INTEGERS
+    ] = Field(
         default=None,
         description='mode "contrast" only: what the target is explained against. runner-up '
         "(the default; in generation, each step's runner-up token), rest (the other classes, "
@@ -207,15 +239,15 @@ class RelevanceParams(BaseModel):
 
 class GenerationParams(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    max_new_tokens: int | None = Field(
+    max_new_tokens: Annotated[int | None, INTEGERS] = Field(
         default=None, ge=1, le=4096, description="default: min(16, the model's limit)"
     )
-    top_k: int | None = Field(default=None, ge=0, le=1000)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    num_beams: int = Field(default=1, ge=1, le=64)
-    seed: int | None = Field(default=None, ge=0)
+    top_k: Annotated[int | None, INTEGERS] = Field(default=None, ge=0, le=1000)
+    top_p: Annotated[float | None, NUMBERS] = Field(default=None, gt=0, le=1)
+    num_beams: Annotated[int, INTEGERS] = Field(default=1, ge=1, le=64)
+    seed: Annotated[int | None, INTEGERS] = Field(default=None, ge=0)
     do_sample: bool | None = Field(default=None, description="default: sample when top_k/top_p")
-    steps: Literal["all", "none"] | int | list[int] = Field(
+    steps: Annotated[Literal["all", "none"] | int | list[int], INTEGERS] = Field(
         default="all", description="which steps to explain: all, none, first N, or a list"
     )
     path: Literal["batched", "stepwise"] = Field(
@@ -231,7 +263,9 @@ class OutputOptions(BaseModel):
     )
     encoding: Literal["base64", "json"] = "base64"
     dtype: Literal["float16", "float32"] = "float16"
-    top_scores: int = Field(default=5, ge=0, le=50, description="top tokens per generation step")
+    top_scores: Annotated[int, INTEGERS] = Field(
+        default=5, ge=0, le=50, description="top tokens per generation step"
+    )
 
 
 class RunTaskRequest(BaseModel):

@@ -257,6 +257,46 @@ def test_a_body_not_sent_as_json_says_so(api: TestClient, content_type: str) -> 
     assert _message(resp) == f"{expected} (got {content_type})"
 
 
+INTEGER, NUMBER = (
+    "Input should be a valid integer, not true or false",
+    "Input should be a valid number",
+)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("relevance", {"target": True}, f"relevance.target: {INTEGER}"),
+        ("relevance", {"position": False}, f"relevance.position: {INTEGER}"),
+        (
+            "relevance",
+            {"mode": "contrast", "contrast_with": True},
+            "relevance.contrast_with: Input",
+        ),
+        ("relevance", {"multiplier": True}, f"relevance.multiplier: {NUMBER}"),
+        ("inputs", {"token_ids": [[3], [True, 3]]}, f"inputs.token_ids: {INTEGER}"),
+        ("inputs", {"features": [1.0, False]}, f"inputs.features: {NUMBER}"),
+        ("generation", {"steps": [True]}, f"generation.steps: {INTEGER}"),
+        ("generation", {"seed": False}, f"generation.seed: {INTEGER}"),
+        ("output", {"top_scores": True}, f"output.top_scores: {INTEGER}"),
+    ],
+)
+def test_booleans_are_not_numbers(api: TestClient, field: str, value: dict, expected: str) -> None:
+    """true and false where a class, a token or any number is meant are refused, not read
+    as 1 and 0 (``target: true`` explained class 1)."""
+    body = {**LOOKUP, "relevance": {}, field: value}
+    assert _message(api.post("/run_task", json=body)).startswith(expected)
+
+
+def test_numbers_keep_their_bounds_in_the_schema(api: TestClient) -> None:
+    """The refusal of booleans leaves each field's bounds in the OpenAPI schema (a
+    validator on the int of ``int | None`` would turn ``minimum`` into an unknown ``ge``)."""
+    schemas = api.get("/openapi.json").json()["components"]["schemas"]
+    target = schemas["RelevanceParams"]["properties"]["target"]["anyOf"][0]
+    assert target == {"type": "integer", "minimum": 0}
+    assert schemas["GenerationParams"]["properties"]["num_beams"]["maximum"] == 64
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [("relevance", {"multiplier": "NaN"}), ("generation", {"top_p": "Infinity"})],
