@@ -104,6 +104,11 @@ def class_index(contrast_with: Any, model: Any) -> Any:
     if not isinstance(contrast_with, str) or contrast_with in (RUNNER_UP, REST):
         return contrast_with
     label2id = getattr(getattr(model, "config", None), "label2id", None) or {}
+    if not label2id:
+        raise ValueError(
+            f"contrast_with={contrast_with!r}: this model has no labels (no config.label2id); "
+            "give a class index, 'runner-up' or 'rest'"
+        )
     if contrast_with not in label2id:
         raise ValueError(
             f"contrast_with={contrast_with!r} is not a label of this model "

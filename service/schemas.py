@@ -117,6 +117,15 @@ def no_separator(model_id: str) -> str:
     )
 
 
+def no_labels(model_id: str, count: int | None) -> str:
+    """Why a label names no class of a model (the door's and the worker's words)."""
+    indices = f" (0 to {count - 1})" if count else ""
+    return (
+        f"{model_id} has no labels (its registry entry gives none): give a class "
+        f"index{indices}, runner-up or rest"
+    )
+
+
 class Inputs(BaseModel):
     """Exactly one of: text (or a list of texts), a base64 PNG/JPEG image, a tabular row (or
     rows) of numbers, or raw token ids (a list, or a list of lists); with text, optionally

@@ -16,7 +16,7 @@ from engine.tasks import CLASSIFICATION_TASKS, TaskName
 
 from .. import layer_names
 from ..registry import ModelSpec
-from ..schemas import RunTaskRequest, no_separator
+from ..schemas import RunTaskRequest, no_labels, no_separator
 from .errors import invalid
 from .metadata import ModelMeta, ModelMetadata
 
@@ -150,6 +150,8 @@ def _check_contrast_with(
         if generation:
             raise invalid(loc, f"{alt} is not a token id of {spec.id}: 0 to {count - 1}")
         raise invalid(loc, _not_a_class(spec, alt, count))
+    if isinstance(alt, str) and meta.labels == ():
+        raise invalid(loc, f"{alt!r}: {no_labels(spec.id, count)}")
     if isinstance(alt, str) and meta.labels is not None and alt not in meta.labels:
         raise invalid(
             loc,

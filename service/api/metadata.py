@@ -30,7 +30,8 @@ class ModelMeta:
     """None for what is not known."""
 
     num_classes: int | None = None
-    # The names a request may give a class by (registry labels, then config.json's id2label).
+    # The names a request may give a class by (registry labels, then config.json's id2label);
+    # empty for a model known to have none.
     labels: tuple[str, ...] | None = None
     vocab_size: int | None = None
     max_positions: int | None = None
@@ -110,10 +111,15 @@ def _source_classes(spec: ModelSpec) -> int | None:
 
 def _labels(spec: ModelSpec, id2label: Any) -> tuple[str, ...] | None:
     """The class names a request's ``contrast_with`` may use: the registry's labels (the
-    worker maps them to indices) and the model config's (the engine reads ``label2id``)."""
+    worker maps them to indices) and the model config's (the engine reads ``label2id``).
+    Empty where the model has none for sure: a torchvision model's labels are the
+    registry's alone; None where they are not known (a model not built yet, a python
+    source's own)."""
     names = list(spec.labels or [])
     if isinstance(id2label, dict):
         names += [str(v) for v in id2label.values()]
+    if not names and spec.source.kind == "torchvision":
+        return ()
     return tuple(names) if names else None
 
 

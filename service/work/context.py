@@ -22,7 +22,7 @@ from .. import worker_metrics as m
 from ..config import Settings
 from ..models import CachedModel, ModelCache
 from ..registry import ModelSpec, Registry, load_registry
-from ..schemas import RunTaskRequest
+from ..schemas import RunTaskRequest, no_labels
 
 log = logging.getLogger("service.worker")
 
@@ -174,6 +174,8 @@ def engine_relevance(req: RunTaskRequest, labels: list[str] | None = None) -> di
     only from a transformers config)."""
     params = req.relevance.model_dump(include=ENGINE_RELEVANCE)
     alt = req.relevance.contrast_with
+    if isinstance(alt, str) and alt not in ("runner-up", "rest") and not labels:
+        raise ValueError(f"relevance.contrast_with: {alt!r}: {no_labels(req.model, None)}")
     if alt is not None:
         params["contrast_with"] = labels.index(alt) if alt in (labels or []) else alt
     return params

@@ -138,6 +138,9 @@ def test_a_label_names_the_alternative():
         _contrast(dlb, {"input_ids": ids}, contrast_with="happy")
     with pytest.raises(ValueError, match="explained class itself"):
         _contrast(dlb, {"input_ids": ids}, target=2, contrast_with=2)
+    model.config.label2id = {}
+    with pytest.raises(ValueError, match="this model has no labels"):
+        _contrast(dlb, {"input_ids": ids}, contrast_with="neg")
 
 
 def _digits():

@@ -367,3 +367,42 @@ def test_a_pair_counted_and_separated(
     with pytest.raises(HTTPException) as caught:
         door.check(spec, spec.task, req, meta)
     assert caught.value.detail[0]["message"].startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("labels", "alt", "expected"),
+    [
+        (None, "cat", "relevance.contrast_with: 'cat': resnet has no labels (its registry entry "
+         "gives none): give a class index (0 to 2), runner-up or rest"),
+        (None, 1, None),
+        (None, "rest", None),
+        (["cat", "dog", "bird"], "dog", None),
+    ],
+)  # fmt: skip
+def test_a_label_of_a_model_without_labels(
+    tmp_path: Path, labels: list[str] | None, alt: str | int, expected: str | None
+) -> None:
+    """A torchvision model's labels are its registry entry's: without them a label in
+    contrast_with is refused at the door, saying so (the worker failed with "(labels: [])");
+    a class index still passes."""
+    from fastapi import HTTPException
+
+    from service.api import door
+    from service.api.metadata import ModelMetadata
+    from service.registry import ModelSpec, Registry
+    from service.schemas import RunTaskRequest
+
+    source = {"kind": "torchvision", "arch": "resnet18", "weights": "w.safetensors"}
+    entry = {"id": "resnet", "task": "image-classification", "labels": labels}
+    spec = ModelSpec.model_validate({**entry, "source": {**source, "num_classes": 3}})
+    meta = ModelMetadata(Registry([spec], tmp_path), str(tmp_path)).get(spec)
+    relevance = {"mode": "contrast", "contrast_with": alt}
+    req = RunTaskRequest.model_validate(
+        {"model": "resnet", "inputs": {"image": _png_header(8, 8)}, "relevance": relevance}
+    )
+    if expected is None:
+        door.check(spec, spec.task, req, meta)
+        return
+    with pytest.raises(HTTPException) as caught:
+        door.check(spec, spec.task, req, meta)
+    assert caught.value.detail[0]["message"] == expected
