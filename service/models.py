@@ -45,9 +45,31 @@ class LoadedModel:
     info: dict[str, Any] = field(default_factory=dict)  # build report (accuracies, seconds)
 
 
+class DeviceUnavailable(RuntimeError):
+    """A registry entry asks for a device this worker does not have: the entry's or the
+    worker's configuration, not the job's input (torch would say only "Found no NVIDIA
+    driver on your system", at the first tensor moved there)."""
+
+
 def pick_device(spec: ModelSpec) -> str:
+    """Where the model runs: ``auto`` is cuda where there is one; an entry that names a
+    CUDA device this worker lacks raises ``DeviceUnavailable`` before anything loads."""
     if spec.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(spec.device)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        has = (
+            "no GPU (torch sees no CUDA device)"
+            if count == 0
+            else f"{count} GPU{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1})"
+        )
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise DeviceUnavailable(
+                f"model {spec.id} asks for device {spec.device} (its registry entry), but "
+                f"this worker has {has}: run it on a worker with a GPU, or set device "
+                "auto or cpu"
+            )
     return spec.device
 
 
@@ -220,8 +242,8 @@ class ModelCache:
                 self.entries.move_to_end(spec.id)
                 return self.entries[spec.id], True
         t0 = time.perf_counter()
-        loaded, revision = load_model(spec, self.registry, self.data_dir)
         device = pick_device(spec)
+        loaded, revision = load_model(spec, self.registry, self.data_dir)
         loaded.model = loaded.model.to(device=device, dtype=DTYPES[spec.dtype]).eval()
         nbytes = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
         load_s = time.perf_counter() - t0

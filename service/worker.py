@@ -21,6 +21,7 @@ from rq.serializers import JSONSerializer
 from . import reaper, store
 from . import worker_metrics as m
 from .config import Settings
+from .models import DeviceUnavailable
 from .registry import Registry
 from .vocabulary import WorkerStatus
 from .work import run
@@ -132,6 +133,9 @@ def _warm(registry: Registry, wanted: list[str], beat: Heartbeat) -> None:
         t0 = time.perf_counter()
         try:
             run.warm(spec)
+        except DeviceUnavailable as exc:  # the configuration's error: one line, no traceback
+            log.error("could not warm %s: %s", model_id, exc)
+            continue
         except Exception:  # noqa: BLE001 - a broken entry must not stop the others
             log.exception("could not warm %s", model_id)
             continue
