@@ -167,15 +167,25 @@ class Run:
         return cls(state, spec, task, entry), hit
 
 
-def engine_relevance(req: RunTaskRequest, labels: list[str] | None = None) -> dict[str, Any]:
-    """The relevance keywords of ``run_task`` that a request sets (target, reference and
-    relevance_nodes are passed on their own where they apply). ``contrast_with`` only when
-    given, a label of the model's registry ``labels`` as its index (the engine knows labels
-    only from a transformers config)."""
+def requested_relevance(req: RunTaskRequest) -> dict[str, Any]:
+    """The relevance keywords of ``run_task`` that a request sets, as it set them (target,
+    reference and relevance_nodes are passed on their own where they apply); ``contrast_with``
+    only when given. What a result's receipt records."""
     params = req.relevance.model_dump(include=ENGINE_RELEVANCE)
-    alt = req.relevance.contrast_with
-    if isinstance(alt, str) and alt not in ("runner-up", "rest") and not labels:
-        raise ValueError(f"relevance.contrast_with: {alt!r}: {no_labels(req.model, None)}")
-    if alt is not None:
-        params["contrast_with"] = labels.index(alt) if alt in (labels or []) else alt
+    if req.relevance.contrast_with is not None:
+        params["contrast_with"] = req.relevance.contrast_with
+    return params
+
+
+def engine_relevance(req: RunTaskRequest, labels: list[str] | None) -> dict[str, Any]:
+    """``requested_relevance`` as the engine takes it: a label in ``contrast_with`` as its
+    index among the model's ``labels`` (the registry's, else its config's: the engine knows
+    labels only from a transformers config). A label for a model with none fails in the
+    door's words, not with the engine's lookup among no labels."""
+    params = requested_relevance(req)
+    alt = params.get("contrast_with")
+    if isinstance(alt, str) and alt not in ("runner-up", "rest"):
+        if not labels:
+            raise ValueError(f"relevance.contrast_with: {alt!r}: {no_labels(req.model, None)}")
+        params["contrast_with"] = labels.index(alt) if alt in labels else alt
     return params

@@ -19,7 +19,7 @@ from engine.tasks import TaskName
 from .. import __version__, codec
 from ..schemas import OutputOptions, RunTaskRequest
 from ..vocabulary import JobStatus
-from .context import Run, engine_relevance
+from .context import Run, requested_relevance
 from .inputs import Batch, Tensors
 
 Doc = dict[str, Any]
@@ -46,7 +46,7 @@ def failure(model: str, task: str | None, status: JobStatus, exc: BaseException)
 
 def receipt(run: Run, req: RunTaskRequest) -> Doc:
     """What produced a result: model revision, versions, device, and every parameter."""
-    params = {**engine_relevance(req), "relevance_nodes": req.output.relevance}
+    params = {**requested_relevance(req), "relevance_nodes": req.output.relevance}
     if req.relevance.mode in ("reference", "contrast"):
         params["reference"] = req.relevance.reference or "zeros"  # the engine's default
     if req.relevance.position is not None:

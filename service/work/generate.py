@@ -91,7 +91,7 @@ def generate(run: Run, work: Work, r: redis.Redis) -> documents.Doc:
         on_step=stream,
         memory_budget=_budget(run.state.settings.memory_budget),
         relevance_nodes=req.output.relevance,
-        **engine_relevance(req),
+        **engine_relevance(req, None),
         **req.generation.model_dump(exclude_none=True),
     )
     run_s = time.perf_counter() - t0
