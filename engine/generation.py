@@ -204,7 +204,8 @@ def _sweep_plan(
     plan: StepPlan,
     explainer: StepExplainer,
 ) -> StepPlan:
-    """``plan`` with its seeds per sweep: as many as memory allows (``engine.memory``), but one
+    """``plan`` with its seeds per sweep: as many as memory allows (``engine.memory``), at most
+    ``plan.max_seeds_per_sweep``, but one
     for an LM that attends to later tokens, where one forward over the final sequence would
     show each step its future."""
     length = ids.shape[1] + new_tokens - 1  # the longest explanation forward

@@ -211,14 +211,16 @@ class StepPlan:
 
     ``memory_budget`` bounds a sweep's working memory: None (unbounded: ``max_seeds_per_sweep``
     seeds), bytes as an int or a string ("512MB", "2GB", "1.5GiB"), or "auto" (half the free
-    memory of the device, ``engine.memory``). With a budget the seeds per sweep follow from
-    the graph's estimate, and a request that cannot fit one seed is refused before decoding.
+    memory of the device, ``engine.memory``). With a budget the seeds per sweep are as many as
+    the graph's estimate fits, at most ``max_seeds_per_sweep``, and a request that cannot fit
+    one seed is refused before decoding.
 
     ``max_seeds_per_sweep`` is 12 from measurement (``bench.generation --scale``, a 55 M
-    Llama-style model at 512 + 64 on 2 CPU cores): the peak extra memory (RSS) was 0.67-0.74
-    GB with 12 seeds per sweep, 0.82-0.96 GB with 16, 0.91-1.12 GB with 24, 1.47 GB with 64;
-    the time was 20-21 s from 8 to 24 seeds and 43-54 s with 64 (a sweep's temporaries grow
-    with its seeds, and large ones cost page faults), though one forward more per sweep."""
+    Llama-style model at 512 + 64 on 2 CPU cores, bench/README.md): the peak extra memory
+    (RSS) was 0.66-0.82 GB with 12 seeds per sweep, 0.82-0.96 GB with 16, 0.91-1.12 GB with 24,
+    1.48 GB with 64; the time was 20-26 s from 8 to 24 seeds in most runs and 43-54 s with 64
+    (a sweep's temporaries grow with its seeds, and large ones cost page faults), though one
+    forward more per sweep."""
 
     steps: str | int | Sequence[int] | None = "all"
     path: str = "batched"
