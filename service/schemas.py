@@ -60,7 +60,9 @@ def _holds_boolean(value: Any) -> bool:
 INTEGERS = _no_booleans("integer")
 NUMBERS = _no_booleans("number")
 Text = Annotated[str, Field(min_length=1, max_length=20000)]
-Row = Annotated[list[float], Field(min_length=1, max_length=4096)]
+Row = Annotated[
+    list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=1, max_length=4096)
+]
 Ids = Annotated[list[int], Field(min_length=1, max_length=4096)]
 Batch = 64  # rows per request, before the model's own max_batch
 
@@ -89,7 +91,7 @@ TextInput = Annotated[
 FeaturesInput = Annotated[
     Row | Annotated[list[Row], Field(min_length=1, max_length=Batch)] | None,
     _one_sentence(
-        "must be a list of numbers or a list of such rows (at most "
+        "must be a list of finite numbers or a list of such rows (at most "
         f"{Batch} rows of 1 to 4096 numbers)"
     ),
     NUMBERS,

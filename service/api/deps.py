@@ -30,8 +30,9 @@ class _CPackedConnection(aredis.Connection):
     enqueue script's 56 arguments took about 12 us of a POST's CPU that way)."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        if isinstance(args[0], str) and " " in args[0]:  # "CONFIG GET": two arguments
-            args = (*args[0].split(), *args[1:])
+        name = args[0]  # "CONFIG GET" (or b"CONFIG GET"): two arguments, as redis-py splits
+        if isinstance(name, str | bytes) and (" " if isinstance(name, str) else b" ") in name:
+            args = (*name.split(), *args[1:])
         args = tuple(bytes(a) if isinstance(a, bytearray | memoryview) else a for a in args)
         try:
             return [hiredis.pack_command(args)]

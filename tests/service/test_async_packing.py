@@ -14,6 +14,7 @@ from service.api.deps import AsyncClients
 ARGS = [
     ("SET", "key", "é ü", 7, 1.5),
     ("CONFIG GET", "maxmemory"),
+    (b"CONFIG GET", "maxmemory"),
     ("XADD", b"bt:events:x", "*", "data", memoryview(b"raw"), bytearray(b"more")),
     ("EVAL", "return 1", 0, -3, 0.30000000000000004, 1e-7),
 ]

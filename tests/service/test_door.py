@@ -309,6 +309,15 @@ def test_numbers_are_finite(api: TestClient, field: str, value: dict) -> None:
     assert _message(resp) == f"{field}.{name}: Input should be a finite number"
 
 
+@pytest.mark.parametrize("features", ["[1.0, NaN]", "[[1.0], [Infinity]]"])
+def test_features_are_finite(api: TestClient, features: str) -> None:
+    body = json.dumps({"model": LOOKUP["model"], "inputs": {"features": 0}})
+    body = body.replace("0}", features + "}")
+    resp = api.post("/run_task", content=body, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 422
+    assert _message(resp).startswith("inputs.features: must be a list of finite numbers")
+
+
 def _pair_meta(tmp_path: Path, pairs: bool) -> tuple[Any, Any]:
     """A text classifier of max_tokens 8 and what the door knows of it: a word-level
     tokenizer whose template separates a pair as BERT's does ([CLS] a [SEP] b [SEP]), or
