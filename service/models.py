@@ -59,17 +59,19 @@ def pick_device(spec: ModelSpec) -> str:
     device = torch.device(spec.device)
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        has = (
-            "no GPU (torch sees no CUDA device)"
-            if count == 0
-            else f"{count} GPU{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1})"
+        if count == 0:
+            has = "no GPU (torch sees no CUDA device)"
+            fix = "on a worker with a GPU, or set device auto or cpu"
+        elif device.index is not None and device.index >= count:
+            names = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+            has = f"{count} GPU{'s' if count > 1 else ''} ({names})"
+            fix = f"on a worker with {device}, or set device cuda, auto or cpu"
+        else:
+            return spec.device
+        raise DeviceUnavailable(
+            f"model {spec.id} asks for device {spec.device} (its registry entry), but this "
+            f"worker has {has}: run it {fix}"
         )
-        if count == 0 or (device.index is not None and device.index >= count):
-            raise DeviceUnavailable(
-                f"model {spec.id} asks for device {spec.device} (its registry entry), but "
-                f"this worker has {has}: run it on a worker with a GPU, or set device "
-                "auto or cpu"
-            )
     return spec.device
 
 
