@@ -4,22 +4,11 @@ the door's words, not with the engine's lookup among no labels ("(labels: [])").
 
 from __future__ import annotations
 
-import base64
-import io
-from types import SimpleNamespace
-
-import numpy as np
 import pytest
-import torch
-from PIL import Image
-from torch import nn
 
-from engine.tasks import TaskName
-from service.models import CachedModel, LoadedModel
-from service.registry import ImageSpec, ModelSpec
 from service.schemas import RunTaskRequest
-from service.work.classify import classify
 from service.work.context import engine_relevance
+from tests.helpers.classify_job import classify_job, small_cnn
 
 
 def _request(alt: str | int) -> RunTaskRequest:
@@ -42,24 +31,7 @@ def test_a_label_of_a_model_without_labels_fails_saying_so() -> None:
 
 
 def _classify(labels: list[str] | None, alt: str | int) -> object:
-    """One contrast job of a small image classifier whose labels are ``labels``, through the
-    worker's ``classify`` (the engine, the result document and its receipt)."""
-    rgb = (np.random.default_rng(0).random((12, 12, 3)) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)).eval()
-    loaded = LoadedModel("m", TaskName.IMAGE_CLASSIFICATION, net, None, labels)
-    loaded.image = ImageSpec(size=8)
-    source = {"kind": "python", "factory": "none:none"}
-    spec = ModelSpec(id="m", task="image-classification", source=source, labels=labels)
-    entry = CachedModel(loaded, "rev", "cpu", "float32", 0, 0.0)
-    run = SimpleNamespace(entry=entry, spec=spec, task=spec.task, state=SimpleNamespace(name="w"))
-    relevance = {"mode": "contrast", "contrast_with": alt}
-    image = base64.b64encode(buf.getvalue()).decode()
-    req = RunTaskRequest(model="m", inputs={"image": image}, relevance=relevance)
-    (out,) = classify(run, [SimpleNamespace(req=req)])
-    return out
+    return classify_job(small_cnn(), labels, {"mode": "contrast", "contrast_with": alt})
 
 
 def test_a_job_contrasting_with_a_label_finishes() -> None:
