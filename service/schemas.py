@@ -16,6 +16,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     ValidationError,
     ValidationInfo,
     ValidatorFunctionWrapHandler,
@@ -59,6 +60,9 @@ def _holds_boolean(value: Any) -> bool:
 
 INTEGERS = _no_booleans("integer")
 NUMBERS = _no_booleans("number")
+# A request's true or false: strict, as lax mode reads 0, 1, "yes" and "true" as booleans,
+# so a client's number or string would switch a setting instead of being refused.
+Flag = Annotated[bool, Strict()]
 Text = Annotated[str, Field(min_length=1, max_length=20000)]
 Row = Annotated[
     list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=1, max_length=4096)
@@ -257,7 +261,7 @@ class GenerationParams(BaseModel):
     top_p: Annotated[float | None, NUMBERS] = Field(default=None, gt=0, le=1)
     num_beams: Annotated[int, INTEGERS] = Field(default=1, ge=1, le=64)
     seed: Annotated[int | None, INTEGERS] = Field(default=None, ge=0)
-    do_sample: bool | None = Field(default=None, description="default: sample when top_k/top_p")
+    do_sample: Flag | None = Field(default=None, description="default: sample when top_k/top_p")
     steps: Annotated[Literal["all", "none"] | int | list[int], INTEGERS] = Field(
         default="all", description="which steps to explain: all, none, first N, or a list"
     )

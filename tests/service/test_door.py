@@ -288,6 +288,40 @@ def test_booleans_are_not_numbers(api: TestClient, field: str, value: dict, expe
     assert _message(api.post("/run_task", json=body)).startswith(expected)
 
 
+@pytest.mark.parametrize("value", [0, 1, "true", "yes", "false", 1.0])
+def test_flags_are_booleans(api: TestClient, value: Any) -> None:
+    """do_sample takes true or false, not what pydantic's lax mode reads as them (1,
+    "yes", "true"): a client sending a number or a string has a bug the 422 shows."""
+    body = {**LOOKUP, "generation": {"do_sample": value}}
+    assert _message(api.post("/run_task", json=body)) == (
+        "generation.do_sample: Input should be a valid boolean"
+    )
+
+
+def _boolean_fields(schemas: dict, name: str, prefix: str = "") -> Iterator[str]:
+    """The dotted path of each boolean field of the request's schema ``name``."""
+    for field, prop in schemas[name]["properties"].items():
+        for kind in prop.get("anyOf", [prop]):
+            if kind.get("type") == "boolean":
+                yield f"{prefix}{field}"
+            elif "$ref" in kind:
+                yield from _boolean_fields(schemas, kind["$ref"].rsplit("/", 1)[1], f"{field}.")
+
+
+def test_every_flag_of_the_request_is_strict(api: TestClient) -> None:
+    """Each boolean field of the request, however many are added, refuses 1 for true."""
+    schemas = api.get("/openapi.json").json()["components"]["schemas"]
+    fields = list(_boolean_fields(schemas, "RunTaskRequest"))
+    assert "generation.do_sample" in fields
+    for path in fields:
+        section, name = path.split(".")
+        body = {**LOOKUP, section: {**LOOKUP.get(section, {}), name: 1}}
+        message = _message(api.post("/run_task", json=body))
+        assert message == f"{path}: Input should be a valid boolean"
+        body[section][name] = True
+        assert api.post("/run_task", json=body).status_code == 202
+
+
 def test_numbers_keep_their_bounds_in_the_schema(api: TestClient) -> None:
     """The refusal of booleans leaves each field's bounds in the OpenAPI schema (a
     validator on the int of ``int | None`` would turn ``minimum`` into an unknown ``ge``)."""
