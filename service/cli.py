@@ -167,6 +167,8 @@ def cmd_run(a: argparse.Namespace) -> None:
         inputs = {"features": a.features}
     else:
         inputs = {"text": a.text}
+    if a.text_pair is not None:  # sent whatever the first input is: the API says what fits
+        inputs["text_pair"] = a.text_pair
     body: dict[str, Any] = {"model": a.model, "inputs": inputs}
     if a.max_new_tokens:
         body["generation"] = {"max_new_tokens": a.max_new_tokens}
@@ -315,7 +317,13 @@ def main(argv: list[str] | None = None) -> None:
     b.set_defaults(fn=cmd_build_demo)
     r = sub.add_parser("run", help="one request end to end; prints the result")
     r.add_argument("--model", required=True)
-    r.add_argument("--text", default=None)
+    r.add_argument("--text", default=None, help="the text (a question-answering's question)")
+    r.add_argument(
+        "--text-pair",
+        default=None,
+        help="the second text of a pair with --text (inputs.text_pair): a question-answering "
+        "model's context, a sentence-pair classifier's second sentence",
+    )
     r.add_argument("--image", type=_image, default=None, help="path to a PNG or JPEG")
     r.add_argument("--features", type=_numbers, default=None, help="comma-separated numbers")
     r.add_argument("--max-new-tokens", type=int, default=None)

@@ -12,28 +12,10 @@ from PIL import Image
 from tests.helpers.stack import ROOT
 
 
-def test_cli_run_against_a_running_service(stack, tmp_path) -> None:
-    from service.demo.digits import sample_png
-
-    img = tmp_path / "digit.png"
-    img.write_bytes(sample_png(0))
-    out = tmp_path / "heat.png"
+def _run(stack, *options: str) -> dict:
+    """``python -m service run --url <the stack> ... --json``: the job view it prints."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "run",
-            "--url",
-            stack.url,
-            "--model",
-            "digits-cnn",
-            "--image",
-            str(img),
-            "--out",
-            str(out),
-            "--json",
-        ],
+        [sys.executable, "-m", "service", "run", "--url", stack.url, *options, "--json"],
         env=stack.env,
         cwd=ROOT,
         capture_output=True,
@@ -41,9 +23,30 @@ def test_cli_run_against_a_running_service(stack, tmp_path) -> None:
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    view = json.loads(proc.stdout)
+    return json.loads(proc.stdout)
+
+
+def test_cli_run_against_a_running_service(stack, tmp_path) -> None:
+    from service.demo.digits import sample_png
+
+    img = tmp_path / "digit.png"
+    img.write_bytes(sample_png(0))
+    out = tmp_path / "heat.png"
+    view = _run(stack, "--model", "digits-cnn", "--image", str(img), "--out", str(out))
     assert view["status"] == "finished" and view["result"]["predictions"][0]["label"] == "0"
     assert Image.open(out).size[0] > 0
+
+
+def test_cli_run_sends_a_text_pair(stack, tmp_path) -> None:
+    """--text-pair is the request's inputs.text_pair: a question's context reaches the
+    model as the second segment, after the question's [SEP]."""
+    options = ["--model", "tiny-bert-qa", "--text", "who lives in paris"]
+    pair = ["--text-pair", "tom lives in paris", "--out", str(tmp_path / "heat.png")]
+    view = _run(stack, *options, *pair)
+    assert view["status"] == "finished", view
+    (item,) = view["result"]["inputs"]
+    expected = "[CLS] who lives in paris [SEP] tom lives in paris [SEP]"
+    assert item["tokens"] == expected.split()
 
 
 def test_summary_shows_token_labels_and_answers() -> None:
