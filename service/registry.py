@@ -7,17 +7,24 @@ its models can be copied together (``python -m service build-demo --out DIR``)."
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from engine.tasks import MODEL_TASKS
 
 # A task a model is registered for (engine.tasks; not "auto"), as plain strings so that an
 # operator's error names them as written in the registry file.
 ModelTask = Literal[tuple(t.value for t in MODEL_TASKS)]
+
+# The devices an entry may name: "auto" and the strings torch.device takes for the devices the
+# worker runs on, written as torch writes them (no "cuda:01"), matched here because the API,
+# which reads the registry too, never imports torch.
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:(0|[1-9][0-9]*))?")
 
 
 class Limits(BaseModel):
@@ -98,6 +105,20 @@ class ModelSpec(BaseModel):
     image: ImageSpec | None = None
     # What the model expects of its input, for people (``/models``, the page).
     expects: str = ""
+
+    @field_validator("device")
+    @classmethod
+    def _a_torch_device(cls, device: str, info: ValidationInfo) -> str:
+        """Refused where the registry is read, naming the entry: torch would say only
+        "Expected one of cpu, cuda, ..." when the job loads the model."""
+        if not DEVICE.fullmatch(device):
+            raise PydanticCustomError(
+                "device",
+                "registry entry {entry}: device {device} is not one torch knows: give auto "
+                "(cuda where there is one), cpu, cuda, cuda:N (the GPU of index N) or mps",
+                {"entry": info.data.get("id", "?"), "device": repr(device)},
+            )
+        return device
 
 
 DEMO_REGISTRY: list[dict[str, Any]] = [

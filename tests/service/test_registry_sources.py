@@ -1,15 +1,17 @@
 """An operator's registry mistakes fail the job with what is wrong in the entry: a local
 transformers path that is not a folder (transformers took it for a hub id), a torchvision
-architecture that does not exist."""
+architecture that does not exist; a device torch has no name for, when the registry is read."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import ValidationError
 
 from service.models import load_model
-from service.registry import ModelSpec, Registry
+from service.registry import ModelSpec, Registry, load_registry
 
 
 @pytest.mark.parametrize(
@@ -29,3 +31,29 @@ def test_a_wrong_source_names_the_entry(tmp_path: Path, source: dict, expected: 
     spec = ModelSpec(id="m", task="image-classification", source=source)
     with pytest.raises((FileNotFoundError, ValueError), match=expected):
         load_model(spec, Registry([spec], tmp_path), str(tmp_path))
+
+
+def _registry_with_device(tmp_path: Path, device: str) -> Registry:
+    entry = {"id": "m", "task": "text-classification", "source": {"kind": "demo", "name": "x"}}
+    path = tmp_path / "registry.yaml"
+    path.write_text(yaml.safe_dump({"models": [{**entry, "device": device}]}))
+    return load_registry(path)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:-1", "cuda:01", "CPU", "cuda0", " cpu"])
+def test_a_device_torch_has_no_name_for_is_refused_when_read(tmp_path: Path, device: str) -> None:
+    """The registry is refused where it is read (the API and each worker starting), naming the
+    entry and the forms a device takes, not at the job's load with torch's own words."""
+    with pytest.raises(ValidationError) as caught:
+        _registry_with_device(tmp_path, device)
+    (error,) = caught.value.errors()
+    assert error["loc"] == ("device",)
+    assert error["msg"] == (
+        f"registry entry m: device {device!r} is not one torch knows: give auto (cuda where "
+        "there is one), cpu, cuda, cuda:N (the GPU of index N) or mps"
+    )
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps"])
+def test_the_devices_torch_knows_are_read(tmp_path: Path, device: str) -> None:
+    assert _registry_with_device(tmp_path, device).get("m").device == device
