@@ -141,6 +141,15 @@ def _little_reached(conservation: dict[str, list[float]]) -> list[str]:
     ]
 
 
+def _segments(batch: Batch, row: int, mask: Any) -> Doc:
+    """``segments``: which text of a pair (``inputs.text_pair``) each real token of ``row``
+    belongs to, 0 or 1 (``token_type_ids``); nothing for a row of one text."""
+    types = batch.get("token_type_ids")
+    if types is None or not bool(types[row].any()):
+        return {}
+    return {"segments": types[row][mask[row]].tolist()}
+
+
 def _layers(relevance: dict[str, Any], batch: Batch, output: OutputOptions) -> Doc:
     """The relevance of the named layers (every node for "all"): what is not an input."""
     return {
@@ -181,6 +190,7 @@ def per_token(run: Run, batch: Batch, res: dict[str, Any], output: OutputOptions
         tokens = loaded.tokenizer.convert_ids_to_tokens(row_ids) if loaded.tokenizer else None
         seed_names = ["token"] if at_position else list(res["seeds"])
         item: Doc = {"token_ids": row_ids, "tokens": tokens, "seeds": seed_names}
+        item.update(_segments(batch, i, mask))
         seeds = real
         if at_position:
             item["position"] = int((np.cumsum(real) - 1)[int(res["position"][i])])
@@ -258,6 +268,7 @@ def _items(
             item: Doc = {
                 "token_ids": row_ids,
                 "tokens": tok.convert_ids_to_tokens(row_ids) if tok is not None else None,
+                **_segments(batch, i, mask),
             }
             if per_token is not None:
                 item["relevance"] = encode(per_token[i][mask[i].numpy()])

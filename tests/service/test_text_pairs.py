@@ -93,3 +93,14 @@ def test_pairs_refused_where_they_mean_nothing() -> None:
     entry, spec = _qa(tok=gpt2)
     with pytest.raises(ValueError, match="the tokenizer of qa puts no separator"):
         inputs.tokens(entry, spec, Inputs(text=QUESTION, text_pair=CONTEXT))
+
+
+def test_results_mark_the_second_text_only_for_pairs() -> None:
+    """A result's ``segments`` say which text each real token is from, for pairs only."""
+    from service.work.documents import _segments
+
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    pair = {"token_type_ids": torch.tensor([[0, 0, 1, 1, 0], [0, 0, 0, 0, 0]])}
+    assert _segments(pair, 0, mask.bool()) == {"segments": [0, 0, 1, 1]}
+    assert _segments(pair, 1, mask.bool()) == {}  # one text: nothing to tell apart
+    assert _segments({}, 0, mask.bool()) == {}

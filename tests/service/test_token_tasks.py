@@ -126,3 +126,4 @@ def test_question_answering_of_a_question_and_its_context(client: httpx.Client) 
     rel = np.abs(np.asarray(item["relevance"]["values"]))  # [start/end, tokens]
     second = enc["token_type_ids"][0].bool().numpy()
     assert (rel[:, ~second].sum(1) > 0).all() and (rel[:, second].sum(1) > 0).all()
+    assert item["segments"] == enc["token_type_ids"][0].tolist()  # which text each token is
