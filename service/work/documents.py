@@ -128,12 +128,11 @@ LITTLE_REACHED = 0.1
 
 def _little_reached(conservation: dict[str, list[float]]) -> list[str]:
     """A warning when, in some row, under ``LITTLE_REACHED`` of the seed reached the inputs."""
-    seed, inputs = (np.asarray(conservation[k], dtype=float) for k in ("seed", "inputs"))
-    share = np.abs(inputs) / np.where(seed == 0, np.inf, np.abs(seed))
-    rows = [i for i, x in enumerate(share) if seed[i] != 0 and x < LITTLE_REACHED]
-    if not rows:
+    seed, inputs = (np.abs(np.asarray(conservation[k], dtype=float)) for k in ("seed", "inputs"))
+    rows = np.flatnonzero((seed > 0) & (inputs < LITTLE_REACHED * seed))
+    if not rows.size:
         return []
-    least = float(share[rows].min())
+    least = float((inputs[rows] / seed[rows]).min())
     return [
         f"row(s) {', '.join(map(str, rows))}: under {LITTLE_REACHED:.0%} of the explained "
         f"output reached the inputs (the least: {least:.2%}); the rest is in sinks (biases, "
