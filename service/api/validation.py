@@ -53,6 +53,11 @@ def check_inputs(spec: ModelSpec, req: RunTaskRequest) -> None:
         _check_generation(req.generation, spec)
 
 
+# The cheap bound on a text's characters before any tokenizer counts it: the worker (and the
+# door, where it knows the tokenizer) count the real tokens.
+CHARS_PER_TOKEN = 32
+
+
 def _check_sizes(kind: str, value: Any, lim: Limits) -> None:
     """Rows against ``max_batch``, and each row's length or the image's size."""
     rows = value if isinstance(value, list) and value and isinstance(value[0], list) else None
@@ -68,7 +73,7 @@ def _check_sizes(kind: str, value: Any, lim: Limits) -> None:
             )
     if kind == "text":
         longest = max(len(t) for t in (rows or [value]))
-        if longest > lim.max_tokens * 32:  # cheap bound; the worker counts real tokens
+        if longest > lim.max_tokens * CHARS_PER_TOKEN:
             raise invalid(["inputs", "text"], f"text too long for max_tokens={lim.max_tokens}")
     if kind == "features":
         width = max(len(x) for x in rows) if rows else len(value)
@@ -88,7 +93,7 @@ def _check_pairs(spec: ModelSpec, pairs: bool, req: RunTaskRequest) -> None:
     if not pairs:
         raise invalid(loc, pair_refusal(spec.task))
     longest = max(len(text) + len(pair or "") for text, pair in req.inputs.pairs())
-    if longest > spec.limits.max_tokens * 32:
+    if longest > spec.limits.max_tokens * CHARS_PER_TOKEN:
         raise invalid(loc, f"text and text_pair too long for max_tokens={spec.limits.max_tokens}")
 
 
