@@ -466,17 +466,14 @@ class _Pass:
             if not isinstance(inner, int):
                 inner = inner.subs(self.sizes)
                 if not (inner.is_Integer and inner >= 1):
-                    # Rows mixed across samples (mixture-of-experts rows are sorted by
-                    # expert): not attributable per sample, so shared evenly.
+                    # Rows in an order neither the static layout nor ``engine.rows`` accounts
+                    # for: not attributable per sample, so shared evenly.
                     return (t.reshape(K, -1).sum(1) / batch)[:, None].expand(K, batch)
                 inner = int(inner)
-        t = t.movedim(axis + 1, -1)
-        n = t.shape[-1]
-        t = t.reshape(K, -1, n).sum(1)
+        n = t.shape[axis + 1]
         if inner == 1 and n == batch:
-            return t
-        sample = (torch.arange(n, device=t.device) // inner) % batch
-        return torch.zeros(K, batch, dtype=t.dtype, device=t.device).index_add_(1, sample, t)
+            return t.movedim(axis + 1, -1).reshape(K, -1, n).sum(1)
+        return book(t, axis, (torch.arange(n) // inner) % batch, batch)
 
 
 def _placeholders_behind(node: fx.Node) -> set[str]:
