@@ -170,7 +170,7 @@ class Captured:
             if meta.dim() != value.dim() or meta.dtype != value.dtype:
                 return False
             for size, actual in zip(meta.shape, value.shape, strict=True):
-                expr = _expr(size)
+                expr = size_expr(size)
                 if expr.is_number:  # static, or a dynamic dim export specialised (a SymInt
                     if int(expr) != actual:  # of constant value: RWKV's, Mamba's length)
                         return False
@@ -311,7 +311,8 @@ class BatchAxis:
     inner: sympy.Expr | int = 1
 
 
-def _expr(size) -> sympy.Expr:
+def size_expr(size: int | SymInt) -> sympy.Expr:
+    """A tensor dimension as a sympy expression: its symbol's, or the integer."""
     return size.node.expr if isinstance(size, SymInt) else sympy.Integer(size)
 
 
@@ -320,7 +321,7 @@ def _inner(node: fx.Node, axis: int, axes: dict) -> sympy.Expr | int:
     val = node.meta["val"]
     out = val[0] if isinstance(val, list | tuple) else val
     out_shape = out.shape
-    size = _expr(out_shape[axis])
+    size = size_expr(out_shape[axis])
     if not isinstance(size, sympy.Mul):
         return 1
     for arg in node.all_input_nodes:
@@ -330,10 +331,10 @@ def _inner(node: fx.Node, axis: int, axes: dict) -> sympy.Expr | int:
             val = val[node.args[1] if node.target is operator.getitem else 0]
         if known is None or not isinstance(val, torch.Tensor):
             continue
-        if val.dim() > known.axis and _expr(val.shape[known.axis]) == size:
+        if val.dim() > known.axis and size_expr(val.shape[known.axis]) == size:
             return known.inner  # same folded axis passed through (linear, elementwise)
         if val.numel() == out.numel():  # a reshape: count strides
-            after_in = sympy.Mul(*[_expr(s) for s in val.shape[known.axis + 1 :]])
-            after_out = sympy.Mul(*[_expr(s) for s in out_shape[axis + 1 :]])
+            after_in = sympy.Mul(*[size_expr(s) for s in val.shape[known.axis + 1 :]])
+            after_out = sympy.Mul(*[size_expr(s) for s in out_shape[axis + 1 :]])
             return sympy.simplify(after_in * known.inner / after_out)
     return 1

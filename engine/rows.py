@@ -14,9 +14,10 @@ import operator
 from dataclasses import dataclass
 from typing import Any
 
-import sympy
 import torch
 from torch import Tensor, fx
+
+from .capture import size_expr
 
 aten = torch.ops.aten
 _SORTS = {aten.sort.default, aten.sort.stable}
@@ -82,8 +83,7 @@ def _sorted(node: fx.Node, batch_axis: dict) -> Gathered | None:
 def _size(node: fx.Node, axis: int) -> Any:
     val = node.meta["val"]
     val = val[0] if isinstance(val, list | tuple) else val
-    size = val.shape[axis]
-    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(size)
+    return size_expr(val.shape[axis])
 
 
 def row_orders(gathered: dict[fx.Node, Gathered]) -> set[fx.Node]:
@@ -106,7 +106,7 @@ def samples(
     g = gathered.get(node)
     if g is None:
         where = batch_axis[node]
-        n = int(sympy.sympify(_size(node, where.axis)).subs(sizes))
+        n = int(_size(node, where.axis).subs(sizes))
         inner = where.inner if isinstance(where.inner, int) else int(where.inner.subs(sizes))
         rows = (torch.arange(n) // inner) % batch
     else:
