@@ -61,7 +61,9 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     errors = []
     for e in exc.errors():
         loc = [str(p) for p in e["loc"]]
-        message = f"{'.'.join(loc[1:] or loc)}: {e['msg']}"
+        # pydantic prefixes a validator's ValueError with "Value error, ": not for people
+        msg = e["msg"].removeprefix("Value error, ") if e["type"] == "value_error" else e["msg"]
+        message = f"{'.'.join(loc[1:] or loc)}: {msg}"
         if e["type"] == "json_invalid":
             message = _json_error(e, exc.body)
             loc = ["body"]

@@ -163,15 +163,15 @@ SENTIMENT = {"model": "minilm-sentiment", "inputs": {"text": "fine"}}
         ),
         (
             {**SENTIMENT, "inputs": {"text": ["ok", "fine"], "text_pair": ["so"]}},
-            "inputs.text_pair: Value error, has 1 texts for 2 in text: give one per text",
+            "inputs.text_pair: has 1 texts for 2 in text: give one per text",
         ),
         (
             {**SENTIMENT, "inputs": {"text": "ok", "text_pair": ["so"]}},
-            "inputs.text_pair: Value error, must be a string with one text, a list with a list",
+            "inputs.text_pair: must be a string with one text, a list with a list",
         ),
         (
             {**SENTIMENT, "inputs": {"token_ids": [3, 4], "text_pair": "so"}},
-            "inputs.text_pair: Value error, is the second text of a pair: give the first in text",
+            "inputs.text_pair: is the second text of a pair: give the first in text",
         ),
         ({**SENTIMENT, "inputs": {"text": "ok", "text_pair": " "}}, "inputs.text_pair: is blank"),
     ],
