@@ -17,6 +17,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import redis
 import redis.asyncio
 from redis.backoff import ExponentialBackoff
@@ -34,6 +35,15 @@ GRAPH = "bt:graph:{}"
 GRAPH_TTL_S = 24 * 3600
 # Commands on these are queued, not sent: the API enqueues on the async client's pipeline.
 PIPELINES = (redis.client.Pipeline, redis.asyncio.client.Pipeline)
+_JSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+
+
+def dumps(value: Any) -> bytes:
+    """JSON as the workers write it to Redis: orjson, about ten times faster than ``json``
+    for a result document (a quarter of a small job's encoding CPU was ``json.dumps``);
+    NaN and infinities become ``null``, as JSON has no others (``json`` wrote ``NaN``,
+    which browsers' ``JSON.parse`` refuses); numpy values as their numbers."""
+    return orjson.dumps(value, option=_JSON_OPTIONS)
 
 
 def connect(url: str, patient: bool = False) -> redis.Redis:
@@ -98,7 +108,7 @@ def add_event(
 ) -> str | None:
     """Append one event to the job's stream and push its expiry out; returns the entry id
     (None on a pipeline: the id is then in the pipeline's results)."""
-    entry_id = _append(r, [EVENTS.format(job_id)], [event, json.dumps(data), maxlen, ttl])
+    entry_id = _append(r, [EVENTS.format(job_id)], [event, dumps(data), maxlen, ttl])
     if isinstance(r, PIPELINES):
         return None
     return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
@@ -113,7 +123,7 @@ def start(
     pipe = r.pipeline(transaction=False)
     for job_id, data in jobs:
         pipe.exists(CANCEL.format(job_id))
-        _append(pipe, [EVENTS.format(job_id)], [Event.STARTED, json.dumps(data), maxlen, ttl])
+        _append(pipe, [EVENTS.format(job_id)], [Event.STARTED, dumps(data), maxlen, ttl])
     return [bool(x) for x in pipe.execute()[::2]]  # an empty pipeline sends nothing
 
 
@@ -125,8 +135,8 @@ class Ending:
     data: dict[str, Any]
     doc: dict[str, Any]
 
-    def encoded(self) -> list[str]:
-        return [self.event, json.dumps(self.data), json.dumps(self.doc, separators=(",", ":"))]
+    def encoded(self) -> list[str | bytes]:
+        return [self.event, dumps(self.data), dumps(self.doc)]
 
 
 def finish(

@@ -52,3 +52,8 @@ class WorkerStatus(StrEnum):
 
     WARMING = "warming"
     READY = "ready"
+
+
+# The image formats a request may send (Pillow's names), checked at the door and the only
+# ones the worker decodes.
+IMAGE_FORMATS = ("PNG", "JPEG")

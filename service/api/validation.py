@@ -18,6 +18,7 @@ from engine.tasks import TASKS, TaskName
 
 from ..registry import Limits, ModelSpec, Registry
 from ..schemas import GenerationParams, RunTaskRequest, pair_refusal
+from ..vocabulary import IMAGE_FORMATS
 from .errors import invalid
 
 
@@ -162,7 +163,7 @@ def check_image(b64: str, max_side: int) -> None:
             raise invalid(loc, too_many) from exc
         except (UnidentifiedImageError, ValueError, OSError) as exc:
             raise invalid(loc, "not a base64 PNG or JPEG image (unreadable image data)") from exc
-    if fmt not in ("PNG", "JPEG"):
+    if fmt not in IMAGE_FORMATS:
         raise invalid(loc, f"format {fmt} is not PNG or JPEG")
     if max(w, h) > max_side:
         raise invalid(loc, f"{w}x{h} is larger than {max_side} pixels a side")

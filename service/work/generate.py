@@ -6,7 +6,6 @@ in the result document, ``documents.generation``). A cancel is honoured at every
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -39,7 +38,7 @@ class _Stream:
 
     def add(self, event: Event, data: dict[str, Any]) -> None:
         store.add_event(self.r, self.job_id, event, data, self.ttl, self.maxlen)
-        self.written.inc(len(json.dumps(data)))
+        self.written.inc(len(store.dumps(data)))
 
     def __call__(
         self,

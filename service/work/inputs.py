@@ -17,6 +17,7 @@ from engine.tasks import PAIR_TASKS, TaskName
 from ..models import CachedModel
 from ..registry import ImageSpec, ModelSpec
 from ..schemas import Inputs, no_separator, pair_refusal
+from ..vocabulary import IMAGE_FORMATS
 
 Batch = dict[str, torch.Tensor]
 # An image model's input when the registry entry gives no ``image``.
@@ -166,7 +167,9 @@ def _picture(raw: bytes) -> Any:
     from PIL import Image
 
     try:
-        img = Image.open(io.BytesIO(raw))
+        # Only the formats the door lets through: without ``formats`` Pillow first asks
+        # every registered plugin whether it knows the data (half of a small PNG's decode).
+        img = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
         img.load()
     except (OSError, ValueError, SyntaxError) as exc:
         raise ValueError(f"inputs.image: not a readable PNG or JPEG image ({exc})") from None
