@@ -164,11 +164,11 @@ class DLBacktrace:
         """What a sweep starts from: the graph for these inputs (its rules checked before any
         work), the recorded forward, and the reference's (modes "reference", "contrast"); given
         ``lean``'s seed, lean forwards that compute a linear head at its rows only.
-        Question answering sweeps from the [B, T, 2] logits its two outputs are split from."""
+        Question answering sweeps from its [B, T, 2] start and end logits (``qa_logits``)."""
         prepared = self._prepare(inputs, tokenizer)
         captured, sweeper = self._graph_for(prepared)
         if task == TaskName.QUESTION_ANSWERING:
-            sweeper = self._head_sweeper(captured, qa_logits(captured.float_outputs()))
+            sweeper = self._head_sweeper(captured, qa_logits(captured))
         sweeper.check_rules()
         with torch.no_grad():
             rows = None if lean is None else lean.index[..., :-1]

@@ -11,8 +11,8 @@ mask ``[B, T]`` (``None`` where the inputs carry none) and an optional ``positio
 - token-classification explains a ``position``'s label (one seed), or every token's label at
   once: seed k explains token k, so relevance is ``[T, B, T]``; padding tokens get no seed.
 - question-answering explains the predicted answer: seed 0 the start logit at the argmax
-  start, seed 1 the end logit at the argmax end (the order of ``TASKS[...].seeds``), over the
-  ``[B, T, 2]`` logits that the start and end outputs are split from (``qa_logits``).
+  start, seed 1 the end logit at the argmax end (the order of ``TASKS[...].seeds``), over
+  ``[B, T, 2]`` logits: the model's, or its start and end outputs stacked (``qa_logits``).
 
 ``target`` replaces the predicted label (a class index, one per sample or one for all).
 """
@@ -25,11 +25,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, fx
 
+from .capture import Captured
 from .params import RelevanceParams
 from .sweep import Seed
 from .tasks import TaskName
 
 Position = int | Sequence[int] | None
+aten = torch.ops.aten
 
 
 class Decision(NamedTuple):
@@ -145,30 +147,39 @@ SEEDS: dict[TaskName, Callable[..., Decision]] = {
 }
 
 
-def qa_logits(outputs: Sequence[fx.Node]) -> fx.Node:
-    """The ``[B, T, 2]`` node a question-answering model's start and end outputs are split
-    from (transformers: linear -> split -> squeeze -> contiguous), or the first output itself
-    where the model returns that tensor."""
-    start = outputs[0]
-    if _shape(start)[-1:] == (2,):
-        return start
-    behind = _chain(start)
-    for node in _chain(outputs[1]) if len(outputs) > 1 else ():
-        if node in behind and len(_shape(node)) == 3 and _shape(node)[-1] == 2:
+def qa_logits(captured: Captured) -> fx.Node:
+    """The ``[B, T, 2]`` node whose last axis holds a question-answering model's start and
+    end logits: the model's first output where it is that tensor, or else its first two
+    floating-point outputs ([B, T] each, however computed: split from one linear layer, or
+    two products as Splinter's) stacked into one node (``stacked``), so that one sweep seeds
+    both."""
+    outputs = captured.float_outputs()
+    shapes = [_shape(node) for node in outputs]
+    if len(shapes[0]) == 3 and shapes[0][-1] == 2:
+        return outputs[0]
+    if len(outputs) < 2 or len(shapes[0]) != 2 or shapes[0] != shapes[1]:
+        raise ValueError(
+            "question-answering needs a model returning start and end logits ([B, T] each, "
+            "its first two floating-point outputs) or one [B, T, 2] tensor; this model "
+            f"returns {', '.join('[' + ', '.join(map(str, s)) + ']' for s in shapes)}"
+        )
+    return stacked(captured, outputs[:2])
+
+
+def stacked(captured: Captured, nodes: Sequence[fx.Node]) -> fx.Node:
+    """A node stacking ``nodes`` along a new last axis, added once to the graph before its
+    output: a sweep seeded there seeds each of ``nodes``, whatever computed them, and the
+    stack's rule hands each its own slice. The captured graph keeps it (``node_io`` shows it)
+    with its value's shape and batch axis, so later runs find and reuse it."""
+    for node in captured.nodes:
+        if node.target is aten.stack.default and node.args == (list(nodes), -1):
             return node
-    raise ValueError(
-        "question-answering needs a model returning start and end logits split from one "
-        "[B, T, 2] tensor, or that tensor itself"
-    )
-
-
-def _chain(node: fx.Node, depth: int = 8) -> list[fx.Node]:
-    """``node`` and its first inputs back through ``depth`` single-input ops."""
-    chain = [node]
-    while len(chain) < depth and len(node.all_input_nodes) == 1:
-        node = node.all_input_nodes[0]
-        chain.append(node)
-    return chain
+    with captured.graph.inserting_before(captured.output):
+        node = captured.graph.call_function(aten.stack.default, (list(nodes), -1))
+    node.meta["val"] = torch.stack([n.meta["val"] for n in nodes], -1)
+    captured.nodes.insert(captured.nodes.index(captured.output), node)
+    captured.batch_axis[node] = captured.batch_axis.get(nodes[0])
+    return node
 
 
 def _shape(node: fx.Node) -> tuple:

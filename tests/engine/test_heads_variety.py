@@ -1,0 +1,103 @@
+"""Heads people bring that the engine's own models do not cover: each runs through
+``run_task``, its predictions equal the eager model's, and relevance is conserved (inputs +
+sinks == seed, per seed and sample)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from engine import DLBacktrace
+from tests.engine.test_heads import padded
+
+
+def assert_conserved(result: dict) -> None:
+    """inputs + sinks == seed to 1e-6 of the seed, plus float32's rounding of the parts where
+    they are larger than the seed (mode "reference": a reference's own logits can be)."""
+    c = result["conservation"]
+    parts = np.abs(c["inputs"]) + np.abs(c["sinks"])
+    error = np.abs(c["inputs"] + c["sinks"] - c["seed"])
+    assert (error <= 1e-6 * np.abs(c["seed"]) + 2e-6 * parts).all(), c
+
+
+# ------------------------------------------------------------ question answering
+
+
+class TwoHeadReader(nn.Module):
+    """Start and end logits from two separate linear layers, not split from one [B, T, 2]
+    tensor; returned as a tuple or as a dict."""
+
+    def __init__(self, as_dict: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(40, 16)
+        self.start = nn.Linear(16, 1)
+        self.end = nn.Linear(16, 1)
+        self.as_dict = as_dict
+
+    def forward(self, input_ids):
+        h = torch.tanh(self.embed(input_ids))
+        start, end = self.start(h).squeeze(-1), self.end(h).squeeze(-1)
+        return {"start_logits": start, "end_logits": end} if self.as_dict else (start, end)
+
+
+def splinter() -> nn.Module:
+    """A one-layer Splinter: its start and end logits are two products of a question token's
+    projections with the sequence's (``SplinterForQuestionAnswering``)."""
+    import transformers
+
+    config = transformers.SplinterConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, question_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.SplinterForQuestionAnswering(config).eval()
+
+
+def qa_inputs() -> dict[str, torch.Tensor]:
+    inputs = padded(2)
+    inputs["input_ids"][:, 1] = 2  # Splinter reads its question token's position
+    return inputs
+
+
+def _spans(model: nn.Module, inputs: dict) -> torch.Tensor:
+    """The eager model's start and end logits, [B, T, 2], and its answer over real tokens."""
+    with torch.no_grad():
+        out = model(**inputs)
+    if isinstance(out, tuple):
+        start, end = out[:2]
+    else:
+        start, end = out["start_logits"], out["end_logits"]
+    return torch.stack([start, end], -1)
+
+
+@pytest.mark.parametrize("build", ["splinter", "two heads", "two heads as a dict"])
+def test_question_answering_of_start_and_end_computed_apart(build):
+    """Seeding each of the two outputs (stacked into one node the sweep starts from) explains
+    a start and an end that were never one tensor; before, such models were refused with
+    'needs a model returning start and end logits split from one [B, T, 2] tensor'."""
+    if build == "splinter":
+        model, inputs = splinter(), qa_inputs()
+    else:
+        torch.manual_seed(0)
+        model = TwoHeadReader(as_dict=build.endswith("dict")).eval()
+        inputs = {"input_ids": qa_inputs()["input_ids"]}
+    dlb = DLBacktrace(model, inputs)
+    for mode in ("default", "reference"):
+        res = dlb.run_task(task="question-answering", inputs=inputs, mode=mode)
+        assert_conserved(res)
+        assert res["relevance"]["input_ids"].shape == (2, 2, 6)  # [start / end, B, T]
+    logits = _spans(model, inputs)
+    torch.testing.assert_close(torch.as_tensor(res["predictions"]), logits)
+    if "attention_mask" in inputs:
+        logits = logits.masked_fill(inputs["attention_mask"][..., None] == 0, -torch.inf)
+    assert res["answer_span"].tolist() == logits.argmax(1).tolist()
+    assert len(dlb.captured.float_outputs()) == 2  # the graph's outputs are the model's
+
+
+def test_question_answering_of_one_output_is_a_clear_error():
+    ids = padded(2)["input_ids"]
+    dlb = DLBacktrace(nn.Sequential(nn.Embedding(40, 8), nn.Linear(8, 1)), (ids,))
+    with pytest.raises(ValueError, match=r"start and end logits \(\[B, T\] each"):
+        dlb.run_task(task="question-answering", inputs=(ids,))
