@@ -49,9 +49,12 @@ def reap(
         return bool(r.exists(store.WORKER.format(worker)))
 
     for member in r.zrange(registry.key, 0, -1):
-        job_id, _ = parse_composite_key(member.decode())
+        job_id = _job_id(member)
+        if job_id is None:
+            r.zrem(registry.key, member)
+            continue
         worker = r.hget(f"rq:job:{job_id}", "worker_name")
-        if not worker or alive(worker.decode()):
+        if not worker or alive(worker.decode(errors="replace")):
             continue
         doc = store.get_result(r, job_id)
         if doc is not None:  # it ended; its worker died before telling RQ
@@ -63,6 +66,20 @@ def reap(
         registry.cleanup(timestamp=1, exception_handlers=[_tell_clients(r, result_ttl)])
     tell = _tell_requeued(r, result_ttl)
     return lost + batching.requeue_lost(r, alive, tell, result_ttl, failure_ttl)
+
+
+def _job_id(member: bytes) -> str | None:
+    """The job id of a started-registry entry (``job_id:execution_id``), or None for an
+    entry that is not one (written by hand, or by another program): the caller removes it,
+    so that one odd entry stops neither the reaping of every other job (it raised on every
+    pass, and the API's reaper task died at the first) nor RQ's own cleanup of the
+    registry, which parses every expired entry the same way."""
+    try:
+        job_id, _ = parse_composite_key(member.decode())
+    except ValueError:  # UnicodeDecodeError too
+        log.warning("started registry entry %r is not job_id:execution_id: removed", member)
+        return None
+    return job_id
 
 
 def _end_in_rq(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 import redis
@@ -12,6 +13,8 @@ from fastapi import FastAPI
 
 from .. import reaper
 from ..config import Settings
+
+log = logging.getLogger("service.api")
 
 
 @contextlib.asynccontextmanager
@@ -23,9 +26,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 async def reap_forever(r: redis.Redis, settings: Settings) -> None:
-    """Reap every third of the heartbeat TTL; Redis down is waited out, never fatal."""
+    """Reap every third of the heartbeat TTL; Redis down is waited out, and any other error
+    of a pass is logged: never fatal, since this task is what ends the jobs of dead workers
+    when no worker is left (an exception used to end the task for good, silently)."""
     while True:
-        with contextlib.suppress(redis.RedisError):
+        try:
             await asyncio.to_thread(
                 reaper.reap,
                 r,
@@ -34,4 +39,8 @@ async def reap_forever(r: redis.Redis, settings: Settings) -> None:
                 settings.result_ttl,
                 settings.failure_ttl,
             )
+        except redis.RedisError:
+            pass
+        except Exception:  # noqa: BLE001 - logged; the next pass tries again
+            log.exception("reaper pass failed")
         await asyncio.sleep(settings.heartbeat_ttl / 3)
