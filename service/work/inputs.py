@@ -160,19 +160,24 @@ def image(entry: CachedModel, inputs: Inputs) -> Tensors:
 
 
 def _picture(raw: bytes) -> Any:
-    """The decoded picture, 16-bit grey (PNG's ``I;16``, ``I``) brought to 8 bits: Pillow's
-    ``convert`` to ``L`` or ``RGB`` clips those values at 255, which makes nearly any such
-    picture a white page. Data the door's header check let through but that does not decode
-    (a truncated file) is a ValueError naming the input."""
-    from PIL import Image
+    """The decoded picture, upright, with 16-bit grey (PNG's ``I;16``, ``I``) brought to 8
+    bits: Pillow's ``convert`` to ``L`` or ``RGB`` clips those values at 255, which makes
+    nearly any such picture a white page. Upright: a phone's photo is stored sideways with an
+    EXIF orientation that viewers apply (as transformers' ``load_image`` does), so the model
+    sees what its sender saw. Data the door's header check let through but that does not
+    decode (a truncated file) is a ValueError naming the input."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         # Only the formats the door lets through: without ``formats`` Pillow first asks
         # every registered plugin whether it knows the data (half of a small PNG's decode).
         img = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
         img.load()
+    except UnidentifiedImageError:  # its message names a BytesIO object, not the data
+        raise ValueError("inputs.image: not a PNG or JPEG image") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ValueError(f"inputs.image: not a readable PNG or JPEG image ({exc})") from None
+    img = ImageOps.exif_transpose(img)
     if img.mode.startswith("I"):
         deep = np.asarray(img, dtype=np.float32) / 65535.0
         img = Image.fromarray(np.clip(deep * 255.0 + 0.5, 0, 255).astype(np.uint8))

@@ -84,3 +84,33 @@ def test_a_truncated_image_fails_naming_the_input() -> None:
     raw = base64.b64decode(_b64(Image.effect_noise((64, 64), 50)))
     with pytest.raises(ValueError, match=r"^inputs.image: .*truncated"):
         _tensor(base64.b64encode(raw[:200]).decode(), ImageSpec(size=16))
+
+
+@pytest.mark.parametrize(
+    "orientation, upright",
+    [
+        (3, Image.Transpose.ROTATE_180),
+        (6, Image.Transpose.ROTATE_270),
+        (8, Image.Transpose.ROTATE_90),
+    ],
+)
+def test_a_photo_stored_sideways_reads_upright(orientation: int, upright: Image.Transpose) -> None:
+    """A camera stores the pixels as the sensor saw them and the turn in its EXIF
+    orientation tag; viewers (and transformers' ``load_image``) apply it. The model reads the
+    picture as its sender saw it: the same input as the upright pixels sent plainly."""
+    pixels = Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 40, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # EXIF Orientation
+    sideways = io.BytesIO()
+    pixels.save(sideways, format="JPEG", quality=95, exif=exif)
+    upright_png = _b64(Image.open(io.BytesIO(sideways.getvalue())).transpose(upright))
+    spec = ImageSpec(channels=3, size=24)
+    got = _tensor(base64.b64encode(sideways.getvalue()).decode(), spec)
+    assert torch.allclose(got, _tensor(upright_png, spec), atol=1e-6)
+    assert not torch.allclose(got, _tensor(_b64(pixels), spec), atol=0.1)
+
+
+def test_data_that_is_no_image_is_named_so() -> None:
+    """Pillow's own message for such data names a BytesIO object and its address."""
+    with pytest.raises(ValueError, match=r"^inputs.image: not a PNG or JPEG image$"):
+        _tensor(base64.b64encode(b"GIF89a" + bytes(64)).decode(), ImageSpec(size=16))
