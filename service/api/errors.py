@@ -5,6 +5,7 @@ each 422 lists its failing fields with a one-line ``message`` that names the fie
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import redis
@@ -22,6 +23,8 @@ RETRY_AFTER = {"Retry-After": "5"}
 UNAVAILABLE = {503: {"model": ErrorBody, "description": "Redis unavailable; retry later"}}
 UNAUTHORIZED = {401: {"model": ErrorBody, "description": "missing or wrong API key"}}
 INVALID = {422: {"model": ValidationErrorBody, "description": "invalid request"}}
+# FastAPI's detail for a body its JSON parser failed on without a JSONDecodeError.
+PARSE_FAILURE = "There was an error parsing the body"
 NO_JOB = {404: {"model": ErrorBody, "description": "no such job (unknown or expired)"}}
 
 
@@ -90,20 +93,35 @@ def _line_column(text: str, pos: int) -> str:
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-    """FastAPI's own reply, but for a JSON body that is not UTF-8 (or UTF-16/32, which JSON
-    also reads): FastAPI reads it as a parse failure of no kind it names (a plain 400,
-    "There was an error parsing the body"), which is a 422 in this service's format here,
-    saying which byte, where."""
-    cause = exc.__cause__
-    if exc.status_code != 400 or not isinstance(cause, UnicodeDecodeError):
+    """FastAPI's own reply, but for a JSON body that its parser gave up on for a reason
+    FastAPI does not name (a plain 400, "There was an error parsing the body"): a 422 in
+    this service's format that says why (``_unparsed``)."""
+    why = _unparsed(exc)
+    if why is None:
         return await http_exception_handler(request, exc)
-    before = cause.object[: cause.start].decode("utf-8", errors="replace")  # valid up to there
-    where = _line_column(before, len(before))
-    byte = cause.object[cause.start : cause.start + 1].hex()
-    msg = f"request body is not valid JSON: not UTF-8 (byte 0x{byte} at {where})"
+    msg = f"request body is not valid JSON: {why}"
     return JSONResponse(
         {"detail": [{"loc": ["body"], "msg": msg, "type": "json_invalid", "message": msg}]}, 422
     )
+
+
+def _unparsed(exc: StarletteHTTPException) -> str | None:
+    """Why FastAPI could not parse the body, when ``exc`` is its parse failure: bytes that
+    are not UTF-8 (or UTF-16/32, which JSON also reads; which byte, where), nesting deeper
+    than the parser's recursion allows, a number longer than Python converts, or what the
+    parser said otherwise; None for any other error."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or exc.detail != PARSE_FAILURE or cause is None:
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        before = cause.object[: cause.start].decode("utf-8", errors="replace")  # valid so far
+        byte = cause.object[cause.start : cause.start + 1].hex()
+        return f"not UTF-8 (byte 0x{byte} at {_line_column(before, len(before))})"
+    if isinstance(cause, RecursionError):
+        return f"nested too deeply (arrays and objects over {sys.getrecursionlimit()} levels)"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return f"a number has more than {sys.get_int_max_str_digits()} digits"
+    return f"{type(cause).__name__}: {cause}"
 
 
 def install(app: FastAPI) -> None:

@@ -46,6 +46,7 @@ router = authorized_router("jobs")
         404: {"model": ErrorBody, "description": "the model is not in the registry"},
         409: {"model": ErrorBody, "description": "this Idempotency-Key is being retried"},
         413: {"model": ErrorBody, "description": "body too large"},
+        415: {"model": ErrorBody, "description": "compressed body (Content-Encoding)"},
         429: {"model": ErrorBody, "description": "queue full; retry later"},
     },
 )
