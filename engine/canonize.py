@@ -30,10 +30,11 @@ _BATCH_NORM = aten._native_batch_norm_legit_no_training.default
 
 def canonize(captured: Captured, provenance: Provenance, order: list[fx.Node]) -> Canonical:
     """The facts of ``captured`` over the nodes a sweep visits (``order``)."""
+    fused = fold_batch_norms(captured, provenance.bound, order)
     return Canonical(
-        fused=fold_batch_norms(captured, provenance.bound, order),
+        fused=fused,
         relu_after=frozenset(
-            n for n in order if n.target in _LINEAR_MAPS and _relu_after(n) is not None
+            n for n in order if n.target in _LINEAR_MAPS and _relu_after(n, fused) is not None
         ),
         rms_eps=_rms_norms(provenance, order),
         routing=tuple(routing_topks(captured.nodes)),
@@ -71,15 +72,17 @@ _REVEAL_ACTIVATIONS = {aten.relu.default}
 _BETWEEN = {_BATCH_NORM, operator.getitem}
 
 
-def _relu_after(node: fx.Node) -> fx.Node | None:
-    """The relu that is the only consumer of ``node`` (through a folded batch norm)."""
+def _relu_after(node: fx.Node, fused: dict[fx.Node, dict]) -> fx.Node | None:
+    """The relu that is the only consumer of ``node`` (through a batch norm folded into it:
+    the relu's input is then the map's output; behind a batch norm of its own it is not, and
+    RevealCancel would read the wrong values)."""
     for _ in range(3):
         if len(node.users) != 1:
             return None
         node = next(iter(node.users))
         if node.target in _REVEAL_ACTIVATIONS:
             return node
-        if node.target not in _BETWEEN:
+        if node.target not in _BETWEEN or (node.target is _BATCH_NORM and node not in fused):
             return None
     return None
 
