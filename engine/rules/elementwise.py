@@ -26,10 +26,17 @@ class Identity(Family):
         aten.hardswish.default,
         aten.hardsigmoid.default,
         aten.leaky_relu.default,
+        aten.prelu.default,  # its slope is a parameter, not evidence
+        aten.rrelu.default,  # eval: a leaky relu of fixed slope
         aten.elu.default,
+        aten.selu.default,
+        aten.celu.default,
+        aten.threshold.default,
         aten.mish.default,
         aten.softmax.int,
         aten._softmax.default,
+        aten.log_softmax.int,  # a classifier's last op: the logits less a per-row constant
+        aten._log_softmax.default,
         aten.neg.default,
         aten.pow.Tensor_Scalar,
         aten.erf.default,

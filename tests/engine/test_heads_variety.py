@@ -141,15 +141,44 @@ def test_linear_batch_norm_relu_conserves_in_every_mode(mode, out):
 
 @pytest.mark.parametrize(
     "activation",
-    [nn.GELU(), nn.SiLU(), nn.Tanh(), nn.Sigmoid(), nn.LeakyReLU(0.1), nn.ELU(), nn.Softplus()],
+    [
+        nn.GELU(),
+        nn.SiLU(),
+        nn.Tanh(),
+        nn.Sigmoid(),
+        nn.LeakyReLU(0.1),
+        nn.ELU(),
+        nn.Softplus(),
+        nn.PReLU(),
+        nn.RReLU(),
+        nn.SELU(),
+        nn.CELU(),
+        nn.Threshold(0.1, 0.0),
+    ],
     ids=lambda m: type(m).__name__,
 )
 @pytest.mark.parametrize("norm", [nn.BatchNorm1d, nn.LayerNorm], ids=["batch", "layer"])
 def test_tabular_activations_and_norms(activation, norm):
+    """PReLU, RReLU, SELU, CELU and Threshold had no rule (UnsupportedOpError naming
+    aten.prelu.default, ...): activations hand relevance on unchanged, as every other does."""
     model = mlp(activation, norm)
     dlb = DLBacktrace(model, (ROWS,))
     for mode in ("default", "reference"):
         res = dlb.run_task(task="tabular-classification", inputs=(ROWS,), mode=mode)
         assert_conserved(res)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.as_tensor(res["predictions"]), model(ROWS))
+
+
+@pytest.mark.parametrize("mode", ["default", "contrast", "reference"])
+def test_a_classifier_ending_in_log_softmax(mode):
+    """A model returning log-probabilities (NLLLoss-trained): log_softmax had no rule. It is
+    the logits less a per-row constant: relevance passes as through softmax, and contrast's
+    difference of two log-probabilities is the difference of their logits."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3), nn.LogSoftmax(dim=1))
+    res = DLBacktrace(model.eval(), (ROWS,)).run_task(inputs=(ROWS,), mode=mode)
+    assert_conserved(res)
+    assert res["task"] == "tabular-classification"
     with torch.no_grad():
         torch.testing.assert_close(torch.as_tensor(res["predictions"]), model(ROWS))
