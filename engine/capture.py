@@ -37,7 +37,7 @@ def bind_inputs(model: torch.nn.Module, inputs: Inputs) -> dict[str, torch.Tenso
     capture time and a dict at run time (as in the reference examples) mean the same thing.
     """
     if isinstance(inputs, Mapping):
-        return dict(inputs)
+        return _model_inputs(model, dict(inputs))
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
     params = [
@@ -59,6 +59,33 @@ def bind_inputs(model: torch.nn.Module, inputs: Inputs) -> dict[str, torch.Tenso
 
 
 _HF_ORDER = ("attention_mask", "token_type_ids", "position_ids")
+
+
+def _model_inputs(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict:
+    """A transformers model's named inputs without those its forward has no argument for.
+
+    A tokenizer's output carries more than the model takes (``special_tokens_mask``,
+    ``offset_mapping``, ``length`` when asked for), and the whole output is what people pass.
+    The model's ``**kwargs`` would swallow them in eager mode, but an exported graph takes
+    them as inputs of its own and explains something else. They are left out, with a
+    warning naming them. Other models keep every input: a ``forward(**batch)`` wrapper's
+    inputs are all in its kwargs."""
+    if getattr(model, "main_input_name", None) is None:
+        return inputs
+    params = inspect.signature(model.forward).parameters.values()
+    named = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if not named or not any(p.kind is p.VAR_KEYWORD for p in params):
+        # no **kwargs: an unknown name fails in the forward, with Python's own message;
+        # no named argument (a wrapper's ``*args, **kwargs``): nothing to tell them apart by
+        return inputs
+    extra = [k for k in inputs if k not in named]
+    if extra:
+        warnings.warn(
+            f"inputs {extra} are not arguments of {type(model).__name__}.forward "
+            f"(it takes {', '.join(named)}): left out",
+            stacklevel=4,
+        )
+    return {k: v for k, v in inputs.items() if k in named}
 
 
 @contextlib.contextmanager

@@ -214,3 +214,22 @@ def test_only_token_ids_and_float_inputs_are_data():
     captured = capture(model, example)
     assert set(captured.input_names) == {"input_ids", "attention_mask", "token_type_ids"}
     assert captured.data_inputs == ["input_ids"]
+
+
+def test_tokenizer_outputs_the_model_does_not_take_are_left_out(bert):
+    """A tokenizer's whole output (here with ``special_tokens_mask`` and ``length``, as
+    ``return_special_tokens_mask`` / ``return_length`` add them) explains as the model's own
+    inputs do; those extras went into the forward's ``**kwargs`` and the capture, and the
+    sweep failed with a KeyError naming a graph node."""
+    inputs, dlb = bert
+    extra = {
+        **inputs,
+        "special_tokens_mask": torch.zeros_like(inputs["input_ids"]),
+        "length": torch.full((inputs["input_ids"].shape[0],), inputs["input_ids"].shape[1]),
+    }
+    with pytest.warns(UserWarning, match=r"\['special_tokens_mask', 'length'\] are not arguments"):
+        got = _run(dlb, extra)
+    torch.testing.assert_close(
+        got["relevance"]["input_ids"], _run(dlb, inputs)["relevance"]["input_ids"]
+    )
+    assert len(dlb._graphs) == 1  # no second capture for them
