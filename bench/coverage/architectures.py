@@ -124,13 +124,14 @@ def build(arch: Arch) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A small random instance of ``arch`` and its inputs (batch of 2), checked to run eager.
 
     transformers: the fully shrunk configuration first, then the same with as many key-value
-    heads as heads (multi-head latent attention takes no grouped heads), then with only the
+    heads as heads (multi-head latent attention takes no grouped heads), then kept consistent
+    where the generic shrink breaks the configuration's checks, then with only the
     depth shrunk (some models tie sizes together in ways a generic shrink misses), else
     ``NotBuilt``."""
     if arch.mapping == TORCHVISION:
         return _torchvision(arch.name)
     errors = []
-    for shrink in (_shrunk, _ungrouped, _shallow):
+    for shrink in (_shrunk, _ungrouped, _consistent, _shallow):
         try:
             return _transformers(arch, shrink)
         except Exception as e:  # noqa: BLE001 - any failure here is the build's, reported
@@ -201,6 +202,75 @@ def _ungrouped(config: Any) -> dict[str, Any]:
     return out
 
 
+def _consistent(config: Any) -> dict[str, Any]:
+    """``_ungrouped`` kept consistent where the generic shrink breaks a configuration's
+    checks: per-layer settings cut to the layers kept (``_per_layer``), state-space heads that
+    fill the expanded width, a vocabulary and a decoder start the default leaves unset (ESM,
+    T5), and nothing the configuration derives itself (``_settable``)."""
+    have = vars(config)
+    out = _ungrouped(config)
+    if "vocab_size" in have and have["vocab_size"] is None:
+        out.update(vocab_size=VOCAB, **_SPECIAL)
+    if have.get("is_encoder_decoder") and have.get("decoder_start_token_id") is None:
+        out["decoder_start_token_id"] = PAD  # T5's default leaves it unset; checkpoints don't
+    depth = next((k for k in ("num_hidden_layers", "num_layers", "n_layer") if k in out), None)
+    if depth is not None:
+        kept, layers = _per_layer(have, have[depth])
+        out.update(layers)
+        if kept is not None:
+            out[depth] = len(kept)
+    out.update(_ssm_heads(have, out))
+    if "num_channels" in have:  # a vision model
+        out.update(_coarse(have, out))
+    return _settable(config, out)
+
+
+def _coarse(have: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    """Default patch size and stage widths, with an image of 64 pixels or four patches a
+    side (MobileViT-v2 unfolds 2-pixel patches after a 32-fold downsampling): for vision
+    models whose stem downsamples by a fixed factor whatever the patch size says
+    (LeViT: four stride-2 convolutions against its attention's 16-pixel patches), or whose
+    stage widths are several lists that must agree (HGNet-V2: ``hidden_sizes`` and
+    ``stage_out_channels``)."""
+    patch = have.get("patch_size")
+    fixed: dict[str, Any] = {k: have[k] for k in ("patch_size", *_WIDTH_LISTS) if k in out}
+    if isinstance(patch, int) and isinstance(have["image_size"], int):
+        fixed["image_size"] = max(64, 4 * patch)
+    return fixed
+
+
+def _settable(config: Any, out: dict[str, Any]) -> dict[str, Any]:
+    """``out`` without what the configuration derives itself (an attribute of the default
+    that is no field): passed in, it would override the value derived from the shrunk sizes
+    (Mistral 4 derives ``head_dim`` from its query widths; set to the generic 8, its rotary
+    halves no longer match)."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(config):
+        return out
+    fields = {f.name for f in dataclasses.fields(config)}
+    return {k: v for k, v in out.items() if k in fields or k not in vars(config)}
+
+
+# (expansion, heads, head width) of state-space layers, which must satisfy
+# ``expansion * hidden_size == heads * head width``
+_SSM_HEADS = (
+    ("expand", "num_heads", "head_dim"),
+    ("mamba_expand", "mamba_n_heads", "mamba_d_head"),
+)
+
+
+def _ssm_heads(have: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    """The state-space heads that fill the shrunk expanded width (Mamba 2, Bamba)."""
+    hidden = out.get("hidden_size")
+    fixed = {}
+    for expand, heads, width in _SSM_HEADS:
+        sizes = (expand, heads, width)
+        if isinstance(hidden, int) and all(isinstance(have.get(k), int) for k in sizes):
+            fixed[heads] = max(1, have[expand] * hidden // out.get(width, have[width]))
+    return fixed
+
+
 def _shallow(config: Any) -> dict[str, Any]:
     """Only the depth, the vocabulary and the special ids: small, and hard to get wrong."""
     have = vars(config)
@@ -224,6 +294,79 @@ def _mixed(types: list[Any], n: int) -> list[Any]:
     return kept + [t for t in kinds if t not in kept]
 
 
+# lists of one entry per layer that say what kind the layer is
+_TYPE_LISTS = ("layer_types", "block_types", "layers_block_type")
+
+
+def _per_layer(have: dict[str, Any], depth: int) -> tuple[list[int] | None, dict[str, Any]]:
+    """The per-layer settings of a ``depth``-layer configuration cut to the layers kept (the
+    first ones and the first of every kind, see ``_kept``), so that they stay one per layer:
+    lists as long as the depth (layer types, Gemma 3n's per-layer widths), dicts and lists of
+    layer indices (Gemma 4's ``per_layer_config``, Bamba's attention layers), run lengths of
+    layer patterns (GPT-Neo's ``[[["global", "local"], 12]]``, one run each) and layer periods
+    (Jamba: attention every 8th layer). Returns the layers kept (``None``: all) and the
+    settings."""
+    runs = {k: v for k, v in have.items() if _is_runs(v)}
+    if runs:
+        patterns = {k: [[kinds, 1] for kinds, _ in v] for k, v in runs.items()}
+        first = next(iter(patterns.values()))
+        return list(range(sum(len(kinds) for kinds, _ in first))), patterns
+    if depth <= _LAYERS:
+        return None, {}
+    kept = _kept(have, depth)
+    out: dict[str, Any] = {}
+    for key, value in have.items():
+        if isinstance(value, list | tuple) and len(value) == depth:
+            out[key] = [value[i] for i in kept]
+        elif _is_indices(key, value, depth) and isinstance(value, dict):
+            out[key] = {kept.index(i): v for i, v in value.items() if i in kept}
+        elif _is_indices(key, value, depth):
+            out[key] = [kept.index(i) for i in value if i in kept]
+        elif key.endswith("_layer_period") and isinstance(value, int) and value > _LAYERS:
+            out[key] = _LAYERS
+            offset = key.replace("_period", "_offset")
+            if isinstance(have.get(offset), int):
+                out[offset] = have[offset] % _LAYERS
+    return kept, out
+
+
+def _kept(have: dict[str, Any], depth: int) -> list[int]:
+    """The layers a shrunk model keeps: the first ``_LAYERS``, and the first layer of every
+    kind a type list names and of every list of layer indices (hybrid models: linear and full
+    attention, mamba), in order."""
+    kept = set(range(_LAYERS))
+    for key in _TYPE_LISTS:
+        types = have.get(key)
+        if isinstance(types, list | tuple) and len(types) == depth:
+            kept |= {types.index(t) for t in types}
+    for key, value in have.items():
+        if _is_indices(key, value, depth) and value:
+            kept.add(min(value))
+    return sorted(kept)
+
+
+def _is_indices(key: str, value: Any, depth: int) -> bool:
+    """Whether ``value`` is a list or dict of layer indices (its name says layers)."""
+    if "layer" not in key or not isinstance(value, list | tuple | dict) or len(value) >= depth:
+        return False
+    return all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < depth for i in value)
+
+
+def _is_runs(value: Any) -> bool:
+    """Whether ``value`` is a run-length list of layer patterns: ``[[kinds, repeats], ...]``."""
+    return (
+        isinstance(value, list | tuple)
+        and bool(value)
+        and all(
+            isinstance(v, list | tuple)
+            and len(v) == 2
+            and isinstance(v[0], list | tuple)
+            and isinstance(v[1], int)
+            for v in value
+        )
+    )
+
+
 def _transformers(arch: Arch, shrink: Callable[[Any], dict[str, Any]]):
     import transformers
 
@@ -241,10 +384,35 @@ def _transformers(arch: Arch, shrink: Callable[[Any], dict[str, Any]]):
     inputs = _inputs(arch, model.config)
     with torch.no_grad():
         out = model(**inputs)  # it must run eager, or the configuration is at fault
-    first = next(t for t in torch.utils._pytree.tree_leaves(out) if torch.is_tensor(t))
-    if first.is_floating_point() and float(first.abs().max()) < 1e-6:
-        raise ValueError(f"the random model's outputs vanish (max {float(first.abs().max()):.2g})")
+        if _largest(out) < 1e-6 and _calibrate_batch_norms(model, _inputs(arch, config, 16)):
+            out = model(**inputs)
+    if _largest(out) < 1e-6:
+        raise ValueError(f"the random model's outputs vanish (max {_largest(out):.2g})")
     return model, inputs
+
+
+def _largest(out: Any) -> float:
+    """The largest magnitude of the model's first output (infinite where it is no float)."""
+    first = next(t for t in torch.utils._pytree.tree_leaves(out) if torch.is_tensor(t))
+    return float(first.abs().max()) if first.is_floating_point() else float("inf")
+
+
+def _calibrate_batch_norms(model: nn.Module, inputs: dict[str, torch.Tensor]) -> bool:
+    """Batch norms that normalise, as training leaves them: running statistics of the
+    activations on ``inputs``, unit scale. A random model's statistics are zero mean and unit
+    variance while its convolutions (initialised with a deviation of 0.02) shrink each
+    activation about 25-fold, and some initialise the scale so too (EfficientNet): after
+    MobileNet's 50 convolutions nothing is left (max 6e-23). Returns whether the model has
+    batch norms."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_parameters()  # unit scale, no shift, statistics reset
+        norm.momentum = None  # a cumulative average: one pass sets the statistics
+        norm.train()
+    model(**inputs)
+    for norm in norms:
+        norm.eval()
+    return bool(norms)
 
 
 def _config_class(arch: Arch, model_cls: Any) -> Any:
@@ -260,12 +428,13 @@ def _config_class(arch: Arch, model_cls: Any) -> Any:
     return own if own in {type(v) for v in vars(config_cls()).values()} else config_cls
 
 
-def _inputs(arch: Arch, config: Any) -> dict[str, torch.Tensor]:
+def _inputs(arch: Arch, config: Any, images: int = 2) -> dict[str, torch.Tensor]:
+    """The inputs: a padded batch of two texts, or ``images`` random images (seed 0)."""
     if arch.mapping == "image-classification":
         size = _image_size(config)
         channels = getattr(config, "num_channels", 3)
         g = torch.Generator().manual_seed(0)
-        return {"pixel_values": torch.randn(2, channels, size, size, generator=g)}
+        return {"pixel_values": torch.randn(images, channels, size, size, generator=g)}
     # generation and models that classify from the last token pad on the left
     left = arch.mapping == "causal-lm" or config.model_type == "xlnet"
     return text_inputs(_vocab(config), left_pad=left)

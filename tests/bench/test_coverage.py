@@ -140,3 +140,74 @@ def test_a_causal_lm_of_a_multimodal_type_builds_from_its_text_configuration():
     arch = next(a for a in list_architectures("causal-lm") if a.name == "qwen3_5")
     model, _ = build(arch)
     assert type(model.config).__name__ == "Qwen3_5TextConfig"
+
+
+@pytest.mark.parametrize(
+    "mapping, name",
+    [
+        ("causal-lm", "gpt_neo"),
+        ("sequence-classification", "t5"),
+        ("sequence-classification", "esm"),
+        ("sequence-classification", "mistral4"),
+        ("causal-lm", "zamba2"),
+        ("causal-lm", "jamba"),
+        ("causal-lm", "mamba2"),
+        ("image-classification", "levit"),
+        ("image-classification", "hgnet_v2"),
+        ("image-classification", "mobilevitv2"),
+    ],
+)
+def test_configurations_the_generic_shrink_breaks_build_consistent(mapping, name):
+    """Per-layer settings follow the shrunk depth (GPT-Neo's run-length ``attention_types``,
+    Zamba 2's ``layers_block_type``, Jamba's attention period), state-space heads fill the
+    expanded width (Mamba 2), unset vocabularies and decoder starts are set (ESM, T5), what
+    a configuration derives is left to it (Mistral 4's ``head_dim``), and vision models keep
+    their patch size and stage widths (LeViT, HGNet-V2, MobileViT-v2): none of these built
+    before, or (Mamba 2) only at the default widths."""
+    from bench.coverage.architectures import build
+
+    arch = next(a for a in list_architectures(mapping) if a.name == name)
+    model, _ = build(arch)
+    assert sum(p.numel() for p in model.parameters()) < 15 * 10**6
+
+
+def test_per_layer_settings_are_cut_to_the_layers_kept():
+    """The first two layers and the first of every kind are kept; lists one per layer, layer
+    indices and dicts keyed by them follow, renumbered."""
+    from bench.coverage.architectures import _per_layer
+
+    have = {
+        "layer_types": ["a", "a", "a", "b", "a", "a", "a", "b"],
+        "widths": [1, 2, 3, 4, 5, 6, 7, 8],
+        "moe_layers": [5, 7],
+        "per_layer_config": {3: "x", 7: "y"},
+        "attn_layer_period": 4,
+        "attn_layer_offset": 3,
+    }
+    kept, out = _per_layer(have, 8)
+    assert kept == [0, 1, 3, 5]
+    assert out == {
+        "layer_types": ["a", "a", "b", "a"],
+        "widths": [1, 2, 4, 6],
+        "moe_layers": [3],
+        "per_layer_config": {2: "x"},
+        "attn_layer_period": 2,
+        "attn_layer_offset": 1,
+    }
+    assert _per_layer({"attention_types": [[["global", "local"], 12]]}, 24) == (
+        [0, 1],
+        {"attention_types": [[["global", "local"], 1]]},
+    )
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet"])
+def test_batch_norms_of_a_random_model_normalise(name):
+    """A random MobileNet's batch norms (unit statistics after 0.02-deviation convolutions,
+    EfficientNet's scales of 0.02 too) let its outputs vanish (max 6e-23); their statistics
+    are set from a batch of images and their scale to one, as training leaves them."""
+    from bench.coverage.architectures import build
+
+    arch = next(a for a in list_architectures("image-classification") if a.name == name)
+    model, inputs = build(arch)
+    with torch.no_grad():
+        assert float(model(**inputs).logits.abs().max()) > 1e-3
