@@ -25,6 +25,8 @@ from typing import Any
 import httpx
 
 from .config import Settings
+from .lifeline import end_with_parent
+from .liveness import HeartbeatProbe
 from .supervisor import Supervisor
 from .vocabulary import Event, JobStatus
 
@@ -42,7 +44,8 @@ def api_command(port: int) -> list[str]:
 
 
 def worker_command(metrics_port: int, *options: str) -> list[str]:
-    """The command of one worker process (a supervised child) with its /metrics port."""
+    """The command of one worker process (a supervised child) with its /metrics port; it
+    ends when this process, its supervisor, dies (``--parent-pid``)."""
     return [
         sys.executable,
         "-m",
@@ -50,6 +53,8 @@ def worker_command(metrics_port: int, *options: str) -> list[str]:
         "worker",
         "--metrics-port",
         str(metrics_port),
+        "--parent-pid",
+        str(os.getpid()),
         *options,
     ]
 
@@ -76,7 +81,7 @@ class Stack:
             worker_command(metrics_port + i if metrics_port else free_port(), *options)
             for i in range(workers)
         ]
-        self.workers = Supervisor(commands, env=env).start().watch()
+        self.workers = Supervisor(commands, env=env, probe=worker_probe(url)).start().watch()
 
     def stop(self) -> None:
         self.workers.stop()
@@ -115,6 +120,8 @@ def cmd_worker(a: argparse.Namespace) -> None:
     if a.processes is not None:
         supervise_workers(a)
         return
+    if a.parent_pid is not None and not end_with_parent(a.parent_pid):
+        sys.exit(f"worker: its supervisor (pid {a.parent_pid}) is gone")
     from .worker import run_worker
 
     settings = _settings(redis_url=os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0")
@@ -135,7 +142,13 @@ def supervise_workers(a: argparse.Namespace) -> None:
     if a.max_jobs is not None:
         options += ["--max-jobs", str(a.max_jobs)]
     commands = [worker_command(port + i if port else 0, *options) for i in range(a.processes)]
-    Supervisor(commands).start().run_until_signal()
+    url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    Supervisor(commands, probe=worker_probe(url)).start().run_until_signal()
+
+
+def worker_probe(redis_url: str) -> HeartbeatProbe:
+    """The supervisor's liveness probe of workers on ``redis_url`` (``service.liveness``)."""
+    return HeartbeatProbe(redis_url, Settings().heartbeat_ttl)
 
 
 def cmd_build_demo(a: argparse.Namespace) -> None:
@@ -304,6 +317,12 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     w.add_argument("--max-jobs", type=int, default=None, help="exit after N jobs (recycling)")
     w.add_argument("--no-warm", action="store_true", help="load models on first use only")
+    w.add_argument(
+        "--parent-pid",
+        type=int,
+        default=None,
+        help="end (after the running job) when this process, the worker's supervisor, dies",
+    )
     w.add_argument(
         "--processes",
         type=int,

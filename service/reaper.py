@@ -8,7 +8,9 @@ short TTL from a thread (``service.worker``): a started job whose worker's key i
 (``StartedJobRegistry.cleanup``) retry it when retries are left, else fail it. Before RQ does,
 it writes what our clients read: a ``retrying`` event, or the failed result with a terminal
 ``error`` event, so that SSE streams end instead of hanging. Jobs that a dead worker had
-claimed for a batch are put back at the front of the queue (``service.batching``).
+claimed for a batch are put back at the front of the queue (``service.batching``). A job
+still running well past its timeout on a live worker is one that the worker cannot stop: it
+is failed with that reason and the worker is marked stuck (``_fail_stuck``).
 
 Workers and API processes all call ``reap`` periodically (the API too, so that jobs are ended
 even when no worker is left); a short Redis lock lets one of them do it at a time. No torch."""
@@ -16,6 +18,7 @@ even when no worker is left); a short Redis lock lets one of them do it at a tim
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -29,15 +32,19 @@ from . import batching, store
 from .vocabulary import Event, JobStatus
 
 LOCK = "bt:reaper"
+# A worker whose job ran past its timeout without the worker stopping it: the reason, by
+# worker name (``_fail_stuck``).
+STUCK = "bt:stuck:{}"
 log = logging.getLogger("service.reaper")
 
 
 def reap(
     r: redis.Redis, queue: str, heartbeat_ttl: int, result_ttl: int, failure_ttl: int
 ) -> list[str]:
-    """Hand the started jobs of dead workers to RQ's abandoned-job handling; returns their
-    ids. A no-op while another process reaps, and while Redis itself has been up for less
-    than a heartbeat TTL (after a restart, live workers may not have written theirs yet)."""
+    """Hand the started jobs of dead workers to RQ's abandoned-job handling, and fail those
+    stuck past their timeout on live ones; returns their ids. A no-op while another
+    process reaps, and while Redis itself has been up for less than a heartbeat TTL (after
+    a restart, live workers may not have written theirs yet)."""
     if not r.set(LOCK, "1", nx=True, px=max(500, heartbeat_ttl * 500)):
         return []
     if int(r.info("server")["uptime_in_seconds"]) < heartbeat_ttl:
@@ -48,24 +55,93 @@ def reap(
     def alive(worker: str) -> bool:
         return bool(r.exists(store.WORKER.format(worker)))
 
+    now, stuck = _redis_now(r), []
     for member in r.zrange(registry.key, 0, -1):
         job_id = _job_id(member)
         if job_id is None:
             r.zrem(registry.key, member)
             continue
-        worker = r.hget(f"rq:job:{job_id}", "worker_name")
-        if not worker or alive(worker.decode(errors="replace")):
+        fields = r.hmget(f"rq:job:{job_id}", "worker_name", "started_at", "timeout", "status")
+        if not fields[0]:
+            continue
+        worker = fields[0].decode(errors="replace")
+        if alive(worker):
+            if (timeout := _overrun(fields, now, overrun_grace(heartbeat_ttl))) is not None:
+                _fail_stuck(r, registry.key, member, worker, timeout, (result_ttl, failure_ttl))
+                stuck.append(job_id)
             continue
         doc = store.get_result(r, job_id)
         if doc is not None:  # it ended; its worker died before telling RQ
             _end_in_rq(r, registry.key, member, doc["status"], result_ttl, failure_ttl)
+            log.warning("job %s ended before its worker %s died: ended it in RQ", job_id, worker)
             continue
         r.zadd(registry.key, {member: 0}, xx=True)
         lost.append(job_id)
     if lost:
         registry.cleanup(timestamp=1, exception_handlers=[_tell_clients(r, result_ttl)])
     tell = _tell_requeued(r, result_ttl)
-    return lost + batching.requeue_lost(r, alive, tell, result_ttl, failure_ttl)
+    return stuck + lost + batching.requeue_lost(r, alive, tell, result_ttl, failure_ttl)
+
+
+def overrun_grace(heartbeat_ttl: int) -> int:
+    """How long past its timeout a job may still be running before its worker counts as
+    stuck: twice the heartbeat TTL, at least 10 s (RQ's own timeout has long fired by then,
+    unless the worker cannot run Python to let it)."""
+    return max(10, 2 * heartbeat_ttl)
+
+
+def _redis_now(r: redis.Redis) -> float:
+    """Redis's clock, the one reference every worker's and API's reaper shares."""
+    seconds, micros = r.time()
+    return seconds + micros / 1e6
+
+
+def _overrun(fields: list[bytes | None], now: float, grace: int) -> int | None:
+    """The job's timeout when it is still ``started`` more than ``grace`` seconds past it
+    (``fields``: RQ's worker_name, started_at, timeout and status), else None."""
+    _, started_at, timeout, status = fields
+    if status != b"started" or not started_at or not timeout:
+        return None
+    try:
+        started = datetime.fromisoformat(started_at.decode().replace("Z", "+00:00"))
+        limit = int(timeout)
+    except ValueError:
+        return None
+    return limit if now - started.timestamp() > limit + grace else None
+
+
+def _fail_stuck(
+    r: redis.Redis, registry: str, member: bytes, worker: str, timeout: int, ttls: tuple[int, int]
+) -> None:
+    """End a job that ran past its timeout on a worker that is still alive, failed with the
+    reason, and mark the worker stuck (``STUCK``). RQ's timeout is a signal that Python
+    handles between bytecodes, so a job stuck in native code, or in a call that never
+    returns, was never stopped: it stayed ``started`` for good, its stream open, its worker
+    taking no job yet counted ready, and RQ's abandoned-job handling, once it came,
+    retried it on the next worker, which it hung too. /readyz leaves a stuck worker out,
+    and a supervisor kills it (``service.liveness``) to start another."""
+    job_id, _ = parse_composite_key(member.decode())
+    message = (
+        f"the job ran past its timeout of {timeout} s, and its worker {worker} could not stop "
+        "it: the worker is stuck (in native code, or a call that does not return) and is "
+        "taken out of service"
+    )
+    error = {"type": "JobTimeout", "message": message}
+    meta = _meta(r, job_id)
+    doc = {"status": JobStatus.FAILED, **meta, "error": error}
+    store.finish(r, job_id, store.Ending(Event.ERROR, error, doc), ttls[0])
+    _end_in_rq(r, registry, member, JobStatus.FAILED, *ttls)
+    r.set(STUCK.format(worker), message, ex=ttls[1])
+    log.error("job %s: %s", job_id, message)
+
+
+def _meta(r: redis.Redis, job_id: str) -> dict[str, Any]:
+    """The model and task the API recorded in the job's RQ meta (empty if unreadable)."""
+    try:
+        meta = Job.fetch(job_id, connection=r, serializer=JSONSerializer).meta or {}
+    except Exception:  # noqa: BLE001 - its hash is gone or not RQ's: the error says enough
+        return {}
+    return {"model": meta.get("model"), "task": meta.get("task")}
 
 
 def _job_id(member: bytes) -> str | None:
@@ -101,7 +177,6 @@ def _end_in_rq(
     execution = Execution(execution_id, job_id, r, worker_name=job.worker_name or "")
     execution.delete(job, pipe)
     pipe.execute()
-    log.warning("job %s ended before its worker %s died: ended it in RQ", job_id, job.worker_name)
 
 
 def _tell_requeued(r: redis.Redis, result_ttl: int) -> Any:

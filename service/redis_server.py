@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import shutil
 import socket
 import subprocess
@@ -9,6 +11,8 @@ import tempfile
 import time
 
 import redis
+
+from .lifeline import ending_with
 
 
 def free_port() -> int:
@@ -48,6 +52,8 @@ class PrivateRedis:
             # its own process group: a terminal's Ctrl-C reaches the service, which stops its
             # workers first and this server last (stop()), so workers never lose Redis mid-job
             process_group=0,
+            # and it ends with the service, also one killed without a chance to stop it
+            preexec_fn=functools.partial(ending_with, os.getpid()),
         )
         self.url = f"redis://127.0.0.1:{self.port}/0"
         deadline = time.time() + 10

@@ -381,13 +381,15 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     """Ready when Redis answers and a worker that takes jobs has a live heartbeat;
-    ``workers`` (those) and ``warming`` (live, still warming their models) when Redis
-    answered, ``error`` when it did not."""
+    ``workers`` (those), ``warming`` (live, still warming their models) and ``stuck`` (live,
+    but stuck in a job past its timeout: ``service.reaper``) when Redis answered,
+    ``error`` when it did not."""
 
     ready: bool
     redis: bool
     workers: int | None = None
     warming: int | None = None
+    stuck: int | None = None
     error: str | None = None
 
 

@@ -10,8 +10,10 @@ recycling) and is replaced at once. The job a dead worker held is the reaper's b
 
 Children run in their own process group, so a terminal's Ctrl-C reaches only the supervisor,
 which stops each child once: SIGTERM (RQ's warm shutdown lets a running job finish), then
-SIGKILL for what is still alive after the grace period. On Kubernetes there is no supervisor:
-one worker per container, restarted by the kubelet. No torch."""
+SIGKILL for what is still alive after the grace period. A liveness ``probe`` names children
+that live but do not work (``service.liveness``: a stopped heartbeat, a worker stuck in a job
+past its timeout): they are killed, then replaced. On Kubernetes there is no supervisor: one
+worker per container, restarted by the kubelet. No torch."""
 
 from __future__ import annotations
 
@@ -20,11 +22,15 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO
 
 log = logging.getLogger("service.supervisor")
+
+
+# A liveness probe: given the pids of the live children, those to kill, each with why.
+Probe = Callable[[list[int]], dict[int, str]]
 
 
 @dataclass(frozen=True)
@@ -68,9 +74,12 @@ class Supervisor:
         name: str = "worker",
         backoff: Backoff = Backoff(),
         output: IO | None = None,
+        probe: Probe | None = None,
+        probe_every: float = 2.0,
     ):
         self.children = [Child(list(c), backoff.first) for c in commands]
         self.env, self.name, self.backoff, self.output = env, name, backoff, output
+        self.probe, self.probe_every, self._probed = probe, probe_every, 0.0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -88,7 +97,13 @@ class Supervisor:
 
     def check(self) -> None:
         """One round: wait for the children that exited (no zombies), log how they ended,
-        and restart those whose backoff has passed."""
+        and restart those whose backoff has passed; then, every ``probe_every`` seconds,
+        kill the live children that the liveness probe names (the next round restarts
+        them as any other death)."""
+        self._restart()
+        self._probe()
+
+    def _restart(self) -> None:
         with self._lock:
             now = time.monotonic()
             for child in self.children:
@@ -98,6 +113,24 @@ class Supervisor:
                     self._schedule(child, now)
                 if child.restart_at is not None and now >= child.restart_at:
                     self._spawn(child)
+
+    def _probe(self) -> None:
+        """Ask the probe about the live children, outside the lock (it may wait on I/O);
+        a probe that fails kills nothing."""
+        now = time.monotonic()
+        if self.probe is None or now - self._probed < self.probe_every:
+            return
+        self._probed = now
+        live = {c.proc.pid: c.proc for c in self.children if c.proc and c.proc.poll() is None}
+        try:
+            verdicts = self.probe(list(live))
+        except Exception:  # noqa: BLE001 - supervision goes on without the probe's verdict
+            log.warning("liveness probe failed", exc_info=True)
+            return
+        for pid, reason in verdicts.items():
+            if pid in live and not self._stopping.is_set():
+                log.error("%s %d %s: killing it", self.name, pid, reason)
+                live[pid].kill()
 
     def watch(self, interval: float = 0.5) -> Supervisor:
         """``check`` every ``interval`` seconds in a daemon thread until ``stop`` (beside

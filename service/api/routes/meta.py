@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ... import __version__, store
+from ...reaper import STUCK
 from ...schemas import Health, ModelInfo, ModelList, Readiness
 from ..deps import MetricsDep, RedisDep, RegistryDep, authorize
 from ..errors import UNAUTHORIZED, UNAVAILABLE
@@ -58,17 +59,28 @@ def healthz() -> Health:
 )
 def readyz(r: RedisDep, response: Response) -> Readiness:
     """Ready when Redis answers and at least one worker takes jobs (its heartbeat is live
-    and says ``ready``; a worker still warming its models is counted apart)."""
+    and says ``ready``); a worker still warming its models, and one stuck in a job past
+    its timeout (its heartbeat thread beats on), are counted apart."""
     try:
         r.ping()
         workers = store.live_workers(r)
+        stuck = stuck_workers(r, workers)
     except redis.RedisError as exc:
         response.status_code = 503
         return Readiness(ready=False, redis=False, error=str(exc))
-    ready = sum(map(store.is_ready, workers))
+    warming = sum(not store.is_ready(w) for w in workers)
+    ready = len(workers) - warming - len(stuck)
     if not ready:
         response.status_code = 503
-    return Readiness(ready=ready > 0, redis=True, workers=ready, warming=len(workers) - ready)
+    extra = {"stuck": len(stuck)} if stuck else {}  # the field only when there are some
+    return Readiness(ready=ready > 0, redis=True, workers=ready, warming=warming, **extra)
+
+
+def stuck_workers(r: redis.Redis, workers: list[dict]) -> set[str]:
+    """The names of these ready workers that the reaper marked stuck."""
+    names = [str(w.get("name")) for w in workers if store.is_ready(w)]
+    marks = r.mget([STUCK.format(n) for n in names]) if names else []
+    return {n for n, m in zip(names, marks, strict=True) if m}
 
 
 @router.get(
