@@ -325,7 +325,9 @@ class Sweeper:
         exactly; on any other output the seed is its change (``_contrast_change``)."""
         head = self.seed_head()
         out = p.env[self.seed_node]
-        if head.target is not aten.linear.default:
+        if head.target is not aten.linear.default or not self._arg_is_data(head, "input"):
+            # any other output, or a linear head over no data (a softmax's weights, which the
+            # rules hold constant): its own rule runs on the dense seed, and sinks what it must
             dtype = torch.promote_types(out.dtype, torch.float32)
             if p.mode == "contrast":
                 seed = self._contrast_change(p, per_unit)

@@ -182,3 +182,15 @@ def test_a_classifier_ending_in_log_softmax(mode):
     assert res["task"] == "tabular-classification"
     with torch.no_grad():
         torch.testing.assert_close(torch.as_tensor(res["predictions"]), model(ROWS))
+
+
+@pytest.mark.parametrize("mode", ["default", "contrast", "reference"])
+def test_a_linear_head_over_softmax_weights_sinks_its_seed(mode):
+    """The rules hold a softmax's output constant (attention and routing weights), so a linear
+    head reading one directly has no data input: its seed is a sink, reported as such. The
+    seed was put on the softmax anyway, and the sweep failed with KeyError: softmax."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Softmin(-1), nn.Linear(16, 3)).eval()
+    res = DLBacktrace(model, (ROWS,)).run_task(inputs=(ROWS,), mode=mode)
+    assert_conserved(res)
+    assert (res["conservation"]["inputs"] == 0).all()
