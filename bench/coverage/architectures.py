@@ -205,12 +205,14 @@ def _ungrouped(config: Any) -> dict[str, Any]:
 def _consistent(config: Any) -> dict[str, Any]:
     """``_ungrouped`` kept consistent where the generic shrink breaks a configuration's
     checks: per-layer settings cut to the layers kept (``_per_layer``), state-space heads that
-    fill the expanded width, a vocabulary and a decoder start the default leaves unset (ESM,
-    T5), and nothing the configuration derives itself (``_settable``)."""
+    fill the expanded width, the sizes, vocabulary and decoder start the default leaves unset
+    (Dots1's experts, ESM, T5), and nothing the configuration derives itself
+    (``_settable``)."""
     have = vars(config)
     out = _ungrouped(config)
+    out.update({k: v for k, v in _SCALARS.items() if k in have and have[k] is None})
     if "vocab_size" in have and have["vocab_size"] is None:
-        out.update(vocab_size=VOCAB, **_SPECIAL)
+        out.update(_SPECIAL)
     if have.get("is_encoder_decoder") and have.get("decoder_start_token_id") is None:
         out["decoder_start_token_id"] = PAD  # T5's default leaves it unset; checkpoints don't
     depth = next((k for k in ("num_hidden_layers", "num_layers", "n_layer") if k in out), None)

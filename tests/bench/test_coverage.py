@@ -152,6 +152,7 @@ def test_a_causal_lm_of_a_multimodal_type_builds_from_its_text_configuration():
         ("causal-lm", "zamba2"),
         ("causal-lm", "jamba"),
         ("causal-lm", "mamba2"),
+        ("causal-lm", "dots1"),
         ("image-classification", "levit"),
         ("image-classification", "hgnet_v2"),
         ("image-classification", "mobilevitv2"),
@@ -160,7 +161,8 @@ def test_a_causal_lm_of_a_multimodal_type_builds_from_its_text_configuration():
 def test_configurations_the_generic_shrink_breaks_build_consistent(mapping, name):
     """Per-layer settings follow the shrunk depth (GPT-Neo's run-length ``attention_types``,
     Zamba 2's ``layers_block_type``, Jamba's attention period), state-space heads fill the
-    expanded width (Mamba 2), unset vocabularies and decoder starts are set (ESM, T5), what
+    expanded width (Mamba 2), unset sizes, vocabularies and decoder starts are set (Dots1's
+    experts, ESM, T5), what
     a configuration derives is left to it (Mistral 4's ``head_dim``), and vision models keep
     their patch size and stage widths (LeViT, HGNet-V2, MobileViT-v2): none of these built
     before, or (Mamba 2) only at the default widths."""
