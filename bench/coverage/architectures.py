@@ -211,6 +211,7 @@ def _consistent(config: Any) -> dict[str, Any]:
     have = vars(config)
     out = _ungrouped(config)
     out.update({k: v for k, v in _SCALARS.items() if k in have and have[k] is None})
+    out.update({k: v for k, v in _PER_LAYER_INPUTS.items() if (have.get(k) or 0) > 0})
     if "vocab_size" in have and have["vocab_size"] is None:
         out.update(_SPECIAL)
     if have.get("is_encoder_decoder") and have.get("decoder_start_token_id") is None:
@@ -239,6 +240,10 @@ def _coarse(have: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
     if isinstance(patch, int) and isinstance(have["image_size"], int):
         fixed["image_size"] = max(64, 4 * patch)
     return fixed
+
+
+# Gemma 3n's per-layer input embeddings: a second vocabulary of 262144 by 256 per layer
+_PER_LAYER_INPUTS = {"vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8}
 
 
 def _settable(config: Any, out: dict[str, Any]) -> dict[str, Any]:
@@ -304,7 +309,8 @@ def _per_layer(have: dict[str, Any], depth: int) -> tuple[list[int] | None, dict
     """The per-layer settings of a ``depth``-layer configuration cut to the layers kept (the
     first ones and the first of every kind, see ``_kept``), so that they stay one per layer:
     lists as long as the depth (layer types, Gemma 3n's per-layer widths), dicts and lists of
-    layer indices (Gemma 4's ``per_layer_config``, Bamba's attention layers), run lengths of
+    layer indices (Gemma 4's ``per_layer_config``, Bamba's attention layers), counts of layers
+    in proportion (Gemma 3n's layers sharing key-value caches), run lengths of
     layer patterns (GPT-Neo's ``[[["global", "local"], 12]]``, one run each) and layer periods
     (Jamba: attention every 8th layer). Returns the layers kept (``None``: all) and the
     settings."""
@@ -324,6 +330,8 @@ def _per_layer(have: dict[str, Any], depth: int) -> tuple[list[int] | None, dict
             out[key] = {kept.index(i): v for i, v in value.items() if i in kept}
         elif _is_indices(key, value, depth):
             out[key] = [kept.index(i) for i in value if i in kept]
+        elif _is_count(key, value, depth):
+            out[key] = value * len(kept) // depth
         elif key.endswith("_layer_period") and isinstance(value, int) and value > _LAYERS:
             out[key] = _LAYERS
             offset = key.replace("_period", "_offset")
@@ -333,14 +341,16 @@ def _per_layer(have: dict[str, Any], depth: int) -> tuple[list[int] | None, dict
 
 
 def _kept(have: dict[str, Any], depth: int) -> list[int]:
-    """The layers a shrunk model keeps: the first ``_LAYERS``, and the first layer of every
-    kind a type list names and of every list of layer indices (hybrid models: linear and full
-    attention, mamba), in order."""
+    """The layers a shrunk model keeps: the first ``_LAYERS``, the first and the last layer of
+    every kind a type list names (hybrid models: linear and full attention, mamba; Zamba ties
+    the weights of its hybrid layers, so it needs two; Gemma 3n's last layers share caches)
+    and the first of every list of layer indices, in order."""
     kept = set(range(_LAYERS))
     for key in _TYPE_LISTS:
         types = have.get(key)
         if isinstance(types, list | tuple) and len(types) == depth:
             kept |= {types.index(t) for t in types}
+            kept |= {len(types) - 1 - types[::-1].index(t) for t in types}
     for key, value in have.items():
         if _is_indices(key, value, depth) and value:
             kept.add(min(value))
@@ -352,6 +362,12 @@ def _is_indices(key: str, value: Any, depth: int) -> bool:
     if "layer" not in key or not isinstance(value, list | tuple | dict) or len(value) >= depth:
         return False
     return all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < depth for i in value)
+
+
+def _is_count(key: str, value: Any, depth: int) -> bool:
+    """Whether ``value`` counts some of the layers (Gemma 3n's ``num_kv_shared_layers``)."""
+    named = key.startswith("num_") and key.endswith("_layers") and key not in _LAYER_NAMES
+    return named and isinstance(value, int) and 0 < value < depth
 
 
 def _is_runs(value: Any) -> bool:

@@ -149,7 +149,9 @@ def test_a_causal_lm_of_a_multimodal_type_builds_from_its_text_configuration():
         ("sequence-classification", "t5"),
         ("sequence-classification", "esm"),
         ("sequence-classification", "mistral4"),
+        ("causal-lm", "zamba"),
         ("causal-lm", "zamba2"),
+        ("causal-lm", "gemma3n_text"),
         ("causal-lm", "jamba"),
         ("causal-lm", "mamba2"),
         ("causal-lm", "dots1"),
@@ -174,8 +176,9 @@ def test_configurations_the_generic_shrink_breaks_build_consistent(mapping, name
 
 
 def test_per_layer_settings_are_cut_to_the_layers_kept():
-    """The first two layers and the first of every kind are kept; lists one per layer, layer
-    indices and dicts keyed by them follow, renumbered."""
+    """The first two layers, the first and last of every kind, the first of every index
+    list are kept; lists one per layer, layer indices and dicts keyed by them follow,
+    renumbered, and counts of layers in proportion."""
     from bench.coverage.architectures import _per_layer
 
     have = {
@@ -185,16 +188,18 @@ def test_per_layer_settings_are_cut_to_the_layers_kept():
         "per_layer_config": {3: "x", 7: "y"},
         "attn_layer_period": 4,
         "attn_layer_offset": 3,
+        "num_kv_shared_layers": 4,
     }
     kept, out = _per_layer(have, 8)
-    assert kept == [0, 1, 3, 5]
+    assert kept == [0, 1, 3, 5, 6, 7]
     assert out == {
-        "layer_types": ["a", "a", "b", "a"],
-        "widths": [1, 2, 4, 6],
-        "moe_layers": [3],
-        "per_layer_config": {2: "x"},
+        "layer_types": ["a", "a", "b", "a", "a", "b"],
+        "widths": [1, 2, 4, 6, 7, 8],
+        "moe_layers": [3, 5],
+        "per_layer_config": {2: "x", 5: "y"},
         "attn_layer_period": 2,
         "attn_layer_offset": 1,
+        "num_kv_shared_layers": 3,
     }
     assert _per_layer({"attention_types": [[["global", "local"], 12]]}, 24) == (
         [0, 1],
