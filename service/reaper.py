@@ -10,7 +10,8 @@ it writes what our clients read: a ``retrying`` event, or the failed result with
 ``error`` event, so that SSE streams end instead of hanging. Jobs that a dead worker had
 claimed for a batch are put back at the front of the queue (``service.batching``). A job
 still running well past its timeout on a live worker is one that the worker cannot stop: it
-is failed with that reason and the worker is marked stuck (``_fail_stuck``).
+is failed with that reason and the worker is marked stuck (``_fail_stuck``). A job a worker
+took from the queue but never started goes back to it (``_requeue_untaken``).
 
 Workers and API processes all call ``reap`` periodically (the API too, so that jobs are ended
 even when no worker is left); a short Redis lock lets one of them do it at a time. No torch."""
@@ -23,6 +24,7 @@ from typing import Any
 
 import redis
 from rq.executions import Execution
+from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -35,6 +37,8 @@ LOCK = "bt:reaper"
 # A worker whose job ran past its timeout without the worker stopping it: the reason, by
 # worker name (``_fail_stuck``).
 STUCK = "bt:stuck:{}"
+# When the reaper first saw a job in its queue's intermediate list (``_requeue_untaken``).
+UNTAKEN = "bt:untaken:{}"
 log = logging.getLogger("service.reaper")
 
 
@@ -80,7 +84,40 @@ def reap(
     if lost:
         registry.cleanup(timestamp=1, exception_handlers=[_tell_clients(r, result_ttl)])
     tell = _tell_requeued(r, result_ttl)
-    return stuck + lost + batching.requeue_lost(r, alive, tell, result_ttl, failure_ttl)
+    untaken = _requeue_untaken(r, queue, now, heartbeat_ttl, result_ttl)
+    return stuck + lost + untaken + batching.requeue_lost(r, alive, tell, result_ttl, failure_ttl)
+
+
+def _requeue_untaken(
+    r: redis.Redis, queue: str, now: float, heartbeat_ttl: int, result_ttl: int
+) -> list[str]:
+    """Put back at the front of the queue the jobs that a worker took (RQ moves each from
+    the queue to its intermediate list) but never started: the worker died in between, as
+    one does when Redis refuses its next write (out of memory) and RQ's loop raises. Such a
+    job said ``queued`` while in no queue, until RQ's own cleanup, run by a worker's
+    maintenance at most once a minute and only on a job's second sighting there, failed or
+    retried it minutes later. A job counts as untaken once it has been seen there, still
+    queued, for a heartbeat TTL (a live worker starts its job within milliseconds)."""
+    intermediate = IntermediateQueue.get_intermediate_queue_key(f"rq:queue:{queue}")
+    back = []
+    for raw in r.lrange(intermediate, 0, -1):
+        job_id = raw.decode(errors="replace")
+        if r.hget(f"rq:job:{job_id}", "status") != b"queued":
+            r.delete(UNTAKEN.format(job_id))
+            continue
+        r.set(UNTAKEN.format(job_id), now, nx=True, ex=max(60, 4 * heartbeat_ttl))
+        if now - float(r.get(UNTAKEN.format(job_id)) or now) < heartbeat_ttl:
+            continue
+        reason = "a worker took the job from the queue and stopped before starting it"
+        store.add_event(r, job_id, Event.RETRYING, {"reason": reason, "requeued": True}, result_ttl)
+        pipe = r.pipeline()
+        pipe.lrem(intermediate, 1, job_id)
+        pipe.lpush(f"rq:queue:{queue}", job_id)
+        pipe.delete(UNTAKEN.format(job_id))
+        pipe.execute()
+        log.warning("job %s: %s; put back at the front of the queue", job_id, reason)
+        back.append(job_id)
+    return back
 
 
 def overrun_grace(heartbeat_ttl: int) -> int:
