@@ -40,13 +40,14 @@ def invalid(loc: list[str | int], msg: str) -> HTTPException:
 
 
 async def redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:
-    """Redis down or restarting is a temporary condition of this service, not a bug."""
+    """Redis down, restarting or full is a temporary condition of this service, not a bug:
+    503 with Retry-After, saying which."""
     log.warning("503 for %s %s: %s", request.method, request.url.path, exc)
-    return JSONResponse(
-        {"detail": f"queue unavailable, retry later ({type(exc).__name__})"},
-        503,
-        headers=RETRY_AFTER,
-    )
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):  # noeviction refuses writes
+        detail = "queue full: Redis is out of memory (its maxmemory), retry later"
+    else:
+        detail = f"queue unavailable, retry later ({type(exc).__name__})"
+    return JSONResponse({"detail": detail}, 503, headers=RETRY_AFTER)
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
