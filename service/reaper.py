@@ -19,6 +19,7 @@ even when no worker is left); a short Redis lock lets one of them do it at a tim
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime
 from typing import Any
 
@@ -49,6 +50,8 @@ def reap(
     stuck past their timeout on live ones; returns their ids. A no-op while another
     process reaps, and while Redis itself has been up for less than a heartbeat TTL (after
     a restart, live workers may not have written theirs yet)."""
+    if _resumed_lately(heartbeat_ttl):
+        return []
     if not r.set(LOCK, "1", nx=True, px=max(500, heartbeat_ttl * 500)):
         return []
     if int(r.info("server")["uptime_in_seconds"]) < heartbeat_ttl:
@@ -118,6 +121,27 @@ def _requeue_untaken(
         log.warning("job %s: %s; put back at the front of the queue", job_id, reason)
         back.append(job_id)
     return back
+
+
+class _Passes:
+    """When this process last called ``reap``, and when it came back from a pause."""
+
+    last: float | None = None
+    resumed: float = float("-inf")
+
+
+def _resumed_lately(heartbeat_ttl: int) -> bool:
+    """Whether this process was paused (no pass for over a heartbeat TTL: the machine
+    stalled, the process was stopped) less than a heartbeat TTL ago. The heartbeats of
+    workers paused with it have expired meanwhile; they beat again within a third of a TTL
+    of coming back, so until a whole TTL has passed their absence is no evidence. Before,
+    the first pass after a stall of the machine handed the jobs of live workers on: each
+    then ran twice, both runs writing to one stream."""
+    now = time.monotonic()
+    if _Passes.last is not None and now - _Passes.last > heartbeat_ttl:
+        _Passes.resumed = now
+    _Passes.last = now
+    return now - _Passes.resumed < heartbeat_ttl
 
 
 def overrun_grace(heartbeat_ttl: int) -> int:

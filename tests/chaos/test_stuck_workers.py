@@ -145,3 +145,28 @@ def test_readyz_does_not_count_a_stuck_worker(stuck_cluster: Cluster) -> None:
         assert resp.json() == expected
     finally:
         r.delete(store.WORKER.format(name), STUCK.format(name))
+
+
+def test_a_stall_of_the_whole_machine_hands_no_job_on(
+    stuck_cluster: Cluster, supervised: subprocess.Popen
+) -> None:
+    """API, supervisor and worker paused together for over two heartbeat TTLs (a stalled
+    machine), the worker resuming last: its heartbeat expired meanwhile, but it is alive.
+    Neither the API's reaper nor the supervisor's probe may take that for a death: the job
+    runs once, on its worker, which is not killed."""
+    url = stuck_cluster.url
+    job_id = submit(url, job(50.0))  # sleeps in Python for SLOW_S
+    sse = Listener(url, job_id)
+    worker = sse.wait_for("started", timeout=60)["worker"]
+    pid = int(worker.split(".")[-2])
+    first = [stuck_cluster.apis[-1].pid, supervised.pid]
+    for p in [*first, pid]:
+        os.kill(p, signal.SIGSTOP)
+    time.sleep(2 * TTL + 2)
+    for p in first:
+        os.kill(p, signal.SIGCONT)
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGCONT)
+    assert sse.join(timeout=120)[-1] == "done", sse.names()
+    assert sse.names().count("started") == 1 and "retrying" not in sse.names()
+    assert not gone(pid)
