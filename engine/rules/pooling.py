@@ -138,6 +138,24 @@ class Interpolation(Family):
         return {ctx.first: r_in}, sink
 
 
+class Fold(Family):
+    """``col2im`` (``nn.Fold``: MobileViT-v2 folds its patches back into an image): each output
+    element is the sum of the patch entries that land on it, a map linear in x with weights
+    of one, so the |z| rule over the op itself shares an element's relevance over its
+    entries in proportion to |entry| and conserves it (non-overlapping patches: each entry
+    gets its element's). Mode "reference": the difference rule over the op."""
+
+    ops = (aten.col2im.default,)
+
+    def default(self, ctx: Ctx) -> Propagation:
+        r_in, sink = proportional(ctx.R, ctx.x, _op_on(ctx))
+        return {ctx.first: r_in}, sink
+
+    def reference(self, ctx: Ctx) -> Propagation:
+        r_in, sink = difference(ctx, ctx.diff(ctx.first), _op_on(ctx))
+        return {ctx.first: r_in}, sink
+
+
 def _op_on(ctx: Ctx) -> Callable[[Tensor], Tensor]:
     """The node's op, with its arguments, applied to another first argument."""
     return lambda u: ctx.node.target(**{**ctx.args, ctx.first: u})

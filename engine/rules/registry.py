@@ -25,7 +25,7 @@ from .elementwise import (
     Where,
 )
 from .normalisation import BatchNorm, GroupNorm, LayerNorm, RMSNorm
-from .pooling import Interpolation, MaxPool, PositiveMap, Share
+from .pooling import Fold, Interpolation, MaxPool, PositiveMap, Share
 from .recurrent import LSTM
 from .shape import (
     Adjoint,
@@ -65,6 +65,7 @@ FAMILIES: tuple[Family, ...] = (
     MaxPool(),
     PositiveMap(),
     Interpolation(),
+    Fold(),
     Share(),
     Reshape(),
     Permute(),

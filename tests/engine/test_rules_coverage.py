@@ -148,6 +148,8 @@ BODIES: dict[str, tuple[Callable, int]] = {
     "index_add": (lambda x: x.index_add(1, torch.tensor([0, 0, 3]), x[:, :3]), D),
     "index_put": (_index_put, D),
     "im2col": (lambda x: F.unfold(_grid(x), (2, 2)), 4 * 3),
+    # MobileViT-v2 folds its patches back into an image (nn.Fold); overlapping ones add up
+    "col2im": (lambda x: F.fold(x.reshape(-1, 4, 2), (2, 3), (2, 2)), 6),
     "logsumexp": (lambda x: x.reshape(-1, 2, 4).logsumexp(-1), 2),
     "topk": (lambda x: x.topk(3, dim=-1).values, 3),
     "amax": (lambda x: x.reshape(-1, 2, 4).amax(-1), 2),
