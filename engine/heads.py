@@ -53,22 +53,7 @@ def classification(
     a single logit decided "negative" is seeded with the opposite sign: the evidence for
     "negative" is the evidence against the logit."""
     batch = logits.shape[0]
-    rows = torch.arange(batch, device=logits.device)
-    where: tuple[Tensor, ...] = (rows,)
-    if logits.dim() == 3 and task == TaskName.TEXT_CLASSIFICATION:
-        pos = _positions(position, mask, logits) if position is not None else _last(mask, logits)
-        where = (rows, pos)
-    elif position is not None and logits.dim() == 2:
-        raise ValueError(
-            f"position= picks a token of [B, T, C] logits; this model returns "
-            f"{tuple(logits.shape)}, one prediction per sample: leave position out"
-        )
-    elif logits.dim() > 2 or position is not None:
-        raise ValueError(
-            f"{task} explains [B, C] logits (text: [B, T, C] at one position); this model "
-            f"returns {tuple(logits.shape)}: use task='token-classification' for one label per "
-            "token, or a model that pools its output"
-        )
+    where = _decision_at(logits, mask, position, task)
     scaled = logits.float() / params.temperature
     decided = scaled[where]
     single = decided.dim() == 1 or decided.shape[-1] == 1
@@ -76,7 +61,8 @@ def classification(
         labels = (torch.sigmoid(decided.reshape(batch)) >= params.thresholding).long()
     else:
         labels = decided.argmax(-1)
-    explained = labels if params.target is None else _targets(params.target, labels.shape, rows)
+    classes = 2 if single else decided.shape[-1]  # a single logit decides 0 or 1
+    explained = labels if params.target is None else _targets(params.target, labels, classes)
     sign = torch.ones(batch, device=logits.device)
     if single and params.mode in ("contrast", "reference"):
         sign = torch.where(explained == 1, 1.0, -1.0)
@@ -86,6 +72,34 @@ def classification(
     seed = Seed(torch.stack(index, -1)[None], (sign * params.multiplier)[None])
     extra = {"position": where[1].cpu().numpy()} if len(where) > 1 else {}
     return Decision(decided, labels, explained, seed, extra)
+
+
+def _decision_at(logits: Tensor, mask: Tensor | None, position: Position, task: str) -> tuple:
+    """Where each sample's decision sits in ``logits``: its row of [B, C] logits, or, for text
+    logits that keep a token axis, its row at ``position`` or its last real token. Logits of
+    any other rank are refused, naming what would explain them."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    if logits.dim() == 3 and task == TaskName.TEXT_CLASSIFICATION:
+        pos = _positions(position, mask, logits) if position is not None else _last(mask, logits)
+        return rows, pos
+    if position is not None and logits.dim() <= 2:
+        raise ValueError(
+            f"position= picks a token of [B, T, C] logits; this model returns "
+            f"{tuple(logits.shape)}, one prediction per sample: leave position out"
+        )
+    if logits.dim() > 2:
+        hint = (  # [B, T, C]: a label per position; [B, C, H, W]: a map per class
+            "use task='token-classification' for one label per token, or a model that pools "
+            "its output"
+            if logits.dim() == 3
+            else "use a model that pools its output to [B, C] (a map per class, as a "
+            "segmentation model returns, is no single decision)"
+        )
+        raise ValueError(
+            f"{task} explains [B, C] logits (text: [B, T, C] at one position); this model "
+            f"returns {tuple(logits.shape)}: {hint}"
+        )
+    return (rows,)
 
 
 def token_classification(
@@ -102,7 +116,8 @@ def token_classification(
     rows = torch.arange(batch, device=logits.device)
     scaled = logits.float() / params.temperature
     labels = scaled.argmax(-1)  # [B, T]
-    explained = labels if params.target is None else _targets(params.target, labels.shape, rows)
+    classes = logits.shape[-1]
+    explained = labels if params.target is None else _targets(params.target, labels, classes)
     if position is not None:
         pos = _positions(position, mask, logits)
         index = torch.stack([rows, pos, explained[rows, pos]], -1)[None]
@@ -208,12 +223,18 @@ def _positions(position: Position, mask: Tensor | None, logits: Tensor) -> Tenso
     return pos
 
 
-def _targets(target: Any, shape: torch.Size, rows: Tensor) -> Tensor:
-    """``target`` as labels of ``shape``: one for all, or one per sample."""
-    t = torch.as_tensor(target, device=rows.device).long()
+def _targets(target: Any, labels: Tensor, classes: int) -> Tensor:
+    """``target`` as labels shaped like the decided ``labels``: one for all, or one per
+    sample, each a class index in [0, classes) (an index past the logits would fail deep in
+    the seed, or a negative one pick a class from the end)."""
+    t = torch.as_tensor(target, device=labels.device).long()
+    if ((t < 0) | (t >= classes)).any():
+        raise ValueError(f"target must be a class index in [0, {classes}): {t.tolist()}")
     if t.numel() == 1:
-        return t.reshape(()).expand(shape)
+        return t.reshape(()).expand(labels.shape)
     t = t.reshape(-1)
-    if t.numel() != shape[0]:
-        raise ValueError(f"target must be one label or one per sample ({shape[0]}): {t.numel()}")
-    return t.reshape(-1, *([1] * (len(shape) - 1))).expand(shape)
+    if t.numel() != labels.shape[0]:
+        raise ValueError(
+            f"target must be one label or one per sample ({labels.shape[0]}): {t.numel()}"
+        )
+    return t.reshape(-1, *([1] * (labels.dim() - 1))).expand(labels.shape)

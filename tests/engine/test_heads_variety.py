@@ -194,3 +194,37 @@ def test_a_linear_head_over_softmax_weights_sinks_its_seed(mode):
     res = DLBacktrace(model, (ROWS,)).run_task(inputs=(ROWS,), mode=mode)
     assert_conserved(res)
     assert (res["conservation"]["inputs"] == 0).all()
+
+
+# ------------------------------------------------------------ clear refusals
+
+
+@pytest.mark.parametrize(
+    ("logits", "target", "message"),
+    [(3, 7, r"\[0, 3\): 7"), (3, -1, r"\[0, 3\): -1"), (1, 2, r"\[0, 2\): 2"),
+     (3, [0, 5, 1, 1], r"\[0, 3\): \[0, 5, 1, 1\]")],
+)  # fmt: skip
+def test_a_target_past_the_classes_is_a_clear_error(logits, target, message):
+    """A target outside the classes failed with IndexError deep in the seed (7 of 3), and -1
+    silently explained the last class; a single logit's target is its decision, 0 or 1."""
+    torch.manual_seed(0)
+    dlb = DLBacktrace(nn.Linear(6, logits), (ROWS,))
+    with pytest.raises(ValueError, match=message):
+        dlb.run_task(inputs=(ROWS,), target=target)
+
+
+def test_a_token_target_past_the_labels_is_a_clear_error():
+    dlb = DLBacktrace(
+        nn.Sequential(nn.Embedding(40, 8), nn.Linear(8, 3)), (padded(2)["input_ids"],)
+    )
+    with pytest.raises(ValueError, match=r"target must be a class index in \[0, 3\): 5"):
+        dlb.run_task(task="token-classification", inputs=(padded(2)["input_ids"],), target=5)
+
+
+def test_a_map_per_class_is_refused_as_image_classification():
+    """A segmentation-like [B, C, H, W] output: no token-classification hint (that is for
+    [B, T, C]), but what an image classifier must return."""
+    x = torch.randn(2, 3, 8, 8)
+    dlb = DLBacktrace(nn.Conv2d(3, 4, 1), (x,))
+    with pytest.raises(ValueError, match=r"returns \(2, 4, 8, 8\): use a model that pools"):
+        dlb.run_task(task="image-classification", inputs=(x,))
