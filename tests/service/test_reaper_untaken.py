@@ -15,9 +15,10 @@ import redis
 
 from service import store
 from tests.helpers.databases import own_database
-from tests.helpers.stack import Stack, start_api
+from tests.helpers.stack import Stack
+from tests.service.test_reaper_entries import lone_api
 
-DB, QUEUE, TTL = 10, "untaken-test", 1
+DB, QUEUE, TTL = 10, "untaken-test", 1  # lone_api's heartbeat TTL
 JOB = {"model": "tiny-lookup-lm", "inputs": {"text": "a3 c1 ? a"}}
 
 
@@ -25,15 +26,9 @@ JOB = {"model": "tiny-lookup-lm", "inputs": {"text": "a3 c1 ? a"}}
 def api(redis_url: str, stack: Stack) -> Iterator[tuple[str, redis.Redis]]:
     """An API on a database of its own, with no worker."""
     r = next(own_database(redis_url, DB))
-    env = {**stack.env, "REDIS_URL": redis_url.rsplit("/", 1)[0] + f"/{DB}"}
-    env |= {"BACKTRACE_QUEUE": QUEUE, "BACKTRACE_HEARTBEAT_TTL": str(TTL)}
-    proc, url = start_api(env, stack.tmp / "untaken-api.log")
-    try:
+    with lone_api(stack, DB, QUEUE, "untaken-api.log") as url:
         yield url, r
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        r.flushdb()
+    r.flushdb()
 
 
 def test_a_job_taken_but_never_started_goes_back_to_the_queue(api) -> None:
