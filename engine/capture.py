@@ -226,7 +226,7 @@ def capture(
         try:
             with _without_kv_cache(model), torch.no_grad():
                 program = _export(label, model, args, spec)
-            program = program.run_decompositions({})
+            program = program.run_decompositions(ALIAS_DECOMPOSITIONS)
         except Exception as exc:  # noqa: BLE001 - export failures are reported below
             if not _export_failure(exc, model):
                 raise
@@ -241,6 +241,41 @@ def capture(
     raise CaptureError(
         f"torch.export could not capture {type(model).__name__}: " + " | ".join(errors)
     )
+
+
+# ATen's other names for ops the rules know (torch.multiply is aten.multiply, not aten.mul):
+# each is rewritten as its canonical op while the program is functionalised, so that one rule,
+# and every check of an op by identity, covers both spellings. Overloads with the same name
+# take the same arguments.
+_ALIASES = {
+    "multiply": "mul",
+    "subtract": "sub",
+    "divide": "div",
+    "true_divide": "div",
+    "clip": "clamp",
+    "absolute": "abs",
+    "negative": "neg",
+    "arccos": "acos",
+    "arcsin": "asin",
+    "arctan": "atan",
+    "arctan2": "atan2",
+    "fix": "trunc",
+    "concat": "cat",
+}
+
+
+def _alias_decompositions() -> dict:
+    aten = torch.ops.aten
+    table = {}
+    for alias, canonical in _ALIASES.items():
+        packet, target = getattr(aten, alias), getattr(aten, canonical)
+        for overload in packet.overloads():
+            if overload in target.overloads() and not overload.endswith("out"):
+                table[getattr(packet, overload)] = getattr(target, overload)
+    return table
+
+
+ALIAS_DECOMPOSITIONS = _alias_decompositions()
 
 
 def _fresh(example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -108,7 +108,22 @@ class Recurrent(nn.Module):
         return torch.cat([out.transpose(0, 1).flatten(1), h[0], c[0]], 1)
 
 
+def _aliases(x):
+    """ATen's other names: torch.multiply is aten.multiply, torch.clip aten.clip, ..."""
+    h = torch.multiply(x, torch.sigmoid(x))
+    h = torch.true_divide(torch.subtract(h, torch.divide(h.mean(-1, keepdim=True), 2.0)), 1.5)
+    return torch.concat([torch.clip(h, -3, 3), torch.negative(torch.absolute(h))], -1)
+
+
+def _canonical(x):
+    """``_aliases`` with the canonical names."""
+    h = torch.mul(x, torch.sigmoid(x))
+    h = torch.div(torch.sub(h, torch.div(h.mean(-1, keepdim=True), 2.0)), 1.5)
+    return torch.cat([torch.clamp(h, -3, 3), torch.neg(torch.abs(h))], -1)
+
+
 BODIES: dict[str, tuple[Callable, int]] = {
+    "aliases": (_aliases, 2 * D),
     "type_as": (lambda x: torch.tanh(x).type_as(x), D),
     "stack": (lambda x: torch.stack([x, x * 3, torch.relu(x)], 1), 3 * D),
     "slice_scatter_copy_new_empty": (_scatter, D),
@@ -439,3 +454,19 @@ def test_a_data_dependent_branch_is_captured_by_draft_export_and_asserted():
     assert (abs(c["inputs"]) > 1.0).all(), c
     with pytest.raises(RuntimeError, match="Runtime assertion failed"):
         dlb.run_task(inputs={"x": x, "flags": torch.ones_like(flags)})
+
+
+@pytest.mark.parametrize("mode", ["default", "contrast", "reference"])
+def test_aliases_explain_as_their_canonical_ops(mode):
+    """torch.multiply, subtract, divide, true_divide, clip, negative, absolute and concat
+    had no rule (their aten ops are aliases); captured as the canonical ops, they give the
+    relevance of the same model written with mul, sub, div, clamp, neg, abs and cat."""
+    inputs = {"x": rand(B, D, seed=1)}
+    alias = captured("aliases")
+    names = {str(n.target) for n in alias.graph.nodes if n.op == "call_function"}
+    assert not any(a in name for a in ("multiply", "subtract", "divide", "clip") for name in names)
+    canonical = DLBacktrace(Head(_canonical, 2 * D).eval(), inputs)
+    torch.testing.assert_close(
+        alias.run_task(inputs=inputs, mode=mode)["relevance"]["x"],
+        canonical.run_task(inputs=inputs, mode=mode)["relevance"]["x"],
+    )
