@@ -24,7 +24,7 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
-from .vocabulary import Event, WorkerStatus
+from .vocabulary import TERMINAL_EVENTS, Event, WorkerStatus
 
 EVENTS = "bt:events:{}"
 RESULT = "bt:result:{}"
@@ -63,13 +63,21 @@ def connect(url: str, patient: bool = False) -> redis.Redis:
 # the reply says which (1: the second), so a cancel asked while the job ran costs no read
 # of its own before the result is stored. A retry finds the ending already written (the
 # stream's last event is one of the two) and changes nothing: a cancel that came between
-# the two tries must not turn a ``done`` the clients have seen into ``canceled``.
+# the two tries must not turn a ``done`` the clients have seen into ``canceled``. The first
+# ending stands: once the stream's last event ends the job, nothing more is written, neither
+# event nor document (a worker that outlived its job, whose clients were told it ended
+# failed, must not append tokens and a ``done`` after that ``error``).
+_ENDED = " or ".join(f"last[2][2] == '{e}'" for e in TERMINAL_EVENTS)
 _APPEND = Script(
     None,
-    b"""
+    f"""
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
 if KEYS[3] and last and (last[2][2] == ARGV[1] or last[2][2] == ARGV[6]) then
   return last[2][2] == ARGV[6] and 1 or 0  -- a retry of a write that ended the job
+end
+if last and ({_ENDED}) then
+  if KEYS[3] then return 0 end
+  return last[1]
 end
 local event, data, doc, second = ARGV[1], ARGV[2], ARGV[5], 0
 if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then
@@ -85,7 +93,7 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 if KEYS[3] then return second end
 return id
-""",
+""".encode(),
 )
 
 

@@ -5,7 +5,6 @@ job's terminal event (``done``, ``error`` or ``canceled``)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -31,6 +30,9 @@ SSE_REDIS_OUTAGE_S = 60.0
 # than the default block of 15 s and turned every quiet stream into a reported outage).
 SSE_SOCKET_MARGIN_S = 10.0
 KEEPALIVE = ": keep-alive\n\n"
+# How long the ending written for a job that ended without one (``_close_dead_job``) is kept:
+# a result's default lifetime, for clients that reconnect.
+DEAD_JOB_TTL_S = 3600
 # Events of one Redis read are sent together up to this many characters (the events are
 # ASCII JSON: bytes); a larger event goes alone, so a stalled reader still holds at most one
 # batch of events in the API.
@@ -246,8 +248,15 @@ async def _close_dead_job(ar: aredis.Redis, job_id: str, key: str, last: str) ->
     rest = await ar.xrange(key, min=f"({last}" if last != "0-0" else "-", max="+")
     if any(f.get(b"event", b"").decode(errors="replace") in TERMINAL_EVENTS for _, f in rest):
         return
-    error = {"type": "WorkerLost", "message": f"job ended without a result (rq status {status})"}
-    await ar.xadd(key, {"event": Event.ERROR, "data": json.dumps(error)})
+    message = f"job ended without a result (rq status {status})"
+    if status == "expired":
+        message = "the job is no longer in Redis (expired, or Redis lost its data)"
+    # As a worker writes an ending: never after another ending, and with an expiry (a stream
+    # made here for a job whose keys are all gone would otherwise stay for good).
+    pipe = ar.pipeline(transaction=False)
+    error = {"type": "WorkerLost", "message": message}
+    store.add_event(pipe, job_id, Event.ERROR, error, DEAD_JOB_TTL_S)
+    await pipe.execute()
 
 
 def is_stream_id(s: str) -> bool:

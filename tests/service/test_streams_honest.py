@@ -89,3 +89,24 @@ def _first_event(client: httpx.Client, job: str) -> list[tuple[str, str, dict]]:
         for event, data, eid in parse_sse(resp.iter_lines()):
             return [(eid, event, data)]
     return []
+
+
+def test_a_job_whose_keys_are_lost_ends_its_stream_with_a_kept_error(lonely) -> None:
+    """Redis lost the job (its keys expired, or its data was wiped) while a client follows
+    it: the stream ends with an error that says so, and the stream that error is written to
+    expires (it was made anew, with no expiry, and stayed for good)."""
+    client, r = lonely
+    job = submit(client, JOB)["job_id"]
+
+    def lose_the_job() -> None:
+        time.sleep(1)
+        r.delete(f"rq:job:{job}", store.EVENTS.format(job))
+        r.lrem("rq:queue:default", 0, job)
+
+    helper = threading.Thread(target=lose_the_job)
+    helper.start()
+    evs = events(client, job)
+    helper.join()
+    assert [e for _, e, _ in evs] == ["queued", "error"]
+    assert "no longer in Redis" in evs[-1][2]["message"]
+    assert 0 < r.ttl(store.EVENTS.format(job)) <= 3600

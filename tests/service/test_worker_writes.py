@@ -135,3 +135,20 @@ def test_a_served_models_names_are_kept_from_expiring(r: redis.Redis) -> None:
         r.expire(store.GRAPH.format(model_id), 5)
     store.keep_graphs(r, ["warm"])
     assert r.ttl(store.GRAPH.format("warm")) > 5 >= r.ttl(store.GRAPH.format("gone"))
+
+
+def test_the_first_ending_stands(r: redis.Redis) -> None:
+    """A worker that outlived its job (the reaper failed it, or Redis lost the job and the
+    stream said so) must not write after the ending its clients were sent: no progress, no
+    second ending, no other document."""
+    error = store.Ending(Event.ERROR, {"type": "JobTimeout"}, {"status": "failed"})
+    store.finish(r, "j3", error, 60, 100)
+    store.add_event(r, "j3", Event.TOKEN, {"step": 0}, 60, 100)
+    done = store.Ending(Event.DONE, {"status": "finished"}, {"status": "finished"})
+    canceled = store.Ending(Event.CANCELED, {"type": "JobCanceled"}, {"status": "canceled"})
+    pipe = r.pipeline(transaction=False)
+    store.finish(pipe, "j3", done, 60, 100, if_canceled=canceled)
+    store.finish(pipe, "j3", done, 60, 100)
+    assert pipe.execute()[0] == 0
+    assert [f[b"event"] for _, f in r.xrange(store.EVENTS.format("j3"))] == [b"error"]
+    assert store.get_result(r, "j3")["status"] == "failed"
