@@ -28,6 +28,7 @@ from .work import run
 from .work.context import JobCanceled, WorkerState, init_worker
 
 log = logging.getLogger("service.worker")
+EXIT_STUCK = 70  # EX_SOFTWARE: the worker left a job it could not stop
 
 
 class Worker(SimpleWorker):
@@ -110,10 +111,23 @@ class Heartbeat:
                 store.heartbeat(r, self.st.name, info, s.heartbeat_ttl)
                 store.keep_graphs(r, info["models"])
                 reaper.reap(r, s.queue, s.heartbeat_ttl, s.result_ttl, s.failure_ttl)
+                stuck = r.get(reaper.STUCK.format(self.st.name))
             except Exception:  # noqa: BLE001 - Redis blips must not kill the worker
                 log.warning("heartbeat failed", exc_info=True)
+                stuck = None
+            if stuck is not None:
+                self._exit_stuck(stuck.decode(errors="replace"))
             self._wake.wait(s.heartbeat_ttl / 3)
         r.delete(store.WORKER.format(self.st.name))
+
+    def _exit_stuck(self, why: str) -> None:
+        """The reaper failed this worker's job past its timeout: the main thread is stuck
+        where no signal reaches it. Leave at once, with ``EXIT_STUCK``, so that whatever
+        runs the worker (the supervisor, or Kubernetes, which has no other way to tell)
+        starts a fresh one."""
+        log.error("stuck in a job (%s): exiting so that a fresh worker takes over", why)
+        logging.shutdown()
+        os._exit(EXIT_STUCK)
 
 
 def _warm(registry: Registry, wanted: list[str], beat: Heartbeat) -> None:
