@@ -102,10 +102,10 @@ def _check_token_ids(req: RunTaskRequest, meta: ModelMeta) -> None:
 def _check_target(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta) -> None:
     """A classifier's target is one of its classes."""
     target = req.relevance.target
-    if target is None or task not in CLASSIFICATION_TASKS or meta.num_classes is None:
+    if target is None or task not in CLASSIFICATION_TASKS or meta.targets is None:
         return
-    if target >= meta.num_classes:
-        raise invalid(["relevance", "target"], _not_a_class(spec, target, meta.num_classes))
+    if target >= meta.targets:
+        raise invalid(["relevance", "target"], _not_a_class(spec, target, meta.targets))
 
 
 def _not_a_class(spec: ModelSpec, index: int, count: int) -> str:

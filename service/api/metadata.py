@@ -37,6 +37,12 @@ class ModelMeta:
     max_positions: int | None = None
     tokenizer: Any = None  # a ``tokenizers.Tokenizer``
 
+    @property
+    def targets(self) -> int | None:
+        """How many classes ``relevance.target`` may name: a single logit decides between
+        two (0 below its threshold, 1 above), as the engine explains it."""
+        return 2 if self.num_classes == 1 else self.num_classes
+
     def count_tokens(self, text: str, pair: str | None = None) -> int | None:
         """The input's length in tokens (a pair's: both texts, with their separators), as
         the worker's tokenizer counts it."""

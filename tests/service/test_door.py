@@ -449,3 +449,27 @@ def test_a_label_of_a_model_without_labels(
     with pytest.raises(HTTPException) as caught:
         door.check(spec, spec.task, req, meta)
     assert caught.value.detail[0]["message"] == expected
+
+
+@pytest.mark.parametrize("target, refused", [(0, False), (1, False), (2, True)])
+def test_a_single_logit_takes_either_decision_as_target(target: int, refused: bool) -> None:
+    """A model with one logit decides between two classes (below and above its threshold),
+    and the engine explains either as ``target`` 0 or 1: the door refused 1 ("0 to 0")."""
+    from fastapi import HTTPException
+
+    from service.api import door
+    from service.api.metadata import ModelMeta
+    from service.registry import load_registry
+    from service.schemas import RunTaskRequest
+
+    spec = load_registry(None).get("minilm-sentiment")
+    req = RunTaskRequest.model_validate(
+        {"model": spec.id, "inputs": {"text": "fine"}, "relevance": {"target": target}}
+    )
+    meta = ModelMeta(num_classes=1)
+    if not refused:
+        door._check_target(spec, spec.task, req, meta)
+        return
+    with pytest.raises(HTTPException) as caught:
+        door._check_target(spec, spec.task, req, meta)
+    assert "2 is not a class of minilm-sentiment: 0 to 1" in str(caught.value.detail)
