@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import sympy
 import torch
 from torch import SymInt, fx
+from torch._decomp import get_decompositions
 from torch.export import Dim, ExportedProgram
 
 Inputs = torch.Tensor | tuple | list | Mapping[str, torch.Tensor]
@@ -226,7 +227,7 @@ def capture(
         try:
             with _without_kv_cache(model), torch.no_grad():
                 program = _export(label, model, args, spec)
-            program = program.run_decompositions(ALIAS_DECOMPOSITIONS)
+            program = program.run_decompositions(DECOMPOSITIONS)
         except Exception as exc:  # noqa: BLE001 - export failures are reported below
             if not _export_failure(exc, model):
                 raise
@@ -275,7 +276,11 @@ def _alias_decompositions() -> dict:
     return table
 
 
-ALIAS_DECOMPOSITIONS = _alias_decompositions()
+# Ops without a rule of their own that torch decomposes into ops with one: GLU into a slice,
+# a sigmoid and a product; hard and soft shrinkage into a comparison and a where.
+_DECOMPOSED = (torch.ops.aten.glu.default, torch.ops.aten.hardshrink.default,
+               torch.ops.aten.softshrink.default)  # fmt: skip
+DECOMPOSITIONS = {**_alias_decompositions(), **get_decompositions(list(_DECOMPOSED))}
 
 
 def _fresh(example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -35,6 +35,12 @@ CONSTANT_OPS = {
     aten.std.correction,
     aten.std.dim,
     aten.var_mean.correction,
+    # piecewise constant in the data (no gradient): a product with one scales the other
+    aten.sign.default,
+    aten.floor.default,
+    aten.ceil.default,
+    aten.round.default,
+    aten.trunc.default,
 }
 
 # Ops that create a tensor shaped like their input without its values (a buffer to write

@@ -237,9 +237,10 @@ class Mul(Family):
 
 
 class Where(Family):
-    """Each output element's relevance goes to the operand it was taken from."""
+    """Each output element's relevance goes to the operand it was taken from (a sink where
+    that is a constant or a number)."""
 
-    ops = (aten.where.self,)
+    ops = (aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar)
 
     def default(self, ctx: Ctx) -> Propagation:
         cond = ctx.args["condition"]

@@ -124,6 +124,9 @@ def _canonical(x):
 
 BODIES: dict[str, tuple[Callable, int]] = {
     "aliases": (_aliases, 2 * D),
+    "glu": (nn.GLU(), D // 2),
+    "hardshrink": (nn.Hardshrink(0.3), D),
+    "softshrink": (nn.Softshrink(0.3), D),
     "type_as": (lambda x: torch.tanh(x).type_as(x), D),
     "stack": (lambda x: torch.stack([x, x * 3, torch.relu(x)], 1), 3 * D),
     "slice_scatter_copy_new_empty": (_scatter, D),
