@@ -40,6 +40,13 @@ def test_input_for_graph_none_is_named():
         DLBacktrace(nn.Linear(3, 2), None)
 
 
+def test_a_model_that_is_no_module_is_named():
+    """A plain function (or a model's output, passed by mistake) raised AttributeError
+    'function' object has no attribute 'eval'."""
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got function"):
+        DLBacktrace(lambda x: x, torch.ones(1, 3))
+
+
 @pytest.mark.parametrize(
     "value,error", [("100", TypeError), (math.nan, ValueError), (math.inf, ValueError)]
 )
