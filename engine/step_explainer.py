@@ -88,7 +88,8 @@ class StepExplainer:
                 " capture the model with input_ids (and attention_mask) only"
             )
         self.axes = _node_axes(captured, self.token_input)
-        self.expert_nodes = [n for n in captured.nodes if n.target in expert_ops]
+        self.expert_ops = tuple(expert_ops)
+        self.expert_nodes = self._experts(captured)
         self.hidden: set[str] = set()  # kept for per-expert totals, not for the trace
         self.keep_values = False  # every sweep's recorded forward, for layer outputs
         if self.expert_nodes and self.nodes == "inputs":
@@ -115,15 +116,25 @@ class StepExplainer:
             ]
         )
         value = torch.stack([active[:, s].float() * self.relevance.multiplier for s in steps])
+        inputs = self.graph_inputs(sequence)
+        # the graph that runs this prefix: another than ``captured`` where the model made its
+        # length static (a state-space layer's scan), so its own offsets are the ones kept
+        graph = self.dlb.graph_for(inputs) if self.expert_nodes else None
         return self.dlb.explain(
-            self.graph_inputs(sequence), Seed(index, value), self.relevance.mode, self.nodes,
+            inputs, Seed(index, value), self.relevance.mode, self.nodes,
             contrast_with=self.relevance.contrast_with,
-            retain=None if self.keep_values else self._offsets(),
+            retain=None if self.keep_values else self._offsets(graph),
         )  # fmt: skip
 
-    def _offsets(self) -> set:
+    def _experts(self, captured: Any) -> list:
+        """The grouped matmuls of a graph of the model."""
+        return [n for n in captured.nodes if n.target in self.expert_ops]
+
+    def _offsets(self, captured: Any) -> set:
         """The values per-expert totals read after the sweep (grouped matmuls' ``offs``)."""
-        return {n.args[2] if len(n.args) > 2 else n.kwargs["offs"] for n in self.expert_nodes}
+        if captured is None:
+            return set()
+        return {_offs(n) for n in self._experts(captured)}
 
     def release(self, exp: Explanation) -> None:
         """Drop a finished sweep's recorded forward and outputs (its logits already checked),
@@ -132,7 +143,7 @@ class StepExplainer:
         Nothing is dropped when layer outputs are asked for (``keep_values``)."""
         if self.keep_values:
             return
-        exp.env = {n: exp.env[n] for n in self._offsets() if n in exp.env}
+        exp.env = {n: exp.env[n] for n in self._offsets(exp.captured) if n in exp.env}
         exp.outputs = ()
 
     def trace(self, e: Explained, step: int) -> dict[str, Tensor]:
@@ -162,11 +173,11 @@ class StepExplainer:
         ``offs`` ends each expert's block, so the relevance of those rows summed per block is
         what each expert carried (summed over the batch and tokens)."""
         out = {}
-        for node in self.expert_nodes:
+        for node in self._experts(e.exp.captured):
             rel = e.exp.relevance.get(node.args[0].name)
             if rel is None:
                 continue
-            offs = e.exp.env[node.args[2] if len(node.args) > 2 else node.kwargs["offs"]]
+            offs = e.exp.env[_offs(node)]
             rows = rel[e.seed].reshape(rel.shape[1], -1).sum(-1)
             expert = torch.searchsorted(offs, torch.arange(rows.shape[0], device=offs.device),
                                         right=True)  # fmt: skip
@@ -267,3 +278,8 @@ def check_logits(
                 stacklevel=stacklevel,
             )
             return
+
+
+def _offs(node: Any) -> Any:
+    """A grouped matmul's ``offs`` argument (where each expert's rows end)."""
+    return node.args[2] if len(node.args) > 2 else node.kwargs["offs"]

@@ -218,3 +218,12 @@ def test_batch_norms_of_a_random_model_normalise(name):
     model, inputs = build(arch)
     with torch.no_grad():
         assert float(model(**inputs).logits.abs().max()) > 1e-3
+
+
+def test_a_mixture_of_experts_lm_whose_length_is_static_generates_explained():
+    """Jamba's state-space scan makes export fix the sequence length, so each explained
+    prefix runs on a graph of its own; the per-expert totals read that graph's ``offs``,
+    not the first graph's (KeyError: cumsum before)."""
+    arch = next(a for a in list_architectures("causal-lm") if a.name == "jamba")
+    outcome = check_architecture(arch)
+    assert outcome.status == "ok", outcome.detail
