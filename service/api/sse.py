@@ -5,6 +5,7 @@ job's terminal event (``done``, ``error`` or ``canceled``)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ KEEPALIVE = ": keep-alive\n\n"
 # How long the ending written for a job that ended without one (``_close_dead_job``) is kept:
 # a result's default lifetime, for clients that reconnect.
 DEAD_JOB_TTL_S = 3600
+UNREADABLE_ENDING = json.dumps(
+    {"type": "UnreadableResult", "message": "the job's ending in Redis is not the service's"}
+)
 # Events of one Redis read are sent together up to this many characters (the events are
 # ASCII JSON: bytes); a larger event goes alone, so a stalled reader still holds at most one
 # batch of events in the API.
@@ -186,9 +190,8 @@ async def _events(
                 continue
             for entry_id, fields in resp[0][1]:
                 last = entry_id.decode()
-                try:
-                    event, data = fields[b"event"].decode(), fields[b"data"].decode()
-                except (KeyError, UnicodeDecodeError):
+                event, data = _decoded(fields)
+                if event is None:
                     continue  # not an entry the service wrote
                 entry = f"id: {last}\nevent: {event}\ndata: {data}\n\n"
                 if pending and len(pending) + len(entry) > SSE_CHUNK_BYTES:
@@ -206,6 +209,18 @@ async def _events(
                 pending, hold_until, holding = "", None, True
     finally:  # also when the client went away (cancelled): stop counting it
         streams.metrics.sse_clients.dec()
+
+
+def _decoded(fields: dict[bytes, bytes]) -> tuple[str | None, str]:
+    """An entry's event and data; no event for an entry the service did not write. An ending
+    whose data is not text (not the service's JSON) still ends the stream, as an ``error``
+    that says so: the first ending stands, so nothing could be written after it."""
+    try:
+        return fields[b"event"].decode(), fields[b"data"].decode()
+    except (KeyError, UnicodeDecodeError):
+        if fields.get(b"event", b"").decode(errors="replace") not in TERMINAL_EVENTS:
+            return None, ""
+    return Event.ERROR, UNREADABLE_ENDING
 
 
 async def _read(

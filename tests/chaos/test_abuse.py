@@ -180,6 +180,10 @@ def test_api_never_unpickles_what_is_in_redis(client: httpx.Client, stack: Stack
             client.get(f"/jobs/{job_id}/events"),
         ]
         assert all(a.status_code < 500 for a in answers), [(a.status_code, a.text) for a in answers]
+        # the planted ending is not text: the stream still ends, with an error saying so
+        assert (
+            answers[3].text.rstrip().endswith("\"the job's ending in Redis is not the service's\"}")
+        )
     assert not marker.exists(), "the API unpickled a value from Redis"
 
 
