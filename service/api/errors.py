@@ -5,6 +5,7 @@ each 422 lists its failing fields with a one-line ``message`` that names the fie
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any
 
@@ -16,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..schemas import ErrorBody, ValidationErrorBody
+from .json_body import DuplicateKey
 
 log = logging.getLogger("service.api")
 RETRY_AFTER = {"Retry-After": "5"}
@@ -67,12 +69,39 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
         loc = [str(p) for p in e["loc"]]
         # pydantic prefixes a validator's ValueError with "Value error, ": not for people
         msg = e["msg"].removeprefix("Value error, ") if e["type"] == "value_error" else e["msg"]
+        kind = e["type"]
+        if (lone := _lone_surrogate(e.get("input"))) is not None:
+            where, msg = lone
+            loc, kind = loc + where, "string_unicode"
         message = f"{'.'.join(loc[1:] or loc)}: {msg}"
-        if e["type"] == "json_invalid":
+        if kind == "json_invalid":
             message = _json_error(e, exc.body)
             loc = ["body"]
-        errors.append({"loc": loc, "msg": e["msg"], "type": e["type"], "message": message})
+        errors.append({"loc": loc, "msg": e["msg"], "type": kind, "message": message})
     return JSONResponse({"detail": errors}, 422)
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: Any) -> tuple[list[str], str] | None:
+    """Where a refused string (or list of them) holds a surrogate code point, which JSON's
+    ``\\ud800`` escapes give when unpaired (a pair decodes to one character), and saying
+    so: pydantic refuses such text as "not a valid string", or the text field as not
+    "a non-empty string", neither of which names the cause. The path below the error's
+    field (a list's index) and the message; None when there is none."""
+    if isinstance(value, str):
+        found = _SURROGATE.search(value)
+        if found is None:
+            return None
+        char, at = f"\\u{ord(found.group()):04x}", found.start() + 1
+        why = f"the text holds an unpaired surrogate ({char} at character {at}), not valid Unicode"
+        return [], why
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if (inner := _lone_surrogate(item)) is not None:
+                return [str(i), *inner[0]], inner[1]
+    return None
 
 
 def _json_error(error: dict[str, Any], body: Any) -> str:
@@ -96,13 +125,17 @@ def _line_column(text: str, pos: int) -> str:
 async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
     """FastAPI's own reply, but for a JSON body that its parser gave up on for a reason
     FastAPI does not name (a plain 400, "There was an error parsing the body"): a 422 in
-    this service's format that says why (``_unparsed``)."""
-    why = _unparsed(exc)
-    if why is None:
+    this service's format that says why (``_unparsed``), or names the key an object has
+    twice (``json_body``)."""
+    if isinstance(exc.__cause__, DuplicateKey):
+        kind = "json_duplicate_key"
+        msg = f"request body names key {exc.__cause__.key!r} twice in one object: send it once"
+    elif (why := _unparsed(exc)) is not None:
+        kind, msg = "json_invalid", f"request body is not valid JSON: {why}"
+    else:
         return await http_exception_handler(request, exc)
-    msg = f"request body is not valid JSON: {why}"
     return JSONResponse(
-        {"detail": [{"loc": ["body"], "msg": msg, "type": "json_invalid", "message": msg}]}, 422
+        {"detail": [{"loc": ["body"], "msg": msg, "type": kind, "message": msg}]}, 422
     )
 
 

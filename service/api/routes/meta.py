@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import redis
 from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -14,6 +17,20 @@ from ..deps import MetricsDep, RedisDep, RegistryDep, authorize
 from ..errors import UNAUTHORIZED, UNAVAILABLE
 
 router = APIRouter(tags=["service"])
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
+
+
+def probe(path: str, **options: Any) -> Callable[[Endpoint], Endpoint]:
+    """A GET route that also answers HEAD (Kubernetes' and load balancers' probes send it;
+    FastAPI's routes answer only the methods they list: 405): the same handler, whose body
+    the server leaves out. HEAD stays out of /docs, where it would repeat GET."""
+
+    def register(endpoint: Endpoint) -> Endpoint:
+        router.get(path, **options)(endpoint)
+        router.head(path, include_in_schema=False, **options)(endpoint)
+        return endpoint
+
+    return register
 
 
 @router.get(
@@ -45,13 +62,13 @@ def models(r: RedisDep, registry: RegistryDep) -> ModelList:
     )
 
 
-@router.get("/healthz", response_model=Health)
+@probe("/healthz", response_model=Health)
 def healthz() -> Health:
     """Alive: answers without Redis."""
     return Health(status="ok", version=__version__)
 
 
-@router.get(
+@probe(
     "/readyz",
     response_model=Readiness,
     response_model_exclude_unset=True,
@@ -83,7 +100,7 @@ def stuck_workers(r: redis.Redis, workers: list[dict]) -> set[str]:
     return {n for n, m in zip(names, marks, strict=True) if m}
 
 
-@router.get(
+@probe(
     "/metrics",
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
