@@ -83,9 +83,77 @@ def _sha(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+class EntryError(ValueError):
+    """A registry entry's own mistake, found by the loader (a path that is not a folder, an
+    architecture torchvision does not have): its message names the entry and the field."""
+
+
+class ModelLoadError(RuntimeError):
+    """A registry model that did not load, saying which model, which file and why: the
+    loaders' own errors name neither (safetensors says "Error while deserializing header:
+    header too large", whichever model's file it read)."""
+
+
 def load_model(spec: ModelSpec, registry: Registry, data_dir: str) -> tuple[LoadedModel, str]:
-    """The model for a registry entry and its revision (hash of the weights file)."""
+    """The model for a registry entry and its revision (hash of the weights file); a
+    ``ModelLoadError`` when it does not load."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        loaded, path = _load(spec, registry, data_dir)
+    except EntryError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(
+            _not_loaded(spec, _weights_files(spec, registry, data_dir), exc)
+        ) from exc
+    weights = next(iter(sorted(Path(path).glob("*.safetensors"))), None) if path else None
+    return loaded, (_sha(weights) if weights else "unversioned")
+
+
+def _weights_files(spec: ModelSpec, registry: Registry, data_dir: str) -> list[Path]:
+    """The weights files a registry entry loads (a python factory's are its own business)."""
+    src = spec.source
+    if src.kind == "torchvision":
+        weights = registry.resolve(src.weights)
+        return [weights] if weights is not None else []
+    if src.kind == "demo":
+        folder = registry.resolve(src.path) or Path(data_dir) / (src.name or spec.id)
+    elif src.kind == "transformers" and src.path:
+        folder = registry.resolve(src.path)
+    else:
+        return []
+    return sorted(folder.glob("*.safetensors")) if folder and folder.is_dir() else []
+
+
+def _not_loaded(spec: ModelSpec, files: list[Path], exc: Exception) -> str:
+    """Why ``spec`` did not load: the first of its weights files that is missing or that
+    safetensors cannot open, with safetensors' reason; else the loader's error, with the
+    files it loaded from."""
+    for path in files:
+        if (why := _unreadable(path)) is not None:
+            return f"model {spec.id} cannot load: its weights file {path} {why}"
+    source = f" from {', '.join(map(str, files))}" if files else ""
+    return f"model {spec.id} cannot load{source}: {type(exc).__name__}: {exc}"
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why safetensors cannot open the file at ``path`` (reading its header, which it
+    checks against the file's size), or None."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return "does not exist"
+    try:
+        with safe_open(str(path), "pt"):
+            return None
+    except Exception as exc:  # noqa: BLE001 - the reason is the answer
+        return f"is unreadable ({type(exc).__name__}: {exc})"
+
+
+def _load(
+    spec: ModelSpec, registry: Registry, data_dir: str
+) -> tuple[LoadedModel, str | Path | None]:
+    """The model as its source kind loads it, and the folder its weights came from."""
     src = spec.source
     if src.kind == "demo":
         name = src.name or spec.id
@@ -102,8 +170,7 @@ def load_model(spec: ModelSpec, registry: Registry, data_dir: str) -> tuple[Load
     loaded.model_id = spec.id
     loaded.labels = spec.labels or loaded.labels
     loaded.image = spec.image or loaded.image
-    weights = next(iter(sorted(Path(path).glob("*.safetensors"))), None) if path else None
-    return loaded, (_sha(weights) if weights else "unversioned")
+    return loaded, path
 
 
 # The transformers head a task loads when the registry's source names none.
@@ -121,10 +188,10 @@ def _load_transformers(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel
     src = spec.source
     where = registry.resolve(src.path) or src.hub_id
     if where is None:
-        raise ValueError(f"registry entry {spec.id}: transformers source needs path or hub_id")
+        raise EntryError(f"registry entry {spec.id}: transformers source needs path or hub_id")
     local = src.path is not None
     if local and not Path(where).is_dir():  # else transformers reads it as a hub id
-        raise FileNotFoundError(f"registry entry {spec.id}: source.path {where} is not a folder")
+        raise EntryError(f"registry entry {spec.id}: source.path {where} is not a folder")
     head = {
         "sequence-classification": tf.AutoModelForSequenceClassification,
         "image-classification": tf.AutoModelForImageClassification,
@@ -150,11 +217,11 @@ def _load_torchvision(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel,
     src = spec.source
     build = getattr(torchvision.models, src.arch or "", None)
     if not callable(build):
-        raise ValueError(f"registry entry {spec.id}: torchvision has no architecture {src.arch!r}")
+        raise EntryError(f"registry entry {spec.id}: torchvision has no architecture {src.arch!r}")
     model = build(weights=None, num_classes=src.num_classes)
     weights = registry.resolve(src.weights)
     if weights is None:
-        raise ValueError(f"registry entry {spec.id}: torchvision source needs weights")
+        raise EntryError(f"registry entry {spec.id}: torchvision source needs weights")
     model.load_state_dict(load_file(str(weights)))
     image = spec.image or ImageSpec(
         channels=3, size=224, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]

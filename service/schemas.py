@@ -357,8 +357,20 @@ class CancelReply(BaseModel):
     status: Literal[JobStatus.CANCELED, "canceling"]
 
 
+ModelStatus = Literal["warm", "cold", "failed"]
+
+
+class LoadFailure(BaseModel):
+    """Why a worker could not load a model, as it reported it (``service.load_failures``)."""
+
+    message: str = Field(description="which model, which file and why")
+    worker: str = Field(description="the worker that tried")
+    at: float = Field(description="when, in Unix seconds")
+
+
 class ModelInfo(BaseModel):
-    """A registry entry as clients see it, and whether a live worker holds it loaded."""
+    """A registry entry as clients see it, whether a live worker holds it loaded, and
+    whether the last load a worker tried failed."""
 
     id: str
     task: TaskName
@@ -368,6 +380,14 @@ class ModelInfo(BaseModel):
     limits: Limits
     warm: bool = Field(description="a live worker has it loaded")
     workers_warm: int = Field(description="how many live workers have it loaded")
+    status: ModelStatus = Field(
+        description="warm: a live worker has it loaded; failed: not loaded, and the last "
+        "load a worker tried failed (load_error says why); cold: loads on first use"
+    )
+    load_error: LoadFailure | None = Field(
+        default=None,
+        description="the last failed load, until a worker loads the model (or a day passes)",
+    )
 
 
 class ModelList(BaseModel):

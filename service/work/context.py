@@ -17,7 +17,7 @@ from rq.job import Job
 
 from engine.tasks import TaskName
 
-from .. import store
+from .. import load_failures, store
 from .. import worker_metrics as m
 from ..config import Settings
 from ..models import CachedModel, ModelCache
@@ -55,31 +55,54 @@ class WorkerState:
     registry: Registry
     cache: ModelCache
     name: str
+    reports: ModelReports | None = None
 
     def load(self, spec: ModelSpec) -> tuple[CachedModel, bool]:
-        """The cached model for ``spec`` (loaded on a miss) and whether it was a hit."""
-        entry, hit = self.cache.get(spec)
+        """The cached model for ``spec`` (loaded on a miss) and whether it was a hit. A
+        load that fails is reported for ``GET /models`` (``service.load_failures``), as is
+        the next one that succeeds."""
+        try:
+            entry, hit = self.cache.get(spec)
+        except Exception as exc:
+            if self.reports is not None:
+                self.reports.load_failed(spec.id, self.name, exc)
+            raise
         (m.CACHE_HITS if hit else m.CACHE_MISSES).labels(model=spec.id).inc()
         if not hit:
             m.LOAD.labels(model=spec.id).observe(entry.load_s)
+            if self.reports is not None:
+                self.reports.loaded(spec.id)
         return entry, hit
 
 
-class GraphPublisher:
-    """Publishes a captured graph's node names (``store.publish_graph``) for the API's check
-    of ``output.relevance``, on a connection of its own, opened at the first capture. A
-    failed write is logged, never the job's failure: the worker checks the names itself."""
+class ModelReports:
+    """What a worker tells the API of its models, on a connection of its own opened at the
+    first report: a captured graph's node names (``store.publish_graph``, for the check of
+    ``output.relevance``; ``on_capture`` of the cache) and loads that failed
+    (``service.load_failures``). A failed write is logged, never the job's failure: the
+    worker checks the names itself, and the job's error says why the model did not load."""
 
     def __init__(self, redis_url: str):
         self.redis_url = redis_url
         self._r: redis.Redis | None = None
 
     def __call__(self, model_id: str, revision: str, nodes: list[str]) -> None:
+        self._write(f"the graph of {model_id}", store.publish_graph, model_id, revision, nodes)
+
+    def load_failed(self, model_id: str, worker: str, exc: Exception) -> None:
+        self._write(
+            f"the load failure of {model_id}", load_failures.report, model_id, worker, str(exc)
+        )
+
+    def loaded(self, model_id: str) -> None:
+        self._write(f"the load of {model_id}", load_failures.clear, model_id)
+
+    def _write(self, what: str, write: Callable[..., None], *args: Any) -> None:
         try:
             self._r = self._r or store.connect(self.redis_url, patient=True)
-            store.publish_graph(self._r, model_id, revision, nodes)
+            write(self._r, *args)
         except redis.RedisError:
-            log.warning("could not publish the graph of %s", model_id, exc_info=True)
+            log.warning("could not publish %s", what, exc_info=True)
 
 
 _STATE: WorkerState | None = None
@@ -87,13 +110,14 @@ _STATE: WorkerState | None = None
 
 def init_worker(settings: Settings | None = None, name: str | None = None) -> WorkerState:
     """Process-wide state: the registry and the model cache (kept across jobs), which
-    publishes the node names of each graph it captures (``GraphPublisher``)."""
+    publishes the node names of each graph it captures and the loads that fail
+    (``ModelReports``)."""
     global _STATE
     settings = settings or Settings()
     registry = load_registry(settings.registry_path)
-    publish = GraphPublisher(settings.redis_url)
-    cache = ModelCache(registry, settings.data_dir, settings.cache_bytes, publish)
-    _STATE = WorkerState(settings, registry, cache, name or store.worker_id())
+    reports = ModelReports(settings.redis_url)
+    cache = ModelCache(registry, settings.data_dir, settings.cache_bytes, reports)
+    _STATE = WorkerState(settings, registry, cache, name or store.worker_id(), reports)
     return _STATE
 
 

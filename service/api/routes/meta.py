@@ -10,9 +10,9 @@ import redis
 from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ... import __version__, store
+from ... import __version__, load_failures, store
 from ...reaper import STUCK
-from ...schemas import Health, ModelInfo, ModelList, Readiness
+from ...schemas import Health, ModelInfo, ModelList, ModelStatus, Readiness
 from ..deps import MetricsDep, RedisDep, RegistryDep, authorize
 from ..errors import UNAUTHORIZED, UNAVAILABLE
 
@@ -40,11 +40,13 @@ def probe(path: str, **options: Any) -> Callable[[Endpoint], Endpoint]:
     responses={**UNAUTHORIZED, **UNAVAILABLE},
 )
 def models(r: RedisDep, registry: RegistryDep) -> ModelList:
-    """The registry, and which models a worker that takes jobs holds warm."""
+    """The registry, which models a worker that takes jobs holds warm, and which a worker
+    could not load (``load_error``: which file and why, as the worker reported it)."""
     warm: dict[str, int] = {}
     for w in filter(store.is_ready, store.live_workers(r)):
         for mid in w.get("models", []):
             warm[mid] = warm.get(mid, 0) + 1
+    failures = load_failures.read(r, list(registry.models))
     return ModelList(
         models=[
             ModelInfo(
@@ -56,10 +58,19 @@ def models(r: RedisDep, registry: RegistryDep) -> ModelList:
                 limits=s.limits,
                 warm=warm.get(s.id, 0) > 0,
                 workers_warm=warm.get(s.id, 0),
+                status=_status(warm.get(s.id, 0), s.id in failures),
+                load_error=failures.get(s.id),
             )
             for s in registry.models.values()
         ]
     )
+
+
+def _status(workers_warm: int, failed: bool) -> ModelStatus:
+    """A model held warm serves jobs whatever another worker reported of it."""
+    if workers_warm:
+        return "warm"
+    return "failed" if failed else "cold"
 
 
 @probe("/healthz", response_model=Health)
