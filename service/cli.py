@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
 from .config import Settings
 from .lifeline import end_with_parent
@@ -90,9 +91,8 @@ class Stack:
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
-    import uvicorn
-
     from .api import create_app
+    from .api.server import Server
 
     stack = None
     if a.all_in_one:
@@ -103,28 +103,38 @@ def cmd_serve(a: argparse.Namespace) -> None:
         os.environ["REDIS_URL"] = stack.url
     try:
         settings = _settings(redis_url=os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0")
-        uvicorn.run(
+        Server(
             create_app(settings),
             host=a.host,
             port=a.port,
             log_level=a.log_level,
             access_log=a.log_level == "debug",
-        )
+        ).run()
     finally:
         if stack is not None:
             stack.stop()
 
 
 def cmd_worker(a: argparse.Namespace) -> None:
-    """One worker in this process (a container's), or with --processes N a supervisor of N."""
+    """One worker in this process (a container's), or with --processes N a supervisor of N.
+    A worker does not start while Redis refuses writes for want of memory: it says so in
+    one line and exits with ``EXIT_REDIS_FULL`` before loading torch or any model, and its
+    supervisor (or the kubelet) starts it again after a growing delay. Started anyway, it
+    warmed its models (a minute and more on a small machine, past the supervisor's
+    ``healthy_s``, which reset the delay to 1 s), then RQ's first write failed it, with a
+    traceback from each thread: every restart cost a warm-up, at full CPU, for good."""
     if a.processes is not None:
         supervise_workers(a)
         return
     if a.parent_pid is not None and not end_with_parent(a.parent_pid):
         sys.exit(f"worker: its supervisor (pid {a.parent_pid}) is gone")
+    url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    if (why := redis_full(url)) is not None:
+        log.error("worker: not starting: Redis is out of memory (%s); its supervisor retries", why)
+        sys.exit(EXIT_REDIS_FULL)
     from .worker import run_worker
 
-    settings = _settings(redis_url=os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0")
+    settings = _settings(redis_url=url)
     run_worker(
         settings,
         burst=a.burst,
@@ -132,6 +142,28 @@ def cmd_worker(a: argparse.Namespace) -> None:
         metrics_port=a.metrics_port,
         warm=() if a.no_warm else None,
     )
+
+
+# EX_TEMPFAIL (sysexits.h): a worker that did not start because Redis refuses writes.
+EXIT_REDIS_FULL = 75
+# A key the check of ``redis_full`` writes (and Redis drops within a second).
+WRITABLE = "bt:writable"
+
+
+def redis_full(url: str) -> str | None:
+    """Redis's refusal when it is out of memory (maxmemory reached, noeviction: writes
+    refused), or None: it takes a write, or it cannot be reached (a worker rides that out
+    with its own retries, as before)."""
+    r = redis.Redis.from_url(url, socket_connect_timeout=5)
+    try:
+        r.set(WRITABLE, b"", ex=1)
+    except redis.exceptions.OutOfMemoryError as exc:
+        return str(exc)
+    except redis.RedisError:
+        return None
+    finally:
+        r.close()
+    return None
 
 
 def supervise_workers(a: argparse.Namespace) -> None:

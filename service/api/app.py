@@ -19,7 +19,7 @@ from .metadata import ModelMetadata
 from .metrics import ApiMetrics
 from .middleware import BodyLimitAndMetrics
 from .routes import events, jobs, meta
-from .sse import SSE_SOCKET_MARGIN_S
+from .sse import SSE_SOCKET_MARGIN_S, Draining
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default_timeout=settings.job_timeout,
     )
     app.state.metrics = ApiMetrics(r, settings.queue)
+    app.state.draining = Draining()  # ended by ``service.api.server.Server`` at shutdown
     app.add_middleware(
         BodyLimitAndMetrics, limit=settings.max_body_bytes, metrics=app.state.metrics
     )

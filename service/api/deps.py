@@ -86,7 +86,8 @@ async def _metrics(request: Request) -> ApiMetrics:
 
 async def _streams(request: Request) -> EventStreams:
     state = request.app.state
-    return EventStreams(state.async_redis.get("sse"), state.settings.keepalive_s, state.metrics)
+    sse = state.async_redis.get("sse")
+    return EventStreams(sse, state.settings.keepalive_s, state.metrics, state.draining)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ job's terminal event (``done``, ``error`` or ``canceled``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -50,8 +51,30 @@ RQ_ENDED = frozenset(
 )
 
 
+# What an open stream gets when its API process shuts down: the job goes on, and the client
+# reconnects (EventSource does so by itself) with Last-Event-ID to another API process.
+DRAIN_NOTE = b": the server is shutting down; reconnect with Last-Event-ID to resume\n\n"
+
+
 class _Last(str):
     """The last chunk of an event stream (``EventStreamResponse`` ends the response with it)."""
+
+
+class Draining:
+    """The API process's open event streams, ended when it shuts down (``begin``). uvicorn
+    waits for open responses to end before it exits, and a job's stream ends only with the
+    job: an API process with a stream open on a queued job never exited, until its
+    orchestrator killed it and every stream was cut without a word."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.streams: set[asyncio.Task] = set()
+
+    def begin(self) -> None:
+        """End every open stream (each sends ``DRAIN_NOTE``), and any that opens later."""
+        self.started = True
+        for task in self.streams:
+            task.cancel()
 
 
 class EventStreamResponse(StreamingResponse):
@@ -61,16 +84,23 @@ class EventStreamResponse(StreamingResponse):
     a stream whose first events are known: they follow within ``SSE_HOLD_S``), so that the
     two writes leave back to back and wake the client once."""
 
-    def __init__(self, *args: Any, headers_with_first: bool = False, **kwargs: Any):
+    def __init__(
+        self, *args: Any, draining: Draining, headers_with_first: bool = False, **kwargs: Any
+    ):
         super().__init__(*args, **kwargs)
-        self.headers_with_first = headers_with_first
+        self.draining, self.headers_with_first = draining, headers_with_first
+        self.started = False  # the status line and headers are sent
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """The stream, cancelled when the client goes away, even while the job is quiet and
         nothing is being sent. Starlette's own watch (for ASGI before 2.4, which uvicorn
         speaks) is an anyio task group per response: 85 us of a short job's 270 us stream.
-        This one is a task that waits for ``http.disconnect`` and cancels the stream's."""
+        This one is a task that waits for ``http.disconnect`` and cancels the stream's.
+        When the API process shuts down (``Draining``) the stream is cancelled too, and
+        ends with ``DRAIN_NOTE``."""
         stream, gone = asyncio.current_task(), asyncio.Event()
+        if self.draining.started:
+            return await self._drained(send)
 
         async def watch() -> None:
             while (await receive())["type"] != "http.disconnect":
@@ -79,37 +109,53 @@ class EventStreamResponse(StreamingResponse):
             stream.cancel()  # type: ignore[union-attr]
 
         watcher = asyncio.get_running_loop().create_task(watch())
+        self.draining.streams.add(stream)  # type: ignore[arg-type]
         try:
             await self.stream_response(send)
         except asyncio.CancelledError:
-            if not gone.is_set():
+            if not (gone.is_set() or self.draining.started):
                 raise
-            stream.uncancel()  # type: ignore[union-attr]  # ours: the client went away
+            stream.uncancel()  # type: ignore[union-attr]  # ours: the client or the server
+            if not gone.is_set():
+                with contextlib.suppress(OSError):
+                    await self._drained(send)
+            return
         except OSError:  # the client went away during a write
             return
         finally:
             watcher.cancel()
+            self.draining.streams.discard(stream)  # type: ignore[arg-type]
         if self.background is not None:
             await self.background()
 
+    async def _drained(self, send: Any) -> None:
+        """End the response with ``DRAIN_NOTE``: the server is shutting down."""
+        if not self.started:
+            await send(self._start())
+        await send({"type": "http.response.body", "body": DRAIN_NOTE, "more_body": False})
+
+    def _start(self) -> dict[str, Any]:
+        self.started = True
+        return {
+            "type": "http.response.start",
+            "status": self.status_code,
+            "headers": self.raw_headers,
+        }
+
     async def stream_response(self, send: Any) -> None:
-        start = {"type": "http.response.start", "status": self.status_code}
-        start["headers"] = self.raw_headers
-        started = not self.headers_with_first
-        if started:
-            await send(start)
+        if not self.headers_with_first:
+            await send(self._start())
         try:
             async for chunk in self.body_iterator:
-                if not started:
-                    await send(start)
-                    started = True
+                if not self.started:
+                    await send(self._start())
                 last = isinstance(chunk, _Last)
                 body = chunk.encode(self.charset) if isinstance(chunk, str) else chunk
                 await send({"type": "http.response.body", "body": body, "more_body": not last})
                 if last:
                     return
-            if not started:
-                await send(start)
+            if not self.started:
+                await send(self._start())
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:  # also when a send fails or is cancelled: the generator's cleanup runs now
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
@@ -118,11 +164,12 @@ class EventStreamResponse(StreamingResponse):
 @dataclass(frozen=True)
 class EventStreams:
     """What a job's event stream needs: the SSE readers' Redis client, the keep-alive
-    interval and the metrics (which count connected clients)."""
+    interval, the metrics (which count connected clients) and the process's open streams."""
 
     redis: aredis.Redis
     keepalive: float
     metrics: ApiMetrics
+    draining: Draining
 
     async def exists(self, job_id: str) -> bool:
         """Whether there is a job (or its events) to stream."""
@@ -145,6 +192,7 @@ class EventStreams:
             _events(self, job_id, last, first),
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **headers},
+            draining=self.draining,
             headers_with_first=bool(first),
         )
 

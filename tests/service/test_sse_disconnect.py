@@ -15,7 +15,7 @@ import redis
 import redis.asyncio as aredis
 
 from service.api.metrics import ApiMetrics
-from service.api.sse import EventStreams
+from service.api.sse import Draining, EventStreams
 
 KEEPALIVE_S = 15.0
 
@@ -26,7 +26,7 @@ async def _serve(url: str, job: str, disconnect_after: float | None) -> tuple[fl
     sent and the connected-clients gauge after it."""
     ar = aredis.Redis.from_url(url)
     metrics = ApiMetrics(redis.Redis.from_url(url), "q")
-    streams = EventStreams(ar, KEEPALIVE_S, metrics)
+    streams = EventStreams(ar, KEEPALIVE_S, metrics, Draining())
     sent: list[dict] = []
 
     async def receive() -> dict:

@@ -11,7 +11,7 @@ import redis
 import redis.asyncio as aredis
 
 from service.api.metrics import ApiMetrics
-from service.api.sse import SSE_HOLD_S, EventStreams, _events
+from service.api.sse import SSE_HOLD_S, Draining, EventStreams, _events
 
 KEY = "bt:events:{}"
 
@@ -20,7 +20,7 @@ async def _first_chunks(url: str, job: str, writer, n: int) -> list[tuple[float,
     """The first ``n`` chunks the relay yields for ``job`` while ``writer(w)`` writes events
     (an async callable on its own client), each with the seconds since the relay started."""
     ar, w = aredis.Redis.from_url(url), aredis.Redis.from_url(url)
-    streams = EventStreams(ar, 15.0, ApiMetrics(redis.Redis.from_url(url), "q"))
+    streams = EventStreams(ar, 15.0, ApiMetrics(redis.Redis.from_url(url), "q"), Draining())
     task = asyncio.create_task(writer(w))
     t0, chunks = time.monotonic(), []
     gen = _events(streams, job, "0-0")
