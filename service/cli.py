@@ -130,7 +130,9 @@ def cmd_worker(a: argparse.Namespace) -> None:
         sys.exit(f"worker: its supervisor (pid {a.parent_pid}) is gone")
     url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
     if (why := redis_full(url)) is not None:
-        log.error("worker: not starting: Redis is out of memory (%s); its supervisor retries", why)
+        log.error(
+            "worker: not starting: Redis is out of memory (%s); exit for a later restart", why
+        )
         sys.exit(EXIT_REDIS_FULL)
     from .worker import run_worker
 
@@ -158,7 +160,7 @@ def redis_full(url: str) -> str | None:
     try:
         r.set(WRITABLE, b"", ex=1)
     except redis.exceptions.OutOfMemoryError as exc:
-        return str(exc)
+        return str(exc).rstrip(".")
     except redis.RedisError:
         return None
     finally:

@@ -16,10 +16,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import yaml
 
 from service.client import Client
-from service.redis_server import free_port
+from service.redis_server import PrivateRedis, free_port
 from service.registry import DEMO_REGISTRY
 from service.supervisor import Backoff, Supervisor
 from service.vocabulary import JobStatus
@@ -214,3 +215,39 @@ def test_all_in_one_replaces_a_killed_worker(all_in_one) -> None:
     server.wait(60)
     assert state(new) is None, "serve left its worker running"
     assert server.returncode == 0, log.read_text()[-3000:]
+
+
+def test_workers_wait_out_a_full_redis_with_one_line_a_restart() -> None:
+    """Redis out of memory (maxmemory reached, noeviction): a supervised worker does not
+    start, saying why in one line, before torch or any model loads; the supervisor starts
+    it again after 1, 2, 4 s. It warmed its models first, then died on RQ's first write
+    with tracebacks, and a warm-up past a minute reset the delay to 1 s at every restart."""
+    with PrivateRedis() as server:
+        r = redis.Redis.from_url(server.url)
+        r.set("filler", b"x" * 1000)
+        r.config_set("maxmemory", 1)
+        env = {**os.environ, "REDIS_URL": server.url, "PYTHONPATH": str(ROOT)}
+        command = [sys.executable, "-m", "service", "worker", "--processes", "1"]
+        proc = subprocess.Popen(
+            [*command, "--metrics-port", "0"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        lines: list[str] = []
+        try:
+            while sum("restarting in" in x for x in lines) < 3 and (line := proc.stdout.readline()):
+                lines.append(line)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=60)
+    why = "not starting: Redis is out of memory (command not allowed when used memory > "
+    assert sum(why in x for x in lines) == sum(" started" in x for x in lines) == 3, lines
+    ends = [
+        re.search(r"exited with status (\d+) after [\d.]+ s; restarting in (\S+) s", x)
+        for x in lines
+    ]
+    assert [m.groups() for m in ends if m] == [("75", "1.0"), ("75", "2.0"), ("75", "4.0")]
+    assert not any("Traceback" in x for x in lines), "".join(lines)
