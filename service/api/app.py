@@ -14,6 +14,7 @@ from ..config import Settings
 from ..registry import load_registry
 from . import errors
 from .deps import AsyncClients
+from .hub import HUB_BLOCK_S, StreamHub
 from .lifespan import lifespan
 from .metadata import ModelMetadata
 from .metrics import ApiMetrics
@@ -42,8 +43,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.redis = r
     sse_timeout = settings.keepalive_s + SSE_SOCKET_MARGIN_S
     app.state.async_redis = AsyncClients(
-        settings.redis_url, {"sse": {"socket_timeout": sse_timeout}}
+        settings.redis_url,
+        {
+            "sse": {"socket_timeout": sse_timeout},
+            "hub": {
+                "socket_timeout": HUB_BLOCK_S + SSE_SOCKET_MARGIN_S,
+                "single_connection_client": True,
+            },
+        },
     )
+    app.state.hub = StreamHub(app.state.async_redis)
     app.state.queue = Queue(
         settings.queue,
         connection=r,

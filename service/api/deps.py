@@ -43,9 +43,10 @@ class _CPackedConnection(aredis.Connection):
 class AsyncClients:
     """Async Redis clients by purpose, each made on first use (inside the event loop). POST
     /run_task enqueues on a client of its own ("enqueue"), apart from the SSE readers'
-    blocking XREADs ("sse"): sharing one, tests/chaos saw the events endpoint fail with
-    "Connection closed by server" after a Redis restart (cause not isolated). ``options``
-    are a purpose's client settings (the SSE readers' socket timeout)."""
+    ("sse"; the streams' shared blocking XREAD has a connection of its own, "hub"): sharing
+    one, tests/chaos saw the events endpoint fail with "Connection closed by server" after a
+    Redis restart (cause not isolated). ``options`` are a purpose's client settings (the
+    readers' socket timeouts)."""
 
     def __init__(self, url: str, options: dict[str, dict[str, Any]] | None = None):
         self.url = url
@@ -87,7 +88,7 @@ async def _metrics(request: Request) -> ApiMetrics:
 async def _streams(request: Request) -> EventStreams:
     state = request.app.state
     sse = state.async_redis.get("sse")
-    return EventStreams(sse, state.settings.keepalive_s, state.metrics, state.draining)
+    return EventStreams(sse, state.settings.keepalive_s, state.metrics, state.draining, state.hub)
 
 
 @dataclass(frozen=True)

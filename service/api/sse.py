@@ -19,6 +19,7 @@ from rq.job import JobStatus as RqStatus
 
 from .. import store
 from ..vocabulary import LIFECYCLE_EVENTS, TERMINAL_EVENTS, Event
+from .hub import StreamHub
 from .jobview import waiting_note
 from .metrics import ApiMetrics
 
@@ -170,6 +171,7 @@ class EventStreams:
     keepalive: float
     metrics: ApiMetrics
     draining: Draining
+    hub: StreamHub
 
     async def exists(self, job_id: str) -> bool:
         """Whether there is a job (or its events) to stream."""
@@ -211,7 +213,6 @@ async def _events(
     full), so a slow reader costs one batch of memory; a client that goes away cancels this
     generator."""
     ar, keepalive = streams.redis, streams.keepalive
-    key = store.EVENTS.format(job_id)
     streams.metrics.sse_clients.inc()
     down_since, hold_until, holding = None, None, True
     pending = "retry: 2000\n\n"  # sent with the first events
@@ -220,7 +221,7 @@ async def _events(
             held = hold_until is not None
             block = max(0.001, hold_until - time.monotonic()) if held else keepalive
             try:
-                resp, first = first or await _read(ar, job_id, key, last, block, held), None
+                resp, first = first or await _read(streams, job_id, last, block, held), None
                 quiet = "" if resp or held else await _quiet_note(ar)
             except redis.RedisError as exc:  # Redis restarting: wait for it, bounded
                 down_since = down_since or time.monotonic()
@@ -271,19 +272,15 @@ def _decoded(fields: dict[bytes, bytes]) -> tuple[str | None, str]:
     return Event.ERROR, UNREADABLE_ENDING
 
 
-async def _read(
-    ar: aredis.Redis, job_id: str, key: str, last: str, block: float, held: bool
-) -> Any:
-    """One blocking XREAD of the job's stream after ``last``, for up to ``block`` seconds;
-    empty when nothing came (a read that timed out is that too: a keep-alive, not an
-    outage). A quiet job that RQ says is over gets its terminal event here (not checked at
-    the end of a hold, which is no sign of a quiet job)."""
-    try:
-        resp = await ar.xread({key: last}, block=max(1, int(block * 1000)), count=100)
-    except redis.TimeoutError:
-        resp = None
+async def _read(streams: EventStreams, job_id: str, last: str, block: float, held: bool) -> Any:
+    """The job's entries after ``last``, waiting up to ``block`` seconds (in the process's
+    shared read: ``StreamHub``); empty when nothing came (a keep-alive, not an outage). A
+    quiet job that RQ says is over gets its terminal event here (not checked at the end of
+    a hold, which is no sign of a quiet job)."""
+    key = store.EVENTS.format(job_id)
+    resp = await streams.hub.read(key, last, block)
     if not resp and not held:
-        await _close_dead_job(ar, job_id, key, last)
+        await _close_dead_job(streams.redis, job_id, key, last)
     return resp
 
 

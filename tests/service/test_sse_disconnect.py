@@ -12,8 +12,9 @@ import time
 import uuid
 
 import redis
-import redis.asyncio as aredis
 
+from service.api.deps import AsyncClients
+from service.api.hub import StreamHub
 from service.api.metrics import ApiMetrics
 from service.api.sse import Draining, EventStreams
 
@@ -24,9 +25,9 @@ async def _serve(url: str, job: str, disconnect_after: float | None) -> tuple[fl
     """Run the job's stream as the ASGI app it is; the client disconnects after
     ``disconnect_after`` seconds (None: never). Returns the seconds it ran, the messages
     sent and the connected-clients gauge after it."""
-    ar = aredis.Redis.from_url(url)
+    clients = AsyncClients(url)
     metrics = ApiMetrics(redis.Redis.from_url(url), "q")
-    streams = EventStreams(ar, KEEPALIVE_S, metrics, Draining())
+    streams = EventStreams(clients.get("sse"), KEEPALIVE_S, metrics, Draining(), StreamHub(clients))
     sent: list[dict] = []
 
     async def receive() -> dict:
@@ -42,9 +43,9 @@ async def _serve(url: str, job: str, disconnect_after: float | None) -> tuple[fl
     t0 = time.monotonic()
     await asyncio.wait_for(streams.response(job)(scope, receive, send), KEEPALIVE_S - 5)
     elapsed = time.monotonic() - t0
-    clients = metrics.sse_clients._value.get()
-    await ar.aclose()
-    return elapsed, sent, clients
+    gauge = metrics.sse_clients._value.get()
+    await clients.aclose()
+    return elapsed, sent, gauge
 
 
 def _job(url: str, events: list[str]) -> str:

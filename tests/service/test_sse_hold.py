@@ -10,6 +10,8 @@ import time
 import redis
 import redis.asyncio as aredis
 
+from service.api.deps import AsyncClients
+from service.api.hub import StreamHub
 from service.api.metrics import ApiMetrics
 from service.api.sse import SSE_HOLD_S, Draining, EventStreams, _events
 
@@ -19,8 +21,9 @@ KEY = "bt:events:{}"
 async def _first_chunks(url: str, job: str, writer, n: int) -> list[tuple[float, str]]:
     """The first ``n`` chunks the relay yields for ``job`` while ``writer(w)`` writes events
     (an async callable on its own client), each with the seconds since the relay started."""
-    ar, w = aredis.Redis.from_url(url), aredis.Redis.from_url(url)
-    streams = EventStreams(ar, 15.0, ApiMetrics(redis.Redis.from_url(url), "q"), Draining())
+    clients, w = AsyncClients(url), aredis.Redis.from_url(url)
+    metrics = ApiMetrics(redis.Redis.from_url(url), "q")
+    streams = EventStreams(clients.get("sse"), 15.0, metrics, Draining(), StreamHub(clients))
     task = asyncio.create_task(writer(w))
     t0, chunks = time.monotonic(), []
     gen = _events(streams, job, "0-0")
@@ -30,7 +33,7 @@ async def _first_chunks(url: str, job: str, writer, n: int) -> list[tuple[float,
             break
     await gen.aclose()
     task.cancel()
-    await ar.aclose()
+    await clients.aclose()
     await w.aclose()
     return chunks
 

@@ -1,0 +1,137 @@
+"""One blocking XREAD for all the event streams an API process relays.
+
+Each open stream used to wait in a blocking XREAD of its own, and a blocking read holds its
+Redis connection for as long as it waits (the keep-alive, 15 s): an API process with N open
+streams held N connections. Redis refuses clients past ``maxclients`` (10000 by default),
+and then the workers cannot connect either: a few thousand followed jobs on a few API
+replicas would stop the whole service. Here the process's streams wait on one connection:
+one XREAD names every job stream that someone waits on, each from the earliest id one of
+its readers needs, and hands each reader the entries after its own id.
+
+A reader that arrives while that XREAD blocks without its stream is let in by ``CLIENT
+UNBLOCK`` of the hub's connection (the read returns empty and is sent again with the new
+stream). Should the unblock miss (Redis saw it before the XREAD), the read's own block,
+``HUB_BLOCK_S``, bounds the delay."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+if TYPE_CHECKING:
+    from .deps import AsyncClients
+
+HUB_BLOCK_S = 1.0
+# Entries of one stream handed out per read, as each stream's own read took before.
+HUB_COUNT = 100
+
+
+def _id_key(stream_id: str) -> tuple[int, int]:
+    a, _, b = stream_id.partition("-")
+    return int(a), int(b or 0)
+
+
+@dataclass(eq=False)
+class _Reader:
+    """A stream's reader: the id after which it wants entries, and where it gets them."""
+
+    last: str
+    got: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class StreamHub:
+    """The blocking reads of one API process's event streams, as one XREAD on one connection
+    (the ``hub`` client of ``clients``: a single connection); the ``sse`` client sends the
+    unblocks. Clients are taken on first use, inside the event loop."""
+
+    def __init__(self, clients: AsyncClients):
+        self.clients = clients
+        self.readers: dict[str, list[_Reader]] = {}
+        self.reading: dict[str, str] | None = None  # the XREAD in flight: stream -> id
+        self.hub_id: int | None = None  # the hub connection's CLIENT ID
+        self.woken = False  # an unblock is sent for the XREAD in flight
+        self.task: asyncio.Task | None = None
+
+    async def read(self, key: str, last: str, block: float) -> Any:
+        """The entries of stream ``key`` after ``last`` (XREAD's reply for that one stream),
+        or None when none came within ``block`` seconds. Raises the Redis error of the read
+        it waited on."""
+        reader = _Reader(last)
+        self.readers.setdefault(key, []).append(reader)
+        try:
+            if self.task is None or self.task.done():
+                self.task = asyncio.get_running_loop().create_task(self._run())
+            elif self._missing(key, last):
+                await self._wake()
+            return await asyncio.wait_for(reader.got, block)
+        except TimeoutError:
+            return None
+        finally:
+            self._drop(key, reader)
+
+    def _missing(self, key: str, last: str) -> bool:
+        """Whether the XREAD in flight cannot give this reader its entries."""
+        if self.reading is None:
+            return False  # the next XREAD will name it
+        since = self.reading.get(key)
+        return since is None or _id_key(last) < _id_key(since)
+
+    async def _wake(self) -> None:
+        """Unblock the XREAD in flight, once, so that it is sent again with the new stream."""
+        if self.woken or self.hub_id is None:
+            return
+        self.woken = True
+        with contextlib.suppress(redis.RedisError):
+            await self.clients.get("sse").client_unblock(self.hub_id)
+
+    def _drop(self, key: str, reader: _Reader) -> None:
+        waiting = self.readers.get(key, [])
+        if reader in waiting:
+            waiting.remove(reader)
+        if not waiting:
+            self.readers.pop(key, None)
+
+    async def _run(self) -> None:
+        """XREAD for every stream with readers, until none is left; each reader gets the
+        entries after its own id, or the error of the read."""
+        hub = self.clients.get("hub")
+        while self.readers:
+            streams = {k: min((r.last for r in rs), key=_id_key) for k, rs in self.readers.items()}
+            try:
+                if self.hub_id is None:
+                    self.hub_id = await hub.client_id()
+                self.reading, self.woken = streams, False
+                reply = await hub.xread(streams, block=int(HUB_BLOCK_S * 1000), count=HUB_COUNT)
+            except redis.TimeoutError:  # a quiet read; each reader times out on its own
+                self.hub_id = None
+                continue
+            except redis.RedisError as exc:
+                self.hub_id = None
+                self._fail(exc)
+                await asyncio.sleep(0.1)  # the readers retry as Redis comes back
+                continue
+            finally:
+                self.reading = None
+            self._hand_out(reply or [])
+            await asyncio.sleep(0)  # readers that got entries ask again before the next read
+
+    def _hand_out(self, reply: list) -> None:
+        for raw_key, entries in reply:
+            key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+            for reader in list(self.readers.get(key, [])):
+                after = _id_key(reader.last)
+                mine = [e for e in entries if _id_key(e[0].decode()) > after]
+                if mine and not reader.got.done():
+                    reader.got.set_result([[raw_key, mine]])
+                    self._drop(key, reader)
+
+    def _fail(self, exc: Exception) -> None:
+        for waiting in list(self.readers.values()):
+            for reader in waiting:
+                if not reader.got.done():
+                    reader.got.set_exception(exc)
+        self.readers.clear()
