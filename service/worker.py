@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from prometheus_client import start_http_server
 from rq import Queue, SimpleWorker
 from rq.job import Job
@@ -29,6 +31,9 @@ from .work.context import JobCanceled, WorkerState, init_worker
 
 log = logging.getLogger("service.worker")
 EXIT_STUCK = 70  # EX_SOFTWARE: the worker left a job it could not stop
+# EX_TEMPFAIL: RQ's loop quit on an error of its own (Redis gone or timing out past the
+# client's retries, a failed write): the worker must be restarted, with backoff.
+EXIT_LOOP_FAILED = 75
 
 
 class Worker(SimpleWorker):
@@ -39,6 +44,19 @@ class Worker(SimpleWorker):
     that matters (a dead worker's jobs) comes from our own heartbeat thread anyway."""
 
     HEARTBEAT_EVERY_S = 10.0
+    executed = 0  # jobs this process ran (RQ keeps its own count to itself)
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        self.executed += 1
+        super().execute_job(job, queue)
+
+    def quit_cleanly(self, burst: bool, max_jobs: int | None) -> bool:
+        """Whether RQ's loop ended as asked (a stop signal, a burst's empty queue, its
+        ``max_jobs``) rather than on an error: RQ logs an unhandled error ("quitting") and
+        returns as from a stop, and a worker that then exits 0 is restarted at once, with
+        no backoff, however often it fails the same way."""
+        done = max_jobs is not None and self.executed >= max_jobs
+        return burst or done or self._stop_requested
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         last = self.last_heartbeat
@@ -104,6 +122,7 @@ class Heartbeat:
     def _run(self) -> None:
         s = self.settings
         r = store.connect(s.redis_url, patient=True)
+        failing = False  # logged once when beats start failing, once when they recover
         while not self._stopping:
             self._wake.clear()
             try:
@@ -113,8 +132,13 @@ class Heartbeat:
                 reaper.reap(r, s.queue, s.heartbeat_ttl, s.result_ttl, s.failure_ttl)
                 stuck = r.get(reaper.STUCK.format(self.st.name))
             except Exception:  # noqa: BLE001 - Redis blips must not kill the worker
-                log.warning("heartbeat failed", exc_info=True)
-                stuck = None
+                if not failing:
+                    log.warning("heartbeat failed; retrying quietly until it works", exc_info=True)
+                failing, stuck = True, None
+            else:
+                if failing:
+                    log.info("heartbeat works again")
+                failing = False
             if stuck is not None:
                 self._exit_stuck(stuck.decode(errors="replace"))
             self._wake.wait(s.heartbeat_ttl / 3)
@@ -200,5 +224,11 @@ def run_worker(
     )
     try:
         worker.work(burst=burst, max_jobs=max_jobs, logging_level="INFO")
+    except redis.RedisError as exc:  # RQ's own goodbye failed too (Redis refuses writes)
+        log.error("RQ's loop ended on a Redis error (%s): exiting to be restarted", exc)
+        sys.exit(EXIT_LOOP_FAILED)
     finally:
         beat.stop()
+    if not worker.quit_cleanly(burst, max_jobs):
+        log.error("RQ's loop quit on an error (logged above): exiting to be restarted")
+        sys.exit(EXIT_LOOP_FAILED)

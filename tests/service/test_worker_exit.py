@@ -1,0 +1,89 @@
+"""A worker whose RQ loop quits on an error exits with a failure status, so that whatever
+runs it (the supervisor, Kubernetes) restarts it with backoff. RQ logs the error
+("found an unhandled exception, quitting") and returns as from a stop, and the worker then
+exited 0: the supervisor restarted it at once, however often it failed the same way.
+
+Two ways RQ's loop fails: a queued job whose hash RQ cannot read (a date that does not
+parse: RQ quits its loop and says goodbye to Redis as from a stop), and Redis out of memory
+from the moment a job is queued (one transaction: the worker's pop of the job is allowed, as
+it frees memory; RQ's first write for it is refused, and so is its goodbye)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from service import store
+from service.redis_server import PrivateRedis
+from service.worker import EXIT_LOOP_FAILED
+from tests.helpers.stack import ROOT
+
+
+def _ready(r: redis.Redis, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        beats = [json.loads(v) for k in r.keys(store.WORKER.format("*")) if (v := r.get(k))]
+        if any(b.get("status") == "ready" for b in beats):
+            return
+        time.sleep(0.2)
+    raise TimeoutError("the worker did not become ready")
+
+
+def _worker_exit(poison) -> tuple[int, str]:
+    """The exit status and output of a worker (no warm models) once ``poison(r, queue)`` has
+    queued what fails its RQ loop."""
+    with PrivateRedis() as server:
+        r = redis.Redis.from_url(server.url)
+        env = {**os.environ, "REDIS_URL": server.url, "PYTHONPATH": str(ROOT)}
+        env.pop("BACKTRACE_REGISTRY", None)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "worker", "--no-warm", "--metrics-port", "0"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            _ready(r, 120)
+            poison(r, Queue("default", connection=r, serializer=JSONSerializer))
+            out, _ = proc.communicate(timeout=90)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return proc.returncode, out
+
+
+def _unreadable_job(r: redis.Redis, queue: Queue) -> None:
+    r.hset("rq:job:bad", mapping={"created_at": "garbage", "status": "queued", "data": "x"})
+    r.rpush(queue.key, "bad")
+
+
+def _queued_into_a_full_redis(r: redis.Redis, queue: Queue) -> None:
+    job = queue.create_job("service.jobs.run_job", kwargs={"request": {}})
+    pipe = r.pipeline(transaction=True)
+    queue.enqueue_job(job, pipeline=pipe)
+    pipe.config_set("maxmemory", 1)
+    pipe.execute()
+
+
+def test_a_worker_whose_rq_loop_quits_on_an_error_exits_with_a_failure_status() -> None:
+    status, out = _worker_exit(_unreadable_job)
+    assert "found an unhandled exception, quitting" in out, out[-3000:]
+    assert status == EXIT_LOOP_FAILED, out[-3000:]  # before: 0, restarted without backoff
+    assert "exiting to be restarted" in out
+
+
+def test_a_worker_whose_rq_goodbye_fails_exits_with_one_line_and_a_failure_status() -> None:
+    status, out = _worker_exit(_queued_into_a_full_redis)
+    assert status == EXIT_LOOP_FAILED, out[-3000:]  # before: 1, with RQ's traceback
+    assert "RQ's loop ended on a Redis error" in out
+    assert out.count("Traceback") == 1, out  # RQ's log of the error; the crash added one
