@@ -36,9 +36,14 @@ class _Stream:
         self.seen: set[int] = set()
         self.steps: list[dict[str, Any]] = []  # the token events, kept for the result too
 
-    def add(self, event: Event, data: dict[str, Any]) -> None:
-        store.add_event(self.r, self.job_id, event, data, self.ttl, self.maxlen)
-        self.written.inc(len(store.dumps(data)))
+    def add(self, event: Event, data: dict[str, Any], pipe: Any = None) -> None:
+        """Append one event (on ``pipe`` when given: sent with the step's other writes),
+        counting the bytes written."""
+        raw = store.dumps(data)
+        store.add_event(
+            self.r if pipe is None else pipe, self.job_id, event, raw, self.ttl, self.maxlen
+        )
+        self.written.inc(len(raw))
 
     def __call__(
         self,
@@ -47,21 +52,24 @@ class _Stream:
         scores: torch.Tensor | None,
         relevance: dict[str, torch.Tensor] | None,
     ) -> None:
+        """Write the step's events and read whether a cancel was asked, in one round trip."""
         # The engine calls once as the token is chosen (relevance None) and again when the
         # step's relevance is ready; in the stepwise path both come in one call.
+        pipe = self.r.pipeline(transaction=False)
         if step not in self.seen:
             self.seen.add(step)
             now = time.perf_counter()
             self.token_s.observe(now - self.last)
             self.last = now
             data = documents.token_event(step, token_ids, scores, self.tok, self.output.top_scores)
-            self.add(Event.TOKEN, data)
+            self.add(Event.TOKEN, data, pipe)
             self.steps.append(data)
         if relevance is not None and "input_ids" in relevance:
             arr = documents.numpy(relevance["input_ids"])
             encoded = codec.encode(arr, self.output.encoding, self.output.dtype)
-            self.add(Event.RELEVANCE, {"step": step, "input_ids": encoded})
-        if store.cancel_requested(self.r, self.job_id):
+            self.add(Event.RELEVANCE, {"step": step, "input_ids": encoded}, pipe)
+        pipe.exists(store.CANCEL.format(self.job_id))
+        if pipe.execute()[-1]:
             raise JobCanceled()
 
 
