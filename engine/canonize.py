@@ -94,7 +94,7 @@ def _rms_norms(provenance: Provenance, order: list[fx.Node]) -> dict[fx.Node, fl
         if node.target is not aten.mul.Tensor or node not in provenance.bound:
             continue
         data = [
-            isinstance(a, fx.Node) and provenance.data.get(a, False)
+            isinstance(a, fx.Node) and provenance.carries(node, a)
             for a in (provenance.bound[node]["self"], provenance.bound[node]["other"])
         ]
         if data.count(True) != 1:

@@ -181,7 +181,7 @@ def _targets(sweeper: Sweeper, node: fx.Node, mode: str) -> list[fx.Node]:
         return [node.args[0]]
     if node in through:
         return [through[node]]
-    return [a for a in node.all_input_nodes if sweeper.provenance.data.get(a, False)]
+    return [a for a in node.all_input_nodes if sweeper.provenance.carries(node, a)]
 
 
 def _shared_scores(node: fx.Node, sizes: dict, mode: str) -> int:

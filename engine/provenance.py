@@ -20,11 +20,15 @@ from .rules import RESHAPE_OPS, family_of
 
 aten = torch.ops.aten
 
-# Ops whose output is a normaliser or attention/routing weights: treated as constants, so a
-# product with them passes all relevance to the other operand (hand-written RMSNorm, explicit
-# softmax attention, mixture-of-experts routing). Mode "reference" gives the hand-written
-# RMSNorm the norm's exact difference rule instead (``canonize.rms_eps``).
-CONSTANT_OPS = {
+# Ops whose output normalises or weighs other data: softmax (attention and routing weights),
+# the 1 / rms, 1 / std and variance of hand-written norms. Where their output, or a value
+# computed from it alone (``weights``), multiplies other data, it is a constant for that
+# product, which passes all relevance to the other operand (explicit softmax attention,
+# mixture-of-experts routing, gates, hand-written RMSNorm; mode "reference" gives the
+# hand-written RMSNorm the norm's exact difference rule instead, ``canonize.rms_eps``).
+# Where it flows on by itself (a softmax over features before a linear layer, statistics
+# pooling), it is an op like any other, and its rule passes relevance through.
+NORMALISERS = {
     aten.softmax.int,
     aten._softmax.default,
     aten.rsqrt.default,
@@ -35,7 +39,24 @@ CONSTANT_OPS = {
     aten.std.correction,
     aten.std.dim,
     aten.var_mean.correction,
-    # piecewise constant in the data (no gradient): a product with one scales the other
+    aten.var_mean.dim,
+}
+
+# Products, by the arguments they multiply: where weights meet other data there, the weights
+# are constants for that product.
+PRODUCT_FACTORS = {
+    aten.mul.Tensor: ("self", "other"),
+    aten.div.Tensor: ("self", "other"),
+    aten.matmul.default: ("self", "other"),
+    aten.mm.default: ("self", "mat2"),
+    aten.bmm.default: ("self", "mat2"),
+    aten.einsum.default: ("tensors",),
+    aten.addcmul.default: ("tensor1", "tensor2"),
+}
+
+# Piecewise constant in the data (no gradient): constants everywhere; a product with one
+# scales the other.
+CONSTANT_OPS = {
     aten.sign.default,
     aten.floor.default,
     aten.ceil.default,
@@ -83,8 +104,12 @@ ID_PATH_OPS = {
     aten.remainder.Tensor,
 }
 
-# Arguments a rule never sends relevance to, although they may be data.
-SILENT_ARGS = {aten.scaled_dot_product_attention.default: {"attn_mask"}}
+# Arguments a rule never sends relevance to, although they may be data (type_as reads only
+# the dtype of ``other``).
+SILENT_ARGS = {
+    aten.scaled_dot_product_attention.default: {"attn_mask"},
+    aten.type_as.default: {"other"},
+}
 
 
 class UnsupportedOpError(NotImplementedError):
@@ -133,12 +158,21 @@ class Provenance:
     def __init__(self, nodes: list[fx.Node], input_names: list[str], output: fx.Node):
         self.bound: dict[fx.Node, dict[str, Any]] = {}
         self.data: dict[fx.Node, bool] = {}
+        self.weights: set[fx.Node] = set()
         for node in nodes:
             if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
                 self.bound[node] = bind(node)
             self.data[node] = self._is_data(node, input_names)
+            if self.data[node] and self._is_weights(node):
+                self.weights.add(node)
+        self.gates = self._gates(nodes)
         self.output = output
         self.visited = self._reach(nodes, output)
+
+    def carries(self, node: fx.Node, arg: Any) -> bool:
+        """Whether ``arg`` takes a share of its consumer ``node``'s relevance: it is data, and
+        not weights that ``node`` multiplies other data by."""
+        return self.data.get(arg, False) and (node, arg) not in self.gates
 
     def _is_data(self, node: fx.Node, input_names: list[str]) -> bool:
         if node.op == "placeholder":
@@ -162,6 +196,46 @@ class Provenance:
             return any(self.data.get(a, False) for _, _, a in args)
         return False
 
+    def _is_weights(self, node: fx.Node) -> bool:
+        """Whether the data node's value is weights: a normaliser's output, or computed from
+        weights alone by ops that are no learned map (selections, casts, rescalings,
+        reductions, topk). A learned map of weights makes features of them."""
+        if node.target in NORMALISERS:
+            return True
+        if node.target is operator.getitem:
+            return node.args[0] in self.weights
+        family = family_of(node.target) if node in self.bound else None
+        if family is None or family.maps:
+            return False
+        silent = SILENT_ARGS.get(node.target, set())
+        args = [
+            a
+            for name, _, a in _tensor_args(self.bound[node])
+            if name not in silent and self._floating_data(a)
+        ]
+        return bool(args) and all(a in self.weights for a in args)
+
+    def _floating_data(self, node: fx.Node) -> bool:
+        return self.data.get(node, False) and _floating(_value(node))
+
+    def _gates(self, nodes: list[fx.Node]) -> set[tuple[fx.Node, fx.Node]]:
+        """(product, operand) for each product of weights with other data: the weights are
+        a constant there (attention weights times values, routing weights times expert
+        outputs, a gate, a hand-written norm's 1 / rms times its input)."""
+        gates = set()
+        for node in nodes:
+            factors = PRODUCT_FACTORS.get(node.target)
+            if factors is None or node not in self.bound:
+                continue
+            operands = [
+                a
+                for name, _, a in _tensor_args(self.bound[node])
+                if name in factors and self._floating_data(a)
+            ]
+            if any(a not in self.weights for a in operands):
+                gates.update((node, a) for a in operands if a in self.weights)
+        return gates
+
     def _reach(self, nodes: list[fx.Node], output: fx.Node) -> set[fx.Node]:
         """Nodes that relevance from ``output`` can reach, in the rules' own terms."""
         reached = {output}
@@ -175,7 +249,7 @@ class Provenance:
                 continue
             silent = SILENT_ARGS.get(node.target, set())
             for name, _, arg in _tensor_args(self.bound[node]):
-                if name not in silent and self.data.get(arg, False):
+                if name not in silent and self.carries(node, arg):
                     reached.add(arg)
         return reached
 

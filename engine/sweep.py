@@ -109,14 +109,14 @@ class Sweeper:
         """Nodes whose relevance goes unchanged to one data argument in ``mode``: rules that
         pass through (activations, norms, copies) and batch norms folded into their
         convolution. Half the nodes of a CNN; the sweep hands their relevance on directly."""
-        bound, data = self.provenance.bound, self.provenance.data
+        bound, prov = self.provenance.bound, self.provenance
         through = {}
         for node in self._order:
             if node in self.fused and not self.fused[node]:
                 through[node] = bound[node]["input"]
             elif getattr(self._rules[mode].get(node), "passes_through", False):
                 first = next(iter(bound[node].values()))
-                if isinstance(first, fx.Node) and data.get(first, False):
+                if isinstance(first, fx.Node) and prov.carries(node, first):
                     through[node] = first
         return through
 
@@ -297,7 +297,7 @@ class Sweeper:
         arg = self.provenance.bound[node][name]
         if index is not None:
             arg = arg[index]
-        return isinstance(arg, fx.Node) and self.provenance.data.get(arg, False)
+        return isinstance(arg, fx.Node) and self.provenance.carries(node, arg)
 
     def _sample_axis(self, node: fx.Node) -> int:
         where = self.captured.batch_axis.get(node)
@@ -326,8 +326,8 @@ class Sweeper:
         head = self.seed_head()
         out = p.env[self.seed_node]
         if head.target is not aten.linear.default or not self._arg_is_data(head, "input"):
-            # any other output, or a linear head over no data (a softmax's weights, which the
-            # rules hold constant): its own rule runs on the dense seed, and sinks what it must
+            # any other output, or a linear head over no data (rounded values, which the rules
+            # hold constant): its own rule runs on the dense seed, and sinks what it must
             dtype = torch.promote_types(out.dtype, torch.float32)
             if p.mode == "contrast":
                 seed = self._contrast_change(p, per_unit)
@@ -443,7 +443,7 @@ class _Pass:
             for a, gi in pairs:
                 if gi is None or not isinstance(a, fx.Node):
                     continue
-                if prov.data.get(a, False):
+                if prov.carries(node, a):
                     self._add(a, gi)
                 else:
                     self.sinks += self.per_sample(gi.float(), a)

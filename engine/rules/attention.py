@@ -39,6 +39,7 @@ class Attention(Family):
     relevance summed back over the group."""
 
     ops = (aten.scaled_dot_product_attention.default,)
+    maps = True
 
     def default(self, ctx: Ctx) -> Propagation:
         """The two product rules as matmuls (A >= 0; the softmax scale cancels in the |z|

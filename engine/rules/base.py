@@ -96,6 +96,10 @@ class Family:
     runs the ``reference`` rules (``engine.contrast``); only the seed head differs."""
 
     ops: tuple[Any, ...] = ()
+    # Whether the op is a learned map (a linear layer, a convolution, a product, a norm's
+    # affine, attention): its output is features, even where its input was attention or
+    # routing weights (``provenance``'s weights, which stay weights through other ops only).
+    maps: bool = False
 
     def default(self, ctx: Ctx) -> Propagation:
         raise NotImplementedError

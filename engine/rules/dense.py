@@ -73,6 +73,7 @@ class WeightedFamily(Family):
     """The three modes of a weighted map; subclasses say what their map and operands are."""
 
     bias: str | None = "bias"  # the argument that holds the bias
+    maps = True
 
     def operands(self, ctx: Ctx) -> Operands:
         raise NotImplementedError
@@ -328,6 +329,7 @@ class Product(Family):
     Mode "reference": the difference rule (exact for two data operands)."""
 
     ops = (aten.matmul.default, aten.mm.default, aten.bmm.default)
+    maps = True
 
     def operands(self, ctx: Ctx) -> tuple[Callable, list[str], list[Tensor], tuple[bool, bool]]:
         """The product, the argument names, their values and whether each is data."""

@@ -64,6 +64,10 @@ class Identity(Family):
         aten.softplus.default,
         aten.expm1.default,
         aten.log_sigmoid.default,
+        # normalisers whose output flows on by itself (``provenance.NORMALISERS``)
+        aten.rsqrt.default,
+        aten.sqrt.default,
+        aten.reciprocal.default,
     )
     default = contrast = reference = Family.identity
 

@@ -20,6 +20,7 @@ class BatchNorm(Family):
     contribution per unit, the shift t is the sink."""
 
     ops = (aten._native_batch_norm_legit_no_training.default,)
+    maps = True
 
     def _contributions(self, ctx: Ctx) -> tuple[Tensor, Tensor, Tensor]:
         """x * s per unit, the shift |t| + TINY, and R of output 0 (the statistics carry none)."""
@@ -60,6 +61,7 @@ class LayerNorm(Family):
     exact difference rule (``norm_difference``)."""
 
     ops = (aten.layer_norm.default,)
+    maps = True
     center = True
     default = Family.identity
 
@@ -84,6 +86,7 @@ class GroupNorm(Family):
     """Group norm: the normalising factor is a constant in every mode."""
 
     ops = (aten.group_norm.default,)
+    maps = True
     default = contrast = reference = Family.identity
 
 

@@ -183,7 +183,9 @@ class Share(Family):
     so it is conserved in every mode. log-sum-exp: by softmax, the weights of its gradient
     (a soft maximum); amax / amin: the winner takes all, as in max pooling (ties split
     evenly); the p-norm: in proportion to |x|^p, each element's share of sum |x|^p (for
-    p = inf, the winner).
+    p = inf, the winner); variance and standard deviation (where their output flows on by
+    itself, as in statistics pooling: ``provenance.NORMALISERS``): each element's share of
+    the sum of squared deviations (``var_mean``'s mean: its share of sum |x|, as a mean's).
 
     Mode "reference" uses the same shares: the weights at the input, not a difference rule,
     as the activations pass relevance on unchanged there."""
@@ -193,14 +195,24 @@ class Share(Family):
         aten.amax.default,
         aten.amin.default,
         aten.linalg_vector_norm.default,
+        aten.var.correction,
+        aten.var.dim,
+        aten.std.correction,
+        aten.std.dim,
+        aten.var_mean.correction,
+        aten.var_mean.dim,
     )
 
     def default(self, ctx: Ctx) -> Propagation:
         x, a = ctx.x, ctx.args
         dims = a["dim"] or list(range(x.dim()))
-        keepdim = a["keepdim"]
-        R = ctx.R if keepdim else ctx.R.reshape(ctx.K, *_kept_shape(x, dims))
-        return {"self": R * _weights(ctx.node.target, x, dims, a)}, None
+        if ctx.node.target in _VAR_MEAN:  # R of the outputs taken, by index
+            weights = {0: _weights(aten.var.correction, x, dims, a), 1: _normalise(x.abs(), dims)}
+            parts = [(ctx.R[i], weights[i]) for i in ctx.R]
+        else:
+            parts = [(ctx.R, _weights(ctx.node.target, x, dims, a))]
+        shape = _kept_shape(x, dims)
+        return {"self": sum(R.reshape(R.shape[0], *shape) * w for R, w in parts)}, None
 
 
 def _kept_shape(x: Tensor, dims: list[int]) -> list[int]:
@@ -212,6 +224,8 @@ def _weights(target: Any, x: Tensor, dims: list[int], a: dict[str, Any]) -> Tens
     """Weights over ``dims`` that add up to 1, the shape of ``x``."""
     if target is aten.logsumexp.default:
         return _normalise((x - x.amax(dims, keepdim=True)).exp(), dims)
+    if target in _DEVIATIONS:
+        return _normalise((x - x.mean(dims, keepdim=True)).square(), dims)
     if target is aten.linalg_vector_norm.default:
         p = float(a["ord"])
         if abs(p) != float("inf"):
@@ -219,6 +233,10 @@ def _weights(target: Any, x: Tensor, dims: list[int], a: dict[str, Any]) -> Tens
         x, target = x.abs(), aten.amax.default if p > 0 else aten.amin.default
     extreme = x.amax(dims, keepdim=True) if target is aten.amax.default else x.amin(dims, True)
     return _normalise((x == extreme).to(x.dtype), dims)
+
+
+_DEVIATIONS = {aten.var.correction, aten.var.dim, aten.std.correction, aten.std.dim}
+_VAR_MEAN = {aten.var_mean.correction, aten.var_mean.dim}
 
 
 def _normalise(w: Tensor, dims: list[int]) -> Tensor:

@@ -48,6 +48,7 @@ class Cell:
 
 class LSTM(Family):
     ops = (aten.lstm.input,)
+    maps = True
 
     def default(self, ctx: Ctx) -> Propagation:
         return _lstm(ctx)

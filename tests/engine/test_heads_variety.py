@@ -184,13 +184,19 @@ def test_a_classifier_ending_in_log_softmax(mode):
         torch.testing.assert_close(torch.as_tensor(res["predictions"]), model(ROWS))
 
 
+class Rounded(nn.Module):
+    def forward(self, x):
+        return torch.round(x)
+
+
 @pytest.mark.parametrize("mode", ["default", "contrast", "reference"])
-def test_a_linear_head_over_softmax_weights_sinks_its_seed(mode):
-    """The rules hold a softmax's output constant (attention and routing weights), so a linear
-    head reading one directly has no data input: its seed is a sink, reported as such. The
-    seed was put on the softmax anyway, and the sweep failed with KeyError: softmax."""
+def test_a_linear_head_over_constants_sinks_its_seed(mode):
+    """The rules hold rounded values constant (piecewise constant: no gradient), so a linear
+    head reading them has no data input: its seed is a sink, reported as such. The seed was
+    put on the head's input anyway, and the sweep failed with KeyError (then on a softmax,
+    which the rules no longer hold constant where it flows on: ``test_normalisers``)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.Softmin(-1), nn.Linear(16, 3)).eval()
+    model = nn.Sequential(nn.Linear(6, 16), Rounded(), nn.Linear(16, 3)).eval()
     res = DLBacktrace(model, (ROWS,)).run_task(inputs=(ROWS,), mode=mode)
     assert_conserved(res)
     assert (res["conservation"]["inputs"] == 0).all()

@@ -255,7 +255,10 @@ def test_cumsum_shares_by_magnitude():
 
 def test_reductions_share_by_their_weights():
     x, R = rand(2, 5), rand(3, 2)
+    deviations = (x - x.mean(-1, keepdim=True)) ** 2
     for op, extra, weights in (
+        (aten.var.correction, {}, deviations / deviations.sum(-1, keepdim=True)),
+        (aten.std.dim, {}, deviations / deviations.sum(-1, keepdim=True)),
         (aten.logsumexp.default, {}, torch.softmax(x, -1)),
         (aten.amax.default, {}, F.one_hot(x.argmax(-1), 5).to(x.dtype)),
         (aten.linalg_vector_norm.default, {"ord": 2}, x**2 / (x**2).sum(-1, keepdim=True)),
