@@ -47,12 +47,30 @@ def dumps(value: Any) -> bytes:
     return orjson.dumps(value, option=_JSON_OPTIONS)
 
 
+# TCP keep-alive probes after 30 s of silence, 3 of them 10 s apart: a connection whose Redis
+# vanished without closing it (its node lost, a failover to a new address) fails within about
+# a minute. Without them a read with no timeout (RQ's dequeue, an SSE reader's wait) waited
+# on it for good: a worker blocked while its heartbeat said nothing, for the kernel's two
+# hours. Linux's names; elsewhere the system's defaults.
+_PROBES = ("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)
+KEEPALIVE = {getattr(socket, name): v for name, v in _PROBES if hasattr(socket, name)}
+
+
+def tcp_options(url: str) -> dict[str, Any]:
+    """Client settings for a Redis URL: keep-alive probes where it is TCP (a Unix socket
+    takes none)."""
+    if not url.startswith(("redis://", "rediss://")):
+        return {}
+    return {"socket_keepalive": True, "socket_keepalive_options": KEEPALIVE}
+
+
 def connect(url: str, patient: bool = False) -> redis.Redis:
     """A client for ``url``. ``patient`` (the workers) retries a lost connection for about
     25 s, so that a running job and RQ's bookkeeping ride out a Redis restart; the API fails
     fast instead and answers 503 with Retry-After."""
     retry = Retry(ExponentialBackoff(cap=2, base=0.1), 15) if patient else None
     kw: dict[str, Any] = {"retry": retry} if retry else {}
+    kw.update(tcp_options(url))
     return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30, **kw)
 
 

@@ -17,6 +17,7 @@ import redis.asyncio as aredis
 from fastapi import Depends, HTTPException, Path, Request
 from rq import Queue
 
+from .. import store
 from ..config import Settings
 from ..registry import Registry
 from .metadata import ModelMetadata
@@ -55,7 +56,7 @@ class AsyncClients:
 
     def get(self, purpose: str) -> aredis.Redis:
         if purpose not in self.clients:
-            kw = self.options.get(purpose, {})
+            kw = {**store.tcp_options(self.url), **self.options.get(purpose, {})}
             client = aredis.Redis.from_url(self.url, **kw)
             pool = client.connection_pool
             if pool.connection_class is aredis.Connection:  # TCP; TLS and sockets as they are
