@@ -58,8 +58,10 @@ class StreamHub:
 
     async def read(self, key: str, last: str, block: float) -> Any:
         """The entries of stream ``key`` after ``last`` (XREAD's reply for that one stream),
-        or None when none came within ``block`` seconds. Raises the Redis error of the read
-        it waited on."""
+        or None when none came within ``block`` seconds. Raises the error of the read it
+        waited on. Waits with ``asyncio.timeout``, not ``wait_for``: on Python 3.11 that one
+        returns the result of a future done when the cancellation comes, and a stream whose
+        client went away (or whose server drains) as its entries arrived was never ended."""
         reader = _Reader(last)
         self.readers.setdefault(key, []).append(reader)
         try:
@@ -67,11 +69,14 @@ class StreamHub:
                 self.task = asyncio.get_running_loop().create_task(self._run())
             elif self._missing(key, last):
                 await self._wake()
-            return await asyncio.wait_for(reader.got, block)
+            async with asyncio.timeout(block):
+                return await reader.got
         except TimeoutError:
             return None
         finally:
             self._drop(key, reader)
+            if reader.got.done() and not reader.got.cancelled():
+                reader.got.exception()  # a failed read it left before: not "never retrieved"
 
     def _missing(self, key: str, last: str) -> bool:
         """Whether the XREAD in flight cannot give this reader its entries."""
@@ -97,13 +102,26 @@ class StreamHub:
 
     async def _run(self) -> None:
         """XREAD for every stream with readers, until none is left; each reader gets the
-        entries after its own id, or the error of the read."""
+        entries after its own id, or the error of the read. An error that is not Redis's
+        (redis-py's pool fails a read whose client was closed under it, at the API's
+        shutdown, with a KeyError) ends the task, and its readers get it at once instead of
+        waiting out their blocks; the next reader starts a new task."""
+        try:
+            await self._read_while_wanted()
+        except Exception as exc:  # noqa: BLE001 - handed to the readers, who raise it
+            self.hub_id = None
+            self._fail(exc)
+
+    async def _read_while_wanted(self) -> None:
         hub = self.clients.get("hub")
         while self.readers:
-            streams = {k: min((r.last for r in rs), key=_id_key) for k, rs in self.readers.items()}
             try:
                 if self.hub_id is None:
                     self.hub_id = await hub.client_id()
+                # named after the round trip above: a reader that came during it is in
+                streams = {
+                    k: min((r.last for r in rs), key=_id_key) for k, rs in self.readers.items()
+                }
                 self.reading, self.woken = streams, False
                 reply = await hub.xread(streams, block=int(HUB_BLOCK_S * 1000), count=HUB_COUNT)
             except redis.TimeoutError:  # a quiet read; each reader times out on its own
