@@ -320,10 +320,12 @@ async def _close_dead_job(ar: aredis.Redis, job_id: str, key: str, last: str) ->
 
 
 def is_stream_id(s: str) -> bool:
-    """Whether ``s`` can be a Redis stream id (``123`` or ``123-4``): a Last-Event-ID that
-    is not one starts the stream from the beginning."""
+    """Whether ``s`` can be a Redis stream id (``123`` or ``123-4``, each part ASCII digits
+    below 2**64): a Last-Event-ID that is not one starts the stream from the beginning.
+    Redis refuses the others ("²", which ``str.isdigit`` takes, or 2**64), and its refusal
+    of the stream's first read was a 503 that EventSource retried for good."""
     a, _, b = s.partition("-")
-    return a.isdigit() and (b.isdigit() or b == "")
+    return all(p.isascii() and p.isdigit() and int(p) < 1 << 64 for p in (a, b or "0"))
 
 
 def _id_key(stream_id: str) -> tuple[int, int]:
