@@ -45,6 +45,7 @@ class Worker(SimpleWorker):
 
     HEARTBEAT_EVERY_S = 10.0
     executed = 0  # jobs this process ran (RQ keeps its own count to itself)
+    stop_asked = False  # SIGTERM or SIGINT came (RQ marks it only when a job is running)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         self.executed += 1
@@ -56,7 +57,11 @@ class Worker(SimpleWorker):
         returns as from a stop, and a worker that then exits 0 is restarted at once, with
         no backoff, however often it fails the same way."""
         done = max_jobs is not None and self.executed >= max_jobs
-        return burst or done or self._stop_requested
+        return burst or done or self.stop_asked
+
+    def handle_warm_shutdown_request(self) -> None:
+        self.stop_asked = True
+        super().handle_warm_shutdown_request()
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         last = self.last_heartbeat
