@@ -41,11 +41,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = load_registry(settings.registry_path)
     app.state.metadata = ModelMetadata(app.state.registry, settings.data_dir)
     app.state.redis = r
-    sse_timeout = settings.keepalive_s + SSE_SOCKET_MARGIN_S
     app.state.async_redis = AsyncClients(
         settings.redis_url,
         {
-            "sse": {"socket_timeout": sse_timeout},
+            "sse": {"socket_timeout": SSE_SOCKET_MARGIN_S},
             "hub": {
                 "socket_timeout": HUB_BLOCK_S + SSE_SOCKET_MARGIN_S,
                 "single_connection_client": True,

@@ -124,10 +124,7 @@ class StreamHub:
                 }
                 self.reading, self.woken = streams, False
                 reply = await hub.xread(streams, block=int(HUB_BLOCK_S * 1000), count=HUB_COUNT)
-            except redis.TimeoutError:  # a quiet read; each reader times out on its own
-                self.hub_id = None
-                continue
-            except redis.RedisError as exc:
+            except redis.RedisError as exc:  # a timeout too: Redis went silent past the block
                 self.hub_id = None
                 self._fail(exc)
                 await asyncio.sleep(0.1)  # the readers retry as Redis comes back

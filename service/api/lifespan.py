@@ -22,6 +22,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     task = asyncio.create_task(reap_forever(app.state.redis, app.state.settings))
     yield
     task.cancel()
+    if app.state.hub.task is not None:  # the streams' shared read, before its clients close
+        app.state.hub.task.cancel()
     await app.state.async_redis.aclose()
 
 

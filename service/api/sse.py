@@ -27,10 +27,11 @@ SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no", "Connecti
 # How long an open SSE stream waits for Redis to come back before it ends (the client then
 # reconnects with Last-Event-ID); browsers' EventSource gives up on a 503, so streams wait.
 SSE_REDIS_OUTAGE_S = 60.0
-# The SSE readers' socket timeout is the keep-alive (XREAD's block time) plus this: a blocking
-# read that Redis answers empty is a quiet job, and only a socket silent for longer than the
-# block asked for is a Redis that stopped answering (redis-py's default, 5 s, is shorter
-# than the default block of 15 s and turned every quiet stream into a reported outage).
+# The socket timeout of the streams' shared blocking read (``hub``) is its block time plus
+# this, and that of the readers' other commands this alone: a blocking read that Redis
+# answers empty means quiet streams, and only a socket silent for longer than the block
+# asked for is a Redis that stopped answering (redis-py's default, 5 s, was shorter than the
+# streams' 15 s blocks and turned every quiet stream into a reported outage).
 SSE_SOCKET_MARGIN_S = 10.0
 KEEPALIVE = ": keep-alive\n\n"
 # How long the ending written for a job that ended without one (``_close_dead_job``) is kept:
