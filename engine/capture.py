@@ -20,8 +20,11 @@ from dataclasses import dataclass, field
 import sympy
 import torch
 from torch import SymInt, fx
-from torch._decomp import get_decompositions
+from torch._decomp import decomposition_table
 from torch.export import Dim, ExportedProgram
+
+from .provenance import Provenance
+from .rules import family_of
 
 Inputs = torch.Tensor | tuple | list | Mapping[str, torch.Tensor]
 
@@ -228,6 +231,7 @@ def capture(
             with _without_kv_cache(model), torch.no_grad():
                 program = _export(label, model, args, spec)
             program = program.run_decompositions(DECOMPOSITIONS)
+            captured = with_rules(_wrap(program))
         except Exception as exc:  # noqa: BLE001 - export failures are reported below
             if not _export_failure(exc, model):
                 raise
@@ -238,7 +242,7 @@ def capture(
             continue
         if verbose:
             print(f"[capture] {label} export of {type(model).__name__} succeeded")
-        return _wrap(program)
+        return captured
     raise CaptureError(
         f"torch.export could not capture {type(model).__name__}: " + " | ".join(errors)
     )
@@ -276,11 +280,50 @@ def _alias_decompositions() -> dict:
     return table
 
 
-# Ops without a rule of their own that torch decomposes into ops with one: GLU into a slice,
-# a sigmoid and a product; hard and soft shrinkage into a comparison and a where.
-_DECOMPOSED = (torch.ops.aten.glu.default, torch.ops.aten.hardshrink.default,
-               torch.ops.aten.softshrink.default)  # fmt: skip
-DECOMPOSITIONS = {**_alias_decompositions(), **get_decompositions(list(_DECOMPOSED))}
+DECOMPOSITIONS = _alias_decompositions()
+
+
+# Rounds of ``with_rules``: a composite's parts may be composites themselves (instance norm
+# is a batch norm in training mode, which is a variance, an rsqrt and products).
+_DECOMPOSE_ROUNDS = 4
+
+
+def with_rules(captured: Captured) -> Captured:
+    """``captured`` with each op on the relevance path that has no rule of its own decomposed
+    by torch's decompositions (GLU, the shrinkages, GRU and RNN cells, pixel shuffle, instance
+    norm, cosine similarity, conv3d and transposed convolutions, ...), round by round, until
+    every such op has a rule or none is left that decomposes: the parts of a composite op
+    usually have rules. Ops with a rule stay graph leaves. Where an op is left without a rule
+    that the model did not call itself (a part of a composite: prims.prod from prod), the
+    capture is left as it was, so that the refusal names the model's own ops."""
+    original, export_table = captured, torch.export.default_decompositions()
+    for _ in range(_DECOMPOSE_ROUNDS):
+        table = {}
+        for op in _unruled(captured):
+            if op in export_table:  # core ATen's and the composites' own
+                table[op] = export_table[op]
+            elif op in decomposition_table:  # the others torch has
+                table[op] = decomposition_table[op]
+        if not table:
+            break
+        captured = _wrap(captured.program.run_decompositions(table))
+    called = {n.target for n in original.nodes}
+    return captured if _unruled(captured) <= called else original
+
+
+def _unruled(captured: Captured) -> set:
+    """The ops without a rule on the relevance path of any floating-point output."""
+    found = set()
+    for output in captured.float_outputs():
+        provenance = Provenance(captured.nodes, captured.data_inputs, output)
+        found |= {
+            n.target
+            for n in provenance.visited
+            if n.op == "call_function"
+            and isinstance(n.target, torch._ops.OpOverload)
+            and family_of(n.target) is None
+        }
+    return found
 
 
 def _fresh(example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

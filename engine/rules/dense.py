@@ -30,6 +30,7 @@ from .base import (
     fold_seeds,
     proportional,
     stable,
+    vjp,
 )
 
 aten = torch.ops.aten
@@ -229,6 +230,31 @@ class Conv(WeightedFamily):
             bias_sink=lambda ratio, extra: ratio.flatten(3).sum(-1) * extra,
         )
         return Operands(conv, "input", x, w, ctx.abs_of(w), ctx.bias_term(b, w.shape[0], x))
+
+
+class Convolution(WeightedFamily):
+    """The general convolution (``aten.convolution``), which conv3d and the transposed
+    convolutions decompose to at capture (``capture.with_rules``): any number of spatial
+    dimensions, transposed or not. The |z| rule as for ``Conv``, its adjoint by autograd."""
+
+    ops = (aten.convolution.default,)
+
+    def operands(self, ctx: Ctx) -> Operands:
+        a = ctx.args
+        x, w, b = a["input"], a["weight"], a["bias"]
+        geometry = [a[k] for k in _GEOMETRY]
+        outputs = w.shape[1] * a["groups"] if a["transposed"] else w.shape[0]
+        conv = Weighted(
+            forward=lambda u, weight, bias: torch.convolution(u, weight, bias, *geometry),
+            backward=lambda ratio, weight: vjp(
+                lambda u: torch.convolution(u, weight, None, *geometry), x, ratio
+            ),
+            bias_sink=lambda ratio, extra: ratio.flatten(3).sum(-1) * extra,
+        )
+        return Operands(conv, "input", x, w, ctx.abs_of(w), ctx.bias_term(b, outputs, x))
+
+
+_GEOMETRY = ("stride", "padding", "dilation", "transposed", "output_padding", "groups")
 
 
 def _expand(v: int | list[int], n: int) -> list[int]:

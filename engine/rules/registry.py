@@ -12,7 +12,7 @@ import torch
 from ..tasks import MODES
 from .attention import Attention
 from .base import Family, Rule
-from .dense import AddMM, BAddBMM, Conv, Einsum, GroupedMM, Linear, Product
+from .dense import AddMM, BAddBMM, Conv, Convolution, Einsum, GroupedMM, Linear, Product
 from .elementwise import (
     Add,
     AddCMul,
@@ -46,6 +46,7 @@ FAMILIES: tuple[Family, ...] = (
     AddMM(),
     BAddBMM(),
     Conv(),
+    Convolution(),
     Product(),
     Einsum(),
     Add(),

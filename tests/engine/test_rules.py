@@ -517,3 +517,29 @@ def test_registry_covers_each_op_once_and_grouped_mm_by_name():
     assert len(ops) == len(set(ops))
     for op in grouped_mm_ops():  # present only once torch or transformers registered them
         assert all(rule_for(op, mode) is not None for mode in MODES)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_general_convolution_is_the_z_rule_of_its_map(transposed):
+    """aten.convolution (conv3d and the transposed convolutions decompose to it): the |z| rule
+    of the linear map it is, written as a matrix M (y = M x + b)."""
+    from engine.rules.dense import Convolution
+
+    x, R = rand(2, 2, 3, 3, seed=1), rand(2, 2, 3, 5, 5, seed=2).abs()
+    w, b = rand(2, 3, 3, 3, seed=3), rand(3, seed=4)
+    geometry = {"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1],
+                "transposed": transposed, "output_padding": [0, 0], "groups": 1}  # fmt: skip
+    if not transposed:  # 2 -> 3 channels, 3x3 -> 5x5 by padding 2
+        w, geometry["padding"] = w.transpose(0, 1).contiguous(), [2, 2]
+    args = {"input": x, "weight": w, "bias": b, **geometry}
+    grads, sink = Convolution().default(ctx_of(aten.convolution.default, args, R))
+
+    def conv(u):
+        return torch.convolution(u, w, None, *(geometry[k] for k in geometry))
+
+    M = torch.autograd.functional.jacobian(conv, x[:1]).reshape(75, 18)
+    c = x.reshape(2, 1, 18).abs() * M.abs()  # [B, out, in]
+    D = c.sum(-1) + b.abs().repeat_interleave(25)
+    expected = torch.einsum("boi,kbo->kbi", c, R.reshape(2, 2, 75) / D)
+    torch.testing.assert_close(grads["input"], expected.reshape(2, *x.shape))
+    conserved(R, grads, sink)

@@ -122,7 +122,54 @@ def _canonical(x):
     return torch.cat([torch.clamp(h, -3, 3), torch.neg(torch.abs(h))], -1)
 
 
+class Composite(nn.Module):
+    """A torch module without a rule of its own, decomposed at capture into ops with rules
+    (``capture.with_rules``): ``build`` made under a fixed seed, applied to ``shape(x)``,
+    its first output taken."""
+
+    def __init__(self, build: Callable[[], nn.Module], shape: Callable = _grid):
+        super().__init__()
+        torch.manual_seed(1)
+        self.module, self.shape = build(), shape
+
+    def forward(self, x):
+        out = self.module(self.shape(x))
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _steps(x):
+    """[B, 8] as 4 steps of 2 features."""
+    return x.reshape(x.shape[0], 4, 2)
+
+
+def _volume(x):
+    return x.reshape(x.shape[0], 1, 2, 2, 2)
+
+
+# Modules that had no rule (UnsupportedOpError naming aten.gru.input, aten.pixel_shuffle,
+# aten.instance_norm, aten.conv3d, aten.conv_transpose2d, ...): each is decomposed by torch's
+# own decompositions until its parts have rules (instance norm: into a variance, an rsqrt and
+# products, the rsqrt a constant there; conv3d and the transposed convolutions: into the
+# general convolution, which has a rule, ``Convolution``).
+COMPOSITES = {
+    "gru": (Composite(lambda: nn.GRU(2, 3, batch_first=True), _steps), 4 * 3),
+    "rnn_tanh": (Composite(lambda: nn.RNN(2, 3, batch_first=True), _steps), 4 * 3),
+    "pixel_shuffle": (Composite(lambda: nn.PixelShuffle(2), lambda x: x.reshape(-1, 4, 1, 2)), 8),
+    "pixel_unshuffle": (Composite(lambda: nn.PixelUnshuffle(2)), 8),
+    "instance_norm": (Composite(lambda: nn.InstanceNorm2d(1, affine=True)), D),
+    "cosine_similarity": (lambda x: F.cosine_similarity(x[:, :4], x[:, 4:])[:, None] * 5, 1),
+    "max_avg_pool1d": (lambda x: F.avg_pool1d(F.max_pool1d(x[:, None], 2), 2), 2),
+    "adaptive_max_pool2d": (Composite(lambda: nn.AdaptiveMaxPool2d((1, 2))), 2),
+    "conv3d": (Composite(lambda: nn.Conv3d(1, 2, 2, padding=1), _volume), 2 * 27),
+    "conv_transpose1d": (Composite(lambda: nn.ConvTranspose1d(4, 2, 3, stride=2), _steps), 2 * 5),
+    "conv_transpose2d": (
+        Composite(lambda: nn.ConvTranspose2d(1, 2, 2, stride=2, groups=1, dilation=1)),
+        2 * 4 * 8,
+    ),
+}
+
 BODIES: dict[str, tuple[Callable, int]] = {
+    **COMPOSITES,
     "aliases": (_aliases, 2 * D),
     "glu": (nn.GLU(), D // 2),
     "hardshrink": (nn.Hardshrink(0.3), D),
