@@ -17,6 +17,7 @@ import torch
 from torch import fx
 
 from .rules import RESHAPE_OPS, family_of
+from .rules.pooling import STATISTICS
 
 aten = torch.ops.aten
 
@@ -34,12 +35,7 @@ NORMALISERS = {
     aten.rsqrt.default,
     aten.sqrt.default,
     aten.reciprocal.default,
-    aten.var.correction,
-    aten.var.dim,
-    aten.std.correction,
-    aten.std.dim,
-    aten.var_mean.correction,
-    aten.var_mean.dim,
+    *STATISTICS,
 }
 
 # Products, by the arguments they multiply: where weights meet other data there, the weights

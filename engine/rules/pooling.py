@@ -22,6 +22,16 @@ from .base import (
 )
 
 aten = torch.ops.aten
+# A variance or a standard deviation (with the mean, var_mean): shares by squared deviations
+# here, and a constant where it weighs other data (``engine.provenance.NORMALISERS``).
+STATISTICS = (
+    aten.var.correction,
+    aten.var.dim,
+    aten.std.correction,
+    aten.std.dim,
+    aten.var_mean.correction,
+    aten.var_mean.dim,
+)
 
 
 class MaxPool(Family):
@@ -195,12 +205,7 @@ class Share(Family):
         aten.amax.default,
         aten.amin.default,
         aten.linalg_vector_norm.default,
-        aten.var.correction,
-        aten.var.dim,
-        aten.std.correction,
-        aten.std.dim,
-        aten.var_mean.correction,
-        aten.var_mean.dim,
+        *STATISTICS,
     )
 
     def default(self, ctx: Ctx) -> Propagation:

@@ -11,7 +11,6 @@ jobs stay queued for as long as the test wants."""
 from __future__ import annotations
 
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -109,8 +108,4 @@ def test_sigterm_ends_open_streams_with_a_reconnect_note_and_the_api_exits(
         assert [e for _, e, _ in rest] == [Event.DONE]
     finally:
         proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        proc.wait(30)
