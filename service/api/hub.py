@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from .deps import AsyncClients
 
 HUB_BLOCK_S = 1.0
+# An unblock that found the read not yet blocking in Redis (it was sent on another
+# connection and overtook it) is sent again, this often and this far apart, while that read
+# is still the one in flight: else the new reader waited out the whole block.
+WAKE_TRIES, WAKE_RETRY_S = 10, 0.002
 # Entries of one stream handed out per read, as each stream's own read took before.
 HUB_COUNT = 100
 
@@ -54,6 +58,7 @@ class StreamHub:
         self.reading: dict[str, str] | None = None  # the XREAD in flight: stream -> id
         self.hub_id: int | None = None  # the hub connection's CLIENT ID
         self.woken = False  # an unblock is sent for the XREAD in flight
+        self.round = 0  # XREADs sent so far: which read an unblock was meant for
         self.task: asyncio.Task | None = None
 
     async def read(self, key: str, last: str, block: float) -> Any:
@@ -86,12 +91,18 @@ class StreamHub:
         return since is None or _id_key(last) < _id_key(since)
 
     async def _wake(self) -> None:
-        """Unblock the XREAD in flight, once, so that it is sent again with the new stream."""
+        """Unblock the XREAD in flight, once, so that it is sent again with the new stream;
+        again while Redis says it was not blocking yet and it is still the read in flight."""
         if self.woken or self.hub_id is None:
             return
-        self.woken = True
+        self.woken, meant_for = True, self.round
         with contextlib.suppress(redis.RedisError):
-            await self.clients.get("sse").client_unblock(self.hub_id)
+            for _ in range(WAKE_TRIES):
+                if await self.clients.get("sse").client_unblock(self.hub_id):
+                    return
+                if self.round != meant_for or self.reading is None:
+                    return  # that read is over: the next one names the new stream
+                await asyncio.sleep(WAKE_RETRY_S)
 
     def _drop(self, key: str, reader: _Reader) -> None:
         waiting = self.readers.get(key, [])
@@ -123,6 +134,7 @@ class StreamHub:
                     k: min((r.last for r in rs), key=_id_key) for k, rs in self.readers.items()
                 }
                 self.reading, self.woken = streams, False
+                self.round += 1
                 reply = await hub.xread(streams, block=int(HUB_BLOCK_S * 1000), count=HUB_COUNT)
             except redis.RedisError as exc:  # a timeout too: Redis went silent past the block
                 self.hub_id = None

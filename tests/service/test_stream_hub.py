@@ -68,6 +68,24 @@ def test_a_reader_that_comes_while_the_read_blocks_is_let_in_at_once(redis_url: 
     asyncio.run(_with_hub(redis_url, body))
 
 
+def test_an_unblock_that_overtakes_the_read_is_sent_again(redis_url: str) -> None:
+    """The unblock goes on another connection than the read, and Redis can take it first,
+    before the read blocks: it unblocks nothing, and the new reader waited out the whole
+    block. Here the read (on a connection of the test's own, as the hub's) starts 5 ms
+    after the unblock was sent."""
+
+    async def body(hub: StreamHub, w: aredis.Redis) -> None:
+        hub.hub_id, hub.reading = await w.client_id(), {"hub:c:old": "0-0"}
+        waking = asyncio.ensure_future(hub._wake())
+        await asyncio.sleep(0.005)
+        t0 = time.monotonic()
+        await w.xread({"hub:c:old": "$"}, block=2000)  # blocks until unblocked
+        assert time.monotonic() - t0 < 0.5  # before: the whole 2 s
+        await waking
+
+    asyncio.run(_with_hub(redis_url, body))
+
+
 @pytest.fixture
 def lonely_api(stack: Stack) -> Iterator[tuple[str, redis.Redis]]:
     """An API on Redis database 4 of the session's server, with no worker: its jobs stay
