@@ -1,7 +1,8 @@
 """The API documents itself offline: /docs and /redoc load Swagger UI's and ReDoc's files
 from the API (the fastapi-offline package), never from a CDN; every route lists its error
 replies with their body; the icon is served; static files are counted under their route;
-heatmaps carry their colour scale. In process, without Redis (none of this needs it)."""
+heatmaps carry their colour scale. In process, without Redis (none of this needs it), but for
+/models."""
 
 from __future__ import annotations
 
@@ -79,12 +80,11 @@ def test_text_heatmap_has_a_colour_scale() -> None:
     assert blue.any() and red.any()
 
 
-def test_models_say_what_they_expect(api: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    """/models carries each registry entry's ``expects`` (the page shows it)."""
-    from service import store
-
-    monkeypatch.setattr(store, "live_workers", lambda r: [])
-    models = {m["id"]: m for m in api.get("/models").json()["models"]}
+def test_models_say_what_they_expect(redis_url: str) -> None:
+    """/models carries each registry entry's ``expects`` (the page shows it). It reads the
+    workers and their load failures from Redis: a real one here."""
+    with TestClient(create_app(Settings(redis_url=redis_url))) as api:
+        models = {m["id"]: m for m in api.get("/models").json()["models"]}
     assert "white ink on black" in models["digits-cnn"]["expects"]
 
 
