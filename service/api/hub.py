@@ -10,8 +10,8 @@ its readers needs, and hands each reader the entries after its own id.
 
 A reader that arrives while that XREAD blocks without its stream is let in by ``CLIENT
 UNBLOCK`` of the hub's connection (the read returns empty and is sent again with the new
-stream). Should the unblock miss (Redis saw it before the XREAD), the read's own block,
-``HUB_BLOCK_S``, bounds the delay."""
+stream). An unblock that Redis took before the XREAD is sent again (``WAKE_TRIES``); past
+those, the read's own block, ``HUB_BLOCK_S``, bounds the delay."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ WAKE_TRIES, WAKE_RETRY_S = 10, 0.002
 HUB_COUNT = 100
 
 
-def _id_key(stream_id: str) -> tuple[int, int]:
+def id_key(stream_id: str) -> tuple[int, int]:
+    """A stream id (``123`` or ``123-4``) as what orders it."""
     a, _, b = stream_id.partition("-")
     return int(a), int(b or 0)
 
@@ -88,7 +89,7 @@ class StreamHub:
         if self.reading is None:
             return False  # the next XREAD will name it
         since = self.reading.get(key)
-        return since is None or _id_key(last) < _id_key(since)
+        return since is None or id_key(last) < id_key(since)
 
     async def _wake(self) -> None:
         """Unblock the XREAD in flight, once, so that it is sent again with the new stream;
@@ -131,7 +132,7 @@ class StreamHub:
                     self.hub_id = await hub.client_id()
                 # named after the round trip above: a reader that came during it is in
                 streams = {
-                    k: min((r.last for r in rs), key=_id_key) for k, rs in self.readers.items()
+                    k: min((r.last for r in rs), key=id_key) for k, rs in self.readers.items()
                 }
                 self.reading, self.woken = streams, False
                 self.round += 1
@@ -150,8 +151,8 @@ class StreamHub:
         for raw_key, entries in reply:
             key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
             for reader in list(self.readers.get(key, [])):
-                after = _id_key(reader.last)
-                mine = [e for e in entries if _id_key(e[0].decode()) > after]
+                after = id_key(reader.last)
+                mine = [e for e in entries if id_key(e[0].decode()) > after]
                 if mine and not reader.got.done():
                     reader.got.set_result([[raw_key, mine]])
                     self._drop(key, reader)

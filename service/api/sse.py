@@ -19,7 +19,7 @@ from rq.job import JobStatus as RqStatus
 
 from .. import store
 from ..vocabulary import LIFECYCLE_EVENTS, TERMINAL_EVENTS, Event
-from .hub import StreamHub
+from .hub import StreamHub, id_key
 from .jobview import waiting_note
 from .metrics import ApiMetrics
 
@@ -329,11 +329,6 @@ def is_stream_id(s: str) -> bool:
     return all(p.isascii() and p.isdigit() and int(p) < 1 << 64 for p in (a, b or "0"))
 
 
-def _id_key(stream_id: str) -> tuple[int, int]:
-    a, _, b = stream_id.partition("-")
-    return int(a), int(b or 0)
-
-
 async def resume_error(ar: aredis.Redis, job_id: str, last: str) -> str | None:
     """Why ``last`` cannot resume the job's stream, or None when it can. An id after the
     stream's last entry would block until an event newer than it, which the job never
@@ -344,6 +339,6 @@ async def resume_error(ar: aredis.Redis, job_id: str, last: str) -> str | None:
     if not newest:
         return f"Last-Event-ID {last}: the job has no events yet; reconnect without it"
     top = newest[0][0].decode()
-    if _id_key(last) > _id_key(top):
+    if id_key(last) > id_key(top):
         return f"Last-Event-ID {last} is after the job's last event {top}; use an id it sent"
     return None
