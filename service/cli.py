@@ -29,7 +29,7 @@ from .config import Settings
 from .lifeline import end_with_parent
 from .liveness import HeartbeatProbe
 from .supervisor import Supervisor
-from .vocabulary import Event, JobStatus
+from .vocabulary import Event, JobStatus, WorkerExit
 
 log = logging.getLogger("service")
 
@@ -118,7 +118,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
 def cmd_worker(a: argparse.Namespace) -> None:
     """One worker in this process (a container's), or with --processes N a supervisor of N.
     A worker does not start while Redis refuses writes for want of memory: it says so in
-    one line and exits with ``EXIT_REDIS_FULL`` before loading torch or any model, and its
+    one line and exits with ``WorkerExit.TEMPFAIL`` before loading torch or any model, and its
     supervisor (or the kubelet) starts it again after a growing delay. Started anyway, it
     warmed its models (a minute and more on a small machine, past the supervisor's
     ``healthy_s``, which reset the delay to 1 s), then RQ's first write failed it, with a
@@ -133,7 +133,7 @@ def cmd_worker(a: argparse.Namespace) -> None:
         log.error(
             "worker: not starting: Redis is out of memory (%s); exit for a later restart", why
         )
-        sys.exit(EXIT_REDIS_FULL)
+        sys.exit(WorkerExit.TEMPFAIL)
     from .worker import run_worker
 
     settings = _settings(redis_url=url)
@@ -146,8 +146,6 @@ def cmd_worker(a: argparse.Namespace) -> None:
     )
 
 
-# EX_TEMPFAIL (sysexits.h): a worker that did not start because Redis refuses writes.
-EXIT_REDIS_FULL = 75
 # A key the check of ``redis_full`` writes (and Redis drops within a second).
 WRITABLE = "bt:writable"
 

@@ -1,9 +1,9 @@
-"""The service's vocabulary, defined once: job statuses, stream event names and what a
-worker's heartbeat says it is doing. No torch."""
+"""The service's vocabulary, defined once: job statuses, stream event names, what a
+worker's heartbeat says it is doing and how a worker exits. No torch."""
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 
 
 class JobStatus(StrEnum):
@@ -57,3 +57,12 @@ class WorkerStatus(StrEnum):
 # The image formats a request may send (Pillow's names), checked at the door and the only
 # ones the worker decodes.
 IMAGE_FORMATS = ("PNG", "JPEG")
+
+
+class WorkerExit(IntEnum):
+    """A worker's exit status when it leaves by itself, as sysexits.h names them; 0 is a
+    stop it was asked for (a signal, ``--burst``, ``--max-jobs``). Both ask whatever runs
+    it (the supervisor, Kubernetes) for a fresh worker, the second after a growing delay."""
+
+    STUCK = 70  # EX_SOFTWARE: it left a job stuck where no signal reaches
+    TEMPFAIL = 75  # EX_TEMPFAIL: it cannot go on for now (Redis full, RQ's loop failed)

@@ -25,15 +25,11 @@ from . import worker_metrics as m
 from .config import Settings
 from .models import DeviceUnavailable
 from .registry import Registry
-from .vocabulary import WorkerStatus
+from .vocabulary import WorkerExit, WorkerStatus
 from .work import run
 from .work.context import JobCanceled, WorkerState, init_worker
 
 log = logging.getLogger("service.worker")
-EXIT_STUCK = 70  # EX_SOFTWARE: the worker left a job it could not stop
-# EX_TEMPFAIL: RQ's loop quit on an error of its own (Redis gone or timing out past the
-# client's retries, a failed write): the worker must be restarted, with backoff.
-EXIT_LOOP_FAILED = 75
 
 
 class Worker(SimpleWorker):
@@ -151,12 +147,12 @@ class Heartbeat:
 
     def _exit_stuck(self, why: str) -> None:
         """The reaper failed this worker's job past its timeout: the main thread is stuck
-        where no signal reaches it. Leave at once, with ``EXIT_STUCK``, so that whatever
+        where no signal reaches it. Leave at once, with ``WorkerExit.STUCK``, so that whatever
         runs the worker (the supervisor, or Kubernetes, which has no other way to tell)
         starts a fresh one."""
         log.error("stuck in a job (%s): exiting so that a fresh worker takes over", why)
         logging.shutdown()
-        os._exit(EXIT_STUCK)
+        os._exit(WorkerExit.STUCK)
 
 
 def _warm(registry: Registry, wanted: list[str], beat: Heartbeat) -> None:
@@ -231,9 +227,9 @@ def run_worker(
         worker.work(burst=burst, max_jobs=max_jobs, logging_level="INFO")
     except redis.RedisError as exc:  # RQ's own goodbye failed too (Redis refuses writes)
         log.error("RQ's loop ended on a Redis error (%s): exiting to be restarted", exc)
-        sys.exit(EXIT_LOOP_FAILED)
+        sys.exit(WorkerExit.TEMPFAIL)
     finally:
         beat.stop()
     if not worker.quit_cleanly(burst, max_jobs):
         log.error("RQ's loop quit on an error (logged above): exiting to be restarted")
-        sys.exit(EXIT_LOOP_FAILED)
+        sys.exit(WorkerExit.TEMPFAIL)

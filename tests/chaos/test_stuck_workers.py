@@ -18,7 +18,7 @@ import pytest
 
 from service import store
 from service.reaper import STUCK
-from service.worker import EXIT_STUCK
+from service.vocabulary import WorkerExit
 from tests.chaos.conftest import run_cluster
 from tests.helpers.cluster import Cluster, Listener, submit
 from tests.helpers.stack import ROOT
@@ -175,10 +175,10 @@ def test_a_stall_of_the_whole_machine_hands_no_job_on(
 
 def test_an_unsupervised_stuck_worker_exits_to_be_restarted(stuck_cluster: Cluster) -> None:
     """Under Kubernetes there is no supervisor to kill a stuck worker: once the reaper has
-    failed its job, the worker itself exits with ``EXIT_STUCK`` (its heartbeat thread still
+    failed its job, the worker itself exits with ``WorkerExit.STUCK`` (its heartbeat thread still
     runs), and the container is restarted."""
     (worker,) = stuck_cluster.workers(1)
     sse = Listener(stuck_cluster.url, submit(stuck_cluster.url, job(1000.0)))
     assert sse.wait_for("started", timeout=60)["worker"] == worker.name
-    assert worker.proc.wait(TIMEOUT_S + GRACE_S + 30) == EXIT_STUCK
+    assert worker.proc.wait(TIMEOUT_S + GRACE_S + 30) == WorkerExit.STUCK
     assert sse.join(timeout=10)[-1] == "error"

@@ -23,7 +23,7 @@ from rq.serializers import JSONSerializer
 
 from service import store
 from service.redis_server import PrivateRedis
-from service.worker import EXIT_LOOP_FAILED
+from service.vocabulary import WorkerExit
 from tests.helpers.stack import ROOT
 
 
@@ -79,13 +79,13 @@ def _queued_into_a_full_redis(r: redis.Redis, queue: Queue, _: subprocess.Popen)
 def test_a_worker_whose_rq_loop_quits_on_an_error_exits_with_a_failure_status() -> None:
     status, out = _worker_exit(_unreadable_job)
     assert "found an unhandled exception, quitting" in out, out[-3000:]
-    assert status == EXIT_LOOP_FAILED, out[-3000:]  # before: 0, restarted without backoff
+    assert status == WorkerExit.TEMPFAIL, out[-3000:]  # before: 0, restarted without backoff
     assert "exiting to be restarted" in out
 
 
 def test_a_worker_whose_rq_goodbye_fails_exits_with_one_line_and_a_failure_status() -> None:
     status, out = _worker_exit(_queued_into_a_full_redis)
-    assert status == EXIT_LOOP_FAILED, out[-3000:]  # before: 1, with RQ's traceback
+    assert status == WorkerExit.TEMPFAIL, out[-3000:]  # before: 1, with RQ's traceback
     assert "RQ's loop ended on a Redis error" in out
     assert "register_death" not in out, out  # the crash's traceback, through RQ's goodbye
 
