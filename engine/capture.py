@@ -297,9 +297,10 @@ def with_rules(captured: Captured) -> Captured:
     that the model did not call itself (a part of a composite: prims.prod from prod), the
     capture is left as it was, so that the refusal names the model's own ops."""
     original, export_table = captured, torch.export.default_decompositions()
+    unruled = _unruled(captured)
     for _ in range(_DECOMPOSE_ROUNDS):
         table = {}
-        for op in _unruled(captured):
+        for op in unruled:
             if op in export_table:  # core ATen's and the composites' own
                 table[op] = export_table[op]
             elif op in decomposition_table:  # the others torch has
@@ -307,8 +308,9 @@ def with_rules(captured: Captured) -> Captured:
         if not table:
             break
         captured = _wrap(captured.program.run_decompositions(table))
+        unruled = _unruled(captured)
     called = {n.target for n in original.nodes}
-    return captured if _unruled(captured) <= called else original
+    return captured if unruled <= called else original
 
 
 def _unruled(captured: Captured) -> set:
