@@ -84,7 +84,8 @@ ENV PYTHONPATH=/app \
     HEALTHCHECK_URL=http://127.0.0.1:8000/healthz
 WORKDIR /app
 USER 10001:10001
-# 8000: API; 9101: a worker's /metrics (WORKER_METRICS_PORT; set HEALTHCHECK_URL to it there).
+# 8000: API; 9101: a worker's /metrics and /livez (WORKER_METRICS_PORT; workers set
+# HEALTHCHECK_URL to http://127.0.0.1:9101/livez).
 EXPOSE 8000 9101
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['HEALTHCHECK_URL'], timeout=4)"]

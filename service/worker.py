@@ -15,12 +15,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from prometheus_client import start_http_server
 from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from . import reaper, store
+from . import reaper, store, worker_http
 from . import worker_metrics as m
 from .config import Settings
 from .models import DeviceUnavailable
@@ -90,6 +89,7 @@ class Heartbeat:
         self.warming: dict[str, Any] | None = None
         self._wake = threading.Event()  # a beat now: the status changed, or stop
         self._stopping = False
+        self._last_ok = time.monotonic()  # a worker starting counts as beating (see silent_s)
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def start(self) -> None:
@@ -107,6 +107,12 @@ class Heartbeat:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=10)
+
+    def silent_s(self) -> float:
+        """Seconds since the last successful beat (since start before the first), what
+        ``/livez`` reads: it grows when Redis is unreachable, when a beat hangs and when
+        this thread has died, which the process's /metrics port could not tell."""
+        return time.monotonic() - self._last_ok
 
     def info(self) -> dict[str, Any]:
         info = {
@@ -139,7 +145,7 @@ class Heartbeat:
             else:
                 if failing:
                     log.info("heartbeat works again")
-                failing = False
+                failing, self._last_ok = False, time.monotonic()
             if stuck is not None:
                 self._exit_stuck(stuck.decode(errors="replace"))
             self._wake.wait(s.heartbeat_ttl / 3)
@@ -200,9 +206,9 @@ def run_worker(
     st = init_worker(settings, store.worker_id())
     m.declare((s.id, s.task) for s in st.registry.models.values())
     port = settings.metrics_port if metrics_port is None else metrics_port
-    if port:
-        start_http_server(port)  # before the heartbeat: a taken port leaves no warming key
     beat = Heartbeat(settings, st)
+    if port:  # before the heartbeat: a taken port leaves no warming key
+        worker_http.start(port, beat.silent_s, settings.heartbeat_ttl)
     beat.start()  # warming: the job view and /readyz say so from now on
     # Explicit list (--no-warm gives none) > BACKTRACE_WARM_MODELS > the registry's flags.
     if warm is not None:

@@ -72,7 +72,7 @@ def test_workers_outlive_the_job_timeout(compose):
         timeout = int(svc["environment"]["BACKTRACE_JOB_TIMEOUT"])
         assert _seconds(svc["stop_grace_period"]) > timeout
         assert svc["environment"]["WORKER_METRICS_PORT"] == "9101"
-        assert svc["healthcheck"]["test"][-1].count(":9101/metrics") == 1
+        assert svc["healthcheck"]["test"][-1].count(":9101/livez") == 1
 
 
 def test_gpu_worker_reserves_a_gpu_and_builds_cuda(compose):

@@ -164,6 +164,17 @@ def test_worker_metrics_port_matches_its_annotation():
     assert env["WORKER_METRICS_PORT"] == tpl["metadata"]["annotations"]["prometheus.io/port"]
 
 
+def test_worker_liveness_follows_its_heartbeat():
+    """The worker's liveness probe is /livez (its heartbeat, tests/service/test_worker_livez),
+    not /metrics, which answers while the worker cannot beat; and it rides out a Redis
+    restart (workers retry about 25 s) before the kubelet restarts the pod."""
+    (c,) = find("Deployment", "backtrace-worker")["spec"]["template"]["spec"]["containers"]
+    probe = c["livenessProbe"]
+    assert probe["httpGet"]["path"] == "/livez"
+    assert probe["httpGet"]["port"] == "metrics"
+    assert probe["periodSeconds"] * probe["failureThreshold"] > 25
+
+
 def test_registry_configmap_loads_with_the_service(tmp_path):
     registry = pytest.importorskip("service.registry", reason="service/ not importable yet")
     path = tmp_path / "registry.yaml"
