@@ -80,6 +80,7 @@ class DLBacktrace:
             first = self.captured
             prepared = validate.drop_constant_ids(prepared, first.input_names)
             prepared = validate.check_signature(prepared, first.nodes, first.input_names)
+            validate.check_shared_sizes(prepared, first.nodes, first.input_names)
             validate.check_ids(prepared, first.nodes, first.constants)
         for value in prepared.values():
             if value.dim() == 2 and not value.is_floating_point():
@@ -103,6 +104,8 @@ class DLBacktrace:
                 f"inputs of shapes {shapes} do not fit the graph captured for "
                 f"{self.captured.input_names}, and the model cannot be captured for them: {exc}"
             ) from exc
+        if not self._graphs:
+            validate.check_input_dtypes(captured)
         entry = (captured, Sweeper(captured, captured.explained_output()))
         self._graphs.append(entry)
         return entry

@@ -133,6 +133,8 @@ def _dtype(name: str, value: Tensor, want: torch.dtype) -> Tensor:
         return value
     if not want.is_floating_point and not value.is_floating_point():
         return value.to(want)  # int32 ids or a bool mask: the same values
+    if not want.is_floating_point and bool(((value == 0) | (value == 1)).all()):
+        return value.to(want)  # a float mask of 0. and 1. (numpy's default): the same values
     if want.is_floating_point and value.dtype == torch.uint8 and value.dim() >= 3:
         raise TypeError(
             f"{name}: got a uint8 image, the model takes {want}: convert it to float "
@@ -144,6 +146,82 @@ def _dtype(name: str, value: Tensor, want: torch.dtype) -> Tensor:
         )
     kind = "integer ids" if not want.is_floating_point else "floating-point values"
     raise TypeError(f"{name}: expected {kind} ({want}), got {value.dtype}")
+
+
+def check_shared_sizes(
+    inputs: Mapping[str, Tensor], nodes: list[fx.Node], names: list[str]
+) -> None:
+    """Inputs agree where the graph has one size for them: the batch (dimension 0 of every
+    input, which the sweep reads as the sample axis) and each dimension the graph names by a
+    shared symbol (the sequence of ids and their mask). A mask one token short, or of
+    another batch, otherwise fails deep in an attention op, or broadcasts into a wrong
+    answer."""
+    placeholders = {n.name: n.meta["val"] for n in nodes if n.op == "placeholder"}
+    seen: dict[Any, tuple[str, int, int]] = {}
+    for name, value in inputs.items():
+        meta = placeholders.get(name) if name in names else None
+        if meta is None or meta.dim() != value.dim():
+            continue
+        for axis, size in enumerate(meta.shape):
+            if not isinstance(size, SymInt):
+                continue
+            key = "batch" if axis == 0 else size.node.expr
+            other = seen.setdefault(key, (name, axis, value.shape[axis]))
+            if other[2] != value.shape[axis]:
+                what = "batch size" if axis == 0 else "size"
+                raise ValueError(
+                    f"{name}: shape {tuple(value.shape)} does not match {other[0]}: the graph "
+                    f"takes one {what} for {other[0]} (dimension {other[1]}: {other[2]}) and "
+                    f"{name} (dimension {axis}: {value.shape[axis]})"
+                )
+
+
+def check_input_dtypes(captured: Any, name: str = "input_for_graph") -> None:
+    """Each floating-point input has the dtype of the parameters it first meets. Export does
+    not check dtypes (a float64 example into a float32 model captures), and every later run
+    would fail with torch's ``mat1 and mat2 must have the same dtype``; numpy arrays are
+    float64, so this is the usual way to get there."""
+    for node in captured.nodes:
+        if node.op != "placeholder" or node.name not in captured.input_names:
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, Tensor) or not val.is_floating_point():
+            continue
+        want = _parameter_dtype(node, captured.constants)
+        if want is not None and want != val.dtype:
+            raise TypeError(
+                f"{name}: {node.name} is {val.dtype}, the model's parameters are {want}: "
+                f"convert it (x.to({want})) or the model (model.to({val.dtype}))"
+            )
+
+
+def _parameter_dtype(start: fx.Node, constants: Mapping[str, Tensor]) -> torch.dtype | None:
+    """The dtype of the floating-point parameter of the first op that takes ``start``'s value
+    together with one, followed through the ops that keep its dtype (a cast is the model's
+    own choice: not followed)."""
+    frontier, seen = [start], {start}
+    dtype = start.meta["val"].dtype
+    while frontier:
+        for user in frontier.pop(0).users:
+            if user in seen:
+                continue
+            seen.add(user)
+            found = _parameters_of(user, constants)
+            if found is not None:
+                return found
+            val = user.meta.get("val")
+            if isinstance(val, Tensor) and val.dtype == dtype:
+                frontier.append(user)
+    return None
+
+
+def _parameters_of(node: fx.Node, constants: Mapping[str, Tensor]) -> torch.dtype | None:
+    """The dtype of a floating-point parameter among ``node``'s arguments."""
+    for arg in node.all_input_nodes:
+        value = constants.get(arg.name)
+        if isinstance(value, Tensor) and value.is_floating_point() and value.dim() > 0:
+            return value.dtype
+    return None
 
 
 def check_ids(inputs: Mapping[str, Tensor], nodes: list[fx.Node], constants: dict) -> None:
