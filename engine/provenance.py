@@ -39,7 +39,7 @@ NORMALISERS = {
 }
 
 # Products, by the arguments they multiply: where weights meet other data there, the weights
-# are constants for that product.
+# are constants for that product, except attention weights in a matrix product (below).
 PRODUCT_FACTORS = {
     aten.mul.Tensor: ("self", "other"),
     aten.div.Tensor: ("self", "other"),
@@ -49,6 +49,13 @@ PRODUCT_FACTORS = {
     aten.einsum.default: ("tensors",),
     aten.addcmul.default: ("tensor1", "tensor2"),
 }
+
+# Matrix products. A softmax of scores that are a matrix product of two data operands (Q K^T,
+# after scaling, masking, casts) is attention: where its weights meet the values in a matrix
+# product, they take their half of the relevance on to the scores, Q and K, as the
+# scaled_dot_product_attention rule gives it (``rules.attention``): attention written out as
+# matmul / softmax / matmul gets the same relevance as the fused op.
+MATRIX_PRODUCTS = {aten.matmul.default, aten.mm.default, aten.bmm.default, aten.einsum.default}
 
 # Piecewise constant in the data (no gradient): constants everywhere; a product with one
 # scales the other.
@@ -155,12 +162,15 @@ class Provenance:
         self.bound: dict[fx.Node, dict[str, Any]] = {}
         self.data: dict[fx.Node, bool] = {}
         self.weights: set[fx.Node] = set()
+        self.attention: set[fx.Node] = set()  # weights that are a softmax of Q K^T
         for node in nodes:
             if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
                 self.bound[node] = bind(node)
             self.data[node] = self._is_data(node, input_names)
             if self.data[node] and self._is_weights(node):
                 self.weights.add(node)
+                if self._is_attention(node):
+                    self.attention.add(node)
         self.gates = self._gates(nodes)
         self.output = output
         self.visited = self._reach(nodes, output)
@@ -198,18 +208,49 @@ class Provenance:
         reductions, topk). A learned map of weights makes features of them."""
         if node.target in NORMALISERS:
             return True
+        if node.target is not operator.getitem:
+            family = family_of(node.target) if node in self.bound else None
+            if family is None or family.maps:
+                return False
+        args = self._weight_args(node)
+        return bool(args) and all(a in self.weights for a in args)
+
+    def _weight_args(self, node: fx.Node) -> list[fx.Node]:
+        """The floating data arguments ``node`` takes relevance to (its parent, for a
+        getitem)."""
         if node.target is operator.getitem:
-            return node.args[0] in self.weights
-        family = family_of(node.target) if node in self.bound else None
-        if family is None or family.maps:
-            return False
+            return [node.args[0]]
         silent = SILENT_ARGS.get(node.target, set())
-        args = [
+        return [
             a
-            for name, _, a in _tensor_args(self.bound[node])
+            for name, _, a in _tensor_args(self.bound.get(node, {}))
             if name not in silent and self._floating_data(a)
         ]
-        return bool(args) and all(a in self.weights for a in args)
+
+    def _is_attention(self, node: fx.Node) -> bool:
+        """Whether the weights ``node`` are attention weights: a softmax whose scores come
+        from a matrix product of two data operands through ops that are no learned map
+        (scale, mask, cast, reshape), or a value of such weights alone. A router's softmax
+        of a linear layer's logits is not."""
+        if node.target not in NORMALISERS:
+            args = self._weight_args(node)
+            return bool(args) and all(a in self.attention for a in args)
+        if node.target not in (aten.softmax.int, aten._softmax.default):
+            return False
+        seen, todo = set(), self._weight_args(node)
+        while todo:
+            arg = todo.pop()
+            if arg in seen:
+                continue
+            seen.add(arg)
+            if arg.target in MATRIX_PRODUCTS:
+                if len(self._weight_args(arg)) == 2:
+                    return True
+                continue
+            family = family_of(arg.target) if arg in self.bound else None
+            if (family is not None and not family.maps) or arg.target is operator.getitem:
+                todo += self._weight_args(arg)
+        return False
 
     def _floating_data(self, node: fx.Node) -> bool:
         return self.data.get(node, False) and _floating(_value(node))
@@ -229,7 +270,12 @@ class Provenance:
                 if name in factors and self._floating_data(a)
             ]
             if any(a not in self.weights for a in operands):
-                gates.update((node, a) for a in operands if a in self.weights)
+                attends = node.target in MATRIX_PRODUCTS
+                gates.update(
+                    (node, a)
+                    for a in operands
+                    if a in self.weights and not (attends and a in self.attention)
+                )
         return gates
 
     def _reach(self, nodes: list[fx.Node], output: fx.Node) -> set[fx.Node]:

@@ -87,6 +87,30 @@ class Attention(Family):
         return _regroup(ctx, r_q, r_k, (v - vr) * mult_v, groups), sink
 
 
+class Softmax(Family):
+    """A softmax (``dim``): attention weights written out as matmul / softmax / matmul, a
+    softmax over features. Mode "default": R passes on unchanged, as every activation does
+    and as ``Attention`` passes it through its softmax. Modes "reference" and "contrast": the
+    exact linearisation between the two inputs (``softmax_slopes``), which ``Attention``'s
+    reference rule uses too, so written-out attention gets the fused op's relevance in every
+    mode."""
+
+    ops = (aten.softmax.int, aten._softmax.default)
+    default = Family.identity
+
+    def reference(self, ctx: Ctx) -> Propagation:
+        dim = ctx.args["dim"] % ctx.out.dim()
+        last = [t.movedim(dim, -1) for t in (ctx.x, ctx.ref[ctx.first], ctx.out, ctx.ref_out)]
+        S, Sr, A, Ar = last
+        m, w = softmax_slopes(S, Sr, A, Ar)
+        mult = ctx.per_change().movedim(dim + 1, -1)  # R's leading axis is the seeds'
+        mm = mult * m
+        mult_s = mm - w * mm.sum(-1, keepdim=True)
+        r_s = torch.where(m != 0, (S - Sr) * mult_s, 0.0)
+        sink = ctx.R - (mult * (A - Ar)).movedim(-1, dim + 1)
+        return {ctx.first: r_s.movedim(-1, dim + 1)}, sink
+
+
 @dataclass(frozen=True)
 class Block:
     """Query positions ``rows``, the keys ``cols`` any of them attends to, and the seeds with

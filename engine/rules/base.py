@@ -73,8 +73,9 @@ class Ctx:
         ratio stays bounded by theirs. A rule's own sum of contributions equals it in exact
         arithmetic, but not after rounding: in half precision, or with TF32 on a GPU, it can
         be near 0 where y - y' is not, and dividing by it blew relevance up by 1e11. The
-        difference between the two becomes a sink instead."""
-        return self.R / stable(self.out - self.ref_out)
+        difference between the two becomes a sink instead. Where both passes give the same
+        infinity (a mask's -inf added to scores), the change is 0, not NaN."""
+        return self.R / stable((self.out - self.ref_out).nan_to_num_(nan=0.0))
 
 
 Propagation = tuple[dict[str, Any], Tensor | None]

@@ -33,8 +33,6 @@ class Identity(Family):
         aten.celu.default,
         aten.threshold.default,
         aten.mish.default,
-        aten.softmax.int,
-        aten._softmax.default,
         aten.log_softmax.int,  # a classifier's last op: the logits less a per-row constant
         aten._log_softmax.default,
         aten.neg.default,

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..tasks import MODES
-from .attention import Attention
+from .attention import Attention, Softmax
 from .base import Family, Rule
 from .dense import AddMM, BAddBMM, Conv, Convolution, Einsum, GroupedMM, Linear, Product
 from .elementwise import (
@@ -63,6 +63,7 @@ FAMILIES: tuple[Family, ...] = (
     RMSNorm(),
     GroupNorm(),
     Attention(),
+    Softmax(),
     MaxPool(),
     PositiveMap(),
     Interpolation(),

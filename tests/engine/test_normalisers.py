@@ -1,7 +1,8 @@
 """Softmax and the other normalisers (rsqrt, sqrt, reciprocal, var, std): constants only where
-their output weighs other data (attention and routing weights, gates, a hand-written norm's
-1 / rms), ordinary ops with a rule where their output flows on by itself (a classifier that
-applies softmax to features and then a linear layer)."""
+their output weighs other data (routing weights, gates, a hand-written norm's 1 / rms; attention
+weights written out: ``test_attention_written_out``), ordinary ops with a rule where their
+output flows on by itself (a classifier that applies softmax to features and then a linear
+layer)."""
 
 from __future__ import annotations
 
@@ -112,29 +113,3 @@ def test_a_softmax_that_both_weighs_and_flows_on_passes_relevance_where_it_flows
     # the softmax holds what the head gave its half of the head's input, nothing from the gate
     torch.testing.assert_close(relevance["softmax"], relevance["cat"][..., 8:])
     assert (relevance["g"].sum(-1) > 0.1).all()
-
-
-class ExplicitAttention(nn.Module):
-    """Attention written out: softmax(q k^T) v, the weights dropped out and masked by a
-    head mask (a constant) first: the weights are constants, all of R goes to v."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.qkv, self.head = nn.Linear(2, 6), nn.Linear(D, 3)
-        self.register_buffer("head_mask", torch.tensor(0.5))
-
-    def forward(self, x):
-        q, k, v = self.qkv(x.reshape(x.shape[0], 3, 2)).chunk(3, -1)  # 3 tokens of width 2
-        a = torch.softmax(q @ k.transpose(-1, -2), -1)
-        a = nn.functional.dropout(a, 0.1, self.training) * self.head_mask
-        return self.head((a @ v).reshape(x.shape[0], -1))
-
-
-def test_explicit_attention_weights_stay_constants():
-    inputs = {"x": rows()}
-    dlb = DLBacktrace(ExplicitAttention().eval(), inputs)
-    sweeper = dlb._graphs[0][1]
-    softmax = [n for n in sweeper.provenance.visited if "softmax" in str(n.target)]
-    assert softmax == []  # relevance never enters the weights
-    assert_conserved(dlb.run_task(inputs=inputs))

@@ -1,0 +1,111 @@
+"""Attention written out as matmul / softmax / matmul gets the relevance of the fused
+``scaled_dot_product_attention`` in every mode (relevance-engine.md: "Explicit attention ...
+must get the same treatment as SDPA"): the same model with ``attn_implementation="eager"``
+and ``"sdpa"`` gives the same relevance. A softmax of a linear layer's logits (a router) is
+no attention: its weights stay constants where they weigh other data (``test_normalisers``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from engine import DLBacktrace
+
+MODES = ["default", "reference", "contrast"]
+SMALL = {"num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+MODELS = {
+    "bert": (BertForSequenceClassification, BertConfig(vocab_size=100, hidden_size=32, **SMALL)),
+    "gpt2": (
+        GPT2ForSequenceClassification,
+        GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, pad_token_id=0),
+    ),
+    # grouped-query attention: K and V repeated per group before the products
+    "llama": (
+        LlamaForCausalLM,
+        LlamaConfig(vocab_size=100, hidden_size=32, num_key_value_heads=2, **SMALL),
+    ),
+}
+
+
+def assert_conserved(result: dict) -> None:
+    c = result["conservation"]
+    scale = np.abs(c["inputs"]) + np.abs(c["sinks"]) + np.abs(c["seed"])
+    assert (np.abs(c["inputs"] + c["sinks"] - c["seed"]) <= 1e-4 * scale).all(), c
+
+
+def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * float(a.abs().max()))
+
+
+def text_inputs() -> dict[str, torch.Tensor]:
+    ids = torch.randint(5, 90, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded row: the masks differ in form (float, bool) between the two
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_eager_attention_explains_as_sdpa(name):
+    cls, config = MODELS[name]
+    inputs = text_inputs()
+    relevance = {}
+    for impl in ("sdpa", "eager"):
+        torch.manual_seed(0)  # the same weights for both
+        model = cls._from_config(config, attn_implementation=impl).eval()
+        dlb = DLBacktrace(model, inputs)
+        ops = {str(n.target) for n in dlb.graph.nodes}
+        assert ("aten.scaled_dot_product_attention.default" in ops) == (impl == "sdpa")
+        for mode in MODES:
+            result = dlb.run_task(task="text-classification", inputs=inputs, mode=mode)
+            assert_conserved(result)
+            relevance[impl, mode] = result["relevance"]["input_ids"]
+    for mode in MODES:
+        assert_same(relevance["sdpa", mode], relevance["eager", mode])
+
+
+class SelfAttention(nn.Module):
+    """One head over 4 tokens of width 3, fused or written out with a scale, a causal mask
+    added as a float tensor and a cast to float64 and back around the softmax."""
+
+    def __init__(self, fused: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fused = fused
+        self.qkv, self.head = nn.Linear(3, 9), nn.Linear(12, 2)
+        causal = torch.full((4, 4), float("-inf")).triu(1)
+        self.register_buffer("causal", causal)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x.reshape(x.shape[0], 4, 3)).chunk(3, -1)
+        if self.fused:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.causal)
+        else:
+            scores = q @ k.transpose(-1, -2) / 3**0.5 + self.causal
+            o = torch.softmax(scores.double(), -1).float() @ v
+        return self.head(o.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_hand_written_attention_explains_as_the_fused_op(mode):
+    inputs = {"x": torch.randn(2, 12, generator=torch.Generator().manual_seed(1))}
+    results = [
+        DLBacktrace(SelfAttention(fused).eval(), inputs).run_task(inputs=inputs, mode=mode)
+        for fused in (True, False)
+    ]
+    for result in results:
+        assert_conserved(result)
+    fused, written = (r["relevance"]["x"] for r in results)
+    assert_same(fused, written)
+    assert fused.abs().sum() > 1.0  # relevance reached the input through q, k and v
