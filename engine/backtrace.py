@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, fx
 
-from . import validate
+from . import arguments, validate
 from .capture import Captured, CaptureError, Inputs, bind_inputs, capture
 from .contrast import class_index, contrast_seed
 from .heads import SEEDS, Position, qa_logits
@@ -172,6 +172,7 @@ class DLBacktrace:
         Question answering sweeps from its [B, T, 2] start and end logits (``qa_logits``)."""
         prepared = self._prepare(inputs, tokenizer)
         captured, sweeper = self._graph_for(prepared)
+        arguments.check_relevance_nodes(params, captured)
         if task == TaskName.QUESTION_ANSWERING:
             sweeper = self._head_sweeper(captured, qa_logits(captured))
         sweeper.check_rules()
@@ -277,10 +278,11 @@ class DLBacktrace:
             thresholding=thresholding,
             temperature=1.0 if generating else temperature,
             relevance_nodes=relevance_nodes,
-            target=target,
+            target=arguments.target_classes(target, self.model),
             reference=reference,
             contrast_with=contrast_with,
         )
+        arguments.check_ranges(params)
         output = OutputParams(return_scores, return_relevance, return_layerwise_output, debug)
         if task == TaskName.GENERATION:
             from .generation import run_generation

@@ -19,6 +19,7 @@ mask ``[B, T]`` (``None`` where the inputs carry none) and an optional ``positio
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -31,6 +32,7 @@ from .sweep import Seed
 from .tasks import TaskName
 
 Position = int | Sequence[int] | None
+DEFAULT_THRESHOLD = 0.5  # run_task's default
 aten = torch.ops.aten
 
 
@@ -61,6 +63,7 @@ def classification(
         labels = (torch.sigmoid(decided.reshape(batch)) >= params.thresholding).long()
     else:
         labels = decided.argmax(-1)
+        _unused_threshold(params.thresholding, decided.shape[-1])
     classes = 2 if single else decided.shape[-1]  # a single logit decides 0 or 1
     explained = labels if params.target is None else _targets(params.target, labels, classes)
     sign = torch.ones(batch, device=logits.device)
@@ -72,6 +75,18 @@ def classification(
     seed = Seed(torch.stack(index, -1)[None], (sign * params.multiplier)[None])
     extra = {"position": where[1].cpu().numpy()} if len(where) > 1 else {}
     return Decision(decided, labels, explained, seed, extra)
+
+
+def _unused_threshold(thresholding: float, classes: int) -> None:
+    """A warning, not an error, where a threshold other than the default meets a model of
+    several logits: the public package's examples pass ``thresholding`` to any classifier
+    (there it meant something else), and they should run, but not with a silent no-op."""
+    if thresholding != DEFAULT_THRESHOLD:
+        warnings.warn(
+            f"thresholding={thresholding} has no effect: this model returns {classes} logits, "
+            "decided by argmax; thresholding decides single-logit binary classifiers",
+            stacklevel=5,
+        )
 
 
 def _decision_at(logits: Tensor, mask: Tensor | None, position: Position, task: str) -> tuple:

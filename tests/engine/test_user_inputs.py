@@ -78,3 +78,56 @@ def test_a_float_mask_of_zeros_and_ones_is_the_integer_mask(bert):
     half = {**inputs, "attention_mask": inputs["attention_mask"].float() / 2}
     with pytest.raises(TypeError, match="attention_mask"):
         dlb.run_task(task="text-classification", inputs=half)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"target": 1.5}, ValueError, r"target must be whole class indices, got 1.5"),
+        ({"target": True}, TypeError, r"target must be a class index or a label"),
+        ({"target": "cat"}, ValueError, r"target='cat' is not a label of this model"),
+        ({"target": {"a": 1}}, TypeError, r"target must be class indices or labels"),
+        ({"multiplier": 0}, ValueError, r"multiplier must be > 0"),
+        ({"multiplier": -1.0}, ValueError, r"multiplier must be > 0"),
+        ({"scaler": 0}, ValueError, r"scaler must be > 0"),
+        ({"relevance_nodes": ["linear", "nope"]}, ValueError, r"relevance_nodes: \['nope'\]"),
+    ],
+)
+def test_run_task_arguments_out_of_their_range_are_named(tabular, kwargs, error, match):
+    _, x, dlb = tabular
+    with pytest.raises(error, match=match):
+        dlb.run_task(task="tabular-classification", inputs=x, **kwargs)
+
+
+def test_targets_as_tensors_arrays_lists_and_labels(tabular):
+    model, x, dlb = tabular
+    expected = dlb.run_task(task="tabular-classification", inputs=x, target=[0, 2, 1, 2])
+    for given in (torch.tensor([0, 2, 1, 2]), np.array([0, 2, 1, 2]), torch.tensor([0.0, 2, 1, 2])):
+        got = dlb.run_task(task="tabular-classification", inputs=x, target=given)
+        np.testing.assert_array_equal(got["target"], [0, 2, 1, 2])
+        torch.testing.assert_close(got["relevance"]["input"], expected["relevance"]["input"])
+    model.config = type("Config", (), {"label2id": {"low": 0, "mid": 1, "high": 2}})()
+    try:
+        by_label = dlb.run_task(task="tabular-classification", inputs=x, target="high")
+        by_labels = dlb.run_task(
+            task="tabular-classification", inputs=x, target=["low", "high", "mid", "high"]
+        )
+    finally:
+        del model.config
+    np.testing.assert_array_equal(by_label["target"], [2, 2, 2, 2])
+    torch.testing.assert_close(by_labels["relevance"]["input"], expected["relevance"]["input"])
+    _conserved(by_label)
+
+
+def test_a_threshold_on_a_model_of_several_logits_warns_that_it_does_nothing(tabular):
+    _, x, dlb = tabular
+    with pytest.warns(UserWarning, match=r"thresholding=0.3 has no effect: .* 3 logits"):
+        result = dlb.run_task(task="tabular-classification", inputs=x, thresholding=0.3)
+    plain = dlb.run_task(task="tabular-classification", inputs=x)
+    np.testing.assert_array_equal(result["predicted_labels"], plain["predicted_labels"])
+
+
+def test_named_relevance_nodes_are_kept(tabular):
+    _, x, dlb = tabular
+    result = dlb.run_task(task="tabular-classification", inputs=x, relevance_nodes=["linear_1"])
+    assert set(result["relevance"]) == {"input", "linear_1"}

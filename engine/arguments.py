@@ -1,0 +1,88 @@
+"""Checks of ``run_task``'s arguments that ``RelevanceParams`` cannot make alone: those that
+need the model (a target given as a label) or its captured graph (node names), and the ranges
+the service's schema already holds its callers to (a positive multiplier, a threshold that is
+a probability). Without them a wrong argument surfaced as torch's ``new(): invalid data type
+'str'``, was silently truncated (``target=1.5`` explained class 1), or was silently ignored (a
+misspelt node name in ``relevance_nodes`` returned no relevance for it)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, fx
+
+from .params import RelevanceParams
+
+
+def check_ranges(params: RelevanceParams) -> None:
+    """``multiplier`` is the seed's size and ``scaler`` a factor on what is reported: both
+    positive (0 reports nothing, and a negative one turns every sign without saying so), as
+    the service's schema has them. (``thresholding`` outside [0, 1] is allowed: it decides
+    every input alike, which is how one asks for "all negative", since a float32 sigmoid
+    reaches 1.0.)"""
+    if params.multiplier <= 0:
+        raise ValueError(
+            f"multiplier must be > 0 (the seed's size: inputs + sinks add up to it), "
+            f"got {params.multiplier}"
+        )
+    if params.scaler <= 0:
+        raise ValueError(
+            f"scaler must be > 0 (it multiplies every reported value), got {params.scaler}"
+        )
+
+
+def target_classes(target: Any, model: torch.nn.Module) -> Tensor | None:
+    """``target`` as class indices (a LongTensor, one or one per sample): integers as given
+    (int, numpy or tensor, or a list), labels looked up in the model's ``config.label2id``.
+    Booleans, fractions and other types are errors naming ``target``."""
+    if target is None:
+        return None
+    if isinstance(target, str) or (
+        isinstance(target, Sequence) and target and all(isinstance(t, str) for t in target)
+    ):
+        labels = [target] if isinstance(target, str) else list(target)
+        return torch.tensor([_label_index(label, model) for label in labels])
+    if isinstance(target, bool) or (
+        isinstance(target, Tensor | np.ndarray) and target.dtype == bool
+    ):
+        raise TypeError(f"target must be a class index or a label, got {target!r}")
+    try:
+        values = torch.as_tensor(np.asarray(target) if not isinstance(target, Tensor) else target)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"target must be class indices or labels, got {target!r}") from exc
+    if values.is_complex() or not (values.is_floating_point() or _integral(values)):
+        raise TypeError(f"target must be class indices or labels, got {target!r}")
+    if values.is_floating_point() and not bool((values == values.round()).all()):
+        raise ValueError(f"target must be whole class indices, got {values.tolist()}")
+    return values.long()
+
+
+def _integral(values: Tensor) -> bool:
+    return not values.is_floating_point() and values.dtype != torch.bool
+
+
+def _label_index(label: str, model: torch.nn.Module) -> int:
+    label2id = getattr(getattr(model, "config", None), "label2id", None) or {}
+    if label not in label2id:
+        known = f"its labels are {sorted(label2id)}" if label2id else "it has no config.label2id"
+        raise ValueError(f"target={label!r} is not a label of this model ({known})")
+    return int(label2id[label])
+
+
+def check_relevance_nodes(params: RelevanceParams, captured: Any) -> None:
+    """Every node named in ``relevance_nodes`` is a node of the graph that runs: a misspelt or
+    foreign name would otherwise return no relevance for it, without a word."""
+    nodes = params.relevance_nodes
+    if isinstance(nodes, str):
+        return
+    names = {node.name for node in captured.nodes if isinstance(node, fx.Node)}
+    missing = [name for name in nodes if not isinstance(name, str) or name not in names]
+    if missing:
+        example = [n.name for n in captured.nodes if n.op == "call_function"][:5]
+        raise ValueError(
+            f"relevance_nodes: {missing} are not nodes of the captured graph; names are those "
+            f"of the result's node_io (or dlb.graph), e.g. {example}, or 'all' / 'inputs'"
+        )
