@@ -207,7 +207,81 @@ def _load_transformers(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel
         else tf.AutoTokenizer.from_pretrained(where, **kw)
     )
     labels = spec.labels or [model.config.id2label[i] for i in range(len(model.config.id2label))]
-    return LoadedModel(spec.id, spec.task, model, tok, labels), Path(where) if local else None
+    image = None
+    if spec.task == TaskName.IMAGE_CLASSIFICATION:
+        image = _folder_image(spec, model.config, _image_processor(where, kw))
+    loaded = LoadedModel(spec.id, spec.task, model, tok, labels, image)
+    return loaded, Path(where) if local else None
+
+
+def _image_processor(where: str | Path, kw: dict[str, Any]) -> Any:
+    """The model's image processor (``preprocessor_config.json``), or None without one."""
+    import transformers as tf
+
+    try:
+        return tf.AutoImageProcessor.from_pretrained(where, **kw)
+    except (OSError, ValueError):
+        return None
+
+
+def _folder_image(spec: ModelSpec, config: Any, proc: Any) -> ImageSpec:
+    """How pictures become this transformers model's input, from its folder: channels and
+    size from ``config.json`` (a ViT takes no other), rescaling and normalisation from its
+    image processor. Without this every such model got the default 224 x 224, mean 0, std
+    1: a ViT of another size failed each job inside torch.export, and one of size 224 gave
+    a silently wrong answer on pixels not normalised as it was trained. A registry
+    ``image`` wins, but must have the model's channels."""
+    channels = getattr(config, "num_channels", 3)
+    if channels not in (1, 3):
+        raise EntryError(f"registry entry {spec.id}: config.json num_channels {channels}: 1 or 3")
+    if spec.image is not None:
+        if spec.image.channels != channels:
+            raise EntryError(
+                f"registry entry {spec.id}: image.channels {spec.image.channels}, but the "
+                f"model's config.json has num_channels {channels}"
+            )
+        return spec.image
+    size = getattr(config, "image_size", None) or _processor_side(proc) or 224
+    if isinstance(size, list | tuple):
+        if len(set(size)) != 1:
+            raise EntryError(
+                f"registry entry {spec.id}: config.json image_size {size} is not square; "
+                "give the registry entry an image block"
+            )
+        size = size[0]
+    return ImageSpec(channels=channels, size=int(size), **_normalisation(spec, channels, proc))
+
+
+def _processor_side(proc: Any) -> int | None:
+    """The side an image processor resizes to (``height``, ``shortest_edge`` or a number)."""
+    size = getattr(proc, "size", None)
+    if isinstance(size, dict):
+        return size.get("height") or size.get("shortest_edge")
+    return size if isinstance(size, int) else None
+
+
+def _normalisation(spec: ModelSpec, channels: int, proc: Any) -> dict[str, list[float]]:
+    """``mean`` and ``std`` for pixels in [0, 1] that give the processor's values: it
+    rescales 0..255 by ``rescale_factor`` (when ``do_rescale``), then normalises (when
+    ``do_normalize``)."""
+    if proc is None:
+        return {}
+    scale = 255.0 * (getattr(proc, "rescale_factor", 1 / 255) if proc.do_rescale else 1.0)
+    normalize = getattr(proc, "do_normalize", False)
+    mean = _per_channel(proc.image_mean, channels) if normalize else [0.0] * channels
+    std = _per_channel(proc.image_std, channels) if normalize else [1.0] * channels
+    if len(mean) != channels or len(std) != channels:
+        raise EntryError(
+            f"registry entry {spec.id}: preprocessor_config.json image_mean/image_std have "
+            f"{len(mean)}/{len(std)} values, the model's num_channels is {channels}; give the "
+            "registry entry an image block"
+        )
+    return {"mean": [m / scale for m in mean], "std": [s / scale for s in std]}
+
+
+def _per_channel(value: Any, channels: int) -> list[float]:
+    """A processor's mean or std as a list (some configs give one number for all)."""
+    return [float(value)] * channels if isinstance(value, int | float) else list(value)
 
 
 def _load_torchvision(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel, Path | None]:
