@@ -81,7 +81,7 @@ def tokens(entry: CachedModel, spec: ModelSpec, inputs: Inputs) -> Batch:
     if inputs.token_ids is not None:
         enc = _raw_ids(entry, inputs.token_ids, pad, left)
     else:
-        enc = _encoded(entry, spec, inputs, "left" if left else "right")
+        enc = _encoded(entry, spec, inputs, pad, left)
     length = enc["input_ids"].shape[1]
     if length > spec.limits.max_tokens:
         raise ValueError(
@@ -106,17 +106,26 @@ def _raw_ids(entry: CachedModel, ids: list, pad: int, left: bool) -> Batch:
     return enc
 
 
-def _encoded(entry: CachedModel, spec: ModelSpec, inputs: Inputs, side: str) -> Batch:
+def _encoded(entry: CachedModel, spec: ModelSpec, inputs: Inputs, pad: int, left: bool) -> Batch:
     """The tokenizer's encoding of the texts, as ``tokenizer(text, text_pair)`` where the
-    request pairs them."""
+    request pairs them, padded here as raw ids are (``_padding``): a tokenizer saved
+    without a pad token (a Llama's, most causal LMs') refuses ``padding=True`` even for
+    one text, and every job on such a model failed with transformers' advice to set one."""
     tok = entry.loaded.tokenizer
     texts, seconds = zip(*inputs.pairs(), strict=True)
     pairs = list(seconds) if inputs.text_pair is not None else None
     if pairs is not None:
         check_pairs(entry, spec)
-    enc = tok(list(texts), pairs, padding=True, padding_side=side, return_tensors="pt")
+    enc = tok(list(texts), pairs)
     names = ("input_ids", "attention_mask", *(("token_type_ids",) if entry.segments else ()))
-    return {k: enc[k] for k in names}
+    return {
+        k: _padded(
+            [torch.tensor(row, dtype=torch.long)[None] for row in enc[k]],
+            pad if k == "input_ids" else 0,
+            left,
+        )
+        for k in names
+    }
 
 
 def check_pairs(entry: CachedModel, spec: ModelSpec) -> None:
@@ -181,7 +190,24 @@ def _picture(raw: bytes) -> Any:
     if img.mode.startswith("I"):
         deep = np.asarray(img, dtype=np.float32) / 65535.0
         img = Image.fromarray(np.clip(deep * 255.0 + 0.5, 0, 255).astype(np.uint8))
-    return img
+    return _on_white(img)
+
+
+def _on_white(img: Any) -> Any:
+    """A picture with transparency (RGBA, LA, a palette with a transparent colour) laid on
+    white, as a page shows it: Pillow's ``convert`` drops the alpha and keeps the colour
+    stored under it, most often black, so a drawing on a transparent canvas became ink on
+    black (a blank page to a model that reads dark ink on light)."""
+    from PIL import Image
+
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode not in ("RGBA", "LA", "PA"):
+        return img
+    base = "L" if img.mode == "LA" else "RGB"
+    flat = Image.new(base, img.size, "white")
+    flat.paste(img.convert(base), mask=img.getchannel("A"))
+    return flat
 
 
 def blank(entry: CachedModel, spec: ModelSpec) -> Batch | None:
