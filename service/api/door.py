@@ -24,7 +24,7 @@ from .metadata import ModelMeta, ModelMetadata
 def check(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta) -> None:
     """Every check of this module, in the order of the request's fields."""
     _check_text(spec, task, req, meta)
-    _check_token_ids(req, meta)
+    _check_token_ids(spec, task, req, meta)
     _check_selection(task, req)
     _check_target(spec, task, req, meta)
     _check_contrast_with(spec, task, req, meta)
@@ -64,10 +64,23 @@ def _texts(req: RunTaskRequest) -> list[str]:
     return [text] if isinstance(text, str) else list(text or [])
 
 
+def _token_bound(spec: ModelSpec, task: TaskName, meta: ModelMeta) -> tuple[int, str]:
+    """The most tokens one input may have, and what sets it: the entry's ``max_tokens``, or
+    the model's positions where it has fewer (the registry's default of 128 is more than a
+    small model's table: such texts failed in the worker, after the queue). A generation
+    prompt's positions are checked with its new tokens (``_check_positions``)."""
+    bound = spec.limits.max_tokens
+    positions = meta.max_positions
+    if task != TaskName.GENERATION and positions is not None and positions < bound:
+        return positions, f"the {positions} positions of {spec.id} (its config.json)"
+    return bound, f"max_tokens={bound}"
+
+
 def _check_text(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta) -> None:
-    """No blank text, and no generation prompt or pair of texts longer in tokens than the
-    model takes (one classifier's text is counted by the worker, which fails the job with
-    the same words); a pair only for a tokenizer that separates its texts."""
+    """No blank text, and no text (or pair of texts) longer in tokens than the model takes,
+    where the door knows its tokenizer (else the worker counts, and fails the job with the
+    same words); a pair only for a tokenizer that separates its texts."""
+    bound, why = _token_bound(spec, task, meta)
     one = isinstance(req.inputs.text, str)
     if req.inputs.text_pair is not None and meta.separates_pairs() is False:
         raise invalid(["inputs", "text_pair"], no_separator(spec.id))
@@ -77,21 +90,22 @@ def _check_text(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: Mode
         for where, value in ((loc, text), (pair_loc, pair)):
             if value is not None and not value.strip():
                 raise invalid(where, "is blank (only whitespace); send some text")
-        n = meta.count_tokens(text, pair) if pair or task == TaskName.GENERATION else None
-        if n is not None and n > spec.limits.max_tokens:
+        n = meta.count_tokens(text, pair)
+        if n is not None and n > bound:
             counted = " with its text" if pair else ""
-            raise invalid(
-                pair_loc if pair else loc,
-                f"{n} tokens{counted}, more than max_tokens={spec.limits.max_tokens}",
-            )
+            raise invalid(pair_loc if pair else loc, f"{n} tokens{counted}, more than {why}")
 
 
-def _check_token_ids(req: RunTaskRequest, meta: ModelMeta) -> None:
-    """Ids are indices into the vocabulary: 0 to vocab_size - 1."""
+def _check_token_ids(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta) -> None:
+    """Ids are indices into the vocabulary: 0 to vocab_size - 1; a row no longer than the
+    model takes (``_token_bound``)."""
     ids = req.inputs.token_ids
     if not ids:
         return
     rows = ids if isinstance(ids[0], list) else [ids]
+    bound, why = _token_bound(spec, task, meta)
+    if (longest := max(len(row) for row in rows)) > bound:
+        raise invalid(["inputs", "token_ids"], f"{longest} tokens, more than {why}")
     flat = [i for row in rows for i in row]
     top = f"{meta.vocab_size - 1}" if meta.vocab_size else "the vocabulary size - 1"
     bad = next((i for i in flat if i < 0 or (meta.vocab_size and i >= meta.vocab_size)), None)

@@ -129,11 +129,34 @@ def _labels(spec: ModelSpec, id2label: Any) -> tuple[str, ...] | None:
     return tuple(names) if names else None
 
 
+# Models whose position ids start after the padding id (transformers' RoBERTa family):
+# their table has pad_token_id + 1 rows more than the tokens they take (514 for 512).
+OFFSET_POSITIONS = frozenset(
+    {
+        "roberta",
+        "xlm-roberta",
+        "xlm-roberta-xl",
+        "camembert",
+        "data2vec-text",
+        "longformer",
+        "mpnet",
+    }
+)
+
+
+def _positions(config: dict[str, Any]) -> int | None:
+    """How many tokens the model's position table takes, from its ``config.json``."""
+    table = config.get("n_positions") or config.get("max_position_embeddings")
+    if not isinstance(table, int) or config.get("model_type") not in OFFSET_POSITIONS:
+        return table if isinstance(table, int) else None
+    return table - (config.get("pad_token_id") or 0) - 1
+
+
 def _read(folder: Path, spec: ModelSpec) -> ModelMeta:
     config = json.loads((folder / "config.json").read_text())
     labels = config.get("id2label")
     classes = _source_classes(spec) or (len(labels) if isinstance(labels, dict) else None)
-    positions = config.get("n_positions") or config.get("max_position_embeddings")
+    positions = _positions(config)
     return ModelMeta(
         num_classes=classes,
         labels=_labels(spec, labels),

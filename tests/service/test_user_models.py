@@ -1,0 +1,144 @@
+"""Operators' own checkpoints (``save_pretrained`` folders, tests/helpers/user_models.py)
+registered as people write entries (id, task, path: no limits, no image block) and served
+by a real API and worker on a private Redis. Each request either works, with the answer
+the model gives outside the service, or is a 422 at submit naming the field, the value and
+what is allowed; never a job that fails in the worker on a Python internal.
+
+What failed before: a text longer than a small model's positions (the registry's default
+max_tokens is 128) failed in the worker after the queue; a ViT got 224 x 224 pixels, mean
+0 and std 1 whatever its config and image processor said (a 32 x 32 ViT failed every job in
+torch.export); a tokenizer without a pad token (a Llama's) failed every job; transparent
+pixels read as the black stored under them."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.client import Client
+from tests.helpers import user_models
+from tests.helpers.stack import ROOT, private_stack
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return user_models.build(tmp_path_factory.mktemp("user-models"))
+
+
+@pytest.fixture(scope="module")
+def api(models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
+    tmp = tmp_path_factory.mktemp("user-stack")
+    with private_stack(tmp, user_models.entries(models)) as st:
+        client = Client(st.url)
+        client.wait_ready(timeout=300, processes=[st.worker])
+        yield client
+
+
+def _refusal(api: Client, body: dict) -> str:
+    resp = api.http.post("/run_task", json=body)
+    assert resp.status_code == 422, resp.text
+    (error,) = resp.json()["detail"]
+    return error["message"]
+
+
+def _png(img: Image.Image) -> str:
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def _picture(size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("model", ["user-distilbert", "user-roberta"])
+def test_text_past_the_models_positions_is_refused_at_submit(api: Client, model: str) -> None:
+    bound = f"more than the {user_models.POSITIONS} positions of {model} (its config.json)"
+    text = {"model": model, "inputs": {"text": " ".join(["cat"] * 40)}}
+    assert _refusal(api, text).startswith("inputs.text: ")
+    assert _refusal(api, text).endswith(f" tokens, {bound}")
+    ids = {"model": model, "inputs": {"token_ids": [5] * (user_models.POSITIONS + 1)}}
+    assert _refusal(api, ids) == f"inputs.token_ids: {user_models.POSITIONS + 1} tokens, {bound}"
+
+
+def test_roberta_takes_every_one_of_its_positions(api: Client) -> None:
+    """Its table has two rows more than it takes (positions start after the padding id)."""
+    ids = [0, *[5] * (user_models.POSITIONS - 2), 2]
+    result = api.run({"model": "user-roberta", "inputs": {"token_ids": ids}}, timeout=300)
+    assert len(result["predictions"]) == 1
+
+
+def _reference_logits(models: Path, png: str) -> list[float]:
+    """The ViT's logits for the picture as transformers' own image processor prepares it."""
+    code = (
+        "import sys, base64, io, json, torch; from PIL import Image; import transformers as tf; "
+        "d = sys.argv[1]; m = tf.ViTForImageClassification.from_pretrained(d).eval(); "
+        "p = tf.AutoImageProcessor.from_pretrained(d); "
+        "img = Image.open(io.BytesIO(base64.b64decode(sys.argv[2]))); "
+        "x = p(images=img, return_tensors='pt')['pixel_values']; "
+        "print(json.dumps(m(pixel_values=x).logits[0].tolist()))"
+    )
+    cmd = [sys.executable, "-c", code, str(models / "vit"), png]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def test_a_vit_reads_pictures_as_its_image_processor_does(api: Client, models: Path) -> None:
+    png = _png(Image.fromarray(_picture(user_models.VIT_SIZE)))
+    result = api.run({"model": "user-vit", "inputs": {"image": png}}, timeout=300)
+    logits = result["predictions"][0]["logits"]
+    assert np.allclose(logits, _reference_logits(models, png), atol=1e-4), logits
+
+
+def test_a_one_channel_vit_takes_a_colour_picture(api: Client) -> None:
+    png = _png(Image.fromarray(_picture(40)))
+    result = api.run({"model": "user-vit-gray", "inputs": {"image": png}}, timeout=300)
+    assert result["predictions"][0]["label"] in ("LABEL_0", "LABEL_1", "LABEL_2", "LABEL_3")
+
+
+def test_transparent_pixels_read_as_the_white_a_page_shows(api: Client) -> None:
+    rgb = _picture(user_models.VIT_SIZE)
+    alpha = np.full(rgb.shape[:2], 255, dtype=np.uint8)
+    alpha[:, : user_models.VIT_SIZE // 2] = 0  # the left half transparent, black under it
+    rgb_under = rgb.copy()
+    rgb_under[alpha == 0] = 0
+    rgba = Image.fromarray(np.dstack([rgb_under, alpha]), "RGBA")
+    on_white = rgb.copy()
+    on_white[alpha == 0] = 255
+    logits = [
+        api.run({"model": "user-vit", "inputs": {"image": _png(img)}}, timeout=300)["predictions"][
+            0
+        ]["logits"]
+        for img in (rgba, Image.fromarray(on_white))
+    ]
+    assert np.allclose(*logits, atol=1e-5), logits
+
+
+def test_a_tokenizer_without_a_pad_token_generates(api: Client) -> None:
+    """One prompt, and two of unequal length in one job, each row as it is alone."""
+    texts = ["the cat sat on the mat", "a dog"]
+    body = {"model": "user-llama", "generation": {"max_new_tokens": 3}}
+    alone = [api.run({**body, "inputs": {"text": t}})["generation"]["new_tokens"][0] for t in texts]
+    together = api.run({**body, "inputs": {"text": texts}})["generation"]["new_tokens"]
+    assert together == alone
+    assert all(len(tokens) == 3 for tokens in alone)
+
+
+def test_generation_settings_out_of_range_name_the_field(api: Client) -> None:
+    prompt = {"model": "user-llama", "inputs": {"token_ids": [1] * 60}}
+    assert _refusal(api, {**prompt, "generation": {"max_new_tokens": 10}}) == (
+        "generation.max_new_tokens: 10 after a 60-token prompt is more than the model's 64 "
+        "positions: at most 4"
+    )
+    assert _refusal(api, {**prompt, "inputs": {"token_ids": [1, 999]}}).startswith(
+        "inputs.token_ids: id 999 is not a token id (0 to "
+    )
