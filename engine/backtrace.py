@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, fx
 
 from . import arguments, validate
-from .capture import Captured, CaptureError, Inputs, bind_inputs, capture
+from .capture import Captured, CaptureError, Inputs, bind_inputs, capture, unwrapped
 from .contrast import class_index, contrast_seed
 from .heads import SEEDS, Position, qa_logits
 from .params import OutputParams, RelevanceParams
@@ -58,7 +58,7 @@ class DLBacktrace:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' was asked for but torch sees no CUDA device")
-        self.model = model.eval().to(self.device)
+        self.model = unwrapped(model).eval().to(self.device)
         self.verbose = verbose
         self._graphs: list[tuple[Captured, Sweeper]] = []
         self._head_sweepers: dict[tuple[int, fx.Node], Sweeper] = {}
@@ -206,9 +206,14 @@ class DLBacktrace:
     # ------------------------------------------------------------ public API
 
     def predict(self, inputs: Inputs, temperature: float = 1.0) -> dict[str, Any]:
-        """Run the recorded forward; returns ``node_io`` and keeps it on ``self.node_io``."""
-        self.node_io, outputs = self.record(inputs)
-        self.predictions = _to_numpy(outputs[0]) / temperature
+        """Run the recorded forward; returns ``node_io`` and keeps it on ``self.node_io``, and
+        the explained output (the logits, ``Captured.explained_output``) on ``predictions``."""
+        prepared = self._prepare(inputs)
+        captured, sweeper = self._graph_for(prepared)
+        with torch.no_grad():
+            env, _ = sweeper.forward(prepared)
+        self.node_io = NodeIO(captured, env, sweeper.fused)
+        self.predictions = _to_numpy(env[sweeper.seed_node]) / temperature
         return self.node_io
 
     def record(self, inputs: Inputs) -> tuple[NodeIO, tuple]:

@@ -33,6 +33,23 @@ class CaptureError(RuntimeError):
     """The model could not be exported; the message says why and what was tried."""
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The module a wrapper runs unchanged: ``DataParallel``'s and DDP's ``module`` (they
+    split the batch over devices and run it), ``torch.compile``'s original (compiled, the same
+    function). Their own ``forward(*inputs)`` names no input, and export cannot trace the
+    compiled one."""
+    compiled = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    compiled = getattr(compiled, "OptimizedModule", ())
+    parallel = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+    while True:
+        if isinstance(model, parallel):
+            model = model.module
+        elif compiled and isinstance(model, compiled):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def bind_inputs(model: torch.nn.Module, inputs: Inputs) -> dict[str, torch.Tensor]:
     """Name every input after the forward argument it feeds.
 
@@ -54,12 +71,23 @@ def bind_inputs(model: torch.nn.Module, inputs: Inputs) -> dict[str, torch.Tenso
         # transformers models: a tuple means (input_ids, attention_mask, token_type_ids), as
         # in the reference examples, whatever the forward's order (GPT-2 puts the cache second)
         params = [n for n in (main, *_HF_ORDER) if n in params]
+    if not params and _takes_var_positional(model):
+        raise TypeError(
+            f"{type(model).__name__}.forward(*args) names none of its inputs, and the engine "
+            "names each input after its argument: wrap the model in a module whose forward "
+            "names them (def forward(self, x): return model(x))"
+        )
     if len(inputs) > len(params):
         raise TypeError(
             f"{type(model).__name__}.forward takes {len(params)} tensor inputs "
             f"({', '.join(params)}), got {len(inputs)}"
         )
     return dict(zip(params, inputs, strict=False))
+
+
+def _takes_var_positional(model: torch.nn.Module) -> bool:
+    parameters = inspect.signature(model.forward).parameters.values()
+    return any(p.kind is p.VAR_POSITIONAL for p in parameters)
 
 
 _HF_ORDER = ("attention_mask", "token_type_ids", "position_ids")
@@ -170,11 +198,29 @@ class Captured:
         ]
 
     def explained_output(self) -> fx.Node:
-        """The first floating-point tensor the model returns (the logits)."""
+        """The logits: the output under the key ``logits`` where the model returns a dict or
+        a ``ModelOutput`` (a user's dict may put it after others), else the first
+        floating-point tensor the model returns."""
         outputs = self.float_outputs()
         if not outputs:
             raise ValueError("the model returns no floating-point tensor to explain")
-        return outputs[0]
+        named = self.output_named("logits")
+        return named if named in outputs else outputs[0]
+
+    def output_named(self, key: str) -> fx.Node | None:
+        """The output returned under ``key`` at the top of a dict-like output (one tensor)."""
+        spec = self.program.call_spec.out_spec
+        keys = getattr(spec, "context", None)
+        if spec is None or not isinstance(keys, list) or key not in keys:
+            return None
+        children = spec.children() if hasattr(spec, "children") else spec.children_specs
+        at = keys.index(key)
+        if children[at].num_leaves != 1:
+            return None
+        leaves = self.output.args[0]
+        leaves = leaves if isinstance(leaves, list | tuple) else (leaves,)
+        start = sum(child.num_leaves for child in children[:at])
+        return leaves[start] if start < len(leaves) else None
 
     def sizes(self, inputs: Mapping[str, torch.Tensor]) -> dict[sympy.Symbol, int]:
         """Values of the shape symbols for these run-time inputs."""
@@ -338,14 +384,30 @@ def _export(label: str, model: torch.nn.Module, args: dict, spec: dict | None) -
     symbolically; draft export runs real tensors alongside, takes the example's branch and
     records the condition as a runtime assertion in the graph, so an input that would take
     the other branch raises ("Runtime assertion failed") instead of running the wrong one."""
+    positional, named = _by_position(model, args)
     if label != "draft":
-        return torch.export.export(model, (), args, dynamic_shapes=spec, strict=False)
+        return torch.export.export(model, positional, named, dynamic_shapes=spec, strict=False)
     warnings.warn(
         f"{type(model).__name__}: captured by draft export, with its data-dependent branches "
         "fixed to the example's; inputs that take another branch raise",
         stacklevel=4,
     )
-    return torch.export.draft_export(model, (), args)
+    return torch.export.draft_export(model, positional, named)
+
+
+def _by_position(model: torch.nn.Module, args: dict) -> tuple[tuple, dict]:
+    """The inputs as the model's callers pass them. By keyword, as a tokenizer's dict is
+    passed; but a model with forward pre-hooks gets its leading inputs by position, as
+    ``model(x)`` passes them: a pre-hook sees only positional arguments, and one that reads
+    or rewrites ``inputs[0]`` fails on (or is skipped by) a call by keyword."""
+    if not model._forward_pre_hooks:
+        return (), args
+    lead = []
+    for p in inspect.signature(model.forward).parameters.values():
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) or p.name not in args:
+            break
+        lead.append(p.name)
+    return tuple(args[n] for n in lead), {k: v for k, v in args.items() if k not in lead}
 
 
 # Where the exceptions of a failed export come from: torch's tracer and the libraries it

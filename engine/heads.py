@@ -54,8 +54,8 @@ def classification(
     ``thresholding``) and the seed on the explained logit. In modes "contrast" and "reference"
     a single logit decided "negative" is seeded with the opposite sign: the evidence for
     "negative" is the evidence against the logit."""
-    batch = logits.shape[0]
     where = _decision_at(logits, mask, position, task)
+    batch = logits.shape[0]
     scaled = logits.float() / params.temperature
     decided = scaled[where]
     single = decided.dim() == 1 or decided.shape[-1] == 1
@@ -93,6 +93,11 @@ def _decision_at(logits: Tensor, mask: Tensor | None, position: Position, task: 
     """Where each sample's decision sits in ``logits``: its row of [B, C] logits, or, for text
     logits that keep a token axis, its row at ``position`` or its last real token. Logits of
     any other rank are refused, naming what would explain them."""
+    if logits.dim() == 0:
+        raise ValueError(
+            f"{task} explains [B, C] logits; this model returns a scalar (shape ()): return "
+            "the logits, not a reduction of them (a sum or a loss has no class to explain)"
+        )
     rows = torch.arange(logits.shape[0], device=logits.device)
     if logits.dim() == 3 and task == TaskName.TEXT_CLASSIFICATION:
         pos = _positions(position, mask, logits) if position is not None else _last(mask, logits)

@@ -131,3 +131,64 @@ def test_named_relevance_nodes_are_kept(tabular):
     _, x, dlb = tabular
     result = dlb.run_task(task="tabular-classification", inputs=x, relevance_nodes=["linear_1"])
     assert set(result["relevance"]) == {"input", "linear_1"}
+
+
+class _DictOut(nn.Module):
+    """A user's dict output with the logits after another float tensor."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input):
+        return {"features": input * 2, "logits": self.inner(input)}
+
+
+def test_a_dict_output_is_explained_at_its_logits(tabular):
+    model, x, _ = tabular
+    dlb = DLBacktrace(_DictOut(model), x)
+    result = dlb.run_task(task="tabular-classification", inputs=x)
+    eager = model(x).detach().numpy()
+    np.testing.assert_allclose(result["predictions"], eager, atol=1e-5)
+    _conserved(result)
+    dlb.predict(x)
+    np.testing.assert_allclose(dlb.predictions, eager, atol=1e-5)
+
+
+def _wrapped(model: nn.Module, which: str) -> nn.Module:
+    if which == "DataParallel":
+        return nn.DataParallel(model)
+    if which == "torch.compile":
+        return torch.compile(model)
+    hooked = ZOO["tabular"]()[0]
+    hooked.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    return hooked
+
+
+@pytest.mark.parametrize("which", ["DataParallel", "torch.compile", "forward pre-hook"])
+def test_wrapped_and_hooked_models_explain_what_they_compute(tabular, which):
+    model, x, _ = tabular
+    wrapped = {which: _wrapped(model, which)}
+    dlb = DLBacktrace(wrapped[which], x)
+    result = dlb.run_task(task="tabular-classification", inputs=x)
+    with torch.no_grad():
+        eager = wrapped[which](x) if which != "torch.compile" else model(x)
+    np.testing.assert_allclose(result["predictions"], eager.numpy(), atol=1e-5)
+    _conserved(result)
+
+
+def test_models_whose_output_or_signature_the_engine_cannot_read_are_named(tabular):
+    model, x, _ = tabular
+
+    class Summed(nn.Module):
+        def forward(self, input):
+            return model(input).sum()
+
+    class Star(nn.Module):
+        def forward(self, *args):
+            return model(args[0])
+
+    with pytest.raises(ValueError, match=r"returns a scalar \(shape \(\)\)"):
+        DLBacktrace(Summed(), x).run_task(task="tabular-classification", inputs=x)
+    with pytest.raises(TypeError, match=r"Star.forward\(\*args\) names none of its inputs"):
+        DLBacktrace(Star(), x)
