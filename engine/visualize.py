@@ -10,6 +10,7 @@ an input, which for the mostly sequential graphs of neural networks reads top to
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ def _labels(tokens: Tensor, count: int, tokenizer: Any) -> list[str]:
 def _sequence(input_ids: Tensor, generated_ids: Tensor | None, row: int) -> Tensor:
     """The row's tokens: prompt then generated (``generated_ids`` already holds the prompt when
     it is a ``run_task`` result; a tensor of new tokens only is appended)."""
-    prompt = torch.as_tensor(input_ids).reshape(-1, torch.as_tensor(input_ids).shape[-1])[row]
+    prompt = _ids(input_ids, row)[row]
     if generated_ids is None:
         return prompt
     full = torch.as_tensor(generated_ids)
@@ -59,7 +60,45 @@ def _step_relevance(entry: Any, row: int) -> np.ndarray | None:
         return None
     rel = entry["input_ids"] if isinstance(entry, Mapping) else entry
     rel = torch.as_tensor(rel).detach().float().cpu()
+    if rel.dim() > 2:
+        raise ValueError(
+            f"a trace entry of shape {tuple(rel.shape)}: the heatmaps take generation's "
+            "[B, T] per step (a classification's relevance with a seed axis is no trace)"
+        )
     return (rel[row] if rel.dim() > 1 else rel).numpy()
+
+
+def _trace(timewise_relevance_out: Any) -> list[Any]:
+    """The per-step relevance: the trace itself, or a ``run_task`` result holding it."""
+    trace = timewise_relevance_out
+    if isinstance(trace, Mapping) and "task" in trace:
+        if "relevance_trace" not in trace:
+            raise ValueError(
+                "timewise_relevance_out: this result has no relevance_trace; run generation "
+                "with return_relevance=True"
+            )
+        trace = trace["relevance_trace"]
+    if trace is None or isinstance(trace, str | Mapping | Tensor) or not hasattr(trace, "__len__"):
+        raise TypeError(
+            "timewise_relevance_out must be the relevance_trace of a generation run (one "
+            f"entry per step, from return_relevance=True), got {type(trace).__name__}"
+        )
+    return list(trace)
+
+
+def _ids(input_ids: Any, row: int) -> Tensor:
+    """``input_ids`` as [B, T] (a tensor, array, list, or the inputs' dict), ``row`` in it."""
+    if isinstance(input_ids, Mapping):
+        input_ids = input_ids["input_ids"]
+    ids = torch.as_tensor(input_ids)
+    ids = ids.reshape(-1, ids.shape[-1])
+    if (
+        isinstance(row, bool)
+        or not isinstance(row, numbers.Integral)
+        or not 0 <= row < ids.shape[0]
+    ):
+        raise ValueError(f"row must be a sample index in [0, {ids.shape[0]}), got {row!r}")
+    return ids
 
 
 def _save(fig: Figure, save_path: str | Path | None) -> None:
@@ -82,8 +121,8 @@ def visualize_tokenwise_relevance_map(
     generated). Cell (i, j) is the relevance of token j for the token emitted at step i; cells
     the step could not see are blank. ``normalize`` scales each line by its largest |value| so
     that early and late steps are comparable."""
-    steps = [_step_relevance(e, row) for e in timewise_relevance_out]
     tokens = _sequence(input_ids, generated_ids, row)
+    steps = [_step_relevance(e, row) for e in _trace(timewise_relevance_out)]
     explained = [i for i, s in enumerate(steps) if s is not None]
     if not explained:
         raise ValueError("no step of the trace was explained")
@@ -126,10 +165,19 @@ def visualize_input_heatmap_for_token(
 ) -> Figure:
     """One line: the relevance of every context token for the ``n``-th generated token, with
     the tokens written in their cells."""
-    rel = _step_relevance(timewise_relevance_out[n], row)
+    trace = _trace(timewise_relevance_out)
+    if (
+        isinstance(n, bool)
+        or not isinstance(n, numbers.Integral)
+        or not -len(trace) <= n < len(trace)
+    ):
+        raise ValueError(
+            f"n must be a step index in [0, {len(trace)}) (or from the end), got {n!r}"
+        )
+    tokens = _sequence(input_ids, generated_ids, row)
+    rel = _step_relevance(trace[n], row)
     if rel is None:
         raise ValueError(f"step {n} was not explained (its trace entry is None)")
-    tokens = _sequence(input_ids, generated_ids, row)
     labels = _labels(tokens, len(rel), tokenizer)
     target = _labels(tokens[len(rel) :], 1, tokenizer)[0]
 

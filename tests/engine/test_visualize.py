@@ -117,3 +117,24 @@ def test_graph_without_suffix_writes_svg_and_large_graphs_drop_labels(generation
     path = visualize_graph(dlb.graph, tmp_path / "backtrace_graph", label_limit=10)
     assert path.suffix == ".svg" and path.stat().st_size > 0
     assert torch.is_tensor(next(iter(result["relevance"].values())))
+
+
+def test_heatmaps_take_a_result_and_the_inputs_dict_and_name_bad_arguments(generation):
+    _, batch, result = generation
+    from_result = visualize_tokenwise_relevance_map(result, batch, generated_ids=None, row=1)
+    from_trace = visualize_tokenwise_relevance_map(
+        result["relevance_trace"], batch["input_ids"], row=1
+    )
+    np.testing.assert_array_equal(
+        from_result.axes[0].images[0].get_array().filled(np.nan),
+        from_trace.axes[0].images[0].get_array().filled(np.nan),
+    )
+    trace, ids = result["relevance_trace"], batch["input_ids"]
+    with pytest.raises(ValueError, match=r"row must be a sample index in \[0, 2\), got 2"):
+        visualize_tokenwise_relevance_map(trace, ids, row=2)
+    with pytest.raises(ValueError, match=r"n must be a step index in \[0, 4\).*got 4"):
+        visualize_input_heatmap_for_token(trace, 4, ids)
+    with pytest.raises(TypeError, match="timewise_relevance_out must be the relevance_trace"):
+        visualize_input_heatmap_for_token(None, 0, ids)
+    with pytest.raises(ValueError, match=r"trace entry of shape \(3, 2, 6\)"):
+        visualize_input_heatmap_for_token([{"input_ids": torch.zeros(3, 2, 6)}], 0, ids)
