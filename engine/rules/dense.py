@@ -12,8 +12,10 @@ splits the logit difference exactly.
 
 from __future__ import annotations
 
+import collections
+import string
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -386,23 +388,153 @@ _PRODUCTS = {aten.mm.default: torch.mm, aten.bmm.default: torch.bmm}
 
 
 class Einsum(Product):
-    """A two-operand einsum: the product rules with the equation as the product."""
+    """An einsum of any number of operands, contracted two at a time as torch contracts it (its
+    ``path``, else left to right): the product rules run on each pairwise step, from the
+    last back, so a data operand gets what the same pairwise products written out would
+    give it. One operand (a trace, a transpose, a sum) is a map with weights of one: the
+    |z| rule over it. An intermediate step's sink is put back in the output's shape (summed
+    over its contracted letters), so the sweep books it to its sample."""
 
     ops = (aten.einsum.default,)
 
-    def operands(self, ctx: Ctx) -> tuple[Callable, list[str], list[Tensor], tuple[bool, bool]]:
-        operands = ctx.args["tensors"]
-        if len(operands) != 2:
-            raise NotImplementedError(f"einsum with {len(operands)} operands")
-        eq = ctx.args["equation"]
-        data = (ctx.is_data("tensors", 0), ctx.is_data("tensors", 1))
-        return lambda u, v: torch.einsum(eq, u, v), ["tensors"], list(operands), data
+    def default(self, ctx: Ctx) -> Propagation:
+        return self.chain(ctx, reference=False)
 
-    def references(self, ctx: Ctx, names: list[str]) -> list[Tensor]:
-        return list(ctx.ref["tensors"])
+    def reference(self, ctx: Ctx) -> Propagation:
+        return self.chain(ctx, reference=True)
 
-    def named(self, names: list[str], outs: list[Tensor | None]) -> dict[str, Any]:
-        return {"tensors": outs}
+    def chain(self, ctx: Ctx, reference: bool) -> Propagation:
+        inputs, output = einsum_subscripts(ctx.args["equation"], ctx.args["tensors"])
+        terms = [
+            _Term(s, v, ctx.ref["tensors"][i] if reference else None, ctx.is_data("tensors", i), i)
+            for i, (s, v) in enumerate(zip(inputs, ctx.args["tensors"], strict=True))
+        ]
+        if len(terms) == 1:
+            return self.single(ctx, f"{inputs[0]}->{output}", reference)
+        steps = _pairwise(ctx, terms, output, ctx.args.get("path"), reference)
+        relevance: list[Tensor | None] = [None] * len(terms)
+        pending, sink = {len(steps) - 1: ctx.R}, None
+        for k in reversed(range(len(steps))):
+            step, R = steps[k], pending.pop(k, None)
+            if R is None:
+                continue
+            outs, s = self.step(replace(ctx, R=R, out=step.out.value, ref_out=step.out.ref), step)
+            sink = _add(sink, _onto_output(s, step.out.subs, output, ctx.out.shape))
+            for term, r in zip((step.left, step.right), outs, strict=True):
+                if r is not None and term.source >= 0:
+                    relevance[term.source] = r
+                elif r is not None:
+                    pending[-1 - term.source] = r
+        return {"tensors": relevance}, sink
+
+    def step(self, ctx: Ctx, step: _Step) -> tuple[list[Tensor | None], Tensor]:
+        """The product rule of one pairwise step (``ctx``: its output and relevance)."""
+        left, right = step.left, step.right
+        f, data = step.product, (left.data, right.data)
+        if ctx.ref is None:
+            return product(ctx.R, f, left.value, right.value, data)
+        return product_difference(ctx, f, left.value, right.value, data, (left.ref, right.ref))
+
+    def single(self, ctx: Ctx, equation: str, reference: bool) -> Propagation:
+        x, f = ctx.args["tensors"][0], lambda u: torch.einsum(equation, u)
+        if reference:
+            r_in, sink = difference(ctx, x - ctx.ref["tensors"][0], f)
+        else:
+            r_in, sink = proportional(ctx.R, x, f)
+        return {"tensors": [r_in]}, sink
+
+
+@dataclass
+class _Term:
+    """An operand of a pairwise step: its subscripts (one letter a dimension), its value and
+    the reference's, whether it carries relevance, and where it comes from (the einsum's
+    operand ``source`` >= 0, or the output of step ``-1 - source``)."""
+
+    subs: str
+    value: Tensor
+    ref: Tensor | None
+    data: bool
+    source: int
+
+
+@dataclass
+class _Step:
+    left: _Term
+    right: _Term
+    out: _Term
+
+    def product(self, u: Tensor, v: Tensor) -> Tensor:
+        return torch.einsum(f"{self.left.subs},{self.right.subs}->{self.out.subs}", u, v)
+
+
+def _pairwise(
+    ctx: Ctx, terms: list[_Term], output: str, path: list[int] | None, reference: bool
+) -> list[_Step]:
+    """The pairwise steps in torch's order: ``path`` (pairs of positions in the list of
+    operands left, each result appended at its end), else left to right. A step keeps the
+    letters a later operand or the output still needs; the last one is the op's output."""
+    steps: list[_Step] = []
+    while len(terms) > 1:
+        k = len(steps)
+        i, j = (path[2 * k], path[2 * k + 1]) if path else ((0, 1) if k == 0 else (-1, 0))
+        i, j = i % len(terms), j % len(terms)
+        left, right = terms[i], terms[j]
+        others = [t for n, t in enumerate(terms) if n not in (i, j)]
+        needed = set(output).union(*(t.subs for t in others))
+        subs = "".join(dict.fromkeys(c for c in left.subs + right.subs if c in needed))
+        out = _Term(
+            subs if others else output, ctx.out, ctx.ref_out, left.data or right.data, -1 - k
+        )
+        step = _Step(left, right, out)
+        if others:  # an intermediate: computed here, as torch computed it
+            out.value = step.product(left.value, right.value)
+            out.ref = step.product(left.ref, right.ref) if reference else None
+        steps.append(step)
+        terms = [*others, out]
+    return steps
+
+
+def einsum_subscripts(equation: str, operands: list[Tensor]) -> tuple[list[str], str]:
+    """The operands' and the output's subscripts with one letter per dimension: an ellipsis
+    becomes letters of its own (right-aligned, as it broadcasts), an implicit output the
+    ellipsis and the letters used once, in order."""
+    equation = equation.replace(" ", "")
+    lhs, _, rhs = equation.partition("->")
+    inputs = lhs.split(",")
+    spare = sorted(set(string.ascii_letters) - set(equation))
+    width = max(t.dim() - len(s.replace("...", "")) for s, t in zip(inputs, operands, strict=True))
+    letters = "".join(spare[:width]) if "..." in equation else ""
+    inputs = [
+        s.replace("...", letters[width - (t.dim() - len(s) + 3) :])
+        for s, t in zip(inputs, operands, strict=True)
+    ]
+    if "->" not in equation:
+        counts = collections.Counter("".join(inputs))
+        rhs = letters + "".join(sorted(c for c in counts if counts[c] == 1 and c not in letters))
+    return inputs, rhs.replace("...", letters)
+
+
+def _onto_output(sink: Tensor, subs: str, output: str, shape: torch.Size) -> Tensor:
+    """A step's sink [K, *step output] in the einsum's output shape: summed over letters the
+    output does not have, at index 0 of the output's dimensions the step lacks (or had of
+    size 1), so that each sample's sink stays that sample's."""
+    if subs == output:
+        return sink
+    kept = "".join(c for c in output if c in subs)
+    seeds = next(c for c in string.ascii_letters if c not in subs + output)
+    reduced = torch.einsum(f"{seeds}{subs}->{seeds}{kept}", sink)
+    index, view = [slice(None)], [sink.shape[0]]
+    for c, n in zip(output, shape, strict=True):
+        whole = c in kept and reduced.shape[1 + kept.index(c)] == n
+        index.append(slice(None) if whole else slice(0, 1))
+        view.append(reduced.shape[1 + kept.index(c)] if c in kept else 1)
+    full = sink.new_zeros(sink.shape[0], *shape)
+    full[tuple(index)] = reduced.reshape(view)
+    return full
+
+
+def _add(a: Tensor | None, b: Tensor) -> Tensor:
+    return b if a is None else a + b
 
 
 def product(

@@ -168,8 +168,51 @@ COMPOSITES = {
     ),
 }
 
+
+_MIX, _SQUARE = (torch.randn(*s, generator=torch.Generator().manual_seed(3))
+                 for s in ((8, 8), (4, 4)))  # fmt: skip
+
+
+def _halves(x):
+    return x.reshape(-1, 2, 4), x.reshape(-1, 2, 4).flip(-1)
+
+
+# Einsums of three or more operands (einsum's rule took two), each beside the same pairwise
+# products written out, left to right as torch contracts them.
+EINSUMS = {
+    "einsum_three": (
+        lambda x: torch.einsum("bi,ij,bj->bj", x, _MIX, x),
+        lambda x: torch.einsum("bj,bj->bj", torch.einsum("bi,ij->bj", x, _MIX), x),
+        D,
+    ),
+    "einsum_four": (
+        lambda x: torch.einsum("bi,bj,ij,bk->bk", x[:, :4], x[:, 4:], _SQUARE, x[:, :2]),
+        lambda x: torch.einsum(
+            "b,bk->bk",
+            torch.einsum("bij,ij->b", torch.einsum("bi,bj->bij", x[:, :4], x[:, 4:]), _SQUARE),
+            x[:, :2],
+        ),
+        2,
+    ),
+    "einsum_ellipsis": (
+        lambda x: torch.einsum("...i,ij,...j->...", _halves(x)[0], _SQUARE, _halves(x)[1]),
+        lambda x: torch.einsum(
+            "...j,...j->...", torch.einsum("...i,ij->...j", _halves(x)[0], _SQUARE), _halves(x)[1]
+        ),
+        2,
+    ),
+    "einsum_implicit_output": (
+        lambda x: torch.einsum("bi,ij,jk", x[:, :4], _SQUARE, _SQUARE.T),
+        lambda x: torch.einsum(
+            "bj,jk->bk", torch.einsum("bi,ij->bj", x[:, :4], _SQUARE), _SQUARE.T
+        ),
+        4,
+    ),
+}
+
 BODIES: dict[str, tuple[Callable, int]] = {
     **COMPOSITES,
+    **{name: (einsum, width) for name, (einsum, _, width) in EINSUMS.items()},
     "aliases": (_aliases, 2 * D),
     "glu": (nn.GLU(), D // 2),
     "hardshrink": (nn.Hardshrink(0.3), D),
@@ -522,4 +565,18 @@ def test_aliases_explain_as_their_canonical_ops(mode):
     torch.testing.assert_close(
         alias.run_task(inputs=inputs, mode=mode)["relevance"]["x"],
         canonical.run_task(inputs=inputs, mode=mode)["relevance"]["x"],
+    )
+
+
+@pytest.mark.parametrize("mode", ["default", "contrast", "reference"])
+@pytest.mark.parametrize("name", list(EINSUMS))
+def test_einsum_gives_what_its_pairwise_products_give(name, mode):
+    """An einsum of three or four operands (an ellipsis, an implicit output) explains as the
+    same products written two at a time: the two-operand rule on each step."""
+    _, pairwise, width = EINSUMS[name]
+    inputs = {"x": rand(B, D, seed=1)}
+    written = DLBacktrace(Head(pairwise, width).eval(), {"x": rand(B, D)})
+    torch.testing.assert_close(
+        captured(name).run_task(inputs=inputs, mode=mode)["relevance"]["x"],
+        written.run_task(inputs=inputs, mode=mode)["relevance"]["x"],
     )
