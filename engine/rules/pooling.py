@@ -188,14 +188,15 @@ def _dims(ctx: Ctx, u: Tensor) -> list[int]:
 
 
 class Share(Family):
-    """Reductions that are not linear (log-sum-exp, max, min, vector norms): each output
-    element's relevance is shared over the elements it reduced, by weights that add up to 1,
-    so it is conserved in every mode. log-sum-exp: by softmax, the weights of its gradient
-    (a soft maximum); amax / amin: the winner takes all, as in max pooling (ties split
-    evenly); the p-norm: in proportion to |x|^p, each element's share of sum |x|^p (for
-    p = inf, the winner); variance and standard deviation (where their output flows on by
-    itself, as in statistics pooling: ``provenance.NORMALISERS``): each element's share of
-    the sum of squared deviations (``var_mean``'s mean: its share of sum |x|, as a mean's).
+    """Reductions that are not linear (log-sum-exp, max, min, medians, vector norms): each
+    output element's relevance is shared over the elements it reduced, by weights that add up
+    to 1, so it is conserved in every mode. log-sum-exp: by softmax, the weights of its
+    gradient (a soft maximum); amax / amin, and the median (nanmedian) of all elements: the
+    element taken takes all, as in max pooling (ties split evenly); the p-norm: in proportion
+    to |x|^p, each element's share of sum |x|^p (for p = inf, the winner); variance and
+    standard deviation (where their output flows on by itself, as in statistics pooling:
+    ``provenance.NORMALISERS``): each element's share of the sum of squared deviations
+    (``var_mean``'s mean: its share of sum |x|, as a mean's).
 
     Mode "reference" uses the same shares: the weights at the input, not a difference rule,
     as the activations pass relevance on unchanged there."""
@@ -205,12 +206,14 @@ class Share(Family):
         aten.amax.default,
         aten.amin.default,
         aten.linalg_vector_norm.default,
+        aten.median.default,
+        aten.nanmedian.default,
         *STATISTICS,
     )
 
     def default(self, ctx: Ctx) -> Propagation:
         x, a = ctx.x, ctx.args
-        dims = a["dim"] or list(range(x.dim()))
+        dims = a.get("dim") or list(range(x.dim()))
         if ctx.node.target in _VAR_MEAN:  # R of the outputs taken, by index
             weights = {0: _weights(aten.var.correction, x, dims, a), 1: _normalise(x.abs(), dims)}
             parts = [(ctx.R[i], weights[i]) for i in ctx.R]
@@ -236,8 +239,16 @@ def _weights(target: Any, x: Tensor, dims: list[int], a: dict[str, Any]) -> Tens
         if abs(p) != float("inf"):
             return _normalise(x.abs() ** p if p else (x != 0).to(x.dtype), dims)
         x, target = x.abs(), aten.amax.default if p > 0 else aten.amin.default
-    extreme = x.amax(dims, keepdim=True) if target is aten.amax.default else x.amin(dims, True)
-    return _normalise((x == extreme).to(x.dtype), dims)
+    return _normalise((x == _TAKEN[target](x, dims)).to(x.dtype), dims)
+
+
+# The element a selecting reduction takes (amax, amin over ``dims``; a median over all).
+_TAKEN = {
+    aten.amax.default: lambda x, dims: x.amax(dims, keepdim=True),
+    aten.amin.default: lambda x, dims: x.amin(dims, keepdim=True),
+    aten.median.default: lambda x, dims: x.median(),
+    aten.nanmedian.default: lambda x, dims: x.nanmedian(),
+}
 
 
 _DEVIATIONS = {aten.var.correction, aten.var.dim, aten.std.correction, aten.std.dim}

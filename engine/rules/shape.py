@@ -222,18 +222,29 @@ class Split(Family):
 
 
 class TopK(Family):
-    """The k values taken give their relevance back to the elements they were taken from
-    (the indices carry none). ``max`` / ``min`` along a dimension are the same with k = 1:
-    the winner takes all, as in max pooling."""
+    """Selections along a dimension: each value taken gives its relevance back to the element
+    it was taken from, found by the op's own indices (which carry none). ``topk`` and
+    ``sort`` (and ``msort``, which export writes as a sort) take k or all of the elements, in
+    order; ``max`` / ``min``, ``median``, ``nanmedian`` and ``kthvalue`` along a dimension
+    take one: the winner takes all, as in max pooling."""
 
-    ops = (aten.topk.default, aten.max.dim, aten.min.dim)
+    ops = (
+        aten.topk.default,
+        aten.max.dim,
+        aten.min.dim,
+        aten.sort.default,
+        aten.sort.stable,
+        aten.kthvalue.default,
+        aten.median.dim,
+        aten.nanmedian.dim,
+    )
 
     def default(self, ctx: Ctx) -> Propagation:
         values, index = ctx.out
         r = ctx.R.get(0)
         r_in = torch.zeros(r.shape[0], *ctx.x.shape, dtype=r.dtype, device=r.device)
         dim = ctx.args["dim"] % ctx.x.dim()
-        if ctx.node.target is not aten.topk.default and not ctx.args["keepdim"]:
+        if not ctx.args.get("keepdim", True):  # one element taken, its dimension dropped
             r, index = r.unsqueeze(dim + 1), index.unsqueeze(dim)
         return {"self": r_in.scatter_add(dim + 1, index.expand_as(r), r)}, None
 

@@ -283,6 +283,16 @@ BODIES: dict[str, tuple[Callable, int]] = {
         lambda x: torch.zeros_like(x).scatter(1, torch.tensor([[1, 4], [0, 7]]), x[:, :2] * 3),
         D,
     ),
+    # selections: sorted values, medians, the k-th value
+    "sort_descending_stable": (
+        lambda x: torch.sort(x, dim=-1, descending=True, stable=True).values,
+        D,
+    ),
+    "msort": (lambda x: torch.msort(x.reshape(-1, 2, 4).transpose(0, 2)).transpose(0, 2), D),
+    "median_dim": (lambda x: x.reshape(-1, 2, 4).median(-1).values, 2),
+    "nanmedian_keepdim": (lambda x: x.reshape(-1, 2, 4).nanmedian(1, keepdim=True).values, 4),
+    "kthvalue": (lambda x: x.kthvalue(3, -1).values[:, None], 1),
+    "median_of_all": (lambda x: torch.stack([row.median() for row in x])[:, None], 1),
 }
 
 _cache: dict[str, DLBacktrace] = {}
@@ -580,3 +590,22 @@ def test_einsum_gives_what_its_pairwise_products_give(name, mode):
         captured(name).run_task(inputs=inputs, mode=mode)["relevance"]["x"],
         written.run_task(inputs=inputs, mode=mode)["relevance"]["x"],
     )
+
+
+def test_sort_and_median_give_relevance_to_the_element_taken():
+    """Sorted values hand their relevance back to the elements they came from; a median
+    (kthvalue) along a dimension to its element, whose index the op returns; the median of
+    all elements to the element equal to it."""
+    x, R = rand(2, 5), rand(3, 2, 5, seed=1)
+    out = x.sort(-1, descending=True)
+    args = {"self": x, "dim": -1, "descending": True}
+    grads, sink = TopK().default(ctx_of(aten.sort.default, args, {0: R}, out=out))
+    assert sink is None and torch.equal(grads["self"].gather(2, out.indices.expand(3, -1, -1)), R)
+    out = x.median(-1)
+    args = {"self": x, "dim": -1, "keepdim": False}
+    grads, _ = TopK().default(ctx_of(aten.median.dim, args, {0: R[..., 0]}, out=out))
+    expected = F.one_hot(out.indices, 5).to(x.dtype) * R[..., :1]
+    torch.testing.assert_close(grads["self"], expected)
+    grads, _ = Share().default(ctx_of(aten.median.default, {"self": x}, R[:, 0, 0]))
+    expected = (x == x.median()).to(x.dtype) * R[:, 0, 0, None, None]
+    torch.testing.assert_close(grads["self"], expected)
