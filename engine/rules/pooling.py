@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -19,6 +20,7 @@ from .base import (
     difference,
     proportional,
     stable,
+    vjp,
 )
 
 aten = torch.ops.aten
@@ -221,6 +223,48 @@ class Share(Family):
             parts = [(ctx.R, _weights(ctx.node.target, x, dims, a))]
         shape = _kept_shape(x, dims)
         return {"self": sum(R.reshape(R.shape[0], *shape) * w for R, w in parts)}, None
+
+
+# Products of factors along a dimension, each with the sum that adds up the same elements:
+# its adjoint spreads an output element's relevance over that element's factors.
+_SUM_TWINS: dict[Any, Callable[[Ctx, Tensor], Tensor]] = {
+    aten.prod.dim_int: lambda c, u: u.sum(c.args["dim"], c.args["keepdim"]),
+    aten.prod.default: lambda c, u: u.sum(),
+    aten.cumprod.default: lambda c, u: u.cumsum(c.args["dim"]),
+}
+
+
+class Prod(Family):
+    """Products of many data factors (``prod``, ``cumprod``). Mode "default": each of an
+    output element's n factors takes an equal share R / n, as the two factors of a gate do
+    (``Mul``): with the other factors held fixed a factor is its map's only contribution, so
+    the |z| rule gives it all of its part. The factors are the elements the op's sum twin
+    (sum, cumsum) adds up: R_in is that sum's adjoint of R / n.
+
+    Modes "reference" and "contrast": y - y' splits exactly into the factors' contributions
+    along the straight line between the inputs, dx_i * integral_0^1 dy/dx_i(x' + t dx) dt
+    (two factors: ``difference_product``'s split, dx_1 (x_2 + x'_2) / 2). The integrand is a
+    polynomial of degree n - 1 in t: Gauss-Legendre nodes, ceil(n / 2) of them, are exact."""
+
+    ops = tuple(_SUM_TWINS)
+
+    def twin(self, ctx: Ctx) -> Callable[[Tensor], Tensor]:
+        return lambda u: _SUM_TWINS[ctx.node.target](ctx, u)
+
+    def default(self, ctx: Ctx) -> Propagation:
+        ones, twin = torch.ones_like(ctx.x), self.twin(ctx)
+        return {"self": vjp(twin, ones, ctx.R / twin(ones))}, None
+
+    def reference(self, ctx: Ctx) -> Propagation:
+        x, xr, f = ctx.x, ctx.ref["self"], _op_on(ctx)
+        dx, ratio = x - xr, ctx.per_change()
+        factors = int(self.twin(ctx)(torch.ones_like(x)).max())
+        nodes, weights = numpy.polynomial.legendre.leggauss((factors + 1) // 2)
+        slope = sum(
+            w / 2 * vjp(f, xr + (t + 1) / 2 * dx, ratio)
+            for t, w in zip(nodes.tolist(), weights.tolist(), strict=True)
+        )
+        return {"self": dx * slope}, ctx.R - ratio * (ctx.out - ctx.ref_out)
 
 
 def _kept_shape(x: Tensor, dims: list[int]) -> list[int]:

@@ -25,7 +25,7 @@ from .elementwise import (
     Where,
 )
 from .normalisation import BatchNorm, GroupNorm, LayerNorm, RMSNorm
-from .pooling import Fold, Interpolation, MaxPool, PositiveMap, Share
+from .pooling import Fold, Interpolation, MaxPool, PositiveMap, Prod, Share
 from .recurrent import LSTM
 from .shape import (
     Adjoint,
@@ -69,6 +69,7 @@ FAMILIES: tuple[Family, ...] = (
     Interpolation(),
     Fold(),
     Share(),
+    Prod(),
     Reshape(),
     Permute(),
     Transpose(),

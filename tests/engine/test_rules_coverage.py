@@ -13,7 +13,7 @@ from torch import nn
 
 from engine import DLBacktrace
 from engine.rules import TINY, rule_for
-from engine.rules.pooling import Interpolation, Share
+from engine.rules.pooling import Interpolation, Prod, Share
 from engine.rules.recurrent import LSTM, forward
 from engine.rules.shape import Pad, Scatter, Stack, TopK
 
@@ -283,6 +283,9 @@ BODIES: dict[str, tuple[Callable, int]] = {
         lambda x: torch.zeros_like(x).scatter(1, torch.tensor([[1, 4], [0, 7]]), x[:, :2] * 3),
         D,
     ),
+    # products of many data factors
+    "prod": (lambda x: x.reshape(-1, 2, 4).prod(-1), 2),
+    "cumprod": (lambda x: x.cumprod(-1), D),
     # selections: sorted values, medians, the k-th value
     "sort_descending_stable": (
         lambda x: torch.sort(x, dim=-1, descending=True, stable=True).values,
@@ -609,3 +612,33 @@ def test_sort_and_median_give_relevance_to_the_element_taken():
     grads, _ = Share().default(ctx_of(aten.median.default, {"self": x}, R[:, 0, 0]))
     expected = (x == x.median()).to(x.dtype) * R[:, 0, 0, None, None]
     torch.testing.assert_close(grads["self"], expected)
+
+
+def test_prod_gives_each_factor_an_equal_share():
+    """Mode "default": the n factors of an output element share its relevance equally, as the
+    two factors of a gate do: 1 / 4 each for a product of 4, 1 / (t + 1) for cumprod's t-th."""
+    x, R = rand(2, 4), rand(3, 2, 4, seed=1)
+    args = {"self": x, "dim": -1, "keepdim": False, "dtype": None}
+    grads, sink = Prod().default(ctx_of(aten.prod.dim_int, args, R[..., 0]))
+    torch.testing.assert_close(grads["self"], R[..., :1].expand(-1, -1, 4) / 4)
+    args = {"self": x, "dim": -1, "dtype": None}
+    grads, sink = Prod().default(ctx_of(aten.cumprod.default, args, R))
+    shares = R / torch.arange(1, 5)
+    torch.testing.assert_close(grads["self"], shares.flip(-1).cumsum(-1).flip(-1))
+    conserved(R, grads, sink)
+
+
+def test_prod_reference_splits_the_change_exactly():
+    """Mode "reference": three factors' change, y - y' = sum_i dx_i * integral_0^1 of the
+    other two along the line from x' to x; for x_1 that is
+    dx_1 (x'_2 x'_3 + (x'_2 dx_3 + dx_2 x'_3) / 2 + dx_2 dx_3 / 3)."""
+    x, xr, R = rand(2, 3), rand(2, 3, seed=1), rand(4, 2, seed=2)
+    args = {"self": x, "dim": -1, "keepdim": False, "dtype": None}
+    out, ref_out = x.prod(-1), xr.prod(-1)
+    ctx = ctx_of(aten.prod.dim_int, args, R, ref={**args, "self": xr}, out=out, ref_out=ref_out)
+    grads, sink = Prod().reference(ctx)
+    (_, b, c), (da, db, dc) = xr.unbind(-1), (x - xr).unbind(-1)
+    line = b * c + (b * dc + db * c) / 2 + db * dc / 3
+    torch.testing.assert_close(grads["self"][..., 0], R / (out - ref_out) * da * line)
+    torch.testing.assert_close(grads["self"].sum(-1), R, atol=1e-5, rtol=1e-5)
+    conserved(R, grads, sink)
