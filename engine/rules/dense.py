@@ -444,6 +444,54 @@ class Einsum(Product):
         return {"tensors": [r_in]}, sink
 
 
+class Bilinear(Family):
+    """y = x1^T W_o x2 + b_o per output unit o (``nn.Bilinear``): a product of two data operands
+    with weights between them. As for two-operand products, each data operand takes half of R
+    (all of it where the other is a constant), shared by the linear rule (``z_abs``) with the
+    other held fixed: x1 by the per-sample weights W x2, D = |x1| |W x2| + |b|, x2 by x1^T W;
+    the bias share is a sink. With x2 a constant it is the linear rule of weights W x2.
+    Mode "reference": the exact split of a product's change (``product_difference``); the
+    bias cancels."""
+
+    ops = (aten.bilinear.default,)
+    maps = True
+    names = ("input1", "input2")
+
+    def default(self, ctx: Ctx) -> Propagation:
+        a, data = ctx.args, [ctx.is_data(n) for n in self.names]
+        w, part = a["weight"], replace(ctx, R=ctx.R * (0.5 if all(data) else 1.0))
+        extra = ctx.bias_term(a["bias"], w.shape[0], a["input1"])
+        held = {
+            "input1": torch.einsum("oij,...j->...oi", w, a["input2"]),
+            "input2": torch.einsum("oij,...i->...oj", w, a["input1"]),
+        }
+        grads, sink = {}, None
+        for name in (n for n, d in zip(self.names, data, strict=True) if d):
+            o = Operands(_PER_SAMPLE, name, a[name], held[name], held[name].abs(), extra)
+            r_in, s = z_abs(part, o)
+            grads, sink = {**grads, **r_in}, _add(sink, s)
+        return grads, sink
+
+    def reference(self, ctx: Ctx) -> Propagation:
+        w, data = ctx.args["weight"], tuple(ctx.is_data(n) for n in self.names)
+        operands, refs = ([args[n] for n in self.names] for args in (ctx.args, ctx.ref))
+        f = lambda u, v: torch.einsum("...i,oij,...j->...o", u, w, v)  # noqa: E731
+        outs, sink = product_difference(ctx, f, *operands, data, refs)
+        return {n: r for n, r in zip(self.names, outs, strict=True) if r is not None}, sink
+
+
+def _per_sample(x: Tensor, w: Tensor, bias: Any) -> Tensor:
+    """x [..., I] times per-sample weights w [..., O, I], plus ``bias``."""
+    return torch.einsum("...i,...oi->...o", x, w) + (0 if bias is None else bias)
+
+
+_PER_SAMPLE = Weighted(
+    forward=_per_sample,
+    backward=lambda ratio, w: torch.einsum("k...o,...oi->k...i", ratio, w),
+    bias_sink=lambda ratio, extra: ratio @ extra,
+)
+
+
 @dataclass
 class _Term:
     """An operand of a pairwise step: its subscripts (one letter a dimension), its value and

@@ -12,7 +12,17 @@ import torch
 from ..tasks import MODES
 from .attention import Attention, Softmax
 from .base import Family, Rule
-from .dense import AddMM, BAddBMM, Conv, Convolution, Einsum, GroupedMM, Linear, Product
+from .dense import (
+    AddMM,
+    BAddBMM,
+    Bilinear,
+    Conv,
+    Convolution,
+    Einsum,
+    GroupedMM,
+    Linear,
+    Product,
+)
 from .elementwise import (
     Add,
     AddCMul,
@@ -49,6 +59,7 @@ FAMILIES: tuple[Family, ...] = (
     Convolution(),
     Product(),
     Einsum(),
+    Bilinear(),
     Add(),
     Mul(),
     Where(),

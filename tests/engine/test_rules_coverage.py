@@ -13,6 +13,7 @@ from torch import nn
 
 from engine import DLBacktrace
 from engine.rules import TINY, rule_for
+from engine.rules.dense import Bilinear, Linear
 from engine.rules.pooling import Interpolation, Prod, Share
 from engine.rules.recurrent import LSTM, forward
 from engine.rules.shape import Pad, Scatter, Stack, TopK
@@ -169,6 +170,18 @@ COMPOSITES = {
 }
 
 
+class TwoHalves(nn.Module):
+    """``nn.Bilinear`` of the two halves of the 8 features, built under a fixed seed."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.bilinear = nn.Bilinear(4, 4, 3)
+
+    def forward(self, x):
+        return self.bilinear(x[:, :4], x[:, 4:])
+
+
 _MIX, _SQUARE = (torch.randn(*s, generator=torch.Generator().manual_seed(3))
                  for s in ((8, 8), (4, 4)))  # fmt: skip
 
@@ -296,6 +309,7 @@ BODIES: dict[str, tuple[Callable, int]] = {
     "nanmedian_keepdim": (lambda x: x.reshape(-1, 2, 4).nanmedian(1, keepdim=True).values, 4),
     "kthvalue": (lambda x: x.kthvalue(3, -1).values[:, None], 1),
     "median_of_all": (lambda x: torch.stack([row.median() for row in x])[:, None], 1),
+    "bilinear": (TwoHalves(), 3),
 }
 
 _cache: dict[str, DLBacktrace] = {}
@@ -641,4 +655,22 @@ def test_prod_reference_splits_the_change_exactly():
     line = b * c + (b * dc + db * c) / 2 + db * dc / 3
     torch.testing.assert_close(grads["self"][..., 0], R / (out - ref_out) * da * line)
     torch.testing.assert_close(grads["self"].sum(-1), R, atol=1e-5, rtol=1e-5)
+    conserved(R, grads, sink)
+
+
+def test_bilinear_with_a_constant_operand_is_the_linear_rule():
+    """x1^T W x2 + b with x2 a constant is a linear layer of x1 with weights W x2: its
+    relevance is the linear rule's; with both data, each takes half of R."""
+    torch.manual_seed(0)
+    layer = nn.Bilinear(4, 3, 2)
+    w, b = layer.weight.detach(), layer.bias.detach()
+    x1, x2, R = rand(1, 4), rand(1, 3, seed=1), rand(5, 1, 2, seed=2)
+    args = {"input1": x1, "input2": x2, "weight": w, "bias": b}
+    grads, sink = Bilinear().default(ctx_of(aten.bilinear.default, args, R, data={"input1"}))
+    linear = {"input": x1, "weight": torch.einsum("oij,j->oi", w, x2[0]), "bias": b}
+    expected, expected_sink = Linear().default(ctx_of(aten.linear.default, linear, R))
+    torch.testing.assert_close(grads["input1"], expected["input"])
+    torch.testing.assert_close(sink, expected_sink)
+    grads, sink = Bilinear().default(ctx_of(aten.bilinear.default, args, R))
+    torch.testing.assert_close(grads["input1"], expected["input"] / 2)
     conserved(R, grads, sink)
