@@ -97,6 +97,8 @@ class PositiveMap(Family):
             u, c.args["output_size"]
         ),
         aten.avg_pool2d.default: lambda c, u: aten.avg_pool2d.default(**{**c.args, "self": u}),
+        # nn.LocalResponseNorm's sum of squares over neighbouring channels (of 4-D inputs)
+        aten.avg_pool3d.default: lambda c, u: aten.avg_pool3d.default(**{**c.args, "self": u}),
         aten.mean.dim: lambda c, u: u.mean(_dims(c, u), c.args["keepdim"]),
         aten.sum.dim_IntList: lambda c, u: u.sum(_dims(c, u), c.args["keepdim"]),
         aten.cumsum.default: lambda c, u: u.cumsum(c.args["dim"]),

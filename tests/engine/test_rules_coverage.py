@@ -14,7 +14,7 @@ from torch import nn
 from engine import DLBacktrace
 from engine.rules import TINY, rule_for
 from engine.rules.dense import Bilinear, Linear
-from engine.rules.pooling import Interpolation, Prod, Share
+from engine.rules.pooling import Interpolation, PositiveMap, Prod, Share
 from engine.rules.recurrent import LSTM, forward
 from engine.rules.shape import Pad, Scatter, Stack, TopK
 
@@ -310,6 +310,11 @@ BODIES: dict[str, tuple[Callable, int]] = {
     "kthvalue": (lambda x: x.kthvalue(3, -1).values[:, None], 1),
     "median_of_all": (lambda x: torch.stack([row.median() for row in x])[:, None], 1),
     "bilinear": (TwoHalves(), 3),
+    # of a 4-D input: a sum of squares over neighbouring channels by avg_pool3d
+    "local_response_norm": (
+        Composite(lambda: nn.LocalResponseNorm(2), lambda x: x.reshape(-1, 2, 2, 2)),
+        D,
+    ),
 }
 
 _cache: dict[str, DLBacktrace] = {}
@@ -673,4 +678,15 @@ def test_bilinear_with_a_constant_operand_is_the_linear_rule():
     torch.testing.assert_close(sink, expected_sink)
     grads, sink = Bilinear().default(ctx_of(aten.bilinear.default, args, R))
     torch.testing.assert_close(grads["input1"], expected["input"] / 2)
+    conserved(R, grads, sink)
+
+
+def test_avg_pool3d_shares_by_magnitude():
+    """nn.LocalResponseNorm's avg_pool3d: one window of 8 shares its relevance in proportion
+    to |x|, as avg_pool2d does."""
+    x, R = rand(1, 1, 2, 2, 2), rand(3, 1, 1, 1, 1, 1, seed=1)
+    args = {"self": x, "kernel_size": [2, 2, 2], "stride": [2, 2, 2], "padding": [0, 0, 0]}
+    args |= {"ceil_mode": False, "count_include_pad": True, "divisor_override": None}
+    grads, sink = PositiveMap().default(ctx_of(aten.avg_pool3d.default, args, R))
+    torch.testing.assert_close(grads["self"], R * x.abs() / x.abs().sum())
     conserved(R, grads, sink)
