@@ -437,7 +437,7 @@ class DLBacktrace:
                 f"a uint8 tensor of shape {tuple(first.shape)} is an image, not token ids: "
                 "convert it to float (e.g. x.float() / 255) and pass task='image-classification'"
             )
-        if not first.is_floating_point():
+        if not first.is_floating_point() or "inputs_embeds" in prepared:  # embeddings: text
             return TaskName.TEXT_CLASSIFICATION
         if first.dim() >= 3:
             return TaskName.IMAGE_CLASSIFICATION

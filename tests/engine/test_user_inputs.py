@@ -192,3 +192,16 @@ def test_models_whose_output_or_signature_the_engine_cannot_read_are_named(tabul
         DLBacktrace(Summed(), x).run_task(task="tabular-classification", inputs=x)
     with pytest.raises(TypeError, match=r"Star.forward\(\*args\) names none of its inputs"):
         DLBacktrace(Star(), x)
+
+
+def test_inputs_embeds_are_text_and_padding_gets_no_relevance(bert):
+    model, inputs, _ = bert
+    embeds = model.get_input_embeddings()(inputs["input_ids"]).detach()
+    given = {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"]}
+    dlb = DLBacktrace(model, given)
+    result = dlb.run_task(inputs=given)
+    assert result["task"] == "text-classification"
+    padded = inputs["attention_mask"] == 0
+    assert result["relevance"]["inputs_embeds"][padded].abs().max() == 0
+    np.testing.assert_allclose(result["predictions"], model(**given).logits.detach(), atol=1e-5)
+    _conserved(result)
