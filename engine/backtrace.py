@@ -20,7 +20,7 @@ from torch import Tensor, fx
 from . import arguments, validate
 from .capture import Captured, CaptureError, Inputs, bind_inputs, capture, unwrapped
 from .contrast import class_index, contrast_seed
-from .heads import SEEDS, Position, qa_logits
+from .heads import SEEDS, Position, padding_mask, qa_logits
 from .params import OutputParams, RelevanceParams
 from .references import named_reference
 from .sweep import Explanation, NodeIO, Seed, Sweeper
@@ -328,7 +328,7 @@ class DLBacktrace:
         started = time.perf_counter()
         f = self._forwards(inputs, params, tokenizer, task)
         logits = f.env[f.sweeper.seed_node]
-        mask = _padding_mask(f.prepared, logits)
+        mask = padding_mask(f.prepared, logits)
         decision = SEEDS[task](logits, params, mask, position, task)
         exp = self._sweep(f, decision.seed, params)
         scaler = params.scaler
@@ -495,14 +495,6 @@ class DLBacktrace:
             "input_share": c["inputs"] / np.where(c["seed"] == 0, 1, c["seed"]),
             "top_features": top,
         }
-
-
-def _padding_mask(prepared: dict[str, Tensor], logits: Tensor) -> Tensor | None:
-    """The inputs' ``attention_mask`` where it masks the logits' token axis ([B, T])."""
-    mask = prepared.get("attention_mask")
-    if mask is None or logits.dim() < 2 or tuple(mask.shape) != tuple(logits.shape[:2]):
-        return None
-    return mask
 
 
 def _to_numpy(t: Tensor) -> np.ndarray:

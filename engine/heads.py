@@ -258,3 +258,11 @@ def _targets(target: Any, labels: Tensor, classes: int) -> Tensor:
             f"target must be one label or one per sample ({labels.shape[0]}): {t.numel()}"
         )
     return t.reshape(-1, *([1] * (labels.dim() - 1))).expand(labels.shape)
+
+
+def padding_mask(prepared: dict[str, Tensor], logits: Tensor) -> Tensor | None:
+    """The inputs' ``attention_mask`` where it masks the logits' token axis ([B, T])."""
+    mask = prepared.get("attention_mask")
+    if mask is None or logits.dim() < 2 or tuple(mask.shape) != tuple(logits.shape[:2]):
+        return None
+    return mask
