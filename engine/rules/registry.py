@@ -3,6 +3,7 @@ mode runs (the composites, one table per mode)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,7 +113,25 @@ def family_of(target: Any) -> Family | None:
     family = REGISTRY.get(target)
     if family is None and isinstance(target, torch._ops.OpOverload):
         family = _BY_NAME.get(target.name())
+        if family is None and _unary_pointwise(target):
+            family = ACTIVATIONS
     return family
+
+
+# Elementwise functions of one tensor not listed by a family (log1p, tan, erfc, lgamma,
+# logit, sinc, nan_to_num, the special functions): activations, as relevance-engine.md has
+# every elementwise activation (the nonlinearity is not evidence), found by torch's own
+# ``pointwise`` tag rather than listed one by one. Rounding and comparisons never reach a
+# rule: their outputs are constants or not floating (``provenance``).
+ACTIVATIONS = REGISTRY[torch.ops.aten.relu.default]
+
+
+@functools.cache
+def _unary_pointwise(op: torch._ops.OpOverload) -> bool:
+    """Whether ``op`` is an elementwise function of exactly one tensor, with one output."""
+    schema = op._schema
+    tensors = [a for a in schema.arguments if isinstance(a.type, torch.TensorType)]
+    return torch.Tag.pointwise in op.tags and len(tensors) == 1 and len(schema.returns) == 1
 
 
 def grouped_mm_ops() -> tuple[Any, ...]:

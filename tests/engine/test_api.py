@@ -97,7 +97,7 @@ def test_reference_tuple_form_for_a_causal_lm():
 
 class Unruly(nn.Module):
     def forward(self, x):
-        return torch.cumprod(x, dim=1) @ torch.ones(x.shape[1], 2)
+        return torch.cummax(x, dim=1).values @ torch.ones(x.shape[1], 2)
 
 
 def test_missing_rule_is_named_before_any_work():
@@ -105,8 +105,8 @@ def test_missing_rule_is_named_before_any_work():
     dlb = DLBacktrace(Unruly(), x)
     report = dlb.diagnose_model_compatibility()
     assert not report["supported"]
-    assert report["unsupported"][0]["op"] == "aten.cumprod.default"
-    with pytest.raises(UnsupportedOpError, match=r"aten\.cumprod\.default at node 'cumprod'"):
+    assert report["unsupported"][0]["op"] == "aten.cummax.default"
+    with pytest.raises(UnsupportedOpError, match=r"aten\.cummax\.default at node 'cummax'"):
         dlb.run_task(inputs=x)
 
 

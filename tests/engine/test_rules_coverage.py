@@ -310,6 +310,16 @@ BODIES: dict[str, tuple[Callable, int]] = {
     "kthvalue": (lambda x: x.kthvalue(3, -1).values[:, None], 1),
     "median_of_all": (lambda x: torch.stack([row.median() for row in x])[:, None], 1),
     "bilinear": (TwoHalves(), 3),
+    # elementwise functions no family lists: activations, by torch's pointwise tag
+    "unary_pointwise": (
+        lambda x: (
+            torch.log1p(x.sigmoid()) * torch.tan(x.tanh())
+            + torch.erfc(x)
+            - x.sinc()
+            + torch.special.i0(x.tanh()) * torch.logit(x.sigmoid(), eps=1e-6).nan_to_num()
+        ),
+        D,
+    ),
     # of a 4-D input: a sum of squares over neighbouring channels by avg_pool3d
     "local_response_norm": (
         Composite(lambda: nn.LocalResponseNorm(2), lambda x: x.reshape(-1, 2, 2, 2)),
