@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, fx
 
 from . import arguments, validate
-from .capture import Captured, CaptureError, Inputs, bind_inputs, capture, unwrapped
+from .capture import Captured, CaptureError, Inputs, bind_inputs, capture, placed
 from .contrast import class_index, contrast_seed
 from .heads import SEEDS, Position, padding_mask, qa_logits
 from .params import OutputParams, RelevanceParams
@@ -50,15 +50,12 @@ class DLBacktrace:
         self,
         model: torch.nn.Module,
         input_for_graph: Inputs,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         verbose: bool = False,
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device='cuda' was asked for but torch sees no CUDA device")
-        self.model = unwrapped(model).eval().to(self.device)
+        self.model, self.device = placed(model, device)
         self.verbose = verbose
         self._graphs: list[tuple[Captured, Sweeper]] = []
         self._head_sweepers: dict[tuple[int, fx.Node], Sweeper] = {}

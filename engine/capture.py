@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import operator
 import warnings
 from collections.abc import Iterator, Mapping
@@ -31,6 +32,22 @@ Inputs = torch.Tensor | tuple | list | Mapping[str, torch.Tensor]
 
 class CaptureError(RuntimeError):
     """The model could not be exported; the message says why and what was tried."""
+
+
+def placed(
+    model: torch.nn.Module, device: str | torch.device | None
+) -> tuple[torch.nn.Module, torch.device]:
+    """The model to capture (``unwrapped``, in eval mode) on ``device``, and that device. By
+    default (None) where its weights are (its first parameter's or buffer's device; the CPU
+    for a model without either): a model on a GPU is explained there, not moved to the CPU."""
+    model = unwrapped(model)
+    if device is None:
+        tensors = itertools.chain(model.parameters(), model.buffers())
+        device = next((t.device for t in tensors if t.device.type != "meta"), "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for but torch sees no CUDA device")
+    return model.eval().to(device), device
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:

@@ -63,6 +63,16 @@ def _conserved(result: dict, atol: float = 1e-2) -> None:
 CASES = [(m, mode) for m in ("resnet18", "bert", "distilbert") for mode in MODES]
 
 
+def test_a_model_on_the_device_is_explained_there() -> None:
+    """Without ``device``, where the model's weights are (it was moved to the CPU)."""
+    model, inputs = ZOO["resnet18"]()
+    dlb = DLBacktrace(model.cuda(), inputs)
+    assert dlb.device.type == "cuda" and next(model.parameters()).is_cuda
+    result = dlb.run_task(inputs=inputs, relevance_nodes="inputs")
+    assert all(v.device.type == "cuda" for v in result["relevance"].values())
+    _conserved(result)
+
+
 @pytest.mark.parametrize("name,mode", CASES + [("mobilenet_v2", "default")])
 def test_every_mode_matches_the_cpu(name: str, mode: str, no_tf32) -> None:
     model, inputs = ZOO[name]()
