@@ -41,12 +41,13 @@ MAPPINGS = (*HF_MAPPINGS, TORCHVISION)
 _LAYERS = 2
 _LAYER_NAMES = (
     "num_hidden_layers num_layers n_layer n_layers encoder_layers decoder_layers "
-    "num_encoder_layers num_decoder_layers"
+    "num_encoder_layers num_decoder_layers l_layers x_layers r_layers"
 ).split()
 _EXPERTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _SCALARS: dict[str, int] = {
     **dict.fromkeys(_LAYER_NAMES, _LAYERS),
     **dict.fromkeys(("hidden_size", "d_model", "n_embd", "embed_dim", "dim"), 32),
+    **dict.fromkeys(("hidden_size_global",), 32),  # BLT's local models: the global width
     **dict.fromkeys(("embedding_size", "word_embed_proj_dim", "projection_dim"), 32),
     **dict.fromkeys(
         "num_attention_heads n_head n_heads num_heads encoder_attention_heads "
@@ -74,6 +75,7 @@ _SCALARS: dict[str, int] = {
     **dict.fromkeys(("kv_lora_rank", "q_lora_rank"), 16),
     **dict.fromkeys(("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"), 8),
     **dict.fromkeys(("vocab_size", "n_vocab", "unpadded_vocab_size"), VOCAB),
+    **dict.fromkeys(("encoder_hash_byte_group_vocab",), VOCAB),  # BLT's n-gram hashes
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"), 64),
     **dict.fromkeys(("d_latents", "num_latents"), 32),  # Perceiver
     **dict.fromkeys(("num_self_attends_per_block", "num_blocks"), 1),
@@ -158,6 +160,7 @@ def _overrides(config: Any, sizes: Callable[[Any], dict[str, Any]]) -> dict[str,
     from transformers import PretrainedConfig
 
     out = sizes(config)
+    out.update(_EXTRAS.get(type(config).__name__, {}))
     for key, value in vars(config).items():
         if isinstance(value, PretrainedConfig):
             sub = value.to_dict()
@@ -207,8 +210,9 @@ def _consistent(config: Any) -> dict[str, Any]:
     checks: per-layer settings cut to the layers kept (``_per_layer``), state-space heads that
     fill the expanded width, the sizes, vocabulary and decoder start the default leaves unset
     (Dots1's experts, ESM, T5), and nothing the configuration derives itself
-    (``_settable``)."""
-    have = vars(config)
+    (``_settable``); RoPE parameters per layer type where the default leaves them empty
+    (Cohere Compass)."""
+    have = _with_derived(config)
     out = _ungrouped(config)
     out.update({k: v for k, v in _SCALARS.items() if k in have and have[k] is None})
     out.update({k: v for k, v in _PER_LAYER_INPUTS.items() if (have.get(k) or 0) > 0})
@@ -223,6 +227,9 @@ def _consistent(config: Any) -> dict[str, Any]:
         if kept is not None:
             out[depth] = len(kept)
     out.update(_ssm_heads(have, out))
+    types = out.get("layer_types", have.get("layer_types"))
+    if have.get("rope_parameters") == {} and isinstance(types, list | tuple):
+        out["rope_parameters"] = {t: {"rope_type": "default", "rope_theta": 10000.0} for t in types}
     if "num_channels" in have:  # a vision model
         out.update(_coarse(have, out))
     return _settable(config, out)
@@ -244,6 +251,74 @@ def _coarse(have: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
 
 # Gemma 3n's per-layer input embeddings: a second vocabulary of 262144 by 256 per layer
 _PER_LAYER_INPUTS = {"vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8}
+
+
+def _with_derived(config: Any) -> dict[str, Any]:
+    """The configuration's attributes and what it serialises without keeping it as one: Gemma
+    4's ``per_layer_config`` (the full-attention layers' own head width), held as a
+    heterogeneity spec and written out keyed by the default's layer numbers, which a nested
+    configuration gets back with its other settings and must be cut with the layers."""
+    derived = {k: v for k, v in config.to_dict().items() if k.startswith("per_layer")}
+    return {**derived, **vars(config)}
+
+
+# Per-model settings where no rule fits, by configuration class: the defaults of these fail
+# in transformers' own code, and the values are those of their checkpoints (or the smallest
+# that keep the model's kinds of layer).
+_EXTRAS: dict[str, dict[str, Any]] = {
+    # hybrids whose default has no attention layer, which transformers' mask creation
+    # cannot run (``get_seq_length`` on a cache of linear-attention layers only); their
+    # checkpoints interleave attention layers (Bamba-9B: 9, 18, 27)
+    "BambaConfig": {"attn_layer_indices": [1]},
+    "GraniteMoeHybridConfig": {
+        "num_hidden_layers": 2,
+        "layer_types": ["linear_attention", "full_attention"],
+    },
+    # the default leaves the layer types unset, which the model indexes per layer: conv and
+    # attention layers as LFM2's, the first dense and the rest mixtures of experts
+    "Lfm2MoeConfig": {
+        "num_hidden_layers": 3,
+        "layer_types": ["conv", "full_attention", "conv"],
+        "num_dense_layers": 1,
+    },
+    # every fourth layer indexes (QSA), and the default leaves the indexer unset
+    "Qwen4ExpTextConfig": {
+        "indexer_n_heads": 2,
+        "indexer_kv_heads": 1,
+        "indexer_head_dim": 8,
+        "indexer_budget": 4,
+        "indexer_compress_ratio": 2,
+    },
+    # the attention reads ``attn_config.rope_theta``, which only checkpoints' files set, and
+    # clamps to ``clip_qkv``, which the default leaves unset (DBRX's checkpoints: 8)
+    "DbrxAttentionConfig": {"rope_theta": 10000.0, "clip_qkv": 8.0},
+    # the layout's sinusoids are derived from the hidden size (a quarter of it over the 8
+    # box coordinates, in sine-cosine pairs): 32 leaves one per coordinate, which fails
+    "BrosConfig": {"hidden_size": 64},
+    # the axial position embeddings' widths sum to the hidden size and their shape
+    # multiplies to the (shrunk) maximum length
+    "ReformerConfig": {
+        "axial_pos_embds_dim": [16, 16],
+        "axial_pos_shape": [8, 8],
+    },
+    # a prompt with an image: its special tokens inside the shrunk vocabulary, and as many
+    # image tokens as the projector pools the 4 x 4 patches to (2 x 2)
+    "ShieldGemma2Config": {
+        "mm_tokens_per_image": 4,
+        "boi_token_index": 3,
+        "eoi_token_index": 4,
+        "image_token_index": 5,
+        "yes_token_index": 6,
+        "no_token_index": 7,
+    },
+    # the forward builds its cache from the top configuration, which has no layer count
+    # (its four parts have): transformers fails with a cache, so BLT runs without
+    "BltConfig": {"use_cache": False},
+    # generate starts every codebook's delay pattern with the decoder start (the default's
+    # bos, 2048, outside the shrunk vocabulary)
+    "MusicgenDecoderConfig": {"decoder_start_token_id": BOS},
+    "MusicgenMelodyDecoderConfig": {"decoder_start_token_id": BOS},
+}
 
 
 def _settable(config: Any, out: dict[str, Any]) -> dict[str, Any]:
@@ -322,12 +397,14 @@ def _per_layer(have: dict[str, Any], depth: int) -> tuple[list[int] | None, dict
     if depth <= _LAYERS:
         return None, {}
     kept = _kept(have, depth)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = _partition(have, depth, len(kept))
     for key, value in have.items():
+        if key in out:
+            continue
         if isinstance(value, list | tuple) and len(value) == depth:
             out[key] = [value[i] for i in kept]
         elif _is_indices(key, value, depth) and isinstance(value, dict):
-            out[key] = {kept.index(i): v for i, v in value.items() if i in kept}
+            out[key] = {kept.index(i): v for k, v in value.items() if (i := int(k)) in kept}
         elif _is_indices(key, value, depth):
             out[key] = [kept.index(i) for i in value if i in kept]
         elif _is_count(key, value, depth):
@@ -353,14 +430,33 @@ def _kept(have: dict[str, Any], depth: int) -> list[int]:
             kept |= {len(types) - 1 - types[::-1].index(t) for t in types}
     for key, value in have.items():
         if _is_indices(key, value, depth) and value:
-            kept.add(min(value))
+            kept.add(min(int(i) for i in value))
     return sorted(kept)
+
+
+def _partition(have: dict[str, Any], depth: int, n: int) -> dict[str, int]:
+    """Counts of layers that split the depth into parts (Dory's 8 input, 20 recurrent and 8
+    output layers of 36) redistributed over the ``n`` layers kept: in proportion, at least
+    one each, so that they still add up."""
+    parts = {
+        k: v
+        for k, v in have.items()
+        if k.endswith("_layers") and k not in _LAYER_NAMES and isinstance(v, int) and v > 0
+    }
+    if len(parts) < 2 or sum(parts.values()) != depth or n < len(parts):
+        return {}
+    out = {k: max(1, v * n // depth) for k, v in parts.items()}
+    largest = max(out, key=out.__getitem__)
+    out[largest] += n - sum(out.values())
+    return out if out[largest] > 0 else {}
 
 
 def _is_indices(key: str, value: Any, depth: int) -> bool:
     """Whether ``value`` is a list or dict of layer indices (its name says layers)."""
     if "layer" not in key or not isinstance(value, list | tuple | dict) or len(value) >= depth:
         return False
+    if isinstance(value, dict):  # keys written out as text ("05") where serialised
+        value = [int(i) if isinstance(i, str) and i.isdigit() else i for i in value]
     return all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < depth for i in value)
 
 
@@ -391,6 +487,8 @@ def _transformers(arch: Arch, shrink: Callable[[Any], dict[str, Any]]):
     transformers.logging.set_verbosity_error()
     model_cls = getattr(transformers, arch.model_class)
     config = _config(_config_class(arch, model_cls), shrink)
+    if arch.mapping == "causal-lm" and arch.name in _AS_DECODER:
+        config.is_decoder = True
     config.num_labels = 2 if arch.mapping == "question-answering" else 3  # QA: start, end
     if hasattr(config, "use_cache") and arch.mapping != "causal-lm":
         config.use_cache = False
@@ -399,14 +497,19 @@ def _transformers(arch: Arch, shrink: Callable[[Any], dict[str, Any]]):
     _no_zero_heads(model)
     if hasattr(model, "set_default_language"):  # X-MOD adapters are chosen per language
         model.set_default_language(config.languages[0])
-    inputs = _inputs(arch, model.config)
+    inputs = _inputs(arch, model)
     with torch.no_grad():
         out = model(**inputs)  # it must run eager, or the configuration is at fault
-        if _largest(out) < 1e-6 and _calibrate_batch_norms(model, _inputs(arch, config, 16)):
+        if _largest(out) < 1e-6 and _calibrate_batch_norms(model, _inputs(arch, model, 16)):
             out = model(**inputs)
     if _largest(out) < 1e-6:
         raise ValueError(f"the random model's outputs vanish (max {_largest(out):.2g})")
     return model, inputs
+
+
+# encoders whose LM head refuses to run unless the configuration says decoder (its other
+# heads keep the encoder)
+_AS_DECODER = {"reformer"}
 
 
 def _largest(out: Any) -> float:
@@ -446,16 +549,106 @@ def _config_class(arch: Arch, model_cls: Any) -> Any:
     return own if own in {type(v) for v in vars(config_cls()).values()} else config_cls
 
 
-def _inputs(arch: Arch, config: Any, images: int = 2) -> dict[str, torch.Tensor]:
-    """The inputs: a padded batch of two texts, or ``images`` random images (seed 0)."""
-    if arch.mapping == "image-classification":
+def _inputs(arch: Arch, model: nn.Module, images: int = 2) -> dict[str, torch.Tensor]:
+    """The inputs: a padded batch of two texts, or ``images`` random images (seed 0), in the
+    form the model's forward takes them (``_shaped``), with what it cannot run without
+    (``_EXTRA_INPUTS``)."""
+    import inspect
+
+    config = model.config
+    takes = inspect.signature(model.forward).parameters
+    if arch.mapping == "image-classification" and "pixel_values" in takes:
         size = _image_size(config)
         channels = getattr(config, "num_channels", 3)
         g = torch.Generator().manual_seed(0)
-        return {"pixel_values": torch.randn(images, channels, size, size, generator=g)}
-    # generation and models that classify from the last token pad on the left
-    left = arch.mapping == "causal-lm" or config.model_type == "xlnet"
-    return text_inputs(_vocab(config), left_pad=left)
+        inputs = {"pixel_values": torch.randn(images, channels, size, size, generator=g)}
+    elif arch.mapping == "image-classification":  # ImageGPT: an image as colour-cluster ids
+        g = torch.Generator().manual_seed(0)
+        length = min(getattr(config, "n_positions", 64), 64)
+        ids = torch.randint(0, _vocab(config) - 1, (images, length), generator=g)
+        return {"input_ids": ids}
+    else:
+        # generation and models that classify from the last token pad on the left
+        left = arch.mapping == "causal-lm" or config.model_type == "xlnet"
+        inputs = text_inputs(_vocab(config), left_pad=left)
+    inputs = _shaped(config, takes, inputs)
+    extra = _EXTRA_INPUTS.get(arch.key) or _EXTRA_INPUTS.get(arch.name, {})
+    g = torch.Generator().manual_seed(1)
+    for name, make in extra.items():
+        inputs[name] = make(config, inputs, g)
+    return inputs
+
+
+def _shaped(config: Any, takes: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Images cut into flattened patches with their mask and grid where the forward takes
+    ``spatial_shapes`` (SigLIP 2's native resolution)."""
+    if "spatial_shapes" in takes and "pixel_values" in inputs:
+        x = inputs["pixel_values"]
+        patch = getattr(getattr(config, "vision_config", config), "patch_size", 8)
+        b, c, h, w = x.shape
+        grid = (h // patch, w // patch)
+        x = x.reshape(b, c, grid[0], patch, grid[1], patch).permute(0, 2, 4, 3, 5, 1)
+        inputs = {
+            "pixel_values": x.reshape(b, grid[0] * grid[1], patch * patch * c),
+            "pixel_attention_mask": torch.ones(b, grid[0] * grid[1], dtype=torch.long),
+            "spatial_shapes": torch.tensor([grid] * b),
+        }
+    return inputs
+
+
+def _bbox(config: Any, inputs: dict[str, torch.Tensor], g: torch.Generator) -> torch.Tensor:
+    """One box per token, (x0, y0, x1, y1) in [0, 1] with x0 <= x1 and y0 <= y1 (BROS)."""
+    ids = inputs["input_ids"]
+    corners = torch.rand(*ids.shape, 2, 2, generator=g).sort(dim=-2).values
+    return corners.transpose(-1, -2).reshape(*ids.shape, 4)
+
+
+def _visual_feats(config: Any, inputs: dict[str, torch.Tensor], g: torch.Generator):
+    """Region features of 4 detected objects per image (LXMERT's Faster R-CNN features)."""
+    return torch.randn(inputs["input_ids"].shape[0], 4, config.visual_feat_dim, generator=g)
+
+
+def _visual_pos(config: Any, inputs: dict[str, torch.Tensor], g: torch.Generator):
+    """The 4 objects' boxes, normalised."""
+    return _bbox(config, {"input_ids": torch.zeros(inputs["input_ids"].shape[0], 4)}, g)
+
+
+def _global_attention(config: Any, inputs: dict[str, torch.Tensor], g: torch.Generator):
+    """Global attention on the first token: what Longformer's QA head otherwise finds
+    from the question's separator tokens (and refuses to run without three of them)."""
+    mask = torch.zeros_like(inputs["input_ids"])
+    mask[:, 0] = 1
+    return mask
+
+
+def _image_prompt(config: Any, inputs: dict[str, torch.Tensor], g: torch.Generator):
+    """A prompt around each image: BOS, the image's tokens between its begin and end tokens,
+    then text (ShieldGemma 2 classifies an image by the prompt's next token)."""
+    images = inputs["pixel_values"].shape[0]
+    image = [config.boi_token_index] + [config.image_token_index] * config.mm_tokens_per_image
+    text = torch.randint(EOS + 3, VOCAB, (images, TOKENS), generator=g)
+    head = torch.tensor([BOS, *image, config.eoi_token_index]).expand(images, -1)
+    return torch.cat([head, text], dim=1)
+
+
+def _codebook_ids(config: Any, inputs: dict[str, torch.Tensor], g: torch.Generator):
+    """Token ids one row per codebook (MusicGen predicts several: ``[batch * codebooks,
+    tokens]``); the mask stays one row per sample, the pads where the sample's are."""
+    pads = inputs["input_ids"].repeat_interleave(config.num_codebooks, 0) == PAD
+    ids = torch.randint(EOS + 3, min(_vocab(config), VOCAB), pads.shape, generator=g)
+    return ids.masked_fill(pads, PAD)
+
+
+# inputs a model's forward cannot run without (or takes in its own layout), by the mapping's
+# model type (or mapping/model type)
+_EXTRA_INPUTS: dict[str, dict[str, Callable[..., torch.Tensor]]] = {
+    "bros": {"bbox": _bbox},
+    "lxmert": {"visual_feats": _visual_feats, "visual_pos": _visual_pos},
+    "question-answering/longformer": {"global_attention_mask": _global_attention},
+    "shieldgemma2": {"input_ids": _image_prompt},
+    "musicgen": {"input_ids": _codebook_ids},
+    "musicgen_melody": {"input_ids": _codebook_ids},
+}
 
 
 def _vocab(config: Any) -> int:

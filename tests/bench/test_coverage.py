@@ -227,3 +227,59 @@ def test_a_mixture_of_experts_lm_whose_length_is_static_generates_explained():
     arch = next(a for a in list_architectures("causal-lm") if a.name == "jamba")
     outcome = check_architecture(arch)
     assert outcome.status == "ok", outcome.detail
+
+
+@pytest.mark.parametrize(
+    "mapping, name",
+    [
+        ("causal-lm", "bamba"),  # no attention layer by default: given one
+        ("causal-lm", "granitemoehybrid"),
+        ("causal-lm", "lfm2_moe"),  # layer types unset by default
+        ("causal-lm", "qwen4_exp_text"),  # indexer unset by default
+        ("causal-lm", "dbrx"),  # rope_theta and clip_qkv only in checkpoints
+        ("causal-lm", "cohere_compass_text"),  # RoPE per layer type left empty
+        ("causal-lm", "dory"),  # input, recurrent and output layers add up to the depth
+        ("causal-lm", "gemma4"),  # per_layer_config of the nested text configuration
+        ("causal-lm", "reformer"),
+        ("causal-lm", "blt"),
+        ("causal-lm", "musicgen"),  # one row of ids per codebook
+        ("image-classification", "imagegpt"),  # an image as colour-cluster ids
+        ("image-classification", "siglip2"),  # flattened patches, their mask and grid
+        ("image-classification", "shieldgemma2"),  # an image inside a prompt
+        ("token-classification", "bros"),  # boxes
+        ("question-answering", "lxmert"),  # region features and boxes
+        ("question-answering", "longformer"),  # global attention given
+    ],
+)
+def test_configurations_whose_defaults_fail_build_small(mapping, name):
+    """These did not build at all: defaults transformers' own code fails on (settings only
+    checkpoints have), nested per-layer settings and layer counts that did not follow the
+    depth, and inputs the forward cannot run without. Each builds small and runs eager."""
+    from bench.coverage.architectures import build
+
+    arch = next(a for a in list_architectures(mapping) if a.name == name)
+    model, inputs = build(arch)
+    assert sum(p.numel() for p in model.parameters()) < 3 * 10**6
+    with torch.no_grad():
+        model(**inputs)
+
+
+def test_per_layer_settings_serialised_with_text_keys_and_parts_of_the_depth_are_cut():
+    """Gemma 4's ``per_layer_config`` comes back from a nested configuration keyed "05";
+    Dory's input, recurrent and output layers (8 + 20 + 8 of 36) are shared out over the
+    layers kept, at least one each, still adding up."""
+    from bench.coverage.architectures import _per_layer
+
+    types = ["s", "s", "s", "f"] * 9
+    have = {
+        "layer_types": types,
+        "per_layer_config": {f"{i:02d}": {"head_dim": 512} for i in range(3, 36, 4)},
+        "n_input_layers": 8,
+        "n_recurrent_layers": 20,
+        "n_output_layers": 8,
+    }
+    kept, out = _per_layer(have, 36)
+    assert kept == [0, 1, 3, 34, 35]
+    assert out["layer_types"] == ["s", "s", "f", "s", "f"]
+    assert out["per_layer_config"] == {2: {"head_dim": 512}, 4: {"head_dim": 512}}
+    assert (out["n_input_layers"], out["n_recurrent_layers"], out["n_output_layers"]) == (1, 3, 1)
