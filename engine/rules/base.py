@@ -63,9 +63,9 @@ class Ctx:
         return self.R.shape[0]
 
     def diff(self, name: str, index: int | None = None) -> Tensor:
-        """Argument ``name`` minus its value in the reference's forward pass."""
+        """Argument ``name`` minus its value in the reference's forward pass (``change``)."""
         x, r = self.args[name], self.ref[name]
-        return x - r if index is None else x[index] - r[index]
+        return change(x, r) if index is None else change(x[index], r[index])
 
     def per_change(self) -> Tensor:
         """Mode "reference": R per unit of the output's change y - y', taken as the two forward
@@ -73,9 +73,15 @@ class Ctx:
         ratio stays bounded by theirs. A rule's own sum of contributions equals it in exact
         arithmetic, but not after rounding: in half precision, or with TF32 on a GPU, it can
         be near 0 where y - y' is not, and dividing by it blew relevance up by 1e11. The
-        difference between the two becomes a sink instead. Where both passes give the same
-        infinity (a mask's -inf added to scores), the change is 0, not NaN."""
-        return self.R / stable((self.out - self.ref_out).nan_to_num_(nan=0.0))
+        difference between the two becomes a sink instead."""
+        return self.R / stable(change(self.out, self.ref_out))
+
+
+def change(x: Tensor, ref: Tensor) -> Tensor:
+    """x - x' of two forward passes; where both hold the same infinity (a mask's -inf added
+    to attention scores), no change (inf - inf is NaN)."""
+    d = x - ref
+    return d.nan_to_num_(nan=0.0) if d.is_floating_point() else d
 
 
 Propagation = tuple[dict[str, Any], Tensor | None]

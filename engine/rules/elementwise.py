@@ -146,6 +146,15 @@ def _on_ids(ctx: Ctx) -> bool:
     return isinstance(ctx.out, Tensor) and not ctx.out.is_floating_point()
 
 
+def _finite(magnitude: Tensor) -> Tensor:
+    """|operand| with infinities (a -inf mask added to -inf scores) held to a quarter of the
+    largest float, so that two of them sum to a finite denominator: inf / inf shares were
+    NaN where the relevance itself is 0 (masked attention scores get none)."""
+    if not magnitude.is_floating_point():
+        return magnitude
+    return magnitude.clamp(max=torch.finfo(magnitude.dtype).max / 4)
+
+
 class Add(Family):
     """Residuals: split elementwise in proportion to |operand|; a constant's share is a sink.
     On integer ids, R goes whole to the ids (``IdArithmetic``)."""
@@ -163,8 +172,8 @@ class Add(Family):
         if _on_ids(ctx):
             return {ctx.first: ctx.R}, None
         a, b = ctx.args["self"], ctx.args["other"] * ctx.args.get("alpha", 1)
-        aa = a.abs() if isinstance(a, Tensor) else abs(a)
-        ab = b.abs() if isinstance(b, Tensor) else abs(b)
+        aa = _finite(a.abs()) if isinstance(a, Tensor) else abs(a)
+        ab = _finite(b.abs()) if isinstance(b, Tensor) else abs(b)
         ratio = ctx.R / (aa + ab + TINY)
         grads, passed = {}, None
         for name, mag, value in (("self", aa, a), ("other", ab, b)):
@@ -190,7 +199,7 @@ class Add(Family):
         for name, c in zip(("self", "other"), coef, strict=True):
             value = ctx.args[name]
             if isinstance(value, Tensor) and ctx.is_data(name):
-                parts[name] = (value - ctx.ref[name]) * c
+                parts[name] = ctx.diff(name) * c
         if not parts:
             return {}, ctx.R
         total = sum(parts.values())

@@ -176,8 +176,14 @@ class Scatter(Family):
         for n in names:
             if not args[n].is_floating_point():
                 args[n] = args[n].to(ctx.R.dtype)
-        if args.get("end") is not None:  # the exported graph's end may be sys.maxsize
-            args["end"] = min(args["end"], ctx.x.shape[args["dim"]])
+        for bound in ("start", "end"):
+            # the exported graph's end may be sys.maxsize, a start negative (Longformer's
+            # x[:, -w:] = ...): in range, as the forward reads them, because slice_scatter's
+            # adjoint takes end - start for the slice's length
+            if args.get(bound) is not None:
+                size = ctx.x.shape[args["dim"]]
+                at = args[bound] + size if args[bound] < 0 else args[bound]
+                args[bound] = min(max(at, 0), size)
         if absolute and "alpha" in args:
             args["alpha"] = abs(args["alpha"])
         return (

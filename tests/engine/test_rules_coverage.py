@@ -223,6 +223,21 @@ EINSUMS = {
     ),
 }
 
+def _write_tail(x: torch.Tensor) -> torch.Tensor:
+    y = x * 2
+    y[:, -3:] = x[:, :3] * 3
+    return y
+
+
+def _masked_twice(x: torch.Tensor) -> torch.Tensor:
+    """Attention over 2 tokens of width 4 whose second key is masked out for the first query
+    twice over (-inf + -inf in an add)."""
+    t = x.reshape(-1, 2, 4)
+    mask = torch.tensor([[0.0, float("-inf")], [0.0, 0.0]])
+    scores = t @ t.transpose(-1, -2) + mask
+    return (torch.softmax(scores + mask, -1) @ t).reshape(-1, D)
+
+
 BODIES: dict[str, tuple[Callable, int]] = {
     **COMPOSITES,
     **{name: (einsum, width) for name, (einsum, _, width) in EINSUMS.items()},
@@ -310,6 +325,11 @@ BODIES: dict[str, tuple[Callable, int]] = {
     "kthvalue": (lambda x: x.kthvalue(3, -1).values[:, None], 1),
     "median_of_all": (lambda x: torch.stack([row.median() for row in x])[:, None], 1),
     "bilinear": (TwoHalves(), 3),
+    # Longformer: a write at a negative start, x[:, -3:] = ..., and scores masked twice
+    # with -inf (the add of two infinite operands), on the relevance path since written-out
+    # attention passes relevance to its scores
+    "slice_scatter_negative_start": (_write_tail, D),
+    "masked_twice": (_masked_twice, D),
     # elementwise functions no family lists: activations, by torch's pointwise tag
     "unary_pointwise": (
         lambda x: (
