@@ -97,6 +97,10 @@ ID_PATH_OPS = {
     aten.transpose.int,
     aten.index_put.default,  # ids masked to a placeholder id (gemma3's image tokens)
     aten.pad.default,  # ids padded to a multiple of the attention window (Longformer)
+    # ids with some replaced by a placeholder id (Gemma 4's multimodal positions)
+    aten.where.self,
+    aten.where.ScalarSelf,
+    aten.where.ScalarOther,
     aten.constant_pad_nd.default,
     # integer arithmetic on ids re-encodes each token (CANINE hashes code points into buckets)
     aten.add.Tensor,

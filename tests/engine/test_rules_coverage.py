@@ -223,6 +223,7 @@ EINSUMS = {
     ),
 }
 
+
 def _write_tail(x: torch.Tensor) -> torch.Tensor:
     y = x * 2
     y[:, -3:] = x[:, :3] * 3
@@ -486,6 +487,14 @@ class MaskedIds(nn.Module):
         return self.head(self.embed(ids).mean(1))
 
 
+class PlaceholderIds(MaskedIds):
+    """Gemma 4's: torch.where(mask, placeholder id, ids) before the lookup."""
+
+    def forward(self, input_ids):
+        ids = torch.where(input_ids > 12, 0, input_ids.clone())
+        return self.head(self.embed(ids).mean(1))
+
+
 class PromptedIds(nn.Module):
     """CPM-Ant's input: the ids cast to int32 and placed after constant prompt ids (cat)
     before the lookup; the prompt's share is a sink, the text's must reach the ids."""
@@ -502,11 +511,11 @@ class PromptedIds(nn.Module):
 
 
 @pytest.mark.parametrize("mode", ["default", "contrast", "reference"])
-@pytest.mark.parametrize("model", [HashedIds, MaskedIds, PromptedIds])
+@pytest.mark.parametrize("model", [HashedIds, MaskedIds, PlaceholderIds, PromptedIds])
 def test_ids_reach_the_input(model, mode):
-    """Ids hashed by integer arithmetic (CANINE), masked by index_put (gemma3) or cast and put
-    after constant ids (CPM-Ant) stay on the id path: the relevance of the embeddings reaches
-    the ids, conserved."""
+    """Ids hashed by integer arithmetic (CANINE), masked by index_put (gemma3) or where
+    (gemma4) or cast and put after constant ids (CPM-Ant) stay on the id path: the
+    relevance of the embeddings reaches the ids, conserved."""
     ids = torch.tensor([[1, 14, 3, 5], [15, 2, 7, 9]])
     result = DLBacktrace(model().eval(), {"input_ids": ids}).run_task(
         inputs={"input_ids": ids}, mode=mode
