@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import TINY, Ctx, Family, Propagation, vjp
+from .base import TINY, Ctx, Family, Propagation, unbroadcast, vjp
 
 aten = torch.ops.aten
 
@@ -191,6 +191,24 @@ class Scatter(Family):
             lambda *ts: ctx.node.target(**{**args, **dict(zip(names, ts, strict=True))}),
             [args[n] for n in names],
         )
+
+
+class MaskedScatter(Family):
+    """``self.masked_scatter(mask, source)``, as vision-language models put image features at
+    their image tokens' embeddings (Gemma 3, LLaVA): the masked elements, in order, take
+    source's first elements. A replaced element's relevance goes to the source element
+    written there, every other to ``self``; a selection, the same in every mode."""
+
+    ops = (aten.masked_scatter.default,)
+
+    def default(self, ctx: Ctx) -> Propagation:
+        x, src = ctx.args["self"], ctx.args["source"]
+        mask = ctx.args["mask"].expand_as(ctx.out)
+        taken = ctx.R[:, mask]  # [K, masked elements], in the order source fills them
+        r_src = taken.new_zeros(ctx.K, src.numel())
+        r_src[:, : taken.shape[1]] = taken
+        r_self = unbroadcast(ctx.R.masked_fill(mask, 0), x.shape)
+        return {"self": r_self, "source": r_src.view(ctx.K, *src.shape)}, None
 
 
 # the operands of Scatter's ops that values are written from or into (not their indices)

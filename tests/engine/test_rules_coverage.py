@@ -16,7 +16,7 @@ from engine.rules import TINY, rule_for
 from engine.rules.dense import Bilinear, Linear
 from engine.rules.pooling import Interpolation, PositiveMap, Prod, Share
 from engine.rules.recurrent import LSTM, forward
-from engine.rules.shape import Pad, Scatter, Stack, TopK
+from engine.rules.shape import MaskedScatter, Pad, Scatter, Stack, TopK
 
 from .test_rules import conserved, ctx_of, rand
 
@@ -331,6 +331,11 @@ BODIES: dict[str, tuple[Callable, int]] = {
     # attention passes relevance to its scores
     "slice_scatter_negative_start": (_write_tail, D),
     "masked_twice": (_masked_twice, D),
+    # vision-language models put image features at the image tokens' embeddings
+    "masked_scatter": (
+        lambda x: (x * 2).masked_scatter(torch.arange(D) % 3 == 0, x[:, 5:].tanh()),
+        D,
+    ),
     # elementwise functions no family lists: activations, by torch's pointwise tag
     "unary_pointwise": (
         lambda x: (
@@ -428,6 +433,19 @@ def test_slice_scatter_moves_relevance_with_the_elements():
     grads, sink = Scatter().default(ctx_of(aten.slice_scatter.default, args, R))
     assert torch.equal(grads["src"], R[..., 1:5:2])
     assert torch.equal(grads["self"][..., 1:5:2], torch.zeros(3, 2, 2))
+    conserved(R, grads, sink)
+
+
+def test_masked_scatter_moves_relevance_with_the_elements():
+    """Two rows of 4, elements 1 and 3 of each replaced by source's first 4 (of 5)."""
+    x, src, R = rand(2, 4), rand(5, seed=1), rand(3, 2, 4, seed=2)
+    mask = torch.tensor([False, True, False, True])
+    args = {"self": x, "mask": mask, "source": src}
+    out = x.masked_scatter(mask, src)
+    grads, sink = MaskedScatter().default(ctx_of(aten.masked_scatter.default, args, R, out=out))
+    assert torch.equal(grads["source"][:, :4], R[:, :, 1::2].reshape(3, 4))
+    assert torch.equal(grads["source"][:, 4], torch.zeros(3))  # not written
+    assert torch.equal(grads["self"][..., 1::2], torch.zeros(3, 2, 2))
     conserved(R, grads, sink)
 
 
