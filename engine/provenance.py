@@ -56,6 +56,8 @@ PRODUCT_FACTORS = {
 # scaled_dot_product_attention rule gives it (``rules.attention``): attention written out as
 # matmul / softmax / matmul gets the same relevance as the fused op.
 MATRIX_PRODUCTS = {aten.matmul.default, aten.mm.default, aten.bmm.default, aten.einsum.default}
+# Scores may also come with a bias added in the product (BLOOM's ALiBi: baddbmm).
+SCORE_PRODUCTS = {*MATRIX_PRODUCTS, aten.baddbmm.default}
 
 # Piecewise constant in the data (no gradient): constants everywhere; a product with one
 # scales the other.
@@ -247,7 +249,7 @@ class Provenance:
             if arg in seen:
                 continue
             seen.add(arg)
-            if arg.target in MATRIX_PRODUCTS:
+            if arg.target in SCORE_PRODUCTS:
                 if len(self._weight_args(arg)) == 2:
                     return True
                 continue

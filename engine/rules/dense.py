@@ -178,11 +178,45 @@ class BAddBMM(WeightedFamily):
     bias = "self"
 
     def operands(self, ctx: Ctx) -> Operands:
-        if ctx.is_data("batch2"):
-            raise NotImplementedError("baddbmm with data in batch2")
         x, w = ctx.args["batch1"], ctx.args["batch2"] * ctx.args["alpha"]
         extra = (ctx.args["self"] * ctx.args["beta"]).abs() + TINY
         return Operands(_GROUPS, "batch1", x, w, w.abs(), extra)
+
+    def default(self, ctx: Ctx) -> Propagation:
+        """Data in ``batch2`` too (BLOOM's attention scores, ALiBi + Q K^T): the product
+        rule of two data operands (``Product``), the bias's share of each |z| denominator a
+        sink."""
+        if not self._scores(ctx):
+            return super().default(ctx)
+        a, b, bias = self._terms(ctx.args)
+        (r_a, r_b), sink = product(ctx.R, lambda u, v: u @ v + bias, a, b, self._data(ctx))
+        sink = sink + ctx.R * bias / ((a.abs() @ b.abs()).add_(bias).add_(TINY))
+        return {"batch1": r_a, "batch2": r_b}, sink
+
+    def reference(self, ctx: Ctx) -> Propagation:
+        """The exact split of a product's change (the constant bias cancels)."""
+        if not self._scores(ctx):
+            return super().reference(ctx)
+        a, b, _ = self._terms(ctx.args)
+        refs = self._terms(ctx.ref)[:2]
+        (r_a, r_b), sink = product_difference(ctx, torch.matmul, a, b, self._data(ctx), refs)
+        return {"batch1": r_a, "batch2": r_b}, sink
+
+    @staticmethod
+    def _scores(ctx: Ctx) -> bool:
+        if ctx.is_data("batch2") and ctx.is_data("self"):
+            raise NotImplementedError("baddbmm with data in self and batch2")
+        return ctx.is_data("batch2")
+
+    @staticmethod
+    def _data(ctx: Ctx) -> tuple[bool, bool]:
+        return ctx.is_data("batch1"), True
+
+    @staticmethod
+    def _terms(args: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """batch1, alpha batch2 and |beta self|."""
+        bias = (args["self"] * args["beta"]).abs()
+        return args["batch1"], args["batch2"] * args["alpha"], bias
 
 
 _GROUPS = Weighted(

@@ -15,6 +15,8 @@ from torch import nn
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    BloomConfig,
+    BloomForSequenceClassification,
     GPT2Config,
     GPT2ForSequenceClassification,
     LlamaConfig,
@@ -109,3 +111,19 @@ def test_a_hand_written_attention_explains_as_the_fused_op(mode):
     fused, written = (r["relevance"]["x"] for r in results)
     assert_same(fused, written)
     assert fused.abs().sum() > 1.0  # relevance reached the input through q, k and v
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_alibi_scores_in_one_product_pass_relevance_too(mode):
+    """BLOOM has eager attention only, its scores ALiBi + Q K^T in one baddbmm: the weights
+    pass relevance through it to Q and K, the bias's share a sink."""
+    torch.manual_seed(0)
+    config = BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4, pad_token_id=0)
+    model = BloomForSequenceClassification(config).eval()
+    inputs = text_inputs()
+    dlb = DLBacktrace(model, inputs)
+    visited = dlb._graphs[0][1].provenance.visited
+    assert any(n.target is torch.ops.aten.baddbmm.default for n in visited)
+    result = dlb.run_task(task="text-classification", inputs=inputs, mode=mode)
+    assert_conserved(result)
+    assert float(result["relevance"]["input_ids"].abs().sum()) > 1.0
