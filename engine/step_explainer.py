@@ -92,9 +92,6 @@ class StepExplainer:
         self.expert_nodes = self._experts(captured)
         self.hidden: set[str] = set()  # kept for per-expert totals, not for the trace
         self.keep_values = False  # every sweep's recorded forward, for layer outputs
-        if self.expert_nodes and self.nodes == "inputs":
-            self.hidden = {n.args[0].name for n in self.expert_nodes}
-            self.nodes = sorted(self.hidden)
 
     def graph_inputs(self, sequence: Tensor) -> dict[str, Tensor]:
         ids, mask = self.layout.compact(sequence)
@@ -121,10 +118,20 @@ class StepExplainer:
         # length static (a state-space layer's scan), so its own offsets are the ones kept
         graph = self.dlb.graph_for(inputs) if self.expert_nodes else None
         return self.dlb.explain(
-            inputs, Seed(index, value), self.relevance.mode, self.nodes,
+            inputs, Seed(index, value), self.relevance.mode, self._kept(graph),
             contrast_with=self.relevance.contrast_with,
             retain=None if self.keep_values else self._offsets(graph),
         )  # fmt: skip
+
+    def _kept(self, graph: Any) -> str | list[str]:
+        """The sweep's ``relevance_nodes``: those asked for; with "inputs" and experts, the
+        inputs of ``graph``'s own grouped matmuls too, for per-expert totals (a graph captured
+        again for a static length names its nodes anew)."""
+        if graph is None or self.nodes != "inputs":
+            return self.nodes
+        hidden = {n.args[0].name for n in self._experts(graph)}
+        self.hidden |= hidden
+        return sorted(hidden)
 
     def _experts(self, captured: Any) -> list:
         """The grouped matmuls of a graph of the model."""
