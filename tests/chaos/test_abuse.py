@@ -17,7 +17,7 @@ import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from tests.helpers.jobs import events, submit, wait
+from tests.helpers.jobs import wait
 from tests.helpers.stack import Stack, start_api
 
 TEXT = {"model": "minilm-sentiment", "inputs": {"text": "the same request, sent again"}}
@@ -204,11 +204,10 @@ def test_chunked_body_is_cut_off_at_the_limit(stack: Stack) -> None:
     assert head.startswith(b"HTTP/1.1 413"), head[:200]
 
 
-def test_text_over_max_tokens_is_counted_by_the_worker(client: httpx.Client) -> None:
-    """The API bounds text by characters; the worker counts real tokens and fails the job
-    with the model's limit in the message."""
+def test_text_over_max_tokens_is_counted_at_the_door(client: httpx.Client) -> None:
+    """The API counts real tokens where it knows the model's tokenizer (ee5c305): a text over
+    the model's limit is a 422 naming the count and the limit, never a queued job."""
     body = {"model": "minilm-sentiment", "inputs": {"text": "good " * 300}}
-    job = submit(client, body)["job_id"]
-    assert events(client, job)[-1][1] == "error"
-    view = wait(client, job)
-    assert view["status"] == "failed" and "more than max_tokens=128" in view["error"]["message"]
+    r = client.post("/run_task", json=body)
+    assert r.status_code == 422, r.text
+    assert "inputs.text: 302 tokens, more than max_tokens=128" in r.text
