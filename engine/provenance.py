@@ -66,7 +66,10 @@ CONSTANT_OPS = {
     aten.floor.default,
     aten.ceil.default,
     aten.round.default,
+    aten.round.decimals,
     aten.trunc.default,
+    aten.sgn.default,
+    aten.angle.default,  # 0 or pi on real input
 }
 
 # Ops that create a tensor shaped like their input without its values (a buffer to write

@@ -151,29 +151,44 @@ def _dtype(name: str, value: Tensor, want: torch.dtype) -> Tensor:
 def check_shared_sizes(
     inputs: Mapping[str, Tensor], nodes: list[fx.Node], names: list[str]
 ) -> None:
-    """Inputs agree where the graph has one size for them: the batch (dimension 0 of every
-    input, which the sweep reads as the sample axis) and each dimension the graph names by a
-    shared symbol (the sequence of ids and their mask). A mask one token short, or of
-    another batch, otherwise fails deep in an attention op, or broadcasts into a wrong
-    answer."""
+    """Inputs agree where the graph has one size for them: each dimension the graph names by
+    a shared symbol (the batch, the sequence of ids and their mask). A mask one token short,
+    or of another batch, otherwise fails deep in an attention op, or broadcasts into a wrong
+    answer. Export may give each input's batch a symbol of its own, so dimension 0 is the
+    batch, unless its symbol is another input's later dimension (positions [T] beside x
+    [B, T, F]: the sequence)."""
     placeholders = {n.name: n.meta["val"] for n in nodes if n.op == "placeholder"}
+    later = {
+        _symbol(size) for meta in placeholders.values() if isinstance(meta, Tensor)
+        for size in meta.shape[1:]
+    }  # fmt: skip
     seen: dict[Any, tuple[str, int, int]] = {}
     for name, value in inputs.items():
         meta = placeholders.get(name) if name in names else None
         if meta is None or meta.dim() != value.dim():
             continue
         for axis, size in enumerate(meta.shape):
-            if not isinstance(size, SymInt):
+            symbol = _symbol(size)
+            if symbol is None:
                 continue
-            key = "batch" if axis == 0 else size.node.expr
+            batch = axis == 0 and symbol not in later
+            key = "batch" if batch else symbol
             other = seen.setdefault(key, (name, axis, value.shape[axis]))
             if other[2] != value.shape[axis]:
-                what = "batch size" if axis == 0 else "size"
+                what = "batch size" if batch else "size"
                 raise ValueError(
                     f"{name}: shape {tuple(value.shape)} does not match {other[0]}: the graph "
                     f"takes one {what} for {other[0]} (dimension {other[1]}: {other[2]}) and "
                     f"{name} (dimension {axis}: {value.shape[axis]})"
                 )
+
+
+def _symbol(size: Any) -> Any:
+    """A dimension's symbol, None for a fixed size (export writes some as a SymInt of a
+    number: positions [T] beside x [B, T, F] with T fixed)."""
+    if not isinstance(size, SymInt) or size.node.expr.is_number:
+        return None
+    return size.node.expr
 
 
 def check_input_dtypes(captured: Any, name: str = "input_for_graph") -> None:

@@ -102,12 +102,16 @@ class Softmax(Family):
         dim = ctx.args["dim"] % ctx.out.dim()
         last = [t.movedim(dim, -1) for t in (ctx.x, ctx.ref[ctx.first], ctx.out, ctx.ref_out)]
         S, Sr, A, Ar = last
-        m, w = softmax_slopes(S, Sr, A, Ar)
+        m, _ = softmax_slopes(S, Sr, A, Ar)
+        # a score masked in one pass only (a mask computed from the data) changed without
+        # bound: no slope there, and what its weight's change carried is a sink
+        m = torch.where(S.isfinite() & Sr.isfinite(), m, 0.0)
+        w = m / (m.sum(-1, keepdim=True) + TINY)
         mult = ctx.per_change().movedim(dim + 1, -1)  # R's leading axis is the seeds'
         mm = mult * m
         mult_s = mm - w * mm.sum(-1, keepdim=True)
         r_s = torch.where(m != 0, (S - Sr) * mult_s, 0.0)
-        sink = ctx.R - (mult * (A - Ar)).movedim(-1, dim + 1)
+        sink = ctx.R.movedim(dim + 1, -1).sum(-1) - r_s.sum(-1)  # [K, *out without dim]
         return {ctx.first: r_s.movedim(-1, dim + 1)}, sink
 
 

@@ -79,7 +79,8 @@ class Ctx:
 
 def change(x: Tensor, ref: Tensor) -> Tensor:
     """x - x' of two forward passes; where both hold the same infinity (a mask's -inf added
-    to attention scores), no change (inf - inf is NaN)."""
+    to attention scores), no change (inf - inf is NaN; any NaN is taken as no change, and an
+    infinite change as the largest float)."""
     d = x - ref
     return d.nan_to_num_(nan=0.0) if d.is_floating_point() else d
 

@@ -178,9 +178,8 @@ class BAddBMM(WeightedFamily):
     bias = "self"
 
     def operands(self, ctx: Ctx) -> Operands:
-        x, w = ctx.args["batch1"], ctx.args["batch2"] * ctx.args["alpha"]
-        extra = (ctx.args["self"] * ctx.args["beta"]).abs() + TINY
-        return Operands(_GROUPS, "batch1", x, w, w.abs(), extra)
+        x, w, bias = self._terms(ctx.args)
+        return Operands(_GROUPS, "batch1", x, w, w.abs(), bias + TINY)
 
     def default(self, ctx: Ctx) -> Propagation:
         """Data in ``batch2`` too (BLOOM's attention scores, ALiBi + Q K^T): the product
@@ -214,8 +213,9 @@ class BAddBMM(WeightedFamily):
 
     @staticmethod
     def _terms(args: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
-        """batch1, alpha batch2 and |beta self|."""
-        bias = (args["self"] * args["beta"]).abs()
+        """batch1, alpha batch2 and |beta self|; with beta 0, self is not read at all (GPT-2's
+        upcast attention passes an uninitialised buffer, NaN in it is no bias), as in torch."""
+        bias = (args["self"] * args["beta"]).abs() if args["beta"] else args["self"].new_zeros(())
         return args["batch1"], args["batch2"] * args["alpha"], bias
 
 

@@ -152,7 +152,7 @@ def _finite(magnitude: Tensor) -> Tensor:
     NaN where the relevance itself is 0 (masked attention scores get none)."""
     if not magnitude.is_floating_point():
         return magnitude
-    return magnitude.clamp(max=torch.finfo(magnitude.dtype).max / 4)
+    return magnitude.masked_fill(magnitude.isinf(), torch.finfo(magnitude.dtype).max / 4)
 
 
 class Add(Family):

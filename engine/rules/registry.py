@@ -123,17 +123,28 @@ def family_of(target: Any) -> Family | None:
 # Elementwise functions of one tensor not listed by a family (log1p, tan, erfc, lgamma,
 # logit, sinc, nan_to_num, the special functions): activations, as relevance-engine.md has
 # every elementwise activation (the nonlinearity is not evidence), found by torch's own
-# ``pointwise`` tag rather than listed one by one. Rounding and comparisons never reach a
-# rule: their outputs are constants or not floating (``provenance``).
+# ``pointwise`` tag rather than listed one by one. Rounding, signs and comparisons never
+# reach a rule: their outputs are constants (``provenance.CONSTANT_OPS``) or not floating.
 ACTIVATIONS = REGISTRY[torch.ops.aten.relu.default]
+
+
+def _tensor_type(t: Any) -> bool:
+    """A Tensor or a Tensor? argument (clamp's bounds may be tensors too)."""
+    if isinstance(t, torch.OptionalType):
+        t = t.getElementType()
+    return isinstance(t, torch.TensorType)
 
 
 @functools.cache
 def _unary_pointwise(op: torch._ops.OpOverload) -> bool:
-    """Whether ``op`` is an elementwise function of exactly one tensor, with one output."""
-    schema = op._schema
-    tensors = [a for a in schema.arguments if isinstance(a.type, torch.TensorType)]
-    return torch.Tag.pointwise in op.tags and len(tensors) == 1 and len(schema.returns) == 1
+    """Whether ``op`` is an elementwise function of exactly one tensor, its first argument
+    (an activation hands R to the first: ``2 ** x``'s tensor is its second), with one output
+    and no argument it writes to."""
+    schema, args = op._schema, op._schema.arguments
+    tensors = [a for a in args if _tensor_type(a.type)]
+    first = bool(args) and isinstance(args[0].type, torch.TensorType)
+    one = len(tensors) == 1 and len(schema.returns) == 1 and not schema.is_mutable
+    return torch.Tag.pointwise in op.tags and first and one
 
 
 def grouped_mm_ops() -> tuple[Any, ...]:

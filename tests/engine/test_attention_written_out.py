@@ -127,3 +127,56 @@ def test_alibi_scores_in_one_product_pass_relevance_too(mode):
     result = dlb.run_task(task="text-classification", inputs=inputs, mode=mode)
     assert_conserved(result)
     assert float(result["relevance"]["input_ids"].abs().sum()) > 1.0
+
+
+class DataMasked(nn.Module):
+    """Keys masked by a test on the data (``masked_fill(-inf)``): with a reference input the
+    two passes mask different keys, each query attending to itself at least."""
+
+    def __init__(self, fused: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fused = fused
+        self.qkv, self.head = nn.Linear(3, 9), nn.Linear(12, 2)
+
+    def forward(self, x):
+        h = x.reshape(x.shape[0], 4, 3)
+        q, k, v = self.qkv(h).chunk(3, -1)
+        keep = (h[..., 0] > -0.5)[:, None, :] | torch.eye(4, dtype=torch.bool)
+        if self.fused:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        else:
+            scores = (q @ k.mT / 3**0.5).masked_fill(~keep, float("-inf"))
+            o = torch.softmax(scores, -1) @ v
+        return self.head(o.reshape(x.shape[0], -1))
+
+
+def test_a_mask_that_differs_between_input_and_reference():
+    """Mode reference from -x: keys masked in one pass only have no slope (was NaN)."""
+    x = torch.randn(2, 12, generator=torch.Generator().manual_seed(1))
+    results = [
+        DLBacktrace(DataMasked(fused).eval(), {"x": x}).run_task(
+            inputs={"x": x}, mode="reference", reference={"x": -x}
+        )
+        for fused in (True, False)
+    ]
+    for result in results:
+        assert_conserved(result)
+    assert_same(*(r["relevance"]["x"] for r in results))
+
+
+def test_gpt2_upcast_attention_explains_as_sdpa():
+    """GPT-2's reorder_and_upcast_attn: scores by baddbmm with beta 0 into an uninitialised
+    buffer (NaN in it is no bias)."""
+    cls, config = MODELS["gpt2"]
+    inputs = text_inputs()
+    relevance = []
+    for impl, upcast in (("sdpa", False), ("eager", True)):
+        torch.manual_seed(0)
+        config.reorder_and_upcast_attn = upcast
+        model = cls._from_config(config, attn_implementation=impl).eval()
+        result = DLBacktrace(model, inputs).run_task(task="text-classification", inputs=inputs)
+        assert_conserved(result)
+        relevance.append(result["relevance"]["input_ids"])
+    config.reorder_and_upcast_attn = False
+    assert_same(*relevance)

@@ -224,6 +224,13 @@ EINSUMS = {
 }
 
 
+def _scores_into_a_buffer(x: torch.Tensor) -> torch.Tensor:
+    """Two rows' products by baddbmm with beta 0 into a buffer of NaN, which it never reads."""
+    t = x.reshape(-1, 2, 4)
+    buffer = torch.full((x.shape[0], 2, 2), float("nan"))
+    return torch.baddbmm(buffer, t, t.mT, beta=0).reshape(x.shape[0], 4)
+
+
 def _write_tail(x: torch.Tensor) -> torch.Tensor:
     y = x * 2
     y[:, -3:] = x[:, :3] * 3
@@ -300,6 +307,8 @@ BODIES: dict[str, tuple[Callable, int]] = {
     "tril_triu": (lambda x: _grid(x).tril() - 2 * _grid(x).triu(1), D),
     # RecurrentGemma's gates: block-diagonal linear layers with a bias
     "baddbmm": (_groups, D),
+    # beta 0: self is not read (GPT-2's upcast attention passes an uninitialised buffer)
+    "baddbmm_beta_zero": (_scores_into_a_buffer, 4),
     # xLSTM's stabiliser and its concatenate (cat's alias); llama4's router scatters scores
     "abs_concatenate": (lambda x: torch.concatenate([x.abs(), x * 2], dim=1), 2 * D),
     "log": (lambda x: torch.log(torch.sigmoid(x) + 1.0), D),  # Kimi Linear's gates
@@ -434,6 +443,22 @@ def test_slice_scatter_moves_relevance_with_the_elements():
     assert torch.equal(grads["src"], R[..., 1:5:2])
     assert torch.equal(grads["self"][..., 1:5:2], torch.zeros(3, 2, 2))
     conserved(R, grads, sink)
+
+
+def test_only_functions_of_their_first_tensor_are_taken_for_activations():
+    """The pointwise fallback hands R to the first argument: ``2 ** x`` (pow.Scalar, its tensor
+    second), polygamma(n, x), in-place overloads and two-tensor clamps are no activations."""
+    from engine.rules import family_of
+
+    for op in (
+        aten.pow.Scalar,
+        aten.polygamma.default,
+        aten.log1p_.default,
+        aten.xlogy.Scalar_Self,
+    ):
+        assert family_of(op) is None, op
+    for op in (aten.log1p.default, aten.erfinv.default, aten.special_i0e.default):
+        assert family_of(op) is not None, op
 
 
 def test_masked_scatter_moves_relevance_with_the_elements():

@@ -205,3 +205,26 @@ def test_inputs_embeds_are_text_and_padding_gets_no_relevance(bert):
     assert result["relevance"]["inputs_embeds"][padded].abs().max() == 0
     np.testing.assert_allclose(result["predictions"], model(**given).logits.detach(), atol=1e-5)
     _conserved(result)
+
+
+class SharedPositions(torch.nn.Module):
+    """x [B, T, 4] beside positions [T]: one position row for the whole batch."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = torch.nn.Embedding(16, 4), torch.nn.Linear(4, 2)
+
+    def forward(self, x, positions):
+        return self.head((x + self.emb(positions)).mean(1))
+
+
+def test_an_input_whose_first_dimension_is_not_the_batch():
+    """positions' first dimension is the sequence, shared with x's second, not the batch."""
+    dlb = DLBacktrace(
+        SharedPositions().eval(), {"x": torch.randn(2, 5, 4), "positions": torch.arange(5)}
+    )
+    result = dlb.run_task(inputs={"x": torch.randn(3, 7, 4), "positions": torch.arange(7)})
+    assert result["relevance"]["x"].shape == (3, 7, 4)
+    with pytest.raises(ValueError, match="positions"):
+        dlb.run_task(inputs={"x": torch.randn(3, 7, 4), "positions": torch.arange(6)})
