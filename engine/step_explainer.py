@@ -90,7 +90,6 @@ class StepExplainer:
         self.axes = _node_axes(captured, self.token_input)
         self.expert_ops = tuple(expert_ops)
         self.expert_nodes = self._experts(captured)
-        self.hidden: set[str] = set()  # kept for per-expert totals, not for the trace
         self.keep_values = False  # every sweep's recorded forward, for layer outputs
 
     def graph_inputs(self, sequence: Tensor) -> dict[str, Tensor]:
@@ -124,14 +123,18 @@ class StepExplainer:
         )  # fmt: skip
 
     def _kept(self, graph: Any) -> str | list[str]:
-        """The sweep's ``relevance_nodes``: those asked for; with "inputs" and experts, the
-        inputs of ``graph``'s own grouped matmuls too, for per-expert totals (a graph captured
-        again for a static length names its nodes anew)."""
+        """The sweep's ``relevance_nodes``: those asked for, or with "inputs" and experts the
+        inputs of ``graph``'s own grouped matmuls (``_hidden``) as well."""
+        hidden = self._hidden(graph)
+        return sorted(hidden) if hidden else self.nodes
+
+    def _hidden(self, graph: Any) -> set[str]:
+        """Nodes kept only for per-expert totals, not for the trace: the inputs of ``graph``'s
+        grouped matmuls where only the inputs were asked for (a graph captured again for a
+        static length names its nodes anew, so they are found per graph)."""
         if graph is None or self.nodes != "inputs":
-            return self.nodes
-        hidden = {n.args[0].name for n in self._experts(graph)}
-        self.hidden |= hidden
-        return sorted(hidden)
+            return set()
+        return {n.args[0].name for n in self._experts(graph)}
 
     def _experts(self, captured: Any) -> list:
         """The grouped matmuls of a graph of the model."""
@@ -158,10 +161,11 @@ class StepExplainer:
         tokens before the emitted one ([B, prompt_len + step] for the token ids), and for other
         kept nodes cut to the same positions along their sequence axes."""
         length, scaler = self.layout.prompt_len + step, self.relevance.scaler
+        hidden = self._hidden(e.exp.captured)
         return {
             name: _visible(rel[e.seed], self.axes.get(name), self.layout, length) * scaler
             for name, rel in e.exp.relevance.items()
-            if name not in self.hidden
+            if name not in hidden
         }
 
     def conservation(self, e: Explained) -> dict[str, Tensor]:

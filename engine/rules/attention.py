@@ -100,8 +100,8 @@ class Softmax(Family):
 
     def reference(self, ctx: Ctx) -> Propagation:
         dim = ctx.args["dim"] % ctx.out.dim()
-        last = [t.movedim(dim, -1) for t in (ctx.x, ctx.ref[ctx.first], ctx.out, ctx.ref_out)]
-        S, Sr, A, Ar = last
+        both = (ctx.x, ctx.ref[ctx.first], ctx.out, ctx.ref_out)
+        S, Sr, A, Ar = (t.movedim(dim, -1) for t in both)
         m, _ = softmax_slopes(S, Sr, A, Ar)
         # a score masked in one pass only (a mask computed from the data) changed without
         # bound: no slope there, and what its weight's change carried is a sink

@@ -472,7 +472,7 @@ class Einsum(Product):
     def single(self, ctx: Ctx, equation: str, reference: bool) -> Propagation:
         x, f = ctx.args["tensors"][0], lambda u: torch.einsum(equation, u)
         if reference:
-            r_in, sink = difference(ctx, x - ctx.ref["tensors"][0], f)
+            r_in, sink = difference(ctx, ctx.diff("tensors", 0), f)
         else:
             r_in, sink = proportional(ctx.R, x, f)
         return {"tensors": [r_in]}, sink

@@ -17,6 +17,7 @@ from .base import (
     Ctx,
     Family,
     Propagation,
+    change,
     difference,
     proportional,
     stable,
@@ -258,15 +259,15 @@ class Prod(Family):
         return {"self": vjp(twin, ones, ctx.R / twin(ones))}, None
 
     def reference(self, ctx: Ctx) -> Propagation:
-        x, xr, f = ctx.x, ctx.ref["self"], _op_on(ctx)
-        dx, ratio = x - xr, ctx.per_change()
-        factors = int(self.twin(ctx)(torch.ones_like(x)).max())
+        xr, f = ctx.ref["self"], _op_on(ctx)
+        dx, ratio = ctx.diff("self"), ctx.per_change()
+        factors = int(self.twin(ctx)(torch.ones_like(dx)).max())
         nodes, weights = numpy.polynomial.legendre.leggauss((factors + 1) // 2)
         slope = sum(
             w / 2 * vjp(f, xr + (t + 1) / 2 * dx, ratio)
             for t, w in zip(nodes.tolist(), weights.tolist(), strict=True)
         )
-        return {"self": dx * slope}, ctx.R - ratio * (ctx.out - ctx.ref_out)
+        return {"self": dx * slope}, ctx.R - ratio * change(ctx.out, ctx.ref_out)
 
 
 def _kept_shape(x: Tensor, dims: list[int]) -> list[int]:
