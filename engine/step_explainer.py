@@ -132,7 +132,7 @@ class StepExplainer:
         """Nodes kept only for per-expert totals, not for the trace: the inputs of ``graph``'s
         grouped matmuls where only the inputs were asked for (a graph captured again for a
         static length names its nodes anew, so they are found per graph)."""
-        if graph is None or self.nodes != "inputs":
+        if graph is None or not self.expert_nodes or self.nodes != "inputs":
             return set()
         return {n.args[0].name for n in self._experts(graph)}
 
