@@ -45,7 +45,9 @@ def test_job_timeout_ends_failed_with_the_reason(stack) -> None:
         with httpx.Client(base_url=url, timeout=30) as c:
             long = {
                 "model": "gpt2-small-config",
-                "inputs": {"text": "timeout"},
+                # a long prompt: 64 explained steps over it take well past the 1 s timeout
+                # on an idle machine too (over the 1-word prompt they once ended in time)
+                "inputs": {"text": "the " * 15},
                 "generation": {"max_new_tokens": 64, "path": "stepwise"},
             }
             job = submit(c, long)["job_id"]
