@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -64,6 +65,11 @@ class Worker(SimpleWorker):
             if (datetime.now(UTC) - last).total_seconds() < self.HEARTBEAT_EVERY_S:
                 return
         super().heartbeat(timeout, pipeline)
+
+    def _install_signal_handlers(self) -> None:
+        super()._install_signal_handlers()
+        if EARLY_STOP.signum is not None:  # it came during RQ's bootstrap: stop at once
+            self.request_stop(EARLY_STOP.signum, None)
 
     def handle_exception(self, job: Job, *exc_info: Any) -> None:
         """A job canceled by request is logged in one line: it is an ending a client asked
@@ -161,6 +167,31 @@ class Heartbeat:
         os._exit(WorkerExit.STUCK)
 
 
+class EarlyStop:
+    """SIGTERM or SIGINT before RQ's loop installs its own handlers (a rolling update or a
+    scale-down while the worker warms) is no failure: no job is held. While models warm the
+    process leaves at once with 0; from ``ready`` on the signal is kept, and RQ's loop stops
+    at its first turn (``Worker._install_signal_handlers``), with its goodbye to Redis.
+    Without it the default action killed the worker (-15), so that a stop between ``ready``
+    and RQ's bootstrap read as a crash."""
+
+    signum: int | None = None
+    warming = True
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self)
+        signal.signal(signal.SIGINT, self)
+
+    def __call__(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+        if self.warming:
+            log.info("stopped while warming (%s)", signal.Signals(signum).name)
+            raise SystemExit(0)
+
+
+EARLY_STOP = EarlyStop()
+
+
 def _warm(registry: Registry, wanted: list[str], beat: Heartbeat) -> None:
     """Load, capture and run once each wanted model, with a log line and a heartbeat per
     model, before the worker takes jobs: /readyz counts a worker only once it serves every
@@ -209,6 +240,7 @@ def run_worker(
     beat = Heartbeat(settings, st)
     if port:  # before the heartbeat: a taken port leaves no warming key
         worker_http.start(port, beat.silent_s, settings.heartbeat_ttl)
+    EARLY_STOP.install()  # before the first beat: a stop from now on is an orderly one
     beat.start()  # warming: the job view and /readyz say so from now on
     # Explicit list (--no-warm gives none) > BACKTRACE_WARM_MODELS > the registry's flags.
     if warm is not None:
@@ -217,19 +249,11 @@ def run_worker(
         wanted = list(settings.warm_models)
     else:
         wanted = [s.id for s in st.registry.models.values() if s.warm]
-    _warm(st.registry, wanted, beat)
-    r = store.connect(settings.redis_url, patient=True)
-    beat.ready()
-    queue = Queue(settings.queue, connection=r, serializer=JSONSerializer)
-    worker = Worker(
-        [queue],
-        connection=r,
-        serializer=JSONSerializer,
-        name=st.name,
-        # Find jobs abandoned by a dead worker within minutes, not the default 10.
-        maintenance_interval=60,
-    )
     try:
+        _warm(st.registry, wanted, beat)
+        EARLY_STOP.warming = False
+        worker = _rq_worker(settings, st.name)
+        beat.ready()
         worker.work(burst=burst, max_jobs=max_jobs, logging_level="INFO")
     except redis.RedisError as exc:  # RQ's own goodbye failed too (Redis refuses writes)
         log.error("RQ's loop ended on a Redis error (%s): exiting to be restarted", exc)
@@ -239,3 +263,15 @@ def run_worker(
     if not worker.quit_cleanly(burst, max_jobs):
         log.error("RQ's loop quit on an error (logged above): exiting to be restarted")
         sys.exit(WorkerExit.TEMPFAIL)
+
+
+def _rq_worker(settings: Settings, name: str) -> Worker:
+    r = store.connect(settings.redis_url, patient=True)
+    return Worker(
+        [Queue(settings.queue, connection=r, serializer=JSONSerializer)],
+        connection=r,
+        serializer=JSONSerializer,
+        name=name,
+        # Find jobs abandoned by a dead worker within minutes, not the default 10.
+        maintenance_interval=60,
+    )
