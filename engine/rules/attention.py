@@ -33,7 +33,9 @@ class Attention(Family):
     """A V is a product of two data operands: half of R to A and half to V, each by the |z|
     rule with the other held fixed, R_V[k, d] = 1/2 sum_q |A_qk V_kd| R_q[d] / sum_k' |A_qk'
     V_k'd|. The softmax passes R_A on unchanged, as every activation does, and Q K^T is again
-    a product of two data operands: half to Q, half to K. Masked and future positions have
+    a product of two data operands: half to Q, half to K; where a float mask adds a bias to
+    the scores (ALiBi), the bias's share of each score is a sink, as where an add meets any
+    constant (``_product_share``). Masked and future positions have
     A = 0 and get nothing. The faithfulness benchmark chose this over giving V everything
     (bench/README.md). Grouped-query attention: K and V are repeated per group, and their
     relevance summed back over the group."""
@@ -51,13 +53,18 @@ class Attention(Family):
         A = _weights(ctx, q, k)
         aq, ak, av = q.abs(), k.abs(), v.abs()
         M = torch.div(A, (aq @ ak.mT).add_(TINY).mul_(2))
+        # what the shares withhold, per unit of ratio: R * 2 TINY / (2 D) for each half
+        # (ratio_qk summed over the keys is ratio . (M |V|))
+        withheld = (M @ av + 1).mul_(2 * TINY)
+        share = _product_share(ctx, q, k)
+        if share is not None:  # a bias in the scores: its share of R_A is a sink
+            M.mul_(share)
+            withheld.add_((A * (1 - share)) @ av)
         ratio = seeds_inside(ctx.R / (2 * (A @ av + TINY)))
         mult_q, mult_k, mult_v = score_sweep(
             ratio, av, A, aq, ak, lambda S, b: S.mul_(M[..., b.rows, None, b.cols])
         )
-        # what the shares withheld, R * 2 TINY / (2 D) for each half: ratio_qk summed over
-        # the keys is ratio . (M |V|)
-        sink = (ratio @ (M @ av + 1)[..., None]).squeeze(-1).movedim(-1, 0) * (2 * TINY)
+        sink = (ratio @ withheld[..., None]).squeeze(-1).movedim(-1, 0)
         return _regroup(ctx, aq * mult_q, ak * mult_k, av * mult_v, groups), sink
 
     def reference(self, ctx: Ctx) -> Propagation:
@@ -218,6 +225,22 @@ def _operands(ctx: Ctx) -> tuple[Tensor, Tensor, Tensor, int]:
 def _weights(ctx: Ctx, q: Tensor, k: Tensor) -> Tensor:
     a = ctx.args
     return attention_weights(q, k, a["attn_mask"], a["is_causal"], a["scale"])
+
+
+def _product_share(ctx: Ctx, q: Tensor, k: Tensor) -> Tensor | None:
+    """Where a float ``attn_mask`` adds a finite bias to the scores (ALiBi, learned relative
+    positions), the share of each score that Q K^T * scale carries, |S| / (|S| + |bias|):
+    the bias is a constant, and an add gives a constant's share to a sink, as the add of
+    attention written out does (``rules.elementwise.Add``). None where no mask adds a bias
+    (none, a boolean one, or one of 0 and -inf)."""
+    mask = ctx.args["attn_mask"]
+    if mask is None or mask.dtype == torch.bool:
+        return None
+    bias = torch.where(mask.isfinite(), mask.abs(), 0.0)  # -inf: masked, A = 0 there
+    if not bool(bias.any()):
+        return None
+    s = (q @ k.mT).abs_().mul_(abs(_scale(ctx.args["scale"], q)))
+    return s / (s + bias + TINY)
 
 
 def _regroup(ctx: Ctx, r_q: Tensor, r_k: Tensor, r_v: Tensor, groups: int) -> dict[str, Tensor]:
