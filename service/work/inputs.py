@@ -173,9 +173,11 @@ def _picture(raw: bytes) -> Any:
     bits: Pillow's ``convert`` to ``L`` or ``RGB`` clips those values at 255, which makes
     nearly any such picture a white page. Upright: a phone's photo is stored sideways with an
     EXIF orientation that viewers apply (as transformers' ``load_image`` does), so the model
-    sees what its sender saw. Data the door's header check let through but that does not
-    decode (a truncated file) is a ValueError naming the input."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    sees what its sender saw; a picture without one is left as it came (``exif_transpose``
+    copies even those, and the copy lost the format that ``image`` keeps a PNG as sent by).
+    Data the door's header check let through but that does not decode (a truncated file) is
+    a ValueError naming the input."""
+    from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
     try:
         # Only the formats the door lets through: without ``formats`` Pillow first asks
@@ -186,7 +188,8 @@ def _picture(raw: bytes) -> Any:
         raise ValueError("inputs.image: not a PNG or JPEG image") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ValueError(f"inputs.image: not a readable PNG or JPEG image ({exc})") from None
-    img = ImageOps.exif_transpose(img)
+    if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        img = ImageOps.exif_transpose(img)  # a copy, with no ``format``: not kept as sent
     if img.mode.startswith("I"):
         deep = np.asarray(img, dtype=np.float32) / 65535.0
         img = Image.fromarray(np.clip(deep * 255.0 + 0.5, 0, 255).astype(np.uint8))

@@ -110,6 +110,19 @@ def test_a_photo_stored_sideways_reads_upright(orientation: int, upright: Image.
     assert not torch.allclose(got, _tensor(_b64(pixels), spec), atol=0.1)
 
 
+def test_a_png_at_the_models_size_and_mode_is_kept_as_sent() -> None:
+    """The resized picture of a PNG the model takes as it is (its size and mode) is the PNG
+    itself, not decoded and encoded again (EXIF handling lost its format, and every such
+    picture was re-encoded)."""
+    spec = ImageSpec(channels=1, size=16)
+    entry = SimpleNamespace(loaded=SimpleNamespace(image=spec), input_name="x")
+    stored = io.BytesIO()  # uncompressed: encoding it again would give other bytes
+    Image.open(io.BytesIO(sample_png(0))).save(stored, format="PNG", compress_level=0)
+    raw = stored.getvalue()
+    made = inputs.image(entry, Inputs(image=base64.b64encode(raw).decode()))
+    assert made.png == raw
+
+
 def test_data_that_is_no_image_is_named_so() -> None:
     """Pillow's own message for such data names a BytesIO object and its address."""
     with pytest.raises(ValueError, match=r"^inputs.image: not a PNG or JPEG image$"):
