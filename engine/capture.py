@@ -154,6 +154,28 @@ def _without_kv_cache(model: torch.nn.Module) -> Iterator[None]:
                 c.use_cache = value
 
 
+@contextlib.contextmanager
+def _grouped_experts(model: torch.nn.Module) -> Iterator[None]:
+    """Export a transformers mixture of experts whose experts run ``eager`` with
+    ``experts_implementation="grouped_mm"``, where the model can switch (its experts use
+    transformers' experts interface). The eager path loops in Python over the experts that
+    some token picked (``nonzero``): a loop as long as a data-dependent count, which export
+    cannot trace and draft export would fix to the example's routing. The grouped path
+    computes the same sums in one graph for any routing (OpenAI's privacy filter defaults to
+    eager for its accumulation order; a user may load any MoE so)."""
+    switch = getattr(model, "set_experts_implementation", None)
+    saved = model.get_experts_implementation() if switch is not None else {}
+    eager = {key: "grouped_mm" for key, impl in saved.items() if impl == "eager"}
+    if not eager or not model._can_set_experts_implementation():
+        yield
+        return
+    switch({**saved, **eager})
+    try:
+        yield
+    finally:
+        switch(saved)
+
+
 def _dynamic_spec(example: dict[str, torch.Tensor]) -> dict[str, dict[int, object]]:
     """Batch is dynamic for every input; the second dimension of token-like (integer, 2-D)
     inputs is dynamic too. ``Dim.AUTO`` lets export keep a dimension static when the model
@@ -291,7 +313,7 @@ def capture(
         if label == "draft" and not data_dependent:
             break
         try:
-            with _without_kv_cache(model), torch.no_grad():
+            with _without_kv_cache(model), _grouped_experts(model), torch.no_grad():
                 program = _export(label, model, args, spec)
             program = program.run_decompositions(DECOMPOSITIONS)
             captured = with_rules(_wrap(program))
