@@ -23,6 +23,7 @@ from .contrast import class_index, contrast_seed
 from .heads import SEEDS, Position, padding_mask, qa_logits
 from .params import OutputParams, RelevanceParams
 from .references import named_reference
+from .seq2seq import with_decoder_start
 from .sweep import Explanation, NodeIO, Seed, Sweeper
 from .tasks import TASK_NAMES, TASKS, TaskName
 
@@ -59,10 +60,11 @@ class DLBacktrace:
         self.verbose = verbose
         self._graphs: list[tuple[Captured, Sweeper]] = []
         self._head_sweepers: dict[tuple[int, fx.Node], Sweeper] = {}
-        self._graph_for(self._prepare(input_for_graph, name="input_for_graph"))
+        prepared = self._prepare(input_for_graph, name="input_for_graph")
+        self._graph_for(with_decoder_start(self.model, prepared))
         self.node_io: dict[str, Any] | None = None
         self.relevance: dict[str, Tensor] | None = None
-        self._is_causal_lm: bool | None = None
+        self._generates: bool | None = None
 
     # ------------------------------------------------------------ capture and sweep
 
@@ -419,13 +421,13 @@ class DLBacktrace:
         return visualize_input_heatmap_for_token(*args, **kwargs)
 
     def detect_task(self, inputs: Inputs, tokenizer: Any = None) -> TaskName:
-        """Causal LM (even behind a wrapper) -> generation; token ids -> text; images -> image;
-        2-D float rows -> tabular."""
-        if self._is_causal_lm is None:  # walking the modules costs a millisecond: once
-            from .generation import is_causal_lm
+        """Causal or encoder-decoder LM (even behind a wrapper) -> generation; token ids ->
+        text; images -> image; 2-D float rows -> tabular."""
+        if self._generates is None:  # walking the modules costs a millisecond: once
+            from .generation import generates_text
 
-            self._is_causal_lm = is_causal_lm(self.model)
-        if self._is_causal_lm:
+            self._generates = generates_text(self.model)
+        if self._generates:
             return TaskName.GENERATION
         prepared = self._prepare(inputs, tokenizer)
         first = next(iter(prepared.values()))

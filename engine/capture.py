@@ -198,6 +198,11 @@ def _widen_batch(example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
+# The inputs that hold the tokens a model reads, by the names transformers gives them: an
+# encoder-decoder reads its source and its decoder's own tokens.
+TOKEN_INPUTS = ("input_ids", "decoder_input_ids")
+
+
 @dataclass
 class Captured:
     """An exported graph plus the facts about it the forward pass and the sweep need."""
@@ -216,13 +221,13 @@ class Captured:
     @property
     def data_inputs(self) -> list[str]:
         """The inputs relevance is explained onto: floating-point inputs and the token ids
-        (``input_ids``, else the first integer input). Other integer inputs (token type ids,
-        position ids, masks) select or shape constants: their share is a sink, whatever the
-        graph takes."""
+        (``input_ids`` and an encoder-decoder's ``decoder_input_ids``, else the first integer
+        input). Other integer inputs (token type ids, position ids, masks) select or shape
+        constants: their share is a sink, whatever the graph takes."""
         values = {n.name: n.meta["val"] for n in self.nodes if n.op == "placeholder"}
         ints = [n for n in self.input_names if not values[n].is_floating_point()]
-        ids = "input_ids" if "input_ids" in ints else (ints[0] if ints else None)
-        return [n for n in self.input_names if n == ids or values[n].is_floating_point()]
+        ids = [n for n in ints if n in TOKEN_INPUTS] or ints[:1]
+        return [n for n in self.input_names if n in ids or values[n].is_floating_point()]
 
     def float_outputs(self) -> list[fx.Node]:
         """The floating-point tensors the model returns, in order."""

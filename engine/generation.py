@@ -29,6 +29,7 @@ from .memory import plan_seeds
 from .params import DecodingParams, OutputParams, RelevanceParams, StepPlan, with_keywords
 from .recording import OnFirstRead
 from .rules import grouped_mm_ops
+from .seq2seq import find_seq2seq_lm, run_seq2seq_generation
 from .step_explainer import Explained, Layout, StepExplainer
 from .steps import OnStep, decode_stepwise, explain_decoded, select_steps
 
@@ -61,9 +62,10 @@ def find_causal_lm(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def is_causal_lm(model: nn.Module) -> bool:
-    """Whether ``run_task(task="auto")`` should generate: a causal LM, even behind a wrapper."""
-    return find_causal_lm(model) is not None
+def generates_text(model: nn.Module) -> bool:
+    """Whether ``run_task(task="auto")`` should generate: a causal or encoder-decoder LM, even
+    behind a wrapper."""
+    return find_causal_lm(model) is not None or find_seq2seq_lm(model) is not None
 
 
 def _safe_call(fn: Callable[[], Any]) -> bool:
@@ -76,15 +78,19 @@ def _safe_call(fn: Callable[[], Any]) -> bool:
 # ------------------------------------------------------------------ prompt
 
 
-def _prompt(inputs: Any, tokenizer: Any, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(input_ids, attention_mask) from a dict, a tuple, a tensor, or text with a tokenizer."""
+def _prompt(
+    inputs: Any, tokenizer: Any, device: torch.device, left: bool = True
+) -> tuple[Tensor, Tensor]:
+    """(input_ids, attention_mask) from a dict, a tuple, a tensor, or text with a tokenizer.
+    ``left``: a decoder's prompt, padded on the left (text is tokenized so; ids are checked);
+    otherwise an encoder's source, padded as its tokenizer pads."""
     if isinstance(inputs, str) or (
         isinstance(inputs, list | tuple) and inputs and isinstance(inputs[0], str)
     ):
         if tokenizer is None:
             raise ValueError("text prompts need a tokenizer")
         side = tokenizer.padding_side
-        tokenizer.padding_side = "left"
+        tokenizer.padding_side = "left" if left else side
         try:
             inputs = dict(tokenizer(inputs, return_tensors="pt", padding=True))
         finally:
@@ -100,7 +106,7 @@ def _prompt(inputs: Any, tokenizer: Any, device: torch.device) -> tuple[Tensor, 
     if ids.dim() == 1:
         ids = ids[None]
     mask = torch.ones_like(ids) if mask is None else mask.to(device).long().reshape(ids.shape)
-    if not torch.equal(mask, mask.cummax(1).values):
+    if left and not torch.equal(mask, mask.cummax(1).values):
         raise ValueError("prompts must be left padded (attention_mask zeros only on the left)")
     return ids, mask
 
@@ -161,7 +167,7 @@ def run_generation(
     started = time.perf_counter()
     lm = find_causal_lm(dlb.model)
     if lm is None:
-        raise ValueError(f"{type(dlb.model).__name__} contains no transformers causal LM")
+        return _encoder_decoder(dlb, inputs, relevance, decoding, tokenizer, plan, output, on_step)
     ids, mask = _prompt(inputs, tokenizer, dlb.device)
     cfg = decoding.resolve(lm, tokenizer)
     explainer = _explainer(dlb, dlb.captured, lm, ids, mask, relevance, output)
@@ -192,6 +198,35 @@ def run_generation(
     result["timings"] = {"decode_s": decode_s, "total_s": time.perf_counter() - started}
     if output.debug:
         _log_steps(result, tokens)
+    return result
+
+
+def _encoder_decoder(
+    dlb: Any,
+    inputs: Any,
+    relevance: RelevanceParams,
+    decoding: DecodingParams,
+    tokenizer: Any,
+    plan: StepPlan,
+    output: OutputParams,
+    on_step: OnStep | None,
+) -> dict[str, Any]:
+    """Generation with an encoder-decoder LM (``engine.seq2seq``), its source checked as a
+    prompt is."""
+    lm = find_seq2seq_lm(dlb.model)
+    if lm is None:
+        raise ValueError(
+            f"{type(dlb.model).__name__} contains no transformers causal or encoder-decoder LM"
+        )
+    ids, mask = _prompt(inputs, tokenizer, dlb.device, left=False)
+    cfg = decoding.resolve(lm, tokenizer)
+    _check_prompt(dlb, "input_ids", ids, mask, 0)
+    validate.check_length(dlb.model, 1 + cfg.max_new_tokens, "the decoder's start and new tokens")
+    result = run_seq2seq_generation(dlb, lm, (ids, mask), cfg, relevance, plan, output, on_step)
+    if tokenizer is not None:
+        result["generated_text"] = tokenizer.batch_decode(
+            result["generated_ids"], skip_special_tokens=True
+        )
     return result
 
 

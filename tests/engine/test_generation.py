@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from engine import DLBacktrace
-from engine.generation import is_causal_lm, run_generation
+from engine.generation import generates_text, run_generation
 from engine.params import DecodingParams, OutputParams, RelevanceParams, StepPlan
 from engine.steps import select_steps
 from tests.engine.lm_models import LookupTask, prompts, tiny_lm, train_lookup_lm, word_tokenizer
@@ -171,8 +171,8 @@ class Wrapper(nn.Module):
 def test_wrapped_lm_is_detected_and_explained(batch):
     lm = tiny_lm("llama")
     wrapped = Wrapper(lm)
-    assert is_causal_lm(wrapped) and is_causal_lm(lm)
-    assert not is_causal_lm(nn.Linear(2, 2))
+    assert generates_text(wrapped) and generates_text(lm)
+    assert not generates_text(nn.Linear(2, 2))
     dlb = DLBacktrace(wrapped, batch)
     result = dlb.run_task(task="auto", inputs=batch, max_new_tokens=3, return_relevance=True)
     assert result["task"] == "generation"

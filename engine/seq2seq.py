@@ -1,0 +1,255 @@
+"""Explained generation for encoder-decoder language models (T5, BART, Marian, Pegasus, ...).
+
+The decode is transformers' own ``generate``: an encoder-decoder LM runs its encoder once and
+its decoder with a cache of both attentions, which ``engine.decoding`` (a decoder-only loop)
+does not do. The explanation is the batched path of ``engine.steps``: the decoder is causal,
+so one forward of the graph over the source and the decoded sequence serves every step, and
+one sweep seeds each step's token at the decoder position that predicted it. Relevance comes
+out on both token inputs: the source (``input_ids``, [B, S], what the encoder read) and the
+decoder's tokens before the emitted one (``decoder_input_ids``, [B, 1 + step]: the start
+token and the tokens generated so far).
+
+The graph takes ``decoder_input_ids``: ``DLBacktrace`` captures such a model with a decoder
+start (``with_decoder_start``) when the inputs it is given have none."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .decoding import DecodingConfig
+from .params import OutputParams, RelevanceParams, StepPlan
+from .recording import OnFirstRead
+from .steps import OnStep, select_steps
+from .sweep import Explanation, Seed
+
+DECODER_IDS = "decoder_input_ids"
+
+
+def find_seq2seq_lm(model: nn.Module) -> nn.Module | None:
+    """The transformers encoder-decoder LM inside ``model`` (itself or a submodule): one that
+    can generate and whose config says encoder-decoder."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        can_generate = getattr(module, "can_generate", None)
+        if (
+            callable(can_generate)
+            and getattr(config, "is_encoder_decoder", False)
+            and _answers(can_generate)
+        ):
+            return module
+    return None
+
+
+def _answers(fn: Any) -> bool:
+    try:
+        return bool(fn())
+    except Exception:  # noqa: BLE001 - a model that cannot answer cannot generate
+        return False
+
+
+def with_decoder_start(model: nn.Module, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``inputs`` for capturing ``model``: an encoder-decoder LM given only its source gets
+    ``decoder_input_ids`` of two start tokens per row (its decoder needs tokens to run, and a
+    length of 1 would be captured as a fixed length). Other models and inputs as given."""
+    lm = find_seq2seq_lm(model)
+    decoder_given = {DECODER_IDS, "decoder_inputs_embeds", "labels"} & inputs.keys()
+    if lm is None or decoder_given or "input_ids" not in inputs:
+        return inputs
+    if DECODER_IDS not in inspect.signature(model.forward).parameters:
+        return inputs
+    start = _decoder_start(lm)
+    if start is None:
+        return inputs
+    ids = inputs["input_ids"]
+    return {**inputs, DECODER_IDS: torch.full((ids.shape[0], 2), start, device=ids.device)}
+
+
+def _decoder_start(lm: nn.Module) -> int | None:
+    """The token an encoder-decoder LM's decoder starts from (its generation config's, then
+    its config's)."""
+    for config in (getattr(lm, "generation_config", None), lm.config):
+        start = getattr(config, "decoder_start_token_id", None)
+        if start is not None:
+            return int(start)
+    return None
+
+
+def run_seq2seq_generation(
+    dlb: Any,
+    lm: nn.Module,
+    source: tuple[Tensor, Tensor],
+    cfg: DecodingConfig,
+    relevance: RelevanceParams,
+    plan: StepPlan,
+    output: OutputParams,
+    on_step: OnStep | None = None,
+) -> dict[str, Any]:
+    """Decode ``source`` (input_ids, attention_mask [B, S]) with ``lm.generate`` as ``cfg``
+    says, then explain the chosen steps (``plan.steps``) in sweeps of
+    ``plan.max_seeds_per_sweep`` seeds. The result has the keys of ``run_generation``'s, with
+    ``generated_ids`` the decoder's sequences [B, 1 + N] (its start token first) and each
+    trace entry relevance of ``input_ids`` [B, S] and ``decoder_input_ids`` [B, 1 + step]."""
+    started = time.perf_counter()
+    ids, mask = source
+    sequences, scores, logits = _generate(lm, ids, mask, cfg)
+    n = sequences.shape[1] - 1
+    tokens, active = sequences[:, 1:], _active(sequences[:, 1:], cfg.eos_token_ids)
+    if on_step is not None:
+        for s in range(n):
+            on_step(s, tokens[:, s], scores[s], None)
+    decode_s = time.perf_counter() - started
+    chosen = select_steps(plan.steps, n)
+    size = plan.max_seeds_per_sweep if plan.path == "batched" else 1
+    explained: dict[int, tuple[Explanation, int]] = {}
+    for first in range(0, len(chosen), size):
+        group = chosen[first : first + size]
+        exp = _sweep(dlb, ids, mask, sequences, group, active, relevance)
+        _check_logits(exp, group, tokens, logits)
+        explained.update({s: (exp, k) for k, s in enumerate(group)})
+    traces = {s: _trace(e, k, s, relevance.scaler) for s, (e, k) in explained.items()}
+    if on_step is not None:
+        for s in sorted(traces):
+            on_step(s, tokens[:, s], scores[s], traces[s])
+    result = _result(dlb, ids, mask, sequences, active, explained, traces, relevance, output)
+    if output.return_scores:
+        result["scores_trace"] = scores
+    result["decoding"] = dataclasses.asdict(cfg)
+    result["timings"] = {"decode_s": decode_s, "total_s": time.perf_counter() - started}
+    return result
+
+
+@torch.no_grad()
+def _generate(
+    lm: nn.Module, ids: Tensor, mask: Tensor, cfg: DecodingConfig
+) -> tuple[Tensor, list[Tensor], list[Tensor] | None]:
+    """``generate``'s sequences [B, 1 + N], processed scores (N x [B, V]) and raw logits (N x
+    [B, V]; None for beam search, whose per-step rows are beams, not the returned rows)."""
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+    sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
+    out = lm.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=cfg.do_sample,
+        num_beams=cfg.num_beams,
+        length_penalty=cfg.length_penalty,
+        early_stopping=cfg.early_stopping,
+        eos_token_id=list(cfg.eos_token_ids) or None,
+        pad_token_id=cfg.pad_token_id,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+        **({k: v for k, v in sampling.items() if v is not None} if cfg.do_sample else {}),
+    )
+    beams = cfg.num_beams > 1
+    scores = [s[:: cfg.num_beams] for s in out.scores] if beams else list(out.scores)
+    return out.sequences, scores, None if beams else list(out.logits)
+
+
+def _active(tokens: Tensor, eos_ids: tuple[int, ...]) -> Tensor:
+    """[B, N] whether each row was still generating at each step (no EOS before it)."""
+    if not eos_ids:
+        return torch.ones_like(tokens, dtype=torch.bool)
+    eos = torch.isin(tokens, torch.tensor(eos_ids, device=tokens.device))
+    ended_before = torch.nn.functional.pad(eos.long().cumsum(1)[:, :-1], (1, 0))
+    return ended_before == 0
+
+
+def _sweep(
+    dlb: Any,
+    ids: Tensor,
+    mask: Tensor,
+    sequences: Tensor,
+    steps: list[int],
+    active: Tensor,
+    relevance: RelevanceParams,
+) -> Explanation:
+    """One forward over the source and the decoder's tokens up to the group's last step, and
+    one sweep: seed k on the token of ``steps[k]`` at the decoder position that chose it."""
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    index = torch.stack(
+        [torch.stack([rows, torch.full_like(rows, s), sequences[:, 1 + s]], -1) for s in steps]
+    )
+    value = torch.stack([active[:, s].float() * relevance.multiplier for s in steps])
+    inputs = {"input_ids": ids, "attention_mask": mask, DECODER_IDS: sequences[:, : steps[-1] + 1]}
+    names = dlb.captured.input_names
+    return dlb.explain(
+        {k: v for k, v in inputs.items() if k in names},
+        Seed(index, value),
+        relevance.mode,
+        relevance.relevance_nodes,
+        contrast_with=relevance.contrast_with,
+    )
+
+
+def _check_logits(
+    exp: Explanation, steps: list[int], tokens: Tensor, logits: list[Tensor] | None
+) -> None:
+    """The graph's logits of the emitted tokens are the decode's (1e-3 of their size): else
+    the trace would explain other numbers than those that chose the tokens."""
+    if logits is None:
+        return
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    for s in steps:
+        got = exp.outputs[0][rows, s, tokens[:, s]].float()
+        want = logits[s][rows, tokens[:, s]].float().to(got.device)
+        if float((got - want).abs().max()) > 1e-3 * max(1.0, float(want.abs().max())):
+            raise RuntimeError(
+                f"the captured graph's logits differ from generate's at step {s}: "
+                "the explanation would not explain the generated tokens"
+            )
+
+
+def _trace(exp: Explanation, k: int, step: int, scaler: float) -> dict[str, Tensor]:
+    """Seed ``k``'s relevance as the trace entry of ``step``: the decoder's tokens cut to the
+    start and the tokens before the emitted one; the source and other nodes whole."""
+    trace = {name: rel[k] * scaler for name, rel in exp.relevance.items()}
+    if DECODER_IDS in trace:
+        trace[DECODER_IDS] = trace[DECODER_IDS][:, : step + 1]
+    return trace
+
+
+def _result(
+    dlb: Any,
+    ids: Tensor,
+    mask: Tensor,
+    sequences: Tensor,
+    active: Tensor,
+    explained: dict[int, tuple[Explanation, int]],
+    traces: dict[int, dict[str, Tensor]],
+    relevance: RelevanceParams,
+    output: OutputParams,
+) -> dict[str, Any]:
+    """``run_generation``'s result keys for this decode and its explained steps."""
+    n, last = sequences.shape[1] - 1, max(explained, default=None)
+
+    def conservation(s: int) -> dict[str, Tensor]:
+        exp, k = explained[s]
+        parts = {"seed": exp.seed, "inputs": exp.inputs, "sinks": exp.sinks}
+        return {name: part[k] * relevance.scaler for name, part in parts.items()}
+
+    forward = {"input_ids": ids, "attention_mask": mask, DECODER_IDS: sequences}
+    names = dlb.captured.input_names
+    result: dict[str, Any] = {
+        "task": "generation",
+        "generated_ids": sequences,
+        "active": active,
+        "explained_steps": sorted(explained),
+        "mode": relevance.mode,
+        "relevance": {} if last is None else traces[last],
+        "conservation": None if last is None else conservation(last),
+        "conservation_trace": [conservation(s) if s in explained else None for s in range(n)],
+        "node_io": OnFirstRead(
+            lambda: dlb.record({k: v for k, v in forward.items() if k in names})[0]
+        ),
+    }
+    if output.return_relevance:
+        result["relevance_trace"] = [traces.get(s) for s in range(n)]
+    return result

@@ -1,0 +1,113 @@
+"""Explained generation with encoder-decoder LMs (``engine.seq2seq``): T5 and BART (random
+weights, small configs) generate the tokens transformers' ``generate`` does, and each step's
+relevance is conserved, lies on the source and on the decoder's tokens before the emitted one
+(nothing on the source's padding), and is what explaining that step's logit alone gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from engine import DLBacktrace
+from engine.tasks import TaskName
+
+MODELS = {
+    "t5": lambda: T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=100,
+            d_model=32,
+            d_kv=8,
+            d_ff=48,
+            num_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    ),  # fmt: skip
+    "bart": lambda: BartForConditionalGeneration(
+        BartConfig(
+            vocab_size=100,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=48,
+            decoder_ffn_dim=48,
+            max_position_embeddings=64,
+            forced_eos_token_id=None,
+            eos_token_id=99,  # never the argmax of these weights: every step is generated
+        )
+    ),  # fmt: skip
+}
+STEPS = 4
+
+
+def source() -> dict[str, torch.Tensor]:
+    ids = torch.randint(5, 90, (2, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # the second source is two tokens shorter, padded on the right
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return MODELS[name]().eval()
+
+
+@pytest.mark.parametrize("mode", ["default", "reference"])
+@pytest.mark.parametrize("name", MODELS)
+def test_generates_as_generate_and_each_step_is_conserved(name: str, mode: str) -> None:
+    lm, inputs = model(name), source()
+    dlb = DLBacktrace(lm, inputs)  # the graph gets the decoder's tokens as an input
+    assert "decoder_input_ids" in dlb.captured.input_names
+    result = dlb.run_task(
+        task="auto", inputs=inputs, max_new_tokens=STEPS, mode=mode, return_relevance=True
+    )
+    want = lm.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+    assert result["task"] == "generation" and torch.equal(result["generated_ids"], want)
+    assert result["explained_steps"] == list(range(STEPS))
+    for step, (trace, c) in enumerate(
+        zip(result["relevance_trace"], result["conservation_trace"], strict=True)
+    ):
+        assert trace["input_ids"].shape == (2, 7)
+        assert trace["decoder_input_ids"].shape == (2, 1 + step)
+        assert torch.all(trace["input_ids"][1, 5:] == 0)  # the source's padding
+        total = trace["input_ids"].sum(1) + trace["decoder_input_ids"].sum(1)
+        torch.testing.assert_close(total, c["inputs"], rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(c["inputs"] + c["sinks"], c["seed"], rtol=1e-4, atol=1e-3)
+        assert float(trace["input_ids"].abs().sum()) > 0.1  # the source explains something
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_each_step_is_its_logit_explained_alone(name: str) -> None:
+    """The batched sweep (every step's seed in one sweep over the final sequence) gives each
+    step the relevance of a classification-style explanation of that step's logit alone:
+    the decoder's prefix up to the step, the emitted token's logit at its last position."""
+    lm, inputs = model(name), source()
+    dlb = DLBacktrace(lm, inputs)
+    result = dlb.run_task(
+        task="generation", inputs=inputs, max_new_tokens=STEPS, return_relevance=True
+    )
+    sequences = result["generated_ids"]
+    for step in (0, STEPS - 1):
+        prefix = {**inputs, "decoder_input_ids": sequences[:, : step + 1]}
+        tokens = sequences[:, step + 1].tolist()
+        alone = dlb.run_task(
+            task="text-classification", inputs=prefix, position=step, target=tokens
+        )["relevance"]
+        trace = result["relevance_trace"][step]
+        for name_ in ("input_ids", "decoder_input_ids"):
+            torch.testing.assert_close(trace[name_], alone[name_], rtol=1e-4, atol=1e-4)
+
+
+def test_an_encoder_decoder_lm_is_detected_as_generation() -> None:
+    lm, inputs = model("t5"), source()
+    assert DLBacktrace(lm, inputs).detect_task(inputs) == TaskName.GENERATION
