@@ -94,7 +94,8 @@ class DLBacktrace:
             if entry[0].accepts(inputs):
                 return entry
         try:
-            captured = capture(self.model, inputs, verbose=self.verbose)
+            specialised = bool(self._graphs) and self.captured.example is not None
+            captured = capture(self.model, inputs, self.verbose, specialised)
         except CaptureError as exc:
             if not self._graphs:
                 raise
@@ -106,8 +107,18 @@ class DLBacktrace:
         if not self._graphs:
             validate.check_input_dtypes(captured)
         entry = (captured, Sweeper(captured, captured.explained_output()))
+        if captured.example is not None:
+            self._drop_specialised()
         self._graphs.append(entry)
         return entry
+
+    def _drop_specialised(self) -> None:
+        """Forget the graphs specialised to one input's values (``engine.specialise``) but the
+        first (the signature others are checked against): each serves only its own input, and
+        a model that needs them would otherwise keep one graph per input it was asked about."""
+        dropped = {id(c) for c, _ in self._graphs[1:] if c.example is not None}
+        self._graphs = [e for e in self._graphs if id(e[0]) not in dropped]
+        self._head_sweepers = {k: v for k, v in self._head_sweepers.items() if k[0] not in dropped}
 
     def graph_for(self, inputs: Inputs) -> Captured:
         """The captured graph that runs ``inputs``, captured now if none fits them (other

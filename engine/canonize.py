@@ -9,6 +9,7 @@ that rules see canonical ops and never match graph patterns themselves (``rules.
 - The hand-written RMS norm x * rsqrt(mean(x ** 2, -1, keepdim) + eps) of Llama-style models
   (mode "reference" gives the product the norm's exact difference rule).
 - Mixture-of-experts routing: the topk nodes behind the grouped expert matmuls' row offsets,
+  or behind the counts a graph specialised to the input's values fixed (``nonzero_static``),
   which the reference forward holds at the input's routing.
 """
 
@@ -135,9 +136,11 @@ def rms_eps(normaliser: Any, x: Any) -> float | None:
 
 def routing_topks(nodes: Any) -> list[fx.Node]:
     """The ``topk`` nodes that pick the experts of grouped expert matmuls: ancestors of a
-    grouped matmul's row offsets."""
+    grouped matmul's row offsets, or of a ``nonzero_static`` (a specialised graph's expert
+    loop: its counts are the input's, so a reference routed otherwise would not fit them)."""
     found, seen = [], set()
     stack = [n.args[2] for n in nodes if family_of(n.target) is GROUPED_MM and len(n.args) > 2]
+    stack += [n.args[0] for n in nodes if n.target is aten.nonzero_static.default]
     while stack:
         n = stack.pop()
         if not isinstance(n, fx.Node) or n in seen:

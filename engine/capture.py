@@ -24,6 +24,7 @@ from torch import SymInt, fx
 from torch._decomp import decomposition_table
 from torch.export import Dim, ExportedProgram
 
+from . import specialise
 from .provenance import Provenance
 from .rules import family_of
 
@@ -213,6 +214,8 @@ class Captured:
     constants: dict[str, torch.Tensor]
     output: fx.Node
     batch_axis: dict[fx.Node, BatchAxis | None] = field(default_factory=dict)
+    # the inputs a graph specialised to their values was captured for (``engine.specialise``)
+    example: dict[str, torch.Tensor] | None = None
 
     @property
     def graph(self) -> fx.Graph:
@@ -285,6 +288,8 @@ class Captured:
         another length is captured again instead of run through a graph of the example's."""
         if set(inputs) != set(self.input_names):
             return False
+        if self.example is not None:
+            return all(_equal(inputs[k], v) for k, v in self.example.items())
         placeholders = {n.name: n for n in self.nodes if n.op == "placeholder"}
         for name, value in inputs.items():
             meta = placeholders[name].meta["val"]
@@ -302,26 +307,38 @@ class Captured:
         return True
 
 
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b.to(a.device))
+
+
 def capture(
-    model: torch.nn.Module, example: dict[str, torch.Tensor], verbose: bool = False
+    model: torch.nn.Module,
+    example: dict[str, torch.Tensor],
+    verbose: bool = False,
+    specialised: bool = False,
 ) -> Captured:
     """Export ``model(**example)``: first with dynamic dims, then, if that fails, static;
-    then, if they stopped at a data-dependent guard, by draft export (``_export``)."""
+    then, if they stopped at a data-dependent guard, by draft export, then specialised to
+    the example's values (``_export``). ``specialised``: only the last (the model needed it
+    for another input already: the others would fail again, at seconds each)."""
     attempts = [
         ("dynamic", _widen_batch(example), _dynamic_spec(example)),
         # fresh tensors: a failed attempt may have marked the example's dims dynamic
         ("static", _fresh(example), None),
         ("draft", _fresh(example), None),
+        ("specialised", _fresh(example), None),
     ]
-    errors, data_dependent = [], False
-    for label, args, spec in attempts:
-        if label == "draft" and not data_dependent:
+    errors, data_dependent = [], specialised
+    for label, args, spec in attempts[-1:] if specialised else attempts:
+        if label in ("draft", "specialised") and not data_dependent:
             break
         try:
             with _without_kv_cache(model), _grouped_experts(model), torch.no_grad():
                 program = _export(label, model, args, spec)
             program = program.run_decompositions(DECOMPOSITIONS)
             captured = with_rules(_wrap(program))
+            if label == "specialised":
+                captured.example = _fresh(args)
         except Exception as exc:  # noqa: BLE001 - export failures are reported below
             if not _export_failure(exc, model):
                 raise
@@ -427,16 +444,35 @@ def _export(label: str, model: torch.nn.Module, args: dict, spec: dict | None) -
     data-dependent guard: Longformer's "any global attention?") cannot be traced
     symbolically; draft export runs real tensors alongside, takes the example's branch and
     records the condition as a runtime assertion in the graph, so an input that would take
-    the other branch raises ("Runtime assertion failed") instead of running the wrong one."""
+    the other branch raises ("Runtime assertion failed") instead of running the wrong one.
+    ``specialised``: where draft export fails too (a loop over ``nonzero``'s rows), the graph
+    of the example's own values (``engine.specialise``)."""
     positional, named = _by_position(model, args)
-    if label != "draft":
+    if label in ("dynamic", "static"):
         return torch.export.export(model, positional, named, dynamic_shapes=spec, strict=False)
+    if label == "specialised":
+        return _specialised(model, positional, named)
+    program = torch.export.draft_export(model, positional, named)
     warnings.warn(
         f"{type(model).__name__}: captured by draft export, with its data-dependent branches "
         "fixed to the example's; inputs that take another branch raise",
         stacklevel=4,
     )
-    return torch.export.draft_export(model, positional, named)
+    return program
+
+
+def _specialised(model: torch.nn.Module, positional: tuple, named: dict) -> ExportedProgram:
+    answers, eager = specialise.record(model, positional, named)
+    with specialise.replaying(answers):
+        program = torch.export.export(model, positional, named, strict=False)
+    if not specialise.same_outputs(eager, program, positional, named):
+        raise CaptureError("the graph specialised to the example's values is not its forward")
+    warnings.warn(
+        f"{type(model).__name__}: captured for the example's values (its forward counts or "
+        "branches on them); other inputs are captured again",
+        stacklevel=5,
+    )
+    return program
 
 
 def _by_position(model: torch.nn.Module, args: dict) -> tuple[tuple, dict]:
@@ -467,6 +503,8 @@ def _export_failure(exc: Exception, model: torch.nn.Module) -> bool:
     the model's own modules come from."""
     if isinstance(exc, TimeoutError | MemoryError):
         return False
+    if isinstance(exc, CaptureError):  # an attempt's own check
+        return True
     packages = _EXPORT_PACKAGES | {type(m).__module__.split(".")[0] for m in model.modules()}
     return type(exc).__module__.split(".")[0] in packages
 

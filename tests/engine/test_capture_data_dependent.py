@@ -61,3 +61,81 @@ def test_eager_experts_are_captured_grouped_and_restored():
         eager = model(**inputs).logits
     torch.testing.assert_close(torch.as_tensor(result["predictions"]), eager, rtol=1e-4, atol=1e-4)
     _conserved(result["conservation"])
+
+
+def _explained(dlb: DLBacktrace, inputs: dict, **kwargs) -> dict:
+    return dlb.run_task(task="text-classification", inputs=inputs, multiplier=MULTIPLIER,
+                        relevance_nodes="inputs", **kwargs)  # fmt: skip
+
+
+def _agrees_with_eager(model: torch.nn.Module, inputs: dict, result: dict) -> None:
+    with torch.no_grad():
+        eager = model(**inputs).logits
+    if eager.dim() == 3:  # a causal LM's logits: the last token's are explained
+        eager = eager[:, -1]
+    got = torch.as_tensor(result["predictions"])
+    torch.testing.assert_close(got.reshape(eager.shape), eager, rtol=1e-4, atol=1e-4)
+
+
+def _dbrx() -> torch.nn.Module:
+    return _built(
+        "DbrxConfig",
+        "DbrxForCausalLM",
+        vocab_size=96,
+        d_model=32,
+        n_heads=4,
+        n_layers=2,
+        max_seq_len=64,
+        attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+        ffn_config={"ffn_hidden_size": 48, "moe_num_experts": 4, "moe_top_k": 2},
+    )
+
+
+def test_an_expert_loop_over_nonzero_is_captured_for_each_input():
+    """DBRX loops in Python over the experts its tokens picked (``nonzero``), a loop as long
+    as a count of the data: captured specialised to the example's values, and captured again
+    for another input (whose routing differs), each equal to eager and conserved; the reference
+    forward is routed as the input (its counts are the input's). One specialised graph is kept
+    besides the first, not one per input."""
+    model = _dbrx()
+    first = _ids()
+    dlb = DLBacktrace(model, first)
+    for seed in (1, 2):
+        inputs = _ids() if seed == 1 else _ids(tokens=7)
+        inputs["input_ids"] = (inputs["input_ids"] * (seed + 1)) % 93 + 3
+        for mode in ("default", "reference"):
+            result = _explained(dlb, inputs, mode=mode)
+            _conserved(result["conservation"])
+        _agrees_with_eager(model, inputs, result)
+    assert len(dlb._graphs) == 2
+    _agrees_with_eager(model, first, _explained(dlb, first))
+
+
+def _longformer() -> torch.nn.Module:
+    return _built(
+        "LongformerConfig",
+        "LongformerForSequenceClassification",
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        attention_window=4,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+
+
+def test_global_attention_gathered_by_nonzero_is_captured():
+    """Longformer gathers its global tokens with ``nonzero`` and branches on whether there are
+    any: captured specialised to the example, equal to eager and conserved, also for a padded
+    input (another count of real tokens)."""
+    model = _longformer()
+    inputs = _ids()
+    dlb = DLBacktrace(model, inputs)
+    _agrees_with_eager(model, inputs, _explained(dlb, inputs))
+    padded = _ids()
+    padded["attention_mask"][1, 6:] = 0
+    result = _explained(dlb, padded)
+    _agrees_with_eager(model, padded, result)
+    _conserved(result["conservation"])
