@@ -20,7 +20,7 @@ from torch import Tensor, fx
 from . import arguments, validate
 from .capture import Captured, CaptureError, Inputs, bind_inputs, capture, placed
 from .contrast import class_index, contrast_seed
-from .heads import SEEDS, Position, padding_mask, qa_logits
+from .heads import SEEDS, Position, answers_a_class, classification, padding_mask, qa_logits
 from .params import OutputParams, RelevanceParams
 from .references import named_reference
 from .seq2seq import with_decoder_start
@@ -183,7 +183,7 @@ class DLBacktrace:
         prepared = self._prepare(inputs, tokenizer)
         captured, sweeper = self._graph_for(prepared)
         arguments.check_relevance_nodes(params, captured)
-        if task == TaskName.QUESTION_ANSWERING:
+        if task == TaskName.QUESTION_ANSWERING and not answers_a_class(captured):
             sweeper = self._head_sweeper(captured, qa_logits(captured))
         sweeper.check_rules()
         with torch.no_grad():
@@ -328,21 +328,24 @@ class DLBacktrace:
         """One forward and one sweep seeded as ``engine.heads`` decides for the task: one seed
         per sample (its relevance without the seed axis), or the task's ``seeds`` (relevance
         [K, B, ...], conservation [K, B])."""
-        if task == TaskName.QUESTION_ANSWERING and params.mode == "contrast":
+        started = time.perf_counter()
+        f = self._forwards(inputs, params, tokenizer, task)
+        # a question answered from a fixed set of answers is a classification of them
+        answers = task == TaskName.QUESTION_ANSWERING and answers_a_class(f.captured)
+        if task == TaskName.QUESTION_ANSWERING and not answers and params.mode == "contrast":
             # the QA seeds sit on the [B, T, 2] start/end logits: a runner-up along that last
             # axis would set a start against an end, which explains nothing
             raise ValueError(
                 'mode "contrast" is not defined for question-answering (its start and end '
                 'logits are not alternatives of one another); use "default" or "reference"'
             )
-        started = time.perf_counter()
-        f = self._forwards(inputs, params, tokenizer, task)
         logits = f.env[f.sweeper.seed_node]
         mask = padding_mask(f.prepared, logits)
-        decision = SEEDS[task](logits, params, mask, position, task)
+        seeding = classification if answers else SEEDS[task]
+        decision = seeding(logits, params, mask, position, task)
         exp = self._sweep(f, decision.seed, params)
         scaler = params.scaler
-        per_seed = bool(TASKS[task].seeds) and position is None
+        per_seed = bool(TASKS[task].seeds) and position is None and not answers
         first = slice(None) if per_seed else 0
         relevance = {k: v[first] * scaler for k, v in exp.relevance.items()}
         node_io = exp.node_io()

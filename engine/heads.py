@@ -12,7 +12,8 @@ mask ``[B, T]`` (``None`` where the inputs carry none) and an optional ``positio
   once: seed k explains token k, so relevance is ``[T, B, T]``; padding tokens get no seed.
 - question-answering explains the predicted answer: seed 0 the start logit at the argmax
   start, seed 1 the end logit at the argmax end (the order of ``TASKS[...].seeds``), over
-  ``[B, T, 2]`` logits: the model's, or its start and end outputs stacked (``qa_logits``).
+  ``[B, T, 2]`` logits: the model's, or its start and end outputs stacked (``qa_logits``);
+  a model that picks its answer from a fixed set (``answers_a_class``) as a classifier.
 
 ``target`` replaces the predicted label (a class index, one per sample or one for all).
 """
@@ -180,6 +181,16 @@ SEEDS: dict[TaskName, Callable[..., Decision]] = {
     TaskName.TOKEN_CLASSIFICATION: token_classification,
     TaskName.QUESTION_ANSWERING: question_answering,
 }
+
+
+def answers_a_class(captured: Captured) -> bool:
+    """Whether a question-answering model picks its answer from a fixed set of answers (visual
+    question answering: LXMERT's ``[B, C]`` answer scores) instead of a span of its text: its
+    first output is ``[B, C]`` with no end logits of that shape beside it. Such a model is
+    explained as a classifier of its answers: one seed at the predicted (or ``target``)
+    answer, relevance ``[B, ...]``."""
+    shapes = [_shape(node) for node in captured.float_outputs()]
+    return len(shapes[0]) == 2 and (len(shapes) < 2 or shapes[1] != shapes[0])
 
 
 def qa_logits(captured: Captured) -> fx.Node:
