@@ -63,14 +63,14 @@ def with_decoder_start(model: nn.Module, inputs: dict[str, Tensor]) -> dict[str,
         return inputs
     if DECODER_IDS not in inspect.signature(model.forward).parameters:
         return inputs
-    start = _decoder_start(lm)
+    start = decoder_start(lm)
     if start is None:
         return inputs
     ids = inputs["input_ids"]
     return {**inputs, DECODER_IDS: torch.full((ids.shape[0], 2), start, device=ids.device)}
 
 
-def _decoder_start(lm: nn.Module) -> int | None:
+def decoder_start(lm: nn.Module) -> int | None:
     """The token an encoder-decoder LM's decoder starts from (its generation config's, then
     its config's)."""
     for config in (getattr(lm, "generation_config", None), lm.config):

@@ -182,6 +182,14 @@ _DEFAULT_HEADS = {
 }
 
 
+def _default_head(spec: ModelSpec, config: Any) -> str:
+    """The head the entry's task implies; for generation, an encoder-decoder's (T5, BART,
+    Marian) where the folder's config.json says it is one."""
+    if spec.task == TaskName.GENERATION and getattr(config, "is_encoder_decoder", False):
+        return "seq2seq-lm"
+    return _DEFAULT_HEADS.get(spec.task, "sequence-classification")
+
+
 def _load_transformers(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel, Path | None]:
     import transformers as tf
 
@@ -192,14 +200,15 @@ def _load_transformers(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel
     local = src.path is not None
     if local and not Path(where).is_dir():  # else transformers reads it as a hub id
         raise EntryError(f"registry entry {spec.id}: source.path {where} is not a folder")
+    kw = {"local_files_only": local, "trust_remote_code": False, "use_safetensors": True}
     head = {
         "sequence-classification": tf.AutoModelForSequenceClassification,
         "image-classification": tf.AutoModelForImageClassification,
         "causal-lm": tf.AutoModelForCausalLM,
+        "seq2seq-lm": tf.AutoModelForSeq2SeqLM,
         "token-classification": tf.AutoModelForTokenClassification,
         "question-answering": tf.AutoModelForQuestionAnswering,
-    }[src.head or _DEFAULT_HEADS.get(spec.task, "sequence-classification")]
-    kw = {"local_files_only": local, "trust_remote_code": False, "use_safetensors": True}
+    }[src.head or _default_head(spec, tf.AutoConfig.from_pretrained(where, **kw))]
     model = head.from_pretrained(where, **kw).eval()
     tok = (
         None

@@ -44,7 +44,9 @@ class Source(BaseModel):
       under the data dir on first use.
     - ``transformers``: ``path`` (a local folder) or ``hub_id`` (only where a hub is reachable);
       ``head`` is ``sequence-classification``, ``image-classification``, ``causal-lm``,
-      ``token-classification`` or ``question-answering`` (default: the one the task implies).
+      ``seq2seq-lm``, ``token-classification`` or ``question-answering`` (default: the one
+      the task implies; for generation, ``seq2seq-lm`` where config.json says the model is
+      an encoder-decoder).
     - ``torchvision``: ``arch`` and a safetensors ``weights`` file, ``num_classes``.
     - ``python``: ``factory`` (``module:function``) returning a ``service.models.LoadedModel``;
       for operators' own code (and the tests' failing model). Never reachable from a request.

@@ -2,7 +2,11 @@
 tokens, so that a client can label relevance before the result exists), then one ``token``
 event per step as the token is chosen, and ``relevance`` events when the engine hands a
 step's relevance to its callback (the inputs' only: named layers, ``output.relevance``, come
-in the result document, ``documents.generation``). A cancel is honoured at every step."""
+in the result document, ``documents.generation``). A cancel is honoured at every step.
+
+An encoder-decoder LM (T5, BART) is laid out as a causal LM is: its prompt is the source and
+the decoder's start token, and each step's relevance covers both, then the tokens generated
+before the step (``one_sequence``)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from typing import Any
 import redis
 import torch
 
+from engine.seq2seq import decoder_start, find_seq2seq_lm
 from engine.tasks import TaskName
 
 from .. import codec, layer_names, store
@@ -65,7 +70,7 @@ class _Stream:
             self.add(Event.TOKEN, data, pipe)
             self.steps.append(data)
         if relevance is not None and "input_ids" in relevance:
-            arr = documents.numpy(relevance["input_ids"])
+            arr = documents.numpy(one_sequence(relevance)["input_ids"])
             encoded = codec.encode(arr, self.output.encoding, self.output.dtype)
             self.add(Event.RELEVANCE, {"step": step, "input_ids": encoded}, pipe)
         pipe.exists(store.CANCEL.format(self.job_id))
@@ -86,7 +91,11 @@ def generate(run: Run, work: Work, r: redis.Redis) -> documents.Doc:
     layer_names.check(run.spec.id, req.output.relevance, node_names(dlb))
     batch = inputs.on_device(run.entry, host_batch)
     stream = _Stream(run, work.job_id, r, req.output)
-    prompt = documents.prompt_event(tok, batch["input_ids"].cpu().tolist())
+    start = _decoder_start(run)
+    prompt_ids = batch["input_ids"]
+    if start is not None:  # the decoder's start token is read after the source
+        prompt_ids = torch.cat([prompt_ids, torch.full_like(prompt_ids[:, :1], start)], 1)
+    prompt = documents.prompt_event(tok, prompt_ids.cpu().tolist())
     stream.add(Event.PROMPT, prompt)
     t0 = time.perf_counter()
     res = dlb.run_task(
@@ -102,9 +111,42 @@ def generate(run: Run, work: Work, r: redis.Redis) -> documents.Doc:
         **req.generation.model_dump(exclude_none=True),
     )
     run_s = time.perf_counter() - t0
+    if start is not None:
+        res = _source_then_decoder(res, batch["input_ids"])
     doc = documents.generation(tok, prompt, res, stream.steps, host_batch, req.output)
     timings = {"capture_s": capture_s, "engine_s": run_s, "run_s": run_s}
     return {**doc, **documents.finished(run, req, timings)}
+
+
+def _decoder_start(run: Run) -> int | None:
+    """The decoder's start token of an encoder-decoder LM (None for a causal LM)."""
+    lm = find_seq2seq_lm(run.entry.loaded.model)
+    return None if lm is None else decoder_start(lm)
+
+
+def one_sequence(relevance: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A step's relevance with an encoder-decoder's two token inputs as one row of tokens:
+    the source's, then the decoder's (its start token and the tokens generated before the
+    step), as a causal LM's prompt and previous tokens lie in ``input_ids``: the stream,
+    the document and the heatmap then read both kinds of model alike."""
+    if "decoder_input_ids" not in relevance:
+        return relevance
+    rest = {k: v for k, v in relevance.items() if k != "decoder_input_ids"}
+    both = (relevance["input_ids"], relevance["decoder_input_ids"])
+    return {**rest, "input_ids": torch.cat(both, -1)}
+
+
+def _source_then_decoder(res: dict[str, Any], source: torch.Tensor) -> dict[str, Any]:
+    """An encoder-decoder's result laid out as a causal LM's (``one_sequence``): the
+    generated ids after the source, each step's relevance over both."""
+    trace = res.get("relevance_trace") or []
+    return {
+        **res,
+        "generated_ids": torch.cat(
+            [source.to(res["generated_ids"].device), res["generated_ids"]], 1
+        ),
+        "relevance_trace": [None if t is None else one_sequence(t) for t in trace],
+    }
 
 
 def _budget(setting: str) -> str | None:

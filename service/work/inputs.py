@@ -51,11 +51,15 @@ def for_task(entry: CachedModel, spec: ModelSpec, task: TaskName, inputs: Inputs
 
 def _padding(entry: CachedModel) -> tuple[int, bool]:
     """The tokenizer's pad id (0 without one) and whether to pad on the left: as the
-    tokenizer does, but always for generation, which decodes after each prompt's last token
-    (the engine refuses right padding; a causal LM may ship a right-padding tokenizer)."""
+    tokenizer does, but always for a causal LM's generation, which decodes after each
+    prompt's last token (the engine refuses right padding; a causal LM may ship a
+    right-padding tokenizer). An encoder-decoder's source is padded as its tokenizer pads
+    (left padding would move BART's absolute positions)."""
     tok = entry.loaded.tokenizer
     pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+    config = getattr(entry.loaded.model, "config", None)
     left = entry.loaded.task == TaskName.GENERATION
+    left = left and not getattr(config, "is_encoder_decoder", False)
     return pad, left or (tok is not None and tok.padding_side == "left")
 
 

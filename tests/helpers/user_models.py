@@ -1,7 +1,7 @@
 """Models as platform engineers register their own: small random-weight transformers
 checkpoints written with ``save_pretrained`` (a DistilBERT and a RoBERTa sequence
 classifier with fewer positions than the registry's default ``max_tokens``, a ViT with its
-image processor, a one-channel ViT, a Llama whose tokenizer has no pad token), each with
+image processor, a one-channel ViT, a Llama whose tokenizer has no pad token, a T5), each with
 its tokenizer built offline. ``python -m tests.helpers.user_models DIR`` writes them, so
 that test processes need not import torch."""
 
@@ -108,6 +108,28 @@ def _llama(out: Path) -> None:
     tok.save_pretrained(out)
 
 
+def _t5(out: Path) -> None:
+    """An encoder-decoder LM: its decoder starts from the pad token and ends at ``</s>``."""
+    import transformers as tf
+    from tokenizers import processors
+
+    bpe = _bpe(["<pad>", "</s>", "<unk>"])
+    eos = bpe.token_to_id("</s>")
+    bpe.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", eos)]
+    )
+    tok = tf.PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+    cfg = tf.T5Config(
+        vocab_size=bpe.get_vocab_size(), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+        num_heads=4, pad_token_id=bpe.token_to_id("<pad>"), eos_token_id=eos,
+        decoder_start_token_id=bpe.token_to_id("<pad>"),
+    )  # fmt: skip
+    tf.T5ForConditionalGeneration(cfg).eval().save_pretrained(out)
+    tok.save_pretrained(out)
+
+
 def write(out: Path) -> None:
     """Every model under ``out``, seeded."""
     import torch
@@ -118,6 +140,7 @@ def write(out: Path) -> None:
     _vit(out / "vit", 3, VIT_SIZE)
     _vit(out / "vit-gray", 1, 16)
     _llama(out / "llama")
+    _t5(out / "t5")
 
 
 def build(out: Path) -> Path:
@@ -135,6 +158,7 @@ def entries(folder: Path) -> list[dict[str, Any]]:
         "vit": "image-classification",
         "vit-gray": "image-classification",
         "llama": "generation",
+        "t5": "generation",
     }
     return [
         {

@@ -142,3 +142,41 @@ def test_generation_settings_out_of_range_name_the_field(api: Client) -> None:
     assert _refusal(api, {**prompt, "inputs": {"token_ids": [1, 999]}}).startswith(
         "inputs.token_ids: id 999 is not a token id (0 to "
     )
+
+
+def _t5_generates(models: Path, texts: list[str], steps: int) -> list[list[int]]:
+    """The T5's greedy tokens for ``texts`` outside the service, its source padded as its
+    tokenizer pads."""
+    code = (
+        "import sys, json, transformers as tf; d = sys.argv[1]; "
+        "m = tf.AutoModelForSeq2SeqLM.from_pretrained(d).eval(); "
+        "t = tf.AutoTokenizer.from_pretrained(d); "
+        "x = t(json.loads(sys.argv[2]), return_tensors='pt', padding=True); "
+        "out = m.generate(**x, max_new_tokens=int(sys.argv[3]), do_sample=False); "
+        "print(json.dumps(out[:, 1:].tolist()))"
+    )
+    cmd = [sys.executable, "-c", code, str(models / "t5"), json.dumps(texts), str(steps)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def test_an_encoder_decoder_generates_and_explains_each_token(api: Client, models: Path) -> None:
+    """A T5 registered with task generation and no head (its config.json says
+    encoder-decoder) generates the tokens it generates outside the service, and each step's
+    relevance lies on the source, the decoder's start token and the tokens before it, laid
+    out as a causal LM's prompt and previous tokens (conserved: it sums to the step's
+    ``inputs``). Before, the worker loaded it as a causal LM and every job failed."""
+    texts = ["the cat sat on the mat", "a dog"]
+    body = {"model": "user-t5", "inputs": {"text": texts}, "generation": {"max_new_tokens": 3}}
+    g = api.run({**body, "output": {"encoding": "json"}}, timeout=300)["generation"]
+    assert g["new_token_ids"] == _t5_generates(models, texts, 3)
+    prompt = g["prompt_tokens"][0]
+    assert prompt[-1] == "<pad>"  # the decoder's start, after the source
+    assert len(g["relevance_trace"]) == len(g["new_token_ids"][0])
+    for step, (trace, c) in enumerate(
+        zip(g["relevance_trace"], g["conservation_trace"], strict=True)
+    ):
+        rel = np.asarray(trace["values"])
+        assert rel.shape == (2, len(prompt) + step)
+        assert np.allclose(rel.sum(1), c["inputs"], rtol=1e-3, atol=1e-3)
+        assert np.abs(rel[:, : len(prompt) - 1]).sum() > 0  # the source explains something
