@@ -127,9 +127,11 @@ def run_seq2seq_generation(
 @torch.no_grad()
 def _generate(
     lm: nn.Module, ids: Tensor, mask: Tensor, cfg: DecodingConfig
-) -> tuple[Tensor, list[Tensor], list[Tensor] | None]:
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """``generate``'s sequences [B, 1 + N], processed scores (N x [B, V]) and raw logits (N x
-    [B, V]; None for beam search, whose per-step rows are beams, not the returned rows)."""
+    [B, V]). Beam search's per-step rows are beams, not the returned sequences: there the
+    logits are those of one forward over each returned sequence, and the scores their
+    log-probabilities (as ``engine.decoding`` reports beam search's)."""
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
     sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
@@ -148,9 +150,12 @@ def _generate(
         output_logits=True,
         **({k: v for k, v in sampling.items() if v is not None} if cfg.do_sample else {}),
     )
-    beams = cfg.num_beams > 1
-    scores = [s[:: cfg.num_beams] for s in out.scores] if beams else list(out.scores)
-    return out.sequences, scores, None if beams else list(out.logits)
+    if cfg.num_beams == 1:
+        return out.sequences, list(out.scores), list(out.logits)
+    decoded = out.sequences[:, :-1]
+    logits = lm(input_ids=ids, attention_mask=mask, decoder_input_ids=decoded).logits
+    steps = range(logits.shape[1])
+    return out.sequences, [logits[:, s].log_softmax(-1) for s in steps], list(logits.unbind(1))
 
 
 def _active(tokens: Tensor, eos_ids: tuple[int, ...]) -> Tensor:
@@ -189,13 +194,9 @@ def _sweep(
     )
 
 
-def _check_logits(
-    exp: Explanation, steps: list[int], tokens: Tensor, logits: list[Tensor] | None
-) -> None:
+def _check_logits(exp: Explanation, steps: list[int], tokens: Tensor, logits: list[Tensor]) -> None:
     """The graph's logits of the emitted tokens are the decode's (1e-3 of their size): else
     the trace would explain other numbers than those that chose the tokens."""
-    if logits is None:
-        return
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     for s in steps:
         got = exp.outputs[0][rows, s, tokens[:, s]].float()

@@ -111,3 +111,23 @@ def test_each_step_is_its_logit_explained_alone(name: str) -> None:
 def test_an_encoder_decoder_lm_is_detected_as_generation() -> None:
     lm, inputs = model("t5"), source()
     assert DLBacktrace(lm, inputs).detect_task(inputs) == TaskName.GENERATION
+
+
+def test_beam_search_explains_the_returned_sequences() -> None:
+    """Beam search's per-step scores are beams'; the trace explains the sequences it returns
+    (each step conserved), with their own log-probabilities as the step's scores."""
+    lm, inputs = model("t5"), source()
+    dlb = DLBacktrace(lm, inputs)
+    result = dlb.run_task(
+        task="generation", inputs=inputs, max_new_tokens=STEPS, num_beams=3,
+        return_relevance=True, return_scores=True,
+    )  # fmt: skip
+    want = lm.generate(**inputs, max_new_tokens=STEPS, num_beams=3, do_sample=False)
+    assert torch.equal(result["generated_ids"], want)
+    sequences = result["generated_ids"]
+    for step, c in enumerate(result["conservation_trace"]):
+        torch.testing.assert_close(c["inputs"] + c["sinks"], c["seed"], rtol=1e-4, atol=1e-3)
+        logp = result["scores_trace"][step]
+        assert torch.allclose(logp.exp().sum(-1), torch.ones(2), atol=1e-4)
+        chosen = logp.gather(1, sequences[:, step + 1, None])
+        assert bool((chosen > -30).all())  # the returned token is a likely one of its step
