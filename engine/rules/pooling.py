@@ -228,6 +228,55 @@ class Share(Family):
         return {"self": sum(R.reshape(R.shape[0], *shape) * w for R, w in parts)}, None
 
 
+class ScatterReduce(Family):
+    """``self.scatter_reduce(dim, index, src, reduce, include_self)``: each output element
+    reduces the ``src`` elements scattered to it (and its own ``self`` element where
+    ``include_self``, or where nothing was scattered to it: it keeps ``self``). Its relevance
+    is shared over those elements by weights that add up to 1, as ``Share``'s reductions do:
+    "sum" and "mean" by |operand| (the |z| rule of their sum), "amax" and "amin" to the element
+    taken (ties split evenly: BLT pools its bytes' states into patches so), "prod" evenly (as
+    ``Prod``). A constant operand's share is a sink; so is an output element's relevance where
+    all weights are 0. The same shares in every mode."""
+
+    ops = (aten.scatter_reduce.two,)
+
+    def default(self, ctx: Ctx) -> Propagation:
+        a, out = ctx.args, ctx.out
+        dim, index = a["dim"] % out.dim(), a["index"]
+        covered = tuple(slice(0, n) for n in index.shape)  # the part of src index reaches
+        src = a["src"][covered]
+        hit = torch.zeros_like(out).scatter_add(dim, index, torch.ones_like(src)) > 0
+        w_src, w_self = _scatter_weights(a["reduce"], a["self"], src, out, out.gather(dim, index))
+        w_self = w_self * (~hit | a.get("include_self", True))
+        total = w_self.scatter_add(dim, index, w_src)
+        ratio = ctx.R / (total + TINY)
+        grads, sink = {}, ratio * TINY
+        if ctx.is_data("self"):
+            grads["self"] = ratio * w_self
+        else:
+            sink = sink + ratio * w_self
+        if ctx.is_data("src"):
+            r_src = ctx.R.new_zeros(ctx.K, *a["src"].shape)
+            at = index.expand(ctx.K, *index.shape)
+            r_src[(slice(None), *covered)] = ratio.gather(dim + 1, at) * w_src
+            grads["src"] = r_src
+        else:
+            sink = sink + ratio * (total - w_self)
+        return grads, sink
+
+
+def _scatter_weights(
+    reduce: str, self_: Tensor, src: Tensor, out: Tensor, taken: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``ScatterReduce``'s weights of the ``src`` elements and of ``self``'s, before their sum
+    per output element (``taken``: the output at each src element's destination)."""
+    if reduce in ("amax", "amin"):
+        return (src == taken).to(src.dtype), (self_ == out).to(self_.dtype)
+    if reduce == "prod":
+        return torch.ones_like(src), torch.ones_like(self_)
+    return src.abs(), self_.abs()
+
+
 # Products of factors along a dimension, each with the sum that adds up the same elements:
 # its adjoint spreads an output element's relevance over that element's factors.
 _SUM_TWINS: dict[Any, Callable[[Ctx, Tensor], Tensor]] = {

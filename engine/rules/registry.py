@@ -36,7 +36,7 @@ from .elementwise import (
     Where,
 )
 from .normalisation import BatchNorm, GroupNorm, LayerNorm, RMSNorm
-from .pooling import Fold, Interpolation, MaxPool, PositiveMap, Prod, Share
+from .pooling import Fold, Interpolation, MaxPool, PositiveMap, Prod, ScatterReduce, Share
 from .recurrent import LSTM
 from .shape import (
     Adjoint,
@@ -83,6 +83,7 @@ FAMILIES: tuple[Family, ...] = (
     Fold(),
     Share(),
     Prod(),
+    ScatterReduce(),
     Reshape(),
     Permute(),
     Transpose(),
