@@ -71,12 +71,15 @@ def with_decoder_start(model: nn.Module, inputs: dict[str, Tensor]) -> dict[str,
 
 
 def decoder_start(lm: nn.Module) -> int | None:
-    """The token an encoder-decoder LM's decoder starts from (its generation config's, then
-    its config's)."""
-    for config in (getattr(lm, "generation_config", None), lm.config):
-        start = getattr(config, "decoder_start_token_id", None)
-        if start is not None:
-            return int(start)
+    """The token an encoder-decoder LM's decoder starts from, as ``generate`` picks it: the
+    decoder start token of its generation config, then of its config, else the BOS token
+    (mBART, PLBart name none)."""
+    configs = (getattr(lm, "generation_config", None), lm.config)
+    for name in ("decoder_start_token_id", "bos_token_id"):
+        for config in configs:
+            start = getattr(config, name, None)
+            if isinstance(start, int):
+                return start
     return None
 
 
@@ -185,6 +188,11 @@ def _sweep(
     value = torch.stack([active[:, s].float() * relevance.multiplier for s in steps])
     inputs = {"input_ids": ids, "attention_mask": mask, DECODER_IDS: sequences[:, : steps[-1] + 1]}
     names = dlb.captured.input_names
+    if DECODER_IDS not in names:
+        raise ValueError(
+            f"the graph was captured without {DECODER_IDS} ({names}): it cannot be given the "
+            "decoder's tokens; capture the model with the source only, or with them"
+        )
     return dlb.explain(
         {k: v for k, v in inputs.items() if k in names},
         Seed(index, value),

@@ -1,5 +1,5 @@
-"""Explained generation with encoder-decoder LMs (``engine.seq2seq``): T5 and BART (random
-weights, small configs) generate the tokens transformers' ``generate`` does, and each step's
+"""Explained generation with encoder-decoder LMs (``engine.seq2seq``): T5, BART and mBART
+(random weights, small configs) generate the tokens transformers' ``generate`` does, and each step's
 relevance is conserved, lies on the source and on the decoder's tokens before the emitted one
 (nothing on the source's padding), and is what explaining that step's logit alone gives."""
 
@@ -10,6 +10,8 @@ import torch
 from transformers import (
     BartConfig,
     BartForConditionalGeneration,
+    MBartConfig,
+    MBartForConditionalGeneration,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -44,6 +46,22 @@ MODELS = {
             max_position_embeddings=64,
             forced_eos_token_id=None,
             eos_token_id=99,  # never the argmax of these weights: every step is generated
+        )
+    ),  # fmt: skip
+    # no decoder start token in its configs: generate starts from BOS, and so does the graph
+    "mbart": lambda: MBartForConditionalGeneration(
+        MBartConfig(
+            vocab_size=100,
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=48,
+            decoder_ffn_dim=48,
+            max_position_embeddings=64,
+            forced_eos_token_id=None,
+            eos_token_id=99,
         )
     ),  # fmt: skip
 }
