@@ -133,8 +133,16 @@ class LMRunner:
         check_plain_forward(model, self.ids, self.mask)
 
     def start(self) -> Tensor:
-        """Logits [R, V] (float32) of the prompt's last position."""
-        return self._forward(None, first=True)
+        """Logits [R, V] (float32) of the prompt's last position. A prompt forward that fails
+        when asked for a cache runs without one, as a failed cached step does: BLT's builds its
+        cache from a configuration without a layer count (its four parts have one)."""
+        if self.uncached is not None:
+            return self._forward(None, first=True)
+        try:
+            return self._forward(None, first=True)
+        except Exception as e:  # noqa: BLE001 - any failure of the cached path: run uncached
+            self._drop_cache(f"its forward with a cache raised {type(e).__name__}: {str(e)[:200]}")
+            return self._forward(None, first=True)
 
     def advance(self, tokens: Tensor, parents: Tensor | None = None) -> Tensor:
         """Rows continue ``parents`` (when given) and emit ``tokens`` [R]: the next logits."""

@@ -139,3 +139,20 @@ def test_global_attention_gathered_by_nonzero_is_captured():
     result = _explained(dlb, padded)
     _agrees_with_eager(model, padded, result)
     _conserved(result["conservation"])
+
+
+def test_blt_generates_and_explains_without_a_cache():
+    """BLT (bytes pooled into patches by their entropy): captured for the example's values,
+    and decoded without a cache because its forward with one raises (its cache is built from a
+    configuration without a layer count): the tokens of ``generate``, each step conserved."""
+    from bench.coverage.architectures import build, list_architectures
+
+    model, inputs = build(next(a for a in list_architectures("causal-lm") if a.name == "blt"))
+    dlb = DLBacktrace(model, inputs)
+    result = dlb.run_task(task="generation", inputs=inputs, max_new_tokens=2,
+                          return_relevance=True, multiplier=MULTIPLIER)  # fmt: skip
+    with torch.no_grad():
+        want = model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert torch.equal(torch.as_tensor(result["generated_ids"]), want)
+    for conservation in result["conservation_trace"]:
+        _conserved(conservation)
