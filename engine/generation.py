@@ -105,6 +105,13 @@ def _prompt(
     ids = ids.to(device)
     if ids.dim() == 1:
         ids = ids[None]
+    if mask is not None and mask.numel() != ids.numel():
+        raise ValueError(
+            f"attention_mask of shape {tuple(mask.shape)} for input_ids of shape "
+            f"{tuple(ids.shape)}: generation is explained for one row of ids per sequence, "
+            "not several per sample (MusicGen's codebooks, [B * codebooks, T], each step "
+            "emitting one token per codebook under a delay pattern)"
+        )
     mask = torch.ones_like(ids) if mask is None else mask.to(device).long().reshape(ids.shape)
     if left and not torch.equal(mask, mask.cummax(1).values):
         raise ValueError("prompts must be left padded (attention_mask zeros only on the left)")

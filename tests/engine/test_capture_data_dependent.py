@@ -5,6 +5,7 @@ conserved."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers
 
@@ -156,3 +157,16 @@ def test_blt_generates_and_explains_without_a_cache():
     assert torch.equal(torch.as_tensor(result["generated_ids"]), want)
     for conservation in result["conservation_trace"]:
         _conserved(conservation)
+
+
+def test_several_rows_of_ids_per_sample_are_refused_clearly():
+    """MusicGen decodes [B * codebooks, T] ids with a [B, T] mask, one token per codebook per
+    step: not one row per sequence, which generation explains; said so, instead of a reshape
+    error."""
+    from bench.coverage.architectures import build, list_architectures
+
+    arch = next(a for a in list_architectures("causal-lm") if a.name == "musicgen")
+    model, inputs = build(arch)
+    dlb = DLBacktrace(model, inputs)
+    with pytest.raises(ValueError, match="one row of ids per sequence"):
+        dlb.run_task(task="generation", inputs=inputs, max_new_tokens=2)
