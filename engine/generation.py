@@ -173,7 +173,7 @@ def run_generation(
         )
     started = time.perf_counter()
     lm = find_causal_lm(dlb.model)
-    if lm is None:
+    if lm is None or _inside_encoder_decoder(dlb.model, lm):
         return _encoder_decoder(dlb, inputs, relevance, decoding, tokenizer, plan, output, on_step)
     ids, mask = _prompt(inputs, tokenizer, dlb.device)
     cfg = decoding.resolve(lm, tokenizer)
@@ -206,6 +206,14 @@ def run_generation(
     if output.debug:
         _log_steps(result, tokens)
     return result
+
+
+def _inside_encoder_decoder(model: nn.Module, lm: nn.Module) -> bool:
+    """Whether the causal LM found is the decoder of an encoder-decoder LM that holds it
+    (transformers' EncoderDecoderModel pairs an encoder with a causal LM): that one
+    generates."""
+    outer = find_seq2seq_lm(model)
+    return outer is not None and any(m is lm for m in outer.modules())
 
 
 def _encoder_decoder(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -203,17 +204,23 @@ def _sweep(
 
 
 def _check_logits(exp: Explanation, steps: list[int], tokens: Tensor, logits: list[Tensor]) -> None:
-    """The graph's logits of the emitted tokens are the decode's (1e-3 of their size): else
-    the trace would explain other numbers than those that chose the tokens."""
+    """Warn where the graph's logits of the emitted tokens are not the decode's (1e-3 of
+    their size; a model whose cached decode computes other numbers than its whole forward):
+    the trace then explains the whole forward's, as ``step_explainer.check_logits`` warns
+    for a causal LM."""
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     for s in steps:
         got = exp.outputs[0][rows, s, tokens[:, s]].float()
         want = logits[s][rows, tokens[:, s]].float().to(got.device)
-        if float((got - want).abs().max()) > 1e-3 * max(1.0, float(want.abs().max())):
-            raise RuntimeError(
-                f"the captured graph's logits differ from generate's at step {s}: "
-                "the explanation would not explain the generated tokens"
+        off = float((got - want).abs().max())
+        if off > 1e-3 * max(1.0, float(want.abs().max())):
+            warnings.warn(
+                f"graph logits differ from the decode's at step {s} (max diff {off:.3g}); "
+                "relevance explains the graph",
+                RuntimeWarning,
+                stacklevel=5,
             )
+            return
 
 
 def _trace(exp: Explanation, k: int, step: int, scaler: float) -> dict[str, Tensor]:

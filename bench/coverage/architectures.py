@@ -32,7 +32,9 @@ HF_MAPPINGS = {
     "question-answering": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
     "image-classification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
     "causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "seq2seq-lm": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
 }
+GENERATING = ("causal-lm", "seq2seq-lm")
 TORCHVISION = "torchvision"
 MAPPINGS = (*HF_MAPPINGS, TORCHVISION)
 
@@ -192,7 +194,15 @@ def _shrunk(config: Any) -> dict[str, Any]:
         out["image_size"] = [32] * len(have["image_size"])
     if isinstance(have.get("patch_size"), list | tuple):
         out["patch_size"] = [8] * len(have["patch_size"])
+    out.update(_special_inside(have))
     return out
+
+
+def _special_inside(have: dict[str, Any]) -> dict[str, int]:
+    """Special token ids the shrunk vocabulary no longer holds, moved inside it (Marian's
+    padding, which also starts its decoder, is id 58100 of 58101)."""
+    ids = {**_SPECIAL, "decoder_start_token_id": PAD}
+    return {k: v for k, v in ids.items() if isinstance(have.get(k), int) and have[k] >= VOCAB}
 
 
 def _ungrouped(config: Any) -> dict[str, Any]:
@@ -490,7 +500,7 @@ def _transformers(arch: Arch, shrink: Callable[[Any], dict[str, Any]]):
     if arch.mapping == "causal-lm" and arch.name in _AS_DECODER:
         config.is_decoder = True
     config.num_labels = 2 if arch.mapping == "question-answering" else 3  # QA: start, end
-    if hasattr(config, "use_cache") and arch.mapping != "causal-lm":
+    if hasattr(config, "use_cache") and arch.mapping not in GENERATING:
         config.use_cache = False
     torch.manual_seed(0)
     model = model_cls(config).float().eval()
@@ -499,12 +509,24 @@ def _transformers(arch: Arch, shrink: Callable[[Any], dict[str, Any]]):
         model.set_default_language(config.languages[0])
     inputs = _inputs(arch, model)
     with torch.no_grad():
-        out = model(**inputs)  # it must run eager, or the configuration is at fault
+        out = model(**_with_decoder(arch, config, inputs))  # it must run eager, or the
+        # configuration is at fault
         if _largest(out) < 1e-6 and _calibrate_batch_norms(model, _inputs(arch, model, 16)):
             out = model(**inputs)
     if _largest(out) < 1e-6:
         raise ValueError(f"the random model's outputs vanish (max {_largest(out):.2g})")
     return model, inputs
+
+
+def _with_decoder(arch: Arch, config: Any, inputs: dict[str, torch.Tensor]) -> dict:
+    """An encoder-decoder LM's inputs with a decoder start token to run eager; the engine is
+    given the source alone, as people give it (``DLBacktrace`` adds the start tokens)."""
+    if arch.mapping != "seq2seq-lm" or "input_ids" not in inputs:
+        return inputs
+    start = config.decoder_start_token_id
+    start = config.bos_token_id if start is None else start
+    ids = inputs["input_ids"]
+    return {**inputs, "decoder_input_ids": torch.full_like(ids[:, :1], start or 0)}
 
 
 # encoders whose LM head refuses to run unless the configuration says decoder (its other
