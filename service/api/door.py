@@ -67,11 +67,13 @@ def _texts(req: RunTaskRequest) -> list[str]:
 def _token_bound(spec: ModelSpec, task: TaskName, meta: ModelMeta) -> tuple[int, str]:
     """The most tokens one input may have, and what sets it: the entry's ``max_tokens``, or
     the model's positions where it has fewer (the registry's default of 128 is more than a
-    small model's table: such texts failed in the worker, after the queue). A generation
-    prompt's positions are checked with its new tokens (``_check_positions``)."""
+    small model's table: such texts failed in the worker, after the queue). A causal LM's
+    prompt's positions are checked with its new tokens (``_check_positions``); an
+    encoder-decoder's source has the positions to itself."""
     bound = spec.limits.max_tokens
     positions = meta.max_positions
-    if task != TaskName.GENERATION and positions is not None and positions < bound:
+    alone = task != TaskName.GENERATION or meta.encoder_decoder
+    if alone and positions is not None and positions < bound:
         return positions, f"the {positions} positions of {spec.id} (its config.json)"
     return bound, f"max_tokens={bound}"
 
@@ -184,14 +186,17 @@ def _prompt_length(req: RunTaskRequest, meta: ModelMeta) -> int | None:
 
 
 def _check_positions(req: RunTaskRequest, meta: ModelMeta) -> None:
-    """The prompt and the generated tokens together fit the model's positions."""
-    n = _prompt_length(req, meta)
+    """The prompt and the generated tokens together fit the model's positions; for an
+    encoder-decoder, the decoder's start token and the generated tokens do (its source is
+    bounded by ``_token_bound``)."""
+    n = 1 if meta.encoder_decoder else _prompt_length(req, meta)
     new = req.generation.max_new_tokens or 0
     if meta.max_positions is None or n is None or n + new <= meta.max_positions:
         return
+    after = "the decoder's start token" if meta.encoder_decoder else f"a {n}-token prompt"
     raise invalid(
         ["generation", "max_new_tokens"],
-        f"{new} after a {n}-token prompt is more than the model's {meta.max_positions} "
+        f"{new} after {after} is more than the model's {meta.max_positions} "
         f"positions: at most {max(meta.max_positions - n, 0)}",
     )
 

@@ -36,6 +36,9 @@ class ModelMeta:
     vocab_size: int | None = None
     max_positions: int | None = None
     tokenizer: Any = None  # a ``tokenizers.Tokenizer``
+    # an encoder-decoder (T5, BART): its source and its decoder's tokens each have the
+    # positions, where a causal LM's prompt and new tokens share them
+    encoder_decoder: bool = False
 
     @property
     def targets(self) -> int | None:
@@ -163,6 +166,7 @@ def _read(folder: Path, spec: ModelSpec) -> ModelMeta:
         vocab_size=config.get("vocab_size"),
         max_positions=positions,
         tokenizer=_tokenizer(folder / "tokenizer.json"),
+        encoder_decoder=bool(config.get("is_encoder_decoder")),
     )
 
 

@@ -473,3 +473,48 @@ def test_a_single_logit_takes_either_decision_as_target(target: int, refused: bo
     with pytest.raises(HTTPException) as caught:
         door._check_target(spec, spec.task, req, meta)
     assert "2 is not a class of minilm-sentiment: 0 to 1" in str(caught.value.detail)
+
+
+def _refused(check: Any) -> str:
+    """The message of the 422 ``check()`` raises, or "" when it lets the request through."""
+    from fastapi import HTTPException
+
+    try:
+        check()
+    except HTTPException as exc:
+        assert exc.status_code == 422
+        return exc.detail[0]["message"]
+    return ""
+
+
+def test_an_encoder_decoders_source_and_decoder_have_the_positions_each() -> None:
+    """A causal LM's prompt and new tokens share its positions; an encoder-decoder's source
+    has them to itself, and its decoder's start token and new tokens have them too: a
+    16-token source with 15 new tokens fits 16 positions there (it was refused as a causal
+    LM's 31 tokens), 16 new tokens do not, nor does a 17-token source."""
+    from engine.tasks import TaskName
+    from service.api import door
+    from service.api.metadata import ModelMeta
+    from service.registry import ModelSpec
+    from service.schemas import RunTaskRequest
+
+    source = {"kind": "transformers", "path": "bart-like"}
+    spec = ModelSpec(id="bart-like", task="generation", source=source)
+    gen = TaskName.GENERATION
+
+    def request(n: int, new: int) -> RunTaskRequest:
+        body = {"inputs": {"token_ids": [5] * n}, "generation": {"max_new_tokens": new}}
+        return RunTaskRequest(model=spec.id, **body)
+
+    seq2seq, causal = ModelMeta(max_positions=16, encoder_decoder=True), ModelMeta(max_positions=16)
+    assert _refused(lambda: door.check(spec, gen, request(16, 15), seq2seq)) == ""
+    assert _refused(lambda: door.check(spec, gen, request(16, 16), seq2seq)) == (
+        "generation.max_new_tokens: 16 after the decoder's start token is more than the "
+        "model's 16 positions: at most 15"
+    )
+    assert _refused(lambda: door.check(spec, gen, request(17, 1), seq2seq)) == (
+        "inputs.token_ids: 17 tokens, more than the 16 positions of bart-like (its config.json)"
+    )
+    assert _refused(lambda: door.check(spec, gen, request(8, 9), causal)).startswith(
+        "generation.max_new_tokens: 9 after a 8-token prompt is more than"
+    )
