@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -103,18 +104,27 @@ def _check(cfg: DecodingConfig) -> None:
 
 @torch.no_grad()
 def iter_decode(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, cfg: DecodingConfig
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    cfg: DecodingConfig,
+    runner: Any = None,
+    processors: Any = None,
 ) -> Iterator[Step]:
     """Greedy or sampled decoding, one ``Step`` per emitted token, as soon as it is chosen.
 
     Rows that emit an EOS token continue with ``cfg.pad_token_id`` (marked inactive) until every
-    row has finished or ``max_new_tokens`` tokens were emitted, as in ``generate``.
+    row has finished or ``max_new_tokens`` tokens were emitted, as in ``generate``. ``runner``
+    and ``processors``: another model's state and processors (an encoder-decoder's,
+    ``engine.seq2seq``) than a causal LM's on ``input_ids``.
     """
     _check(cfg)
     if cfg.num_beams > 1:
         raise ValueError("iter_decode does greedy or sampling; use beam_search for num_beams > 1")
-    runner = LMRunner(model, input_ids, attention_mask)
-    processors = logits_processors(model, cfg, input_ids, attention_mask)
+    if runner is None:
+        runner = LMRunner(model, input_ids, attention_mask)
+    if processors is None:
+        processors = logits_processors(model, cfg, input_ids, attention_mask)
     generator = None
     if cfg.do_sample:
         generator = torch.Generator(device=input_ids.device)

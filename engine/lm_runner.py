@@ -194,12 +194,16 @@ class LMRunner:
         )  # fmt: skip
 
 
-def logits_processors(model: nn.Module, cfg: Any, input_ids: Tensor, mask: Tensor) -> Any:
+def logits_processors(
+    model: nn.Module, cfg: Any, input_ids: Tensor, mask: Tensor, source: Tensor | None = None
+) -> Any:
     """The ``LogitsProcessorList`` ``generate`` would apply for ``cfg`` (a ``DecodingConfig``)
     on prompts ``input_ids`` [R, P]: the model's ``generation_config`` with ``cfg``'s settings,
     handed to transformers' own builder, so that every processor a checkpoint configures
     (forced BOS / EOS, suppressed tokens, minimum length, repetition penalty, bad words,
-    no-repeat n-grams, ...) and the sampling warpers act exactly as in ``generate``.
+    no-repeat n-grams, ...) and the sampling warpers act exactly as in ``generate``. For an
+    encoder-decoder, ``input_ids`` are the decoder's start tokens and ``source`` [R, S] (with
+    its ``mask``) what the encoder reads.
 
     Lengths as ``generate`` sets them: ``max_length`` = P + max_new_tokens, ``min_length`` =
     P + min_new_tokens when the configuration gives ``min_new_tokens``."""
@@ -218,7 +222,7 @@ def logits_processors(model: nn.Module, cfg: Any, input_ids: Tensor, mask: Tenso
     return model._get_logits_processor(
         generation_config=gen,
         input_ids_seq_length=prompt_len,
-        encoder_input_ids=input_ids,
+        encoder_input_ids=input_ids if source is None else source,
         device=input_ids.device,
         model_kwargs={"attention_mask": mask},
     )

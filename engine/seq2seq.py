@@ -1,8 +1,9 @@
 """Explained generation for encoder-decoder language models (T5, BART, Marian, Pegasus, ...).
 
-The decode is transformers' own ``generate``: an encoder-decoder LM runs its encoder once and
-its decoder with a cache of both attentions, which ``engine.decoding`` (a decoder-only loop)
-does not do. The explanation is the batched path of ``engine.steps``: the decoder is causal,
+Greedy and sampled decoding run ``engine.decoding.iter_decode`` (the processors and draws of
+``generate``, each token handed to ``on_step`` as it is chosen) on a ``Seq2SeqRunner``: the
+encoder reads the source once and the decoder steps with its cache. Beam search is
+``generate``'s own. The explanation is the batched path of ``engine.steps``: the decoder is causal,
 so one forward of the graph over the source and the decoded sequence serves every step, and
 one sweep seeds each step's token at the decoder position that predicted it. Relevance comes
 out on both token inputs: the source (``input_ids``, [B, S], what the encoder read) and the
@@ -23,7 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .decoding import DecodingConfig
+from .decoding import DecodingConfig, iter_decode
+from .lm_runner import logits_processors
 from .params import OutputParams, RelevanceParams, StepPlan
 from .recording import OnFirstRead
 from .steps import OnStep, select_steps
@@ -94,19 +96,21 @@ def run_seq2seq_generation(
     output: OutputParams,
     on_step: OnStep | None = None,
 ) -> dict[str, Any]:
-    """Decode ``source`` (input_ids, attention_mask [B, S]) with ``lm.generate`` as ``cfg``
-    says, then explain the chosen steps (``plan.steps``) in sweeps of
+    """Decode ``source`` (input_ids, attention_mask [B, S]) as ``cfg`` says (each token to
+    ``on_step`` as it is chosen; beam search's once it returns), then explain the chosen steps (``plan.steps``) in sweeps of
     ``plan.max_seeds_per_sweep`` seeds. The result has the keys of ``run_generation``'s, with
     ``generated_ids`` the decoder's sequences [B, 1 + N] (its start token first) and each
     trace entry relevance of ``input_ids`` [B, S] and ``decoder_input_ids`` [B, 1 + step]."""
     started = time.perf_counter()
     ids, mask = source
-    sequences, scores, logits = _generate(lm, ids, mask, cfg)
+    if cfg.num_beams == 1:
+        sequences, scores, logits = _decode(lm, ids, mask, cfg, on_step)
+    else:
+        sequences, scores, logits = _beam_search(lm, ids, mask, cfg)
+        for s in range(sequences.shape[1] - 1) if on_step is not None else ():
+            on_step(s, sequences[:, 1 + s], scores[s], None)
     n = sequences.shape[1] - 1
     tokens, active = sequences[:, 1:], _active(sequences[:, 1:], cfg.eos_token_ids)
-    if on_step is not None:
-        for s in range(n):
-            on_step(s, tokens[:, s], scores[s], None)
     decode_s = time.perf_counter() - started
     chosen = select_steps(plan.steps, n)
     size = plan.max_seeds_per_sweep if plan.path == "batched" else 1
@@ -128,38 +132,82 @@ def run_seq2seq_generation(
     return result
 
 
+class Seq2SeqRunner:
+    """``engine.lm_runner.LMRunner``'s part that ``engine.decoding.iter_decode`` uses, for an
+    encoder-decoder: the encoder reads the source once; ``ids`` are the decoder's tokens,
+    from its start token; each step feeds the new token with the decoder's cache, as
+    ``generate`` runs such a model."""
+
+    def __init__(self, lm: nn.Module, source: Tensor, mask: Tensor, start: int):
+        self.lm, self.mask = lm, mask
+        self.encoded = lm.get_encoder()(input_ids=source, attention_mask=mask, return_dict=True)
+        self.ids = torch.full_like(source[:, :1], start)
+        self.cache: Any = None
+        params = inspect.signature(lm.forward).parameters
+        self.cache_name = next(n for n in ("cache", "past_key_values") if n in params)
+
+    def start(self) -> Tensor:
+        return self._forward(self.ids)
+
+    def advance(self, tokens: Tensor) -> Tensor:
+        self.ids = torch.cat([self.ids, tokens[:, None]], 1)
+        return self._forward(tokens[:, None])
+
+    def _forward(self, new: Tensor) -> Tensor:
+        """Logits [B, V] (float32) after the decoder's tokens so far."""
+        out = self.lm(
+            encoder_outputs=self.encoded,
+            attention_mask=self.mask,
+            decoder_input_ids=new,
+            use_cache=True,
+            **{self.cache_name: self.cache},
+        )
+        self.cache = getattr(out, self.cache_name, None)
+        return out.logits[:, -1].float()
+
+
 @torch.no_grad()
-def _generate(
+def _decode(
+    lm: nn.Module, ids: Tensor, mask: Tensor, cfg: DecodingConfig, on_step: OnStep | None
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Greedy or sampled decoding (``engine.decoding.iter_decode`` on a ``Seq2SeqRunner``,
+    with the processors ``generate`` builds), each token handed to ``on_step`` as soon as it
+    is chosen: the decoder's sequences [B, 1 + N], the processed scores (N x [B, V]) and the
+    emitted tokens' raw logits (N x [B])."""
+    runner = Seq2SeqRunner(lm, ids, mask, decoder_start(lm))
+    processors = logits_processors(lm, cfg, runner.ids, mask, source=ids)
+    steps = []
+    for step in iter_decode(lm, ids, mask, cfg, runner, processors):
+        if on_step is not None:
+            on_step(step.index, step.tokens, step.scores, None)
+        steps.append(step)
+    sequences = torch.cat([runner.ids[:, :1], *(s.tokens[:, None] for s in steps)], 1)
+    return sequences, [s.scores for s in steps], [s.token_logits for s in steps]
+
+
+@torch.no_grad()
+def _beam_search(
     lm: nn.Module, ids: Tensor, mask: Tensor, cfg: DecodingConfig
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """``generate``'s sequences [B, 1 + N], processed scores (N x [B, V]) and raw logits (N x
-    [B, V]). Beam search's per-step rows are beams, not the returned sequences: there the
-    logits are those of one forward over each returned sequence, and the scores their
-    log-probabilities (as ``engine.decoding`` reports beam search's)."""
-    if cfg.seed is not None:
-        torch.manual_seed(cfg.seed)
-    sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
+    """``generate``'s beam search: its sequences [B, 1 + N], and per step the returned
+    sequences' log-probabilities (N x [B, V]) and their tokens' logits (N x [B]), from one
+    forward over them (its per-step rows are beams, not the returned sequences; as
+    ``engine.decoding`` reports beam search's)."""
     out = lm.generate(
         input_ids=ids,
         attention_mask=mask,
         max_new_tokens=cfg.max_new_tokens,
-        do_sample=cfg.do_sample,
+        do_sample=False,
         num_beams=cfg.num_beams,
         length_penalty=cfg.length_penalty,
         early_stopping=cfg.early_stopping,
         eos_token_id=list(cfg.eos_token_ids) or None,
         pad_token_id=cfg.pad_token_id,
-        return_dict_in_generate=True,
-        output_scores=True,
-        output_logits=True,
-        **({k: v for k, v in sampling.items() if v is not None} if cfg.do_sample else {}),
     )
-    if cfg.num_beams == 1:
-        return out.sequences, list(out.scores), list(out.logits)
-    decoded = out.sequences[:, :-1]
-    logits = lm(input_ids=ids, attention_mask=mask, decoder_input_ids=decoded).logits
+    logits = lm(input_ids=ids, attention_mask=mask, decoder_input_ids=out[:, :-1]).logits
+    chosen = logits.gather(2, out[:, 1:, None]).squeeze(2).float()
     steps = range(logits.shape[1])
-    return out.sequences, [logits[:, s].log_softmax(-1) for s in steps], list(logits.unbind(1))
+    return out, [logits[:, s].float().log_softmax(-1) for s in steps], list(chosen.unbind(1))
 
 
 def _active(tokens: Tensor, eos_ids: tuple[int, ...]) -> Tensor:
@@ -211,7 +259,7 @@ def _check_logits(exp: Explanation, steps: list[int], tokens: Tensor, logits: li
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     for s in steps:
         got = exp.outputs[0][rows, s, tokens[:, s]].float()
-        want = logits[s][rows, tokens[:, s]].float().to(got.device)
+        want = logits[s].float().to(got.device)
         off = float((got - want).abs().max())
         if off > 1e-3 * max(1.0, float(want.abs().max())):
             warnings.warn(

@@ -149,3 +149,34 @@ def test_beam_search_explains_the_returned_sequences() -> None:
         assert torch.allclose(logp.exp().sum(-1), torch.ones(2), atol=1e-4)
         chosen = logp.gather(1, sequences[:, step + 1, None])
         assert bool((chosen > -30).all())  # the returned token is a likely one of its step
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_sampling_draws_generates_tokens(name: str) -> None:
+    """With a seed, sampling draws the tokens ``torch.manual_seed(seed)`` then ``generate``
+    draws (same processors and warpers, same draws)."""
+    lm, inputs = model(name), source()
+    settings = {"do_sample": True, "temperature": 0.8, "top_k": 30, "top_p": 0.95}
+    result = DLBacktrace(lm, inputs).run_task(
+        task="generation", inputs=inputs, max_new_tokens=STEPS, seed=7, **settings
+    )
+    torch.manual_seed(7)
+    want = lm.generate(**inputs, max_new_tokens=STEPS, **settings)
+    assert torch.equal(result["generated_ids"], want)
+
+
+def test_each_token_is_streamed_before_any_relevance() -> None:
+    """``on_step`` hears each token as it is chosen (relevance None), then each step's
+    relevance once the sweep has run: every token before any relevance."""
+    lm, inputs = model("t5"), source()
+    heard: list[tuple[int, bool]] = []
+
+    def on_step(step: int, tokens, scores, relevance) -> None:
+        assert tokens.shape == (2,) and scores.shape == (2, 100)
+        heard.append((step, relevance is not None))
+
+    DLBacktrace(lm, inputs).run_task(
+        task="generation", inputs=inputs, max_new_tokens=STEPS, on_step=on_step
+    )
+    steps = list(range(STEPS))
+    assert heard == [(s, False) for s in steps] + [(s, True) for s in steps]
