@@ -523,8 +523,8 @@ def _with_decoder(arch: Arch, config: Any, inputs: dict[str, torch.Tensor]) -> d
     given the source alone, as people give it (``DLBacktrace`` adds the start tokens)."""
     if arch.mapping != "seq2seq-lm" or "input_ids" not in inputs:
         return inputs
-    start = config.decoder_start_token_id
-    start = config.bos_token_id if start is None else start
+    start = getattr(config, "decoder_start_token_id", None)
+    start = getattr(config, "bos_token_id", None) if start is None else start
     ids = inputs["input_ids"]
     return {**inputs, "decoder_input_ids": torch.full_like(ids[:, :1], start or 0)}
 
@@ -590,8 +590,10 @@ def _inputs(arch: Arch, model: nn.Module, images: int = 2) -> dict[str, torch.Te
         ids = torch.randint(0, _vocab(config) - 1, (images, length), generator=g)
         return {"input_ids": ids}
     else:
-        # generation and models that classify from the last token pad on the left
-        left = arch.mapping == "causal-lm" or config.model_type == "xlnet"
+        # generation by a decoder (the seq2seq mapping holds some: audio-text LMs) and
+        # models that classify from the last token pad on the left
+        decoder = arch.mapping in GENERATING and not getattr(config, "is_encoder_decoder", False)
+        left = decoder or config.model_type == "xlnet"
         inputs = text_inputs(_vocab(config), left_pad=left)
     inputs = _shaped(config, takes, inputs)
     extra = _EXTRA_INPUTS.get(arch.key) or _EXTRA_INPUTS.get(arch.name, {})
