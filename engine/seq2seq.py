@@ -3,12 +3,12 @@
 Greedy and sampled decoding run ``engine.decoding.iter_decode`` (the processors and draws of
 ``generate``, each token handed to ``on_step`` as it is chosen) on a ``Seq2SeqRunner``: the
 encoder reads the source once and the decoder steps with its cache. Beam search is
-``generate``'s own. The explanation is the batched path of ``engine.steps``: the decoder is causal,
-so one forward of the graph over the source and the decoded sequence serves every step, and
-one sweep seeds each step's token at the decoder position that predicted it. Relevance comes
-out on both token inputs: the source (``input_ids``, [B, S], what the encoder read) and the
-decoder's tokens before the emitted one (``decoder_input_ids``, [B, 1 + step]: the start
-token and the tokens generated so far).
+``generate``'s own. The explanation is the batched path of ``engine.steps``: the decoder is
+causal, so one forward of the graph over the source and the decoded sequence serves every
+step, and one sweep seeds each step's token at the decoder position that predicted it.
+Relevance comes out on both token inputs: the source (``input_ids``, [B, S], what the encoder
+read) and the decoder's tokens before the emitted one (``decoder_input_ids``, [B, 1 + step]:
+the start token and the tokens generated so far).
 
 The graph takes ``decoder_input_ids``: ``DLBacktrace`` captures such a model with a decoder
 start (``with_decoder_start``) when the inputs it is given have none."""
@@ -97,10 +97,11 @@ def run_seq2seq_generation(
     on_step: OnStep | None = None,
 ) -> dict[str, Any]:
     """Decode ``source`` (input_ids, attention_mask [B, S]) as ``cfg`` says (each token to
-    ``on_step`` as it is chosen; beam search's once it returns), then explain the chosen steps (``plan.steps``) in sweeps of
-    ``plan.max_seeds_per_sweep`` seeds. The result has the keys of ``run_generation``'s, with
-    ``generated_ids`` the decoder's sequences [B, 1 + N] (its start token first) and each
-    trace entry relevance of ``input_ids`` [B, S] and ``decoder_input_ids`` [B, 1 + step]."""
+    ``on_step`` as it is chosen; beam search's once it returns), then explain the chosen
+    steps (``plan.steps``) in sweeps of ``plan.max_seeds_per_sweep`` seeds. The result has
+    the keys of ``run_generation``'s, with ``generated_ids`` the decoder's sequences
+    [B, 1 + N] (its start token first) and each trace entry relevance of ``input_ids``
+    [B, S] and ``decoder_input_ids`` [B, 1 + step]."""
     started = time.perf_counter()
     ids, mask = source
     if cfg.num_beams == 1:
@@ -174,7 +175,13 @@ def _decode(
     with the processors ``generate`` builds), each token handed to ``on_step`` as soon as it
     is chosen: the decoder's sequences [B, 1 + N], the processed scores (N x [B, V]) and the
     emitted tokens' raw logits (N x [B])."""
-    runner = Seq2SeqRunner(lm, ids, mask, decoder_start(lm))
+    start = decoder_start(lm)
+    if start is None:
+        raise ValueError(
+            f"{type(lm).__name__} names no decoder start token (decoder_start_token_id or "
+            "bos_token_id in its generation config or config): set one to generate"
+        )
+    runner = Seq2SeqRunner(lm, ids, mask, start)
     processors = logits_processors(lm, cfg, runner.ids, mask, source=ids)
     steps = []
     for step in iter_decode(lm, ids, mask, cfg, runner, processors):
