@@ -19,6 +19,12 @@ from transformers import (
 from engine import DLBacktrace
 from engine.tasks import TaskName
 
+BART_SIZES = {
+    "vocab_size": 100, "d_model": 32, "encoder_layers": 2, "decoder_layers": 2,
+    "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 48,
+    "decoder_ffn_dim": 48, "max_position_embeddings": 64, "forced_eos_token_id": None,
+    "eos_token_id": 99,  # never the argmax of these weights: every step is generated
+}  # fmt: skip
 MODELS = {
     "t5": lambda: T5ForConditionalGeneration(
         T5Config(
@@ -33,37 +39,9 @@ MODELS = {
             eos_token_id=1,
         )
     ),  # fmt: skip
-    "bart": lambda: BartForConditionalGeneration(
-        BartConfig(
-            vocab_size=100,
-            d_model=32,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=48,
-            decoder_ffn_dim=48,
-            max_position_embeddings=64,
-            forced_eos_token_id=None,
-            eos_token_id=99,  # never the argmax of these weights: every step is generated
-        )
-    ),  # fmt: skip
+    "bart": lambda: BartForConditionalGeneration(BartConfig(**BART_SIZES)),
     # no decoder start token in its configs: generate starts from BOS, and so does the graph
-    "mbart": lambda: MBartForConditionalGeneration(
-        MBartConfig(
-            vocab_size=100,
-            d_model=32,
-            encoder_layers=1,
-            decoder_layers=1,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=48,
-            decoder_ffn_dim=48,
-            max_position_embeddings=64,
-            forced_eos_token_id=None,
-            eos_token_id=99,
-        )
-    ),  # fmt: skip
+    "mbart": lambda: MBartForConditionalGeneration(MBartConfig(**BART_SIZES)),
 }
 STEPS = 4
 
