@@ -1,6 +1,7 @@
 """Generation prompts of unequal length are padded on the left, whatever side the model's
 tokenizer pads on (a BERT-style tokenizer shipped with a causal LM pads on the right): the
-engine decodes after each prompt's last token and refuses right padding."""
+engine decodes after each prompt's last token and refuses right padding. An encoder-decoder's
+source is padded as its tokenizer pads (left padding would move BART's absolute positions)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from service.schemas import Inputs
 from service.work import inputs
 
 
-def _entry(task: TaskName, side: str) -> tuple[SimpleNamespace, ModelSpec]:
+def _entry(
+    task: TaskName, side: str, encoder_decoder: bool = False
+) -> tuple[SimpleNamespace, ModelSpec]:
     tok = _tokenizer(lookup_vocab(), "words")
     tok.padding_side = side
-    loaded = SimpleNamespace(tokenizer=tok, task=task)
+    model = SimpleNamespace(config=SimpleNamespace(is_encoder_decoder=encoder_decoder))
+    loaded = SimpleNamespace(tokenizer=tok, task=task, model=model)
     spec = ModelSpec.model_validate({"id": "m", "task": task, "source": {"kind": "demo"}})
     return SimpleNamespace(loaded=loaded, segments=False), spec
 
@@ -32,5 +36,11 @@ def test_generation_prompts_are_left_padded(given: dict) -> None:
 
 def test_classification_keeps_the_tokenizers_side() -> None:
     entry, spec = _entry(TaskName.TEXT_CLASSIFICATION, "right")
+    mask = inputs.tokens(entry, spec, Inputs(text=["a3 c1 ? a", "b2"]))["attention_mask"]
+    assert mask[1, 0] == 1 and mask[1, -1] == 0
+
+
+def test_an_encoder_decoders_source_keeps_the_tokenizers_side() -> None:
+    entry, spec = _entry(TaskName.GENERATION, "right", encoder_decoder=True)
     mask = inputs.tokens(entry, spec, Inputs(text=["a3 c1 ? a", "b2"]))["attention_mask"]
     assert mask[1, 0] == 1 and mask[1, -1] == 0
