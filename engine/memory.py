@@ -260,9 +260,17 @@ def _concrete(size: Any, sizes: dict) -> int:
 
 
 def plan_seeds(
-    dlb: Any, plan: Any, batch: int, length: int, mode: str, nodes: Any, lean: bool = True
+    dlb: Any,
+    plan: Any,
+    batch: int,
+    length: int,
+    mode: str,
+    nodes: Any,
+    lean: bool = True,
+    lengths: dict[str, int] | None = None,
 ) -> int:
-    """Seeds per sweep for a generation of ``batch`` rows over at most ``length`` positions,
+    """Seeds per sweep for a generation of ``batch`` rows over at most ``length`` positions
+    (``lengths``: other lengths for some inputs, an encoder-decoder's decoder tokens),
     keeping ``nodes`` (``relevance_nodes``), with a lean recorded forward or not (``lean``,
     see ``estimate``): ``plan.max_seeds_per_sweep`` without a budget; with one, as many as
     fit up to that cap (one, on the stepwise path, must fit), checked before any forward
@@ -270,7 +278,10 @@ def plan_seeds(
     if plan.memory_budget is None:
         return plan.max_seeds_per_sweep
     captured, sweeper = dlb._graphs[0]  # the graph generation explains with (dlb.captured)
-    shapes = {n: torch.empty(batch, length, device="meta") for n in captured.input_names}
+    lengths = lengths or {}
+    shapes = {
+        n: torch.empty(batch, lengths.get(n, length), device="meta") for n in captured.input_names
+    }
     keep = RelevanceParams(relevance_nodes=nodes).keep
     memory = estimate(sweeper, captured.sizes(shapes), mode, keep, lean)
     budget = resolve_budget(plan.memory_budget, torch.device(dlb.device))

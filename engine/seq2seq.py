@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .decoding import DecodingConfig, iter_decode
 from .lm_runner import logits_processors
+from .memory import plan_seeds
 from .params import OutputParams, RelevanceParams, StepPlan
 from .recording import OnFirstRead
 from .steps import OnStep, select_steps
@@ -104,6 +105,7 @@ def run_seq2seq_generation(
     [B, S] and ``decoder_input_ids`` [B, 1 + step]."""
     started = time.perf_counter()
     ids, mask = source
+    seeds = _seeds_per_sweep(dlb, ids, cfg, relevance, plan)  # a budget refuses before work
     if cfg.num_beams == 1:
         sequences, scores, logits = _decode(lm, ids, mask, cfg, on_step)
     else:
@@ -114,12 +116,13 @@ def run_seq2seq_generation(
     tokens, active = sequences[:, 1:], _active(sequences[:, 1:], cfg.eos_token_ids)
     decode_s = time.perf_counter() - started
     chosen = select_steps(plan.steps, n)
-    size = plan.max_seeds_per_sweep if plan.path == "batched" else 1
+    size = seeds if plan.path == "batched" else 1
     explained: dict[int, tuple[Explanation, int]] = {}
     for first in range(0, len(chosen), size):
         group = chosen[first : first + size]
         exp = _sweep(dlb, ids, mask, sequences, group, active, relevance)
         _check_logits(exp, group, tokens, logits)
+        exp.env, exp.outputs = {}, ()  # one recorded forward held at a time
         explained.update({s: (exp, k) for k, s in enumerate(group)})
     traces = {s: _trace(e, k, s, relevance.scaler) for s, (e, k) in explained.items()}
     if on_step is not None:
@@ -131,6 +134,17 @@ def run_seq2seq_generation(
     result["decoding"] = dataclasses.asdict(cfg)
     result["timings"] = {"decode_s": decode_s, "total_s": time.perf_counter() - started}
     return result
+
+
+def _seeds_per_sweep(
+    dlb: Any, ids: Tensor, cfg: DecodingConfig, relevance: RelevanceParams, plan: StepPlan
+) -> int:
+    """Seeds per sweep within ``plan.memory_budget`` (``engine.memory.plan_seeds``), for the
+    longest explanation forward: the source and ``max_new_tokens`` decoder tokens."""
+    batch, length = ids.shape
+    decoder = {DECODER_IDS: cfg.max_new_tokens}
+    nodes = relevance.relevance_nodes
+    return plan_seeds(dlb, plan, batch, length, relevance.mode, nodes, lengths=decoder)
 
 
 class Seq2SeqRunner:
@@ -255,6 +269,7 @@ def _sweep(
         relevance.mode,
         relevance.relevance_nodes,
         contrast_with=relevance.contrast_with,
+        retain=(),  # lean: the sweep frees each recorded value as it passes (engine.memory)
     )
 
 

@@ -17,6 +17,7 @@ from transformers import (
 )
 
 from engine import DLBacktrace
+from engine.memory import MemoryBudgetError, estimate
 from engine.tasks import TaskName
 
 BART_SIZES = {
@@ -193,3 +194,31 @@ def test_planted_evidence_the_copied_source_token_explains_the_answer() -> None:
     relevance = result["relevance_trace"][0]["input_ids"]
     assert torch.equal(relevance.argmax(1), torch.full((16,), 2))
     assert float((relevance[:, 2] / relevance.abs().sum(1)).mean()) > 0.6
+
+
+def test_a_memory_budget_bounds_the_sweeps() -> None:
+    """A budget below one seed's sweep is refused before the model runs; one that holds two
+    seeds (the estimate over the source and max_new_tokens decoder tokens) explains the steps
+    two at a time, with the unbounded run's relevance."""
+    lm, inputs = model("t5"), source()
+    dlb = DLBacktrace(lm, inputs)
+    kw = {"task": "generation", "inputs": inputs, "max_new_tokens": STEPS}
+    unbounded = dlb.run_task(**kw, return_relevance=True)
+    captured, sweeper = dlb._graphs[0]
+    shapes = {"input_ids": (2, 7), "attention_mask": (2, 7), "decoder_input_ids": (2, STEPS)}
+    sizes = captured.sizes({k: torch.empty(v, device="meta") for k, v in shapes.items()})
+    memory = estimate(sweeper, sizes, "default", {"input_ids", "decoder_input_ids"})
+    ran = []
+    hook = lm.register_forward_pre_hook(lambda *_: ran.append(1))
+    with pytest.raises(MemoryBudgetError, match="cannot hold one sweep"):
+        dlb.run_task(**kw, memory_budget=memory.needed(1) - 1)
+    hook.remove()
+    assert ran == []
+    sweeps = []
+    explain = dlb.explain
+    dlb.explain = lambda *a, **k: sweeps.append(explain(*a, **k)) or sweeps[-1]
+    bounded = dlb.run_task(**kw, memory_budget=memory.needed(2), return_relevance=True)
+    assert len(sweeps) == STEPS // 2
+    for a, b in zip(bounded["relevance_trace"], unbounded["relevance_trace"], strict=True):
+        for name in ("input_ids", "decoder_input_ids"):
+            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
