@@ -200,7 +200,10 @@ class Provenance:
             return self.data.get(parent, False) and _floating(val)
         if node not in self.bound or node.target in CONSTANT_OPS or node.target in CREATION_OPS:
             return False
-        args = list(_tensor_args(self.bound[node]))
+        # an argument the op reads no values of (type_as's ``other``: only its dtype) makes
+        # nothing data: positions cast to the hidden states' dtype stay constants
+        silent = SILENT_ARGS.get(node.target, ())
+        args = [a for a in _tensor_args(self.bound[node]) if a[0] not in silent]
         if node.target is aten.embedding.default:
             return self.data.get(self.bound[node]["indices"], False)
         if isinstance(val, list | tuple):

@@ -65,3 +65,32 @@ def test_sinks_on_topk_rows_stay_with_their_sample():
     c = dlb.run_task(inputs={"input_ids": ids})["conservation"]
     assert abs(c["inputs"] + c["sinks"] - c["seed"]).max() <= 1e-5 * 100.0, c
     assert (abs(c["sinks"]) > 1.0).all()  # the shift's shares: sinks on the topk rows
+
+
+class CastPositions(nn.Module):
+    """Sinusoidal positions as Pegasus-X builds them: ``arange(T).type_as(hidden)``, whose
+    values are the arange's (``hidden`` gives only its dtype)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = nn.Embedding(16, 4), nn.Linear(4, 3)
+
+    def forward(self, input_ids):
+        hidden = self.embed(input_ids)
+        positions = torch.arange(input_ids.shape[1]).type_as(hidden)
+        return self.head((hidden + torch.sin(positions)[:, None]).mean(1))
+
+
+def test_positions_cast_to_the_data_dtype_are_a_per_sample_sink():
+    """type_as's ``other`` gives its dtype only: the positions stay constants, and their share
+    is booked on each sample where it meets the data (they were taken for data, their
+    relevance carried to the arange and shared evenly between the samples there)."""
+    ids = torch.tensor([[1, 14, 3, 5, 7], [15, 2, 7, 9, 0]])
+    dlb = DLBacktrace(CastPositions().eval(), {"input_ids": ids})
+    c = dlb.run_task(inputs={"input_ids": ids})["conservation"]
+    assert torch.allclose(torch.as_tensor(c["inputs"] + c["sinks"]), torch.as_tensor(c["seed"]),
+                          atol=1e-4)  # fmt: skip
+    for row in range(2):  # each sample alone books the same sinks as in the batch
+        alone = dlb.run_task(inputs={"input_ids": ids[row : row + 1]})["conservation"]
+        assert abs(float(alone["sinks"][0]) - float(c["sinks"][row])) < 1e-4
