@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ from .memory import plan_seeds
 from .params import DecodingParams, OutputParams, RelevanceParams, StepPlan, with_keywords
 from .recording import OnFirstRead
 from .rules import grouped_mm_ops
-from .seq2seq import find_seq2seq_lm, run_seq2seq_generation
+from .seq2seq import find_lm, find_seq2seq_lm, run_seq2seq_generation
 from .step_explainer import Explained, Layout, StepExplainer
 from .steps import OnStep, decode_stepwise, explain_decoded, select_steps
 
@@ -43,36 +43,15 @@ GENERATION_RELEVANCE = RelevanceParams(relevance_nodes="inputs")
 
 
 def find_causal_lm(model: nn.Module) -> nn.Module | None:
-    """The transformers causal LM inside ``model`` (``model`` itself, or a wrapped submodule).
-
-    A decoder-only model that can generate: ``can_generate()`` and not encoder-decoder. Wrappers
-    (a module whose forward calls an LM and returns its logits) are searched breadth-first, so
-    the outermost LM wins.
-    """
-    for module in model.modules():
-        can_generate = getattr(module, "can_generate", None)
-        config = getattr(module, "config", None)
-        if (
-            callable(can_generate)
-            and config is not None
-            and not getattr(config, "is_encoder_decoder", False)
-            and _safe_call(can_generate)
-        ):
-            return module
-    return None
+    """The transformers causal LM inside ``model`` (``model`` itself, or a wrapped submodule):
+    a decoder-only model that can generate (``engine.seq2seq.find_lm``)."""
+    return find_lm(model, encoder_decoder=False)
 
 
 def generates_text(model: nn.Module) -> bool:
     """Whether ``run_task(task="auto")`` should generate: a causal or encoder-decoder LM, even
     behind a wrapper."""
     return find_causal_lm(model) is not None or find_seq2seq_lm(model) is not None
-
-
-def _safe_call(fn: Callable[[], Any]) -> bool:
-    try:
-        return bool(fn())
-    except Exception:  # noqa: BLE001 - a model that cannot answer cannot generate
-        return False
 
 
 # ------------------------------------------------------------------ prompt
@@ -172,9 +151,16 @@ def run_generation(
             keywords, decoding, plan, output, relevance
         )
     started = time.perf_counter()
-    lm = find_causal_lm(dlb.model)
-    if lm is None or _inside_encoder_decoder(dlb.model, lm):
-        return _encoder_decoder(dlb, inputs, relevance, decoding, tokenizer, plan, output, on_step)
+    lm, outer = find_causal_lm(dlb.model), find_seq2seq_lm(dlb.model)
+    # an encoder-decoder holding the causal LM found (EncoderDecoderModel's decoder) generates
+    if outer is not None and (lm is None or any(m is lm for m in outer.modules())):
+        return _encoder_decoder(
+            dlb, outer, inputs, relevance, decoding, tokenizer, plan, output, on_step
+        )
+    if lm is None:
+        raise ValueError(
+            f"{type(dlb.model).__name__} contains no transformers causal or encoder-decoder LM"
+        )
     ids, mask = _prompt(inputs, tokenizer, dlb.device)
     cfg = decoding.resolve(lm, tokenizer)
     explainer = _explainer(dlb, dlb.captured, lm, ids, mask, relevance, output)
@@ -208,16 +194,9 @@ def run_generation(
     return result
 
 
-def _inside_encoder_decoder(model: nn.Module, lm: nn.Module) -> bool:
-    """Whether the causal LM found is the decoder of an encoder-decoder LM that holds it
-    (transformers' EncoderDecoderModel pairs an encoder with a causal LM): that one
-    generates."""
-    outer = find_seq2seq_lm(model)
-    return outer is not None and any(m is lm for m in outer.modules())
-
-
 def _encoder_decoder(
     dlb: Any,
+    lm: nn.Module,
     inputs: Any,
     relevance: RelevanceParams,
     decoding: DecodingParams,
@@ -226,13 +205,8 @@ def _encoder_decoder(
     output: OutputParams,
     on_step: OnStep | None,
 ) -> dict[str, Any]:
-    """Generation with an encoder-decoder LM (``engine.seq2seq``), its source checked as a
-    prompt is."""
-    lm = find_seq2seq_lm(dlb.model)
-    if lm is None:
-        raise ValueError(
-            f"{type(dlb.model).__name__} contains no transformers causal or encoder-decoder LM"
-        )
+    """Generation with the encoder-decoder LM ``lm`` (``engine.seq2seq``), its source
+    checked as a prompt is."""
     ids, mask = _prompt(inputs, tokenizer, dlb.device, left=False)
     cfg = decoding.resolve(lm, tokenizer)
     _check_prompt(dlb, "input_ids", ids, mask, 0)

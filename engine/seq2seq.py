@@ -35,19 +35,25 @@ from .sweep import Explanation, Seed
 DECODER_IDS = "decoder_input_ids"
 
 
-def find_seq2seq_lm(model: nn.Module) -> nn.Module | None:
-    """The transformers encoder-decoder LM inside ``model`` (itself or a submodule): one that
-    can generate and whose config says encoder-decoder."""
+def find_lm(model: nn.Module, encoder_decoder: bool) -> nn.Module | None:
+    """The transformers LM inside ``model`` (itself or a submodule, breadth first, so the
+    outermost wins) that can generate and is an encoder-decoder or not, as asked."""
     for module in model.modules():
         config = getattr(module, "config", None)
         can_generate = getattr(module, "can_generate", None)
         if (
             callable(can_generate)
-            and getattr(config, "is_encoder_decoder", False)
+            and config is not None
+            and bool(getattr(config, "is_encoder_decoder", False)) == encoder_decoder
             and _answers(can_generate)
         ):
             return module
     return None
+
+
+def find_seq2seq_lm(model: nn.Module) -> nn.Module | None:
+    """The transformers encoder-decoder LM inside ``model`` (``find_lm``)."""
+    return find_lm(model, encoder_decoder=True)
 
 
 def _answers(fn: Any) -> bool:
