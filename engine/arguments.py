@@ -15,6 +15,14 @@ import torch
 from torch import Tensor, fx
 
 from .params import RelevanceParams
+from .tasks import TaskName
+
+# The tasks that decide one prediction per sample (``engine.heads.classification``).
+_ONE_DECISION = (
+    TaskName.TEXT_CLASSIFICATION,
+    TaskName.IMAGE_CLASSIFICATION,
+    TaskName.TABULAR_CLASSIFICATION,
+)
 
 
 def check_ranges(params: RelevanceParams) -> None:
@@ -86,3 +94,18 @@ def check_relevance_nodes(params: RelevanceParams, captured: Any) -> None:
             f"relevance_nodes: {missing} are not nodes of the captured graph; names are those "
             f"of the result's node_io (or dlb.graph), e.g. {example}, or 'all' / 'inputs'"
         )
+
+
+def problem_type(given: str | None, model: torch.nn.Module, task: TaskName) -> str | None:
+    """What the classifier's logits are: ``given``, else the model's ``config.problem_type``
+    (transformers writes it into a classifier's config when it trains one: a multi-label or
+    regression head decided by argmax would report a wrong answer with softmax scores).
+    None for a single-label classifier (argmax decides), and for the tasks that do not
+    decide one prediction per sample (token labels, answer spans, generated tokens)."""
+    if task not in _ONE_DECISION:
+        if given is not None:
+            raise ValueError(f"problem_type is for {', '.join(_ONE_DECISION)}, not {task}")
+        return None
+    config = getattr(model, "config", None)
+    kind = given if given is not None else getattr(config, "problem_type", None)
+    return None if kind == "single_label_classification" else kind

@@ -162,7 +162,8 @@ class DLBacktrace:
     ) -> Explanation:
         if params.mode == "contrast":
             alternative = class_index(params.contrast_with, self.model)
-            seed = contrast_seed(seed, f.env[f.sweeper.seed_node], alternative)
+            own = params.problem_type == "multi_label_classification"
+            seed = contrast_seed(seed, f.env[f.sweeper.seed_node], alternative, own)
         with torch.no_grad():
             relevance, seed_total, at_inputs, sinks = f.sweeper.run(
                 f.env, f.prepared, seed, params.mode, params.keep, f.env_ref, retain
@@ -254,6 +255,7 @@ class DLBacktrace:
         reference: Inputs | str | None = None,
         position: Position = None,
         contrast_with: int | str = "runner-up",
+        problem_type: str | None = None,
         **generation_kwargs: Any,
     ) -> dict[str, Any]:
         """Predict and explain in one call (see ``dlbacktrace-pipeline.md``).
@@ -271,6 +273,9 @@ class DLBacktrace:
         ``contrast_with`` (mode "contrast" only): what the target is explained against, its
         logit difference split into signed relevance (``engine.contrast``): "runner-up" (the
         default; in generation, each step's runner-up token), "rest", a class index or label.
+        ``problem_type`` (text-, image- and tabular-classification): what the logits are,
+        "single_label_classification", "multi_label_classification" or "regression"; unset,
+        the model's ``config.problem_type`` (transformers saves it with a trained head).
         ``relevance_nodes``: "all" (every node), "inputs", or node names; unset, "all" for
         classification and "inputs" for generation (every node at every step is large).
         Generation takes the keywords of ``DecodingParams`` and ``StepPlan``, and ``on_step``;
@@ -296,6 +301,7 @@ class DLBacktrace:
             target=arguments.target_classes(target, self.model),
             reference=reference,
             contrast_with=contrast_with,
+            problem_type=arguments.problem_type(problem_type, self.model, task),
         )
         arguments.check_ranges(params)
         output = OutputParams(return_scores, return_relevance, return_layerwise_output, debug)

@@ -35,7 +35,8 @@ side depends on which training run of it is scored (+0.11 +- 0.06 paired over fo
 bench/README.md). On the target's own logit it ranks below mode "default" on the lookup LM,
 as Integrated Gradients of the same difference does: evidence that raises the target and its
 alternative alike cancels here by definition. A single logit is already a difference (of the
-positive and the negative class): it is its own contrast.
+positive and the negative class): it is its own contrast, as is each label's logit of a
+multi-label classifier (present against absent; its labels are not alternatives).
 """
 
 from __future__ import annotations
@@ -51,15 +52,16 @@ RUNNER_UP = "runner-up"
 REST = "rest"
 
 
-def contrast_seed(seed: Seed, logits: Tensor, contrast_with: Any) -> Seed:
+def contrast_seed(seed: Seed, logits: Tensor, contrast_with: Any, own: bool = False) -> Seed:
     """``seed`` (entries [K, E] on ``logits``' last axis) with each entry's alternatives
-    appended and every value made relevance per unit of its logit (see the module)."""
+    appended and every value made relevance per unit of its logit (see the module). ``own``:
+    each logit is its own contrast (the labels of a multi-label classifier)."""
     index, value = seed.index.to(logits.device), seed.value.to(logits.device)
     prefix, target = index[..., :-1], index[..., -1]
     rows = logits.detach()[tuple(prefix.unbind(-1))].double()  # [K, E, C]
     z_t = rows.gather(-1, target[..., None])[..., 0]
     classes = rows.shape[-1]
-    if classes == 1:
+    if classes == 1 or own:
         return Seed(index, _per_unit(value, z_t))
     if contrast_with == REST:
         p = rows.softmax(-1).scatter(-1, target[..., None], 0.0)

@@ -3,7 +3,8 @@
 One function per task (``SEEDS``), each from the logits, the ``RelevanceParams``, the padding
 mask ``[B, T]`` (``None`` where the inputs carry none) and an optional ``position``:
 
-- text-, image- and tabular-classification explain one ``[B, C]`` decision per sample. Text
+- text-, image- and tabular-classification explain one ``[B, C]`` decision per sample (of a
+  single-label, multi-label or regression head: ``RelevanceParams.problem_type``). Text
   models whose logits keep a token axis (``[B, T, C]``: a causal LM run as a classifier, a
   token classifier) are explained at ``position`` or else at each sample's last non-padded
   token, the token a causal LM's classification head reads. Image and tabular logits of any
@@ -51,31 +52,56 @@ class Decision(NamedTuple):
 def classification(
     logits: Tensor, params: RelevanceParams, mask: Tensor | None, position: Position, task: str
 ) -> Decision:
-    """Each sample's decision (argmax, or for a single logit its sigmoid against
-    ``thresholding``) and the seed on the explained logit. In modes "contrast" and "reference"
-    a single logit decided "negative" is seeded with the opposite sign: the evidence for
-    "negative" is the evidence against the logit."""
+    """Each sample's decision and the seed on the explained logit, as ``params.problem_type``
+    says what the logits are: one class of several (argmax), or for a single logit its
+    sigmoid against ``thresholding``; several labels each decided on its own (multi-label:
+    each sigmoid against ``thresholding``, ``extra["labels_present"]`` [B, C], the most
+    confident explained); or values (regression: reported unscaled, output ``target``,
+    default 0, explained). In modes "contrast" and "reference" a logit decided absent (a
+    single logit's "negative", a label not present) is seeded with the opposite sign: the
+    evidence for its absence is the evidence against the logit."""
     where = _decision_at(logits, mask, position, task)
-    batch = logits.shape[0]
-    scaled = logits.float() / params.temperature
+    batch, kind = logits.shape[0], params.problem_type
+    scaled = logits.float() / (1.0 if kind == "regression" else params.temperature)
     decided = scaled[where]
-    single = decided.dim() == 1 or decided.shape[-1] == 1
-    if single:
-        labels = (torch.sigmoid(decided.reshape(batch)) >= params.thresholding).long()
+    outputs = decided.reshape(batch, -1)  # [B, C]
+    binary = kind is None and outputs.shape[1] == 1  # one logit: class 0 or 1
+    present, extra = _present(outputs, params, binary)
+    if binary:
+        labels = present[:, 0].long()
+    elif kind == "regression":
+        labels = torch.zeros(batch, dtype=torch.long, device=logits.device)
     else:
-        labels = decided.argmax(-1)
-        _unused_threshold(params.thresholding, decided.shape[-1])
-    classes = 2 if single else decided.shape[-1]  # a single logit decides 0 or 1
+        labels = outputs.argmax(-1)
+    classes = 2 if binary else outputs.shape[1]
     explained = labels if params.target is None else _targets(params.target, labels, classes)
     sign = torch.ones(batch, device=logits.device)
-    if single and params.mode in ("contrast", "reference"):
-        sign = torch.where(explained == 1, 1.0, -1.0)
+    if present is not None and params.mode in ("contrast", "reference"):
+        rows = torch.arange(batch, device=logits.device)
+        yes = explained == 1 if binary else present[rows, explained]
+        sign = torch.where(yes, 1.0, -1.0)
     index = list(where)
     if logits.dim() > len(where):
-        index.append(torch.zeros_like(explained) if single else explained)
+        index.append(torch.zeros_like(explained) if binary else explained)
     seed = Seed(torch.stack(index, -1)[None], (sign * params.multiplier)[None])
-    extra = {"position": where[1].cpu().numpy()} if len(where) > 1 else {}
+    if len(where) > 1:
+        extra["position"] = where[1].cpu().numpy()
     return Decision(decided, labels, explained, seed, extra)
+
+
+def _present(
+    outputs: Tensor, params: RelevanceParams, binary: bool
+) -> tuple[Tensor | None, dict[str, Any]]:
+    """Which logits of ``outputs`` [B, C] are decided present by their sigmoid against the
+    threshold ([B, C] bool; None where argmax decides or nothing is decided), and the result
+    entries that report them (multi-label)."""
+    if binary or params.problem_type == "multi_label_classification":
+        present = torch.sigmoid(outputs) >= params.thresholding
+        extra = {} if binary else {"labels_present": present.cpu().numpy()}
+        return present, extra
+    if params.problem_type is None:
+        _unused_threshold(params.thresholding, outputs.shape[1])
+    return None, {}
 
 
 def _unused_threshold(thresholding: float, classes: int) -> None:
@@ -86,7 +112,7 @@ def _unused_threshold(thresholding: float, classes: int) -> None:
         warnings.warn(
             f"thresholding={thresholding} has no effect: this model returns {classes} logits, "
             "decided by argmax; thresholding decides single-logit binary classifiers",
-            stacklevel=5,
+            stacklevel=6,
         )
 
 

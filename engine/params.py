@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .tasks import MODES, REFERENCE_NAMES
+from .tasks import MODES, PROBLEM_TYPES, REFERENCE_NAMES
 
 if TYPE_CHECKING:
     from .decoding import DecodingConfig
@@ -40,6 +40,8 @@ class RelevanceParams:
     ``engine.references``, for modes "reference" and "contrast"; ``contrast_with``: the
     alternative the target is explained against in mode "contrast" (``engine.contrast``):
     "runner-up", "rest" (the softmax-weighted other classes), a class index or a label.
+    ``problem_type``: what a classifier's logits are (``engine.tasks.PROBLEM_TYPES``); None
+    for a single-label classifier, or a single logit decided by ``thresholding``.
     """
 
     mode: str = "default"
@@ -51,6 +53,7 @@ class RelevanceParams:
     target: Any = None
     reference: Any = None
     contrast_with: int | str = "runner-up"
+    problem_type: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -74,6 +77,27 @@ class RelevanceParams:
                     f"reference must be inputs or one of {REFERENCE_NAMES}, got {self.reference!r}"
                 )
         self._check_contrast_with()
+        self._check_problem_type()
+
+    def _check_problem_type(self) -> None:
+        """A known problem type, and a mode that has a meaning for it: a regression's
+        value has no alternative to be explained against; each label of a multi-label
+        classifier is decided on its own, so its logit is its own contrast (present
+        against absent) and there is no other class to name."""
+        kind = self.problem_type
+        if kind is not None and kind not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type must be one of {PROBLEM_TYPES}, got {kind!r}")
+        if kind == "regression" and self.mode == "contrast":
+            raise ValueError(
+                'mode "contrast" is not defined for regression (a value has no alternative '
+                'class); use "default" or "reference"'
+            )
+        if kind == "multi_label_classification" and self.contrast_with != "runner-up":
+            raise ValueError(
+                "contrast_with: each label of a multi-label classifier is decided on its own, "
+                'so mode "contrast" explains a label against its absence; leave '
+                "contrast_with out"
+            )
 
     def _check_contrast_with(self) -> None:
         """An index >= 0 or a non-empty label, and anything but the default only in mode

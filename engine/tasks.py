@@ -107,5 +107,9 @@ TASK_NAMES = (TaskName.AUTO, *TASKS)
 
 # The relevance modes of the engine (``engine.rules`` implements one method per mode).
 MODES = ("default", "contrast", "reference")
+# What a classifier's logits are, as transformers' ``config.problem_type`` names it: one
+# class of C (softmax; argmax decides), each of C labels on its own (a sigmoid each; those
+# above the threshold are present), or C values (regression: no classes, nothing decided).
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 # Named references (``engine.references``); each task lists those that fit its inputs.
 REFERENCE_NAMES = ("zeros", "mean", "blur", "mask")
