@@ -25,7 +25,7 @@ def check(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta)
     """Every check of this module, in the order of the request's fields."""
     _check_text(spec, task, req, meta)
     _check_token_ids(spec, task, req, meta)
-    _check_selection(task, req)
+    _check_selection(spec, task, req, meta)
     _check_target(spec, task, req, meta)
     _check_contrast_with(spec, task, req, meta)
     if task == TaskName.GENERATION:
@@ -57,11 +57,6 @@ async def check_layers(
         layer_names.check(spec.id, names, nodes)
     except layer_names.UnknownNodes as exc:
         raise invalid(list(exc.loc), exc.msg) from None
-
-
-def _texts(req: RunTaskRequest) -> list[str]:
-    text = req.inputs.text
-    return [text] if isinstance(text, str) else list(text or [])
 
 
 def _token_bound(spec: ModelSpec, task: TaskName, meta: ModelMeta) -> tuple[int, str]:
@@ -139,12 +134,36 @@ _EXPLAINS = {
 }
 
 
-def _check_selection(task: TaskName, req: RunTaskRequest) -> None:
-    """No ``target`` or ``position`` where the task has nothing for them to pick."""
+def _check_selection(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta) -> None:
+    """No ``target`` or ``position`` where the task has nothing for them to pick, nor a
+    ``position`` for a text classifier known to give one prediction per text (its logits
+    have no token axis: the worker failed the job); a position on a token of the input."""
     explains, unused = _EXPLAINS.get(task, ("", ()))
+    if task == TaskName.TEXT_CLASSIFICATION and meta.token_axis is False:
+        explains = f"one prediction per text ({spec.id} is a sequence classifier)"
+        unused = ("position",)
     for name in unused:
         if getattr(req.relevance, name) is not None:
             raise invalid(["relevance", name], f"{task} explains {explains}: it takes no {name}")
+    if req.relevance.position is not None and meta.token_axis:
+        _check_position(req, meta)
+
+
+def _check_position(req: RunTaskRequest, meta: ModelMeta) -> None:
+    """A position picks a token of the padded input: past the longest input's last token it
+    picks none (exact for one input; in a batch, a position on a shorter input's padding is
+    left to the worker, which knows the padding side)."""
+    lengths = _lengths(req, meta)
+    if lengths is None:
+        return
+    pos, n = req.relevance.position, max(lengths)
+    if pos >= n:
+        what = "the input" if len(lengths) == 1 else "the longest input"
+        raise invalid(
+            ["relevance", "position"],
+            f"{pos} is past the last token of {what}: {n} tokens, special ones included "
+            f"(0 to {n - 1})",
+        )
 
 
 def _check_contrast_with(
@@ -176,13 +195,20 @@ def _check_contrast_with(
         )
 
 
-def _prompt_length(req: RunTaskRequest, meta: ModelMeta) -> int | None:
-    """The longest prompt in tokens; None when the tokenizer is not known."""
+def _lengths(req: RunTaskRequest, meta: ModelMeta) -> list[int] | None:
+    """Each input's length in tokens (a pair's: both texts, with their separators); None
+    when the tokenizer is not known."""
     ids = req.inputs.token_ids
     if ids:
-        return max(len(r) for r in ids) if isinstance(ids[0], list) else len(ids)
-    counts = [meta.count_tokens(t) for t in _texts(req)]
-    return None if None in counts or not counts else max(counts)
+        return [len(r) for r in ids] if isinstance(ids[0], list) else [len(ids)]
+    counts = [meta.count_tokens(text, pair) for text, pair in req.inputs.pairs()]
+    return None if None in counts or not counts else counts
+
+
+def _prompt_length(req: RunTaskRequest, meta: ModelMeta) -> int | None:
+    """The longest prompt in tokens; None when the tokenizer is not known."""
+    lengths = _lengths(req, meta)
+    return None if lengths is None else max(lengths)
 
 
 def _check_positions(req: RunTaskRequest, meta: ModelMeta) -> None:

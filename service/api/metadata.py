@@ -19,7 +19,9 @@ from typing import Any
 
 import redis.asyncio as aredis
 
-from .. import store
+from engine.tasks import TaskName
+
+from .. import demo, store
 from ..registry import ModelSpec, Registry
 
 RECHECK_S = 1.0
@@ -39,6 +41,10 @@ class ModelMeta:
     # an encoder-decoder (T5, BART): its source and its decoder's tokens each have the
     # positions, where a causal LM's prompt and new tokens share them
     encoder_decoder: bool = False
+    # whether a text model's logits keep a token axis ([B, T, C]: ``relevance.position``
+    # picks the token explained) or give one prediction per text ([B, C]); None where the
+    # entry does not say (a python factory's model)
+    token_axis: bool | None = None
 
     @property
     def targets(self) -> int | None:
@@ -78,7 +84,11 @@ class ModelMetadata:
     def get(self, spec: ModelSpec) -> ModelMeta:
         if spec.id in self.known:
             return self.known[spec.id]
-        registry_only = ModelMeta(num_classes=_source_classes(spec), labels=_labels(spec, None))
+        registry_only = ModelMeta(
+            num_classes=_source_classes(spec),
+            labels=_labels(spec, None),
+            token_axis=_token_axis(spec),
+        )
         if time.monotonic() < self.missing.get(spec.id, 0.0):
             return registry_only
         folder = self._folder(spec)
@@ -116,6 +126,29 @@ def _source_classes(spec: ModelSpec) -> int | None:
     if spec.labels:
         return len(spec.labels)
     return spec.source.num_classes
+
+
+# Whether a head's logits keep a token axis, by the transformers head a text model loads.
+_HEAD_TOKEN_AXIS = {
+    "sequence-classification": False,
+    "token-classification": True,
+    "causal-lm": True,
+}
+
+
+def _token_axis(spec: ModelSpec) -> bool | None:
+    """Whether the model's logits keep a token axis, from its entry: a token classifier's
+    do; a text classifier's as the head it loads (a transformers source's ``head``, by
+    default a sequence classifier's, or a demo's own, ``demo.HEADS``). None where the entry
+    does not say: a python factory builds what it builds."""
+    if spec.task == TaskName.TOKEN_CLASSIFICATION:
+        return True
+    src = spec.source
+    if spec.task != TaskName.TEXT_CLASSIFICATION or src.kind not in ("transformers", "demo"):
+        return None
+    if src.kind == "demo":
+        return _HEAD_TOKEN_AXIS.get(demo.HEADS.get(src.name or "", ""))
+    return _HEAD_TOKEN_AXIS.get(src.head or "sequence-classification")
 
 
 def _labels(spec: ModelSpec, id2label: Any) -> tuple[str, ...] | None:
@@ -167,6 +200,7 @@ def _read(folder: Path, spec: ModelSpec) -> ModelMeta:
         max_positions=positions,
         tokenizer=_tokenizer(folder / "tokenizer.json"),
         encoder_decoder=bool(config.get("is_encoder_decoder")),
+        token_axis=_token_axis(spec),
     )
 
 

@@ -22,6 +22,13 @@ if TYPE_CHECKING:  # service.models imports this package, and torch
     from ..models import LoadedModel
 
 DEMO_IDS = ("minilm-sentiment", "digits-cnn", "tiny-lookup-lm", "gpt2-small-config")
+# The transformers head each text demo is built with (a registry ``transformers`` source's
+# ``head``), for the API, which does not load the models: what their logits look like.
+HEADS = {
+    "minilm-sentiment": "sequence-classification",
+    "tiny-lookup-lm": "causal-lm",
+    "gpt2-small-config": "causal-lm",
+}
 
 
 def default_data_dir() -> Path:

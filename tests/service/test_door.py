@@ -13,6 +13,7 @@ import json
 import struct
 import zlib
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,11 @@ SENTIMENT = {"model": "minilm-sentiment", "inputs": {"text": "fine"}}
         (
             {**LOOKUP, "relevance": {"position": 0}},
             "relevance.position: generation explains each step's generated token",
+        ),
+        (
+            {**SENTIMENT, "relevance": {"position": 1}},
+            "relevance.position: text-classification explains one prediction per text "
+            "(minilm-sentiment is a sequence classifier): it takes no position",
         ),
         (
             {
@@ -518,3 +524,78 @@ def test_an_encoder_decoders_source_and_decoder_have_the_positions_each() -> Non
     assert _refused(lambda: door.check(spec, gen, request(8, 9), causal)).startswith(
         "generation.max_new_tokens: 9 after a 8-token prompt is more than"
     )
+
+
+def _tagger(tmp_path: Path, task: str, source: dict) -> tuple[Any, Any]:
+    """A text model of ``task`` from ``source`` and what the door knows of it: its entry's
+    token axis and a tokenizer that adds [CLS] and [SEP] ("a b" is 4 tokens)."""
+    from service.api.metadata import ModelMetadata
+    from service.registry import ModelSpec, Registry
+
+    spec = ModelSpec.model_validate({"id": "tagger", "task": task, "source": source})
+    axis = ModelMetadata(Registry([spec], tmp_path), str(tmp_path)).get(spec).token_axis
+    _, meta = _pair_meta(tmp_path, pairs=True)
+    return spec, replace(meta, token_axis=axis)
+
+
+TRANSFORMERS = {"kind": "transformers", "path": "m"}
+PAST_THE_END = (
+    "relevance.position: 4 is past the last token of the input: 4 tokens, special ones "
+    "included (0 to 3)"
+)
+
+
+@pytest.mark.parametrize(
+    ("task", "source", "inputs", "position", "expected"),
+    [
+        ("token-classification", TRANSFORMERS, {"text": "a b"}, 3, ""),
+        ("token-classification", TRANSFORMERS, {"text": "a b"}, 4, PAST_THE_END),
+        ("token-classification", TRANSFORMERS, {"token_ids": [1, 3, 4, 2]}, 4, PAST_THE_END),
+        (
+            "token-classification",
+            TRANSFORMERS,
+            {"text": ["a", "a b a"]},
+            5,
+            "relevance.position: 5 is past the last token of the longest input: 5 tokens",
+        ),
+        ("text-classification", {**TRANSFORMERS, "head": "causal-lm"}, {"text": "a b"}, 3, ""),
+        (
+            "text-classification",
+            {**TRANSFORMERS, "head": "causal-lm"},
+            {"text": "a b"},
+            4,
+            PAST_THE_END,
+        ),
+        (
+            "text-classification",
+            {**TRANSFORMERS, "head": "sequence-classification"},
+            {"text": "a b"},
+            0,
+            "relevance.position: text-classification explains one prediction per text (tagger "
+            "is a sequence classifier): it takes no position",
+        ),
+        (
+            "text-classification",
+            TRANSFORMERS,
+            {"text": "a b"},
+            0,
+            "relevance.position: text-classification explains one prediction per text",
+        ),
+        ("text-classification", {"kind": "python", "factory": "m:f"}, {"text": "a b"}, 9, ""),
+    ],
+)
+def test_a_position_picks_a_token(
+    tmp_path: Path, task: str, source: dict, inputs: dict, position: int, expected: str
+) -> None:
+    """A position is refused at the door where the model's logits have no token axis (a
+    sequence classifier: the job failed in the worker with "position= picks a token of [B,
+    T, C] logits") or where it is past the input's tokens (the job failed with "position
+    must be one index in [0, 4)"); a python factory's model is left to the worker."""
+    from service.api import door
+    from service.schemas import RunTaskRequest
+
+    spec, meta = _tagger(tmp_path, task, source)
+    body = {"model": "tagger", "inputs": inputs, "relevance": {"position": position}}
+    req = RunTaskRequest.model_validate(body)
+    message = _refused(lambda: door.check(spec, spec.task, req, meta))
+    assert message.startswith(expected) if expected else message == "", message
