@@ -376,6 +376,8 @@ class DLBacktrace:
         }
         if per_seed:
             result["seeds"] = TASKS[task].seeds
+        if params.problem_type is not None:  # multi-label or regression (``engine.heads``)
+            result["problem_type"] = params.problem_type
         if params.mode in ("contrast", "reference"):
             names = f.captured.input_names
             result["relevance_positive"] = {

@@ -300,10 +300,20 @@ function showGenerationReport() {
 
 // ------------------------------------------------------------------ classification
 
+/** A prediction in one line: the class with its probability, the labels a multi-label
+ *  classifier finds present, or a regression's value (it has no probability). */
+function predictionText(prediction) {
+  if (prediction.value !== undefined) {
+    return `Predicted: ${prediction.label} = ${prediction.value.toPrecision(4)}`;
+  }
+  if (prediction.labels) return `Labels present: ${prediction.labels.join(", ") || "none"}`;
+  return `Predicted: ${prediction.label} (${pct(prediction.score)})`;
+}
+
 function showClassification(result) {
   const prediction = result.predictions[0];
-  $("label").textContent = `Predicted: ${prediction.label} (${pct(prediction.score)})`;
-  render.probabilities($("probabilities"), prediction.scores);
+  $("label").textContent = predictionText(prediction);
+  render.probabilities($("probabilities"), prediction.scores ?? {});
   const item = result.inputs[0];
   const rows = [];
   if (item.tokens && item.relevance) {
@@ -350,7 +360,7 @@ let heatmap = null;
 
 async function showImage(result) {
   const prediction = result.predictions[0];
-  $("image-label").textContent = `Predicted: ${prediction.label} (${pct(prediction.score)})`;
+  $("image-label").textContent = predictionText(prediction);
   picture = new Image();
   picture.src = `data:image/png;base64,${result.image_png_b64}`;
   await picture.decode();

@@ -81,12 +81,17 @@ def finished(run: Run, req: RunTaskRequest, timings: dict[str, Any]) -> Doc:
 
 def rows(res: dict[str, Any], sl: slice) -> dict[str, Any]:
     """The part of a batched classification result that belongs to some rows."""
-    return {
+    part = {
         "predictions": res["predictions"][sl],
         "predicted_labels": res["predicted_labels"][sl],
         "relevance": {k: v[sl] for k, v in res["relevance"].items()},
         "conservation": {k: np.asarray(v)[sl] for k, v in res["conservation"].items()},
     }
+    if "problem_type" in res:  # a multi-label or regression head (``engine.heads``)
+        part["problem_type"] = res["problem_type"]
+    if "labels_present" in res:
+        part["labels_present"] = res["labels_present"][sl]
+    return part
 
 
 def classification(
@@ -97,6 +102,7 @@ def classification(
     conservation check, the picture the heatmap is drawn over, and warnings about the input
     (also in the summary, so that the stream's ``done`` event carries them)."""
     predictions = _predictions(run.entry.loaded.labels, res)
+    score = "value" if res.get("problem_type") == "regression" else "score"
     relevance = {k: v.detach().float().cpu().numpy() for k, v in res["relevance"].items()}
     doc: Doc = {
         "predictions": predictions,
@@ -106,7 +112,7 @@ def classification(
         },
         "summary": {
             "labels": [p["label"] for p in predictions],
-            "scores": [p["score"] for p in predictions],
+            f"{score}s": [p[score] for p in predictions],
         },
     }
     if tensors.png is not None:
@@ -220,32 +226,41 @@ def per_token(run: Run, batch: Batch, res: dict[str, Any], output: OutputOptions
 
 
 def _predictions(labels: list[str] | None, res: dict[str, Any]) -> list[Doc]:
-    """Per row: the predicted class with its probability, every logit and every class's
-    probability (a sigmoid for a single-logit binary classifier, else a softmax)."""
+    """Per row: the predicted class with its score, every logit, and every class's score: a
+    softmax, a sigmoid for a single-logit binary classifier, or for a multi-label one a
+    sigmoid per label, with the labels present (``labels``); a regression's are its values
+    (``value``, ``values``: no probability to give)."""
     logits = np.asarray(res["predictions"], dtype=np.float64)
     logits = logits.reshape(logits.shape[0], -1)
-    if logits.shape[1] == 1:
-        p1 = 1 / (1 + np.exp(-logits[:, 0]))
-        probs = np.stack([1 - p1, p1], 1)
-    else:
-        e = np.exp(logits - logits.max(1, keepdims=True))
-        probs = e / e.sum(1, keepdims=True)
-    names = labels or [str(j) for j in range(probs.shape[1])]
+    kind = res.get("problem_type")
+    scores = logits if kind == "regression" else _probabilities(logits, kind)
+    names = labels or [str(j) for j in range(scores.shape[1])]
 
     def name(j: int) -> str:
         return names[j] if j < len(names) else str(j)
 
+    one, every = ("value", "values") if kind == "regression" else ("score", "scores")
     predicted = np.asarray(res["predicted_labels"]).astype(int).reshape(-1)
-    return [
-        {
-            "index": int(k),
-            "label": name(k),
-            "score": float(probs[i, k]),
-            "logits": logits[i].tolist(),
-            "scores": {name(j): float(probs[i, j]) for j in range(probs.shape[1])},
-        }
-        for i, k in enumerate(predicted)
-    ]
+    rows = []
+    for i, k in enumerate(predicted):
+        row = {"index": int(k), "label": name(k), one: float(scores[i, k])}
+        row["logits"] = logits[i].tolist()
+        row[every] = {name(j): float(scores[i, j]) for j in range(scores.shape[1])}
+        if kind == "multi_label_classification":
+            row["labels"] = [name(j) for j in np.flatnonzero(res["labels_present"][i])]
+        rows.append(row)
+    return rows
+
+
+def _probabilities(logits: np.ndarray, kind: str | None) -> np.ndarray:
+    """Each class's probability [B, C] from the logits [B, C] (for one logit: both classes)."""
+    if kind == "multi_label_classification":
+        return 1 / (1 + np.exp(-logits))
+    if logits.shape[1] == 1:
+        p1 = 1 / (1 + np.exp(-logits[:, 0]))
+        return np.stack([1 - p1, p1], 1)
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
 
 
 def _items(

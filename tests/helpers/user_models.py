@@ -1,9 +1,10 @@
 """Models as platform engineers register their own: small random-weight transformers
-checkpoints written with ``save_pretrained`` (a DistilBERT and a RoBERTa sequence
-classifier with fewer positions than the registry's default ``max_tokens``, a ViT with its
-image processor, a one-channel ViT, a Llama whose tokenizer has no pad token, a T5), each with
-its tokenizer built offline. ``python -m tests.helpers.user_models DIR`` writes them, so
-that test processes need not import torch."""
+checkpoints written with ``save_pretrained`` (DistilBERT classifiers of one label of three,
+of several labels and of a value, and a RoBERTa sequence classifier, with fewer positions
+than the registry's default ``max_tokens``, a ViT with its image processor, a one-channel
+ViT, a Llama whose tokenizer has no pad token, a T5), each with its tokenizer built offline.
+``python -m tests.helpers.user_models DIR`` writes them, so that test processes need not
+import torch."""
 
 from __future__ import annotations
 
@@ -36,16 +37,18 @@ def _bpe(specials: list[str]) -> Any:
     return tok
 
 
-def _distilbert(out: Path) -> None:
+def _distilbert(out: Path, names: tuple[str, ...], **config: Any) -> None:
+    """A DistilBERT classifier with a class (or output) per name; ``config``: more of its
+    configuration (``problem_type``)."""
     import transformers as tf
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     tok = tf.DistilBertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
-    labels = {0: "neg", 1: "neu", 2: "pos"}
+    labels = dict(enumerate(names))
     cfg = tf.DistilBertConfig(
         vocab_size=len(vocab), dim=32, n_layers=1, n_heads=2, hidden_dim=64,
         max_position_embeddings=POSITIONS, id2label=labels,
-        label2id={v: k for k, v in labels.items()},
+        label2id={v: k for k, v in labels.items()}, **config,
     )  # fmt: skip
     tf.DistilBertForSequenceClassification(cfg).eval().save_pretrained(out)
     tok.save_pretrained(out)
@@ -135,7 +138,10 @@ def write(out: Path) -> None:
     import torch
 
     torch.manual_seed(0)
-    _distilbert(out / "distilbert")
+    _distilbert(out / "distilbert", ("neg", "neu", "pos"))
+    multi = {"problem_type": "multi_label_classification"}
+    _distilbert(out / "distilbert-multilabel", ("toxic", "insult", "threat"), **multi)
+    _distilbert(out / "distilbert-regression", ("stars",), problem_type="regression")
     _roberta(out / "roberta")
     _vit(out / "vit", 3, VIT_SIZE)
     _vit(out / "vit-gray", 1, 16)
@@ -154,6 +160,8 @@ def entries(folder: Path) -> list[dict[str, Any]]:
     """Registry entries as an operator writes them: id, task, path; no limits, no image."""
     tasks = {
         "distilbert": "text-classification",
+        "distilbert-multilabel": "text-classification",
+        "distilbert-regression": "text-classification",
         "roberta": "text-classification",
         "vit": "image-classification",
         "vit-gray": "image-classification",

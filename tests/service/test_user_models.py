@@ -123,6 +123,35 @@ def test_transparent_pixels_read_as_the_white_a_page_shows(api: Client) -> None:
     assert np.allclose(*logits, atol=1e-5), logits
 
 
+def _sigmoid(x: list[float]) -> np.ndarray:
+    return 1 / (1 + np.exp(-np.asarray(x)))
+
+
+def test_a_multi_label_classifier_reports_each_label_present(api: Client) -> None:
+    """Each label scored by its own sigmoid and present at the threshold (they were a
+    softmax, decided by argmax); the threshold is honoured."""
+    body = {"model": "user-distilbert-multilabel", "inputs": {"text": "the cat sat"}}
+    (row,) = api.run(body, timeout=300)["predictions"]
+    scores = _sigmoid(row["logits"])
+    assert np.allclose(list(row["scores"].values()), scores, atol=1e-6)
+    names = ["toxic", "insult", "threat"]
+    assert row["labels"] == [n for n, p in zip(names, scores, strict=True) if p >= 0.5]
+    assert row["label"] == names[int(np.argmax(scores))]
+    everything = {**body, "relevance": {"thresholding": 0.0}}
+    assert api.run(everything, timeout=300)["predictions"][0]["labels"] == names
+
+
+def test_a_regression_reports_its_value(api: Client) -> None:
+    """The value the model returns, not a probability of it; its relevance adds up."""
+    body = {"model": "user-distilbert-regression", "inputs": {"text": "a dog ran"}}
+    result = api.run(body, timeout=300)
+    (row,) = result["predictions"]
+    assert "score" not in row and row["value"] == row["logits"][0] == row["values"]["stars"]
+    assert result["summary"]["values"] == [row["value"]]
+    c = result["conservation"]
+    assert abs(c["inputs"][0] + c["sinks"][0] - c["seed"][0]) < 1e-3
+
+
 def test_a_tokenizer_without_a_pad_token_generates(api: Client) -> None:
     """One prompt, and two of unequal length in one job, each row as it is alone."""
     texts = ["the cat sat on the mat", "a dog"]
