@@ -10,6 +10,8 @@ Layer names in ``output.relevance`` need the model's graph, which only a worker 
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis.asyncio as aredis
 
 from engine.tasks import CLASSIFICATION_TASKS, TaskName
@@ -31,6 +33,7 @@ def check(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta)
     if task == TaskName.GENERATION:
         _check_steps(req)
         _check_positions(req, meta)
+        _check_decoding(req)
     elif req.generation.model_fields_set:
         given = ", ".join(sorted(req.generation.model_fields_set))
         raise invalid(
@@ -241,3 +244,45 @@ def _check_steps(req: RunTaskRequest) -> None:
                 ["generation", "steps"],
                 f"{bad[0]} is not a step: -{n} to {n - 1} with max_new_tokens={n}",
             )
+
+
+# The generation settings that shape sampling, each with its value that changes nothing.
+_SAMPLING = (("top_k", 0), ("top_p", 1.0), ("seed", None))
+
+
+def _sampling_settings(req: RunTaskRequest) -> list[tuple[list[str], Any]]:
+    """Where and what each setting that shapes sampling is, where it is set to change it:
+    top_k, top_p, the seed, and the decode's temperature (``relevance.temperature``)."""
+    found = [
+        (["generation", name], value)
+        for name, off in _SAMPLING
+        if (value := getattr(req.generation, name)) not in (None, off)
+    ]
+    if req.relevance.temperature != 1.0:
+        found.append((["relevance", "temperature"], req.relevance.temperature))
+    return found
+
+
+def _check_decoding(req: RunTaskRequest) -> None:
+    """Whether the decode samples as the engine decides it (``do_sample``, else whether
+    top_k, top_p or temperature asks for it): beam search does not sample (the worker failed
+    the job: "beam sampling is not supported"), and a greedy decode would ignore the
+    settings of sampling (a seed, or top_k with do_sample false)."""
+    g, settings = req.generation, _sampling_settings(req)
+    asking = [".".join(loc) for loc, _ in settings if loc[-1] != "seed"]
+    sampling = g.do_sample if g.do_sample is not None else bool(asking)
+    if sampling and g.num_beams > 1:
+        why = "do_sample" if g.do_sample else ", ".join(asking)
+        raise invalid(
+            ["generation", "num_beams"],
+            f"{g.num_beams} beams with sampling ({why}): beam search does not sample; "
+            f"send num_beams 1 to sample, or leave {why} out",
+        )
+    if not sampling and settings:
+        (loc, value), name = settings[0], ".".join(settings[0][0])
+        how = "do_sample is false" if g.do_sample is False else "nothing asks for sampling"
+        raise invalid(
+            loc,
+            f"{value} shapes sampling, but this decode is greedy ({how}): set "
+            f"generation.do_sample true, or leave {name} out",
+        )

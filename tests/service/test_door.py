@@ -118,6 +118,28 @@ SENTIMENT = {"model": "minilm-sentiment", "inputs": {"text": "fine"}}
             "generation.steps: 99 is more than generation.max_new_tokens=4",
         ),
         (
+            {**LOOKUP, "generation": {"num_beams": 2, "do_sample": True}},
+            "generation.num_beams: 2 beams with sampling (do_sample): beam search does not "
+            "sample; send num_beams 1 to sample, or leave do_sample out",
+        ),
+        (
+            {**LOOKUP, "generation": {"num_beams": 2, "top_p": 0.5}},
+            "generation.num_beams: 2 beams with sampling (generation.top_p)",
+        ),
+        (
+            {**LOOKUP, "generation": {"seed": 3}},
+            "generation.seed: 3 shapes sampling, but this decode is greedy (nothing asks for "
+            "sampling): set generation.do_sample true, or leave generation.seed out",
+        ),
+        (
+            {**LOOKUP, "generation": {"top_k": 5, "do_sample": False}},
+            "generation.top_k: 5 shapes sampling, but this decode is greedy (do_sample is false)",
+        ),
+        (
+            {**LOOKUP, "relevance": {"temperature": 0.5}, "generation": {"do_sample": False}},
+            "relevance.temperature: 0.5 shapes sampling, but this decode is greedy",
+        ),
+        (
             {**SENTIMENT, "inputs": {"text": ""}},
             "inputs.text: must be a non-empty string or a list of them",
         ),
@@ -213,8 +235,12 @@ def test_what_the_model_takes_passes(api: TestClient) -> None:
         for alt in ("positive", 1, "rest")
     ]
     lm_contrast = {**LOOKUP, "relevance": {"mode": "contrast", "contrast_with": 101}}
+    sampled = {**LOOKUP, "generation": {"top_k": 3, "seed": 7}}
+    beams = {**LOOKUP, "generation": {"num_beams": 2, "top_k": 0, "top_p": 1.0}}
     for body in (
         LOOKUP,
+        sampled,
+        beams,
         {**LOOKUP, "inputs": {"token_ids": [4, 3, 6]}},
         SENTIMENT,
         *contrast,
