@@ -91,6 +91,14 @@ def linear_case():
     return x, w, b, R
 
 
+def linear_reference_ctx(x, w, b, R, xr) -> Ctx:
+    """The Ctx of ``aten.linear`` in mode "reference": input ``x`` against ``xr`` (weight and
+    bias the same), both outputs computed."""
+    args = {"input": x, "weight": w, "bias": b}
+    return ctx_of(aten.linear.default, args, R, ref={**args, "input": xr},
+                  out=F.linear(x, w, b), ref_out=F.linear(xr, w, b))  # fmt: skip
+
+
 def test_linear_default_is_the_z_rule():
     """R_in = |x||w| R / (|x||W|^T + |b|), the bias share the sink."""
     x, w, b, R = linear_case()
@@ -109,9 +117,7 @@ def test_linear_contrast_is_the_reference_rule():
     """Mode "contrast" below the seed head: the difference rule of mode "reference"."""
     x, w, b, R = linear_case()
     xr = rand(3, 5, seed=5)
-    args = {"input": x, "weight": w, "bias": b}
-    ctx = ctx_of(aten.linear.default, args, R, ref={**args, "input": xr},
-                 out=F.linear(x, w, b), ref_out=F.linear(xr, w, b))  # fmt: skip
+    ctx = linear_reference_ctx(x, w, b, R, xr)
     grads, sink = Linear().contrast(ctx)
     expected, expected_sink = Linear().reference(ctx)
     torch.testing.assert_close(grads["input"], expected["input"])
@@ -122,11 +128,9 @@ def test_linear_reference_is_the_difference_rule():
     """R_in = dx w R / dy: the bias cancels, so the inputs take all of R (up to EPS)."""
     x, w, b, R = linear_case()
     xr = rand(3, 5, seed=5)
-    y, yr = F.linear(x, w, b), F.linear(xr, w, b)
-    args = {"input": x, "weight": w, "bias": b}
-    ctx = ctx_of(aten.linear.default, args, R, ref={**args, "input": xr}, out=y, ref_out=yr)
+    ctx = linear_reference_ctx(x, w, b, R, xr)
     grads, sink = Linear().reference(ctx)
-    dy = y - yr  # stabilised by +-EPS: where dy vanishes, its relevance is a sink
+    dy = ctx.out - ctx.ref_out  # stabilised by +-EPS: where dy vanishes, its relevance is a sink
     expected = torch.einsum("bi,oi,kbo->kbi", x - xr, w, R / stable(dy))
     torch.testing.assert_close(grads["input"], expected)
     torch.testing.assert_close(sink, R * (1 - dy / stable(dy)))
@@ -137,9 +141,7 @@ def test_linear_reference_reveal_cancel_conserves():
     """With a relu after the layer (a canonize fact), RevealCancel: inputs + sink = R."""
     x, w, b, R = linear_case()
     xr = rand(3, 5, seed=5)
-    args = {"input": x, "weight": w, "bias": b}
-    ctx = ctx_of(aten.linear.default, args, R, ref={**args, "input": xr},
-                 out=F.linear(x, w, b), ref_out=F.linear(xr, w, b))  # fmt: skip
+    ctx = linear_reference_ctx(x, w, b, R, xr)
     plain, _ = Linear().reference(ctx)
     ctx.facts = Canonical(relu_after=frozenset({ctx.node}))
     grads, sink = Linear().reference(ctx)
@@ -159,9 +161,7 @@ def test_seed_rows_are_the_linear_rule(mode):
     got, sink = getattr(LinearRows(), mode)(ctx_of(aten.linear.default, rows, value, ref=ref))
     R = torch.zeros(1, 3, 4)
     R[0, torch.arange(3), unit[0]] = value[0]
-    args = {"input": x, "weight": w, "bias": b}
-    y, yr = F.linear(x, w, b), F.linear(xr, w, b)
-    dense = ctx_of(aten.linear.default, args, R, ref={**args, "input": xr}, out=y, ref_out=yr)
+    dense = linear_reference_ctx(x, w, b, R, xr)
     expected, _ = getattr(Linear(), mode)(dense)
     torch.testing.assert_close(got["input"], expected["input"], rtol=1e-4, atol=1e-8)
     conserved(value, got, sink)
