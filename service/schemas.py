@@ -69,6 +69,11 @@ Row = Annotated[
 ]
 Ids = Annotated[list[int], Field(min_length=1, max_length=4096)]
 Batch = 64  # rows per request, before the model's own max_batch
+# Past the indices a tensor holds (torch's long): a class, token or position from here on is
+# no index of anything, and the worker failed such jobs with "Overflow when unpacking long
+# long". Exclusive bounds, which the OpenAPI schema's floats hold exactly.
+INDEX_END = 2**63
+SEED_END = 2**64  # torch's seeds: 0 to 2**64 - 1
 
 
 def _one_sentence(message: str) -> WrapValidator:
@@ -205,11 +210,12 @@ class RelevanceParams(BaseModel):
     thresholding: Annotated[float, NUMBERS] = Field(default=0.5, ge=0, le=1)
     temperature: Annotated[float, NUMBERS] = Field(default=1.0, gt=0, le=100)
     target: Annotated[int | None, INTEGERS] = Field(
-        default=None, ge=0, description="explain this class"
+        default=None, ge=0, lt=INDEX_END, description="explain this class"
     )
     position: Annotated[int | None, INTEGERS] = Field(
         default=None,
         ge=0,
+        lt=INDEX_END,
         description="token-classification: explain this token's label (default: every "
         "token's, one relevance row per token)",
     )
@@ -237,8 +243,10 @@ class RelevanceParams(BaseModel):
     def _contrast_with_needs_its_mode(cls, value: Any, info: ValidationInfo) -> Any:
         if "mode" in info.data and value is not None and info.data["mode"] != "contrast":
             raise ValueError(f'contrast_with is for mode "contrast", not {info.data["mode"]!r}')
-        if isinstance(value, int) and value < 0:
-            raise ValueError("contrast_with must be a class index >= 0 or a label")
+        if isinstance(value, int) and not 0 <= value < INDEX_END:
+            raise ValueError(
+                f"contrast_with must be a class index (0 to {INDEX_END - 1}) or a label"
+            )
         return value
 
     @field_validator("reference")
@@ -260,7 +268,7 @@ class GenerationParams(BaseModel):
     top_k: Annotated[int | None, INTEGERS] = Field(default=None, ge=0, le=1000)
     top_p: Annotated[float | None, NUMBERS] = Field(default=None, gt=0, le=1)
     num_beams: Annotated[int, INTEGERS] = Field(default=1, ge=1, le=64)
-    seed: Annotated[int | None, INTEGERS] = Field(default=None, ge=0)
+    seed: Annotated[int | None, INTEGERS] = Field(default=None, ge=0, lt=SEED_END)
     do_sample: Flag | None = Field(default=None, description="default: sample when top_k/top_p")
     steps: Annotated[Literal["all", "none"] | int | list[int], INTEGERS] = Field(
         default="all", description="which steps to explain: all, none, first N, or a list"

@@ -18,7 +18,7 @@ from engine.tasks import CLASSIFICATION_TASKS, TaskName
 
 from .. import layer_names
 from ..registry import ModelSpec
-from ..schemas import RunTaskRequest, no_labels, no_separator
+from ..schemas import INDEX_END, RunTaskRequest, no_labels, no_separator
 from .errors import invalid
 from .metadata import ModelMeta, ModelMetadata
 
@@ -108,7 +108,8 @@ def _check_token_ids(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta:
         raise invalid(["inputs", "token_ids"], f"{longest} tokens, more than {why}")
     flat = [i for row in rows for i in row]
     top = f"{meta.vocab_size - 1}" if meta.vocab_size else "the vocabulary size - 1"
-    bad = next((i for i in flat if i < 0 or (meta.vocab_size and i >= meta.vocab_size)), None)
+    end = meta.vocab_size or INDEX_END  # past a tensor's index, where not known
+    bad = next((i for i in flat if not 0 <= i < end), None)
     if bad is not None:
         raise invalid(["inputs", "token_ids"], f"id {bad} is not a token id (0 to {top})")
 
@@ -148,25 +149,29 @@ def _check_selection(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta:
     for name in unused:
         if getattr(req.relevance, name) is not None:
             raise invalid(["relevance", name], f"{task} explains {explains}: it takes no {name}")
-    if req.relevance.position is not None and meta.token_axis:
-        _check_position(req, meta)
+    if req.relevance.position is not None and meta.token_axis is not False:
+        _check_position(spec, task, req, meta)
 
 
-def _check_position(req: RunTaskRequest, meta: ModelMeta) -> None:
-    """A position picks a token of the padded input: past the longest input's last token it
-    picks none (exact for one input; in a batch, a position on a shorter input's padding is
-    left to the worker, which knows the padding side)."""
-    lengths = _lengths(req, meta)
-    if lengths is None:
-        return
-    pos, n = req.relevance.position, max(lengths)
-    if pos >= n:
-        what = "the input" if len(lengths) == 1 else "the longest input"
+def _check_position(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta) -> None:
+    """A position picks a token of the padded input: none past the most tokens an input may
+    have, nor, where the door counts the tokens, past the longest input's last token (exact
+    for one input; in a batch, a position on a shorter input's padding is left to the
+    worker, which knows the padding side)."""
+    pos, (bound, why) = req.relevance.position, _token_bound(spec, task, meta)
+    if pos >= bound:
         raise invalid(
             ["relevance", "position"],
-            f"{pos} is past the last token of {what}: {n} tokens, special ones included "
-            f"(0 to {n - 1})",
+            f"{pos} is past the last token an input may have: 0 to {bound - 1} ({why})",
         )
+    lengths = _lengths(req, meta)
+    if lengths is None or pos < (n := max(lengths)):
+        return
+    what = "the input" if len(lengths) == 1 else "the longest input"
+    raise invalid(
+        ["relevance", "position"],
+        f"{pos} is past the last token of {what}: {n} tokens, special ones included (0 to {n - 1})",
+    )
 
 
 def _check_contrast_with(

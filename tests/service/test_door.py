@@ -359,7 +359,7 @@ def test_numbers_keep_their_bounds_in_the_schema(api: TestClient) -> None:
     validator on the int of ``int | None`` would turn ``minimum`` into an unknown ``ge``)."""
     schemas = api.get("/openapi.json").json()["components"]["schemas"]
     target = schemas["RelevanceParams"]["properties"]["target"]["anyOf"][0]
-    assert target == {"type": "integer", "minimum": 0}
+    assert target == {"type": "integer", "minimum": 0, "exclusiveMaximum": 2**63}
     assert schemas["GenerationParams"]["properties"]["num_beams"]["maximum"] == 64
 
 
@@ -607,7 +607,15 @@ PAST_THE_END = (
             0,
             "relevance.position: text-classification explains one prediction per text",
         ),
-        ("text-classification", {"kind": "python", "factory": "m:f"}, {"text": "a b"}, 9, ""),
+        ("text-classification", {"kind": "python", "factory": "m:f"}, {"text": "a b"}, 3, ""),
+        (
+            "text-classification",
+            {"kind": "python", "factory": "m:f"},
+            {"text": "a b"},
+            2**63 - 1,
+            "relevance.position: 9223372036854775807 is past the last token an input may "
+            "have: 0 to 127 (max_tokens=128)",
+        ),
     ],
 )
 def test_a_position_picks_a_token(
@@ -616,7 +624,8 @@ def test_a_position_picks_a_token(
     """A position is refused at the door where the model's logits have no token axis (a
     sequence classifier: the job failed in the worker with "position= picks a token of [B,
     T, C] logits") or where it is past the input's tokens (the job failed with "position
-    must be one index in [0, 4)"); a python factory's model is left to the worker."""
+    must be one index in [0, 4)"); a python factory's model is left to the worker, but for a
+    position past max_tokens (it failed with "Overflow when unpacking long long")."""
     from service.api import door
     from service.schemas import RunTaskRequest
 
@@ -625,3 +634,43 @@ def test_a_position_picks_a_token(
     req = RunTaskRequest.model_validate(body)
     message = _refused(lambda: door.check(spec, spec.task, req, meta))
     assert message.startswith(expected) if expected else message == "", message
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            {**LOOKUP, "generation": {"seed": 2**64, "do_sample": True}},
+            "generation.seed: Input should be less than 18446744073709551616",
+        ),
+        (
+            {**SENTIMENT, "relevance": {"target": 2**63}},
+            "relevance.target: Input should be less than 9223372036854775808",
+        ),
+        (
+            {**SENTIMENT, "relevance": {"mode": "contrast", "contrast_with": 2**63}},
+            "relevance.contrast_with: contrast_with must be a class index (0 to "
+            "9223372036854775807) or a label",
+        ),
+    ],
+)
+def test_numbers_past_what_torch_holds(api: TestClient, body: dict, expected: str) -> None:
+    """A seed past torch's (2**64 - 1) or an index past a long's is refused, whatever the
+    door knows of the model: such jobs failed in the worker with "Overflow when unpacking
+    long long"."""
+    assert _message(api.post("/run_task", json=body)) == expected
+
+
+def test_a_token_id_past_a_long_when_the_vocabulary_is_not_known() -> None:
+    """Without the model's vocabulary size (a model not built yet), an id past a long is
+    still no token id (the job failed with "Overflow when unpacking long long")."""
+    from service.api import door
+    from service.api.metadata import ModelMeta
+    from service.registry import load_registry
+    from service.schemas import RunTaskRequest
+
+    spec = load_registry(None).get("tiny-lookup-lm")
+    req = RunTaskRequest(model=spec.id, inputs={"token_ids": [3, 2**63]})
+    assert _refused(lambda: door.check(spec, spec.task, req, ModelMeta())) == (
+        "inputs.token_ids: id 9223372036854775808 is not a token id (0 to the vocabulary size - 1)"
+    )
