@@ -12,6 +12,7 @@ import functools
 import hashlib
 import importlib
 import inspect
+import logging
 import os
 import threading
 import time
@@ -28,6 +29,7 @@ from engine.tasks import TaskName
 from .demo import ensure_built, load_demo_model
 from .registry import ImageSpec, ModelSpec, Registry
 
+log = logging.getLogger("service.models")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -43,6 +45,8 @@ class LoadedModel:
     labels: list[str] | None = None
     image: ImageSpec | None = None  # how an image model's input is made from a picture
     info: dict[str, Any] = field(default_factory=dict)  # build report (accuracies, seconds)
+    # What every result of the model says about the model itself (an untrained head)
+    warnings: list[str] = field(default_factory=list)
 
 
 class DeviceUnavailable(RuntimeError):
@@ -209,7 +213,8 @@ def _load_transformers(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel
         "token-classification": tf.AutoModelForTokenClassification,
         "question-answering": tf.AutoModelForQuestionAnswering,
     }[src.head or _default_head(spec, tf.AutoConfig.from_pretrained(where, **kw))]
-    model = head.from_pretrained(where, **kw).eval()
+    model, report = head.from_pretrained(where, output_loading_info=True, **kw)
+    model.eval()
     tok = (
         None
         if spec.task == TaskName.IMAGE_CLASSIFICATION
@@ -220,7 +225,27 @@ def _load_transformers(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel
     if spec.task == TaskName.IMAGE_CLASSIFICATION:
         image = _folder_image(spec, model.config, _image_processor(where, kw))
     loaded = LoadedModel(spec.id, spec.task, model, tok, labels, image)
+    loaded.warnings = _untrained(spec, model, report.get("missing_keys"))
     return loaded, Path(where) if local else None
+
+
+def _untrained(spec: ModelSpec, model: Any, missing: Any) -> list[str]:
+    """A warning for every result where the checkpoint lacks weights the head needs (a base
+    model, or one fine-tuned for another task, registered for a classifier): transformers
+    starts them at random, so the answers, and what explains them, are noise that changes
+    with every load. Not refused: a random head is still a model the engine can explain,
+    and an operator may mean it (a smoke test); it must not pass for a trained one."""
+    names = sorted(missing or ())
+    if not names:
+        return []
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    message = (
+        f"{spec.id}: its checkpoint has no trained weights for {shown} of "
+        f"{type(model).__name__} (transformers initialised them at random): its predictions "
+        "are noise; register a checkpoint fine-tuned for this task, or another source.head"
+    )
+    log.warning("%s", message)
+    return [message]
 
 
 def _image_processor(where: str | Path, kw: dict[str, Any]) -> Any:

@@ -168,6 +168,7 @@ async function finish() {
     if (job !== current) return; // another run started meanwhile
     current.result = view.result;
     setStatus(`Finished in ${(view.timings?.total_s ?? 0).toFixed(2)} s.`);
+    showWarnings(view.result.warnings ?? []);
     if (current.task === "generation") {
       showGenerationReport(); // per step: it follows the selected token
       return;
@@ -385,7 +386,7 @@ function showReport(current, conservation, timings) {
 }
 
 function reset() {
-  for (const id of ["generation-view", "text-view", "image-view", "report", "error"]) {
+  for (const id of ["generation-view", "text-view", "image-view", "report", "error", "warnings"]) {
     $(id).hidden = true;
   }
   job = gen = picture = heatmap = null;
@@ -393,6 +394,14 @@ function reset() {
 
 function setStatus(text) {
   $("status").textContent = text;
+}
+
+/** What the result says about the input or the model (a blank picture, an untrained head,
+ *  little of the output reaching the inputs): read before the explanation. */
+function showWarnings(warnings) {
+  const items = warnings.map((w) => Object.assign(document.createElement("li"), { textContent: w }));
+  $("warnings").replaceChildren(...items);
+  $("warnings").hidden = warnings.length === 0;
 }
 
 function showError(message) {

@@ -101,5 +101,6 @@ def _explain(
             "run_s": time.perf_counter() - t0,
             "batch": {"jobs": len(prepared), "rows": rows_total},
         }
+        doc = documents.warned(doc, run.entry.loaded.warnings)
         docs.append({**doc, **documents.finished(run, p.work.req, timings)})
     return docs

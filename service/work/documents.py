@@ -79,6 +79,15 @@ def finished(run: Run, req: RunTaskRequest, timings: dict[str, Any]) -> Doc:
     }
 
 
+def warned(doc: Doc, warnings: list[str]) -> Doc:
+    """``doc`` with ``warnings`` added to its own, and to its summary's (the stream's
+    ``done`` event carries the summary)."""
+    if warnings:
+        doc["warnings"] = doc.get("warnings", []) + warnings
+        doc["summary"]["warnings"] = doc["warnings"]
+    return doc
+
+
 def rows(res: dict[str, Any], sl: slice) -> dict[str, Any]:
     """The part of a batched classification result that belongs to some rows."""
     part = {
@@ -117,9 +126,7 @@ def classification(
     }
     if tensors.png is not None:
         doc["image_png_b64"] = base64.b64encode(tensors.png).decode()
-    warnings = tensors.warnings + _little_reached(doc["conservation"])
-    if warnings:
-        doc["warnings"] = doc["summary"]["warnings"] = warnings
+    warned(doc, tensors.warnings + _little_reached(doc["conservation"]))
     if output.relevance != "inputs":
         doc["layers"] = _layers(relevance, batch, output)
     return doc

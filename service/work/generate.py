@@ -115,6 +115,7 @@ def generate(run: Run, work: Work, r: redis.Redis) -> documents.Doc:
         res = _source_then_decoder(res, batch["input_ids"])
     doc = documents.generation(tok, prompt, res, stream.steps, host_batch, req.output)
     timings = {"capture_s": capture_s, "engine_s": run_s, "run_s": run_s}
+    doc = documents.warned(doc, run.entry.loaded.warnings)
     return {**doc, **documents.finished(run, req, timings)}
 
 

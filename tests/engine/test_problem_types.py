@@ -30,9 +30,7 @@ def _relevance(res: dict) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def multi_label() -> torch.nn.Module:
-    return tiny_bert(
-        "BertForSequenceClassification", 4, problem_type="multi_label_classification"
-    )
+    return tiny_bert("BertForSequenceClassification", 4, problem_type="multi_label_classification")
 
 
 def test_multi_label_reports_each_label_by_its_sigmoid(multi_label):

@@ -1,8 +1,9 @@
 """Models as platform engineers register their own: small random-weight transformers
 checkpoints written with ``save_pretrained`` (DistilBERT classifiers of one label of three,
-of several labels and of a value, and a RoBERTa sequence classifier, with fewer positions
-than the registry's default ``max_tokens``, a ViT with its image processor, a one-channel
-ViT, a Llama whose tokenizer has no pad token, a T5), each with its tokenizer built offline.
+of several labels and of a value, a bare DistilBERT encoder, a RoBERTa sequence classifier,
+with fewer positions than the registry's default ``max_tokens``, a ViT with its image
+processor, a one-channel ViT, a Llama whose tokenizer has no pad token, a T5), each with its
+tokenizer built offline.
 ``python -m tests.helpers.user_models DIR`` writes them, so that test processes need not
 import torch."""
 
@@ -37,8 +38,11 @@ def _bpe(specials: list[str]) -> Any:
     return tok
 
 
-def _distilbert(out: Path, names: tuple[str, ...], **config: Any) -> None:
-    """A DistilBERT classifier with a class (or output) per name; ``config``: more of its
+def _distilbert(
+    out: Path, names: tuple[str, ...], cls: str = "DistilBertForSequenceClassification", **cfg: Any
+) -> None:
+    """A DistilBERT classifier with a class (or output) per name, saved as transformers class
+    ``cls`` (the bare encoder: a checkpoint without the classifier); ``cfg``: more of its
     configuration (``problem_type``)."""
     import transformers as tf
 
@@ -48,9 +52,9 @@ def _distilbert(out: Path, names: tuple[str, ...], **config: Any) -> None:
     cfg = tf.DistilBertConfig(
         vocab_size=len(vocab), dim=32, n_layers=1, n_heads=2, hidden_dim=64,
         max_position_embeddings=POSITIONS, id2label=labels,
-        label2id={v: k for k, v in labels.items()}, **config,
+        label2id={v: k for k, v in labels.items()}, **cfg,
     )  # fmt: skip
-    tf.DistilBertForSequenceClassification(cfg).eval().save_pretrained(out)
+    getattr(tf, cls)(cfg).eval().save_pretrained(out)
     tok.save_pretrained(out)
 
 
@@ -89,18 +93,26 @@ def _vit(out: Path, channels: int, size: int) -> None:
     proc.save_pretrained(out)
 
 
-def _llama(out: Path) -> None:
+def _templated(specials: list[str], single: str, special: str, **tokens: str) -> Any:
+    """(``_bpe(specials)``, a fast tokenizer over it) whose post-processor adds ``special``
+    where the template ``single`` places it; ``tokens``: the tokenizer's named special tokens
+    (``bos_token``, ...)."""
     import transformers as tf
     from tokenizers import processors
 
-    bpe = _bpe(["<unk>", "<s>", "</s>"])
-    bos = bpe.token_to_id("<s>")
+    bpe = _bpe(specials)
     bpe.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", bos)]
+        single=single, special_tokens=[(special, bpe.token_to_id(special))]
     )
-    tok = tf.PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+    return bpe, tf.PreTrainedTokenizerFast(tokenizer_object=bpe, **tokens)
+
+
+def _llama(out: Path) -> None:
+    import transformers as tf
+
+    bpe, tok = _templated(["<unk>", "<s>", "</s>"], "<s> $A", "<s>",
+                          bos_token="<s>", eos_token="</s>", unk_token="<unk>")  # fmt: skip
+    bos = bpe.token_to_id("<s>")
     assert tok.pad_token is None  # what this model is here for
     cfg = tf.LlamaConfig(
         vocab_size=bpe.get_vocab_size(), hidden_size=32, intermediate_size=64,
@@ -114,16 +126,10 @@ def _llama(out: Path) -> None:
 def _t5(out: Path) -> None:
     """An encoder-decoder LM: its decoder starts from the pad token and ends at ``</s>``."""
     import transformers as tf
-    from tokenizers import processors
 
-    bpe = _bpe(["<pad>", "</s>", "<unk>"])
+    bpe, tok = _templated(["<pad>", "</s>", "<unk>"], "$A </s>", "</s>",
+                          pad_token="<pad>", eos_token="</s>", unk_token="<unk>")  # fmt: skip
     eos = bpe.token_to_id("</s>")
-    bpe.post_processor = processors.TemplateProcessing(
-        single="$A </s>", special_tokens=[("</s>", eos)]
-    )
-    tok = tf.PreTrainedTokenizerFast(
-        tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    )
     cfg = tf.T5Config(
         vocab_size=bpe.get_vocab_size(), d_model=32, d_kv=8, d_ff=64, num_layers=2,
         num_heads=4, pad_token_id=bpe.token_to_id("<pad>"), eos_token_id=eos,
@@ -142,6 +148,7 @@ def write(out: Path) -> None:
     multi = {"problem_type": "multi_label_classification"}
     _distilbert(out / "distilbert-multilabel", ("toxic", "insult", "threat"), **multi)
     _distilbert(out / "distilbert-regression", ("stars",), problem_type="regression")
+    _distilbert(out / "distilbert-base", ("neg", "pos"), "DistilBertModel")
     _roberta(out / "roberta")
     _vit(out / "vit", 3, VIT_SIZE)
     _vit(out / "vit-gray", 1, 16)
@@ -162,6 +169,7 @@ def entries(folder: Path) -> list[dict[str, Any]]:
         "distilbert": "text-classification",
         "distilbert-multilabel": "text-classification",
         "distilbert-regression": "text-classification",
+        "distilbert-base": "text-classification",
         "roberta": "text-classification",
         "vit": "image-classification",
         "vit-gray": "image-classification",

@@ -152,6 +152,18 @@ def test_a_regression_reports_its_value(api: Client) -> None:
     assert abs(c["inputs"][0] + c["sinks"][0] - c["seed"][0]) < 1e-3
 
 
+def test_a_checkpoint_without_its_head_warns_on_every_result(api: Client) -> None:
+    """A bare encoder registered as a classifier: transformers starts the classifier at
+    random, and each result says its predictions are noise (they passed for trained)."""
+    body = {"model": "user-distilbert-base", "inputs": {"text": "the cat sat"}}
+    result = api.run(body, timeout=300)
+    (warning,) = result["warnings"]
+    assert warning.startswith("user-distilbert-base: its checkpoint has no trained weights")
+    assert "classifier.weight" in warning and "noise" in warning
+    assert result["summary"]["warnings"] == [warning]
+    assert "warnings" not in api.run({**body, "model": "user-distilbert"}, timeout=300)
+
+
 def test_a_tokenizer_without_a_pad_token_generates(api: Client) -> None:
     """One prompt, and two of unequal length in one job, each row as it is alone."""
     texts = ["the cat sat on the mat", "a dog"]

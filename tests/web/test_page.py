@@ -118,6 +118,28 @@ def test_image_overlay_is_drawn(page: Any, tmp_path: Path) -> None:
     screenshot(page, "image")
 
 
+def test_a_results_warnings_are_shown(page: Any, tmp_path: Path) -> None:
+    """A blank page: the result warns that the prediction means nothing, and the page says
+    so above the explanation (it showed only the prediction); the next run clears it."""
+    from PIL import Image
+
+    from service.demo.digits import sample_png
+
+    blank, digit = tmp_path / "blank.png", tmp_path / "digit.png"
+    Image.new("L", (16, 16), 255).save(blank)
+    digit.write_bytes(sample_png(3))
+    page.select_option("#model", "digits-cnn")
+    page.set_input_files("#image", str(blank))
+    page.click("#run")
+    page.wait_for_selector("#warnings", state="visible")
+    assert "nearly uniform" in page.text_content("#warnings")
+    screenshot(page, "warnings")
+    page.set_input_files("#image", str(digit))
+    page.click("#run")
+    page.wait_for_selector("#image-view", state="visible")
+    assert page.is_hidden("#warnings")
+
+
 def test_reference_mode_asks_for_the_removal_baseline(page: Any, tmp_path: Path) -> None:
     """Mode reference on an image explains from the image blurred (``relevance.reference``),
     and its heatmap is drawn."""
