@@ -30,6 +30,7 @@ def check(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta)
     _check_selection(spec, task, req, meta)
     _check_target(spec, task, req, meta)
     _check_contrast_with(spec, task, req, meta)
+    _check_contrast_target(spec, req, meta)
     if task == TaskName.GENERATION:
         _check_steps(req)
         _check_positions(req, meta)
@@ -200,6 +201,24 @@ def _check_contrast_with(
             loc,
             f"{alt!r} is not a label of {spec.id}: runner-up, rest, a class index or one of "
             + ", ".join(dict.fromkeys(meta.labels)),
+        )
+
+
+def _check_contrast_target(spec: ModelSpec, req: RunTaskRequest, meta: ModelMeta) -> None:
+    """The alternative is another class than the target: a class against itself contrasts
+    nothing (the worker failed the job: "contrast_with=3 is the explained class itself").
+    A label is the class the worker maps it to: its index among the registry's labels,
+    else the model's."""
+    alt, target = req.relevance.contrast_with, req.relevance.target
+    if target is None or alt is None:
+        return
+    names = spec.labels or meta.labels or ()
+    index = names.index(alt) if isinstance(alt, str) and alt in names else alt
+    if index == target:
+        raise invalid(
+            ["relevance", "contrast_with"],
+            f"{alt!r} is the class relevance.target explains ({target}): contrast it with "
+            "another class, runner-up or rest",
         )
 
 

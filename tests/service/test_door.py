@@ -185,6 +185,18 @@ SENTIMENT = {"model": "minilm-sentiment", "inputs": {"text": "fine"}}
             "positive)",
         ),
         (
+            {**SENTIMENT, "relevance": {"mode": "contrast", "contrast_with": 1, "target": 1}},
+            "relevance.contrast_with: 1 is the class relevance.target explains (1): contrast it "
+            "with another class, runner-up or rest",
+        ),
+        (
+            {
+                **SENTIMENT,
+                "relevance": {"mode": "contrast", "contrast_with": "negative", "target": 0},
+            },
+            "relevance.contrast_with: 'negative' is the class relevance.target explains (0)",
+        ),
+        (
             {**LOOKUP, "inputs": {"text": "a3 c1", "text_pair": "a"}},
             "inputs.text_pair: generation takes one text per input: text_pair is for "
             "text-classification, token-classification, question-answering",
@@ -231,7 +243,7 @@ def test_a_body_not_utf8_says_which_byte(api: TestClient) -> None:
 
 def test_what_the_model_takes_passes(api: TestClient) -> None:
     contrast = [
-        {**SENTIMENT, "relevance": {"mode": "contrast", "contrast_with": alt}}
+        {**SENTIMENT, "relevance": {"mode": "contrast", "contrast_with": alt, "target": 0}}
         for alt in ("positive", 1, "rest")
     ]
     lm_contrast = {**LOOKUP, "relevance": {"mode": "contrast", "contrast_with": 101}}
