@@ -93,7 +93,7 @@ def _vit(out: Path, channels: int, size: int) -> None:
     proc.save_pretrained(out)
 
 
-def _templated(specials: list[str], single: str, special: str, **tokens: str) -> Any:
+def _templated(specials: list[str], single: str, special: str, **tokens: str) -> tuple[Any, Any]:
     """(``_bpe(specials)``, a fast tokenizer over it) whose post-processor adds ``special``
     where the template ``single`` places it; ``tokens``: the tokenizer's named special tokens
     (``bos_token``, ...)."""
