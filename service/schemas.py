@@ -9,6 +9,7 @@ from ``engine.tasks`` (no torch)."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -77,17 +78,35 @@ SEED_END = 2**64  # torch's seeds: 0 to 2**64 - 1
 
 
 def _one_sentence(message: str) -> WrapValidator:
-    """A union's failure as one sentence saying what is allowed, instead of pydantic's
-    error per member of the union (``inputs.text.constrained-str: ... | inputs.text.list[
-    constrained-str]: ...``)."""
+    """A union's failure as one sentence saying what is allowed and what was sent, instead of
+    pydantic's error per member of the union (``inputs.text.constrained-str: ... |
+    inputs.text.list[constrained-str]: ...``)."""
 
     def validate(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
         try:
             return handler(value)
         except ValidationError as exc:
-            raise PydanticCustomError("invalid_input", message) from exc
+            raise PydanticCustomError(
+                "invalid_input", message + " (got {got})", {"got": _shown(value)}
+            ) from exc
 
     return WrapValidator(validate)
+
+
+def _shown(value: Any, width: int = 60) -> str:
+    """``value`` as JSON, or where that is longer than ``width``, its size: a text's
+    characters, a list's items (too many, or too long, is the usual fault there)."""
+    try:  # an unpaired surrogate (JSON's "\\ud800") as that escape: not UTF-8 else
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    text = text.encode("utf-8", "backslashreplace").decode()
+    if len(text) <= width:
+        return text
+    if isinstance(value, str | list):
+        what = "a text" if isinstance(value, str) else "a list"
+        return f"{what} of {len(value)} {'characters' if isinstance(value, str) else 'items'}"
+    return text[: width - 3] + "..."
 
 
 TextInput = Annotated[
@@ -154,7 +173,9 @@ class Inputs(BaseModel):
         "one per text. For question-answering, text-classification and token-classification "
         "models whose tokenizer separates pairs; both texts count against max_tokens",
     )
-    image: str | None = Field(default=None, description="base64 PNG or JPEG (data: URL ok)")
+    image: str | None = Field(
+        default=None, min_length=1, description="base64 PNG or JPEG (data: URL ok)"
+    )
     features: FeaturesInput = None
     token_ids: TokenIdsInput = None
 
@@ -230,7 +251,9 @@ class RelevanceParams(BaseModel):
     )
 
     contrast_with: Annotated[
-        int | Annotated[str, Field(min_length=1, max_length=200)] | None, INTEGERS
+        int | Annotated[str, Field(min_length=1, max_length=200)] | None,
+        _one_sentence("must be runner-up, rest, a class index or a label (1 to 200 characters)"),
+        INTEGERS,
     ] = Field(
         default=None,
         description='mode "contrast" only: what the target is explained against. runner-up '
@@ -270,9 +293,11 @@ class GenerationParams(BaseModel):
     num_beams: Annotated[int, INTEGERS] = Field(default=1, ge=1, le=64)
     seed: Annotated[int | None, INTEGERS] = Field(default=None, ge=0, lt=SEED_END)
     do_sample: Flag | None = Field(default=None, description="default: sample when top_k/top_p")
-    steps: Annotated[Literal["all", "none"] | int | list[int], INTEGERS] = Field(
-        default="all", description="which steps to explain: all, none, first N, or a list"
-    )
+    steps: Annotated[
+        Literal["all", "none"] | int | list[int],
+        _one_sentence("must be all, none, a number N (the first N steps) or a list of steps"),
+        INTEGERS,
+    ] = Field(default="all", description="which steps to explain: all, none, first N, or a list")
     path: Literal["batched", "stepwise"] = Field(
         default="batched",
         description="batched: one sweep after decoding; stepwise: relevance as tokens appear",
@@ -281,9 +306,11 @@ class GenerationParams(BaseModel):
 
 class OutputOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    relevance: Literal["inputs", "all"] | list[str] = Field(
-        default="inputs", description="'inputs' (per token / pixel), 'all', or layer names"
-    )
+    relevance: Annotated[
+        Literal["inputs", "all"]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)],
+        _one_sentence("must be inputs, all, or a non-empty list of layer names"),
+    ] = Field(default="inputs", description="'inputs' (per token / pixel), 'all', or layer names")
     encoding: Literal["base64", "json"] = "base64"
     dtype: Literal["float16", "float32"] = "float16"
     top_scores: Annotated[int, INTEGERS] = Field(

@@ -144,6 +144,29 @@ SENTIMENT = {"model": "minilm-sentiment", "inputs": {"text": "fine"}}
             "inputs.text: must be a non-empty string or a list of them",
         ),
         (
+            {**LOOKUP, "generation": {"steps": "first"}},
+            "generation.steps: must be all, none, a number N (the first N steps) or a list of "
+            'steps (got "first")',
+        ),
+        (
+            {**SENTIMENT, "output": {"relevance": []}},
+            "output.relevance: must be inputs, all, or a non-empty list of layer names (got [])",
+        ),
+        (
+            {**SENTIMENT, "relevance": {"mode": "contrast", "contrast_with": ""}},
+            "relevance.contrast_with: must be runner-up, rest, a class index or a label (1 to "
+            '200 characters) (got "")',
+        ),
+        (
+            {**SENTIMENT, "inputs": {"text": ["ok"] * 65}},
+            "inputs.text: must be a non-empty string or a list of them (at most 64 texts of at "
+            "most 20000 characters) (got a list of 65 items)",
+        ),
+        (
+            {"model": "digits-cnn", "inputs": {"image": ""}},
+            "inputs.image: String should have at least 1 character",
+        ),
+        (
             {**LOOKUP, "relevance": {"target": 3}},
             "relevance.target: generation explains each step's generated token: it takes no target",
         ),
