@@ -31,6 +31,7 @@ def check(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta)
     _check_target(spec, task, req, meta)
     _check_contrast_with(spec, task, req, meta)
     _check_contrast_target(spec, req, meta)
+    _check_unread(spec, task, req)
     if task == TaskName.GENERATION:
         _check_steps(req)
         _check_positions(req, meta)
@@ -173,6 +174,39 @@ def _check_position(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: 
         ["relevance", "position"],
         f"{pos} is past the last token of {what}: {n} tokens, special ones included (0 to {n - 1})",
     )
+
+
+# Settings some tasks never read: where they sit, what they are for, and the tasks that read
+# them. Sent to another task, the job ran ignoring them.
+_READ_BY = (
+    (
+        ("output", "top_scores"),
+        "the top tokens of each generation step",
+        (TaskName.GENERATION,),
+    ),
+    (
+        ("relevance", "thresholding"),
+        "a classifier's decision by its logits' sigmoid",
+        (
+            TaskName.TEXT_CLASSIFICATION,
+            TaskName.IMAGE_CLASSIFICATION,
+            TaskName.TABULAR_CLASSIFICATION,
+        ),
+    ),
+)
+
+
+def _check_unread(spec: ModelSpec, task: TaskName, req: RunTaskRequest) -> None:
+    """No setting the task never reads (``_READ_BY``): top_scores outside generation,
+    thresholding where labels are chosen by argmax or the answer by its span."""
+    for (section, name), what, readers in _READ_BY:
+        given = getattr(req, section)
+        if name in given.model_fields_set and task not in readers:
+            raise invalid(
+                [section, name],
+                f"{getattr(given, name)}: {name} sets {what}, but {spec.id} does {task}; "
+                f"leave {name} out",
+            )
 
 
 def _check_contrast_with(

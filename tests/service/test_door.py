@@ -167,6 +167,16 @@ SENTIMENT = {"model": "minilm-sentiment", "inputs": {"text": "fine"}}
             "inputs.image: String should have at least 1 character",
         ),
         (
+            {**SENTIMENT, "output": {"top_scores": 3}},
+            "output.top_scores: 3: top_scores sets the top tokens of each generation step, but "
+            "minilm-sentiment does text-classification; leave top_scores out",
+        ),
+        (
+            {**LOOKUP, "relevance": {"thresholding": 0.3}},
+            "relevance.thresholding: 0.3: thresholding sets a classifier's decision by its "
+            "logits' sigmoid, but tiny-lookup-lm does generation; leave thresholding out",
+        ),
+        (
             {**LOOKUP, "relevance": {"target": 3}},
             "relevance.target: generation explains each step's generated token: it takes no target",
         ),
