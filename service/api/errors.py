@@ -54,15 +54,12 @@ async def redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResp
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's 422, each error with its ``message``; a body that is not JSON says where,
-    and one not sent as JSON says so (FastAPI reads it as bytes, which pydantic then calls
-    not a dictionary)."""
-    media = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
-    as_json = not media or media == "application/json" or media.endswith("+json")
-    if not as_json and any(tuple(e["loc"]) == ("body",) for e in exc.errors()):
-        msg = f"request body must be JSON, sent with Content-Type: application/json (got {media})"
+    an empty one says so, and one not sent as JSON says so (FastAPI reads it as bytes, also
+    without a Content-Type, which pydantic then calls not a dictionary)."""
+    if (whole := _whole_body(request, exc)) is not None:
+        kind, msg = whole
         return JSONResponse(
-            {"detail": [{"loc": ["body"], "msg": msg, "type": "content_type", "message": msg}]},
-            422,
+            {"detail": [{"loc": ["body"], "msg": msg, "type": kind, "message": msg}]}, 422
         )
     errors = []
     for e in exc.errors():
@@ -79,6 +76,24 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
             loc = ["body"]
         errors.append({"loc": loc, "msg": e["msg"], "type": kind, "message": message})
     return JSONResponse({"detail": errors}, 422)
+
+
+def _whole_body(request: Request, exc: RequestValidationError) -> tuple[str, str] | None:
+    """The error type and message where the body as a whole failed: none was sent, or it
+    was not sent as JSON; None where its fields did."""
+    whole = [e["type"] for e in exc.errors() if tuple(e["loc"]) == ("body",)]
+    if not whole:
+        return None
+    if "missing" in whole:
+        return "missing", "request body is empty: send the request as a JSON object"
+    media = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if media == "application/json" or media.endswith("+json"):
+        return None
+    sent = media or "no Content-Type"
+    return (
+        "content_type",
+        f"request body must be JSON, sent with Content-Type: application/json (got {sent})",
+    )
 
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")

@@ -324,14 +324,23 @@ def test_prompt_counted_without_the_tokenizers_padding(tmp_path: Path) -> None:
     assert meta.count_tokens(" ".join(["a3"] * 30)) == 30
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "no Content-Type"]
+)
 def test_a_body_not_sent_as_json_says_so(api: TestClient, content_type: str) -> None:
-    """JSON sent with another Content-Type (curl -d sends a form's) is not read as JSON: the
-    422 says what to send, not that the body should be a dictionary."""
-    headers = {"Content-Type": content_type}
+    """JSON sent with another Content-Type (curl -d sends a form's), or with none (FastAPI
+    reads no JSON then either), is not read as JSON: the 422 says what to send, not that
+    the body should be a dictionary."""
+    headers = {} if content_type == "no Content-Type" else {"Content-Type": content_type}
     resp = api.post("/run_task", content=json.dumps(SENTIMENT), headers=headers)
     expected = "request body must be JSON, sent with Content-Type: application/json"
     assert _message(resp) == f"{expected} (got {content_type})"
+
+
+def test_an_empty_body_says_so(api: TestClient) -> None:
+    """No body at all is not "body: Field required"."""
+    resp = api.post("/run_task", content=b"", headers={"Content-Type": "application/json"})
+    assert _message(resp) == "request body is empty: send the request as a JSON object"
 
 
 INTEGER, NUMBER = (
