@@ -10,10 +10,13 @@ import torch
 import transformers
 from torch import Tensor, nn
 
+from tests.helpers.tiny import tiny_model
+
 VOCAB = 96
 EOS, PAD = 1, 0
 
-_COMMON = dict(vocab_size=VOCAB, bos_token_id=2, eos_token_id=EOS, pad_token_id=PAD)
+# the vocabulary and special token ids of every tiny LM here and in the generation tests
+SPECIAL = dict(vocab_size=VOCAB, bos_token_id=2, eos_token_id=EOS, pad_token_id=PAD)
 _DECODER = dict(
     hidden_size=64,
     intermediate_size=96,
@@ -21,7 +24,7 @@ _DECODER = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=128,
-    **_COMMON,
+    **SPECIAL,
 )
 _MOE = dict(_DECODER, num_experts_per_tok=2)
 
@@ -29,7 +32,7 @@ CONFIGS: dict[str, tuple[str, str, dict]] = {
     "gpt2": (
         "GPT2Config",
         "GPT2LMHeadModel",
-        dict(n_layer=2, n_embd=64, n_head=4, n_positions=128, **_COMMON),
+        dict(n_layer=2, n_embd=64, n_head=4, n_positions=128, **SPECIAL),
     ),
     "llama": ("LlamaConfig", "LlamaForCausalLM", _DECODER),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", _DECODER),
@@ -68,11 +71,7 @@ class WrappedLM(nn.Module):
 def tiny_lm(family: str, seed: int = 0, sharpen: float = 1.0) -> nn.Module:
     """A random-weight causal LM of ``family``. ``sharpen`` scales the LM head so that logits
     are peaked (random models otherwise emit near-uniform logits and never stop at EOS)."""
-    config_cls, model_cls, kwargs = CONFIGS[family]
-    transformers.logging.set_verbosity_error()
-    config = getattr(transformers, config_cls)(**kwargs)
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(config).eval()
+    model = tiny_model(*CONFIGS[family], seed=seed)
     if sharpen != 1.0:
         with torch.no_grad():
             model.get_output_embeddings().weight.mul_(sharpen)

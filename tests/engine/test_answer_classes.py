@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
 from engine import DLBacktrace
+from tests.helpers.tiny import tiny_model
 
 MULTIPLIER = 100.0
 
 
 @pytest.fixture(scope="module")
 def lxmert():
-    transformers.logging.set_verbosity_error()
-    config = transformers.LxmertConfig(
+    sizes = dict(
         vocab_size=96,
         hidden_size=32,
         num_attention_heads=4,
@@ -28,8 +27,7 @@ def lxmert():
         visual_feat_dim=8,
         visual_pos_dim=4,
     )
-    torch.manual_seed(0)
-    model = transformers.LxmertForQuestionAnswering(config).eval()
+    model = tiny_model("LxmertConfig", "LxmertForQuestionAnswering", sizes)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 96, (2, 9), generator=g)
     inputs = {

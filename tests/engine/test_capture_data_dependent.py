@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
 from engine import DLBacktrace
+from tests.helpers.tiny import tiny_model
 
 MULTIPLIER = 100.0
 
@@ -24,13 +24,6 @@ def _conserved(conservation: dict) -> None:
                            ("seed", "inputs", "sinks"))  # fmt: skip
     assert (seed.abs().amax() > 0) and (inputs.abs() > 0).any()
     torch.testing.assert_close(inputs + sinks, seed, rtol=0, atol=1e-4 * MULTIPLIER)
-
-
-def _built(config_cls: str, model_cls: str, **sizes) -> torch.nn.Module:
-    transformers.logging.set_verbosity_error()
-    config = getattr(transformers, config_cls)(**sizes)
-    torch.manual_seed(0)
-    return getattr(transformers, model_cls)(config).eval()
 
 
 _MOE = dict(
@@ -51,7 +44,9 @@ def test_eager_experts_are_captured_grouped_and_restored():
     """OpenAI's privacy filter runs its experts eager by default, a Python loop over the
     experts some token picked (``nonzero``): captured with the grouped implementation, for any
     routing, and left eager for the user afterwards."""
-    model = _built("OpenAIPrivacyFilterConfig", "OpenAIPrivacyFilterForTokenClassification", **_MOE)
+    model = tiny_model(
+        "OpenAIPrivacyFilterConfig", "OpenAIPrivacyFilterForTokenClassification", _MOE
+    )
     assert model.config._experts_implementation == "eager"
     inputs = _ids()
     dlb = DLBacktrace(model, inputs)
@@ -79,16 +74,18 @@ def _agrees_with_eager(model: torch.nn.Module, inputs: dict, result: dict) -> No
 
 
 def _dbrx() -> torch.nn.Module:
-    return _built(
+    return tiny_model(
         "DbrxConfig",
         "DbrxForCausalLM",
-        vocab_size=96,
-        d_model=32,
-        n_heads=4,
-        n_layers=2,
-        max_seq_len=64,
-        attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
-        ffn_config={"ffn_hidden_size": 48, "moe_num_experts": 4, "moe_top_k": 2},
+        dict(
+            vocab_size=96,
+            d_model=32,
+            n_heads=4,
+            n_layers=2,
+            max_seq_len=64,
+            attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+            ffn_config={"ffn_hidden_size": 48, "moe_num_experts": 4, "moe_top_k": 2},
+        ),
     )
 
 
@@ -113,17 +110,19 @@ def test_an_expert_loop_over_nonzero_is_captured_for_each_input():
 
 
 def _longformer() -> torch.nn.Module:
-    return _built(
+    return tiny_model(
         "LongformerConfig",
         "LongformerForSequenceClassification",
-        vocab_size=96,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        attention_window=4,
-        max_position_embeddings=64,
-        num_labels=3,
+        dict(
+            vocab_size=96,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            attention_window=4,
+            max_position_embeddings=64,
+            num_labels=3,
+        ),
     )
 
 

@@ -7,18 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    BartConfig,
-    BartForConditionalGeneration,
-    MBartConfig,
-    MBartForConditionalGeneration,
-    T5Config,
-    T5ForConditionalGeneration,
-)
+from transformers import BartConfig, BartForConditionalGeneration
 
 from engine import DLBacktrace
 from engine.memory import MemoryBudgetError, estimate
 from engine.tasks import TaskName
+from tests.helpers.tiny import tiny_model
 
 BART_SIZES = {
     "vocab_size": 100, "d_model": 32, "encoder_layers": 2, "decoder_layers": 2,
@@ -26,9 +20,11 @@ BART_SIZES = {
     "decoder_ffn_dim": 48, "max_position_embeddings": 64, "forced_eos_token_id": None,
     "eos_token_id": 99,  # never the argmax of these weights: every step is generated
 }  # fmt: skip
-MODELS = {
-    "t5": lambda: T5ForConditionalGeneration(
-        T5Config(
+MODELS = {  # (config class, model class, configuration), for tiny_model
+    "t5": (
+        "T5Config",
+        "T5ForConditionalGeneration",
+        dict(
             vocab_size=100,
             d_model=32,
             d_kv=8,
@@ -38,11 +34,11 @@ MODELS = {
             decoder_start_token_id=0,
             pad_token_id=0,
             eos_token_id=1,
-        )
-    ),  # fmt: skip
-    "bart": lambda: BartForConditionalGeneration(BartConfig(**BART_SIZES)),
+        ),
+    ),
+    "bart": ("BartConfig", "BartForConditionalGeneration", BART_SIZES),
     # no decoder start token in its configs: generate starts from BOS, and so does the graph
-    "mbart": lambda: MBartForConditionalGeneration(MBartConfig(**BART_SIZES)),
+    "mbart": ("MBartConfig", "MBartForConditionalGeneration", BART_SIZES),
 }
 STEPS = 4
 
@@ -55,8 +51,7 @@ def source() -> dict[str, torch.Tensor]:
 
 
 def model(name: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return MODELS[name]().eval()
+    return tiny_model(*MODELS[name])
 
 
 @pytest.mark.parametrize("mode", ["default", "reference"])

@@ -17,17 +17,17 @@ import torch
 from engine import DLBacktrace
 from engine.decoding import DecodingConfig, decode
 from engine.generation import run_generation
-from tests.engine.lm_models import EOS, PAD, prompts
-from tests.engine.test_generation_uncached import _SPECIAL, _build
+from tests.engine.lm_models import EOS, PAD, SPECIAL, prompts
+from tests.helpers.tiny import tiny_model
 
 STEPS = 3
 MAMBA = ("MambaConfig", "MambaForCausalLM",
-         dict(num_hidden_layers=2, hidden_size=32, state_size=8, expand=2, **_SPECIAL))  # fmt: skip
+         dict(num_hidden_layers=2, hidden_size=32, state_size=8, expand=2, **SPECIAL))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
-    return _build(*MAMBA)
+    return tiny_model(*MAMBA)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from engine import DLBacktrace
 from engine.capture import capture
 from engine.generation import run_generation
 from tests.engine.lm_models import prompts
-from tests.engine.test_generation_uncached import UNCACHED, _build
+from tests.engine.test_generation_uncached import UNCACHED
+from tests.helpers.tiny import tiny_model
 
 STEPS = 3
 
@@ -25,7 +26,7 @@ def _longer(batch: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
 
 
 def test_a_specialised_length_is_not_accepted_for_another_length():
-    model = _build(*UNCACHED["rwkv"])
+    model = tiny_model(*UNCACHED["rwkv"])
     batch = prompts(2, 6, seed=1)
     captured = capture(model, batch)
     assert captured.accepts(batch)
@@ -33,7 +34,7 @@ def test_a_specialised_length_is_not_accepted_for_another_length():
 
 
 def test_rwkv_generation_graph_logits_equal_eager_and_conserve():
-    model = _build(*UNCACHED["rwkv"])
+    model = tiny_model(*UNCACHED["rwkv"])
     batch = prompts(2, 6, seed=1)
     dlb = DLBacktrace(model, batch)
     with warnings.catch_warnings(record=True) as said:

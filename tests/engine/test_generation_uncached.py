@@ -9,7 +9,6 @@ import warnings
 
 import pytest
 import torch
-import transformers
 
 from engine import DLBacktrace
 from engine.decoding import DecodingConfig, decode
@@ -17,21 +16,21 @@ from engine.generation import run_generation
 from tests.engine.lm_models import (
     EOS,
     PAD,
-    VOCAB,
+    SPECIAL,
     WrappedLM,
     conserved_and_paths_agree,
     prompts,
     tiny_lm,
 )
+from tests.helpers.tiny import tiny_model
 
 NEW = 5
-_SPECIAL = dict(vocab_size=VOCAB, bos_token_id=2, eos_token_id=EOS, pad_token_id=PAD)
 # OpenAI GPT has no cache at all; RWKV carries a recurrent state of its own (``state``)
 UNCACHED = {
     "openai-gpt": (
         "OpenAIGPTConfig",
         "OpenAIGPTLMHeadModel",
-        dict(n_layer=2, n_embd=32, n_head=4, n_positions=64, **_SPECIAL),
+        dict(n_layer=2, n_embd=32, n_head=4, n_positions=64, **SPECIAL),
     ),
     "rwkv": (
         "RwkvConfig",
@@ -42,17 +41,10 @@ UNCACHED = {
             attention_hidden_size=32,
             intermediate_size=64,
             context_length=64,
-            **_SPECIAL,
+            **SPECIAL,
         ),
     ),  # fmt: skip
 }
-
-
-def _build(config_cls: str, model_cls: str, kwargs: dict) -> torch.nn.Module:
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(**kwargs)
-    return getattr(transformers, model_cls)(config).eval()
 
 
 def _cfg(**kw) -> DecodingConfig:
@@ -60,7 +52,7 @@ def _cfg(**kw) -> DecodingConfig:
 
 
 def test_a_model_without_a_cache_decodes_like_generate(caplog):
-    model = _build(*UNCACHED["openai-gpt"])
+    model = tiny_model(*UNCACHED["openai-gpt"])
     batch = prompts(2, 6, seed=1, pads=(0, 2))
     with caplog.at_level(logging.INFO, logger="engine"):
         got = decode(model, batch["input_ids"], batch["attention_mask"], _cfg())
@@ -73,7 +65,7 @@ def test_a_state_of_its_own_is_not_a_cache_the_prefix_is_rerun(caplog):
     """RWKV returns and takes a ``state`` of its own. Decoding re-runs the whole prefix, the
     forward the explanation replays: its tokens are the greedy tokens of full forwards (on this
     tiny random model transformers' state path gives other logits from the second token on)."""
-    model = _build(*UNCACHED["rwkv"])
+    model = tiny_model(*UNCACHED["rwkv"])
     batch = prompts(2, 6, seed=1)
     with caplog.at_level(logging.INFO, logger="engine"):
         got = decode(model, batch["input_ids"], batch["attention_mask"], _cfg())
@@ -86,7 +78,7 @@ def test_a_state_of_its_own_is_not_a_cache_the_prefix_is_rerun(caplog):
 
 
 def test_uncached_beam_search_equals_generate():
-    model = _build(*UNCACHED["openai-gpt"])
+    model = tiny_model(*UNCACHED["openai-gpt"])
     batch = prompts(2, 6, seed=1, pads=(0, 2))
     got = decode(model, batch["input_ids"], batch["attention_mask"], _cfg(num_beams=3))
     expected = model.generate(**batch, max_new_tokens=NEW, num_beams=3, do_sample=False)
@@ -96,7 +88,7 @@ def test_uncached_beam_search_equals_generate():
 def test_uncached_generation_is_explained_and_conserved():
     """OpenAI GPT stopped with ``AttributeError ... 'cache'``; now both paths explain it,
     agree, and conserve per sample."""
-    model = _build(*UNCACHED["openai-gpt"])
+    model = tiny_model(*UNCACHED["openai-gpt"])
     batch = prompts(2, 6, seed=1, pads=(0, 2))
     trace = conserved_and_paths_agree(DLBacktrace(model, batch), batch, 1e-5, steps=3)
     assert all(float(c["seed"].min()) > 0 for c in trace)
@@ -126,8 +118,8 @@ def test_xlnet_generation_says_why_it_cannot_be_explained():
     """XLNet's generate predicts a dummy token through perm_mask / target_mapping: a plain
     forward over the prompt (decode, captured graph) computes other logits. Said before any
     decoding, instead of other tokens than generate's."""
-    model = _build("XLNetConfig", "XLNetLMHeadModel",
-                   dict(n_layer=2, d_model=32, n_head=4, d_inner=64, **_SPECIAL))  # fmt: skip
+    model = tiny_model("XLNetConfig", "XLNetLMHeadModel",
+                       dict(n_layer=2, d_model=32, n_head=4, d_inner=64, **SPECIAL))  # fmt: skip
     batch = prompts(2, 6, seed=1)
     with pytest.raises(ValueError, match="perm_mask, target_mapping"):
         decode(model, batch["input_ids"], batch["attention_mask"], _cfg())
@@ -137,9 +129,10 @@ def test_a_decoder_that_is_not_causal_is_explained_step_by_step():
     """A BERT run as a causal LM without ``is_decoder`` attends both ways: one forward over the
     final sequence would show earlier steps later tokens. Each step is then explained over its
     own prefix: no 'logits differ' warning, batched equals stepwise, conserved."""
-    model = _build("BertConfig", "BertLMHeadModel",
-                   dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, **_SPECIAL))  # fmt: skip
+    model = tiny_model("BertConfig", "BertLMHeadModel",
+                       dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=64,
+                            **SPECIAL))  # fmt: skip
     assert not model.config.is_decoder
     batch = prompts(2, 6, seed=1, pads=(0, 2))
     dlb = DLBacktrace(model, batch)
@@ -153,9 +146,9 @@ def test_without_position_ids_left_padding_is_explained_in_place():
     """An LM whose forward takes no positions (BlenderbotSmall) numbers left padding, in
     generate and in the decode; the explanation must replay that layout, not move the padding
     (its logits differed from the decode's by 1e-3)."""
-    model = _build("BlenderbotSmallConfig", "BlenderbotSmallForCausalLM",
-                   dict(decoder_layers=2, d_model=32, decoder_attention_heads=4,
-                        decoder_ffn_dim=64, max_position_embeddings=64, **_SPECIAL))  # fmt: skip
+    model = tiny_model("BlenderbotSmallConfig", "BlenderbotSmallForCausalLM",
+                       dict(decoder_layers=2, d_model=32, decoder_attention_heads=4,
+                            decoder_ffn_dim=64, max_position_embeddings=64, **SPECIAL))  # fmt: skip
     with torch.no_grad():  # positions that matter: padding then shifts the logits visibly
         model.model.decoder.embed_positions.weight.normal_(0, 1.0)
     batch = prompts(2, 6, seed=1, pads=(0, 2))
