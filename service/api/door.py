@@ -27,6 +27,7 @@ def check(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta)
     """Every check of this module, in the order of the request's fields."""
     _check_text(spec, task, req, meta)
     _check_token_ids(spec, task, req, meta)
+    _check_mode(task, req)
     _check_selection(spec, task, req, meta)
     _check_target(spec, task, req, meta)
     _check_contrast_with(spec, task, req, meta)
@@ -138,6 +139,17 @@ _EXPLAINS = {
     TaskName.IMAGE_CLASSIFICATION: ("one prediction per image", ("position",)),
     TaskName.TABULAR_CLASSIFICATION: ("one prediction per row", ("position",)),
 }
+
+
+def _check_mode(task: TaskName, req: RunTaskRequest) -> None:
+    """Mode contrast needs alternatives to the explained output: question-answering's start
+    and end are not alternatives of one another (the worker failed the job, saying so)."""
+    if task == TaskName.QUESTION_ANSWERING and req.relevance.mode == "contrast":
+        raise invalid(
+            ["relevance", "mode"],
+            f"contrast: {task} explains {_EXPLAINS[task][0]}, which are not alternatives of "
+            "one another; use default or reference",
+        )
 
 
 def _check_selection(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta) -> None:

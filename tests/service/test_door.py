@@ -728,3 +728,22 @@ def test_a_token_id_past_a_long_when_the_vocabulary_is_not_known() -> None:
     assert _refused(lambda: door.check(spec, spec.task, req, ModelMeta())) == (
         "inputs.token_ids: id 9223372036854775808 is not a token id (0 to the vocabulary size - 1)"
     )
+
+
+@pytest.mark.parametrize("mode", ["contrast", "reference"])
+def test_question_answering_has_no_contrast(tmp_path: Path, mode: str) -> None:
+    """A question-answering model's start and end are no alternatives to contrast: mode
+    contrast was a 202 whose job failed ('mode "contrast" is not defined for
+    question-answering'); mode reference is its signed mode."""
+    from service.api import door
+    from service.schemas import RunTaskRequest
+
+    spec, meta = _tagger(tmp_path, "question-answering", TRANSFORMERS)
+    inputs = {"text": "a", "text_pair": "a b"}
+    req = RunTaskRequest(model="tagger", inputs=inputs, relevance={"mode": mode})
+    expected = (
+        "relevance.mode: contrast: question-answering explains the predicted answer's start "
+        "and end, which are not alternatives of one another; use default or reference"
+    )
+    message = _refused(lambda: door.check(spec, spec.task, req, meta))
+    assert message == (expected if mode == "contrast" else "")
