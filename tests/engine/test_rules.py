@@ -99,6 +99,14 @@ def linear_reference_ctx(x, w, b, R, xr) -> Ctx:
                   out=F.linear(x, w, b), ref_out=F.linear(xr, w, b))  # fmt: skip
 
 
+def linear_reference_case():
+    """``linear_case`` against the reference input ``xr`` (seed 5): x, xr, w, b, R and
+    their ``linear_reference_ctx``."""
+    x, w, b, R = linear_case()
+    xr = rand(3, 5, seed=5)
+    return x, xr, w, b, R, linear_reference_ctx(x, w, b, R, xr)
+
+
 def test_linear_default_is_the_z_rule():
     """R_in = |x||w| R / (|x||W|^T + |b|), the bias share the sink."""
     x, w, b, R = linear_case()
@@ -115,9 +123,7 @@ def test_linear_default_is_the_z_rule():
 
 def test_linear_contrast_is_the_reference_rule():
     """Mode "contrast" below the seed head: the difference rule of mode "reference"."""
-    x, w, b, R = linear_case()
-    xr = rand(3, 5, seed=5)
-    ctx = linear_reference_ctx(x, w, b, R, xr)
+    x, xr, w, b, R, ctx = linear_reference_case()
     grads, sink = Linear().contrast(ctx)
     expected, expected_sink = Linear().reference(ctx)
     torch.testing.assert_close(grads["input"], expected["input"])
@@ -126,9 +132,7 @@ def test_linear_contrast_is_the_reference_rule():
 
 def test_linear_reference_is_the_difference_rule():
     """R_in = dx w R / dy: the bias cancels, so the inputs take all of R (up to EPS)."""
-    x, w, b, R = linear_case()
-    xr = rand(3, 5, seed=5)
-    ctx = linear_reference_ctx(x, w, b, R, xr)
+    x, xr, w, b, R, ctx = linear_reference_case()
     grads, sink = Linear().reference(ctx)
     dy = ctx.out - ctx.ref_out  # stabilised by +-EPS: where dy vanishes, its relevance is a sink
     expected = torch.einsum("bi,oi,kbo->kbi", x - xr, w, R / stable(dy))
@@ -139,9 +143,7 @@ def test_linear_reference_is_the_difference_rule():
 
 def test_linear_reference_reveal_cancel_conserves():
     """With a relu after the layer (a canonize fact), RevealCancel: inputs + sink = R."""
-    x, w, b, R = linear_case()
-    xr = rand(3, 5, seed=5)
-    ctx = linear_reference_ctx(x, w, b, R, xr)
+    x, xr, w, b, R, ctx = linear_reference_case()
     plain, _ = Linear().reference(ctx)
     ctx.facts = Canonical(relu_after=frozenset({ctx.node}))
     grads, sink = Linear().reference(ctx)
