@@ -28,6 +28,7 @@ def check(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta)
     _check_text(spec, task, req, meta)
     _check_token_ids(spec, task, req, meta)
     _check_mode(task, req)
+    _check_head(spec, task, req, meta)
     _check_selection(spec, task, req, meta)
     _check_target(spec, task, req, meta)
     _check_contrast_with(spec, task, req, meta)
@@ -149,6 +150,27 @@ def _check_mode(task: TaskName, req: RunTaskRequest) -> None:
             ["relevance", "mode"],
             f"contrast: {task} explains {_EXPLAINS[task][0]}, which are not alternatives of "
             "one another; use default or reference",
+        )
+
+
+def _check_head(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta) -> None:
+    """What a classifier's head (config.json's ``problem_type``) has no meaning for, as the
+    engine refuses it: a regression's values have no alternative class to contrast with,
+    and a multi-label head decides each label on its own (a label's contrast is its absence)."""
+    rel = req.relevance
+    if task not in CLASSIFICATION_TASKS or meta.problem_type is None:
+        return
+    if meta.problem_type == "regression" and rel.mode == "contrast":
+        raise invalid(
+            ["relevance", "mode"],
+            f"contrast: {spec.id} is a regression (its outputs are values, with no "
+            "alternative class to explain against); use default or reference",
+        )
+    if meta.problem_type == "multi_label_classification" and rel.contrast_with is not None:
+        raise invalid(
+            ["relevance", "contrast_with"],
+            f"{spec.id} decides each label on its own (multi-label): mode contrast explains a "
+            f"label against its absence; leave contrast_with out (got {rel.contrast_with!r})",
         )
 
 

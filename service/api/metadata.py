@@ -41,6 +41,8 @@ class ModelMeta:
     # an encoder-decoder (T5, BART): its source and its decoder's tokens each have the
     # positions, where a causal LM's prompt and new tokens share them
     encoder_decoder: bool = False
+    # config.json's problem_type: multi-label and regression heads answer differently
+    problem_type: str | None = None
     # whether a text model's logits keep a token axis ([B, T, C]: ``relevance.position``
     # picks the token explained) or give one prediction per text ([B, C]); None where the
     # entry does not say (a python factory's model)
@@ -200,6 +202,7 @@ def _read(folder: Path, spec: ModelSpec) -> ModelMeta:
         max_positions=positions,
         tokenizer=_tokenizer(folder / "tokenizer.json"),
         encoder_decoder=bool(config.get("is_encoder_decoder")),
+        problem_type=config.get("problem_type"),
         token_axis=_token_axis(spec),
     )
 

@@ -141,6 +141,21 @@ def test_a_multi_label_classifier_reports_each_label_present(api: Client) -> Non
     assert api.run(everything, timeout=300)["predictions"][0]["labels"] == names
 
 
+def test_what_a_head_has_no_meaning_for_is_refused_at_submit(api: Client) -> None:
+    """A label of a multi-label head is contrasted with its absence, and a regression's value
+    with nothing: both 422s naming the field (the worker refused them after the queue)."""
+    multi = {"model": "user-distilbert-multilabel", "inputs": {"text": "the cat"}}
+    contrast = {"mode": "contrast", "contrast_with": "insult"}
+    message = _refusal(api, {**multi, "relevance": contrast})
+    assert message.startswith("relevance.contrast_with: user-distilbert-multilabel decides each")
+    regression = {"model": "user-distilbert-regression", "inputs": {"text": "the cat"}}
+    message = _refusal(api, {**regression, "relevance": {"mode": "contrast"}})
+    assert message.startswith("relevance.mode: contrast: user-distilbert-regression is a regr")
+    contrast_alone = {**multi, "relevance": {"mode": "contrast"}}
+    result = api.run(contrast_alone, timeout=300)
+    assert abs(abs(result["conservation"]["seed"][0]) - 100) < 1e-3
+
+
 def test_a_regression_reports_its_value(api: Client) -> None:
     """The value the model returns, not a probability of it; its relevance adds up."""
     body = {"model": "user-distilbert-regression", "inputs": {"text": "a dog ran"}}
