@@ -77,14 +77,36 @@ def _check_sizes(kind: str, value: Any, lim: Limits) -> None:
         if longest > lim.max_tokens * CHARS_PER_TOKEN:
             raise invalid(["inputs", "text"], f"text too long for max_tokens={lim.max_tokens}")
     if kind == "features":
-        width = max(len(x) for x in rows) if rows else len(value)
-        if width > lim.max_features:
-            raise invalid(
-                ["inputs", "features"],
-                f"{width} features, more than max_features={lim.max_features}",
-            )
+        _check_features(rows or [value], lim)
     if kind == "image":
         check_image(value, lim.max_image_size)
+
+
+# The largest float32: the worker casts features to float32, which reads anything larger as
+# infinity (the job failed: "input holds 1 NaN or inf value(s)").
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_features(rows: list[list[float]], lim: Limits) -> None:
+    """Rows of at most ``max_features`` numbers, all as wide (ragged rows failed in the
+    worker with numpy's "setting an array element with a sequence"), each a float32."""
+    loc = ["inputs", "features"]
+    widths = [len(row) for row in rows]
+    if max(widths) > lim.max_features:
+        raise invalid(loc, f"{max(widths)} features, more than max_features={lim.max_features}")
+    if len(set(widths)) > 1:
+        i = next(i for i, w in enumerate(widths) if w != widths[0])
+        raise invalid(
+            loc, f"row {i} has {widths[i]} features, row 0 {widths[0]}: give every row as many"
+        )
+    for i, row in enumerate(rows):
+        if max(map(abs, row)) > FLOAT32_MAX:
+            j, x = next((j, x) for j, x in enumerate(row) if abs(x) > FLOAT32_MAX)
+            raise invalid(
+                loc,
+                f"{x} (row {i}, feature {j}) is past float32's range (at most "
+                f"{FLOAT32_MAX:.7g} either way), which the model reads as infinity",
+            )
 
 
 def _check_pairs(spec: ModelSpec, pairs: bool, req: RunTaskRequest) -> None:

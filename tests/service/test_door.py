@@ -747,3 +747,34 @@ def test_question_answering_has_no_contrast(tmp_path: Path, mode: str) -> None:
     )
     message = _refused(lambda: door.check(spec, spec.task, req, meta))
     assert message == (expected if mode == "contrast" else "")
+
+
+@pytest.mark.parametrize(
+    ("features", "expected"),
+    [
+        (
+            [[1.0, 2.0], [1.0]],
+            "inputs.features: row 1 has 1 features, row 0 2: give every row as many",
+        ),
+        (
+            [1e300, 1.0],
+            "inputs.features: 1e+300 (row 0, feature 0) is past float32's range (at most "
+            "3.402823e+38 either way), which the model reads as infinity",
+        ),
+        ([[1.0, 2.0], [3.0, -1e39]], "inputs.features: -1e+39 (row 1, feature 1) is past"),
+        ([[3e38, -3e38], [0.0, 1e-320]], ""),
+    ],
+)
+def test_features_a_model_can_read(features: list, expected: str) -> None:
+    """Rows as wide as each other, of numbers a float32 holds: ragged rows failed in the
+    worker with numpy's "setting an array element with a sequence", and 1e300 with "input
+    holds 1 NaN or inf value(s)" (the cast to float32 made it infinite)."""
+    from service.api import validation
+    from service.registry import ModelSpec
+    from service.schemas import RunTaskRequest
+
+    source = {"kind": "python", "factory": "m:f"}
+    spec = ModelSpec(id="tab", task="tabular-classification", source=source)
+    req = RunTaskRequest(model="tab", inputs={"features": features})
+    message = _refused(lambda: validation.check_inputs(spec, req))
+    assert message.startswith(expected) if expected else message == "", message
