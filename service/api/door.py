@@ -191,9 +191,8 @@ def _check_selection(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta:
 
 def _check_position(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta) -> None:
     """A position picks a token of the padded input: none past the most tokens an input may
-    have, nor, where the door counts the tokens, past the longest input's last token (exact
-    for one input; in a batch, a position on a shorter input's padding is left to the
-    worker, which knows the padding side)."""
+    have, nor, where the door counts the tokens, past the longest input's last token, nor
+    in a batch on a shorter input's padding where the door knows the padding side."""
     pos, (bound, why) = req.relevance.position, _token_bound(spec, task, meta)
     if pos >= bound:
         raise invalid(
@@ -201,13 +200,32 @@ def _check_position(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: 
             f"{pos} is past the last token an input may have: 0 to {bound - 1} ({why})",
         )
     lengths = _lengths(req, meta)
-    if lengths is None or pos < (n := max(lengths)):
+    if lengths is None:
         return
-    what = "the input" if len(lengths) == 1 else "the longest input"
-    raise invalid(
-        ["relevance", "position"],
-        f"{pos} is past the last token of {what}: {n} tokens, special ones included (0 to {n - 1})",
-    )
+    if pos >= (longest := max(lengths)):
+        what = "the input" if len(lengths) == 1 else "the longest input"
+        raise invalid(
+            ["relevance", "position"],
+            f"{pos} is past the last token of {what}: {longest} tokens, special ones included "
+            f"(0 to {longest - 1})",
+        )
+    if meta.pads_left is not None:
+        _check_off_padding(req, pos, lengths, meta.pads_left)
+
+
+def _check_off_padding(req: RunTaskRequest, pos: int, lengths: list[int], left: bool) -> None:
+    """In a batch, one position for every input: a token of each, not the padding of a
+    shorter one (the worker failed the job with "position [3, 3] falls on padding")."""
+    longest, shortest = max(lengths), min(lengths)
+    first, last = (longest - shortest, longest - 1) if left else (0, shortest - 1)
+    if not first <= pos <= last:
+        row = f"inputs.{req.inputs.kind()}.{lengths.index(shortest)}"
+        raise invalid(
+            ["relevance", "position"],
+            f"{pos} falls on the padding of {row} ({shortest} tokens, padded on the "
+            f"{'left' if left else 'right'} to {longest}): positions {first} to {last} are "
+            "tokens of every input",
+        )
 
 
 # Settings some tasks never read: where they sit, what they are for, and the tasks that read

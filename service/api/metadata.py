@@ -47,6 +47,9 @@ class ModelMeta:
     # picks the token explained) or give one prediction per text ([B, C]); None where the
     # entry does not say (a python factory's model)
     token_axis: bool | None = None
+    # whether the worker pads a batch's shorter inputs on the left (the tokenizer's
+    # ``padding_side``); None where the door does not know the tokenizer
+    pads_left: bool | None = None
 
     @property
     def targets(self) -> int | None:
@@ -204,7 +207,21 @@ def _read(folder: Path, spec: ModelSpec) -> ModelMeta:
         encoder_decoder=bool(config.get("is_encoder_decoder")),
         problem_type=config.get("problem_type"),
         token_axis=_token_axis(spec),
+        pads_left=_pads_left(folder),
     )
+
+
+def _pads_left(folder: Path) -> bool | None:
+    """Whether the tokenizer pads on the left: its ``tokenizer_config.json``'s
+    ``padding_side``, right where it names none (transformers' default); None without one."""
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    try:
+        side = json.loads(path.read_text()).get("padding_side", "right")
+    except (ValueError, AttributeError, OSError):
+        return None
+    return side == "left"
 
 
 def _tokenizer(path: Path) -> Any:

@@ -778,3 +778,41 @@ def test_features_a_model_can_read(features: list, expected: str) -> None:
     req = RunTaskRequest(model="tab", inputs={"features": features})
     message = _refused(lambda: validation.check_inputs(spec, req))
     assert message.startswith(expected) if expected else message == "", message
+
+
+@pytest.mark.parametrize(
+    ("left", "position", "expected"),
+    [
+        (False, 2, ""),
+        (
+            False,
+            3,
+            "relevance.position: 3 falls on the padding of inputs.text.0 (3 tokens, padded on "
+            "the right to 5): positions 0 to 2 are tokens of every input",
+        ),
+        (True, 4, ""),
+        (
+            True,
+            1,
+            "relevance.position: 1 falls on the padding of inputs.text.0 (3 tokens, padded on "
+            "the left to 5): positions 2 to 4 are tokens of every input",
+        ),
+    ],
+)
+def test_a_position_on_every_input_of_a_batch(
+    tmp_path: Path, left: bool, position: int, expected: str
+) -> None:
+    """One position for a batch is a token of every input, as the tokenizer pads them (its
+    tokenizer_config.json's padding_side): one on a shorter input's padding was a 202 whose
+    job failed with "position [3, 3] falls on padding"."""
+    from service.api import door, metadata
+    from service.schemas import RunTaskRequest
+
+    side = {"padding_side": "left"} if left else {}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(side))
+    spec, meta = _tagger(tmp_path, "token-classification", TRANSFORMERS)
+    meta = replace(meta, pads_left=metadata._pads_left(tmp_path))
+    inputs = {"text": ["a", "a b a"]}  # 3 and 5 tokens with [CLS] and [SEP]
+    req = RunTaskRequest(model="tagger", inputs=inputs, relevance={"position": position})
+    message = _refused(lambda: door.check(spec, spec.task, req, meta))
+    assert message == expected
