@@ -30,13 +30,14 @@ PARSE_FAILURE = "There was an error parsing the body"
 NO_JOB = {404: {"model": ErrorBody, "description": "no such job (unknown or expired)"}}
 
 
-def invalid(loc: list[str | int], msg: str) -> HTTPException:
-    """A 422 shaped like FastAPI's own, with a one-line message that names the field."""
+def invalid(loc: list[str | int], msg: str, where: str = "body") -> HTTPException:
+    """A 422 shaped like FastAPI's own, with a one-line message that names the field (of the
+    body, or ``where`` else: a header)."""
     field = ".".join(str(p) for p in loc)
     return HTTPException(
         422,
         detail=[
-            {"loc": ["body", *loc], "msg": msg, "type": "value_error", "message": f"{field}: {msg}"}
+            {"loc": [where, *loc], "msg": msg, "type": "value_error", "message": f"{field}: {msg}"}
         ],
     )
 

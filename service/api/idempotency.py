@@ -19,6 +19,7 @@ from fastapi import HTTPException, Request
 
 from .. import store
 from .deps import presented_key
+from .errors import invalid
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,16 @@ class IdempotentRequest:
     def of(
         cls, request: Request, given: str | None, body: dict[str, Any]
     ) -> IdempotentRequest | None:
-        """None without the header."""
+        """None without the header; a 422 for a header sent with several keys (which one
+        the request meant is not ours to guess)."""
         if given is None:
             return None
+        keys = list(dict.fromkeys(request.headers.getlist("idempotency-key")))
+        if len(keys) > 1:
+            sent = " and ".join(repr(k) for k in keys[:2])
+            raise invalid(
+                ["Idempotency-Key"], f"sent {len(keys)} keys ({sent}): send one", "header"
+            )
         scope = hashlib.sha256(f"{presented_key(request)}\0{given}".encode()).hexdigest()
         fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         return cls(store.IDEMPOTENCY.format(scope), fingerprint)

@@ -816,3 +816,16 @@ def test_a_position_on_every_input_of_a_batch(
     req = RunTaskRequest(model="tagger", inputs=inputs, relevance={"position": position})
     message = _refused(lambda: door.check(spec, spec.task, req, meta))
     assert message == expected
+
+
+def test_one_idempotency_key_a_request(api: TestClient) -> None:
+    """Two Idempotency-Key headers with different keys (a proxy's and the client's) were a
+    202 keyed by one of them, silently; the same key twice is one key."""
+    headers = [("Idempotency-Key", "order-1"), ("Idempotency-Key", "order-2")]
+    resp = api.post("/run_task", json=SENTIMENT, headers=headers)
+    assert _message(resp) == "Idempotency-Key: sent 2 keys ('order-1' and 'order-2'): send one"
+    assert resp.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
+    twice = [("Idempotency-Key", "order-3")] * 2
+    resp = api.post("/run_task", json=SENTIMENT, headers=twice)
+    assert resp.status_code == 202, resp.text
+    api.delete(f"/jobs/{resp.json()['job_id']}")
