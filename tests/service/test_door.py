@@ -301,6 +301,18 @@ def test_heatmap_of_no_job_is_404(api: TestClient) -> None:
     assert resp.status_code == 404 and resp.json()["detail"].startswith("no job nosuchjob")
 
 
+def test_no_heatmap_says_where_the_job_is(api: TestClient) -> None:
+    """A job with no heatmap yet says whether it is queued or was canceled (a canceled or
+    failed job "had not finished", as if it might)."""
+    job_id = api.post("/run_task", json=SENTIMENT).json()["job_id"]
+    resp = api.get(f"/jobs/{job_id}/heatmap.png")
+    assert resp.json()["detail"] == "no heatmap: the job is queued, not finished"
+    api.delete(f"/jobs/{job_id}")
+    resp = api.get(f"/jobs/{job_id}/heatmap.png")
+    assert resp.status_code == 404
+    assert resp.json()["detail"] == "no heatmap: the job was canceled"
+
+
 def test_prompt_counted_without_the_tokenizers_padding(tmp_path: Path) -> None:
     """A tokenizer.json saved with padding to a fixed length and truncation on (as
     sentence-transformers checkpoints ship) counts a prompt's own tokens, as the worker's

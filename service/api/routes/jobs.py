@@ -16,7 +16,7 @@ from ..deps import JobId, RedisDep, SettingsDep, SubmissionDep
 from ..enqueue import enqueue
 from ..errors import NO_JOB
 from ..idempotency import IdempotentRequest
-from ..jobview import cancel_queued, fetch_job, job_urls, job_view, with_workers
+from ..jobview import RQ_STATUS, cancel_queued, fetch_job, job_urls, job_view, with_workers
 from ..render import heatmap_png
 from ..sse import EventStreams
 from . import authorized_router
@@ -156,6 +156,15 @@ def cancel_job(
     return CancelReply(job_id=job_id, status="canceling")
 
 
+# Why a job has no heatmap yet, or never will, by its status.
+_NOT_FINISHED = {
+    JobStatus.QUEUED: "the job is queued, not finished",
+    JobStatus.STARTED: "the job is running, not finished",
+    JobStatus.FAILED: "the job failed: GET /jobs/{job_id} says why",
+    JobStatus.CANCELED: "the job was canceled",
+}
+
+
 @router.get(
     "/jobs/{job_id}/heatmap.png",
     response_class=Response,
@@ -171,10 +180,14 @@ def job_heatmap(job_id: JobId, r: RedisDep) -> Response:
     """The relevance as a PNG: an overlay for images, token-by-step cells for generation,
     one row per text for text classification."""
     result = store.get_result(r, job_id)
-    if result is None and fetch_job(r, job_id) is None:
+    job = fetch_job(r, job_id) if result is None else None
+    if result is None and job is None:
         raise HTTPException(404, f"no job {job_id} (unknown or expired)")
-    if result is None or result.get("status") != JobStatus.FINISHED:
-        raise HTTPException(404, "no heatmap: the job has not finished")
+    status = result["status"] if result is not None else job.get_status(refresh=False).value
+    status = RQ_STATUS.get(status, status)
+    if status != JobStatus.FINISHED:
+        why = _NOT_FINISHED.get(status, "the job has not finished")
+        raise HTTPException(404, f"no heatmap: {why.format(job_id=job_id)}")
     try:
         png = heatmap_png(result)
     except LookupError as exc:
