@@ -87,13 +87,13 @@ def _one_sentence(message: str) -> WrapValidator:
             return handler(value)
         except ValidationError as exc:
             raise PydanticCustomError(
-                "invalid_input", message + " (got {got})", {"got": _shown(value)}
+                "invalid_input", message + " (got {got})", {"got": shown(value)}
             ) from exc
 
     return WrapValidator(validate)
 
 
-def _shown(value: Any, width: int = 60) -> str:
+def shown(value: Any, width: int = 60) -> str:
     """``value`` as JSON, or where that is longer than ``width``, its size: a text's
     characters, a list's items (too many, or too long, is the usual fault there)."""
     try:  # an unpaired surrogate (JSON's "\\ud800") as that escape: not UTF-8 else

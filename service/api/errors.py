@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..schemas import ErrorBody, ValidationErrorBody
+from ..schemas import ErrorBody, ValidationErrorBody, shown
 from .json_body import DuplicateKey
 
 log = logging.getLogger("service.api")
@@ -28,6 +28,14 @@ INVALID = {422: {"model": ValidationErrorBody, "description": "invalid request"}
 # FastAPI's detail for a body its JSON parser failed on without a JSONDecodeError.
 PARSE_FAILURE = "There was an error parsing the body"
 NO_JOB = {404: {"model": ErrorBody, "description": "no such job (unknown or expired)"}}
+
+
+# What the fields with a pattern take, in words: pydantic's "String should match pattern
+# '^[A-Za-z0-9._\-/]+$'" is a regular expression.
+PATTERNS = {
+    "model": "a model id of the registry (GET /models): letters, digits, '.', '_', '-' and '/'",
+    "job_id": "a job id: 1 to 128 letters, digits, '_' and '-'",
+}
 
 
 def invalid(loc: list[str | int], msg: str, where: str = "body") -> HTTPException:
@@ -68,6 +76,8 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
         # pydantic prefixes a validator's ValueError with "Value error, ": not for people
         msg = e["msg"].removeprefix("Value error, ") if e["type"] == "value_error" else e["msg"]
         kind = e["type"]
+        if kind == "string_pattern_mismatch" and loc[-1] in PATTERNS:
+            msg = f"{PATTERNS[loc[-1]]} (got {shown(e['input'])})"
         if (lone := _lone_surrogate(e.get("input"))) is not None:
             where, msg = lone
             loc, kind = loc + where, "string_unicode"

@@ -296,6 +296,29 @@ def test_what_the_model_takes_passes(api: TestClient) -> None:
         api.delete(f"/jobs/{resp.json()['job_id']}")
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "expected"),
+    [
+        (
+            "/run_task",
+            {**SENTIMENT, "model": "mini lm"},
+            "model: a model id of the registry (GET /models): letters, digits, '.', '_', '-' "
+            "and '/' (got \"mini lm\")",
+        ),
+        (
+            "/jobs/a b",
+            None,
+            "job_id: a job id: 1 to 128 letters, digits, '_' and '-' (got \"a b\")",
+        ),
+    ],
+)
+def test_a_pattern_in_words(api: TestClient, path: str, body: dict | None, expected: str) -> None:
+    """A model or job id of characters it cannot have says which it may, not the regular
+    expression (``String should match pattern '^[A-Za-z0-9._\\-/]+$'``)."""
+    resp = api.post(path, json=body) if body else api.get(path)
+    assert _message(resp) == expected
+
+
 def test_heatmap_of_no_job_is_404(api: TestClient) -> None:
     resp = api.get("/jobs/nosuchjob/heatmap.png")
     assert resp.status_code == 404 and resp.json()["detail"].startswith("no job nosuchjob")
