@@ -341,11 +341,18 @@ def _check_positions(req: RunTaskRequest, meta: ModelMeta) -> None:
 
 
 def _check_steps(req: RunTaskRequest) -> None:
-    """Steps name generated tokens: 0 to max_new_tokens - 1 (negative: from the end)."""
+    """A number of steps is 0 to max_new_tokens (a negative one explained none, silently);
+    a list's steps name generated tokens: 0 to max_new_tokens - 1 (negative: from the end)."""
     steps, n = req.generation.steps, req.generation.max_new_tokens or 0
     if isinstance(steps, int) and steps > n:
         raise invalid(
             ["generation", "steps"], f"{steps} is more than generation.max_new_tokens={n}"
+        )
+    if isinstance(steps, int) and steps < 0:
+        raise invalid(
+            ["generation", "steps"],
+            f"{steps}: a number of steps (the first N) is 0 to max_new_tokens={n}; a list "
+            "counts from the end ([-1] is the last step)",
         )
     if isinstance(steps, list):
         bad = [s for s in steps if not -n <= s < n]

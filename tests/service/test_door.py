@@ -114,6 +114,11 @@ SENTIMENT = {"model": "minilm-sentiment", "inputs": {"text": "fine"}}
             "generation.steps: 99 is not a step: -8 to 7 with max_new_tokens=8",
         ),
         (
+            {**LOOKUP, "generation": {"steps": -3}},
+            "generation.steps: -3: a number of steps (the first N) is 0 to max_new_tokens=8; a "
+            "list counts from the end ([-1] is the last step)",
+        ),
+        (
             {**LOOKUP, "generation": {"steps": 99, "max_new_tokens": 4}},
             "generation.steps: 99 is more than generation.max_new_tokens=4",
         ),
