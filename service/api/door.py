@@ -18,7 +18,7 @@ from engine.tasks import CLASSIFICATION_TASKS, TaskName
 
 from .. import layer_names
 from ..registry import ModelSpec
-from ..schemas import INDEX_END, RunTaskRequest, no_labels, no_separator
+from ..schemas import INDEX_END, RunTaskRequest, no_labels, no_separator, shown
 from .errors import invalid
 from .metadata import ModelMeta, ModelMetadata
 
@@ -92,12 +92,26 @@ def _check_text(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: Mode
         loc = ["inputs", "text"] if one else ["inputs", "text", i]
         pair_loc = ["inputs", "text_pair"] if one else ["inputs", "text_pair", i]
         for where, value in ((loc, text), (pair_loc, pair)):
-            if value is not None and not value.strip():
-                raise invalid(where, "is blank (only whitespace); send some text")
+            if value is not None:
+                _check_words(spec, where, value, meta)
         n = meta.count_tokens(text, pair)
         if n is not None and n > bound:
             counted = " with its text" if pair else ""
             raise invalid(pair_loc if pair else loc, f"{n} tokens{counted}, more than {why}")
+
+
+def _check_words(spec: ModelSpec, loc: list[str | int], text: str, meta: ModelMeta) -> None:
+    """Text with something to explain: not blank, and, where the door knows the tokenizer,
+    not only characters it drops (control, zero-width or lone combining characters: a BERT
+    tokenizer leaves none, and the job explained its special tokens alone)."""
+    if not text.strip():
+        raise invalid(loc, "is blank (only whitespace); send some text")
+    if meta.own_tokens(text) == 0:
+        raise invalid(
+            loc,
+            f"{shown(text)} holds no token: the tokenizer of {spec.id} drops each of its "
+            "characters (control, zero-width or lone combining characters); send some text",
+        )
 
 
 def _check_token_ids(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta) -> None:

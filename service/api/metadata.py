@@ -64,6 +64,13 @@ class ModelMeta:
             return None
         return len(self.tokenizer.encode(text, pair).ids)
 
+    def own_tokens(self, text: str) -> int | None:
+        """How many tokens the text makes without the special ones; None when the tokenizer
+        is not known."""
+        if self.tokenizer is None:
+            return None
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
     def separates_pairs(self) -> bool | None:
         """Whether the tokenizer marks where a pair's second text starts (more special tokens
         for a pair than for one text; a causal LM's template adds none): None when the

@@ -869,3 +869,29 @@ def test_one_idempotency_key_a_request(api: TestClient) -> None:
     resp = api.post("/run_task", json=SENTIMENT, headers=twice)
     assert resp.status_code == 202, resp.text
     api.delete(f"/jobs/{resp.json()['job_id']}")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "\x01\x02",
+            'inputs.text: "\\u0001\\u0002" holds no token: the tokenizer of tagger drops each',
+        ),
+        ("\u200b", 'inputs.text: "\u200b" holds no token'),
+        ("a \x01", ""),
+    ],
+)
+def test_text_the_tokenizer_drops_whole(tmp_path: Path, text: str, expected: str) -> None:
+    """Text of characters a BERT tokenizer drops (control, zero-width) is no input: the job
+    explained [CLS] and [SEP] alone, and its answer meant nothing."""
+    from tokenizers import normalizers
+
+    from service.api import door
+    from service.schemas import RunTaskRequest
+
+    spec, meta = _tagger(tmp_path, "text-classification", TRANSFORMERS)
+    meta.tokenizer.normalizer = normalizers.BertNormalizer()
+    req = RunTaskRequest(model="tagger", inputs={"text": text})
+    message = _refused(lambda: door.check(spec, spec.task, req, meta))
+    assert message.startswith(expected) if expected else message == "", message
