@@ -19,18 +19,18 @@ import torch
 from engine import DLBacktrace
 from engine.capture import CaptureError
 from engine.generation import run_generation
-from tests.engine.lm_models import PAD, prompts, tiny_lm
-from tests.engine.test_generation_uncached import _SPECIAL, _build
+from tests.engine.lm_models import PAD, SPECIAL, prompts, tiny_lm
+from tests.helpers.tiny import tiny_model
 
 STEPS = 3
 XMOD = ("XmodConfig", "XmodForCausalLM",
         dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
-             max_position_embeddings=64, is_decoder=True, **_SPECIAL))  # fmt: skip
+             max_position_embeddings=64, is_decoder=True, **SPECIAL))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
-    model = _build(*XMOD)
+    model = tiny_model(*XMOD)
     model.set_default_language(model.config.languages[0])
     return model
 
