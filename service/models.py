@@ -177,6 +177,16 @@ def _load(
     return loaded, path
 
 
+# The transformers class that loads each head a source may name (``registry.HEAD_TASKS``).
+AUTO_CLASSES = {
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "image-classification": "AutoModelForImageClassification",
+    "causal-lm": "AutoModelForCausalLM",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+}
+
 # The transformers head a task loads when the registry's source names none.
 _DEFAULT_HEADS = {
     TaskName.GENERATION: "causal-lm",
@@ -205,15 +215,10 @@ def _load_transformers(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel
     if local and not Path(where).is_dir():  # else transformers reads it as a hub id
         raise EntryError(f"registry entry {spec.id}: source.path {where} is not a folder")
     kw = {"local_files_only": local, "trust_remote_code": False, "use_safetensors": True}
-    head = {
-        "sequence-classification": tf.AutoModelForSequenceClassification,
-        "image-classification": tf.AutoModelForImageClassification,
-        "causal-lm": tf.AutoModelForCausalLM,
-        "seq2seq-lm": tf.AutoModelForSeq2SeqLM,
-        "token-classification": tf.AutoModelForTokenClassification,
-        "question-answering": tf.AutoModelForQuestionAnswering,
-    }[src.head or _default_head(spec, tf.AutoConfig.from_pretrained(where, **kw))]
-    model, report = head.from_pretrained(where, output_loading_info=True, **kw)
+    head = src.head or _default_head(spec, tf.AutoConfig.from_pretrained(where, **kw))
+    model, report = getattr(tf, AUTO_CLASSES[head]).from_pretrained(
+        where, output_loading_info=True, **kw
+    )
     model.eval()
     tok = (
         None

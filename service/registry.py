@@ -21,6 +21,18 @@ from engine.tasks import MODEL_TASKS
 # operator's error names them as written in the registry file.
 ModelTask = Literal[tuple(t.value for t in MODEL_TASKS)]
 
+# The transformers heads a source may load (``Source.head``) and the tasks each can serve: a
+# text classifier may also read a causal LM's or a token classifier's logits at one token.
+HEAD_TASKS: dict[str, tuple[str, ...]] = {
+    "sequence-classification": ("text-classification",),
+    "token-classification": ("token-classification", "text-classification"),
+    "question-answering": ("question-answering",),
+    "image-classification": ("image-classification",),
+    "causal-lm": ("generation", "text-classification"),
+    "seq2seq-lm": ("generation",),
+}
+Head = Literal[tuple(HEAD_TASKS)]
+
 # The devices an entry may name: "auto" and the strings torch.device takes for the devices the
 # worker runs on, written as torch writes them (no "cuda:01"), matched here because the API,
 # which reads the registry too, never imports torch.
@@ -43,10 +55,9 @@ class Source(BaseModel):
     - ``demo``: a built-in demo model (``name``); ``path`` is a prebuilt copy, else it is built
       under the data dir on first use.
     - ``transformers``: ``path`` (a local folder) or ``hub_id`` (only where a hub is reachable);
-      ``head`` is ``sequence-classification``, ``image-classification``, ``causal-lm``,
-      ``seq2seq-lm``, ``token-classification`` or ``question-answering`` (default: the one
-      the task implies; for generation, ``seq2seq-lm`` where config.json says the model is
-      an encoder-decoder).
+      ``head`` is one of ``HEAD_TASKS``, serving the entry's task (default: the one the
+      task implies; for generation, ``seq2seq-lm`` where config.json says the model is an
+      encoder-decoder).
     - ``torchvision``: ``arch`` and a safetensors ``weights`` file, ``num_classes``.
     - ``python``: ``factory`` (``module:function``) returning a ``service.models.LoadedModel``;
       for operators' own code (and the tests' failing model). Never reachable from a request.
@@ -57,7 +68,7 @@ class Source(BaseModel):
     name: str | None = None
     path: str | None = None
     hub_id: str | None = None
-    head: str | None = None
+    head: Head | None = None
     arch: str | None = None
     weights: str | None = None
     num_classes: int | None = None
@@ -107,6 +118,21 @@ class ModelSpec(BaseModel):
     image: ImageSpec | None = None
     # What the model expects of its input, for people (``/models``, the page).
     expects: str = ""
+
+    @model_validator(mode="after")
+    def _head_serves_the_task(self) -> ModelSpec:
+        """A head that can answer the entry's task, refused where the registry is read and
+        naming the entry: an image head registered for generation failed each job at load."""
+        head = self.source.head
+        if head is not None and self.task not in HEAD_TASKS[head]:
+            fits = [h for h, tasks in HEAD_TASKS.items() if self.task in tasks]
+            raise PydanticCustomError(
+                "head",
+                "registry entry {entry}: source.head {head} does not serve task {task}; "
+                "for {task}: {fits}",
+                {"entry": self.id, "head": head, "task": self.task, "fits": ", ".join(fits)},
+            )
+        return self
 
     @field_validator("device")
     @classmethod

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from service.models import load_model
-from service.registry import ModelSpec, Registry, load_registry
+from service.models import AUTO_CLASSES, load_model
+from service.registry import HEAD_TASKS, ModelSpec, Registry, load_registry
 
 
 @pytest.mark.parametrize(
@@ -57,3 +57,32 @@ def test_a_device_torch_has_no_name_for_is_refused_when_read(tmp_path: Path, dev
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps"])
 def test_the_devices_torch_knows_are_read(tmp_path: Path, device: str) -> None:
     assert _registry_with_device(tmp_path, device).get("m").device == device
+
+
+@pytest.mark.parametrize(
+    ("task", "head", "expected"),
+    [
+        ("text-classification", "masked-lm", "Input should be 'sequence-classification'"),
+        (
+            "generation",
+            "image-classification",
+            "registry entry m: source.head image-classification does not serve task "
+            "generation; for generation: causal-lm, seq2seq-lm",
+        ),
+    ],
+)
+def test_a_head_that_cannot_serve_the_task_is_refused_when_read(
+    task: str, head: str, expected: str
+) -> None:
+    """Both loaded the model at the first job and failed it: a head the worker has no
+    class for with KeyError('masked-lm'), an image head for generation deep in decoding."""
+    source = {"kind": "transformers", "path": "m", "head": head}
+    with pytest.raises(ValidationError) as caught:
+        ModelSpec(id="m", task=task, source=source)
+    assert expected in caught.value.errors()[0]["msg"]
+
+
+def test_every_head_has_the_class_that_loads_it() -> None:
+    assert set(AUTO_CLASSES) == set(HEAD_TASKS)
+    assert ModelSpec(id="m", task="text-classification", source={"kind": "transformers",
+                     "path": "m", "head": "causal-lm"}).source.head == "causal-lm"  # fmt: skip
