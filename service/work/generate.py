@@ -115,8 +115,24 @@ def generate(run: Run, work: Work, r: redis.Redis) -> documents.Doc:
         res = _source_then_decoder(res, batch["input_ids"])
     doc = documents.generation(tok, prompt, res, stream.steps, host_batch, req.output)
     timings = {"capture_s": capture_s, "engine_s": run_s, "run_s": run_s}
-    doc = documents.warned(doc, run.entry.loaded.warnings)
+    missed = _steps_not_reached(req.generation.steps, len(stream.steps))
+    doc = documents.warned(doc, run.entry.loaded.warnings + missed)
     return {**doc, **documents.finished(run, req, timings)}
+
+
+def _steps_not_reached(steps: Any, done: int) -> list[str]:
+    """A warning for listed steps the decode never reached (it ended at an end-of-sequence
+    token after ``done`` tokens): they are not explained, and the result said nothing of
+    them. A negative step counts from the last token generated, as the engine explains it."""
+    if not isinstance(steps, list):
+        return []
+    missed = [s for s in dict.fromkeys(steps) if not -done <= s < done]
+    if not missed:
+        return []
+    return [
+        f"generation.steps {', '.join(map(str, missed))} not explained: the decode ended "
+        f"after {done} tokens, at an end-of-sequence token"
+    ]
 
 
 def _decoder_start(run: Run) -> int | None:

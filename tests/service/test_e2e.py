@@ -366,3 +366,19 @@ def test_generation_settings(client: httpx.Client, generation: dict) -> None:
     gen = wait(client, job["job_id"])["result"]["generation"]
     if "top_k" not in generation:
         assert gen["new_tokens"][0][0] == "0"
+
+
+def test_listed_steps_the_decode_never_reached_are_warned_of(client: httpx.Client) -> None:
+    """Steps past an end-of-sequence token are not explained (the door cannot know where the
+    decode ends): the result says which, where it said nothing. -1 is the last token
+    generated, explained."""
+    body = {"model": "tiny-lookup-lm", "inputs": {"text": "a3 c1 f9 h0 ? c"}}
+    job = submit(client, {**body, "generation": {"steps": [0, -1, 7]}})
+    result = wait(client, job["job_id"])["result"]
+    done = len(result["generation"]["steps"])
+    assert done < 8, "the lookup model answers, then ends"
+    assert result["warnings"] == [
+        f"generation.steps 7 not explained: the decode ended after {done} tokens, at an "
+        "end-of-sequence token"
+    ]
+    assert len(result["generation"]["relevance_trace"]) == len({0, done - 1})
