@@ -20,7 +20,15 @@ from torch import Tensor, fx
 from . import arguments, validate
 from .capture import Captured, CaptureError, Inputs, bind_inputs, capture, placed
 from .contrast import class_index, contrast_seed
-from .heads import SEEDS, Position, answers_a_class, classification, padding_mask, qa_logits
+from .heads import (
+    SEEDS,
+    Position,
+    answers_a_class,
+    classification,
+    mask_positions,
+    padding_mask,
+    qa_logits,
+)
 from .params import OutputParams, RelevanceParams
 from .references import named_reference
 from .seq2seq import with_decoder_start
@@ -265,11 +273,13 @@ class DLBacktrace:
         reported as ``predictions``. ``thresholding`` is the decision threshold on the sigmoid
         of a single-logit binary classifier. ``target`` explains a given class instead of the
         predicted one, and ``position`` the token explained (token-classification, and
-        text-classification of [B, T, C] logits); ``engine.heads`` says what each task
-        explains by default. ``reference`` (modes "reference" and "contrast"): the input whose
-        output the explanation starts from, shaped like ``inputs``, or one of the names of
-        ``engine.references`` ("zeros", the default: zeros, or for token ids zero embeddings;
-        "mean" and "blur" for images; "mask" for tokens, with ``tokenizer``).
+        text-classification of [B, T, C] logits: unset, a masked LM's mask token where every
+        input has the ``tokenizer``'s, else each input's last real token); ``engine.heads``
+        says what each task explains by default. ``reference`` (modes "reference" and
+        "contrast"): the input whose output the explanation starts from, shaped like
+        ``inputs``, or one of the names of ``engine.references`` ("zeros", the default:
+        zeros, or for token ids zero embeddings; "mean" and "blur" for images; "mask" for
+        tokens, with ``tokenizer``).
         ``contrast_with`` (mode "contrast" only): what the target is explained against, its
         logit difference split into signed relevance (``engine.contrast``): "runner-up" (the
         default; in generation, each step's runner-up token), "rest", a class index or label.
@@ -348,6 +358,8 @@ class DLBacktrace:
         logits = f.env[f.sweeper.seed_node]
         mask = padding_mask(f.prepared, logits)
         seeding = classification if answers else SEEDS[task]
+        if position is None and task == TaskName.TEXT_CLASSIFICATION:
+            position = mask_positions(f.prepared, tokenizer, logits)
         decision = seeding(logits, params, mask, position, task)
         exp = self._sweep(f, decision.seed, params)
         scaler = params.scaler

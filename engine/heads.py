@@ -297,6 +297,21 @@ def _targets(target: Any, labels: Tensor, classes: int) -> Tensor:
     return t.reshape(-1, *([1] * (labels.dim() - 1))).expand(labels.shape)
 
 
+def mask_positions(prepared: dict[str, Tensor], tokenizer: Any, logits: Tensor) -> Tensor | None:
+    """Each sample's (first) mask token [B], where every sample has one and the logits keep
+    its token axis: what a masked LM run as a text classifier explains unless told otherwise,
+    the token it fills in (the last token, the default elsewhere, is a separator whose
+    prediction means nothing). None otherwise."""
+    mask_id = getattr(tokenizer, "mask_token_id", None)
+    ids = prepared.get("input_ids")
+    if mask_id is None or ids is None or logits.dim() != 3 or ids.shape != logits.shape[:2]:
+        return None
+    hits = ids.to(logits.device) == mask_id
+    if not bool(hits.any(1).all()):
+        return None
+    return hits.int().argmax(1)
+
+
 def padding_mask(prepared: dict[str, Tensor], logits: Tensor) -> Tensor | None:
     """The inputs' ``attention_mask`` where it masks the logits' token axis ([B, T])."""
     mask = prepared.get("attention_mask")

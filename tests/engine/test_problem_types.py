@@ -1,6 +1,7 @@
 """Classifiers whose logits are not one class of several: multi-label heads (each label a
 sigmoid of its own) and regression heads (values), as transformers' ``config.problem_type``
-names them. Decided by argmax with softmax scores they reported a wrong answer."""
+names them. Decided by argmax with softmax scores they reported a wrong answer. And a masked
+LM run as a text classifier, which explains the token it fills in."""
 
 from __future__ import annotations
 
@@ -103,3 +104,21 @@ def test_problem_type_is_for_one_decision_per_sample():
     dlb = DLBacktrace(model, INPUTS)
     with pytest.raises(ValueError, match="problem_type is for"):
         dlb.run_task(task="token-classification", inputs=INPUTS, problem_type="regression")
+
+
+def test_a_masked_lm_explains_its_mask_token_by_default():
+    """A masked LM run as a text classifier explains the token it fills in (each row's mask
+    token, wherever it is), as position= does; its last token, a separator, before."""
+    from types import SimpleNamespace
+
+    mask_id = 4
+    ids = torch.tensor([[2, 5, 4, 11, 3], [2, 4, 30, 9, 3]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    dlb = DLBacktrace(tiny_bert("BertForMaskedLM"), inputs)
+    tok = SimpleNamespace(mask_token_id=mask_id)
+    res = dlb.run_task(task="text-classification", inputs=inputs, tokenizer=tok)
+    assert res["position"].tolist() == [2, 1]
+    at = dlb.run_task(task="text-classification", inputs=inputs, position=[2, 1])
+    torch.testing.assert_close(_relevance(res), _relevance(at))
+    plain = dlb.run_task(task="text-classification", inputs=inputs)
+    assert plain["position"].tolist() == [4, 4]
