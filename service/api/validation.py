@@ -160,6 +160,10 @@ def png_size(raw: bytes) -> tuple[int, int] | None:
     return w, h
 
 
+# ASCII whitespace, dropped from base64 as the worker's decoder drops it.
+_WHITESPACE = str.maketrans("", "", " \t\r\n")
+
+
 def check_image(b64: str, max_side: int) -> None:
     """Decode the header only (no full decode in the API) and bound the size. Pillow refuses
     to open an image of more than twice its pixel limit (a decompression bomb): that is
@@ -167,8 +171,9 @@ def check_image(b64: str, max_side: int) -> None:
     from PIL import Image, UnidentifiedImageError
 
     loc = ["inputs", "image"]
-    try:
-        raw = base64.b64decode(b64.split(",", 1)[-1], validate=True)
+    try:  # without line breaks and spaces, which MIME base64 (the base64 tool's) wraps in
+        payload = b64.split(",", 1)[-1].translate(_WHITESPACE)
+        raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise invalid(loc, "not a base64 PNG or JPEG image (not valid base64)") from exc
     too_many = f"too many pixels; at most {max_side} pixels a side"

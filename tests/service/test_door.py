@@ -895,3 +895,14 @@ def test_text_the_tokenizer_drops_whole(tmp_path: Path, text: str, expected: str
     req = RunTaskRequest(model="tagger", inputs={"text": text})
     message = _refused(lambda: door.check(spec, spec.task, req, meta))
     assert message.startswith(expected) if expected else message == "", message
+
+
+def test_base64_wrapped_in_lines_is_taken(api: TestClient) -> None:
+    """Base64 as the base64 tool writes it, in lines of 76 characters (MIME), is an image:
+    it was refused as "not valid base64", though the worker's decoder drops line breaks."""
+    b64 = _png_header(16, 16)
+    wrapped = "\n".join(b64[i : i + 76] for i in range(0, len(b64), 76)) + "\n"
+    assert "\n" in wrapped.strip()
+    resp = api.post("/run_task", json={"model": "digits-cnn", "inputs": {"image": wrapped}})
+    assert resp.status_code == 202, resp.text
+    api.delete(f"/jobs/{resp.json()['job_id']}")
