@@ -185,6 +185,7 @@ AUTO_CLASSES = {
     "seq2seq-lm": "AutoModelForSeq2SeqLM",
     "token-classification": "AutoModelForTokenClassification",
     "question-answering": "AutoModelForQuestionAnswering",
+    "masked-lm": "AutoModelForMaskedLM",
 }
 
 # The transformers head a task loads when the registry's source names none.
@@ -225,13 +226,22 @@ def _load_transformers(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel
         if spec.task == TaskName.IMAGE_CLASSIFICATION
         else tf.AutoTokenizer.from_pretrained(where, **kw)
     )
-    labels = spec.labels or [model.config.id2label[i] for i in range(len(model.config.id2label))]
+    labels = spec.labels or _labels(model, tok, head)
     image = None
     if spec.task == TaskName.IMAGE_CLASSIFICATION:
         image = _folder_image(spec, model.config, _image_processor(where, kw))
     loaded = LoadedModel(spec.id, spec.task, model, tok, labels, image)
     loaded.warnings = _untrained(spec, model, report.get("missing_keys"))
     return loaded, Path(where) if local else None
+
+
+def _labels(model: Any, tok: Any, head: str) -> list[str]:
+    """A model's class names: its config's, or a masked LM's vocabulary (its classes are
+    the tokens it may fill in; a row past the tokenizer's is named by its index)."""
+    if head != "masked-lm":
+        return [model.config.id2label[i] for i in range(len(model.config.id2label))]
+    tokens = tok.convert_ids_to_tokens(list(range(min(len(tok), model.config.vocab_size))))
+    return tokens + [str(i) for i in range(len(tokens), model.config.vocab_size)]
 
 
 def _untrained(spec: ModelSpec, model: Any, missing: Any) -> list[str]:

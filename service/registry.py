@@ -30,6 +30,7 @@ HEAD_TASKS: dict[str, tuple[str, ...]] = {
     "image-classification": ("image-classification",),
     "causal-lm": ("generation", "text-classification"),
     "seq2seq-lm": ("generation",),
+    "masked-lm": ("text-classification",),  # fill-mask: the mask token's prediction
 }
 Head = Literal[tuple(HEAD_TASKS)]
 

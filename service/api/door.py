@@ -27,6 +27,7 @@ def check(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta)
     """Every check of this module, in the order of the request's fields."""
     _check_text(spec, task, req, meta)
     _check_token_ids(spec, task, req, meta)
+    _check_fill_in(spec, req, meta)
     _check_mode(task, req)
     _check_head(spec, task, req, meta)
     _check_selection(spec, task, req, meta)
@@ -130,6 +131,32 @@ def _check_token_ids(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta:
     bad = next((i for i in flat if not 0 <= i < end), None)
     if bad is not None:
         raise invalid(["inputs", "token_ids"], f"id {bad} is not a token id (0 to {top})")
+
+
+def _check_fill_in(spec: ModelSpec, req: RunTaskRequest, meta: ModelMeta) -> None:
+    """A masked LM explains the token it fills in: every input holds its mask token (the
+    worker would explain the last token instead, a separator whose prediction means
+    nothing)."""
+    token = meta.mask_token
+    if token is None:
+        return
+    ids = req.inputs.token_ids
+    if ids:
+        mask_id = meta.tokenizer.token_to_id(token) if meta.tokenizer is not None else None
+        rows = ids if isinstance(ids[0], list) else [ids]
+        missing = [i for i, row in enumerate(rows) if mask_id is not None and mask_id not in row]
+        where, what = ["inputs", "token_ids"], f"the id of {token} ({mask_id})"
+    else:
+        texts = [text for text, _ in req.inputs.pairs()]
+        missing = [i for i, text in enumerate(texts) if token not in text]
+        where, what = ["inputs", "text"], token
+    if missing:
+        loc = where if isinstance(req.inputs.text or ids[0], str | int) else [*where, missing[0]]
+        raise invalid(
+            loc,
+            f"has no {what}: {spec.id} is a masked LM and explains the token it fills in; "
+            f"put {token} where the word to predict goes",
+        )
 
 
 def _check_target(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta) -> None:

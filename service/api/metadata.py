@@ -50,6 +50,8 @@ class ModelMeta:
     # whether the worker pads a batch's shorter inputs on the left (the tokenizer's
     # ``padding_side``); None where the door does not know the tokenizer
     pads_left: bool | None = None
+    # the token a masked LM fills in (``[MASK]``, ``<mask>``); None for other models
+    mask_token: str | None = None
 
     @property
     def targets(self) -> int | None:
@@ -145,6 +147,7 @@ _HEAD_TOKEN_AXIS = {
     "sequence-classification": False,
     "token-classification": True,
     "causal-lm": True,
+    "masked-lm": True,
 }
 
 
@@ -204,10 +207,14 @@ def _read(folder: Path, spec: ModelSpec) -> ModelMeta:
     config = json.loads((folder / "config.json").read_text())
     labels = config.get("id2label")
     classes = _source_classes(spec) or (len(labels) if isinstance(labels, dict) else None)
+    names = _labels(spec, labels)
+    masked = spec.source.head == "masked-lm"
+    if masked:  # its classes are its vocabulary (its config's labels mean nothing)
+        classes, names = config.get("vocab_size"), None
     positions = _positions(config)
     return ModelMeta(
         num_classes=classes,
-        labels=_labels(spec, labels),
+        labels=names,
         vocab_size=config.get("vocab_size"),
         max_positions=positions,
         tokenizer=_tokenizer(folder / "tokenizer.json"),
@@ -215,7 +222,17 @@ def _read(folder: Path, spec: ModelSpec) -> ModelMeta:
         problem_type=config.get("problem_type"),
         token_axis=_token_axis(spec),
         pads_left=_pads_left(folder),
+        mask_token=_mask_token(folder) if masked else None,
     )
+
+
+def _mask_token(folder: Path) -> str | None:
+    """The mask token a masked LM fills in, as its ``tokenizer_config.json`` names it."""
+    path = folder / "tokenizer_config.json"
+    token = json.loads(path.read_text()).get("mask_token") if path.is_file() else None
+    if isinstance(token, dict):  # an AddedToken written out
+        token = token.get("content")
+    return token if isinstance(token, str) else None
 
 
 def _pads_left(folder: Path) -> bool | None:

@@ -233,10 +233,10 @@ def per_token(run: Run, batch: Batch, res: dict[str, Any], output: OutputOptions
 
 
 def _predictions(labels: list[str] | None, res: dict[str, Any]) -> list[Doc]:
-    """Per row: the predicted class with its score, every logit, and every class's score: a
-    softmax, a sigmoid for a single-logit binary classifier, or for a multi-label one a
-    sigmoid per label, with the labels present (``labels``); a regression's are its values
-    (``value``, ``values``: no probability to give)."""
+    """Per row: the predicted class with its score, every logit (not of ``MANY_CLASSES``),
+    and every class's score (``_listed``: of many, the most probable): a softmax, a sigmoid
+    for a single-logit binary classifier, or for a multi-label one a sigmoid per label, with
+    the labels present (``labels``); a regression's are its values (``value``, ``values``)."""
     logits = np.asarray(res["predictions"], dtype=np.float64)
     logits = logits.reshape(logits.shape[0], -1)
     kind = res.get("problem_type")
@@ -251,12 +251,26 @@ def _predictions(labels: list[str] | None, res: dict[str, Any]) -> list[Doc]:
     rows = []
     for i, k in enumerate(predicted):
         row = {"index": int(k), "label": name(k), one: float(scores[i, k])}
-        row["logits"] = logits[i].tolist()
-        row[every] = {name(j): float(scores[i, j]) for j in range(scores.shape[1])}
+        if logits.shape[1] <= MANY_CLASSES:  # a vocabulary's would be megabytes per row
+            row["logits"] = logits[i].tolist()
+        row[every] = {name(j): float(scores[i, j]) for j in _listed(scores[i])}
         if kind == "multi_label_classification":
             row["labels"] = [name(j) for j in np.flatnonzero(res["labels_present"][i])]
         rows.append(row)
     return rows
+
+
+# A model of more classes than this (a masked LM's vocabulary) lists its TOP_LISTED most
+# probable in ``scores`` (every class of an ImageNet classifier is listed).
+MANY_CLASSES = 1000
+TOP_LISTED = 10
+
+
+def _listed(scores: np.ndarray) -> list[int]:
+    """The classes a row's ``scores`` list: all, or for many the most probable first."""
+    if scores.shape[0] <= MANY_CLASSES:
+        return list(range(scores.shape[0]))
+    return np.argsort(-scores, kind="stable")[:TOP_LISTED].tolist()
 
 
 def _probabilities(logits: np.ndarray, kind: str | None) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Models as platform engineers register their own: small random-weight transformers
 checkpoints written with ``save_pretrained`` (DistilBERT classifiers of one label of three,
-of several labels and of a value, a bare DistilBERT encoder, a RoBERTa sequence classifier,
+of several labels and of a value, a bare DistilBERT encoder, a DistilBERT masked LM
+registered for fill-mask (``head: masked-lm``), a RoBERTa sequence classifier,
 with fewer positions than the registry's default ``max_tokens``, a ViT with its image
 processor, a one-channel ViT, a Llama whose tokenizer has no pad token, a T5), each with its
 tokenizer built offline.
@@ -149,6 +150,7 @@ def write(out: Path) -> None:
     _distilbert(out / "distilbert-multilabel", ("toxic", "insult", "threat"), **multi)
     _distilbert(out / "distilbert-regression", ("stars",), problem_type="regression")
     _distilbert(out / "distilbert-base", ("neg", "pos"), "DistilBertModel")
+    _distilbert(out / "distilbert-mlm", ("neg", "pos"), "DistilBertForMaskedLM")
     _roberta(out / "roberta")
     _vit(out / "vit", 3, VIT_SIZE)
     _vit(out / "vit-gray", 1, 16)
@@ -170,17 +172,20 @@ def entries(folder: Path) -> list[dict[str, Any]]:
         "distilbert-multilabel": "text-classification",
         "distilbert-regression": "text-classification",
         "distilbert-base": "text-classification",
+        "distilbert-mlm": "text-classification",
         "roberta": "text-classification",
         "vit": "image-classification",
         "vit-gray": "image-classification",
         "llama": "generation",
         "t5": "generation",
     }
+    heads = {"distilbert-mlm": "masked-lm"}  # the others: the head their task implies
     return [
         {
             "id": f"user-{name}",
             "task": task,
-            "source": {"kind": "transformers", "path": str(folder / name)},
+            "source": {"kind": "transformers", "path": str(folder / name)}
+            | ({"head": heads[name]} if name in heads else {}),
         }
         for name, task in tasks.items()
     ]

@@ -62,7 +62,7 @@ def test_the_devices_torch_knows_are_read(tmp_path: Path, device: str) -> None:
 @pytest.mark.parametrize(
     ("task", "head", "expected"),
     [
-        ("text-classification", "masked-lm", "Input should be 'sequence-classification'"),
+        ("text-classification", "fill-mask", "Input should be 'sequence-classification'"),
         (
             "generation",
             "image-classification",
@@ -75,7 +75,7 @@ def test_a_head_that_cannot_serve_the_task_is_refused_when_read(
     task: str, head: str, expected: str
 ) -> None:
     """Both loaded the model at the first job and failed it: a head the worker has no
-    class for with KeyError('masked-lm'), an image head for generation deep in decoding."""
+    class for with KeyError('fill-mask'), an image head for generation deep in decoding."""
     source = {"kind": "transformers", "path": "m", "head": head}
     with pytest.raises(ValidationError) as caught:
         ModelSpec(id="m", task=task, source=source)

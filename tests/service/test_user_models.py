@@ -179,6 +179,38 @@ def test_a_checkpoint_without_its_head_warns_on_every_result(api: Client) -> Non
     assert "warnings" not in api.run({**body, "model": "user-distilbert"}, timeout=300)
 
 
+def _masked_lm_logits(models: Path, text: str) -> list[float]:
+    """The masked LM's logits at its mask token, as transformers runs it."""
+    code = (
+        "import sys, json, torch; import transformers as tf; d = sys.argv[1]; "
+        "m = tf.AutoModelForMaskedLM.from_pretrained(d).eval(); "
+        "t = tf.AutoTokenizer.from_pretrained(d); x = t(sys.argv[2], return_tensors='pt'); "
+        "at = (x['input_ids'][0] == t.mask_token_id).nonzero()[0, 0]; "
+        "print(json.dumps(m(**x).logits[0, at].tolist()))"
+    )
+    cmd = [sys.executable, "-c", code, str(models / "distilbert-mlm"), text]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def test_a_masked_lm_fills_in_its_mask_token(api: Client, models: Path) -> None:
+    """head masked-lm: the prediction is the token the model puts at [MASK] (its logits
+    there, as transformers gives them; named by the vocabulary), a text without the mask is
+    a 422, and a token id is a class to explain."""
+    text = "the cat [MASK] on the mat"
+    body = {"model": "user-distilbert-mlm", "inputs": {"text": text}}
+    result = api.run(body, timeout=300)
+    (row,) = result["predictions"]
+    expected = _masked_lm_logits(models, text)
+    assert np.allclose(row["logits"], expected, atol=1e-4)
+    assert row["index"] == int(np.argmax(expected)) and row["label"] in row["scores"]
+    assert len(result["inputs"][0]["tokens"]) == 8
+    message = _refusal(api, {**body, "inputs": {"text": "the cat sat"}})
+    assert message.startswith("inputs.text: has no [MASK]: user-distilbert-mlm is a masked LM")
+    explained = api.run({**body, "relevance": {"target": 7}}, timeout=300)
+    assert explained["predictions"][0]["index"] == row["index"]
+
+
 def test_a_tokenizer_without_a_pad_token_generates(api: Client) -> None:
     """One prompt, and two of unequal length in one job, each row as it is alone."""
     texts = ["the cat sat on the mat", "a dog"]
