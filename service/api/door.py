@@ -195,23 +195,33 @@ def _check_mode(task: TaskName, req: RunTaskRequest) -> None:
 
 
 def _check_head(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta) -> None:
-    """What a classifier's head (config.json's ``problem_type``) has no meaning for, as the
-    engine refuses it: a regression's values have no alternative class to contrast with,
-    and a multi-label head decides each label on its own (a label's contrast is its absence)."""
-    rel = req.relevance
-    if task not in CLASSIFICATION_TASKS or meta.problem_type is None:
+    """What a classifier's head (config.json's ``problem_type``, its count of classes) has no
+    meaning for, as the engine refuses or ignores it: a regression's values have no
+    alternative class to contrast with, a multi-label head decides each label on its own (a
+    label's contrast is its absence), and a threshold decides only a single logit or the
+    labels of a multi-label head (argmax decides among several classes: it was ignored)."""
+    rel, kind = req.relevance, meta.problem_type
+    if task not in CLASSIFICATION_TASKS:
         return
-    if meta.problem_type == "regression" and rel.mode == "contrast":
+    if kind == "regression" and rel.mode == "contrast":
         raise invalid(
             ["relevance", "mode"],
             f"contrast: {spec.id} is a regression (its outputs are values, with no "
             "alternative class to explain against); use default or reference",
         )
-    if meta.problem_type == "multi_label_classification" and rel.contrast_with is not None:
+    if kind == "multi_label_classification" and rel.contrast_with is not None:
         raise invalid(
             ["relevance", "contrast_with"],
             f"{spec.id} decides each label on its own (multi-label): mode contrast explains a "
             f"label against its absence; leave contrast_with out (got {rel.contrast_with!r})",
+        )
+    argmax = kind is None and meta.num_classes is not None and meta.num_classes > 1
+    if "thresholding" in rel.model_fields_set and (argmax or kind == "regression"):
+        how = "is a regression" if argmax is False else "decides by argmax among its classes"
+        raise invalid(
+            ["relevance", "thresholding"],
+            f"{rel.thresholding}: thresholding decides a single-logit classifier, or each "
+            f"label of a multi-label one; {spec.id} {how}; leave thresholding out",
         )
 
 

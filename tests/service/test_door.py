@@ -252,6 +252,12 @@ SENTIMENT = {"model": "minilm-sentiment", "inputs": {"text": "fine"}}
             "inputs.text_pair: is the second text of a pair: give the first in text",
         ),
         ({**SENTIMENT, "inputs": {"text": "ok", "text_pair": " "}}, "inputs.text_pair: is blank"),
+        (
+            {**SENTIMENT, "relevance": {"thresholding": 0.9}},
+            "relevance.thresholding: 0.9: thresholding decides a single-logit classifier, or "
+            "each label of a multi-label one; minilm-sentiment decides by argmax among its "
+            "classes; leave thresholding out",
+        ),
     ],
 )
 def test_refused_at_the_door(api: TestClient, body: dict, expected: str) -> None:
