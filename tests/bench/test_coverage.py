@@ -88,10 +88,11 @@ def test_generation_is_compared_with_whole_forwards_where_generate_is_not_the_fo
     whole forwards (and says so); llama's generate is the forward, and the reference."""
     from bench.coverage.check import _reference
     from tests.engine.lm_models import prompts, tiny_lm
-    from tests.engine.test_generation_uncached import UNCACHED, _build
+    from tests.engine.test_generation_uncached import UNCACHED
+    from tests.helpers.tiny import tiny_model
 
     batch = prompts(2, 6, seed=1, pads=(0, 2))
-    rwkv = _build(*UNCACHED["rwkv"])
+    rwkv = tiny_model(*UNCACHED["rwkv"])
     tokens, note = _reference(rwkv, batch)
     assert note.startswith("greedy whole forwards")
     ids = batch["input_ids"]
