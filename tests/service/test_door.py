@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import uuid
 import zlib
 from collections.abc import Iterator
 from dataclasses import replace
@@ -43,7 +44,10 @@ def _lookup_model(folder: Path) -> None:
 def api(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     data = tmp_path_factory.mktemp("door")
     _lookup_model(data / "tiny-lookup-lm")
-    settings = Settings(redis_url=redis_url, registry_path=None, data_dir=str(data))
+    # A queue of its own: a worker of another test on the session's Redis would take the
+    # jobs accepted here, and a job this module expects queued would be running.
+    queue = f"door-{uuid.uuid4().hex[:8]}"
+    settings = Settings(redis_url=redis_url, registry_path=None, data_dir=str(data), queue=queue)
     with TestClient(create_app(settings)) as client:
         yield client
 
