@@ -15,14 +15,7 @@ import torch
 from torch import Tensor, fx
 
 from .params import RelevanceParams
-from .tasks import TaskName
-
-# The tasks that decide one prediction per sample (``engine.heads.classification``).
-_ONE_DECISION = (
-    TaskName.TEXT_CLASSIFICATION,
-    TaskName.IMAGE_CLASSIFICATION,
-    TaskName.TABULAR_CLASSIFICATION,
-)
+from .tasks import ONE_DECISION_TASKS, TaskName
 
 
 def check_ranges(params: RelevanceParams) -> None:
@@ -102,9 +95,9 @@ def problem_type(given: str | None, model: torch.nn.Module, task: TaskName) -> s
     regression head decided by argmax would report a wrong answer with softmax scores).
     None for a single-label classifier (argmax decides), and for the tasks that do not
     decide one prediction per sample (token labels, answer spans, generated tokens)."""
-    if task not in _ONE_DECISION:
+    if task not in ONE_DECISION_TASKS:
         if given is not None:
-            raise ValueError(f"problem_type is for {', '.join(_ONE_DECISION)}, not {task}")
+            raise ValueError(f"problem_type is for {', '.join(ONE_DECISION_TASKS)}, not {task}")
         return None
     config = getattr(model, "config", None)
     kind = given if given is not None else getattr(config, "problem_type", None)

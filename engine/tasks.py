@@ -100,6 +100,11 @@ TASKS: dict[TaskName, Task] = {
 # Task names a model can be registered for (``auto`` is resolved from the model at run time).
 MODEL_TASKS = tuple(TASKS)
 CLASSIFICATION_TASKS = tuple(t.name for t in TASKS.values() if t.call is EngineCall.CLASSIFY)
+# The tasks that decide one prediction per sample (``engine.heads.classification``: no seed
+# axis); a classifier's ``problem_type`` is theirs.
+ONE_DECISION_TASKS = tuple(
+    t.name for t in TASKS.values() if t.call is EngineCall.CLASSIFY and not t.seeds
+)
 # The tasks whose text may come in pairs (``Task.pairs``).
 PAIR_TASKS = tuple(t.name for t in TASKS.values() if t.pairs)
 # What ``run_task(task=...)`` accepts.

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis.asyncio as aredis
 
-from engine.tasks import CLASSIFICATION_TASKS, TaskName
+from engine.tasks import CLASSIFICATION_TASKS, ONE_DECISION_TASKS, TaskName
 
 from .. import layer_names
 from ..registry import ModelSpec
@@ -201,7 +201,7 @@ def _check_head(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: Mode
     label's contrast is its absence), and a threshold decides only a single logit or the
     labels of a multi-label head (argmax decides among several classes: it was ignored)."""
     rel, kind = req.relevance, meta.problem_type
-    if task not in CLASSIFICATION_TASKS:
+    if task not in ONE_DECISION_TASKS:  # the engine reads no problem_type for the others
         return
     if kind == "regression" and rel.mode == "contrast":
         raise invalid(
@@ -290,11 +290,7 @@ _READ_BY = (
     (
         ("relevance", "thresholding"),
         "a classifier's decision by its logits' sigmoid",
-        (
-            TaskName.TEXT_CLASSIFICATION,
-            TaskName.IMAGE_CLASSIFICATION,
-            TaskName.TABULAR_CLASSIFICATION,
-        ),
+        ONE_DECISION_TASKS,
     ),
 )
 
