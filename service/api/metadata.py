@@ -212,6 +212,7 @@ def _read(folder: Path, spec: ModelSpec) -> ModelMeta:
     if masked:  # its classes are its vocabulary (its config's labels mean nothing)
         classes, names = config.get("vocab_size"), None
     positions = _positions(config)
+    tok_config = _tokenizer_config(folder)
     return ModelMeta(
         num_classes=classes,
         labels=names,
@@ -221,31 +222,32 @@ def _read(folder: Path, spec: ModelSpec) -> ModelMeta:
         encoder_decoder=bool(config.get("is_encoder_decoder")),
         problem_type=config.get("problem_type"),
         token_axis=_token_axis(spec),
-        pads_left=_pads_left(folder),
-        mask_token=_mask_token(folder) if masked else None,
+        pads_left=_pads_left(tok_config),
+        mask_token=_mask_token(tok_config) if masked else None,
     )
 
 
-def _mask_token(folder: Path) -> str | None:
-    """The mask token a masked LM fills in, as its ``tokenizer_config.json`` names it."""
-    path = folder / "tokenizer_config.json"
-    token = json.loads(path.read_text()).get("mask_token") if path.is_file() else None
+def _tokenizer_config(folder: Path) -> dict[str, Any] | None:
+    """The folder's ``tokenizer_config.json``, or None without a readable one."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (ValueError, OSError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _pads_left(tok_config: dict[str, Any] | None) -> bool | None:
+    """Whether the tokenizer pads on the left: its config's ``padding_side``, right where it
+    names none (transformers' default); None without a config."""
+    return None if tok_config is None else tok_config.get("padding_side") == "left"
+
+
+def _mask_token(tok_config: dict[str, Any] | None) -> str | None:
+    """The mask token a masked LM fills in, as its tokenizer's config names it."""
+    token = (tok_config or {}).get("mask_token")
     if isinstance(token, dict):  # an AddedToken written out
         token = token.get("content")
     return token if isinstance(token, str) else None
-
-
-def _pads_left(folder: Path) -> bool | None:
-    """Whether the tokenizer pads on the left: its ``tokenizer_config.json``'s
-    ``padding_side``, right where it names none (transformers' default); None without one."""
-    path = folder / "tokenizer_config.json"
-    if not path.is_file():
-        return None
-    try:
-        side = json.loads(path.read_text()).get("padding_side", "right")
-    except (ValueError, AttributeError, OSError):
-        return None
-    return side == "left"
 
 
 def _tokenizer(path: Path) -> Any:

@@ -861,7 +861,7 @@ def test_a_position_on_every_input_of_a_batch(
     side = {"padding_side": "left"} if left else {}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(side))
     spec, meta = _tagger(tmp_path, "token-classification", TRANSFORMERS)
-    meta = replace(meta, pads_left=metadata._pads_left(tmp_path))
+    meta = replace(meta, pads_left=metadata._pads_left(metadata._tokenizer_config(tmp_path)))
     inputs = {"text": ["a", "a b a"]}  # 3 and 5 tokens with [CLS] and [SEP]
     req = RunTaskRequest(model="tagger", inputs=inputs, relevance={"position": position})
     message = _refused(lambda: door.check(spec, spec.task, req, meta))
