@@ -77,6 +77,14 @@ def test_roberta_takes_every_one_of_its_positions(api: Client) -> None:
     assert len(result["predictions"]) == 1
 
 
+def _transformers_says(code: str, folder: Path, arg: str) -> list[float]:
+    """What ``code`` prints last as JSON, run outside the service in a fresh Python (this
+    process does not import torch) with the checkpoint ``folder`` and ``arg`` as argv."""
+    cmd = [sys.executable, "-c", code, str(folder), arg]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    return json.loads(out.splitlines()[-1])
+
+
 def _reference_logits(models: Path, png: str) -> list[float]:
     """The ViT's logits for the picture as transformers' own image processor prepares it."""
     code = (
@@ -87,9 +95,7 @@ def _reference_logits(models: Path, png: str) -> list[float]:
         "x = p(images=img, return_tensors='pt')['pixel_values']; "
         "print(json.dumps(m(pixel_values=x).logits[0].tolist()))"
     )
-    cmd = [sys.executable, "-c", code, str(models / "vit"), png]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
-    return json.loads(out.splitlines()[-1])
+    return _transformers_says(code, models / "vit", png)
 
 
 def test_a_vit_reads_pictures_as_its_image_processor_does(api: Client, models: Path) -> None:
@@ -188,9 +194,7 @@ def _masked_lm_logits(models: Path, text: str) -> list[float]:
         "at = (x['input_ids'][0] == t.mask_token_id).nonzero()[0, 0]; "
         "print(json.dumps(m(**x).logits[0, at].tolist()))"
     )
-    cmd = [sys.executable, "-c", code, str(models / "distilbert-mlm"), text]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
-    return json.loads(out.splitlines()[-1])
+    return _transformers_says(code, models / "distilbert-mlm", text)
 
 
 def test_a_masked_lm_fills_in_its_mask_token(api: Client, models: Path) -> None:
