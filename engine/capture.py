@@ -350,9 +350,26 @@ def capture(
         if verbose:
             print(f"[capture] {label} export of {type(model).__name__} succeeded")
         return captured
+    _check_runs(model, example)
     raise CaptureError(
         f"torch.export could not capture {type(model).__name__}: " + " | ".join(errors)
     )
+
+
+def _check_runs(model: torch.nn.Module, example: dict[str, torch.Tensor]) -> None:
+    """After every export failed: whether the model runs on the example at all. If it does
+    not, the inputs are what is wrong (a row of 5 features for a model of 4), and export's
+    own words (``a and b must have same reduction dim``) would blame the capture."""
+    positional, named = _by_position(model, _fresh(example))
+    try:
+        with _without_kv_cache(model), torch.no_grad():
+            model(*positional, **named)
+    except Exception as exc:  # noqa: BLE001 - any failure of the model's own forward
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in example.items())
+        raise ValueError(
+            f"the model does not run on inputs of shapes {shapes}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:300]}"
+        ) from exc
 
 
 # ATen's other names for ops the rules know (torch.multiply is aten.multiply, not aten.mul):

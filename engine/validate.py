@@ -280,6 +280,32 @@ def _table_rows(nodes: list[fx.Node], constants: dict) -> dict[str, int]:
     return rows
 
 
+def signature(nodes: list[fx.Node], names: list[str], constants: dict, output: fx.Node) -> dict:
+    """What a captured graph takes and gives, in plain values (JSON), for a caller that checks
+    inputs before they reach the engine (the service's API, which has no torch): for each
+    input in ``names``, its dtype, its shape (None where any size goes), the axis that says
+    what it is (``_fixed_axis``: channels, features; None if none) and, for ids, the rows of
+    the table they index (None if none); and the shape of the explained ``output``."""
+    rows = _table_rows(nodes, constants)
+    inputs = {}
+    for node in nodes:
+        if node.op == "placeholder" and node.name in names:
+            val = node.meta["val"]
+            inputs[node.name] = {
+                "dtype": str(val.dtype).removeprefix("torch."),
+                "shape": _static_sizes(val),
+                "fixed_axis": _fixed_axis(val),
+                "ids_below": rows.get(node.name),
+            }
+    out = output.meta.get("val")
+    return {"inputs": inputs, "output": _static_sizes(out) if isinstance(out, Tensor) else None}
+
+
+def _static_sizes(meta: Tensor) -> list[int | None]:
+    """Each dimension's size where the graph fixes it, None where it takes any."""
+    return [None if _symbol(s) is not None else int(s) for s in meta.shape]
+
+
 def position_limit(model: torch.nn.Module) -> int | None:
     """Rows of the model's learned position table (config ``max_position_embeddings`` or
     ``n_positions`` where an embedding of that size exists): positions past it do not exist.

@@ -355,13 +355,24 @@ def _load_torchvision(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel,
 # The nodes whose relevance a request can ask for by name (``output.relevance``): the graph's
 # inputs and operations, not its constants (``get_attr``) or its output.
 RELEVANCE_OPS = ("placeholder", "call_function", "call_method", "call_module")
-# Told the node names of a model's graphs (model id, revision, names) after each capture.
-OnCapture = Callable[[str, str, list[str]], None]
+# Told the node names of a model's graphs and its first graph's signature (model id, revision,
+# names, ``graph_signature``) after each capture.
+OnCapture = Callable[[str, str, list[str], dict[str, Any]], None]
 
 
 def node_names(dlb: Any) -> list[str]:
     """The names ``output.relevance`` may use for a captured graph (``RELEVANCE_OPS``)."""
     return sorted(n.name for n in dlb.graph.nodes if n.op in RELEVANCE_OPS)
+
+
+def graph_signature(dlb: Any) -> dict[str, Any]:
+    """What the model's first captured graph takes and gives (``engine.validate.signature``):
+    the API checks a request against it at the door where nothing else tells it the
+    model's classes, feature width or vocabulary (a python factory's model)."""
+    from engine import validate
+
+    c = dlb.captured
+    return validate.signature(c.nodes, c.input_names, c.constants, c.explained_output())
 
 
 @dataclass
@@ -388,6 +399,14 @@ class CachedModel:
         return next(iter(params)) if params else "x"
 
     @functools.cached_property
+    def arguments(self) -> frozenset[str] | None:
+        """The names forward takes; None where it takes any (``**kwargs``, ``*args``)."""
+        params = inspect.signature(self.loaded.model.forward).parameters.values()
+        if any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params):
+            return None
+        return frozenset(p.name for p in params)
+
+    @functools.cached_property
     def segments(self) -> bool:
         """Whether the model's token inputs carry ``token_type_ids``: its tokenizer makes
         them and its forward takes them (a BERT), so that the second text of a pair reaches
@@ -409,8 +428,10 @@ class CachedModel:
         if key not in self.backtraces:
             self.backtraces[key] = DLBacktrace(self.loaded.model, inputs, device=self.device)
             if self.on_capture is not None:
-                names = sorted({n for dlb in self.backtraces.values() for n in node_names(dlb)})
-                self.on_capture(self.loaded.model_id, self.revision, names)
+                graphs = list(self.backtraces.values())
+                names = sorted({n for dlb in graphs for n in node_names(dlb)})
+                signature = graph_signature(graphs[0])
+                self.on_capture(self.loaded.model_id, self.revision, names, signature)
         return self.backtraces[key]
 
 

@@ -237,14 +237,21 @@ def is_ready(info: dict[str, Any]) -> bool:
     return info.get("status", WorkerStatus.READY) == WorkerStatus.READY
 
 
-def publish_graph(r: redis.Redis, model_id: str, revision: str, nodes: list[str]) -> None:
+def publish_graph(
+    r: redis.Redis,
+    model_id: str,
+    revision: str,
+    nodes: list[str],
+    signature: dict[str, Any] | None = None,
+) -> None:
     """The node names of a model's captured graph, for the API to check
-    ``output.relevance`` at the door. A worker that captures the model again overwrites
-    them; they expire after ``GRAPH_TTL_S`` all the same, so that names of a revision no
-    worker serves any more (new weights, a changed registry entry) do not refuse layers
-    for good: without them the API lets the names through and the worker checks them on
-    the graph it runs."""
-    value = json.dumps({"revision": revision, "nodes": nodes})
+    ``output.relevance`` at the door, and its signature (``service.models.graph_signature``)
+    for the checks of inputs and classes where the API knows no more. A worker that
+    captures the model again overwrites them; they expire after ``GRAPH_TTL_S`` all the
+    same, so that names of a revision no worker serves any more (new weights, a changed
+    registry entry) do not refuse layers for good: without them the API lets the names
+    through and the worker checks them on the graph it runs."""
+    value = json.dumps({"revision": revision, "nodes": nodes, "signature": signature})
     r.set(GRAPH.format(model_id), value, ex=GRAPH_TTL_S)
 
 

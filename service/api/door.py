@@ -28,6 +28,7 @@ def check(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta)
     _check_text(spec, task, req, meta)
     _check_token_ids(spec, task, req, meta)
     _check_fill_in(spec, req, meta)
+    _check_feature_width(spec, req, meta)
     _check_mode(task, req)
     _check_head(spec, task, req, meta)
     _check_selection(spec, task, req, meta)
@@ -65,6 +66,21 @@ async def check_layers(
         layer_names.check(spec.id, names, nodes)
     except layer_names.UnknownNodes as exc:
         raise invalid(list(exc.loc), exc.msg) from None
+
+
+def _check_feature_width(spec: ModelSpec, req: RunTaskRequest, meta: ModelMeta) -> None:
+    """Rows as wide as the model's input [B, F] (its captured graph's, ``metadata``): the
+    worker failed other widths with the engine's message, after the queue. Every row is as
+    wide as the first (``validation``)."""
+    rows = req.inputs.features
+    if not rows or meta.features is None:
+        return
+    width = len(rows[0]) if isinstance(rows[0], list) else len(rows)
+    if width != meta.features:
+        raise invalid(
+            ["inputs", "features"],
+            f"rows of {width} features, but {spec.id} takes {meta.features} a row",
+        )
 
 
 def _token_bound(spec: ModelSpec, task: TaskName, meta: ModelMeta) -> tuple[int, str]:

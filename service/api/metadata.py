@@ -11,6 +11,7 @@ a worker captures graphs, and it publishes their names at each capture."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -52,6 +53,11 @@ class ModelMeta:
     pads_left: bool | None = None
     # the token a masked LM fills in (``[MASK]``, ``<mask>``); None for other models
     mask_token: str | None = None
+    # a masked LM without labels in its entry: its classes are its vocabulary, named by
+    # their tokens (``token_class``)
+    token_classes: bool = False
+    # how many features a row of ``inputs.features`` has (a tabular model's input width)
+    features: int | None = None
 
     @property
     def targets(self) -> int | None:
@@ -72,6 +78,19 @@ class ModelMeta:
         if self.tokenizer is None:
             return None
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def token_class(self, name: str) -> int | None:
+        """The class a masked LM's label names, as the worker names its classes (each id by
+        its token, an id past the tokenizer's tokens by its digits); None for a name that is
+        none of them or where the tokenizer is not known."""
+        if not self.token_classes or self.tokenizer is None:
+            return None
+        index = self.tokenizer.token_to_id(name)
+        if index is None and name.isdigit():
+            index = int(name)
+            tokens = self.tokenizer.get_vocab_size(with_added_tokens=True)
+            return index if tokens <= index < (self.num_classes or 0) else None
+        return index if index is not None and index < (self.num_classes or 0) else None
 
     def separates_pairs(self) -> bool | None:
         """Whether the tokenizer marks where a pair's second text starts (more special tokens
@@ -94,6 +113,8 @@ class ModelMetadata:
         self.registry, self.data_dir = registry, Path(data_dir)
         self.known: dict[str, ModelMeta] = {}
         self.missing: dict[str, float] = {}  # model id: when to look for its config again
+        # model id: (when to read it again, the published signature or None)
+        self.signatures: dict[str, tuple[float, dict[str, Any] | None]] = {}
 
     def get(self, spec: ModelSpec) -> ModelMeta:
         if spec.id in self.known:
@@ -116,6 +137,21 @@ class ModelMetadata:
         self.known[spec.id] = meta
         return meta
 
+    async def complete(self, ar: aredis.Redis, spec: ModelSpec) -> ModelMeta:
+        """``get``, and for a python factory's model, which has no folder to read, what its
+        captured graph says once a worker has published it (``store.publish_graph``): its
+        classes, whether its logits keep a token axis, its vocabulary and feature width.
+        Read from Redis at most every ``RECHECK_S`` per model, and only for such models."""
+        meta = self.get(spec)
+        if spec.source.kind != "python":
+            return meta
+        now = time.monotonic()
+        when, signature = self.signatures.get(spec.id, (0.0, None))
+        if now >= when:
+            signature = _signature(await ar.get(store.GRAPH.format(spec.id)))
+            self.signatures[spec.id] = (now + RECHECK_S, signature)
+        return meta if signature is None else _with_signature(meta, signature)
+
     async def graph_nodes(self, ar: aredis.Redis, spec: ModelSpec) -> set[str] | None:
         """The node names a worker published when it captured the model's graph; None until
         one has (or when the value is not what workers write). Read at each request that
@@ -134,6 +170,38 @@ class ModelMetadata:
         if src.kind == "demo" and src.name:
             return self.data_dir / src.name
         return None
+
+
+def _signature(raw: bytes | None) -> dict[str, Any] | None:
+    """The signature in a published graph (None if there is none, or it is not what workers
+    write)."""
+    try:
+        signature = json.loads(raw)["signature"] if raw else None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return signature if isinstance(signature, dict) else None
+
+
+def _with_signature(meta: ModelMeta, signature: dict[str, Any]) -> ModelMeta:
+    """``meta`` with what it does not know taken from a graph's signature: the classes are
+    the logits' last size ([B, C], or [B, T, C] with a token axis), the vocabulary the rows
+    of the table the ids index, the feature width a float input's fixed last axis [B, F]."""
+    out = signature.get("output") or []
+    inputs = [v for v in (signature.get("inputs") or {}).values() if isinstance(v, dict)]
+    rows = next((v["ids_below"] for v in inputs if v.get("ids_below")), None)
+    widths = [
+        v["shape"][-1]
+        for v in inputs
+        if len(v.get("shape") or ()) == 2 and v.get("fixed_axis") == 1
+    ]
+    classes = out[-1] if len(out) in (2, 3) and isinstance(out[-1], int) else None
+    return dataclasses.replace(
+        meta,
+        num_classes=meta.num_classes or classes,
+        token_axis=meta.token_axis if meta.token_axis is not None or not classes else len(out) == 3,
+        vocab_size=meta.vocab_size or rows,
+        features=meta.features or (widths[0] if widths else None),
+    )
 
 
 def _source_classes(spec: ModelSpec) -> int | None:
@@ -224,6 +292,7 @@ def _read(folder: Path, spec: ModelSpec) -> ModelMeta:
         token_axis=_token_axis(spec),
         pads_left=_pads_left(tok_config),
         mask_token=_mask_token(tok_config) if masked else None,
+        token_classes=masked and not spec.labels,  # the registry's labels name its classes
     )
 
 

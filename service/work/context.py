@@ -86,8 +86,12 @@ class ModelReports:
         self.redis_url = redis_url
         self._r: redis.Redis | None = None
 
-    def __call__(self, model_id: str, revision: str, nodes: list[str]) -> None:
-        self._write(f"the graph of {model_id}", store.publish_graph, model_id, revision, nodes)
+    def __call__(
+        self, model_id: str, revision: str, nodes: list[str], signature: dict[str, Any]
+    ) -> None:
+        self._write(
+            f"the graph of {model_id}", store.publish_graph, model_id, revision, nodes, signature
+        )
 
     def load_failed(self, model_id: str, worker: str, exc: Exception) -> None:
         self._write(

@@ -84,7 +84,7 @@ def generate(run: Run, work: Work, r: redis.Redis) -> documents.Doc:
     tok = run.entry.loaded.tokenizer
     host_batch = inputs.tokens(run.entry, run.spec, req.inputs)
     t0 = time.perf_counter()
-    dlb = run.entry.backtrace(host_batch)
+    dlb = run.entry.backtrace(inputs.taken(run.entry, host_batch))
     capture_s = time.perf_counter() - t0
     # As for classification (service.work.classify): a cold model's first job is checked
     # here, on the graph just captured (the engine skips unknown names).

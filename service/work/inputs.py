@@ -253,10 +253,19 @@ def merge(entry: CachedModel, batches: list[Batch]) -> tuple[Batch, list[slice]]
 
 
 def on_device(entry: CachedModel, batch: Batch) -> Batch:
-    """The batch on the model's device, floats in the model's dtype."""
+    """The batch as the model takes it (``taken``) on its device, floats in its dtype."""
     first = next(entry.loaded.model.parameters(), None)
     dtype = first.dtype if first is not None else torch.float32
     return {
         k: v.to(entry.device, dtype=dtype if v.is_floating_point() else v.dtype)
-        for k, v in batch.items()
+        for k, v in taken(entry, batch).items()
     }
+
+
+def taken(entry: CachedModel, batch: Batch) -> Batch:
+    """The batch without the inputs the model's forward has no argument for: an operator's
+    own model that reads only ``input_ids`` got the attention mask too, and every job on it
+    failed with "forward() got an unexpected keyword argument 'attention_mask'". The
+    batch itself keeps them (the documents read the mask)."""
+    names = entry.arguments
+    return batch if names is None else {k: v for k, v in batch.items() if k in names}

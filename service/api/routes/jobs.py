@@ -74,7 +74,7 @@ async def run_task(
     worker has captured it)."""
     spec, task = validation.resolve(api.registry, req)
     validation.check_inputs(spec, req)
-    door.check(spec, task, req, api.metadata.get(spec))
+    door.check(spec, task, req, await api.metadata.complete(api.redis, spec))
     await door.check_layers(api.redis, spec, req, api.metadata)
     job_id = uuid.uuid4().hex
     body = req.model_dump(mode="json")
