@@ -240,3 +240,11 @@ def test_tokenizer_outputs_the_model_does_not_take_are_left_out(bert):
         got["relevance"]["input_ids"], _run(dlb, inputs)["relevance"]["input_ids"]
     )
     assert len(dlb._graphs) == 1  # no second capture for them
+
+
+def test_a_model_that_does_not_run_on_the_example_blames_the_inputs():
+    """Every export fails where the model itself fails: the inputs are wrong, and export's
+    own words ("a and b must have same reduction dim") would blame the capture."""
+    model = nn.Sequential(nn.Linear(4, 2)).eval()
+    with pytest.raises(ValueError, match=r"does not run on inputs of shapes input \(2, 5\): "):
+        capture(model, {"input": torch.randn(2, 5)})
