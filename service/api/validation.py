@@ -194,3 +194,46 @@ def check_image(b64: str, max_side: int) -> None:
         raise invalid(loc, f"format {fmt} is not PNG or JPEG")
     if max(w, h) > max_side:
         raise invalid(loc, f"{w}x{h} is larger than {max_side} pixels a side")
+    if (cut := truncated(raw, fmt)) is not None:
+        raise invalid(loc, cut)
+
+
+# A PNG's last chunk: IEND, of length 0 (its CRC left out: Pillow reads none of it).
+_PNG_END = b"\0\0\0\0IEND"
+_JPEG_EOI = b"\xff\xd9"
+# JPEG markers without a length: TEM and the restart markers.
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+
+
+def truncated(raw: bytes, fmt: str) -> str | None:
+    """Why the file is cut short, or None: a PNG without its IEND chunk, a JPEG without an
+    end-of-image marker after its image data. Headers alone pass the door's other checks,
+    and such a file failed in the worker ("image file is truncated"), after the queue. No
+    decode: a search from the end, which finds the end marker at once in a whole file."""
+    if fmt == "PNG" and raw.rfind(_PNG_END, 33) == -1:
+        return "truncated PNG (it ends before its IEND chunk)"
+    if fmt == "JPEG":
+        scan = _jpeg_scan(raw)
+        if scan is None or raw.rfind(_JPEG_EOI, scan) == -1:
+            return "truncated JPEG (it ends before its end-of-image marker, FFD9)"
+    return None
+
+
+def _jpeg_scan(raw: bytes) -> int | None:
+    """Where the main image's data starts (after its first SOS segment's header), walking
+    the segments from SOI by their lengths, so that markers inside a segment (an EXIF
+    thumbnail's in APP1) are skipped; None where the file ends first. Bytes between
+    segments are skipped as Pillow skips them (fill bytes, junk)."""
+    pos, end = 2, len(raw)
+    while pos + 4 <= end:
+        marker = raw[pos + 1]
+        if raw[pos] != 0xFF or marker in (0x00, 0xFF):
+            pos += 1
+        elif marker in _JPEG_STANDALONE:
+            pos += 2
+        else:
+            length = (raw[pos + 2] << 8) | raw[pos + 3]
+            pos += 2 + length
+            if marker == 0xDA:
+                return pos if pos <= end else None
+    return None

@@ -1,0 +1,94 @@
+"""Requests a hostile or careless client sends, each refused at the door with a 422 that
+names the field, the value and what is allowed, where the door can see the problem: never a
+202 whose job fails in the worker for a reason the door could have seen, nor a 500.
+
+The API runs in process on the session's Redis, as in tests/service/test_door.py (its
+``api`` fixture: the demo registry, no worker, no torch); checks that need a model's
+folder build one here and ask the door's own metadata reader."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from tests.service.test_door import _message, _refused, api  # noqa: F401 - api: a fixture
+
+
+def _encoded(mode: str, fmt: str, size: tuple[int, int] = (64, 64), **options: Any) -> bytes:
+    """A picture of ``mode`` saved as ``fmt`` by Pillow, with noise so that its image data
+    spans many bytes."""
+    img = Image.effect_noise(size, 64).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def _digit(raw: bytes) -> dict[str, Any]:
+    return {"model": "digits-cnn", "inputs": {"image": base64.b64encode(raw).decode()}}
+
+
+def _with_thumbnail(jpeg: bytes, thumbnail: bytes) -> bytes:
+    """``jpeg`` with an EXIF APP1 segment right after its SOI that holds ``thumbnail`` (IFD1's
+    JPEGInterchangeFormat), as a camera writes it: a whole JPEG, its own SOI to EOI, inside a
+    segment of the main image's header."""
+    ifd1 = 8 + 6  # after the TIFF header and an empty IFD0 (count, next IFD's offset)
+    data = ifd1 + 2 + 2 * 12 + 4
+    tiff = b"MM\0*" + struct.pack(">I", 8) + struct.pack(">HI", 0, ifd1)
+    tiff += struct.pack(">H", 2)
+    tiff += struct.pack(">HHII", 0x0201, 4, 1, data) + struct.pack(
+        ">HHII", 0x0202, 4, 1, len(thumbnail)
+    )
+    tiff += struct.pack(">I", 0) + thumbnail
+    payload = b"Exif\0\0" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+PNG_CUT = "inputs.image: truncated PNG (it ends before its IEND chunk)"
+JPEG_CUT = "inputs.image: truncated JPEG (it ends before its end-of-image marker, FFD9)"
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt", "options", "expected"),
+    [
+        ("L", "PNG", {}, PNG_CUT),
+        ("RGB", "PNG", {}, PNG_CUT),
+        ("P", "PNG", {}, PNG_CUT),
+        ("L", "JPEG", {}, JPEG_CUT),
+        ("RGB", "JPEG", {"progressive": True}, JPEG_CUT),
+        ("CMYK", "JPEG", {}, JPEG_CUT),
+    ],
+)
+def test_a_truncated_image_is_refused(
+    api: TestClient,  # noqa: F811 - the fixture
+    mode: str,
+    fmt: str,
+    options: dict,
+    expected: str,
+) -> None:
+    """A PNG without its IEND chunk, a JPEG without its end-of-image marker: their headers
+    pass, and the job failed in the worker ("image file is truncated"). Whole, with bytes
+    after the end (as phones append), or cut within the end marker's CRC, they pass."""
+    whole = _encoded(mode, fmt, **options)
+    assert api.post("/run_task", json=_digit(whole)).status_code == 202
+    assert api.post("/run_task", json=_digit(whole + b"appended")).status_code == 202
+    last = 9 if fmt == "PNG" else 1  # into the end marker: IEND's type, FFD9's D9
+    for cut in (len(whole) // 2, len(whole) - 12, len(whole) - last):
+        assert _message(api.post("/run_task", json=_digit(whole[:cut]))) == expected
+    if fmt == "PNG":  # IEND's CRC is not read
+        assert api.post("/run_task", json=_digit(whole[:-4])).status_code == 202
+
+
+def test_a_jpegs_thumbnail_is_not_its_end(api: TestClient) -> None:  # noqa: F811
+    """An EXIF thumbnail is a whole JPEG inside the main image's APP1 segment, end marker
+    included: the main image cut short is still truncated."""
+    whole = _with_thumbnail(_encoded("L", "JPEG"), _encoded("L", "JPEG", (4, 4)))
+    with Image.open(io.BytesIO(whole)) as img:
+        img.load()  # a file Pillow reads whole
+    assert api.post("/run_task", json=_digit(whole)).status_code == 202
+    assert _message(api.post("/run_task", json=_digit(whole[:-40]))) == JPEG_CUT
