@@ -343,6 +343,10 @@ def _check_contrast_with(
         if generation:
             raise invalid(loc, f"{alt} is not a token id of {spec.id}: 0 to {count - 1}")
         raise invalid(loc, _not_a_class(spec, alt, count))
+    if isinstance(alt, str) and meta.token_classes and meta.tokenizer is not None:
+        if meta.token_class(alt) is None:
+            raise invalid(loc, _not_a_token(spec, alt, meta))
+        return
     if isinstance(alt, str) and meta.labels == ():
         raise invalid(loc, f"{alt!r}: {no_labels(spec.id, count)}")
     if isinstance(alt, str) and meta.labels is not None and alt not in meta.labels:
@@ -351,6 +355,19 @@ def _check_contrast_with(
             f"{alt!r} is not a label of {spec.id}: runner-up, rest, a class index or one of "
             + ", ".join(dict.fromkeys(meta.labels)),
         )
+
+
+def _not_a_token(spec: ModelSpec, alt: str, meta: ModelMeta) -> str:
+    """Why a label names no class of a masked LM (its classes are its tokens), with the
+    tokens its tokenizer makes of it: a word it splits, or writes otherwise (``Ġsat``)."""
+    top = meta.num_classes - 1 if meta.num_classes else "the vocabulary size - 1"
+    pieces = meta.tokenizer.encode(alt, add_special_tokens=False).tokens
+    reads = f"; its tokenizer reads {alt!r} as {', '.join(map(repr, pieces))}" if pieces else ""
+    return (
+        f"{alt!r} is not a token of {spec.id} (a masked LM: its classes are the tokens of "
+        f"its vocabulary): runner-up, rest, a token id (0 to {top}) or one token as its "
+        f"tokenizer writes it{reads}"
+    )
 
 
 def _check_contrast_target(spec: ModelSpec, req: RunTaskRequest, meta: ModelMeta) -> None:
@@ -363,6 +380,8 @@ def _check_contrast_target(spec: ModelSpec, req: RunTaskRequest, meta: ModelMeta
         return
     names = spec.labels or meta.labels or ()
     index = names.index(alt) if isinstance(alt, str) and alt in names else alt
+    if isinstance(alt, str) and meta.token_classes:
+        index = meta.token_class(alt)
     if index == target:
         raise invalid(
             ["relevance", "contrast_with"],

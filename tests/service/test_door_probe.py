@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -92,3 +94,76 @@ def test_a_jpegs_thumbnail_is_not_its_end(api: TestClient) -> None:  # noqa: F81
         img.load()  # a file Pillow reads whole
     assert api.post("/run_task", json=_digit(whole)).status_code == 202
     assert _message(api.post("/run_task", json=_digit(whole[:-40]))) == JPEG_CUT
+
+
+# A BERT-like masked LM's vocabulary: WordPiece, lower-case words and their pieces.
+MLM_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "z", "##eb"]
+
+
+def _masked_lm(folder: Path, vocab_size: int) -> Any:
+    """The registry entry of a masked LM (``head: masked-lm``) whose folder holds what
+    ``save_pretrained`` writes for the door: config.json (``vocab_size`` rows, more than the
+    tokenizer's tokens where larger), tokenizer.json and tokenizer_config.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from service.registry import ModelSpec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {w: i for i, w in enumerate(MLM_VOCAB)}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"model_type": "distilbert", "vocab_size": vocab_size}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"mask_token": "[MASK]"}))
+    source = {"kind": "transformers", "path": str(folder), "head": "masked-lm"}
+    return ModelSpec.model_validate({"id": "mlm", "task": "text-classification", "source": source})
+
+
+NOT_A_TOKEN = (
+    "relevance.contrast_with: {!r} is not a token of mlm (a masked LM: its classes are the "
+    "tokens of its vocabulary): runner-up, rest, a token id (0 to 11) or one token as its "
+    "tokenizer writes it"
+)
+
+
+@pytest.mark.parametrize(
+    ("alt", "target", "expected"),
+    [
+        ("sat", None, ""),
+        ("##eb", None, ""),
+        ("[UNK]", None, ""),
+        ("11", None, ""),  # a row past the tokenizer's tokens, named by its id
+        ("runner-up", None, ""),
+        (5, None, ""),
+        ("zeb", None, NOT_A_TOKEN.format("zeb") + "; its tokenizer reads 'zeb' as 'z', "
+         "'##eb'"),
+        ("Sat", None, NOT_A_TOKEN.format("Sat") + "; its tokenizer reads 'Sat' as '[UNK]'"),
+        ("9", None, NOT_A_TOKEN.format("9") + "; its tokenizer reads '9' as '[UNK]'"),
+        ("12", None, NOT_A_TOKEN.format("12") + "; its tokenizer reads '12' as '[UNK]'"),
+        ("sat", 7, "relevance.contrast_with: 'sat' is the class relevance.target explains (7)"),
+        ("11", 11, "relevance.contrast_with: '11' is the class relevance.target explains (11)"),
+    ],
+)  # fmt: skip
+def test_a_masked_lms_alternative_is_a_token(
+    tmp_path: Path, alt: Any, target: int | None, expected: str
+) -> None:
+    """A masked LM's classes are its vocabulary, named by their tokens (a row past the
+    tokenizer's by its id): a contrast_with that names none failed in the worker, with the
+    engine's "not a label of this model (labels: [...])" listing its config's labels, which
+    mean nothing for it; one that names the target, with "the explained class itself"."""
+    from service.api import door
+    from service.api.metadata import ModelMetadata
+    from service.registry import Registry
+    from service.schemas import RunTaskRequest
+
+    spec = _masked_lm(tmp_path / "mlm", vocab_size=12)
+    meta = ModelMetadata(Registry([spec], tmp_path), str(tmp_path)).get(spec)
+    relevance = {"mode": "contrast", "contrast_with": alt, "target": target}
+    req = RunTaskRequest.model_validate(
+        {"model": spec.id, "inputs": {"text": "the cat [MASK]"}, "relevance": relevance}
+    )
+    assert _refused(lambda: door.check(spec, spec.task, req, meta)).startswith(expected)
