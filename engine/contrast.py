@@ -36,7 +36,8 @@ bench/README.md). On the target's own logit it ranks below mode "default" on the
 as Integrated Gradients of the same difference does: evidence that raises the target and its
 alternative alike cancels here by definition. A single logit is already a difference (of the
 positive and the negative class): it is its own contrast, as is each label's logit of a
-multi-label classifier (present against absent; its labels are not alternatives).
+multi-label classifier (present against absent; its labels are not alternatives), and so is
+the one value per sample of a model that returns [B] (a regression, a squeezed logit).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def contrast_seed(seed: Seed, logits: Tensor, contrast_with: Any, own: bool = Fa
     appended and every value made relevance per unit of its logit (see the module). ``own``:
     each logit is its own contrast (the labels of a multi-label classifier)."""
     index, value = seed.index.to(logits.device), seed.value.to(logits.device)
+    if logits.dim() == 1:  # one value per sample (a squeezed logit, a regression): no classes
+        return Seed(index, _per_unit(value, logits.detach()[index[..., 0]].double()))
     prefix, target = index[..., :-1], index[..., -1]
     rows = logits.detach()[tuple(prefix.unbind(-1))].double()  # [K, E, C]
     z_t = rows.gather(-1, target[..., None])[..., 0]
@@ -88,7 +91,11 @@ def _alternative(rows: Tensor, target: Tensor, contrast_with: Any) -> Tensor:
     if not 0 <= contrast_with < classes:
         raise ValueError(f"contrast_with={contrast_with} is not a class index in [0, {classes})")
     if (target == contrast_with).any():
-        raise ValueError(f"contrast_with={contrast_with} is the explained class itself")
+        raise ValueError(
+            f"contrast_with={contrast_with} is the explained class itself (the target, or the "
+            "prediction where no target is given): contrast it with another class, runner-up "
+            "or rest"
+        )
     return torch.full_like(target, contrast_with)
 
 
