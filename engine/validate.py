@@ -289,8 +289,8 @@ def signature(nodes: list[fx.Node], names: list[str], constants: dict, output: f
     rows = _table_rows(nodes, constants)
     inputs = {}
     for node in nodes:
-        if node.op == "placeholder" and node.name in names:
-            val = node.meta["val"]
+        val = node.meta.get("val")
+        if node.op == "placeholder" and node.name in names and isinstance(val, Tensor):
             inputs[node.name] = {
                 "dtype": str(val.dtype).removeprefix("torch."),
                 "shape": _static_sizes(val),
