@@ -322,11 +322,19 @@ async def _close_dead_job(ar: aredis.Redis, job_id: str, key: str, last: str) ->
 
 def is_stream_id(s: str) -> bool:
     """Whether ``s`` can be a Redis stream id (``123`` or ``123-4``, each part ASCII digits
-    below 2**64): a Last-Event-ID that is not one starts the stream from the beginning.
-    Redis refuses the others ("²", which ``str.isdigit`` takes, or 2**64), and its refusal
-    of the stream's first read was a 503 that EventSource retried for good."""
-    a, _, b = s.partition("-")
-    return all(p.isascii() and p.isdigit() and int(p) < 1 << 64 for p in (a, b or "0"))
+    below 2**64, at most ``ID_LENGTH`` characters): a Last-Event-ID that is not one starts
+    the stream from the beginning. Redis refuses the others ("²", which ``str.isdigit``
+    takes, 2**64, "1-" with no sequence, 128 zeros), and its refusal of the stream's first
+    read was a 503 that EventSource retried for good; a part of more than 4300 digits,
+    which Python refuses to read as a number, was a 500."""
+    if len(s) > ID_LENGTH:
+        return False
+    a, dash, b = s.partition("-")
+    parts = (a, b) if dash else (a,)
+    return all(p.isascii() and p.isdigit() and int(p) < 1 << 64 for p in parts)
+
+
+ID_LENGTH = 127  # the most characters of a stream id Redis reads (its parser's buffer)
 
 
 async def resume_error(ar: aredis.Redis, job_id: str, last: str) -> str | None:

@@ -167,3 +167,26 @@ def test_a_masked_lms_alternative_is_a_token(
         {"model": spec.id, "inputs": {"text": "the cat [MASK]"}, "relevance": relevance}
     )
     assert _refused(lambda: door.check(spec, spec.task, req, meta)).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("value", "taken"),
+    [("0-", False), ("7-", False), ("9" * 5000, False), ("0" * 128, False), ("0" * 127, True)],
+)
+def test_a_last_event_id_redis_cannot_read_starts_over(
+    redis_url: str, value: str, taken: bool
+) -> None:
+    """A Last-Event-ID is a stream id Redis reads, or the stream starts from the beginning:
+    "0-" (no sequence) and 128 characters were Redis's refusal of the first read, a 503
+    that EventSource retried for good; 5000 digits were Python's refusal to read a number
+    that long, a 500."""
+    import redis
+
+    from service.api.sse import is_stream_id
+
+    assert is_stream_id(value) is taken
+    if taken:
+        redis.Redis.from_url(redis_url).xread({"ids:probe": value}, count=1)
+        return
+    with pytest.raises(redis.ResponseError):
+        redis.Redis.from_url(redis_url).xread({"ids:probe": value}, count=1)
