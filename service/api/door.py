@@ -176,12 +176,23 @@ def _check_fill_in(spec: ModelSpec, req: RunTaskRequest, meta: ModelMeta) -> Non
 
 
 def _check_target(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta) -> None:
-    """A classifier's target is one of its classes."""
+    """A classifier's target is one of its classes; a regression's, one of its outputs (a
+    single one is a value, not a logit that decides between two classes: target 1 failed
+    in the engine with "target must be a class index in [0, 1)")."""
     target = req.relevance.target
     if target is None or task not in CLASSIFICATION_TASKS or meta.targets is None:
         return
-    if target >= meta.targets:
-        raise invalid(["relevance", "target"], _not_a_class(spec, target, meta.targets))
+    regression = meta.problem_type == "regression" and task in ONE_DECISION_TASKS
+    count = meta.num_classes if regression else meta.targets
+    if count is None or target < count:
+        return
+    if regression:
+        raise invalid(
+            ["relevance", "target"],
+            f"{target} is not an output of {spec.id}: it is a regression of {count} "
+            f"output{'s' if count > 1 else ''} (its config.json), target 0 to {count - 1}",
+        )
+    raise invalid(["relevance", "target"], _not_a_class(spec, target, count))
 
 
 def _not_a_class(spec: ModelSpec, index: int, count: int) -> str:

@@ -190,3 +190,39 @@ def test_a_last_event_id_redis_cannot_read_starts_over(
         return
     with pytest.raises(redis.ResponseError):
         redis.Redis.from_url(redis_url).xread({"ids:probe": value}, count=1)
+
+
+@pytest.mark.parametrize(
+    ("problem_type", "target", "expected"),
+    [
+        ("regression", 0, ""),
+        (
+            "regression",
+            1,
+            "relevance.target: 1 is not an output of stars: it is a regression of 1 output "
+            "(its config.json), target 0 to 0",
+        ),
+        (None, 1, ""),  # a single logit decides between two classes
+        ("single_label_classification", 2, "relevance.target: 2 is not a class of stars"),
+    ],
+)
+def test_a_regressions_target_is_one_of_its_outputs(
+    problem_type: str | None, target: int, expected: str
+) -> None:
+    """A regression's single output is a value, not a logit deciding between two classes:
+    target 1 was a 202 whose job failed with the engine's "target must be a class index in
+    [0, 1): 1"."""
+    from service.api import door
+    from service.api.metadata import ModelMeta
+    from service.registry import ModelSpec
+    from service.schemas import RunTaskRequest
+
+    source = {"kind": "transformers", "path": "stars"}
+    spec = ModelSpec.model_validate(
+        {"id": "stars", "task": "text-classification", "source": source}
+    )
+    meta = ModelMeta(num_classes=1, problem_type=problem_type, token_axis=False)
+    req = RunTaskRequest.model_validate(
+        {"model": "stars", "inputs": {"text": "fine"}, "relevance": {"target": target}}
+    )
+    assert _refused(lambda: door.check(spec, spec.task, req, meta)).startswith(expected)
