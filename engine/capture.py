@@ -17,12 +17,14 @@ import operator
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import sympy
 import torch
 from torch import SymInt, fx
 from torch._decomp import decomposition_table
 from torch.export import Dim, ExportedProgram
+from torch.export.graph_signature import OutputKind
 
 from . import specialise
 from .provenance import Provenance
@@ -232,13 +234,21 @@ class Captured:
         ids = [n for n in ints if n in TOKEN_INPUTS] or ints[:1]
         return [n for n in self.input_names if n in ids or values[n].is_floating_point()]
 
-    def float_outputs(self) -> list[fx.Node]:
-        """The floating-point tensors the model returns, in order."""
+    def user_outputs(self) -> list[Any]:
+        """What the model returns, in order, without the new values of the buffers and
+        parameters its forward writes in place (export returns those first: an
+        ``nn.Embedding(max_norm=...)`` renormalises its weight at each lookup, and that weight
+        was taken for the logits)."""
         outputs = self.output.args[0]
         outputs = outputs if isinstance(outputs, list | tuple) else (outputs,)
+        kinds = [spec.kind for spec in self.program.graph_signature.output_specs]
+        return [o for o, kind in zip(outputs, kinds, strict=True) if kind == OutputKind.USER_OUTPUT]
+
+    def float_outputs(self) -> list[fx.Node]:
+        """The floating-point tensors the model returns, in order."""
         return [
             node
-            for node in outputs
+            for node in self.user_outputs()
             if isinstance(node, fx.Node)
             and isinstance(node.meta.get("val"), torch.Tensor)
             and node.meta["val"].is_floating_point()
@@ -264,8 +274,7 @@ class Captured:
         at = keys.index(key)
         if children[at].num_leaves != 1:
             return None
-        leaves = self.output.args[0]
-        leaves = leaves if isinstance(leaves, list | tuple) else (leaves,)
+        leaves = self.user_outputs()
         start = sum(child.num_leaves for child in children[:at])
         return leaves[start] if start < len(leaves) else None
 

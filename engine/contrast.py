@@ -58,7 +58,7 @@ def contrast_seed(seed: Seed, logits: Tensor, contrast_with: Any, own: bool = Fa
     appended and every value made relevance per unit of its logit (see the module). ``own``:
     each logit is its own contrast (the labels of a multi-label classifier)."""
     index, value = seed.index.to(logits.device), seed.value.to(logits.device)
-    if logits.dim() == 1:  # one value per sample (a squeezed logit, a regression): no classes
+    if index.shape[-1] == 1:  # logits [B], one value per sample (a squeezed logit): no classes
         return Seed(index, _per_unit(value, logits.detach()[index[..., 0]].double()))
     prefix, target = index[..., :-1], index[..., -1]
     rows = logits.detach()[tuple(prefix.unbind(-1))].double()  # [K, E, C]

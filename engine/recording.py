@@ -173,11 +173,18 @@ def forward(
         elif node.op == "call_function":
             env[node] = _call(node, env.__getitem__)
             if node in zeroed:
-                env[node] = torch.zeros_like(env[node])
-        elif node.op == "output":
-            outputs = fx.node.map_arg(node.args[0], env.__getitem__)
-            return env, tuple(outputs) if isinstance(outputs, list | tuple) else (outputs,)
+                env[node] = _zeros(env[node])
+        elif node.op == "output":  # what the model returns: no buffer it wrote in place
+            return env, tuple(fx.node.map_arg(captured.user_outputs(), env.__getitem__))
     raise RuntimeError("graph has no output node")
+
+
+def _zeros(value: Tensor | tuple) -> Tensor | tuple:
+    """A lookup's output made zeros; of a lookup returning several tensors (an embedding bag's
+    vectors, then its bookkeeping), the first."""
+    if isinstance(value, tuple):
+        return (torch.zeros_like(value[0]), *value[1:])
+    return torch.zeros_like(value)
 
 
 def drop_schedule(captured: Captured, keep: Collection[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
