@@ -160,6 +160,10 @@ def png_size(raw: bytes) -> tuple[int, int] | None:
     return w, h
 
 
+# Formats Pillow names apart that are one of IMAGE_FORMATS: a multi-picture JPEG (MPO, as
+# phone cameras write a photo with a depth map or a second view) is a JPEG whose first
+# picture the worker reads (Pillow's JPEG opener makes it one); it was refused as not JPEG.
+_AS_FORMAT = {"MPO": "JPEG"}
 # ASCII whitespace, dropped from base64 as the worker's decoder drops it.
 _WHITESPACE = str.maketrans("", "", " \t\r\n")
 
@@ -185,7 +189,7 @@ def check_image(b64: str, max_side: int) -> None:
     else:
         try:
             with Image.open(io.BytesIO(raw)) as img:
-                fmt, (w, h) = img.format, img.size
+                fmt, (w, h) = _AS_FORMAT.get(img.format, img.format), img.size
         except Image.DecompressionBombError as exc:
             raise invalid(loc, too_many) from exc
         except (UnidentifiedImageError, ValueError, OSError) as exc:

@@ -226,3 +226,18 @@ def test_a_regressions_target_is_one_of_its_outputs(
         {"model": "stars", "inputs": {"text": "fine"}, "relevance": {"target": target}}
     )
     assert _refused(lambda: door.check(spec, spec.task, req, meta)).startswith(expected)
+
+
+def test_a_multi_picture_jpeg_is_a_jpeg(api: TestClient) -> None:  # noqa: F811
+    """A phone's multi-picture JPEG (MPO: a photo, then its depth map or second view) is a
+    JPEG whose first picture the worker reads; it was refused as "format MPO is not PNG or
+    JPEG". Cut within its first picture, it is a truncated JPEG."""
+    pictures = [Image.effect_noise((64, 64), 64).convert("RGB") for _ in range(2)]
+    buf = io.BytesIO()
+    pictures[0].save(buf, "MPO", save_all=True, append_images=pictures[1:])
+    whole = buf.getvalue()
+    with Image.open(io.BytesIO(whole)) as img:
+        assert img.format == "MPO"
+    assert api.post("/run_task", json=_digit(whole)).status_code == 202
+    first = whole.index(b"\xff\xd9") + 2  # the first picture's end
+    assert _message(api.post("/run_task", json=_digit(whole[: first - 100]))) == JPEG_CUT
