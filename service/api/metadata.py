@@ -130,10 +130,11 @@ class ModelMetadata:
         if folder is None:  # nothing to read: what the registry says is all there is
             self.known[spec.id] = registry_only
             return registry_only
-        if not (folder / "config.json").is_file():
+        config = _config(folder)
+        if config is None:  # none yet, or not readable: the worker's load will say why
             self.missing[spec.id] = time.monotonic() + RECHECK_S
             return registry_only
-        meta = _read(folder, spec)
+        meta = _read(folder, config, spec)
         self.known[spec.id] = meta
         return meta
 
@@ -271,8 +272,18 @@ def _positions(config: dict[str, Any]) -> int | None:
     return table - (config.get("pad_token_id") or 0) - 1
 
 
-def _read(folder: Path, spec: ModelSpec) -> ModelMeta:
-    config = json.loads((folder / "config.json").read_text())
+def _config(folder: Path) -> dict[str, Any] | None:
+    """The folder's ``config.json``, or None without a readable one: a truncated or corrupt
+    file raised out of the door, and every POST for the model was a 500 where the worker
+    would have failed the job saying what is wrong with the folder."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (ValueError, OSError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _read(folder: Path, config: dict[str, Any], spec: ModelSpec) -> ModelMeta:
     labels = config.get("id2label")
     classes = _source_classes(spec) or (len(labels) if isinstance(labels, dict) else None)
     names = _labels(spec, labels)
@@ -330,7 +341,7 @@ def _tokenizer(path: Path) -> Any:
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(path))
-    except (ImportError, ValueError, OSError):
+    except Exception:  # noqa: BLE001 - tokenizers raises a bare Exception for a corrupt file
         return None
     tok.no_padding()
     tok.no_truncation()
