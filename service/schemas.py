@@ -229,7 +229,10 @@ class RelevanceParams(BaseModel):
     multiplier: Annotated[float, NUMBERS] = Field(default=100.0, gt=0, le=1e6)
     scaler: Annotated[float, NUMBERS] = Field(default=1.0, gt=0, le=1e6)
     thresholding: Annotated[float, NUMBERS] = Field(default=0.5, ge=0, le=1)
-    temperature: Annotated[float, NUMBERS] = Field(default=1.0, gt=0, le=100)
+    # At least the web page's 0.01: the logits are divided by it in float32, where a tiny
+    # one (1e-39) is no number and a small one (1e-37) makes them infinite; the job failed
+    # ("probability tensor contains either inf, nan"), or a classifier's scores were null.
+    temperature: Annotated[float, NUMBERS] = Field(default=1.0, ge=0.01, le=100)
     target: Annotated[int | None, INTEGERS] = Field(
         default=None, ge=0, lt=INDEX_END, description="explain this class"
     )

@@ -241,3 +241,33 @@ def test_a_multi_picture_jpeg_is_a_jpeg(api: TestClient) -> None:  # noqa: F811
     assert api.post("/run_task", json=_digit(whole)).status_code == 202
     first = whole.index(b"\xff\xd9") + 2  # the first picture's end
     assert _message(api.post("/run_task", json=_digit(whole[: first - 100]))) == JPEG_CUT
+
+
+@pytest.mark.parametrize(
+    ("temperature", "expected"),
+    [
+        (1e-39, "relevance.temperature: Input should be greater than or equal to 0.01"),
+        (0.001, "relevance.temperature: Input should be greater than or equal to 0.01"),
+        (0.01, ""),
+    ],
+)
+def test_a_temperature_the_logits_can_be_divided_by(
+    api: TestClient,  # noqa: F811
+    temperature: float,
+    expected: str,
+) -> None:
+    """The logits are divided by the temperature in float32: 1e-39 is none there, and 1e-37
+    made a small model's logits infinite; the job failed with torch's "probability tensor
+    contains either inf, nan or element < 0", or a classifier's scores were null. At least
+    0.01, the web page's bound."""
+    body = {
+        "model": "tiny-lookup-lm",
+        "inputs": {"text": "a3 c1"},
+        "relevance": {"temperature": temperature},
+        "generation": {"do_sample": True},
+    }
+    resp = api.post("/run_task", json=body)
+    if not expected:
+        assert resp.status_code == 202, resp.text
+        return
+    assert _message(resp) == expected
