@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -82,13 +83,22 @@ def reap(
             _end_in_rq(r, registry.key, member, doc["status"], result_ttl, failure_ttl)
             log.warning("job %s ended before its worker %s died: ended it in RQ", job_id, worker)
             continue
+        _fence(r, worker, failure_ttl)
         r.zadd(registry.key, {member: 0}, xx=True)
         lost.append(job_id)
     if lost:
         registry.cleanup(timestamp=1, exception_handlers=[_tell_clients(r, result_ttl)])
-    tell = _tell_requeued(r, result_ttl)
+    tell = _tell_requeued(r, alive, result_ttl, failure_ttl)
     untaken = _requeue_untaken(r, queue, now, heartbeat_ttl, result_ttl)
     return stuck + lost + untaken + batching.requeue_lost(r, alive, tell, result_ttl, failure_ttl)
+
+
+def _fence(r: redis.Redis, worker: str, failure_ttl: int) -> None:
+    """Before a dead worker's job is handed on: refuse that worker's writes to job streams
+    from now on (``store.LOST``). A worker is taken for dead when its heartbeat stops, and
+    one that was only stopped or stalled may resume: it then leaves at its next write
+    (``service.work.context.leave_handed_on``) instead of writing into the job's new run."""
+    r.set(store.fence(worker), "its jobs were handed on", ex=failure_ttl)
 
 
 def _requeue_untaken(
@@ -240,10 +250,15 @@ def _end_in_rq(
     pipe.execute()
 
 
-def _tell_requeued(r: redis.Redis, result_ttl: int) -> Any:
-    """Tell a batched job's clients that it goes back to the queue."""
+def _tell_requeued(
+    r: redis.Redis, alive: Callable[[str], bool], result_ttl: int, failure_ttl: int
+) -> Any:
+    """Tell a batched job's clients that it goes back to the queue, fencing its worker
+    first if that is taken for dead (``_fence``)."""
 
     def tell(job: Job) -> None:
+        if job.worker_name and not alive(job.worker_name):
+            _fence(r, job.worker_name, failure_ttl)
         reason = f"worker {job.worker_name} did not finish the job in a batch (it stopped, or "
         reason += "the batch failed)"
         data = {"reason": reason, "requeued": True}

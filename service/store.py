@@ -30,6 +30,9 @@ EVENTS = "bt:events:{}"
 RESULT = "bt:result:{}"
 CANCEL = "bt:cancel:{}"
 WORKER = "bt:worker:{}"
+# A worker whose jobs the reaper handed on (its heartbeat had stopped): why, by worker name.
+# Its writes to a job's stream are refused from then on (``fence``).
+LOST = "bt:lost:{}"
 IDEMPOTENCY = "bt:idem:{}"
 GRAPH = "bt:graph:{}"
 GRAPH_TTL_S = 24 * 3600
@@ -114,15 +117,38 @@ if KEYS[3] then return second end
 return id
 """.encode(),
 )
+# ``_APPEND`` behind a fence (its first key, the writer's ``LOST`` mark): nothing is written,
+# and the reply is nil, once the reaper has handed the writer's jobs on. A worker that was
+# stopped (SIGSTOP, a VM paused) past its heartbeat and then resumed went on writing tokens
+# and its ending to a job that another worker was running again: the two runs' tokens
+# interleaved in one stream, and the stale run's ``done`` could end it.
+_FENCED = Script(
+    None,
+    b"if redis.call('EXISTS', KEYS[1]) == 1 then return false end\n"
+    b"local KEYS = {unpack(KEYS, 2)}\n" + _APPEND.script,
+)
 
 
-def _append(r: redis.Redis | redis.client.Pipeline, keys: list[str], args: list[Any]) -> Any:
-    """Run ``_APPEND``. On a pipeline as EVAL with the script's text: redis-py checks a
-    pipeline's EVALSHA scripts with an extra SCRIPT EXISTS round trip per execute, and EVAL
-    of a cached script costs Redis only a hash of its text."""
+def fence(worker: str) -> str:
+    """The key that fences ``worker``'s writes (``LOST``), for ``fence=`` of the writes."""
+    return LOST.format(worker)
+
+
+def _append(
+    r: redis.Redis | redis.client.Pipeline,
+    keys: list[str],
+    args: list[Any],
+    fenced_by: str | None = None,
+) -> Any:
+    """Run ``_APPEND`` (``_FENCED`` behind the key ``fenced_by``). On a pipeline as EVAL with
+    the script's text: redis-py checks a pipeline's EVALSHA scripts with an extra SCRIPT
+    EXISTS round trip per execute, and EVAL of a cached script costs Redis only a hash of
+    its text."""
+    script = _APPEND if fenced_by is None else _FENCED
+    keys = keys if fenced_by is None else [fenced_by, *keys]
     if isinstance(r, PIPELINES):
-        return r.eval(_APPEND.script, len(keys), *keys, *args)
-    return _APPEND(keys, args, r)
+        return r.eval(script.script, len(keys), *keys, *args)
+    return script(keys, args, r)
 
 
 def add_event(
@@ -132,28 +158,38 @@ def add_event(
     data: dict[str, Any] | bytes,
     ttl: int,
     maxlen: int = 10000,
+    fence: str | None = None,
 ) -> str | None:
     """Append one event to the job's stream and push its expiry out; returns the entry id
-    (None on a pipeline: the id is then in the pipeline's results). ``data`` as bytes is
-    its JSON already encoded (``dumps``), for a caller that also counts its size."""
+    (None on a pipeline: the id is then in the pipeline's results, nil there when ``fence``
+    refused it). ``data`` as bytes is its JSON already encoded (``dumps``), for a caller
+    that also counts its size."""
     payload = data if isinstance(data, bytes) else dumps(data)
-    entry_id = _append(r, [EVENTS.format(job_id)], [event, payload, maxlen, ttl])
+    entry_id = _append(r, [EVENTS.format(job_id)], [event, payload, maxlen, ttl], fence)
     if isinstance(r, PIPELINES):
         return None
     return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
 
 def start(
-    r: redis.Redis, jobs: list[tuple[str, dict[str, Any]]], ttl: int, maxlen: int = 10000
-) -> list[bool]:
+    r: redis.Redis,
+    jobs: list[tuple[str, dict[str, Any]]],
+    ttl: int,
+    maxlen: int = 10000,
+    fence: str | None = None,
+) -> list[bool] | None:
     """The worker's first write for each job it took from RQ (jobs claimed for a batch get
     theirs from the claim: ``service.batching``): a ``started`` event, and whether cancel
-    was asked, all in one round trip."""
+    was asked, all in one round trip; None when ``fence`` refused the writes."""
     pipe = r.pipeline(transaction=False)
     for job_id, data in jobs:
         pipe.exists(CANCEL.format(job_id))
-        _append(pipe, [EVENTS.format(job_id)], [Event.STARTED, dumps(data), maxlen, ttl])
-    return [bool(x) for x in pipe.execute()[::2]]  # an empty pipeline sends nothing
+        args = [Event.STARTED, dumps(data), maxlen, ttl]
+        _append(pipe, [EVENTS.format(job_id)], args, fence)
+    replies = pipe.execute()  # an empty pipeline sends nothing
+    if any(x is None for x in replies[1::2]):
+        return None
+    return [bool(x) for x in replies[::2]]
 
 
 @dataclass(frozen=True)
@@ -175,18 +211,20 @@ def finish(
     ttl: int,
     maxlen: int = 10000,
     if_canceled: Ending | None = None,
+    fence: str | None = None,
 ) -> int:
     """Store the final document and append the terminal event together, atomically, so a
     stream reader that sees ``done`` can always read the result (on a pipeline, when it is
     executed). With ``if_canceled``, that ending is written instead when a cancel was asked
-    meanwhile, and the script's reply (1) says so. Returns the size of ``ending``'s event
-    data and document, the bytes written unless the other ending was."""
+    meanwhile, and the script's reply (1) says so; behind ``fence`` a nil reply says that
+    nothing was written. Returns the size of ``ending``'s event data and document, the bytes
+    written unless the other ending was."""
     event, payload, raw = ending.encoded()
     keys, args = [EVENTS.format(job_id), RESULT.format(job_id)], [event, payload, maxlen, ttl, raw]
     if if_canceled is not None:
         keys.append(CANCEL.format(job_id))
         args += if_canceled.encoded()
-    _append(r, keys, args)
+    _append(r, keys, args, fence)
     return len(raw) + len(payload)
 
 

@@ -64,5 +64,6 @@ class WorkerExit(IntEnum):
     stop it was asked for (a signal, ``--burst``, ``--max-jobs``). Both ask whatever runs
     it (the supervisor, Kubernetes) for a fresh worker, the second after a growing delay."""
 
+    LOST = 69  # EX_UNAVAILABLE: it was stopped so long that its jobs were handed on
     STUCK = 70  # EX_SOFTWARE: it left a job stuck where no signal reaches
     TEMPFAIL = 75  # EX_TEMPFAIL: it cannot go on for now (Redis full, RQ's loop failed)

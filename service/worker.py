@@ -27,7 +27,7 @@ from .models import DeviceUnavailable
 from .registry import Registry
 from .vocabulary import WorkerExit, WorkerStatus
 from .work import run
-from .work.context import JobCanceled, WorkerState, init_worker
+from .work.context import JobCanceled, WorkerState, init_worker, leave_handed_on
 
 log = logging.getLogger("service.worker")
 
@@ -143,17 +143,19 @@ class Heartbeat:
                 store.heartbeat(r, self.st.name, info, s.heartbeat_ttl)
                 store.keep_graphs(r, info["models"])
                 reaper.reap(r, s.queue, s.heartbeat_ttl, s.result_ttl, s.failure_ttl)
-                stuck = r.get(reaper.STUCK.format(self.st.name))
+                stuck, lost = r.mget(reaper.STUCK.format(self.st.name), self.st.fence)
             except Exception:  # noqa: BLE001 - Redis blips must not kill the worker
                 if not failing:
                     log.warning("heartbeat failed; retrying quietly until it works", exc_info=True)
-                failing, stuck = True, None
+                failing, stuck, lost = True, None, None
             else:
                 if failing:
                     log.info("heartbeat works again")
                 failing, self._last_ok = False, time.monotonic()
             if stuck is not None:
                 self._exit_stuck(stuck.decode(errors="replace"))
+            if lost is not None:  # stopped past its heartbeat, then resumed
+                leave_handed_on(self.st.name)
             self._wake.wait(s.heartbeat_ttl / 3)
         r.delete(store.WORKER.format(self.st.name))
 

@@ -5,6 +5,7 @@ one batch group share the model, task and every parameter) and a job (``Work``).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from ..config import Settings
 from ..models import CachedModel, ModelCache
 from ..registry import ModelSpec, Registry, load_registry
 from ..schemas import RunTaskRequest, no_labels
+from ..vocabulary import WorkerExit
 
 log = logging.getLogger("service.worker")
 
@@ -56,6 +58,11 @@ class WorkerState:
     cache: ModelCache
     name: str
     reports: ModelReports | None = None
+
+    @property
+    def fence(self) -> str:
+        """The key behind which this worker's writes to job streams go (``store.LOST``)."""
+        return store.fence(self.name)
 
     def load(self, spec: ModelSpec) -> tuple[CachedModel, bool]:
         """The cached model for ``spec`` (loaded on a miss) and whether it was a hit. A
@@ -107,6 +114,17 @@ class ModelReports:
             write(self._r, *args)
         except redis.RedisError:
             log.warning("could not publish %s", what, exc_info=True)
+
+
+def leave_handed_on(worker: str) -> None:
+    """A write of this worker was refused behind its fence: the reaper took it for dead
+    (its heartbeat stopped: the process was stopped or stalled) and handed its jobs on to
+    other workers, which now run them. Leave at once, writing nothing more and leaving
+    RQ's record of those jobs to their new runs, with ``WorkerExit.LOST``, so that whatever
+    runs the worker starts a fresh one."""
+    log.error("worker %s was taken for dead and its jobs handed on: exiting", worker)
+    logging.shutdown()
+    os._exit(WorkerExit.LOST)
 
 
 _STATE: WorkerState | None = None

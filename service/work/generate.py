@@ -25,7 +25,7 @@ from ..models import node_names
 from ..schemas import OutputOptions
 from ..vocabulary import Event
 from . import documents, inputs
-from .context import JobCanceled, Run, Work, engine_relevance
+from .context import JobCanceled, Run, Work, engine_relevance, leave_handed_on
 
 
 class _Stream:
@@ -33,6 +33,7 @@ class _Stream:
 
     def __init__(self, run: Run, job_id: str, r: redis.Redis, output: OutputOptions):
         self.r, self.job_id, self.output = r, job_id, output
+        self.worker, self.fence = run.state.name, run.state.fence
         self.tok = run.entry.loaded.tokenizer
         self.ttl, self.maxlen = run.state.settings.result_ttl, run.state.settings.stream_maxlen
         self.written = m.TRACE_BYTES.labels(model=run.spec.id)
@@ -43,11 +44,12 @@ class _Stream:
 
     def add(self, event: Event, data: dict[str, Any], pipe: Any = None) -> None:
         """Append one event (on ``pipe`` when given: sent with the step's other writes),
-        counting the bytes written."""
+        counting the bytes written; behind the worker's fence (``leave_handed_on``)."""
         raw = store.dumps(data)
-        store.add_event(
-            self.r if pipe is None else pipe, self.job_id, event, raw, self.ttl, self.maxlen
-        )
+        where = self.r if pipe is None else pipe
+        entry = store.add_event(where, self.job_id, event, raw, self.ttl, self.maxlen, self.fence)
+        if pipe is None and entry is None:
+            leave_handed_on(self.worker)
         self.written.inc(len(raw))
 
     def __call__(
@@ -74,7 +76,10 @@ class _Stream:
             encoded = codec.encode(arr, self.output.encoding, self.output.dtype)
             self.add(Event.RELEVANCE, {"step": step, "input_ids": encoded}, pipe)
         pipe.exists(store.CANCEL.format(self.job_id))
-        if pipe.execute()[-1]:
+        *written, canceled = pipe.execute()
+        if any(x is None for x in written):
+            leave_handed_on(self.worker)
+        if canceled:
             raise JobCanceled()
 
 

@@ -19,7 +19,16 @@ from ..registry import ModelSpec
 from ..vocabulary import Event, JobStatus
 from . import documents, inputs
 from .classify import classify
-from .context import JobCanceled, Outcome, Run, Work, WorkerState, one, state
+from .context import (
+    JobCanceled,
+    Outcome,
+    Run,
+    Work,
+    WorkerState,
+    leave_handed_on,
+    one,
+    state,
+)
 from .generate import generate
 
 
@@ -57,6 +66,8 @@ def run_batch(
     pipe = r.pipeline(transaction=False)
     written = [_write(st, pipe, w, o) for w, o in zip(works, outcomes, strict=True)]
     replies = pipe.execute()
+    if any(x is None for x in replies):  # behind the fence: the jobs run elsewhere now
+        leave_handed_on(st.name)
     switched = [isinstance(o, dict) and x == 1 for o, x in zip(outcomes, replies, strict=True)]
     ended = [JobCanceled() if c else o for o, c in zip(outcomes, switched, strict=True)]
     for w, o, n, c in zip(works, ended, written, switched, strict=True):
@@ -101,7 +112,10 @@ def _start(st: WorkerState, r: redis.Redis, works: list[Work]) -> list[bool]:
         for w in works
         if not w.started
     ]
-    asked = iter(store.start(r, fresh, ttl, maxlen))
+    started = store.start(r, fresh, ttl, maxlen, st.fence)
+    if started is None:
+        leave_handed_on(st.name)
+    asked = iter(started or [])
     return [w.cancel_asked if w.started else next(asked) for w in works]
 
 
@@ -136,8 +150,9 @@ def _write(st: WorkerState, pipe: redis.client.Pipeline, w: Work, outcome: Outco
         data["timings"] = doc["timings"]
         canceled = _failure(model_id, task, JobCanceled())
         done = store.Ending(Event.DONE, data, doc)
-        return store.finish(pipe, w.job_id, done, ttl, maxlen, canceled)
-    return store.finish(pipe, w.job_id, _failure(model_id, task, outcome), ttl, maxlen)
+        return store.finish(pipe, w.job_id, done, ttl, maxlen, canceled, st.fence)
+    failure = _failure(model_id, task, outcome)
+    return store.finish(pipe, w.job_id, failure, ttl, maxlen, fence=st.fence)
 
 
 def _status(outcome: Outcome) -> JobStatus:
