@@ -85,6 +85,15 @@ CREATION_OPS = {
     aten.full_like.default,
 }
 
+# Ops that look up rows of a table by integer ids (``indices``): where the ids are an input's,
+# their output starts a relevance path (an embedding bag's several outputs: its vectors).
+LOOKUPS = {
+    aten.embedding.default,
+    aten.embedding_bag.default,
+    aten.embedding_bag.padding_idx,
+    aten._embedding_bag.default,
+}
+
 # Ops that move integer ids around or re-encode each one: an embedding lookup after them
 # still traces back to the input's ids (from any of their arguments: ids concatenated with
 # constant ids, added to an offset).
@@ -204,7 +213,7 @@ class Provenance:
         # nothing data: positions cast to the hidden states' dtype stay constants
         silent = SILENT_ARGS.get(node.target, ())
         args = [a for a in _tensor_args(self.bound[node]) if a[0] not in silent]
-        if node.target is aten.embedding.default:
+        if node.target in LOOKUPS:
             return self.data.get(self.bound[node]["indices"], False)
         if isinstance(val, list | tuple):
             return any(self.data.get(a, False) and _floating(_value(a)) for _, _, a in args)

@@ -21,7 +21,7 @@ from torch import Tensor, fx
 from .canonize import canonize
 from .capture import Captured
 from .explanation import Explanation, Seed
-from .provenance import Provenance, UnsupportedOpError
+from .provenance import LOOKUPS, Provenance, UnsupportedOpError
 from .recording import NodeIO, forward
 from .rows import book, gathered_rows, row_orders, samples
 from .rules import COMPOSITES, MODES, TINY, Ctx, LinearRows, Rule, rule_for
@@ -203,7 +203,7 @@ class Sweeper:
         """Embedding lookups of input ``name``'s ids on the relevance path."""
         found = set()
         for node in self._order:
-            if node.target is aten.embedding.default and self.provenance.data.get(node, False):
+            if node.target in LOOKUPS and self.provenance.data.get(node, False):
                 ids = self.provenance.bound[node].get("indices")
                 if isinstance(ids, fx.Node) and name in _placeholders_behind(ids):
                     found.add(node)

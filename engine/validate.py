@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import SymInt, Tensor, fx
 
-from .provenance import ID_PATH_OPS
+from .provenance import ID_PATH_OPS, LOOKUPS
 
 aten = torch.ops.aten
 
@@ -256,7 +256,8 @@ def check_ids(inputs: Mapping[str, Tensor], nodes: list[fx.Node], constants: dic
 
 
 def _table_rows(nodes: list[fx.Node], constants: dict) -> dict[str, int]:
-    """For each integer input that an embedding looks up: the smallest table's rows."""
+    """For each integer input that an embedding (or embedding bag) looks up: the smallest
+    table's rows."""
     rows: dict[str, int] = {}
     for node in nodes:
         if node.op != "placeholder":
@@ -271,7 +272,7 @@ def _table_rows(nodes: list[fx.Node], constants: dict) -> dict[str, int]:
                 if user in seen:
                     continue
                 seen.add(user)
-                if user.target is aten.embedding.default and user.args[1] is current:
+                if user.target in LOOKUPS and user.args[1] is current:
                     table = constants.get(user.args[0].name)
                     if table is not None:
                         rows[node.name] = min(rows.get(node.name, table.shape[0]), table.shape[0])

@@ -42,6 +42,7 @@ from .shape import (
     Adjoint,
     Cat,
     Embedding,
+    EmbeddingBag,
     MaskedScatter,
     Pad,
     Permute,
@@ -96,6 +97,7 @@ FAMILIES: tuple[Family, ...] = (
     Split(),
     Pad(),
     Embedding(),
+    EmbeddingBag(),
     LSTM(),
 )
 

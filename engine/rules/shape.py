@@ -298,3 +298,47 @@ class Embedding(Family):
 
     def default(self, ctx: Ctx) -> Propagation:
         return {"indices": ctx.R.sum(-1)}, None
+
+
+# The embedding bag's modes (``mode`` in its schema).
+_BAG_MAX = 2
+
+
+class EmbeddingBag(Family):
+    """Per-token relevance of ``nn.EmbeddingBag``, which sums, averages or takes the maximum
+    of the rows its ids look up, one bag per ``offsets`` entry: each id's share of a bag's
+    vector, by the |z| rule over the bag's rows (the rows times their per-sample weights;
+    the mean's 1 / count is common to a bag's rows and cancels); of a maximum, the row
+    that is it (the winner takes all, ties share). Ids equal to ``padding_idx`` add nothing
+    and get nothing. The offsets and per-sample weights are not what a token says: they
+    take none. Relevance [K, N] on the flat ids; the view that flattened [B, L] undoes it."""
+
+    ops = (aten.embedding_bag.default, aten.embedding_bag.padding_idx, aten._embedding_bag.default)
+
+    def default(self, ctx: Ctx) -> Propagation:
+        ids, weight, out = ctx.args["indices"], ctx.args["weight"], ctx.out[0]
+        R = ctx.R.get(0)
+        bag = self._bags(ctx.args["offsets"], ids.shape[0], out.shape[0])
+        rows = weight[ids]  # [N, D]
+        weights = ctx.args.get("per_sample_weights")
+        if weights is not None:
+            rows = rows * weights[:, None]
+        padding = ctx.args.get("padding_idx")
+        if padding is not None and padding >= 0:
+            rows = rows.masked_fill((ids == padding)[:, None], 0.0)
+        if ctx.args.get("mode", 0) == _BAG_MAX:
+            share = (rows == out[bag]).to(R.dtype)
+        else:
+            share = rows.abs()
+        total = torch.zeros_like(out, dtype=R.dtype).index_add(0, bag, share)  # [bags, D]
+        ratio = R / (total + TINY)  # [K, bags, D]
+        r_ids = (share * ratio[:, bag]).sum(-1)  # [K, N]
+        return {"indices": r_ids}, (ratio * TINY).sum(-1)
+
+    @staticmethod
+    def _bags(offsets: Tensor, ids: int, bags: int) -> Tensor:
+        """The bag of each id: the last offset at or before its position (an offset past the
+        ids, ``include_last_offset``'s end, starts no bag)."""
+        positions = torch.arange(ids, device=offsets.device)
+        bag = torch.searchsorted(offsets, positions, right=True) - 1
+        return bag.clamp(0, bags - 1)

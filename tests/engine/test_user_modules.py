@@ -280,6 +280,25 @@ class MaxNorm(nn.Module):
         return self.head(self.emb(input_ids).mean(1))
 
 
+class Bag(nn.Module):
+    """nn.EmbeddingBag over [B, L] ids (``mode``, id 0 its padding), or the same table as
+    nn.Embedding reduced over the tokens (``written_out``): the sum, mean or max the bag
+    computes, written by hand."""
+
+    def __init__(self, mode: str, written_out: bool = False):
+        super().__init__()
+        self.mode, self.written_out = mode, written_out
+        self.bag, self.head = nn.EmbeddingBag(20, 8, mode=mode, padding_idx=0), nn.Linear(8, 3)
+
+    def forward(self, input_ids):
+        if not self.written_out:
+            return self.head(self.bag(input_ids))
+        rows = F.embedding(input_ids, self.bag.weight)
+        if self.mode == "max":
+            return self.head(rows.amax(1))
+        return self.head(rows.sum(1) if self.mode == "sum" else rows.mean(1))
+
+
 def _sequence():
     return rand(B, 6, 4)
 
@@ -430,6 +449,11 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], object]]] = {
     "regression_b1": (lambda: Regression(False), _tabular),
     "regression_b": (lambda: Regression(True), _tabular),
     "embedding_max_norm": (MaxNorm, _ids),
+    "embedding_bag_mean_padding": (
+        lambda: Bag("mean"),
+        lambda: torch.tensor([[3, 5, 7, 0], [2, 9, 4, 4]]),
+    ),
+    "embedding_bag_max": (lambda: Bag("max"), _ids),
 }
 
 _cache: dict[str, tuple] = {}
@@ -468,3 +492,20 @@ def test_forward_equals_eager_and_relevance_is_conserved(name, mode):
     assert (abs(c["inputs"] + c["sinks"] - c["seed"]) <= 1e-4 * 100.0 + 1e-5 * parts).all(), c
     if mode == "default":  # relevance reaches the inputs rather than vanishing into sinks
         assert (c["inputs"] > 1.0).all(), c
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_embedding_bag_explains_as_its_lookups_reduced(mode):
+    """An embedding bag gives its ids what its rows, looked up and summed (averaged, maxed)
+    by hand, give them: each id its share of the bag's vector (it gave none: the bag was
+    no lookup, and every input was a sink)."""
+    ids = torch.tensor([[3, 5, 7, 1], [2, 9, 4, 4]])
+    torch.manual_seed(0)
+    bag = Bag(mode).eval()
+    written = Bag(mode, written_out=True).eval()
+    written.load_state_dict(bag.state_dict())
+    got = DLBacktrace(bag, ids).run_task(inputs=ids)
+    expected = DLBacktrace(written, ids).run_task(inputs=ids)
+    torch.testing.assert_close(got["predictions"], expected["predictions"])
+    torch.testing.assert_close(got["relevance"]["input_ids"], expected["relevance"]["input_ids"])
+    assert (got["relevance"]["input_ids"].abs().sum(1) > 1.0).all()
