@@ -89,6 +89,27 @@ class Stack:
         if self.redis is not None:
             self.redis.stop()
 
+    def wind_down(self) -> None:
+        """Before the API drains its streams: stop the workers (each finishes its running job
+        within the supervisor's grace, so its clients get its ending), then, with a private
+        Redis, which is gone once the service stops, end every job left unfinished as
+        failed, saying so. Before, the API drained first: clients of a running job were told
+        to reconnect to a service that was stopping, and queued jobs vanished with the
+        private Redis, their streams ended without a final event."""
+        self.workers.stop()
+        if self.redis is None:  # a shared Redis keeps the queued jobs for the next workers
+            return
+        from . import reaper, store
+
+        why, ttl = "the service stopped before the job ended", Settings().result_ttl
+        try:
+            ended = reaper.end_unfinished(store.connect(self.url), why, ttl)
+        except redis.RedisError:
+            log.warning("could not end the unfinished jobs", exc_info=True)
+            return
+        if ended:
+            log.warning("ended %d unfinished jobs as failed: the service stops", len(ended))
+
 
 def cmd_serve(a: argparse.Namespace) -> None:
     from .api import create_app
@@ -105,6 +126,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         settings = _settings(redis_url=os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0")
         Server(
             create_app(settings),
+            before_drain=stack.wind_down if stack is not None else None,
             host=a.host,
             port=a.port,
             log_level=a.log_level,

@@ -33,7 +33,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import parse_composite_key
 
 from . import batching, store
-from .vocabulary import Event, JobStatus
+from .vocabulary import TERMINAL_EVENTS, Event, JobStatus
 
 LOCK = "bt:reaper"
 # A worker whose job ran past its timeout without the worker stopping it: the reason, by
@@ -99,6 +99,23 @@ def _fence(r: redis.Redis, worker: str, failure_ttl: int) -> None:
     one that was only stopped or stalled may resume: it then leaves at its next write
     (``service.work.context.leave_handed_on``) instead of writing into the job's new run."""
     r.set(store.fence(worker), "its jobs were handed on", ex=failure_ttl)
+
+
+def end_unfinished(r: redis.Redis, why: str, ttl: int) -> list[str]:
+    """End every job whose stream has no ending yet as failed (``ServiceStopped``, saying
+    ``why``), for a service whose private Redis goes with it: its queued and running jobs
+    can never end otherwise. Returns their ids."""
+    ended = []
+    for key in r.scan_iter(match=store.EVENTS.format("*"), count=1000):
+        last = r.xrevrange(key, count=1)
+        if not last or last[0][1].get(b"event", b"").decode(errors="replace") in TERMINAL_EVENTS:
+            continue
+        job_id = key.decode().removeprefix(store.EVENTS.format(""))
+        error = {"type": "ServiceStopped", "message": why}
+        doc = {"status": JobStatus.FAILED, **_meta(r, job_id), "error": error}
+        store.finish(r, job_id, store.Ending(Event.ERROR, error, doc), ttl)
+        ended.append(job_id)
+    return ended
 
 
 def _requeue_untaken(

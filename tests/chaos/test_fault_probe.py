@@ -1,22 +1,31 @@
 """Faults the other chaos tests do not inject, each found to lose or garble something on a
 real cluster: a worker stopped past its heartbeat and resumed after its job was handed on
-(it wrote its tokens and its ending into the job's new run), and a model folder whose
-``config.json`` or ``tokenizer.json`` is corrupt (every POST for it was a 500)."""
+(it wrote its tokens and its ending into the job's new run), a model folder whose
+``config.json`` or ``tokenizer.json`` is corrupt (every POST for it was a 500), and SIGTERM
+to ``serve --all-in-one`` while jobs run and wait (their streams ended with no final
+event, the queued jobs gone with the private Redis)."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
+from service.redis_server import free_port
 from service.registry import DEMO_REGISTRY
 from service.vocabulary import WorkerExit
 from tests.chaos.conftest import run_cluster
 from tests.helpers.cluster import HEARTBEAT_TTL, LONG_JOB, Cluster, Listener, submit
+from tests.helpers.stack import ROOT
+from tests.service.test_supervisor import children, state, until
 
 NOTICE_S = 2 * HEARTBEAT_TTL  # as tests/chaos/test_workers.py
 # Folders of registry entries that cannot load, by entry id: what each file holds.
@@ -93,3 +102,54 @@ def test_a_corrupt_model_folder_fails_its_jobs_not_the_door(
     assert names[-1] == "error", names
     view = httpx.get(f"{cluster.url}/jobs/{job}").json()
     assert view["status"] == "failed" and model_id in view["error"]["message"], view
+
+
+def test_sigterm_to_all_in_one_ends_every_stream_with_a_final_event(tmp_path: Path) -> None:
+    """``serve --all-in-one`` (private Redis, one worker) told to stop while a job runs and
+    two wait: the running job finishes and its stream ends ``done``; the waiting ones, which
+    its private Redis takes with it, end ``error`` (``ServiceStopped``), and nothing is left
+    running. Before, the API drained its streams first with a note to reconnect, to a
+    service that was going away: no stream got a final event."""
+    models = [m for m in DEMO_REGISTRY if m["id"] == "gpt2-small-config"]
+    (tmp_path / "registry.yaml").write_text(yaml.safe_dump({"models": models}))
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(
+        BACKTRACE_REGISTRY=str(tmp_path / "registry.yaml"),
+        BACKTRACE_DATA_DIR=os.environ.get("BACKTRACE_DATA_DIR", str(ROOT / "var" / "models")),
+        BACKTRACE_WARM_MODELS="gpt2-small-config",
+        BACKTRACE_TORCH_THREADS="1",
+        BACKTRACE_SSE_KEEPALIVE="1",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(ROOT),
+    )
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "service", "serve", "--all-in-one", "--port", str(port)]
+    command += ["--metrics-port", "0", "--log-level", "warning"]
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{url}/readyz").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        until(ready, 300, "the all-in-one stack", poll=0.5)
+        kids = children(proc.pid)
+        jobs = [submit(url, LONG_JOB) for _ in range(3)]
+        running, *waiting = [Listener(url, job) for job in jobs]
+        running.wait_for("token", count=3)
+        proc.send_signal(signal.SIGTERM)
+        assert running.join(timeout=40)[-1] == "done"
+        for sse in waiting:
+            assert sse.join(timeout=40)[-1] == "error", sse.names()
+            assert sse.wait_for("error")["type"] == "ServiceStopped"
+        assert proc.wait(40) == 0
+        until(lambda: all(state(p) in (None, "Z") for p in kids), 20, "its children to end")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log.close()
