@@ -52,6 +52,7 @@ def check_inputs(spec: ModelSpec, req: RunTaskRequest) -> None:
         )
     if task.name == TaskName.GENERATION:
         _check_generation(req.generation, spec)
+    _check_seed(req)
 
 
 # The cheap bound on a text's characters before any tokenizer counts it: the worker (and the
@@ -107,6 +108,41 @@ def _check_features(rows: list[list[float]], lim: Limits) -> None:
                 f"{x} (row {i}, feature {j}) is past float32's range (at most "
                 f"{FLOAT32_MAX:.7g} either way), which the model reads as infinity",
             )
+
+
+# The largest number of each output dtype (``output.encoding`` json writes float32), and
+# float32's smallest normal one: the engine computes in float32.
+_LARGEST = {"float16": 65504.0, "float32": FLOAT32_MAX}
+FLOAT32_TINY = 1.1754943508222875e-38
+
+
+def _check_seed(req: RunTaskRequest) -> None:
+    """The seed (``multiplier`` times ``scaler``: the relevance adds up to it) within the
+    numbers the relevance is computed and sent in: above float16's 65504, the default
+    base64 float16 relevance came back infinite, every value of it; below float32's
+    smallest normal number, all of it came back 0."""
+    rel, out = req.relevance, req.output
+    seed = rel.multiplier * rel.scaler
+    dtype = "float32" if out.encoding == "json" else out.dtype
+    # named by the one the request sets (the scaler, where it sets that alone)
+    name, other = "multiplier", "scaler"
+    if "multiplier" not in rel.model_fields_set:
+        name, other = other, name
+    given = f"{getattr(rel, name):g} (times {other} {getattr(rel, other):g}: {seed:g})"
+    if seed > _LARGEST[dtype]:
+        top = f"{_LARGEST[dtype]:g}"
+        raise invalid(
+            ["relevance", name],
+            f"{given}: the relevance adds up to that, past the largest {dtype} ({top}) of "
+            f"output.dtype, so it would come back infinite; send output.dtype float32, or a "
+            f"multiplier times scaler of at most {top}",
+        )
+    if seed < FLOAT32_TINY:
+        raise invalid(
+            ["relevance", name],
+            f"{given}: the relevance adds up to that, below float32's smallest normal number "
+            f"({FLOAT32_TINY:g}), so it would come back 0; send a larger {name}",
+        )
 
 
 def _check_pairs(spec: ModelSpec, pairs: bool, req: RunTaskRequest) -> None:

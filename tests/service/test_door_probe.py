@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.service.test_door import _message, _refused, api  # noqa: F401 - api: a fixture
+from tests.service.test_door import SENTIMENT, _message, _refused, api  # noqa: F401 - api: a fixture
 
 
 def _encoded(mode: str, fmt: str, size: tuple[int, int] = (64, 64), **options: Any) -> bytes:
@@ -271,3 +271,49 @@ def test_a_temperature_the_logits_can_be_divided_by(
         assert resp.status_code == 202, resp.text
         return
     assert _message(resp) == expected
+
+
+@pytest.mark.parametrize(
+    ("relevance", "output", "expected"),
+    [
+        (
+            {"multiplier": 1e6},
+            {},
+            "relevance.multiplier: 1e+06 (times scaler 1: 1e+06): the relevance adds up to "
+            "that, past the largest float16 (65504) of output.dtype, so it would come back "
+            "infinite; send output.dtype float32, or a multiplier times scaler of at most 65504",
+        ),
+        (
+            {"scaler": 1000},
+            {},
+            "relevance.scaler: 1000 (times multiplier 100: 100000): the relevance adds up to "
+            "that, past the largest float16 (65504)",
+        ),
+        ({"multiplier": 1e6}, {"dtype": "float32"}, ""),
+        ({"multiplier": 1e6}, {"encoding": "json"}, ""),
+        ({"multiplier": 65504}, {}, ""),
+        (
+            {"multiplier": 1e-300},
+            {"dtype": "float32"},
+            "relevance.multiplier: 1e-300 (times scaler 1: 1e-300): the relevance adds up to "
+            "that, below float32's smallest normal number (1.17549e-38), so it would come back "
+            "0; send a larger multiplier",
+        ),
+        ({"multiplier": 1e-3, "scaler": 1e-3}, {}, ""),
+    ],
+)
+def test_relevance_the_output_dtype_holds(
+    api: TestClient,  # noqa: F811
+    relevance: dict,
+    output: dict,
+    expected: str,
+) -> None:
+    """The relevance adds up to multiplier times scaler: past float16's 65504, the default
+    output (base64 float16) came back infinite, every value of it (multiplier 1e6 was
+    allowed); under float32's smallest normal number, all 0."""
+    body = {**SENTIMENT, "relevance": relevance, "output": output}
+    resp = api.post("/run_task", json=body)
+    if not expected:
+        assert resp.status_code == 202, resp.text
+        return
+    assert _message(resp).startswith(expected)
