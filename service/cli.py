@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import redis
 from .config import Settings
 from .lifeline import end_with_parent
 from .liveness import HeartbeatProbe
-from .supervisor import Supervisor
+from .supervisor import Supervisor, describe_exit
 from .vocabulary import Event, JobStatus, WorkerExit
 
 log = logging.getLogger("service")
@@ -68,6 +69,7 @@ class Stack:
         from .redis_server import PrivateRedis, free_port
 
         self.redis = None
+        self._stopped = threading.Event()
         url = os.environ.get("REDIS_URL")
         if not url:
             self.redis = PrivateRedis()
@@ -83,9 +85,29 @@ class Stack:
             for i in range(workers)
         ]
         self.workers = Supervisor(commands, env=env, probe=worker_probe(url)).start().watch()
+        if self.redis is not None:
+            threading.Thread(target=self._keep_redis, name="redis", daemon=True).start()
+
+    def _keep_redis(self, every: float = 1.0) -> None:
+        """Start the private redis-server again, on its port, when it dies (the OOM killer, a
+        crash). Nothing else did: the API answered 503 and the workers waited for good.
+        Its data is gone (no persistence): open streams end with an error saying so, and
+        the workers reconnect by themselves."""
+        server = self.redis
+        assert server is not None
+        while not self._stopped.wait(every):
+            if server.proc.poll() is None:
+                continue
+            how = describe_exit(server.proc.returncode)
+            log.error("private redis-server %s; starting it again", how)
+            try:
+                server.start()
+            except RuntimeError:
+                log.exception("could not start redis-server again")
 
     def stop(self) -> None:
         self.workers.stop()
+        self._stopped.set()  # after the workers: they keep Redis until their jobs end
         if self.redis is not None:
             self.redis.stop()
 

@@ -29,11 +29,16 @@ class PrivateRedis:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server not found: install Redis or set REDIS_URL")
-        self.port = port or free_port()
+        self.exe, self.port = exe, port or free_port()
         self.dir = tempfile.mkdtemp(prefix="backtrace-redis-")
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.start()
+
+    def start(self) -> None:
+        """Start the server on its port and wait until it answers (10 s at most)."""
         self.proc = subprocess.Popen(
             [
-                exe,
+                self.exe,
                 "--port",
                 str(self.port),
                 "--bind",
@@ -55,7 +60,6 @@ class PrivateRedis:
             # and it ends with the service, also one killed without a chance to stop it
             preexec_fn=functools.partial(ending_with, os.getpid()),
         )
-        self.url = f"redis://127.0.0.1:{self.port}/0"
         deadline = time.time() + 10
         while True:
             try:

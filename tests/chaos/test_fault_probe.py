@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -25,7 +26,7 @@ from service.vocabulary import WorkerExit
 from tests.chaos.conftest import run_cluster
 from tests.helpers.cluster import HEARTBEAT_TTL, LONG_JOB, Cluster, Listener, submit
 from tests.helpers.stack import ROOT
-from tests.service.test_supervisor import children, state, until
+from tests.service.test_supervisor import children, cmdline, state, until
 
 NOTICE_S = 2 * HEARTBEAT_TTL  # as tests/chaos/test_workers.py
 # Folders of registry entries that cannot load, by entry id: what each file holds.
@@ -104,17 +105,15 @@ def test_a_corrupt_model_folder_fails_its_jobs_not_the_door(
     assert view["status"] == "failed" and model_id in view["error"]["message"], view
 
 
-def test_sigterm_to_all_in_one_ends_every_stream_with_a_final_event(tmp_path: Path) -> None:
-    """``serve --all-in-one`` (private Redis, one worker) told to stop while a job runs and
-    two wait: the running job finishes and its stream ends ``done``; the waiting ones, which
-    its private Redis takes with it, end ``error`` (``ServiceStopped``), and nothing is left
-    running. Before, the API drained its streams first with a note to reconnect, to a
-    service that was going away: no stream got a final event."""
+@contextmanager
+def all_in_one(tmp: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``serve --all-in-one`` (a private Redis, one worker warming gpt2-small-config),
+    yielded with its URL once it is ready; killed afterwards if still running."""
     models = [m for m in DEMO_REGISTRY if m["id"] == "gpt2-small-config"]
-    (tmp_path / "registry.yaml").write_text(yaml.safe_dump({"models": models}))
+    (tmp / "registry.yaml").write_text(yaml.safe_dump({"models": models}))
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env.update(
-        BACKTRACE_REGISTRY=str(tmp_path / "registry.yaml"),
+        BACKTRACE_REGISTRY=str(tmp / "registry.yaml"),
         BACKTRACE_DATA_DIR=os.environ.get("BACKTRACE_DATA_DIR", str(ROOT / "var" / "models")),
         BACKTRACE_WARM_MODELS="gpt2-small-config",
         BACKTRACE_TORCH_THREADS="1",
@@ -126,17 +125,31 @@ def test_sigterm_to_all_in_one_ends_every_stream_with_a_final_event(tmp_path: Pa
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "service", "serve", "--all-in-one", "--port", str(port)]
     command += ["--metrics-port", "0", "--log-level", "warning"]
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    with open(tmp / "serve.log", "w") as log:
+        proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            until(lambda: ready(url), 300, "the all-in-one stack", poll=0.5)
+            yield proc, url
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+def ready(url: str) -> bool:
     try:
+        return httpx.get(f"{url}/readyz").status_code == 200
+    except httpx.TransportError:
+        return False
 
-        def ready() -> bool:
-            try:
-                return httpx.get(f"{url}/readyz").status_code == 200
-            except httpx.TransportError:
-                return False
 
-        until(ready, 300, "the all-in-one stack", poll=0.5)
+def test_sigterm_to_all_in_one_ends_every_stream_with_a_final_event(tmp_path: Path) -> None:
+    """``serve --all-in-one`` (private Redis, one worker) told to stop while a job runs and
+    two wait: the running job finishes and its stream ends ``done``; the waiting ones, which
+    its private Redis takes with it, end ``error`` (``ServiceStopped``), and nothing is left
+    running. Before, the API drained its streams first with a note to reconnect, to a
+    service that was going away: no stream got a final event."""
+    with all_in_one(tmp_path) as (proc, url):
         kids = children(proc.pid)
         jobs = [submit(url, LONG_JOB) for _ in range(3)]
         running, *waiting = [Listener(url, job) for job in jobs]
@@ -148,8 +161,25 @@ def test_sigterm_to_all_in_one_ends_every_stream_with_a_final_event(tmp_path: Pa
             assert sse.wait_for("error")["type"] == "ServiceStopped"
         assert proc.wait(40) == 0
         until(lambda: all(state(p) in (None, "Z") for p in kids), 20, "its children to end")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        log.close()
+
+
+def test_all_in_one_starts_its_private_redis_again_when_it_dies(tmp_path: Path) -> None:
+    """The private redis-server SIGKILLed (the OOM killer) mid-job: the open stream still
+    ends with a final event, and within seconds the stack takes and runs jobs again. Before,
+    nothing restarted it: every request was a 503 for good."""
+    with all_in_one(tmp_path) as (proc, url):
+        (server,) = [p for p in children(proc.pid) if "redis-server" in cmdline(p)[0]]
+        sse = Listener(url, submit(url, LONG_JOB))
+        sse.wait_for("token", count=3)
+        os.kill(server, signal.SIGKILL)
+        assert sse.join(timeout=60)[-1] in ("done", "error"), sse.names()
+
+        def accepted() -> str | None:
+            try:
+                resp = httpx.post(f"{url}/run_task", json=LONG_JOB, timeout=10)
+            except httpx.TransportError:
+                return None
+            return resp.json()["job_id"] if resp.status_code == 202 else None
+
+        job = until(accepted, 20, "a 202 after the restart", poll=0.5)
+        assert Listener(url, job).join(timeout=60)[-1] == "done"
