@@ -29,6 +29,7 @@ from .lm_runner import logits_processors
 from .memory import plan_seeds
 from .params import OutputParams, RelevanceParams, StepPlan
 from .recording import OnFirstRead
+from .step_explainer import node_axes
 from .steps import OnStep, select_steps
 from .sweep import Explanation, Seed
 
@@ -344,4 +345,33 @@ def _result(
     }
     if output.return_relevance:
         result["relevance_trace"] = [traces.get(s) for s in range(n)]
+    if output.return_layerwise_output:
+        seen = _layer_outputs(dlb, {k: v for k, v in forward.items() if k in names})
+        result["layerwise_output_trace"] = [seen(s) if s in explained else None for s in range(n)]
     return result
+
+
+def _layer_outputs(dlb: Any, forward: dict[str, Tensor]) -> Any:
+    """Every op's output as a step saw it, from one recorded forward of the final sequences:
+    the decoder is causal, so step s saw the first 1 + s positions of each value on the
+    decoder's positions (``node_axes`` of its ids: a cross-attention's scores cut on the
+    decoder's axis only); the encoder's values whole, as every step saw them."""
+    io, _ = dlb.record(forward)
+    axes = node_axes(dlb.graph_for(forward), DECODER_IDS)
+
+    def seen(step: int) -> dict[str, Tensor]:
+        values = {name: io[name]["output_values"] for name in io}
+        return {
+            name: _first(value, axes.get(name), 1 + step)
+            for name, value in values.items()
+            if isinstance(value, Tensor)
+        }
+
+    return seen
+
+
+def _first(value: Tensor, axes: Any, length: int) -> Tensor:
+    """``value`` cut to its first ``length`` positions on each of its decoder axes."""
+    for axis in axes.seq if axes is not None else ():
+        value = value.narrow(axis, 0, min(length, value.shape[axis]))
+    return value

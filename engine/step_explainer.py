@@ -87,7 +87,7 @@ class StepExplainer:
                 f"the captured graph takes inputs {sorted(unknown)} that generation cannot fill;"
                 " capture the model with input_ids (and attention_mask) only"
             )
-        self.axes = _node_axes(captured, self.token_input)
+        self.axes = node_axes(captured, self.token_input)
         self.expert_ops = tuple(expert_ops)
         self.expert_nodes = self._experts(captured)
         self.keep_values = False  # every sweep's recorded forward, for layer outputs
@@ -215,7 +215,7 @@ class Axes:
     seq: tuple[int, ...]
 
 
-def _node_axes(captured: Any, token_input: str) -> dict[str, Axes]:
+def node_axes(captured: Any, token_input: str) -> dict[str, Axes]:
     """Batch and sequence axes of every node, read from the exported symbolic shapes: an axis
     whose size is exactly the batch (or sequence) symbol of the token ids. Attention scores
     [B, H, T, T] get two sequence axes; a folded [B*T, H] axis gets none."""

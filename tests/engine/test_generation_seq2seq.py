@@ -100,6 +100,29 @@ def test_each_step_is_its_logit_explained_alone(name: str) -> None:
             torch.testing.assert_close(trace[name_], alone[name_], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_layer_outputs_are_what_each_step_saw(name: str) -> None:
+    """``return_layerwise_output``: each explained step's op outputs are those of a forward
+    over the decoder's prefix up to that step (the encoder's the same for every step). It
+    was ignored for encoder-decoders: the result had no ``layerwise_output_trace``."""
+    lm, inputs = model(name), source()
+    dlb = DLBacktrace(lm, inputs)
+    result = dlb.run_task(
+        task="generation", inputs=inputs, max_new_tokens=STEPS, return_layerwise_output=True
+    )
+    trace, sequences = result["layerwise_output_trace"], result["generated_ids"]
+    assert len(trace) == STEPS
+    for step in (0, STEPS - 1):
+        prefix = {**inputs, "decoder_input_ids": sequences[:, : step + 1]}
+        io, _ = dlb.record(prefix)
+        tensors = {n for n in io if isinstance(io[n]["output_values"], torch.Tensor)}
+        assert set(trace[step]) == tensors
+        for node, value in trace[step].items():
+            want = io[node]["output_values"]
+            assert value.shape == want.shape, (step, node)
+            torch.testing.assert_close(value, want, rtol=1e-4, atol=1e-5)
+
+
 def test_an_encoder_decoder_lm_is_detected_as_generation() -> None:
     lm, inputs = model("t5"), source()
     assert DLBacktrace(lm, inputs).detect_task(inputs) == TaskName.GENERATION
