@@ -416,6 +416,21 @@ def _alias_decompositions() -> dict:
 DECOMPOSITIONS = _alias_decompositions()
 
 
+def _cdist(x1: torch.Tensor, x2: torch.Tensor, p: float = 2.0, *_: object) -> torch.Tensor:
+    """torch.cdist written as the norm of the differences (torch writes it as one kernel, or
+    as matrix products of |x|^2 terms whose shares mean nothing): each pair's distance
+    explained by its coordinates' differences, as a hand-written distance is (prototype
+    and RBF classifiers, -cdist(features, prototypes))."""
+    return torch.linalg.vector_norm(x1.unsqueeze(-2) - x2.unsqueeze(-3), ord=p, dim=-1)
+
+
+# The engine's own decompositions, for ops torch's leave whole or in parts without rules.
+OWN_DECOMPOSITIONS = {
+    torch.ops.aten.cdist.default: _cdist,
+    torch.ops.aten._cdist_forward.default: _cdist,
+}
+
+
 # Rounds of ``with_rules``: a composite's parts may be composites themselves (instance norm
 # is a batch norm in training mode, which is a variance, an rsqrt and products).
 _DECOMPOSE_ROUNDS = 4
@@ -434,7 +449,9 @@ def with_rules(captured: Captured) -> Captured:
     for _ in range(_DECOMPOSE_ROUNDS):
         table = {}
         for op in unruled:
-            if op in export_table:  # core ATen's and the composites' own
+            if op in OWN_DECOMPOSITIONS:  # where torch's leave an op without parts
+                table[op] = OWN_DECOMPOSITIONS[op]
+            elif op in export_table:  # core ATen's and the composites' own
                 table[op] = export_table[op]
             elif op in decomposition_table:  # the others torch has
                 table[op] = decomposition_table[op]

@@ -299,6 +299,22 @@ class Bag(nn.Module):
         return self.head(rows.sum(1) if self.mode == "sum" else rows.mean(1))
 
 
+class Prototypes(nn.Module):
+    """A prototype classifier: the negative distance of the features to 3 learned prototypes,
+    by torch.cdist or written out."""
+
+    def __init__(self, written_out: bool = False):
+        super().__init__()
+        self.written_out = written_out
+        self.enc, self.prototypes = nn.Linear(8, 6), nn.Parameter(torch.randn(3, 6))
+
+    def forward(self, x):
+        h = self.enc(x)
+        if self.written_out:
+            return -((h[:, None] - self.prototypes[None]) ** 2).sum(-1).sqrt()
+        return -torch.cdist(h, self.prototypes)
+
+
 def _sequence():
     return rand(B, 6, 4)
 
@@ -454,6 +470,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], object]]] = {
         lambda: torch.tensor([[3, 5, 7, 0], [2, 9, 4, 4]]),
     ),
     "embedding_bag_max": (lambda: Bag("max"), _ids),
+    "cdist_prototypes": (Prototypes, _tabular),
 }
 
 _cache: dict[str, tuple] = {}
@@ -509,3 +526,17 @@ def test_embedding_bag_explains_as_its_lookups_reduced(mode):
     torch.testing.assert_close(got["predictions"], expected["predictions"])
     torch.testing.assert_close(got["relevance"]["input_ids"], expected["relevance"]["input_ids"])
     assert (got["relevance"]["input_ids"].abs().sum(1) > 1.0).all()
+
+
+def test_cdist_explains_as_the_distance_written_out():
+    """torch.cdist (no rule: 'no relevance rule for aten.cdist') is decomposed at capture into
+    the norm of the differences, and explains as that distance written by hand (in mode
+    default: in mode reference the norm has a difference rule of its own)."""
+    x = rand(B, 8)
+    torch.manual_seed(0)
+    model = Prototypes().eval()
+    written = Prototypes(written_out=True).eval()
+    written.load_state_dict(model.state_dict())
+    got = DLBacktrace(model, x).run_task(inputs=x)
+    expected = DLBacktrace(written, x).run_task(inputs=x)
+    torch.testing.assert_close(got["relevance"]["x"], expected["relevance"]["x"])
