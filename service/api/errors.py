@@ -38,6 +38,11 @@ PATTERNS = {
 }
 
 
+# pydantic's messages that say something else than what happened: a number past what an
+# integer field takes (1e300) "Unable to parse input string as an integer".
+REWORDED = {"int_parsing_size": "Input should be an integer, not a number this large"}
+
+
 def invalid(loc: list[str | int], msg: str, where: str = "body") -> HTTPException:
     """A 422 shaped like FastAPI's own, with a one-line message that names the field (of the
     body, or ``where`` else: a header)."""
@@ -76,17 +81,34 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
         # pydantic prefixes a validator's ValueError with "Value error, ": not for people
         msg = e["msg"].removeprefix("Value error, ") if e["type"] == "value_error" else e["msg"]
         kind = e["type"]
+        msg = REWORDED.get(kind, msg)
         if kind == "string_pattern_mismatch" and loc[-1] in PATTERNS:
             msg = f"{PATTERNS[loc[-1]]} (got {shown(e['input'])})"
         if (lone := _lone_surrogate(e.get("input"))) is not None:
             where, msg = lone
             loc, kind = loc + where, "string_unicode"
         message = f"{'.'.join(loc[1:] or loc)}: {msg}"
+        if kind not in _SAYS_ITS_VALUE and "(got " not in msg and "input" in e:
+            message += f" (got {shown(e['input'])})"
         if kind == "json_invalid":
             message = _json_error(e, exc.body)
             loc = ["body"]
         errors.append({"loc": loc, "msg": e["msg"], "type": kind, "message": message})
     return JSONResponse({"detail": errors}, 422)
+
+
+# The errors whose message says what was sent, or where the value would say nothing: the
+# others (pydantic's "Input should be greater than or equal to 0") get "(got -1)".
+_SAYS_ITS_VALUE = frozenset(
+    {
+        "missing",
+        "extra_forbidden",
+        "value_error",
+        "bool_not_number",
+        "string_unicode",
+        "json_invalid",
+    }
+)
 
 
 def _whole_body(request: Request, exc: RequestValidationError) -> tuple[str, str] | None:

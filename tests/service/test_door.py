@@ -430,7 +430,7 @@ def test_flags_are_booleans(api: TestClient, value: Any) -> None:
     "yes", "true"): a client sending a number or a string has a bug the 422 shows."""
     body = {**LOOKUP, "generation": {"do_sample": value}}
     assert _message(api.post("/run_task", json=body)) == (
-        "generation.do_sample: Input should be a valid boolean"
+        f"generation.do_sample: Input should be a valid boolean (got {json.dumps(value)})"
     )
 
 
@@ -453,7 +453,7 @@ def test_every_flag_of_the_request_is_strict(api: TestClient) -> None:
         section, name = path.split(".")
         body = {**LOOKUP, section: {**LOOKUP.get(section, {}), name: 1}}
         message = _message(api.post("/run_task", json=body))
-        assert message == f"{path}: Input should be a valid boolean"
+        assert message == f"{path}: Input should be a valid boolean (got 1)"
         body[section][name] = True
         assert api.post("/run_task", json=body).status_code == 202
 
@@ -476,7 +476,7 @@ def test_numbers_are_finite(api: TestClient, field: str, value: dict) -> None:
     name, literal = next(iter(value.items()))
     body = json.dumps({**LOOKUP, field: {name: 0.5}}).replace("0.5", literal)
     resp = api.post("/run_task", content=body, headers={"Content-Type": "application/json"})
-    assert _message(resp) == f"{field}.{name}: Input should be a finite number"
+    assert _message(resp) == f"{field}.{name}: Input should be a finite number (got {literal})"
 
 
 @pytest.mark.parametrize("features", ["[1.0, NaN]", "[[1.0], [Infinity]]"])
@@ -745,11 +745,13 @@ def test_a_position_picks_a_token(
     [
         (
             {**LOOKUP, "generation": {"seed": 2**64, "do_sample": True}},
-            "generation.seed: Input should be less than 18446744073709551616",
+            "generation.seed: Input should be less than 18446744073709551616 (got "
+            "18446744073709551616)",
         ),
         (
             {**SENTIMENT, "relevance": {"target": 2**63}},
-            "relevance.target: Input should be less than 9223372036854775808",
+            "relevance.target: Input should be less than 9223372036854775808 (got "
+            "9223372036854775808)",
         ),
         (
             {**SENTIMENT, "relevance": {"mode": "contrast", "contrast_with": 2**63}},

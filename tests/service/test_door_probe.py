@@ -246,8 +246,8 @@ def test_a_multi_picture_jpeg_is_a_jpeg(api: TestClient) -> None:  # noqa: F811
 @pytest.mark.parametrize(
     ("temperature", "expected"),
     [
-        (1e-39, "relevance.temperature: Input should be greater than or equal to 0.01"),
-        (0.001, "relevance.temperature: Input should be greater than or equal to 0.01"),
+        (1e-39, "relevance.temperature: Input should be greater than or equal to 0.01 (got 1e-39)"),
+        (0.001, "relevance.temperature: Input should be greater than or equal to 0.01 (got 0.001)"),
         (0.01, ""),
     ],
 )
@@ -317,3 +317,34 @@ def test_relevance_the_output_dtype_holds(
         assert resp.status_code == 202, resp.text
         return
     assert _message(resp).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("relevance", "expected"),
+    [
+        ({"target": -1}, "relevance.target: Input should be greater than or equal to 0 (got -1)"),
+        (
+            {"target": 1e300},
+            "relevance.target: Input should be an integer, not a number this large (got 1e+300)",
+        ),
+        (
+            {"mode": None},
+            "relevance.mode: Input should be 'default', 'contrast' or 'reference' (got null)",
+        ),
+        (
+            {"multiplier": "x" * 500},
+            "relevance.multiplier: Input should be a valid number, unable to parse string as a "
+            "number (got a text of 500 characters)",
+        ),
+        ({"foo": 1}, "relevance.foo: Extra inputs are not permitted"),
+    ],
+)
+def test_pydantics_refusals_name_the_value(
+    api: TestClient,  # noqa: F811
+    relevance: dict,
+    expected: str,
+) -> None:
+    """Each 422 names the value it refuses: pydantic's own messages did not ("Input should
+    be greater than or equal to 0"), and 1e300 for an integer was "Unable to parse input
+    string as an integer, exceeded maximum size", of a number that was no string."""
+    assert _message(api.post("/run_task", json={**SENTIMENT, "relevance": relevance})) == expected
