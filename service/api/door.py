@@ -161,17 +161,17 @@ def _check_fill_in(spec: ModelSpec, req: RunTaskRequest, meta: ModelMeta) -> Non
         mask_id = meta.tokenizer.token_to_id(token) if meta.tokenizer is not None else None
         rows = ids if isinstance(ids[0], list) else [ids]
         missing = [i for i, row in enumerate(rows) if mask_id is not None and mask_id not in row]
-        where, what = ["inputs", "token_ids"], f"the id of {token} ({mask_id})"
+        where, what, put = ["inputs", "token_ids"], f"{token} (id {mask_id})", f"id {mask_id}"
     else:
         texts = [text for text, _ in req.inputs.pairs()]
         missing = [i for i, text in enumerate(texts) if token not in text]
-        where, what = ["inputs", "text"], token
+        where, what, put = ["inputs", "text"], token, token
     if missing:
         loc = where if isinstance(req.inputs.text or ids[0], str | int) else [*where, missing[0]]
         raise invalid(
             loc,
             f"has no {what}: {spec.id} is a masked LM and explains the token it fills in; "
-            f"put {token} where the word to predict goes",
+            f"put {put} where the word to predict goes",
         )
 
 

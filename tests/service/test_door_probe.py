@@ -348,3 +348,31 @@ def test_pydantics_refusals_name_the_value(
     be greater than or equal to 0"), and 1e300 for an integer was "Unable to parse input
     string as an integer, exceeded maximum size", of a number that was no string."""
     assert _message(api.post("/run_task", json={**SENTIMENT, "relevance": relevance})) == expected
+
+
+@pytest.mark.parametrize(
+    ("inputs", "expected"),
+    [
+        (
+            {"token_ids": [2, 5, 3]},
+            "inputs.token_ids: has no [MASK] (id 4): mlm is a masked LM and explains the token "
+            "it fills in; put id 4 where the word to predict goes",
+        ),
+        ({"token_ids": [[2, 4, 3], [2, 5, 3]]}, "inputs.token_ids.1: has no [MASK] (id 4)"),
+        ({"text": "the cat"}, "inputs.text: has no [MASK]: mlm is a masked LM"),
+        ({"token_ids": [2, 4, 3]}, ""),
+    ],
+)
+def test_a_masked_lms_input_holds_its_mask(tmp_path: Path, inputs: dict, expected: str) -> None:
+    """Ids without the mask token's id are refused in words ("has no the id of [MASK] (4)"
+    read before), with the id to put."""
+    from service.api import door
+    from service.api.metadata import ModelMetadata
+    from service.registry import Registry
+    from service.schemas import RunTaskRequest
+
+    spec = _masked_lm(tmp_path / "mlm", vocab_size=12)
+    meta = ModelMetadata(Registry([spec], tmp_path), str(tmp_path)).get(spec)
+    req = RunTaskRequest.model_validate({"model": spec.id, "inputs": inputs})
+    message = _refused(lambda: door.check(spec, spec.task, req, meta))
+    assert message.startswith(expected) if expected else message == "", message
