@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -115,6 +116,7 @@ class DLBacktrace:
         if not self._graphs:
             validate.check_input_dtypes(captured)
         entry = (captured, Sweeper(captured, captured.explained_output()))
+        _warn_unreached(captured, entry[1])
         if captured.example is not None:
             self._drop_specialised()
         self._graphs.append(entry)
@@ -532,3 +534,20 @@ class DLBacktrace:
 
 def _to_numpy(t: Tensor) -> np.ndarray:
     return t.detach().float().cpu().numpy()
+
+
+def _warn_unreached(captured: Captured, sweeper: Sweeper) -> None:
+    """Warn, once per capture, when relevance from the explained output can reach none of
+    the inputs: every share would end in a sink and each input's relevance be 0, which
+    reads as "nothing mattered". Relevance flows along floating-point paths from a
+    floating-point input or an embedding lookup of ids (``engine.provenance``): ids cast to
+    float, one-hot codes or complex values carry none."""
+    reached = {n.name for n in sweeper.provenance.visited if n.op == "placeholder"}
+    if not reached & set(captured.data_inputs):
+        warnings.warn(
+            f"relevance from the output {sweeper.provenance.output.name} reaches none of the "
+            f"inputs ({', '.join(captured.data_inputs)}): every input will get 0. Relevance "
+            "flows along floating-point paths from a floating-point input or an embedding "
+            "lookup of ids; ids cast to float, one-hot codes or complex values carry none",
+            stacklevel=4,
+        )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import signal
+import warnings
 
 import numpy as np
 import pytest
@@ -248,3 +249,23 @@ def test_a_model_that_does_not_run_on_the_example_blames_the_inputs():
     model = nn.Sequential(nn.Linear(4, 2)).eval()
     with pytest.raises(ValueError, match=r"does not run on inputs of shapes input \(2, 5\): "):
         capture(model, {"input": torch.randn(2, 5)})
+
+
+def test_a_model_whose_relevance_reaches_no_input_is_warned_of():
+    """Ids cast to float carry no relevance (only an embedding lookup of them does): every
+    input's relevance is 0, which must not read as "nothing mattered" unannounced."""
+    from engine import DLBacktrace
+
+    class Counts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, counts: torch.Tensor) -> torch.Tensor:
+            return self.fc(counts.float())
+
+    with pytest.warns(UserWarning, match=r"reaches none of the inputs \(counts\)"):
+        DLBacktrace(Counts().eval(), {"counts": torch.tensor([[1, 0, 2]])})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DLBacktrace(nn.Sequential(nn.Linear(3, 2)).eval(), torch.randn(1, 3))
