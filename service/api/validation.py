@@ -17,7 +17,7 @@ from fastapi import HTTPException
 from engine.tasks import TASKS, TaskName
 
 from ..registry import Limits, ModelSpec, Registry
-from ..schemas import GenerationParams, RunTaskRequest, pair_refusal
+from ..schemas import GenerationParams, RunTaskRequest, pair_refusal, shown
 from ..vocabulary import IMAGE_FORMATS
 from .errors import invalid
 
@@ -211,8 +211,15 @@ def check_image(b64: str, max_side: int) -> None:
     from PIL import Image, UnidentifiedImageError
 
     loc = ["inputs", "image"]
+    prefix, comma, payload = b64.partition(",") if "," in b64 else ("", "", b64)
+    if comma and not prefix.lstrip().lower().startswith("data:"):
+        raise invalid(
+            loc,
+            f"{shown(prefix + comma, 40)} before the base64 is not a data URL: send the base64 "
+            "alone, or as data:image/png;base64,... (base64 has no commas)",
+        )
     try:  # without line breaks and spaces, which MIME base64 (the base64 tool's) wraps in
-        payload = b64.split(",", 1)[-1].translate(_WHITESPACE)
+        payload = payload.translate(_WHITESPACE)
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise invalid(loc, "not a base64 PNG or JPEG image (not valid base64)") from exc

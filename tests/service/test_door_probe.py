@@ -376,3 +376,33 @@ def test_a_masked_lms_input_holds_its_mask(tmp_path: Path, inputs: dict, expecte
     req = RunTaskRequest.model_validate({"model": spec.id, "inputs": inputs})
     message = _refused(lambda: door.check(spec, spec.task, req, meta))
     assert message.startswith(expected) if expected else message == "", message
+
+
+@pytest.mark.parametrize(
+    ("prefix", "expected"),
+    [
+        ("data:image/png;base64,", ""),
+        ("DATA:image/png;base64,", ""),
+        ("data:image/gif;base64,", ""),  # the data says what it is: Pillow reads a PNG
+        (
+            "image/png;base64,",
+            'inputs.image: "image/png;base64," before the base64 is not a data URL: send the '
+            "base64 alone, or as data:image/png;base64,... (base64 has no commas)",
+        ),
+        ("garbage,", 'inputs.image: "garbage," before the base64 is not a data URL'),
+    ],
+)
+def test_an_image_is_base64_or_a_data_url(
+    api: TestClient,  # noqa: F811
+    prefix: str,
+    expected: str,
+) -> None:
+    """Anything before a comma was dropped, whatever it was: a data URL's header, or a
+    client's mistake."""
+    body = _digit(_encoded("L", "PNG"))
+    body["inputs"]["image"] = prefix + body["inputs"]["image"]
+    resp = api.post("/run_task", json=body)
+    if not expected:
+        assert resp.status_code == 202, resp.text
+        return
+    assert _message(resp).startswith(expected)
