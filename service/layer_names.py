@@ -25,10 +25,25 @@ class UnknownNodes(ValueError):
         hint = f"; closest: {', '.join(close)}" if close else ""
         are = "is not a node" if len(unknown) == 1 else "are not nodes"
         self.msg = (
-            f"{', '.join(map(repr, unknown))} {are} of {model_id}'s graph ({len(nodes)} nodes"
+            f"{_listed(unknown)} {are} of {model_id}'s graph ({len(nodes)} nodes"
             f"{hint}); ask for 'all' to get every node's relevance under its name, or 'inputs'"
         )
         super().__init__(f"{'.'.join(FIELD)}: {self.msg}")
+
+
+# How many unknown names a message lists, and how much of each: a request of thousands of
+# long names was answered with all of them (12 MB for a 6 MB body).
+LISTED, SHOWN = 5, 60
+
+
+def _listed(names: Sequence[str]) -> str:
+    """The first ``LISTED`` names, each cut to ``SHOWN`` characters, and how many more."""
+    shown = [
+        repr(n) if len(n) <= SHOWN else f"{n[:SHOWN]!r}... ({len(n)} characters)"
+        for n in names[:LISTED]
+    ]
+    more = len(names) - LISTED
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
 def check(model_id: str, names: str | Sequence[str], nodes: Collection[str]) -> None:

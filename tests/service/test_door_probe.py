@@ -406,3 +406,21 @@ def test_an_image_is_base64_or_a_data_url(
         assert resp.status_code == 202, resp.text
         return
     assert _message(resp).startswith(expected)
+
+
+def test_unknown_layer_names_are_listed_briefly() -> None:
+    """A refusal lists the first five unknown names, each cut to 60 characters, and how many
+    more: a request of 20000 names of 300 characters was answered with all of them (a 12 MB
+    422 for a 6 MB body), and a name of a million characters in full."""
+    from service import layer_names
+
+    names = [f"nope{i}" + "x" * 300 for i in range(20000)]
+    with pytest.raises(layer_names.UnknownNodes) as caught:
+        layer_names.check("m", ["tanh", *names], {"tanh", "linear"})
+    first = repr(names[0][:60])
+    assert caught.value.msg.startswith(f"{first}... (305 characters), ")
+    assert " and 19995 more are not nodes of m's graph (2 nodes" in caught.value.msg
+    assert len(caught.value.msg) < 1000
+    with pytest.raises(layer_names.UnknownNodes) as caught:
+        layer_names.check("m", ["lineer"], {"tanh", "linear"})
+    assert caught.value.msg.startswith("'lineer' is not a node of m's graph (2 nodes; closest")
