@@ -30,6 +30,11 @@ PARSE_FAILURE = "There was an error parsing the body"
 NO_JOB = {404: {"model": ErrorBody, "description": "no such job (unknown or expired)"}}
 
 
+def no_job(job_id: str) -> HTTPException:
+    """The 404 of every route that reads a job id no job has (``NO_JOB``)."""
+    return HTTPException(404, f"no job {job_id!r} (unknown or expired)")
+
+
 # What the fields with a pattern take, in words: pydantic's "String should match pattern
 # '^[A-Za-z0-9._\-/]+$'" is a regular expression.
 PATTERNS = {

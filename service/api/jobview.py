@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import redis
-from fastapi import HTTPException
 from rq.exceptions import DeserializationError, InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -16,6 +15,7 @@ from engine.tasks import TaskName
 from .. import store
 from ..schemas import JobUrls, JobView
 from ..vocabulary import Event, JobStatus
+from .errors import no_job
 
 # RQ's statuses that the service reports as one of its own (the others are spelt alike).
 RQ_STATUS = {
@@ -61,7 +61,7 @@ def job_view(r: redis.Redis, job_id: str) -> JobView:
     job = fetch_job(r, job_id)
     result = store.get_result(r, job_id)
     if job is None and result is None:
-        raise HTTPException(404, f"no job {job_id!r} (unknown or expired)")
+        raise no_job(job_id)
     view: dict[str, Any] = {"job_id": job_id}
     if job is not None:
         status = str(job.get_status(refresh=False).value)

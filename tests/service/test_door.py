@@ -336,7 +336,7 @@ def test_a_pattern_in_words(api: TestClient, path: str, body: dict | None, expec
 
 def test_heatmap_of_no_job_is_404(api: TestClient) -> None:
     resp = api.get("/jobs/nosuchjob/heatmap.png")
-    assert resp.status_code == 404 and resp.json()["detail"].startswith("no job nosuchjob")
+    assert resp.status_code == 404 and resp.json()["detail"].startswith("no job 'nosuchjob'")
 
 
 def test_no_heatmap_says_where_the_job_is(api: TestClient) -> None:

@@ -6,7 +6,7 @@ from fastapi import HTTPException, Request, Response
 
 from ...schemas import ErrorBody
 from ..deps import JobId, StreamsDep
-from ..errors import NO_JOB
+from ..errors import NO_JOB, no_job
 from ..sse import EventStreamResponse, is_stream_id, resume_error
 from . import authorized_router
 
@@ -37,7 +37,7 @@ async def job_events(job_id: JobId, request: Request, streams: StreamsDep) -> Ev
     first = await streams.peek(job_id, last)  # events there: the job exists, resumes
     if not first:
         if not await streams.exists(job_id):
-            raise HTTPException(404, f"no job {job_id!r} (unknown or expired)")
+            raise no_job(job_id)
         why = await resume_error(streams.redis, job_id, last)
         if why:
             raise HTTPException(400, why)

@@ -14,7 +14,7 @@ from ...vocabulary import JobStatus
 from .. import door, validation
 from ..deps import JobId, RedisDep, SettingsDep, SubmissionDep
 from ..enqueue import enqueue
-from ..errors import NO_JOB
+from ..errors import NO_JOB, no_job
 from ..idempotency import IdempotentRequest
 from ..jobview import RQ_STATUS, cancel_queued, fetch_job, job_urls, job_view, with_workers
 from ..render import heatmap_png
@@ -182,7 +182,7 @@ def job_heatmap(job_id: JobId, r: RedisDep) -> Response:
     result = store.get_result(r, job_id)
     job = fetch_job(r, job_id) if result is None else None
     if result is None and job is None:
-        raise HTTPException(404, f"no job {job_id} (unknown or expired)")
+        raise no_job(job_id)
     status = result["status"] if result is not None else job.get_status(refresh=False).value
     status = RQ_STATUS.get(status, status)
     if status != JobStatus.FINISHED:
