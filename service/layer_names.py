@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Collection, Sequence
 
+from .schemas import listed
+
 FIELD = ("output", "relevance")
 
 
@@ -38,12 +40,11 @@ LISTED, SHOWN = 5, 60
 
 def _listed(names: Sequence[str]) -> str:
     """The first ``LISTED`` names, each cut to ``SHOWN`` characters, and how many more."""
-    shown = [
-        repr(n) if len(n) <= SHOWN else f"{n[:SHOWN]!r}... ({len(n)} characters)"
-        for n in names[:LISTED]
-    ]
-    more = len(names) - LISTED
-    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+    return listed(names, LISTED, _cut)
+
+
+def _cut(name: str) -> str:
+    return repr(name) if len(name) <= SHOWN else f"{name[:SHOWN]!r}... ({len(name)} characters)"
 
 
 def check(model_id: str, names: str | Sequence[str], nodes: Collection[str]) -> None:

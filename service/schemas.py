@@ -10,6 +10,7 @@ from ``engine.tasks`` (no torch)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -91,6 +92,14 @@ def _one_sentence(message: str) -> WrapValidator:
             ) from exc
 
     return WrapValidator(validate)
+
+
+def listed(items: Sequence[Any], most: int, show: Callable[[Any], str] = str) -> str:
+    """The first ``most`` items (each as ``show`` writes it) and how many more: a message
+    about a list of thousands (a model's 1000 labels, a request's 20000 layer names) stays
+    a line."""
+    more = len(items) - most
+    return ", ".join(map(show, items[:most])) + (f" and {more} more" if more > 0 else "")
 
 
 def shown(value: Any, width: int = 60) -> str:

@@ -18,7 +18,7 @@ from engine.tasks import CLASSIFICATION_TASKS, ONE_DECISION_TASKS, TaskName
 
 from .. import layer_names
 from ..registry import ModelSpec
-from ..schemas import INDEX_END, RunTaskRequest, no_labels, no_separator, shown
+from ..schemas import INDEX_END, RunTaskRequest, listed, no_labels, no_separator, shown
 from .errors import invalid
 from .metadata import ModelMeta, ModelMetadata
 
@@ -195,8 +195,12 @@ def _check_target(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: Mo
     raise invalid(["relevance", "target"], _not_a_class(spec, target, count))
 
 
+# How many of a model's labels a refusal names (an ImageNet model has 1000).
+LABELS_LISTED = 20
+
+
 def _not_a_class(spec: ModelSpec, index: int, count: int) -> str:
-    names = f" ({', '.join(spec.labels)})" if spec.labels else ""
+    names = f" ({listed(spec.labels, LABELS_LISTED)})" if spec.labels else ""
     return f"{index} is not a class of {spec.id}: 0 to {count - 1}{names}"
 
 
@@ -364,7 +368,7 @@ def _check_contrast_with(
         raise invalid(
             loc,
             f"{alt!r} is not a label of {spec.id}: runner-up, rest, a class index or one of "
-            + ", ".join(dict.fromkeys(meta.labels)),
+            + listed(list(dict.fromkeys(meta.labels)), LABELS_LISTED),
         )
 
 

@@ -918,3 +918,26 @@ def test_base64_wrapped_in_lines_is_taken(api: TestClient) -> None:
     resp = api.post("/run_task", json={"model": "digits-cnn", "inputs": {"image": wrapped}})
     assert resp.status_code == 202, resp.text
     api.delete(f"/jobs/{resp.json()['job_id']}")
+
+
+def test_a_refusal_names_at_most_twenty_labels() -> None:
+    """A model of 1000 classes: a label it lacks, or a target past them, is refused naming
+    twenty labels and how many more, not a message of every one."""
+    from service.api import door
+    from service.api.metadata import ModelMeta
+    from service.registry import ModelSpec
+    from service.schemas import RunTaskRequest
+
+    labels = [f"class{i}" for i in range(1000)]
+    source = {"kind": "torchvision", "arch": "resnet18", "weights": "w.safetensors"}
+    spec = ModelSpec(id="big", task="image-classification", source=source, labels=labels)
+    meta = ModelMeta(num_classes=1000, labels=tuple(labels))
+    image = {"image": _png_header(8, 8)}
+    for relevance, field in (
+        ({"target": 1000}, "target"),
+        ({"contrast_with": "cat"}, "contrast_with"),
+    ):
+        req = RunTaskRequest(model="big", inputs=image, relevance={"mode": "contrast", **relevance})
+        message = _refused(lambda req=req: door.check(spec, "image-classification", req, meta))
+        assert message.startswith(f"relevance.{field}: "), message
+        assert "class19 and 980 more" in message and "class20" not in message, message
