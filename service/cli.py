@@ -26,9 +26,10 @@ from typing import Any
 import httpx
 import redis
 
-from .config import Settings
+from .config import SettingError, Settings
 from .lifeline import end_with_parent
 from .liveness import HeartbeatProbe
+from .registry import RegistryError
 from .supervisor import Supervisor, describe_exit
 from .vocabulary import Event, JobStatus, WorkerExit
 
@@ -366,6 +367,14 @@ def _found(item: dict[str, Any]) -> str:
     )
 
 
+def _configured() -> None:
+    """The settings and the registry they name, read before any process or port is
+    started: ``SettingError`` or ``RegistryError`` for one that cannot be served."""
+    from .registry import load_registry
+
+    load_registry(Settings().registry_path)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -431,7 +440,11 @@ def main(argv: list[str] | None = None) -> None:
     if a.cmd == "worker" and a.processes is not None and (a.burst or a.processes < 1):
         p.error("worker --processes takes N >= 1 and cannot be combined with --burst")
     try:
+        if a.cmd in ("serve", "worker") or (a.cmd == "run" and a.url is None):
+            _configured()
         a.fn(a)
+    except (SettingError, RegistryError) as exc:  # before anything started: one line
+        sys.exit(f"{p.prog} {a.cmd}: {exc}")
     except httpx.HTTPStatusError as exc:  # the server's message (service.client.ServiceError)
         sys.exit(f"{p.prog} {a.cmd}: {exc}")
     except httpx.TransportError as exc:

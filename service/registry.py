@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from engine.tasks import MODEL_TASKS
@@ -41,13 +49,20 @@ DEVICE = re.compile(r"auto|cpu|mps|cuda(:(0|[1-9][0-9]*))?")
 
 
 class Limits(BaseModel):
+    """Each at least 1: a limit of 0 or below started a service that refused every request
+    of the model at the door."""
+
     model_config = ConfigDict(extra="forbid")
-    max_tokens: int = 128
-    max_image_size: int = 1024  # pixels, each side, of the uploaded image
-    max_new_tokens: int = 64
-    max_beams: int = 4
-    max_batch: int = 8
-    max_features: int = 512
+    max_tokens: int = Field(default=128, ge=1)
+    max_image_size: int = Field(default=1024, ge=1)  # pixels, each side, of the uploaded image
+    max_new_tokens: int = Field(default=64, ge=1)
+    max_beams: int = Field(default=4, ge=1)
+    max_batch: int = Field(default=8, ge=1)
+    max_features: int = Field(default=512, ge=1)
+
+
+# ``module:function`` of a python source's factory, dotted names both.
+FACTORY = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
 
 
 class Source(BaseModel):
@@ -72,8 +87,21 @@ class Source(BaseModel):
     head: Head | None = None
     arch: str | None = None
     weights: str | None = None
-    num_classes: int | None = None
-    factory: str | None = None
+    num_classes: int | None = Field(default=None, ge=1)
+    factory: str | None = Field(default=None, pattern=FACTORY)
+
+    @model_validator(mode="after")
+    def _what_the_kind_needs(self) -> Source:
+        """The fields each kind loads from, checked where the registry is read: a missing
+        one failed every job of the model at its load."""
+        needs = {
+            "transformers": ["path or hub_id"] if not (self.path or self.hub_id) else [],
+            "torchvision": [f for f in ("arch", "weights") if getattr(self, f) is None],
+            "python": ["factory"] if self.factory is None else [],
+        }.get(self.kind, [])
+        if needs:
+            raise ValueError(f"kind {self.kind} needs {' and '.join(needs)}")
+        return self
 
 
 class ImageSpec(BaseModel):
@@ -100,7 +128,12 @@ class ImageSpec(BaseModel):
         self.mean = self.mean or [0.0] * self.channels
         self.std = self.std or [1.0] * self.channels
         if len(self.mean) != self.channels or len(self.std) != self.channels:
-            raise ValueError(f"image: mean and std need {self.channels} values (channels)")
+            raise ValueError(
+                f"mean {self.mean} and std {self.std}: need {self.channels} values each "
+                f"(channels {self.channels})"
+            )
+        if not all(s > 0 for s in self.std):  # a pixel divided by 0 is inf: every job fails
+            raise ValueError(f"std {self.std}: each value must be above 0")
         return self
 
 
@@ -219,15 +252,105 @@ class Registry:
         return p if p.is_absolute() or self.base_dir is None else self.base_dir / p
 
 
+class RegistryError(ValueError):
+    """A registry file that cannot be served: one line naming the file, the entry and the
+    field, the value and what is allowed, printed at startup (``service.cli``) in place of
+    the traceback of YAML's parser or pydantic's report of many lines."""
+
+
 def load_registry(path: str | Path | None = None) -> Registry:
-    """The registry at ``path``, or the built-in demo registry when ``path`` is None."""
+    """The registry at ``path``, or the built-in demo registry when ``path`` is None;
+    ``RegistryError`` for a file that is missing, not YAML, not a ``models:`` list, lists no
+    model, gives two entries one id, or has an entry that is not valid."""
     if path is None:
         return Registry([ModelSpec.model_validate(m) for m in DEMO_REGISTRY])
     p = Path(path)
-    doc = yaml.safe_load(p.read_text()) or {}
-    return Registry(
-        [ModelSpec.model_validate(m) for m in doc.get("models", [])], p.parent.resolve()
-    )
+    entries = _entries(p, _document(p))
+    specs = [_spec(p, i, entry) for i, entry in enumerate(entries)]
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        if spec.id in seen:
+            raise RegistryError(
+                f"registry {p}: models[{i}] has id {spec.id!r}, as models[{seen[spec.id]}] "
+                "has: each entry needs its own id"
+            )
+        seen[spec.id] = i
+    return Registry(specs, p.parent.resolve())
+
+
+def _document(p: Path) -> Any:
+    """The parsed YAML of the registry file."""
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise RegistryError(f"BACKTRACE_REGISTRY={str(p)!r}: cannot read it: {why}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RegistryError(f"registry {p}: not valid YAML{at}: {problem}") from None
+
+
+def _entries(p: Path, doc: Any) -> list[Any]:
+    """The ``models:`` list of the document, which is the file's only key."""
+    form = "a mapping with one key, models: a list of entries (id, task, source, ...)"
+    if not isinstance(doc, dict):
+        what = "empty" if doc is None else f"a {type(doc).__name__}"
+        raise RegistryError(f"registry {p}: the file is {what}; it must be {form}")
+    if set(doc) != {"models"}:
+        other = ", ".join(sorted(map(str, set(doc) - {"models"})))
+        what = f"unknown key {other}" if other else "no models key"
+        raise RegistryError(f"registry {p}: {what}; it must be {form}")
+    entries = doc["models"]
+    if not isinstance(entries, list) or not entries:
+        got = "lists no entries" if not entries else f"is a {type(entries).__name__}"
+        raise RegistryError(f"registry {p}: models {got}; it must be a list of entries")
+    return entries
+
+
+def _spec(p: Path, i: int, entry: Any) -> ModelSpec:
+    """Entry ``i`` validated; its first mistake as one line (the field, the value, the
+    rule), and how many more there are."""
+    if not isinstance(entry, dict):
+        raise RegistryError(f"registry {p}: models[{i}] is {entry!r}; an entry is a mapping")
+    try:
+        return ModelSpec.model_validate(entry)
+    except ValidationError as exc:
+        errors = exc.errors()
+        name = f"models[{i}] (id {entry['id']!r})" if "id" in entry else f"models[{i}]"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise RegistryError(f"registry {p}: {name}: {_mistake(errors[0])}{more}") from None
+
+
+# The model of each part of an entry, for the fields an unknown one is told of.
+_FIELDS: dict[tuple[str, ...], type[BaseModel]] = {
+    (): ModelSpec,
+    ("source",): Source,
+    ("limits",): Limits,
+    ("image",): ImageSpec,
+}
+
+
+def _mistake(error: Any) -> str:
+    """One pydantic error as ``field: value: rule``; the registry's own messages (device,
+    head) say it their way."""
+    field_path = ".".join(str(part) for part in error["loc"])
+    if error["type"] in ("device", "head"):  # "registry entry X: ...": the entry is named
+        return error["msg"].split(": ", 1)[1]
+    if error["type"] == "missing":
+        return f"{field_path}: missing; it is required"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        *parent, _ = error["loc"]
+        known = _FIELDS.get(tuple(parent))
+        fields = f"; the fields: {', '.join(known.model_fields)}" if known else ""
+        return f"{field_path}: unknown field{fields}"
+    shown = repr(error["input"])
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return f"{field_path or 'entry'}: {shown}: {message}"
 
 
 def dump_registry(specs: list[dict[str, Any]]) -> str:

@@ -228,11 +228,10 @@ def run_worker(
     warm: tuple[str, ...] | None = None,
 ) -> None:
     settings = settings or Settings()
-    threads = os.environ.get("BACKTRACE_TORCH_THREADS")
-    if threads:  # one thread per worker process is faster for small models on shared CPUs
+    if settings.torch_threads:  # one per worker process is faster for small models on shared CPUs
         import torch
 
-        torch.set_num_threads(int(threads))
+        torch.set_num_threads(settings.torch_threads)
     from engine import tune_allocator
 
     tune_allocator()  # a serving process: keep freed tensor memory for the next job

@@ -1,0 +1,182 @@
+"""An operator's misconfiguration is one line at startup naming the setting or the registry
+entry and field, the value and what is allowed: never a traceback, never a service that
+starts and then fails every request. Each case here was a traceback (``int('abc')``, YAML's
+parser, ``'list' object has no attribute 'get'``) or started a service that could not work
+(a negative TTL, a limit of 0, two entries of one id, a misspelt ``models:`` key)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.config import SettingError, Settings
+from service.registry import RegistryError, load_registry
+from tests.helpers.stack import ROOT
+
+ENTRY = "{id: a, task: text-classification, source: {kind: demo, name: minilm-sentiment}}"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"BACKTRACE_MAX_BATCH": "abc"}, "BACKTRACE_MAX_BATCH='abc' is not a whole number"),
+        ({"BACKTRACE_MAX_BATCH": "0"}, "BACKTRACE_MAX_BATCH=0: must be a whole number of at least"),
+        ({"BACKTRACE_RESULT_TTL": "-5"}, "BACKTRACE_RESULT_TTL=-5: must be a whole number of at"),
+        ({"BACKTRACE_HEARTBEAT_TTL": "0"}, "BACKTRACE_HEARTBEAT_TTL=0: must be a whole number"),
+        ({"BACKTRACE_SSE_KEEPALIVE": "x"}, "BACKTRACE_SSE_KEEPALIVE='x' is not a number"),
+        ({"BACKTRACE_SSE_KEEPALIVE": "0"}, "BACKTRACE_SSE_KEEPALIVE=0.0: must be seconds above 0"),
+        ({"WORKER_METRICS_PORT": "70000"}, "WORKER_METRICS_PORT=70000: must be a port"),
+        ({"BACKTRACE_TORCH_THREADS": "many"}, "BACKTRACE_TORCH_THREADS='many' is not a whole"),
+        (
+            {"BACKTRACE_MEMORY_BUDGET": "lots"},
+            "BACKTRACE_MEMORY_BUDGET='lots': must be auto, none, or a size such as",
+        ),
+        (
+            {"REDIS_URL": "http://user:secret@redis:6379/0"},
+            "REDIS_URL='http://user:***@redis:6379/0': must be a URL of redis://, rediss://",
+        ),
+    ],
+)
+def test_a_setting_that_cannot_work_is_named(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SettingError) as caught:
+        Settings()
+    assert str(caught.value).startswith(message), caught.value
+
+
+def test_settings_that_work_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "BACKTRACE_MAX_QUEUE": "0",
+        "BACKTRACE_MEMORY_BUDGET": "1.5GiB",
+        "REDIS_URL": "unix:///run/redis.sock",
+        "BACKTRACE_TORCH_THREADS": "2",
+        "WORKER_METRICS_PORT": "0",
+    }.items():
+        monkeypatch.setenv(name, value)
+    s = Settings()
+    assert (s.max_queue, s.memory_budget, s.torch_threads, s.metrics_port) == (0, "1.5GiB", 2, 0)
+
+
+def _registry(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "registry.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("models: [a: b", "not valid YAML at line 1 column 14: expected ',' or ']'"),
+        ("", "the file is empty; it must be a mapping with one key, models: a list of entries"),
+        ("- id: x\n", "the file is a list; it must be a mapping with one key, models"),
+        ("{}", "no models key; it must be a mapping"),
+        (f"modles:\n- {ENTRY}\n", "unknown key modles; it must be a mapping"),
+        ("models: []", "models lists no entries; it must be a list of entries"),
+        ("models: [7]", "models[0] is 7; an entry is a mapping"),
+        (f"models:\n- {ENTRY}\n- {ENTRY}\n", "models[1] has id 'a', as models[0] has"),
+        (
+            "models:\n- {id: a, task: text-classification, source: {kind: demo}, bogus: 1}",
+            "models[0] (id 'a'): bogus: unknown field; the fields: id, task, description",
+        ),
+        (
+            "models:\n- {id: a, task: text-classification, source: {kind: demo, nme: x}}",
+            "models[0] (id 'a'): source.nme: unknown field; the fields: kind, name, path",
+        ),
+        (
+            "models:\n- {id: a, task: text-classification, source: {kind: demo}, "
+            "limits: {max_tokens: 0}}",
+            "models[0] (id 'a'): limits.max_tokens: 0: Input should be greater than or equal to 1",
+        ),
+        (
+            "models:\n- {id: a, task: text-classification, source: {kind: demo}, "
+            "limits: {max_new_tokens: -3}}",
+            "limits.max_new_tokens: -3: Input should be greater than or equal to 1",
+        ),
+        (
+            "models:\n- {id: a, task: image-classification, source: {kind: demo}, "
+            "image: {channels: 3, mean: [0.5]}}",
+            "models[0] (id 'a'): image: {'channels': 3, 'mean': [0.5]}: mean [0.5] and std "
+            "[1.0, 1.0, 1.0]: need 3 values each (channels 3)",
+        ),
+        (
+            "models:\n- {id: a, task: image-classification, source: {kind: demo}, "
+            "image: {channels: 1, std: [0]}}",
+            "std [0.0]: each value must be above 0",
+        ),
+        ("models:\n- {task: generation, source: {kind: demo}}", "models[0]: id: missing"),
+        (
+            "models:\n- {id: a, task: generation, source: {kind: transformers}}",
+            "models[0] (id 'a'): source: {'kind': 'transformers'}: kind transformers needs "
+            "path or hub_id",
+        ),
+        (
+            "models:\n- {id: a, task: image-classification, source: {kind: torchvision, "
+            "arch: resnet18}}",
+            "source: {'kind': 'torchvision', 'arch': 'resnet18'}: kind torchvision needs weights",
+        ),
+        (
+            "models:\n- {id: a, task: image-classification, source: {kind: torchvision, "
+            "arch: resnet18, weights: w.safetensors, num_classes: 0}}",
+            "source.num_classes: 0: Input should be greater than or equal to 1",
+        ),
+        (
+            "models:\n- {id: a, task: generation, source: {kind: python, factory: mymodels}}",
+            "source.factory: 'mymodels': String should match pattern",
+        ),
+        (
+            "models:\n- {id: a, task: generation, source: {kind: demo}, device: gpu}",
+            "models[0] (id 'a'): device 'gpu' is not one torch knows",
+        ),
+    ],
+)
+def test_a_registry_that_cannot_be_served_is_one_line(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = _registry(tmp_path, text)
+    with pytest.raises(RegistryError) as caught:
+        load_registry(path)
+    said = str(caught.value)
+    assert said.startswith(f"registry {path}: ") and message in said, said
+    assert "\n" not in said
+
+
+def test_a_missing_registry_file_names_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(RegistryError, match="BACKTRACE_REGISTRY='.*nowhere.yaml': cannot read"):
+        load_registry(tmp_path / "nowhere.yaml")
+
+
+def _command(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("BACKTRACE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        env={**environ, "REDIS_URL": "redis://127.0.0.1:1/0", **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("command", [["serve", "--port", "1"], ["worker", "--metrics-port", "0"]])
+def test_the_commands_refuse_a_misconfiguration_before_starting(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """The API and the worker: exit status 1 and the reason on one line, before any port is
+    bound or model loaded (a worker used to warm its models first)."""
+    bad_setting = _command({"BACKTRACE_MAX_BATCH": "abc"}, *command)
+    bad_registry = _command({"BACKTRACE_REGISTRY": str(_registry(tmp_path, "- a\n"))}, *command)
+    for done, reason in [
+        (bad_setting, "BACKTRACE_MAX_BATCH='abc' is not a whole number"),
+        (bad_registry, "the file is a list"),
+    ]:
+        assert done.returncode == 1, done.stderr
+        assert "Traceback" not in done.stderr
+        (line,) = done.stderr.strip().splitlines()
+        assert line.startswith(f"python -m service {command[0]}: ") and reason in line
