@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 import redis
 
+from .client import JobFailed, ServiceExited
 from .config import SettingError, Settings
 from .lifeline import end_with_parent
 from .liveness import HeartbeatProbe
@@ -447,5 +448,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"{p.prog} {a.cmd}: {exc}")
     except httpx.HTTPStatusError as exc:  # the server's message (service.client.ServiceError)
         sys.exit(f"{p.prog} {a.cmd}: {exc}")
+    except httpx.TimeoutException as exc:
+        if isinstance(exc, httpx.ConnectTimeout):
+            sys.exit(f"{p.prog} {a.cmd}: cannot reach {exc.request.url}: {exc}")
+        sys.exit(f"{p.prog} {a.cmd}: no reply from {exc.request.url} in time: {exc}")
     except httpx.TransportError as exc:
         sys.exit(f"{p.prog} {a.cmd}: cannot reach {exc.request.url}: {exc}")
+    except (TimeoutError, JobFailed, ServiceExited) as exc:  # the client's own: one line
+        sys.exit(f"{p.prog} {a.cmd}: {exc}")

@@ -22,6 +22,10 @@ class JobFailed(RuntimeError):
     pass
 
 
+class ServiceExited(RuntimeError):
+    """A process of a service being waited for (``Client.wait_ready``) exited first."""
+
+
 class ServiceError(httpx.HTTPStatusError):
     """A 4xx/5xx reply. ``str()`` is one readable line, e.g. ``404 Not Found: model 'x' is
     not in the registry (GET /models)``; ``detail`` is the reply's JSON ``detail`` as sent.
@@ -112,11 +116,18 @@ class Client:
             yield event, data
 
     def stream_with_ids(
-        self, job_id: str, last_event_id: str | None = None, reconnect: bool = True
+        self,
+        job_id: str,
+        last_event_id: str | None = None,
+        reconnect: bool = True,
+        give_up_s: float = 120.0,
     ) -> Iterator[tuple[str, dict[str, Any], str]]:
         """With ``reconnect``, a dropped stream and a 503 (Redis restarting, or the API) are
-        retried after a pause, resuming after the last event seen."""
+        retried after a pause, resuming after the last event seen; a server that cannot be
+        reached for ``give_up_s`` raises the last error (a server gone for good kept a
+        reader retrying forever)."""
         last = last_event_id
+        unreachable_since: float | None = None
         while True:
             headers = {"Last-Event-ID": last} if last else {}
             try:
@@ -129,6 +140,7 @@ class Client:
                     if resp.status_code == 503 and reconnect:
                         time.sleep(min(5.0, float(resp.headers.get("retry-after", 1))))
                         continue
+                    unreachable_since = None
                     checked(resp)
                     for event, data, eid in parse_sse(resp.iter_lines()):
                         last = eid or last
@@ -136,7 +148,9 @@ class Client:
                         if event in TERMINAL_EVENTS:
                             return
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectError):
-                if not reconnect:
+                now = time.monotonic()
+                unreachable_since = unreachable_since or now
+                if not reconnect or now - unreachable_since > give_up_s:
                     raise
                 time.sleep(0.5)
 
@@ -157,7 +171,7 @@ class Client:
             except httpx.TransportError:
                 pass
             if any(p.poll() is not None for p in processes):
-                raise RuntimeError("a service process exited before the service was ready")
+                raise ServiceExited("a service process exited before the service was ready")
             if time.monotonic() > deadline:
                 raise TimeoutError("service not ready")
             time.sleep(0.2)

@@ -6,14 +6,23 @@ parser, ``'list' object has no attribute 'get'``) or started a service that coul
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 
+from service.client import Client
 from service.config import SettingError, Settings
+from service.redis_server import free_port
 from service.registry import RegistryError, load_registry
 from tests.helpers.stack import ROOT
 
@@ -180,3 +189,72 @@ def test_the_commands_refuse_a_misconfiguration_before_starting(
         assert "Traceback" not in done.stderr
         (line,) = done.stderr.strip().splitlines()
         assert line.startswith(f"python -m service {command[0]}: ") and reason in line
+
+
+class _Queued(BaseHTTPRequestHandler):
+    """An API whose one job stays queued; ``/hang`` never answers."""
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self._reply(202, {"job_id": "q", "status": "queued", "task": "text-classification"})
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._reply(200, {"job_id": "q", "status": "queued"})
+
+    def _reply(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def queued_api() -> Iterator[str]:
+    server = HTTPServer(("127.0.0.1", 0), _Queued)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@pytest.fixture
+def silent_api() -> Iterator[str]:
+    """A port that takes connections and never answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _run(url: str, *args: str) -> subprocess.CompletedProcess:
+    return _command({}, "run", "--url", url, "--model", "m", "--text", "hi", *args)
+
+
+def test_cli_run_past_its_timeout_is_one_line(queued_api: str) -> None:
+    """A job still queued at ``--timeout`` was a traceback of the client's TimeoutError."""
+    done = _run(queued_api, "--timeout", "0.5")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == "python -m service run: job q still queued after 0.5s"
+
+
+def test_cli_run_against_a_server_that_never_answers(silent_api: str) -> None:
+    """A server that takes the connection and never replies was reported as one that
+    cannot be reached."""
+    done = _run(silent_api)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == (
+        f"python -m service run: no reply from {silent_api}/run_task in time: timed out"
+    )
+
+
+def test_a_stream_gives_up_on_a_server_gone_for_good() -> None:
+    """``Client.stream`` reconnected to a server that was down forever, every half second."""
+    client = Client(f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    with pytest.raises(httpx.ConnectError):
+        list(client.stream_with_ids("j", give_up_s=1.0))
+    assert time.monotonic() - started < 10
