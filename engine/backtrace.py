@@ -540,14 +540,15 @@ def _warn_unreached(captured: Captured, sweeper: Sweeper) -> None:
     """Warn, once per capture, when relevance from the explained output can reach none of
     the inputs: every share would end in a sink and each input's relevance be 0, which
     reads as "nothing mattered". Relevance flows along floating-point paths from a
-    floating-point input or an embedding lookup of ids (``engine.provenance``): ids cast to
-    float, one-hot codes or complex values carry none."""
+    floating-point input or an embedding lookup of ids (``engine.provenance``, where one-hot
+    codes of ids are one): ids cast to float, or complex values, carry none."""
     reached = {n.name for n in sweeper.provenance.visited if n.op == "placeholder"}
     if not reached & set(captured.data_inputs):
         warnings.warn(
             f"relevance from the output {sweeper.provenance.output.name} reaches none of the "
             f"inputs ({', '.join(captured.data_inputs)}): every input will get 0. Relevance "
             "flows along floating-point paths from a floating-point input or an embedding "
-            "lookup of ids; ids cast to float, one-hot codes or complex values carry none",
+            "lookup of ids (or their one-hot codes); ids cast to float or complex values "
+            "carry none",
             stacklevel=4,
         )

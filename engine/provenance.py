@@ -85,13 +85,16 @@ CREATION_OPS = {
     aten.full_like.default,
 }
 
-# Ops that look up rows of a table by integer ids (``indices``): where the ids are an input's,
-# their output starts a relevance path (an embedding bag's several outputs: its vectors).
+# Ops that look up rows of a table by integer ids, by the argument that holds the ids: where
+# the ids are an input's, their output starts a relevance path (an embedding bag's several
+# outputs: its vectors). A one-hot code is the ids' rows of an identity table, integer until
+# a cast (``one_hot(ids, C).float()``, then a linear layer: the embedding written as a product).
 LOOKUPS = {
-    aten.embedding.default,
-    aten.embedding_bag.default,
-    aten.embedding_bag.padding_idx,
-    aten._embedding_bag.default,
+    aten.embedding.default: "indices",
+    aten.embedding_bag.default: "indices",
+    aten.embedding_bag.padding_idx: "indices",
+    aten._embedding_bag.default: "indices",
+    aten.one_hot.default: "self",
 }
 
 # Ops that move integer ids around or re-encode each one: an embedding lookup after them
@@ -181,10 +184,13 @@ class Provenance:
         self.data: dict[fx.Node, bool] = {}
         self.weights: set[fx.Node] = set()
         self.attention: set[fx.Node] = set()  # weights that are a softmax of Q K^T
+        self.codes: set[fx.Node] = set()  # one-hot codes of an input's ids (integer)
         for node in nodes:
             if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
                 self.bound[node] = bind(node)
             self.data[node] = self._is_data(node, input_names)
+            if self.data[node] and self._is_codes(node):
+                self.codes.add(node)
             if self.data[node] and self._is_weights(node):
                 self.weights.add(node)
                 if self._is_attention(node):
@@ -214,14 +220,24 @@ class Provenance:
         silent = SILENT_ARGS.get(node.target, ())
         args = [a for a in _tensor_args(self.bound[node]) if a[0] not in silent]
         if node.target in LOOKUPS:
-            return self.data.get(self.bound[node]["indices"], False)
-        if isinstance(val, list | tuple):
-            return any(self.data.get(a, False) and _floating(_value(a)) for _, _, a in args)
-        if _floating(val):
-            return any(self.data.get(a, False) and _floating(_value(a)) for _, _, a in args)
+            return self.data.get(self.bound[node][LOOKUPS[node.target]], False)
+        if isinstance(val, list | tuple) or _floating(val):
+            return any(self._floating_data(a) or a in self.codes for _, _, a in args)
         if isinstance(val, torch.Tensor) and node.target in ID_PATH_OPS:
             return any(self.data.get(a, False) for _, _, a in args)
         return False
+
+    def _is_codes(self, node: fx.Node) -> bool:
+        """Whether the data node is one-hot codes: a lookup's integer output, or codes
+        moved around (reshaped, selected, joined). A floating-point value computed from codes
+        (their cast) is data, as a lookup's vectors are; one from ids is not."""
+        if _floating(_value(node)) or node not in self.bound:
+            return False
+        if node.target in LOOKUPS:
+            return True
+        return node.target in ID_PATH_OPS and any(
+            a in self.codes for _, _, a in _tensor_args(self.bound[node])
+        )
 
     def _is_weights(self, node: fx.Node) -> bool:
         """Whether the data node's value is weights: a normaliser's output, or computed from

@@ -204,7 +204,7 @@ class Sweeper:
         found = set()
         for node in self._order:
             if node.target in LOOKUPS and self.provenance.data.get(node, False):
-                ids = self.provenance.bound[node].get("indices")
+                ids = self.provenance.bound[node].get(LOOKUPS[node.target])
                 if isinstance(ids, fx.Node) and name in _placeholders_behind(ids):
                     found.add(node)
         return found

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import SymInt, Tensor, fx
 
-from .provenance import ID_PATH_OPS, LOOKUPS
+from .provenance import ID_PATH_OPS, LOOKUPS, bind
 
 aten = torch.ops.aten
 
@@ -250,14 +250,14 @@ def check_ids(inputs: Mapping[str, Tensor], nodes: list[fx.Node], constants: dic
         if count:
             first = tuple(int(i) for i in bad.nonzero()[0])
             raise ValueError(
-                f"{name}: ids must lie in [0, {rows}) (the embedding table's rows); {count} "
+                f"{name}: ids must lie in [0, {rows}) (the rows of the table they index); {count} "
                 f"do not, the first {int(ids[first])} at position {first}"
             )
 
 
 def _table_rows(nodes: list[fx.Node], constants: dict) -> dict[str, int]:
-    """For each integer input that an embedding (or embedding bag) looks up: the smallest
-    table's rows."""
+    """For each integer input that an embedding (an embedding bag, a one-hot code) looks up:
+    the smallest table's rows."""
     rows: dict[str, int] = {}
     for node in nodes:
         if node.op != "placeholder":
@@ -272,13 +272,27 @@ def _table_rows(nodes: list[fx.Node], constants: dict) -> dict[str, int]:
                 if user in seen:
                     continue
                 seen.add(user)
-                if user.target in LOOKUPS and user.args[1] is current:
-                    table = constants.get(user.args[0].name)
-                    if table is not None:
-                        rows[node.name] = min(rows.get(node.name, table.shape[0]), table.shape[0])
+                count = _rows_looked_up(user, current, constants)
+                if count is not None:
+                    rows[node.name] = min(rows.get(node.name, count), count)
                 elif user.target in ID_PATH_OPS:
                     frontier.append(user)
     return rows
+
+
+def _rows_looked_up(node: fx.Node, ids: fx.Node, constants: dict) -> int | None:
+    """The rows of the table that the lookup ``node`` indexes with ``ids`` (a one-hot's:
+    its classes), None where ``node`` is no lookup by them or its table is not known."""
+    if node.target not in LOOKUPS:
+        return None
+    bound = bind(node)
+    if bound[LOOKUPS[node.target]] is not ids:
+        return None
+    if node.target is aten.one_hot.default:
+        classes = bound["num_classes"]
+        return classes if isinstance(classes, int) and classes > 0 else None
+    table = constants.get(bound["weight"].name)
+    return None if table is None else table.shape[0]
 
 
 def signature(nodes: list[fx.Node], names: list[str], constants: dict, output: fx.Node) -> dict:

@@ -44,6 +44,7 @@ from .shape import (
     Embedding,
     EmbeddingBag,
     MaskedScatter,
+    OneHot,
     Pad,
     Permute,
     Reshape,
@@ -98,6 +99,7 @@ FAMILIES: tuple[Family, ...] = (
     Pad(),
     Embedding(),
     EmbeddingBag(),
+    OneHot(),
     LSTM(),
 )
 

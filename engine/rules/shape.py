@@ -295,9 +295,21 @@ class Embedding(Family):
     """Per-token relevance: the embedding output's relevance summed over the hidden size."""
 
     ops = (aten.embedding.default,)
+    ids = "indices"  # the argument that holds the ids
 
     def default(self, ctx: Ctx) -> Propagation:
-        return {"indices": ctx.R.sum(-1)}, None
+        return {self.ids: ctx.R.sum(-1)}, None
+
+
+class OneHot(Embedding):
+    """``one_hot(ids, C)``: each id's row of an identity table, its codes cast to floats and
+    multiplied by a weight where a user embeds ids so (an embedding written as a product).
+    Each id gets the relevance its row receives, summed over the class axis, as an
+    embedding's token gets its vector's: the rules above give a code's zeros none in mode
+    default, and in mode reference they are the difference of the two ids' rows."""
+
+    ops = (aten.one_hot.default,)
+    ids = "self"
 
 
 # The embedding bag's modes (``mode`` in its schema).

@@ -299,6 +299,33 @@ class Bag(nn.Module):
         return self.head(rows.sum(1) if self.mode == "sum" else rows.mean(1))
 
 
+class OneHotIds(nn.Module):
+    """Ids embedded as one-hot codes: cast to floats and through a linear layer, or
+    multiplied by a weight (``matmul``); their mean classified."""
+
+    def __init__(self, matmul: bool = False):
+        super().__init__()
+        self.matmul, self.codes, self.head = matmul, nn.Linear(20, 8), nn.Linear(8, 3)
+
+    def forward(self, input_ids):
+        codes = F.one_hot(input_ids, 20).float()
+        if self.matmul:
+            return self.head((codes @ self.codes.weight.T + self.codes.bias).mean(1))
+        return self.head(self.codes(codes).mean(1))
+
+
+class EmbeddedIds(nn.Module):
+    """OneHotIds's weights as an nn.Embedding (the codes' weight transposed) plus its bias."""
+
+    def __init__(self, one_hot: OneHotIds):
+        super().__init__()
+        self.emb = nn.Embedding.from_pretrained(one_hot.codes.weight.detach().T.clone())
+        self.bias, self.head = one_hot.codes.bias, one_hot.head
+
+    def forward(self, input_ids):
+        return self.head((self.emb(input_ids) + self.bias).mean(1))
+
+
 class Prototypes(nn.Module):
     """A prototype classifier: the negative distance of the features to 3 learned prototypes,
     by torch.cdist or written out."""
@@ -471,6 +498,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], object]]] = {
     ),
     "embedding_bag_max": (lambda: Bag("max"), _ids),
     "cdist_prototypes": (Prototypes, _tabular),
+    "one_hot_linear": (OneHotIds, _ids),
+    "one_hot_matmul": (lambda: OneHotIds(matmul=True), _ids),
 }
 
 _cache: dict[str, tuple] = {}
@@ -540,3 +569,30 @@ def test_cdist_explains_as_the_distance_written_out():
     got = DLBacktrace(model, x).run_task(inputs=x)
     expected = DLBacktrace(written, x).run_task(inputs=x)
     torch.testing.assert_close(got["relevance"]["x"], expected["relevance"]["x"])
+
+
+@pytest.mark.parametrize("matmul", [False, True])
+@pytest.mark.parametrize("mode", ["default", "contrast", "reference"])
+def test_one_hot_ids_explain_as_an_embedding(mode, matmul):
+    """Ids one-hot coded, cast to floats and multiplied by a weight get what the same
+    weights as nn.Embedding give them (they got 0: a cast of integer codes carried no
+    relevance, and the engine warned that none reached the inputs)."""
+    ids = _ids()
+    torch.manual_seed(0)
+    one_hot = OneHotIds(matmul).eval()
+    got = DLBacktrace(one_hot, ids).run_task(inputs=ids, mode=mode)
+    expected = DLBacktrace(EmbeddedIds(one_hot).eval(), ids).run_task(inputs=ids, mode=mode)
+    torch.testing.assert_close(got["predictions"], expected["predictions"])
+    torch.testing.assert_close(
+        got["relevance"]["input_ids"], expected["relevance"]["input_ids"], rtol=1e-4, atol=1e-3
+    )
+    assert (got["relevance"]["input_ids"].abs().sum(1) > 1.0).all()
+
+
+def test_one_hot_ids_past_their_classes_are_refused_by_name():
+    """A one-hot code's classes are the rows its ids index: an id past them is refused
+    naming the input and the range, as for an embedding table, before torch's own
+    'Class values must be smaller than num_classes'."""
+    _, _, dlb = built("one_hot_linear")
+    with pytest.raises(ValueError, match=r"input_ids: ids must lie in \[0, 20\)"):
+        dlb.run_task(inputs=torch.tensor([[3, 25, 7, 1], [2, 9, 4, 4]]))
