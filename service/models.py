@@ -171,10 +171,39 @@ def _load(
         module, _, fn = (src.factory or "").partition(":")
         loaded = getattr(importlib.import_module(module), fn)()
         path = None
+        if not isinstance(loaded, LoadedModel):  # it failed later, on a missing attribute
+            raise EntryError(
+                f"registry entry {spec.id}: source.factory {src.factory} returned "
+                f"{type(loaded).__name__}, not a service.models.LoadedModel"
+            )
     loaded.model_id = spec.id
     loaded.labels = spec.labels or loaded.labels
     loaded.image = spec.image or loaded.image
     return loaded, path
+
+
+# The tasks whose classes the entry's ``labels`` name, one per class of the model's output.
+LABELLED = (
+    TaskName.TEXT_CLASSIFICATION,
+    TaskName.IMAGE_CLASSIFICATION,
+    TaskName.TABULAR_CLASSIFICATION,
+    TaskName.TOKEN_CLASSIFICATION,
+)
+
+
+def check_labels(loaded: LoadedModel, classes: int | None, found: str) -> None:
+    """``EntryError`` where the entry's labels are not one per class of the model (known
+    from the model's config or the registry's ``num_classes`` at load, else from the
+    output of its first capture, ``found``): labels short of the classes named a class
+    past them by its index, labels past them offered targets the model does not have."""
+    labels = loaded.labels
+    if labels is None or classes is None or loaded.task not in LABELLED:
+        return
+    if len(labels) != classes:
+        raise EntryError(
+            f"registry entry {loaded.model_id}: labels has {len(labels)} names, but the model "
+            f"has {classes} classes ({found}); give one label per class, or none"
+        )
 
 
 # The transformers class that loads each head a source may name (``registry.HEAD_TASKS``).
@@ -226,13 +255,30 @@ def _load_transformers(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel
         if spec.task == TaskName.IMAGE_CLASSIFICATION
         else tf.AutoTokenizer.from_pretrained(where, **kw)
     )
+    _has_vocabulary(spec, tok, where)
     labels = spec.labels or _labels(model, tok, head)
     image = None
     if spec.task == TaskName.IMAGE_CLASSIFICATION:
         image = _folder_image(spec, model.config, _image_processor(where, kw))
     loaded = LoadedModel(spec.id, spec.task, model, tok, labels, image)
+    if head not in ("causal-lm", "masked-lm"):  # an LM's classes are its vocabulary
+        check_labels(loaded, getattr(model.config, "num_labels", None), "config.json")
     loaded.warnings = _untrained(spec, model, report.get("missing_keys"))
     return loaded, Path(where) if local else None
+
+
+def _has_vocabulary(spec: ModelSpec, tok: Any, where: str | Path) -> None:
+    """``EntryError`` for a tokenizer of special tokens alone: a folder saved without its
+    tokenizer files gets one from config.json's model type, which reads every word as the
+    unknown token, so that each text was explained as [CLS] [UNK] ... [SEP]."""
+    if tok is None or len(tok) > len(set(tok.all_special_tokens)):
+        return
+    raise EntryError(
+        f"registry entry {spec.id}: {where} has no tokenizer files (tokenizer.json, or the "
+        f"vocabulary of {type(tok).__name__}): its tokenizer would have only the special "
+        f"tokens {', '.join(tok.all_special_tokens)}; save the model's tokenizer there "
+        "(tokenizer.save_pretrained)"
+    )
 
 
 def _labels(model: Any, tok: Any, head: str) -> list[str]:
@@ -349,7 +395,9 @@ def _load_torchvision(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel,
     image = spec.image or ImageSpec(
         channels=3, size=224, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]
     )
-    return LoadedModel(spec.id, spec.task, model.eval(), None, spec.labels, image), weights.parent
+    loaded = LoadedModel(spec.id, spec.task, model.eval(), None, spec.labels, image)
+    check_labels(loaded, src.num_classes, "source.num_classes")
+    return loaded, weights.parent
 
 
 # The nodes whose relevance a request can ask for by name (``output.relevance``): the graph's
@@ -426,7 +474,11 @@ class CachedModel:
 
         key = tuple((k, v.dim()) for k, v in inputs.items())
         if key not in self.backtraces:
-            self.backtraces[key] = DLBacktrace(self.loaded.model, inputs, device=self.device)
+            dlb = DLBacktrace(self.loaded.model, inputs, device=self.device)
+            if not self.backtraces:  # a demo's or a factory's classes are known from here
+                output = graph_signature(dlb)["output"] or [None]
+                check_labels(self.loaded, output[-1], f"its output is {output}")
+            self.backtraces[key] = dlb
             if self.on_capture is not None:
                 graphs = list(self.backtraces.values())
                 names = sorted({n for dlb in graphs for n in node_names(dlb)})

@@ -23,7 +23,7 @@ from rq.serializers import JSONSerializer
 from . import reaper, store, worker_http
 from . import worker_metrics as m
 from .config import Settings
-from .models import DeviceUnavailable
+from .models import DeviceUnavailable, EntryError, ModelLoadError
 from .registry import Registry
 from .vocabulary import WorkerExit, WorkerStatus
 from .work import run
@@ -211,7 +211,8 @@ def _warm(registry: Registry, wanted: list[str], beat: Heartbeat) -> None:
         t0 = time.perf_counter()
         try:
             run.warm(spec)
-        except DeviceUnavailable as exc:  # the configuration's error: one line, no traceback
+        except (DeviceUnavailable, EntryError, ModelLoadError) as exc:
+            # the configuration's error, or the files': one line that names them, no traceback
             log.error("could not warm %s: %s", model_id, exc)
             continue
         except Exception:  # noqa: BLE001 - a broken entry must not stop the others

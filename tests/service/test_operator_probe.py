@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -23,7 +25,8 @@ import pytest
 from service.client import Client
 from service.config import SettingError, Settings
 from service.redis_server import free_port
-from service.registry import RegistryError, load_registry
+from service.registry import ModelSpec, Registry, RegistryError, load_registry
+from tests.helpers import models as tiny_berts
 from tests.helpers.stack import ROOT
 
 ENTRY = "{id: a, task: text-classification, source: {kind: demo, name: minilm-sentiment}}"
@@ -258,3 +261,87 @@ def test_a_stream_gives_up_on_a_server_gone_for_good() -> None:
     with pytest.raises(httpx.ConnectError):
         list(client.stream_with_ids("j", give_up_s=1.0))
     assert time.monotonic() - started < 10
+
+
+@pytest.fixture(scope="module")
+def berts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_berts.build_folders(tmp_path_factory.mktemp("berts"))
+
+
+def _load(tmp_path: Path, **entry: Any) -> None:
+    from service.models import load_model
+
+    spec = ModelSpec.model_validate({"id": "m", **entry})
+    load_model(spec, Registry([spec], tmp_path), str(tmp_path))
+
+
+def test_a_text_model_saved_without_its_tokenizer_is_refused(tmp_path: Path, berts: Path) -> None:
+    """transformers made a tokenizer of BERT's special tokens alone from config.json, and
+    the model served: every word was [UNK]."""
+    from service.models import EntryError
+
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(berts / "tiny-bert-text" / name, folder / name)
+    source = {"kind": "transformers", "path": str(folder)}
+    with pytest.raises(EntryError, match=rf"registry entry m: {folder} has no tokenizer files"):
+        _load(tmp_path, task="text-classification", source=source)
+
+
+def test_a_factory_of_the_wrong_type_is_named(tmp_path: Path) -> None:
+    """It failed as "'int' object has no attribute 'model_id'"."""
+    from service.models import EntryError
+
+    with pytest.raises(EntryError) as caught:
+        _load(
+            tmp_path,
+            task="tabular-classification",
+            source={"kind": "python", "factory": "os:getpid"},
+        )
+    assert str(caught.value) == (
+        "registry entry m: source.factory os:getpid returned int, not a service.models.LoadedModel"
+    )
+
+
+def test_labels_not_one_per_class_are_refused_at_load(tmp_path: Path, berts: Path) -> None:
+    """A 2-class model registered with 3 labels served, offering a class it has not."""
+    from service.models import EntryError
+
+    source = {"kind": "transformers", "path": str(berts / "tiny-bert-text")}
+    with pytest.raises(EntryError) as caught:
+        _load(tmp_path, task="text-classification", source=source, labels=["a", "b", "c"])
+    assert str(caught.value) == (
+        "registry entry m: labels has 3 names, but the model has 2 classes (config.json); "
+        "give one label per class, or none"
+    )
+
+
+def three_classes() -> Any:
+    """A python source's model of 3 classes (its classes are known from its first capture)."""
+    import torch
+
+    from service.models import LoadedModel
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    return LoadedModel("x", "tabular-classification", model, labels=["a", "b"])
+
+
+def test_labels_not_one_per_class_are_refused_at_the_first_capture(tmp_path: Path) -> None:
+    """A model whose classes only its output tells: a class past the labels was named by
+    its index in the result."""
+    import torch
+
+    from service.models import EntryError, ModelCache
+
+    factory = "tests.service.test_operator_probe:three_classes"
+    spec = ModelSpec(
+        id="m", task="tabular-classification", source={"kind": "python", "factory": factory}
+    )
+    entry, _ = ModelCache(Registry([spec], tmp_path), str(tmp_path), 1 << 30).get(spec)
+    with pytest.raises(
+        EntryError,
+        match=r"labels has 2 names, but the model has 3 classes \(its output is \[None, 3\]\)",
+    ):
+        entry.backtrace({"input": torch.zeros(1, 4)})
