@@ -144,9 +144,13 @@ class Heartbeat:
                 store.keep_graphs(r, info["models"])
                 reaper.reap(r, s.queue, s.heartbeat_ttl, s.result_ttl, s.failure_ttl)
                 stuck, lost = r.mget(reaper.STUCK.format(self.st.name), self.st.fence)
-            except Exception:  # noqa: BLE001 - Redis blips must not kill the worker
-                if not failing:
-                    log.warning("heartbeat failed; retrying quietly until it works", exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - Redis blips must not kill the worker
+                if not failing:  # Redis's own error says it all in a line; others, a traceback
+                    log.warning(
+                        "heartbeat failed (%s); retrying quietly until it works",
+                        exc,
+                        exc_info=not isinstance(exc, redis.RedisError),
+                    )
                 failing, stuck, lost = True, None, None
             else:
                 if failing:

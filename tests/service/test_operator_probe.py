@@ -345,3 +345,14 @@ def test_labels_not_one_per_class_are_refused_at_the_first_capture(tmp_path: Pat
         match=r"labels has 2 names, but the model has 3 classes \(its output is \[None, 3\]\)",
     ):
         entry.backtrace({"input": torch.zeros(1, 4)})
+
+
+def test_a_worker_without_redis_says_so_in_lines(tmp_path: Path) -> None:
+    """Redis unreachable: the worker leaves with ``WorkerExit.TEMPFAIL`` (75) to be started
+    again, each line of its log a sentence; the heartbeat's failure was a traceback."""
+    registry = _registry(tmp_path, f"models:\n- {ENTRY}\n")
+    env = {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "BACKTRACE_REGISTRY": str(registry)}
+    done = _command(env, "worker", "--metrics-port", "0", "--no-warm")
+    assert done.returncode == 75, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "RQ's loop ended on a Redis error (Error 111 connecting to" in done.stderr
