@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -319,6 +320,24 @@ def _image(path: str) -> str:
         raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror}") from None
 
 
+def _whole(least: int, most: int | None = None) -> Callable[[str], int]:
+    """An option's whole number from ``least`` to ``most``: argparse reports another as a
+    usage error (a port of 99999 was a traceback from bind(), 0 workers a service never
+    ready)."""
+    span = f"from {least} to {most}" if most is not None else f"of at least {least}"
+
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least or (most is not None and value > most):
+            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number {span}")
+        return value
+
+    return whole
+
+
 def _numbers(text: str) -> list[float]:
     """--features: comma-separated numbers."""
     try:
@@ -383,25 +402,27 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="the HTTP API (and, with --all-in-one, redis + workers)")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=_whole(1, 65535), default=8000)
     s.add_argument(
         "--all-in-one",
         action="store_true",
         help="also start redis-server (when REDIS_URL is unset) and workers",
     )
-    s.add_argument("--workers", type=int, default=1)
-    s.add_argument("--metrics-port", type=int, default=9101, help="first worker's /metrics")
+    s.add_argument("--workers", type=_whole(1), default=1)
+    s.add_argument(
+        "--metrics-port", type=_whole(0, 65535), default=9101, help="first worker's /metrics"
+    )
     s.add_argument("--log-level", default="info")
     s.set_defaults(fn=cmd_serve)
     w = sub.add_parser("worker", help="an RQ SimpleWorker with a model cache")
     w.add_argument(
         "--metrics-port",
-        type=int,
+        type=_whole(0, 65535),
         default=None,
         help="/metrics port (WORKER_METRICS_PORT, 9101); 0 for none",
     )
     w.add_argument("--burst", action="store_true", help="exit when the queue is empty")
-    w.add_argument("--max-jobs", type=int, default=None, help="exit after N jobs (recycling)")
+    w.add_argument("--max-jobs", type=_whole(1), default=None, help="exit after N jobs (recycling)")
     w.add_argument("--no-warm", action="store_true", help="load models on first use only")
     w.add_argument(
         "--parent-pid",
@@ -411,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     w.add_argument(
         "--processes",
-        type=int,
+        type=_whole(1),
         default=None,
         help="supervise N worker processes (restarted when they die; metrics ports from "
         "--metrics-port on)",
@@ -431,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     r.add_argument("--image", type=_image, default=None, help="path to a PNG or JPEG")
     r.add_argument("--features", type=_numbers, default=None, help="comma-separated numbers")
-    r.add_argument("--max-new-tokens", type=int, default=None)
+    r.add_argument("--max-new-tokens", type=_whole(1), default=None)
     r.add_argument("--url", default=None, help="a running API (default: start a private one)")
     r.add_argument("--out", default="heatmap.png")
     r.add_argument("--timeout", type=float, default=600)

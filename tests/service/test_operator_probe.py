@@ -356,3 +356,20 @@ def test_a_worker_without_redis_says_so_in_lines(tmp_path: Path) -> None:
     assert done.returncode == 75, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert "RQ's loop ended on a Redis error (Error 111 connecting to" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "--port", "99999"], "argument --port: '99999': give a whole number from 1 to"),
+        (["serve", "--all-in-one", "--workers", "0"], "argument --workers: '0': give a whole"),
+        (["worker", "--metrics-port", "99999"], "argument --metrics-port: '99999': give a whole"),
+        (["worker", "--max-jobs", "-1"], "argument --max-jobs: '-1': give a whole number of at"),
+    ],
+)
+def test_options_out_of_range_are_usage_errors(args: list[str], message: str) -> None:
+    """A port past 65535 was a traceback from bind() (the worker) or a server that never
+    listened (the API); 0 workers a service never ready."""
+    done = _command({}, *args)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert message in done.stderr.strip().splitlines()[-1]
