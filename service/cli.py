@@ -338,6 +338,20 @@ def _whole(least: int, most: int | None = None) -> Callable[[str], int]:
     return whole
 
 
+def _url(text: str) -> str:
+    """--url: http(s)://host[:port][/prefix] (httpx's InvalidURL was a traceback; a URL
+    without its scheme was "cannot reach" with a protocol named after the host)."""
+    try:
+        url = httpx.URL(text)
+    except httpx.InvalidURL as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give the API's http:// or https:// URL, e.g. http://127.0.0.1:8000"
+        )
+    return text
+
+
 def _numbers(text: str) -> list[float]:
     """--features: comma-separated numbers."""
     try:
@@ -389,10 +403,21 @@ def _found(item: dict[str, Any]) -> str:
 
 def _configured() -> None:
     """The settings and the registry they name, read before any process or port is
-    started: ``SettingError`` or ``RegistryError`` for one that cannot be served."""
+    started: ``SettingError`` or ``RegistryError`` for one that cannot be served, or
+    ``BACKTRACE_WARM_MODELS`` naming a model the registry lacks (each worker logged it and
+    warmed nothing in its place, so the first job of the model meant to be warm paid the
+    load)."""
     from .registry import load_registry
 
-    load_registry(Settings().registry_path)
+    settings = Settings()
+    registry = load_registry(settings.registry_path)
+    unknown = [m for m in settings.warm_models if registry.get(m) is None]
+    if unknown:
+        raise SettingError(
+            f"BACKTRACE_WARM_MODELS={','.join(settings.warm_models)!r}: "
+            f"{', '.join(map(repr, unknown))} not in the registry; its ids: "
+            f"{', '.join(registry.models)}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -453,7 +478,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--image", type=_image, default=None, help="path to a PNG or JPEG")
     r.add_argument("--features", type=_numbers, default=None, help="comma-separated numbers")
     r.add_argument("--max-new-tokens", type=_whole(1), default=None)
-    r.add_argument("--url", default=None, help="a running API (default: start a private one)")
+    r.add_argument(
+        "--url", type=_url, default=None, help="a running API (default: start a private one)"
+    )
     r.add_argument("--out", default="heatmap.png")
     r.add_argument("--timeout", type=float, default=600)
     r.add_argument("--json", action="store_true", help="print the whole job view as JSON")

@@ -373,3 +373,29 @@ def test_options_out_of_range_are_usage_errors(args: list[str], message: str) ->
     done = _command({}, *args)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert message in done.stderr.strip().splitlines()[-1]
+
+
+def test_a_warm_model_the_registry_lacks_is_refused(tmp_path: Path) -> None:
+    """Each worker logged "cannot warm" and came up without it."""
+    registry = _registry(tmp_path, f"models:\n- {ENTRY}\n")
+    env = {"BACKTRACE_REGISTRY": str(registry), "BACKTRACE_WARM_MODELS": "a,nope"}
+    done = _command(env, "worker", "--metrics-port", "0")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == (
+        "python -m service worker: BACKTRACE_WARM_MODELS='a,nope': 'nope' not in the "
+        "registry; its ids: a"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("localhost:8000", "'localhost:8000': give the API's http:// or https:// URL"),
+        ("http://[::1", "'http://[::1' is not a URL: Invalid port"),
+    ],
+)
+def test_cli_run_a_url_that_is_none_is_a_usage_error(url: str, message: str) -> None:
+    """httpx's InvalidURL was a traceback; a URL without its scheme was 'cannot reach'."""
+    done = _run(url)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"argument --url: {message}" in done.stderr
