@@ -391,13 +391,29 @@ def _load_torchvision(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel,
     weights = registry.resolve(src.weights)
     if weights is None:
         raise EntryError(f"registry entry {spec.id}: torchvision source needs weights")
-    model.load_state_dict(load_file(str(weights)))
+    state = load_file(str(weights))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # torch's report: a line per tensor that does not fit
+        raise EntryError(
+            f"registry entry {spec.id}: the weights file {weights} does not fit torchvision "
+            f"{src.arch} with num_classes {src.num_classes}: {_first_mismatch(exc)}"
+        ) from exc
     image = spec.image or ImageSpec(
         channels=3, size=224, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]
     )
     loaded = LoadedModel(spec.id, spec.task, model.eval(), None, spec.labels, image)
     check_labels(loaded, src.num_classes, "source.num_classes")
     return loaded, weights.parent
+
+
+def _first_mismatch(exc: RuntimeError) -> str:
+    """The first tensor of torch's load_state_dict report, and how many more."""
+    lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+    if not lines:
+        return str(exc)
+    more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+    return lines[0].rstrip(".") + more
 
 
 # The nodes whose relevance a request can ask for by name (``output.relevance``): the graph's

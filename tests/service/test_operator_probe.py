@@ -399,3 +399,27 @@ def test_cli_run_a_url_that_is_none_is_a_usage_error(url: str, message: str) -> 
     done = _run(url)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert f"argument --url: {message}" in done.stderr
+
+
+def test_torchvision_weights_of_other_classes_name_num_classes(tmp_path: Path) -> None:
+    """It was torch's report of many lines, in the job's error and in GET /models."""
+    import torchvision
+    from safetensors.torch import save_file
+
+    from service.models import EntryError
+
+    save_file(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "w.safetensors")
+    source = {
+        "kind": "torchvision",
+        "arch": "resnet18",
+        "weights": "w.safetensors",
+        "num_classes": 5,
+    }
+    with pytest.raises(EntryError) as caught:
+        _load(tmp_path, task="image-classification", source=source)
+    assert str(caught.value) == (
+        f"registry entry m: the weights file {tmp_path / 'w.safetensors'} does not fit "
+        "torchvision resnet18 with num_classes 5: size mismatch for fc.weight: copying a param "
+        "with shape torch.Size([3, 512]) from checkpoint, the shape in current model is "
+        "torch.Size([5, 512]) (and 1 more)"
+    )
