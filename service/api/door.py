@@ -37,8 +37,8 @@ def check(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: ModelMeta)
     _check_contrast_target(spec, req, meta)
     _check_unread(spec, task, req)
     if task == TaskName.GENERATION:
-        _check_steps(req)
         _check_positions(req, meta)
+        _check_steps(req)
         _check_decoding(req)
     elif req.generation.model_fields_set:
         given = ", ".join(sorted(req.generation.model_fields_set))
@@ -424,11 +424,22 @@ def _prompt_length(req: RunTaskRequest, meta: ModelMeta) -> int | None:
 def _check_positions(req: RunTaskRequest, meta: ModelMeta) -> None:
     """The prompt and the generated tokens together fit the model's positions; for an
     encoder-decoder, the decoder's start token and the generated tokens do (its source is
-    bounded by ``_token_bound``)."""
+    bounded by ``_token_bound``). The default number of new tokens (none sent) is lowered
+    to what fits: a prompt near the positions was refused for a setting it never sent."""
     n = 1 if meta.encoder_decoder else _prompt_length(req, meta)
     new = req.generation.max_new_tokens or 0
     if meta.max_positions is None or n is None or n + new <= meta.max_positions:
         return
+    sent = "max_new_tokens" in req.generation.model_fields_set
+    if not sent and n < meta.max_positions:  # the default: as many as the prompt leaves room for
+        req.generation.max_new_tokens = meta.max_positions - n
+        return
+    if not sent:
+        raise invalid(
+            ["inputs", "token_ids" if req.inputs.token_ids else "text"],
+            f"a {n}-token prompt fills the model's {meta.max_positions} positions: none is "
+            f"left for a generated token; send at most {meta.max_positions - 1} tokens",
+        )
     after = "the decoder's start token" if meta.encoder_decoder else f"a {n}-token prompt"
     raise invalid(
         ["generation", "max_new_tokens"],

@@ -160,6 +160,9 @@ def _check_generation(g: GenerationParams, spec: ModelSpec) -> None:
     lim = spec.limits
     if g.max_new_tokens is None:
         g.max_new_tokens = min(16, lim.max_new_tokens)
+        # the model's default, not the client's: the door lowers it to the positions the
+        # prompt leaves (door._check_positions), where a number sent is refused
+        g.model_fields_set.discard("max_new_tokens")
     if g.max_new_tokens > lim.max_new_tokens:
         raise invalid(
             ["generation", "max_new_tokens"],
