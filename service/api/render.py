@@ -18,8 +18,9 @@ def heatmap_png(result: dict[str, Any]) -> bytes:
         rows = [codec.decode(t)[0] for t in g.get("relevance_trace", [])]
         if not rows:
             raise LookupError("no heatmap: this job has no relevance trace")
-        cols = list(g["prompt_tokens"][0]) + list(g["new_tokens"][0])
-        return heatmap.token_grid(rows, cols, [str(t) for t in g["new_tokens"][0]])
+        prompt, new = _labels(g)
+        steps = g.get("explained_steps") or range(len(rows))
+        return heatmap.token_grid(rows, prompt + new, [new[i] for i in steps])
     items = result.get("inputs", [])
     if "image_png_b64" in result and items and "relevance_map" in items[0]:
         return heatmap.image_overlay(
@@ -39,6 +40,21 @@ def heatmap_png(result: dict[str, Any]) -> bytes:
     if not arrays:
         raise LookupError("no heatmap for this result")
     return heatmap.token_grid(arrays, [], [])
+
+
+def _labels(g: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The first row's prompt and generated tokens as the text each adds (a byte-level
+    BPE's token strings read 'Ġcat' for ' cat' and mojibake for CJK), the token string
+    where a token adds none of its own (a character's first bytes) or the document
+    predates the text pieces."""
+    prompt, new = list(g["prompt_tokens"][0]), list(g["new_tokens"][0])
+    texts = g.get("prompt_text")
+    if texts:
+        prompt = [t or str(raw) for t, raw in zip(texts[0], prompt, strict=True)]
+    pieces = [step["text"][0] for step in g.get("steps") or []]
+    if len(pieces) == len(new):
+        new = [t or str(raw) for t, raw in zip(pieces, new, strict=True)]
+    return [str(t) for t in prompt], [str(t) for t in new]
 
 
 def _seed_rows(item: dict[str, Any]) -> bytes:

@@ -21,6 +21,7 @@ from ..schemas import OutputOptions, RunTaskRequest
 from ..vocabulary import JobStatus
 from .context import Run, requested_relevance
 from .inputs import Batch, Tensors
+from .pieces import Pieces
 
 Doc = dict[str, Any]
 
@@ -320,26 +321,35 @@ def _items(
     return items
 
 
-def prompt_event(tok: Any, prompt_ids: list[list[int]]) -> Doc:
+def prompt_event(tok: Any, prompt_ids: list[list[int]], pieces: Pieces) -> Doc:
     """The ``prompt`` event: the prompt's tokens, so that a client can label relevance
-    before the result exists."""
+    before the result exists, and the text each adds (``pieces``: a row's join to its
+    text)."""
     return {
         "token_ids": prompt_ids,
         "tokens": [tok.convert_ids_to_tokens(row) for row in prompt_ids],
-        "text": [[tok.decode([t]) for t in row] for row in prompt_ids],
+        "text": pieces.prompt(prompt_ids),
     }
 
 
 def token_event(
-    step: int, token_ids: torch.Tensor, scores: torch.Tensor | None, tok: Any, top_n: int
+    step: int,
+    token_ids: torch.Tensor,
+    scores: torch.Tensor | None,
+    tok: Any,
+    top_n: int,
+    pieces: Pieces,
+    last: bool = False,
 ) -> Doc:
-    """One ``token`` event: ids, token strings, text pieces and the top scores per row."""
+    """One ``token`` event: ids, token strings, the text each adds to its row (``pieces``,
+    which follows the rows from their prompt; the ``last`` step's with the bytes held) and
+    the top scores per row."""
     ids = [int(t) for t in torch.as_tensor(token_ids).reshape(-1).tolist()]
     data: Doc = {
         "step": step,
         "token_ids": ids,
         "tokens": tok.convert_ids_to_tokens(ids),
-        "text": [tok.decode([t]) for t in ids],
+        "text": pieces.step(ids, last),
     }
     if scores is not None and top_n > 0:
         probs = torch.softmax(scores.detach().float().cpu(), -1)
@@ -362,8 +372,10 @@ def generation(
     batch: Batch,
     output: OutputOptions,
 ) -> Doc:
-    """A generation's result: the generated ids and text, the relevance per explained step,
-    the ``token`` events as they were streamed, and the conservation check per step.
+    """A generation's result: the generated ids and text, the relevance per explained step
+    (``explained_steps``: the step of each entry of ``relevance_trace``, which holds those
+    steps only, where ``conservation_trace`` has a None for each step not explained), the
+    ``token`` events as they were streamed, and the conservation check per step.
 
     Named layers (``output.relevance``) come in ``layers_trace``, one entry per entry of
     ``relevance_trace`` (explained steps): {node name: relevance in the node's own shape, cut
@@ -375,7 +387,9 @@ def generation(
     ids = torch.as_tensor(res["generated_ids"]).cpu()
     prompt_len = len(prompt["token_ids"][0])
     new = ids[:, prompt_len:] if ids.shape[1] > prompt_len else ids
-    explained = [t for t in res.get("relevance_trace") or [] if t is not None and "input_ids" in t]
+    full = res.get("relevance_trace") or []
+    at = [i for i, t in enumerate(full) if t is not None and "input_ids" in t]
+    explained = [full[i] for i in at]
     trace = [codec.encode(numpy(t["input_ids"]), output.encoding, output.dtype) for t in explained]
     texts = [tok.decode(row, skip_special_tokens=True) for row in new.tolist()]
     doc: Doc = {
@@ -385,7 +399,9 @@ def generation(
             "new_tokens": [tok.convert_ids_to_tokens(row) for row in new.tolist()],
             "text": texts,
             "prompt_tokens": prompt["tokens"],
+            "prompt_text": prompt["text"],
             "relevance_trace": trace,
+            "explained_steps": at,
             "steps": steps,
             "conservation_trace": [
                 None if c is None else {k: _floats(v) for k, v in c.items()}

@@ -26,13 +26,14 @@ from ..schemas import OutputOptions
 from ..vocabulary import Event
 from . import documents, inputs
 from .context import JobCanceled, Run, Work, engine_relevance, leave_handed_on
+from .pieces import Pieces
 
 
 class _Stream:
     """The engine's ``on_step`` for one job: writes its events to the job's stream."""
 
-    def __init__(self, run: Run, job_id: str, r: redis.Redis, output: OutputOptions):
-        self.r, self.job_id, self.output = r, job_id, output
+    def __init__(self, run: Run, job_id: str, r: redis.Redis, output: OutputOptions, new: int):
+        self.r, self.job_id, self.output, self.max_new_tokens = r, job_id, output, new
         self.worker, self.fence = run.state.name, run.state.fence
         self.tok = run.entry.loaded.tokenizer
         self.ttl, self.maxlen = run.state.settings.result_ttl, run.state.settings.stream_maxlen
@@ -41,6 +42,7 @@ class _Stream:
         self.last = time.perf_counter()
         self.seen: set[int] = set()
         self.steps: list[dict[str, Any]] = []  # the token events, kept for the result too
+        self.pieces = Pieces(self.tok)  # each row's text, from its prompt on
 
     def add(self, event: Event, data: dict[str, Any], pipe: Any = None) -> None:
         """Append one event (on ``pipe`` when given: sent with the step's other writes),
@@ -68,7 +70,10 @@ class _Stream:
             now = time.perf_counter()
             self.token_s.observe(now - self.last)
             self.last = now
-            data = documents.token_event(step, token_ids, scores, self.tok, self.output.top_scores)
+            last = step == self.max_new_tokens - 1
+            data = documents.token_event(
+                step, token_ids, scores, self.tok, self.output.top_scores, self.pieces, last
+            )
             self.add(Event.TOKEN, data, pipe)
             self.steps.append(data)
         if relevance is not None and "input_ids" in relevance:
@@ -95,12 +100,12 @@ def generate(run: Run, work: Work, r: redis.Redis) -> documents.Doc:
     # here, on the graph just captured (the engine skips unknown names).
     layer_names.check(run.spec.id, req.output.relevance, node_names(dlb))
     batch = inputs.on_device(run.entry, host_batch)
-    stream = _Stream(run, work.job_id, r, req.output)
+    stream = _Stream(run, work.job_id, r, req.output, req.generation.max_new_tokens or 0)
     start = _decoder_start(run)
     prompt_ids = batch["input_ids"]
     if start is not None:  # the decoder's start token is read after the source
         prompt_ids = torch.cat([prompt_ids, torch.full_like(prompt_ids[:, :1], start)], 1)
-    prompt = documents.prompt_event(tok, prompt_ids.cpu().tolist())
+    prompt = documents.prompt_event(tok, prompt_ids.cpu().tolist(), stream.pieces)
     stream.add(Event.PROMPT, prompt)
     t0 = time.perf_counter()
     res = dlb.run_task(
