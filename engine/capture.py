@@ -25,6 +25,7 @@ from torch import SymInt, fx
 from torch._decomp import decomposition_table
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import OutputKind
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import specialise
 from .provenance import Provenance
@@ -359,26 +360,60 @@ def capture(
         if verbose:
             print(f"[capture] {label} export of {type(model).__name__} succeeded")
         return captured
-    _check_runs(model, example)
+    why = {UNCAPTURABLE[op] for op in _ops_run(model, example) if op in UNCAPTURABLE}
+    advice = "".join(f"it {a}. " for a in sorted(why)) + ("torch.export said: " if why else "")
     raise CaptureError(
-        f"torch.export could not capture {type(model).__name__}: " + " | ".join(errors)
+        f"torch.export could not capture {type(model).__name__}: {advice}" + " | ".join(errors)
     )
 
 
-def _check_runs(model: torch.nn.Module, example: dict[str, torch.Tensor]) -> None:
-    """After every export failed: whether the model runs on the example at all. If it does
-    not, the inputs are what is wrong (a row of 5 features for a model of 4), and export's
-    own words (``a and b must have same reduction dim``) would blame the capture."""
+# Ops a model may run that torch.export cannot capture, with what to do instead: found
+# among the ops of an eager run after every export failed, since export's own words name
+# neither (a packed LSTM fails with "zeros(): argument 'size' ... got FakeTensor").
+_PACKED = (
+    "packs its sequences (torch.nn.utils.rnn.pack_padded_sequence, or pack_sequence, into an "
+    "RNN, LSTM or GRU): a packed batch's shape depends on the values of the lengths, which "
+    "torch.export cannot capture. Pass the padded batch [B, T, ...] to the recurrent layer "
+    "instead and mask what lies past each sequence's length (the outputs times a mask made "
+    "from the lengths; the final state gathered from the outputs at position length - 1)"
+)
+UNCAPTURABLE = {torch.ops.aten._pack_padded_sequence.default: _PACKED}
+
+
+class _OpsRun(TorchDispatchMode):
+    """Records the ATen ops an eager forward runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.ops.add(func)
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_run(model: torch.nn.Module, example: dict[str, torch.Tensor]) -> set:
+    """After every export failed: the ATen ops of the model's forward on the example, and
+    whether it runs at all. If it does not, the inputs are what is wrong (a row of 5
+    features for a model of 4), and export's own words (``a and b must have same reduction
+    dim``) would blame the capture."""
     positional, named = _by_position(model, _fresh(example))
+    recorder = _OpsRun()
     try:
         with _without_kv_cache(model), torch.no_grad():
-            model(*positional, **named)
+            try:
+                with recorder:
+                    model(*positional, **named)
+            except Exception:  # noqa: BLE001 - the same forward unrecorded decides
+                recorder.ops.clear()
+                model(*positional, **named)
     except Exception as exc:  # noqa: BLE001 - any failure of the model's own forward
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in example.items())
         raise ValueError(
             f"the model does not run on inputs of shapes {shapes}: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:300]}"
         ) from exc
+    return recorder.ops
 
 
 # ATen's other names for ops the rules know (torch.multiply is aten.multiply, not aten.mul):

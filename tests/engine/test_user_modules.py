@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from engine import DLBacktrace
+from engine.capture import CaptureError
 
 B = 2
 
@@ -37,6 +39,33 @@ class Recurrent(nn.Module):
             h = h[0] if isinstance(h, tuple) else h
             return self.head(torch.cat(list(h), -1))
         return self.head((out if self.rnn.batch_first else out.transpose(0, 1)).mean(1))
+
+
+class Lengths(nn.Module):
+    """[B, T, 4] of sequences of ``lengths`` through an LSTM or a GRU, packed
+    (``pack_padded_sequence``, then ``pad_packed_sequence`` or the final hidden state) or, as
+    the engine asks instead, padded: the outputs masked past each length, or taken at each
+    sequence's last step."""
+
+    def __init__(self, rnn: nn.RNNBase, packed: bool, last: bool):
+        super().__init__()
+        self.rnn, self.packed, self.last = rnn, packed, last
+        self.head = nn.Linear(rnn.hidden_size * (1 + rnn.bidirectional), 3)
+
+    def forward(self, x, lengths):
+        if not self.packed:
+            out, _ = self.rnn(x)
+            if self.last:
+                at = (lengths - 1)[:, None, None].expand(-1, 1, out.shape[-1])
+                return self.head(out.gather(1, at)[:, 0])
+            mask = torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None]
+            return self.head((out * mask[..., None]).sum(1))
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, h = self.rnn(packed)
+        if self.last:
+            h = h[0] if isinstance(h, tuple) else h
+            return self.head(torch.cat(list(h), -1))
+        return self.head(pad_packed_sequence(out, batch_first=True)[0].sum(1))
 
 
 class CellLoop(nn.Module):
@@ -346,6 +375,10 @@ def _sequence():
     return rand(B, 6, 4)
 
 
+def _lengths():
+    return {"x": _sequence(), "lengths": torch.tensor([6, 4])}
+
+
 def _padded_sequence():
     return {"x": _sequence(), "padding": torch.tensor([[False] * 6, [False] * 4 + [True] * 2])}
 
@@ -379,6 +412,14 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], object]]] = {
     ),
     "rnn_relu_time_major": (lambda: Recurrent(nn.RNN(4, 6, nonlinearity="relu")), _sequence),
     "lstm_cell_loop": (CellLoop, _sequence),
+    "lstm_padded_masked_past_lengths": (
+        lambda: Lengths(nn.LSTM(4, 6, batch_first=True), packed=False, last=False),
+        _lengths,
+    ),
+    "gru_padded_last_step_of_lengths": (
+        lambda: Lengths(nn.GRU(4, 6, batch_first=True), packed=False, last=True),
+        _lengths,
+    ),
     "conv1d_groups_dilation_adaptive_max": (
         lambda: nn.Sequential(
             nn.Conv1d(4, 8, 3, padding=2, dilation=2, groups=2),
@@ -596,3 +637,21 @@ def test_one_hot_ids_past_their_classes_are_refused_by_name():
     _, _, dlb = built("one_hot_linear")
     with pytest.raises(ValueError, match=r"input_ids: ids must lie in \[0, 20\)"):
         dlb.run_task(inputs=torch.tensor([[3, 25, 7, 1], [2, 9, 4, 4]]))
+
+
+@pytest.mark.parametrize(
+    "rnn, last",
+    [
+        (nn.LSTM(4, 6, batch_first=True), False),
+        (nn.GRU(4, 5, batch_first=True, bidirectional=True), True),
+    ],
+    ids=["lstm_pad_packed", "gru_bidirectional_final_state"],
+)
+def test_packed_sequences_are_refused_saying_what_to_do(rnn, last):
+    """pack_padded_sequence into a recurrent layer: torch.export cannot capture a packed
+    batch (its shape is the lengths' values), and said only "zeros(): argument 'size' failed
+    to unpack the object ... got FakeTensor". The refusal names it and the way round: the
+    padded batch, masked (which the models "*_padded_*" above explain)."""
+    model = Lengths(rnn, packed=True, last=last).eval()
+    with pytest.raises(CaptureError, match=r"pack_padded_sequence.*Pass the padded batch"):
+        DLBacktrace(model, _lengths())
