@@ -115,6 +115,7 @@ class DLBacktrace:
             ) from exc
         if not self._graphs:
             validate.check_input_dtypes(captured)
+            validate.check_bag_ids(captured)
         entry = (captured, Sweeper(captured, captured.explained_output()))
         _warn_unreached(captured, entry[1])
         if captured.example is not None:

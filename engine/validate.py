@@ -11,14 +11,16 @@ constant embeddings (``token_type_ids`` left at the model's default, zeros).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch import SymInt, Tensor, fx
 
+from .capture import size_expr
 from .provenance import ID_PATH_OPS, LOOKUPS, bind
+from .rules.shape import EmbeddingBag
 
 aten = torch.ops.aten
 
@@ -260,39 +262,66 @@ def _table_rows(nodes: list[fx.Node], constants: dict) -> dict[str, int]:
     the smallest table's rows."""
     rows: dict[str, int] = {}
     for node in nodes:
-        if node.op != "placeholder":
-            continue
         val = node.meta.get("val")
-        if not isinstance(val, Tensor) or val.is_floating_point():
+        if node.op != "placeholder" or not isinstance(val, Tensor) or val.is_floating_point():
             continue
-        frontier, seen = [node], set()
-        while frontier:
-            current = frontier.pop()
-            for user in current.users:
-                if user in seen:
-                    continue
-                seen.add(user)
-                count = _rows_looked_up(user, current, constants)
-                if count is not None:
-                    rows[node.name] = min(rows.get(node.name, count), count)
-                elif user.target in ID_PATH_OPS:
-                    frontier.append(user)
+        for lookup in _lookups_by(node):
+            count = _rows_looked_up(lookup, constants)
+            if count is not None:
+                rows[node.name] = min(rows.get(node.name, count), count)
     return rows
 
 
-def _rows_looked_up(node: fx.Node, ids: fx.Node, constants: dict) -> int | None:
-    """The rows of the table that the lookup ``node`` indexes with ``ids`` (a one-hot's:
-    its classes), None where ``node`` is no lookup by them or its table is not known."""
-    if node.target not in LOOKUPS:
-        return None
+def _lookups_by(ids: fx.Node) -> Iterator[fx.Node]:
+    """The lookups that index a table with ``ids``, or with ids computed from them
+    (``provenance.ID_PATH_OPS``)."""
+    frontier, seen = [ids], set()
+    while frontier:
+        current = frontier.pop()
+        for user in current.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.target in LOOKUPS and bind(user)[LOOKUPS[user.target]] is current:
+                yield user
+            elif user.target in ID_PATH_OPS:
+                frontier.append(user)
+
+
+def _rows_looked_up(node: fx.Node, constants: dict) -> int | None:
+    """The rows of the table that the lookup ``node`` indexes (a one-hot's: its classes),
+    None where that table is not known."""
     bound = bind(node)
-    if bound[LOOKUPS[node.target]] is not ids:
-        return None
     if node.target is aten.one_hot.default:
         classes = bound["num_classes"]
         return classes if isinstance(classes, int) and classes > 0 else None
     table = constants.get(bound["weight"].name)
     return None if table is None else table.shape[0]
+
+
+def check_bag_ids(captured: Any) -> None:
+    """Ids that an embedding bag takes flat, one dimension of N ids cut into B bags by
+    offsets (the form nn.EmbeddingBag's documentation leads with), are refused saying how to
+    pass them: the engine explains each sample on inputs whose first dimension is the batch,
+    and flat ids have none (each input was taken for a batch: 'the graph takes one batch
+    size for text (dimension 0: 7) and offsets (dimension 0: 2)'). Ids [B] looked up one
+    per bag are each a sample's, and pass."""
+    for node in captured.nodes:
+        val = node.meta.get("val")
+        if node.op != "placeholder" or node.name not in captured.input_names:
+            continue
+        if not isinstance(val, Tensor) or val.dim() != 1 or val.is_floating_point():
+            continue
+        for lookup in _lookups_by(node):
+            bags = lookup.meta["val"][0] if lookup.target in EmbeddingBag.ops else None
+            if bags is not None and size_expr(bags.shape[0]) != size_expr(val.shape[0]):
+                raise ValueError(
+                    f"{node.name}: nn.EmbeddingBag takes these ids flat (one dimension, cut "
+                    "into bags by offsets), and the engine explains each sample on inputs "
+                    "whose first dimension is the batch: pass the ids as [B, L], one row per "
+                    "bag (shorter bags padded with the bag's padding_idx, which it leaves out "
+                    "of its sum, mean or max), and no offsets"
+                )
 
 
 def signature(nodes: list[fx.Node], names: list[str], constants: dict, output: fx.Node) -> dict:

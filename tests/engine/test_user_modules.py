@@ -355,6 +355,19 @@ class EmbeddedIds(nn.Module):
         return self.head((self.emb(input_ids) + self.bias).mean(1))
 
 
+class FlatBag(nn.Module):
+    """nn.EmbeddingBag as its documentation leads with: flat ids [N] cut into bags by
+    ``offsets``, or given [B, L] (no offsets); or ids [B], one per bag (``one_each``)."""
+
+    def __init__(self, one_each: bool = False):
+        super().__init__()
+        self.one_each = one_each
+        self.bag, self.head = nn.EmbeddingBag(20, 8, padding_idx=0), nn.Linear(8, 3)
+
+    def forward(self, text, offsets=None):
+        return self.head(self.bag(text[:, None] if self.one_each else text, offsets))
+
+
 class Prototypes(nn.Module):
     """A prototype classifier: the negative distance of the features to 3 learned prototypes,
     by torch.cdist or written out."""
@@ -539,6 +552,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], object]]] = {
     ),
     "embedding_bag_max": (lambda: Bag("max"), _ids),
     "cdist_prototypes": (Prototypes, _tabular),
+    "embedding_bag_padded_rows": (FlatBag, lambda: torch.tensor([[3, 5, 7, 1], [2, 9, 0, 0]])),
+    "embedding_bag_one_id_each": (lambda: FlatBag(one_each=True), lambda: torch.tensor([3, 5])),
     "one_hot_linear": (OneHotIds, _ids),
     "one_hot_matmul": (lambda: OneHotIds(matmul=True), _ids),
 }
@@ -655,3 +670,14 @@ def test_packed_sequences_are_refused_saying_what_to_do(rnn, last):
     model = Lengths(rnn, packed=True, last=last).eval()
     with pytest.raises(CaptureError, match=r"pack_padded_sequence.*Pass the padded batch"):
         DLBacktrace(model, _lengths())
+
+
+def test_embedding_bag_of_flat_ids_and_offsets_says_to_pass_rows():
+    """Flat ids [7] in bags at offsets [0, 4] were taken as a batch of 7 beside a batch of 2:
+    'offsets: shape (2,) does not match text: the graph takes one batch size for text
+    (dimension 0: 7) and offsets (dimension 0: 2)', which names no way out. The engine
+    explains each sample on its own row of ids: [B, L] rows padded with the bag's
+    padding_idx (explained above, "embedding_bag_padded_rows")."""
+    inputs = {"text": torch.tensor([3, 5, 7, 1, 2, 9, 4]), "offsets": torch.tensor([0, 4])}
+    with pytest.raises(ValueError, match=r"text: nn.EmbeddingBag takes these ids flat.*\[B, L\]"):
+        DLBacktrace(FlatBag().eval(), inputs)
