@@ -454,6 +454,8 @@ class CachedModel:
     load_s: float
     backtraces: dict[tuple, Any] = field(default_factory=dict)
     on_capture: OnCapture | None = None
+    # Told (model id, why) when the first capture shows the model cannot serve its entry.
+    on_unusable: Callable[[str, Exception], None] | None = None
 
     @functools.cached_property
     def input_name(self) -> str:
@@ -493,7 +495,12 @@ class CachedModel:
             dlb = DLBacktrace(self.loaded.model, inputs, device=self.device)
             if not self.backtraces:  # a demo's or a factory's classes are known from here
                 output = graph_signature(dlb)["output"] or [None]
-                check_labels(self.loaded, output[-1], f"its output is {output}")
+                try:
+                    check_labels(self.loaded, output[-1], f"its output is {output}")
+                except EntryError as exc:
+                    if self.on_unusable is not None:
+                        self.on_unusable(self.loaded.model_id, exc)
+                    raise
             self.backtraces[key] = dlb
             if self.on_capture is not None:
                 graphs = list(self.backtraces.values())
@@ -508,10 +515,15 @@ class ModelCache:
     each entry tells ``on_capture`` of its captures (``CachedModel``)."""
 
     def __init__(
-        self, registry: Registry, data_dir: str, max_bytes: int, on_capture: OnCapture | None = None
+        self,
+        registry: Registry,
+        data_dir: str,
+        max_bytes: int,
+        on_capture: OnCapture | None = None,
+        on_failure: Callable[[str, Exception], None] | None = None,
     ):
         self.registry, self.data_dir, self.max_bytes = registry, data_dir, max_bytes
-        self.on_capture = on_capture
+        self.on_capture, self.on_failure = on_capture, on_failure
         self.entries: OrderedDict[str, CachedModel] = OrderedDict()
         self.lock = threading.Lock()
 
@@ -529,7 +541,7 @@ class ModelCache:
         nbytes = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
         load_s = time.perf_counter() - t0
         entry = CachedModel(
-            loaded, revision, device, spec.dtype, nbytes, load_s, {}, self.on_capture
+            loaded, revision, device, spec.dtype, nbytes, load_s, {}, self.on_capture, self.unusable
         )
         with self.lock:
             self.entries[spec.id] = entry
@@ -538,6 +550,15 @@ class ModelCache:
         if device == "cuda":
             torch.cuda.empty_cache()
         return entry, False
+
+    def unusable(self, model_id: str, exc: Exception) -> None:
+        """A model loaded but cannot serve its entry (its first capture said so): out of the
+        cache, so that no heartbeat counts it warm, and reported as a failed load
+        (``on_failure``), so that GET /models shows it failed and why."""
+        with self.lock:
+            self.entries.pop(model_id, None)
+        if self.on_failure is not None:
+            self.on_failure(model_id, exc)
 
     def total_bytes(self) -> int:
         return sum(e.nbytes for e in self.entries.values())

@@ -138,8 +138,15 @@ def init_worker(settings: Settings | None = None, name: str | None = None) -> Wo
     settings = settings or Settings()
     registry = load_registry(settings.registry_path)
     reports = ModelReports(settings.redis_url)
-    cache = ModelCache(registry, settings.data_dir, settings.cache_bytes, reports)
-    _STATE = WorkerState(settings, registry, cache, name or store.worker_id(), reports)
+    name = name or store.worker_id()
+    cache = ModelCache(
+        registry,
+        settings.data_dir,
+        settings.cache_bytes,
+        reports,
+        on_failure=lambda model_id, exc: reports.load_failed(model_id, name, exc),
+    )
+    _STATE = WorkerState(settings, registry, cache, name, reports)
     return _STATE
 
 

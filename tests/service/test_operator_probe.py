@@ -330,21 +330,31 @@ def three_classes() -> Any:
 
 def test_labels_not_one_per_class_are_refused_at_the_first_capture(tmp_path: Path) -> None:
     """A model whose classes only its output tells: a class past the labels was named by
-    its index in the result."""
+    its index in the result. The model leaves the cache (no heartbeat counts it warm) and
+    is reported as a failed load, which GET /models shows."""
     import torch
 
     from service.models import EntryError, ModelCache
 
     factory = "tests.service.test_operator_probe:three_classes"
-    spec = ModelSpec(
-        id="m", task="tabular-classification", source={"kind": "python", "factory": factory}
+    source = {"kind": "python", "factory": factory}
+    spec = ModelSpec(id="m", task="tabular-classification", source=source)
+    failures: list[tuple[str, str]] = []
+    cache = ModelCache(
+        Registry([spec], tmp_path),
+        str(tmp_path),
+        1 << 30,
+        on_failure=lambda model_id, exc: failures.append((model_id, str(exc))),
     )
-    entry, _ = ModelCache(Registry([spec], tmp_path), str(tmp_path), 1 << 30).get(spec)
-    with pytest.raises(
-        EntryError,
-        match=r"labels has 2 names, but the model has 3 classes \(its output is \[None, 3\]\)",
-    ):
+    entry, _ = cache.get(spec)
+    message = (
+        "registry entry m: labels has 2 names, but the model has 3 classes (its output is "
+        "[None, 3]); give one label per class, or none"
+    )
+    with pytest.raises(EntryError) as caught:
         entry.backtrace({"input": torch.zeros(1, 4)})
+    assert str(caught.value) == message
+    assert cache.warm_ids() == [] and failures == [("m", message)]
 
 
 def test_a_worker_without_redis_says_so_in_lines(tmp_path: Path) -> None:
