@@ -6,13 +6,14 @@ accepted job. A job that made the queue longer than its limit is taken back out 
 from __future__ import annotations
 
 import json
+import zlib
 from typing import Any
 
 import redis.asyncio as aredis
 from fastapi import HTTPException
 from rq import Queue, Retry
 from rq.job import Job
-from rq.utils import now
+from rq.utils import now, utcformat
 
 from engine.tasks import TaskName
 
@@ -67,34 +68,68 @@ async def enqueue(
 ) -> None:
     """Enqueue the validated request ``body`` as job ``job_id`` (429 when the queue is full).
 
-    RQ builds the job (its hash's fields, as ``Queue.enqueue_call`` would store them);
+    ``job_fields`` gives the job's hash, as ``Queue.enqueue_call`` would store it;
     ``_ENQUEUE`` writes it. The queue's length is read by the same script, after the push:
     a separate LLEN before it was a second round trip for every request, and no more exact
     (other API processes enqueue between the two)."""
+    stream_ttl = settings.job_timeout * (settings.retries + 1) + settings.result_ttl
+    group = batching.group_key(body)
+    keys = [Job.key_for(job_id), queue.key, queue.redis_queues_keys, store.EVENTS.format(job_id)]
+    if group is not None:
+        keys.append(batching.BATCH.format(group))
+    event = json.dumps({"model": model, "task": task})  # as store.add_event writes data
+    args = [job_id, settings.result_ttl, stream_ttl, settings.stream_maxlen, Event.QUEUED, event]
+    fields = job_fields(queue, settings, body, model, task)
+    args += [x for field_value in fields.items() for x in field_value]
+    depth = await ar.eval(_ENQUEUE, len(keys), *keys, *args)
+    if depth > settings.max_queue and await _withdraw(ar, queue.key, job_id, group):
+        raise HTTPException(429, "queue full, retry later", headers=RETRY_AFTER)
+
+
+# RQ's hash of a job, by the queue's name and the settings that shape it (``_template``).
+_TEMPLATES: dict[tuple, dict[str, Any]] = {}
+
+
+def job_fields(
+    queue: Queue, settings: Settings, body: dict[str, Any], model: str, task: TaskName
+) -> dict[str, Any]:
+    """The fields of RQ's hash for a job of ``body``: those RQ's ``Job.to_dict`` gives every
+    job of these settings, from a job RQ built once (``_template``), and those of this job
+    (what it runs, its description and meta, its timestamps) as ``to_dict`` writes them.
+    RQ building and serialising a ``Job`` per request (``create_job``, ``to_dict``: timeouts
+    parsed four times, its serializer checked against a runtime Protocol) took 88 us of a
+    POST's CPU in-process, 32 in a tight loop; this takes about 50 and 17, most of it the
+    compression of the job's data (tests/service/test_enqueue_fields.py: the same hash)."""
+    s = settings
+    key = (queue.name, s.job_timeout, s.result_ttl, s.failure_ttl, s.retries)
+    if key not in _TEMPLATES:
+        _TEMPLATES[key] = _template(queue, settings)
+    fields = dict(_TEMPLATES[key])  # the template's order: the fields below keep their places
+    fields["created_at"] = utcformat(now())
+    job = (JOB_FUNC, None, (), {"request": body})  # (function, instance, args, kwargs)
+    fields["data"] = zlib.compress(queue.serializer.dumps(job))
+    fields["description"] = f"{model} {task}"
+    fields["enqueued_at"] = utcformat(now())
+    fields["meta"] = queue.serializer.dumps({"model": model, "task": task})
+    return fields
+
+
+def _template(queue: Queue, settings: Settings) -> dict[str, Any]:
+    """``Job.to_dict`` of a job RQ builds as ``Queue.enqueue_call`` would, for ``settings``
+    (its per-job fields are replaced by ``job_fields``)."""
     job = queue.create_job(
         JOB_FUNC,
-        kwargs={"request": body},
-        job_id=job_id,
+        kwargs={"request": {}},
         timeout=settings.job_timeout,
         result_ttl=settings.result_ttl,
         failure_ttl=settings.failure_ttl,
         ttl=settings.result_ttl,
         retry=Retry(max=settings.retries) if settings.retries else None,
-        description=f"{model} {task}",
-        meta={"model": model, "task": task},
+        description="",
+        meta={"model": ""},
     )
     job.origin, job.enqueued_at = queue.name, now()
-    stream_ttl = settings.job_timeout * (settings.retries + 1) + settings.result_ttl
-    group = batching.group_key(body)
-    keys = [job.key, queue.key, queue.redis_queues_keys, store.EVENTS.format(job_id)]
-    if group is not None:
-        keys.append(batching.BATCH.format(group))
-    event = json.dumps({"model": model, "task": task})  # as store.add_event writes data
-    args = [job_id, settings.result_ttl, stream_ttl, settings.stream_maxlen, Event.QUEUED, event]
-    args += [x for field_value in job.to_dict().items() for x in field_value]
-    depth = await ar.eval(_ENQUEUE, len(keys), *keys, *args)
-    if depth > settings.max_queue and await _withdraw(ar, queue.key, job_id, group):
-        raise HTTPException(429, "queue full, retry later", headers=RETRY_AFTER)
+    return job.to_dict()
 
 
 async def _withdraw(ar: aredis.Redis, queue_key: str, job_id: str, group: str | None) -> bool:

@@ -16,6 +16,7 @@ ARGS = [
     ("CONFIG GET", "maxmemory"),
     (b"CONFIG GET", "maxmemory"),
     ("XADD", b"bt:events:x", "*", "data", memoryview(b"raw"), bytearray(b"more")),
+    ("XADD", b"bt:events:x", "*", "data", memoryview(b"raw")),
     ("EVAL", "return 1", 0, -3, 0.30000000000000004, 1e-7),
 ]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import HTTPException, Request, Response
 
 from ...schemas import ErrorBody
-from ..deps import JobId, StreamsDep
+from ..deps import JobId, event_streams
 from ..errors import NO_JOB, no_job
 from ..sse import EventStreamResponse, is_stream_id, resume_error
 from . import authorized_router
@@ -25,13 +25,14 @@ router = authorized_router("jobs")
         **NO_JOB,
     },
 )
-async def job_events(job_id: JobId, request: Request, streams: StreamsDep) -> EventStreamResponse:
+async def job_events(job_id: JobId, request: Request) -> EventStreamResponse:
     """Server-Sent Events from the job's Redis stream. Event ids are stream ids, so a
     client reconnecting with Last-Event-ID (header, or ``last_event_id`` in the query)
     resumes without gaps or duplicates; an id after the job's last event is a 400.
     While the job is quiet the stream sends comments: ``: keep-alive``, or ``: no worker is
     alive ...`` while no worker runs. It always ends with ``done``, ``error`` or
     ``canceled``."""
+    streams = event_streams(request)  # not a dependency: see deps.submission
     last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     last = last if last and is_stream_id(last) else "0-0"
     first = await streams.peek(job_id, last)  # events there: the job exists, resumes

@@ -12,7 +12,7 @@ from ... import store
 from ...schemas import CancelReply, ErrorBody, JobAccepted, JobView, RunTaskRequest
 from ...vocabulary import JobStatus
 from .. import door, validation
-from ..deps import JobId, RedisDep, SettingsDep, SubmissionDep
+from ..deps import JobId, RedisDep, SettingsDep, submission
 from ..enqueue import enqueue
 from ..errors import NO_JOB, no_job
 from ..idempotency import IdempotentRequest
@@ -56,7 +56,6 @@ router = authorized_router("jobs")
 async def run_task(
     req: RunTaskRequest,
     request: Request,
-    api: SubmissionDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Any:
     """Validate against the registry and enqueue; 202 with the job id and its URLs.
@@ -72,6 +71,7 @@ async def run_task(
     not have, a prompt longer than it takes, blank text, generation settings for a
     classifier, steps past ``max_new_tokens``, a layer its graph does not have (once a
     worker has captured it)."""
+    api = submission(request)
     spec, task = validation.resolve(api.registry, req)
     validation.check_inputs(spec, req)
     door.check(spec, task, req, await api.metadata.complete(api.redis, spec))
