@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import redis
 
-from .client import JobFailed, ServiceExited
+from .client import JobFailed, NotTheService, ServiceExited
 from .config import SettingError, Settings
 from .lifeline import end_with_parent
 from .liveness import HeartbeatProbe
@@ -502,5 +502,5 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"{p.prog} {a.cmd}: no reply from {exc.request.url} in time: {exc}")
     except httpx.TransportError as exc:
         sys.exit(f"{p.prog} {a.cmd}: cannot reach {exc.request.url}: {exc}")
-    except (TimeoutError, JobFailed, ServiceExited) as exc:  # the client's own: one line
+    except (TimeoutError, JobFailed, NotTheService, ServiceExited) as exc:  # the client's own
         sys.exit(f"{p.prog} {a.cmd}: {exc}")

@@ -22,6 +22,10 @@ class JobFailed(RuntimeError):
     pass
 
 
+class NotTheService(RuntimeError):
+    """A 2xx reply that is not the service's JSON (a proxy's or another server's page)."""
+
+
 class ServiceExited(RuntimeError):
     """A process of a service being waited for (``Client.wait_ready``) exited first."""
 
@@ -72,6 +76,22 @@ def checked(response: httpx.Response) -> httpx.Response:
     return response
 
 
+def reply(response: httpx.Response) -> dict[str, Any]:
+    """A checked reply's JSON object; ``NotTheService`` for any other body (a URL that
+    reaches a proxy's or another server's page was a JSONDecodeError traceback)."""
+    try:
+        body = checked(response).json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        what = response.headers.get("content-type") or "no content type"
+        raise NotTheService(
+            f"{response.request.method} {response.request.url} answered {response.status_code} "
+            f"with {what}, not the service's JSON: is this the backtrace API?"
+        )
+    return body
+
+
 class Client:
     def __init__(
         self,
@@ -84,10 +104,10 @@ class Client:
 
     def submit(self, body: dict[str, Any]) -> dict[str, Any]:
         """POST /run_task; ``ServiceError`` with the server's reason on 4xx/5xx."""
-        return checked(self.http.post("/run_task", json=body)).json()
+        return reply(self.http.post("/run_task", json=body))
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return checked(self.http.get(f"/jobs/{job_id}")).json()
+        return reply(self.http.get(f"/jobs/{job_id}"))
 
     def wait(self, job_id: str, timeout: float = 600, interval: float = 0.05) -> dict[str, Any]:
         """Poll until the job is finished, failed or canceled (backing off to 1 s)."""
@@ -158,7 +178,7 @@ class Client:
         return checked(self.http.get(f"/jobs/{job_id}/heatmap.png")).content
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return checked(self.http.delete(f"/jobs/{job_id}")).json()
+        return reply(self.http.delete(f"/jobs/{job_id}"))
 
     def wait_ready(self, timeout: float = 600, processes: Sequence[subprocess.Popen] = ()) -> None:
         """Poll /readyz until it answers 200. ``processes`` are the service's own (API,

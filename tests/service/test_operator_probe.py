@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.client import Client
+from service.client import Client, NotTheService
 from service.config import SettingError, Settings
 from service.redis_server import free_port
 from service.registry import ModelSpec, Registry, RegistryError, load_registry
@@ -432,4 +432,21 @@ def test_torchvision_weights_of_other_classes_name_num_classes(tmp_path: Path) -
         "torchvision resnet18 with num_classes 5: size mismatch for fc.weight: copying a param "
         "with shape torch.Size([3, 512]) from checkpoint, the shape in current model is "
         "torch.Size([5, 512]) (and 1 more)"
+    )
+
+
+def test_a_url_that_reaches_another_server_is_named() -> None:
+    """A proxy's page with 200 was a JSONDecodeError traceback."""
+    client = Client("http://service.test")
+    page = httpx.Response(
+        200, text="<html>Welcome to nginx!</html>", headers={"content-type": "text/html"}
+    )
+    client.http = httpx.Client(
+        base_url="http://service.test", transport=httpx.MockTransport(lambda _: page)
+    )
+    with pytest.raises(NotTheService) as caught:
+        client.submit({"model": "m"})
+    assert str(caught.value) == (
+        "POST http://service.test/run_task answered 200 with text/html, not the service's "
+        "JSON: is this the backtrace API?"
     )
