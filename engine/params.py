@@ -188,7 +188,7 @@ class DecodingParams:
             )
         if self.temperature == 0.0:
             do_sample = False
-        eos_ids, pad = _special_ids(lm, tokenizer)
+        eos_ids, pad = special_ids(lm, tokenizer)
 
         def pick(name: str) -> Any:
             value = getattr(self, name)
@@ -209,7 +209,7 @@ class DecodingParams:
         )
 
 
-def _special_ids(lm: Any, tokenizer: Any) -> tuple[tuple[int, ...], int]:
+def special_ids(lm: Any, tokenizer: Any) -> tuple[tuple[int, ...], int]:
     """EOS ids and the padding id: the generation config first, then the model's config (EOS)
     or the tokenizer; padding falls back to the first EOS id, then 0."""
     gen = getattr(lm, "generation_config", None)

@@ -339,17 +339,20 @@ def token_event(
     tok: Any,
     top_n: int,
     pieces: Pieces,
+    ended: list[bool],
     last: bool = False,
 ) -> Doc:
     """One ``token`` event: ids, token strings, the text each adds to its row (``pieces``,
-    which follows the rows from their prompt; the ``last`` step's with the bytes held) and
-    the top scores per row."""
+    which follows the rows from their prompt; the ``last`` step's with the bytes held),
+    which rows ``ended`` before this step (at an end-of-sequence token: their token is
+    padding, their relevance 0) and the top scores per row."""
     ids = [int(t) for t in torch.as_tensor(token_ids).reshape(-1).tolist()]
     data: Doc = {
         "step": step,
         "token_ids": ids,
         "tokens": tok.convert_ids_to_tokens(ids),
-        "text": pieces.step(ids, last),
+        "text": pieces.step(ids, ended, last),
+        "ended": ended,
     }
     if scores is not None and top_n > 0:
         probs = torch.softmax(scores.detach().float().cpu(), -1)

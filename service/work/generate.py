@@ -16,6 +16,8 @@ from typing import Any
 import redis
 import torch
 
+from engine.generation import find_causal_lm
+from engine.params import special_ids
 from engine.seq2seq import decoder_start, find_seq2seq_lm
 from engine.tasks import TaskName
 
@@ -43,6 +45,8 @@ class _Stream:
         self.seen: set[int] = set()
         self.steps: list[dict[str, Any]] = []  # the token events, kept for the result too
         self.pieces = Pieces(self.tok)  # each row's text, from its prompt on
+        self.eos = _eos_ids(run)
+        self.ended: list[bool] = []  # each row: it chose an end-of-sequence token
 
     def add(self, event: Event, data: dict[str, Any], pipe: Any = None) -> None:
         """Append one event (on ``pipe`` when given: sent with the step's other writes),
@@ -71,9 +75,12 @@ class _Stream:
             self.token_s.observe(now - self.last)
             self.last = now
             last = step == self.max_new_tokens - 1
+            ids = torch.as_tensor(token_ids).reshape(-1).tolist()
+            ended = self.ended or [False] * len(ids)
             data = documents.token_event(
-                step, token_ids, scores, self.tok, self.output.top_scores, self.pieces, last
+                step, token_ids, scores, self.tok, self.output.top_scores, self.pieces, ended, last
             )
+            self.ended = [e or t in self.eos for e, t in zip(ended, ids, strict=True)]
             self.add(Event.TOKEN, data, pipe)
             self.steps.append(data)
         if relevance is not None and "input_ids" in relevance:
@@ -143,6 +150,13 @@ def _steps_not_reached(steps: Any, done: int) -> list[str]:
         f"generation.steps {', '.join(map(str, missed))} not explained: the decode ended "
         f"after {done} tokens, at an end-of-sequence token"
     ]
+
+
+def _eos_ids(run: Run) -> frozenset[int]:
+    """The ids that end a row's decode, as the engine reads them (``params.special_ids``)."""
+    model = run.entry.loaded.model
+    lm = find_seq2seq_lm(model) or find_causal_lm(model)
+    return frozenset(special_ids(lm, run.entry.loaded.tokenizer)[0] if lm is not None else ())
 
 
 def _decoder_start(run: Run) -> int | None:

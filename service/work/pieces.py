@@ -50,9 +50,14 @@ class Pieces:
             for row, ids in zip(self.rows, rows, strict=True)
         ]
 
-    def step(self, ids: list[int], last: bool = False) -> list[str]:
-        """The piece each row's new token adds (one token per row); the ``last`` step's
-        include the bytes still held, so that each row's pieces join to its text."""
+    def step(self, ids: list[int], ended: list[bool], last: bool = False) -> list[str]:
+        """The piece each row's new token adds (one token per row; a row that ``ended``
+        before, at its end-of-sequence token, adds none with the padding it gets); the
+        ``last`` step's include the bytes still held, so that each row's pieces join to its
+        text."""
         if not self.rows:  # no prompt given: each row starts here
             self.rows = [Row() for _ in ids]
-        return [row.add(self.tok, t, last) for row, t in zip(self.rows, ids, strict=True)]
+        return [
+            "" if done else row.add(self.tok, t, last)
+            for row, t, done in zip(self.rows, ids, ended, strict=True)
+        ]

@@ -11,7 +11,9 @@ heatmap labelled its rows with the first tokens generated, not the steps explain
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,6 +30,7 @@ from service.client import Client
 from tests.helpers.stack import ROOT, private_stack
 
 MODEL = "probe-llama"
+EOS_MODEL = "probe-llama-eos"  # the same weights, ending at a token one row picks first
 POSITIONS = 64  # user_models._llama's
 
 
@@ -38,17 +41,24 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     code += "from pathlib import Path; torch.manual_seed(0); u._llama(Path(sys.argv[1]))"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-c", code, str(out)], check=True, cwd=ROOT, env=env)
+    shutil.copytree(out, out.parent / "llama-eos")  # its end token: set by the test using it
     return out
+
+
+def _entry(model_id: str, folder: Path) -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "task": "generation",
+        "source": {"kind": "transformers", "path": str(folder)},
+    }
 
 
 @pytest.fixture(scope="module")
 def api(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
-    entry = {
-        "id": MODEL,
-        "task": "generation",
-        "source": {"kind": "transformers", "path": str(folder)},
-    }
-    with private_stack(tmp_path_factory.mktemp("probe-stack"), [entry]) as st:
+    """The stack; the end token of ``probe-llama-eos`` is set by the test that uses it (a
+    worker loads a model when a job first names it)."""
+    entries = [_entry(MODEL, folder), _entry(EOS_MODEL, folder.parent / "llama-eos")]
+    with private_stack(tmp_path_factory.mktemp("probe-stack"), entries) as st:
         client = Client(st.url)
         client.wait_ready(timeout=300, processes=[st.worker])
         yield client
@@ -125,3 +135,30 @@ def test_explained_steps_name_the_trace_entries_and_the_heatmap_rows(
         len(g["prompt_tokens"][0]) + 1,
         len(g["prompt_tokens"][0]) + 3,
     ]
+
+
+def test_a_row_that_ends_early_says_so_in_its_later_token_events(api: Client, folder: Path) -> None:
+    """Two prompts; the second row's first token is made the model's end-of-sequence token
+    (generation_config.json): from step 1 on its token events say ``ended`` and add no text,
+    its relevance is 0 and its conservation's seed 0, while the first row goes on. Before,
+    the ended row's padding streamed as tokens like any other, with nothing telling them
+    apart."""
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "inputs": {"text": ["the cat sat", "who"]},
+        "generation": {"max_new_tokens": 4},
+        "output": {"encoding": "json", "dtype": "float32"},
+    }
+    rows = api.run(body, timeout=300)["generation"]["new_token_ids"]
+    eos = rows[1][0]
+    assert eos not in rows[0], rows  # the first row must not end too
+    config = folder.parent / "llama-eos" / "generation_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "eos_token_id": eos}))
+    events, view = _events(api, {**body, "model": EOS_MODEL})
+    tokens = [d for name, d in events if name == "token"]
+    assert [d["ended"] for d in tokens] == [[False, False]] + [[False, True]] * 3
+    assert all(d["text"][1] == "" for d in tokens[1:])
+    g = view["result"]["generation"]
+    for step, entry in enumerate(g["relevance_trace"]):
+        assert np.any(codec.decode(entry)[0]) and np.any(codec.decode(entry)[1]) == (step == 0)
+    assert [c["seed"][1] != 0 for c in g["conservation_trace"]] == [True, False, False, False]
