@@ -245,7 +245,13 @@ def run_worker(
     port = settings.metrics_port if metrics_port is None else metrics_port
     beat = Heartbeat(settings, st)
     if port:  # before the heartbeat: a taken port leaves no warming key
-        worker_http.start(port, beat.silent_s, settings.heartbeat_ttl)
+        try:
+            worker_http.start(port, beat.silent_s, settings.heartbeat_ttl)
+        except OSError as exc:  # a taken port was a traceback, then the same at each restart
+            sys.exit(
+                f"worker: cannot serve /metrics and /livez on port {port}: {exc.strerror}; "
+                "set WORKER_METRICS_PORT or --metrics-port to a free port, or 0 for none"
+            )
     EARLY_STOP.install()  # before the first beat: a stop from now on is an orderly one
     beat.start()  # warming: the job view and /readyz say so from now on
     # Explicit list (--no-warm gives none) > BACKTRACE_WARM_MODELS > the registry's flags.

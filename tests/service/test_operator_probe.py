@@ -450,3 +450,19 @@ def test_a_url_that_reaches_another_server_is_named() -> None:
         "POST http://service.test/run_task answered 200 with text/html, not the service's "
         "JSON: is this the backtrace API?"
     )
+
+
+def test_a_worker_whose_metrics_port_is_taken_says_so(tmp_path: Path) -> None:
+    """It was bind()'s traceback, at every restart of the supervisor."""
+    registry = _registry(tmp_path, f"models:\n- {ENTRY}\n")
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        env = {"BACKTRACE_REGISTRY": str(registry)}
+        done = _command(env, "worker", "--metrics-port", str(port), "--no-warm")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"worker: cannot serve /metrics and /livez on port {port}: Address already in use; "
+        "set WORKER_METRICS_PORT or --metrics-port to a free port, or 0 for none"
+    )
