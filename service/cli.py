@@ -237,6 +237,13 @@ def cmd_build_demo(a: argparse.Namespace) -> None:
     from .registry import DEMO_REGISTRY, dump_registry
 
     out = Path(a.out)
+    try:  # an --out that cannot be written was a traceback from deep in the first build
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".writable"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        sys.exit(f"python -m service build-demo: cannot write to --out {out}: {exc.strerror}")
     entries = []
     for model_id in DEMO_IDS:
         started = time.monotonic()

@@ -466,3 +466,14 @@ def test_a_worker_whose_metrics_port_is_taken_says_so(tmp_path: Path) -> None:
         f"worker: cannot serve /metrics and /livez on port {port}: Address already in use; "
         "set WORKER_METRICS_PORT or --metrics-port to a free port, or 0 for none"
     )
+
+
+def test_build_demo_into_a_folder_it_cannot_write(tmp_path: Path) -> None:
+    """It was a traceback from deep in the first model's build."""
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    done = _command({}, "build-demo", "--out", str(blocked / "models"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == (
+        f"python -m service build-demo: cannot write to --out {blocked / 'models'}: Not a directory"
+    )
