@@ -15,7 +15,7 @@ import inspect
 import itertools
 import operator
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from torch import SymInt, fx
 from torch._decomp import decomposition_table
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import OutputKind
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import specialise
@@ -360,16 +361,17 @@ def capture(
         if verbose:
             print(f"[capture] {label} export of {type(model).__name__} succeeded")
         return captured
-    why = {UNCAPTURABLE[op] for op in _ops_run(model, example) if op in UNCAPTURABLE}
+    why = _uncapturable(model, example)
     advice = "".join(f"it {a}. " for a in sorted(why)) + ("torch.export said: " if why else "")
     raise CaptureError(
         f"torch.export could not capture {type(model).__name__}: {advice}" + " | ".join(errors)
     )
 
 
-# Ops a model may run that torch.export cannot capture, with what to do instead: found
-# among the ops of an eager run after every export failed, since export's own words name
-# neither (a packed LSTM fails with "zeros(): argument 'size' ... got FakeTensor").
+# What a model may do that torch.export cannot capture, with what to do instead: found in
+# the eager run after every export failed, since export's own words name neither (a packed
+# LSTM fails with "zeros(): argument 'size' ... got FakeTensor"). By ATen op, or by the
+# torch function called and its arguments where the op decomposes before ATen sees it.
 _PACKED = (
     "packs its sequences (torch.nn.utils.rnn.pack_padded_sequence, or pack_sequence, into an "
     "RNN, LSTM or GRU): a packed batch's shape depends on the values of the lengths, which "
@@ -377,35 +379,64 @@ _PACKED = (
     "instead and mask what lies past each sequence's length (the outputs times a mask made "
     "from the lengths; the final state gathered from the outputs at position length - 1)"
 )
+_ONE_HOT = (
+    "one-hot encodes ids without num_classes (F.one_hot(ids)): the codes' width is the "
+    "largest id plus one, a value torch.export cannot capture. Give the number of classes "
+    "(F.one_hot(ids, num_classes))"
+)
 UNCAPTURABLE = {torch.ops.aten._pack_padded_sequence.default: _PACKED}
 
 
+def _classes_inferred(args: tuple, kwargs: dict) -> bool:
+    return (args[1] if len(args) > 1 else kwargs.get("num_classes", -1)) < 0
+
+
+UNCAPTURABLE_CALLS = {torch.nn.functional.one_hot: (_classes_inferred, _ONE_HOT)}
+
+
 class _OpsRun(TorchDispatchMode):
-    """Records the ATen ops an eager forward runs."""
+    """Records what an eager forward runs that ``UNCAPTURABLE`` lists."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.ops: set = set()
+        self.why: set[str] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        self.ops.add(func)
+        if func in UNCAPTURABLE:
+            self.why.add(UNCAPTURABLE[func])
         return func(*args, **(kwargs or {}))
 
 
-def _ops_run(model: torch.nn.Module, example: dict[str, torch.Tensor]) -> set:
-    """After every export failed: the ATen ops of the model's forward on the example, and
-    whether it runs at all. If it does not, the inputs are what is wrong (a row of 5
-    features for a model of 4), and export's own words (``a and b must have same reduction
-    dim``) would blame the capture."""
+class _CallsRun(TorchFunctionMode):
+    """Records the calls of an eager forward that ``UNCAPTURABLE_CALLS`` lists."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.why: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        check = UNCAPTURABLE_CALLS.get(func) if isinstance(func, Hashable) else None
+        if check is not None and check[0](args, kwargs):
+            self.why.add(check[1])
+        return func(*args, **kwargs)
+
+
+def _uncapturable(model: torch.nn.Module, example: dict[str, torch.Tensor]) -> set[str]:
+    """After every export failed: what the model's forward on the example does that export
+    cannot capture, and whether it runs at all. If it does not, the inputs are what is wrong
+    (a row of 5 features for a model of 4), and export's own words (``a and b must have same
+    reduction dim``) would blame the capture."""
     positional, named = _by_position(model, _fresh(example))
-    recorder = _OpsRun()
+    ops, calls = _OpsRun(), _CallsRun()
     try:
         with _without_kv_cache(model), torch.no_grad():
             try:
-                with recorder:
+                with calls, ops:
                     model(*positional, **named)
             except Exception:  # noqa: BLE001 - the same forward unrecorded decides
-                recorder.ops.clear()
+                ops.why.clear()
+                calls.why.clear()
                 model(*positional, **named)
     except Exception as exc:  # noqa: BLE001 - any failure of the model's own forward
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in example.items())
@@ -413,7 +444,7 @@ def _ops_run(model: torch.nn.Module, example: dict[str, torch.Tensor]) -> set:
             f"the model does not run on inputs of shapes {shapes}: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:300]}"
         ) from exc
-    return recorder.ops
+    return ops.why | calls.why
 
 
 # ATen's other names for ops the rules know (torch.multiply is aten.multiply, not aten.mul):

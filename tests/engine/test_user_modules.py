@@ -681,3 +681,19 @@ def test_embedding_bag_of_flat_ids_and_offsets_says_to_pass_rows():
     inputs = {"text": torch.tensor([3, 5, 7, 1, 2, 9, 4]), "offsets": torch.tensor([0, 4])}
     with pytest.raises(ValueError, match=r"text: nn.EmbeddingBag takes these ids flat.*\[B, L\]"):
         DLBacktrace(FlatBag().eval(), inputs)
+
+
+def test_one_hot_without_num_classes_is_refused_saying_to_give_it():
+    """F.one_hot(ids) takes its width from the largest id, which export cannot capture: it
+    said only 'Could not extract specialized integer from data-dependent expression u0'."""
+
+    class Inferred(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(10, 3)
+
+        def forward(self, input_ids):
+            return self.head(F.one_hot(input_ids).float().sum(1))
+
+    with pytest.raises(CaptureError, match=r"without num_classes.*F.one_hot\(ids, num_classes\)"):
+        DLBacktrace(Inferred().eval(), _ids())
