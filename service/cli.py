@@ -408,7 +408,7 @@ def _found(item: dict[str, Any]) -> str:
     )
 
 
-def _configured() -> None:
+def _configured(model: str | None = None) -> None:
     """The settings and the registry they name, read before any process or port is
     started: ``SettingError`` or ``RegistryError`` for one that cannot be served, or
     ``BACKTRACE_WARM_MODELS`` naming a model the registry lacks (each worker logged it and
@@ -418,6 +418,10 @@ def _configured() -> None:
 
     settings = Settings()
     registry = load_registry(settings.registry_path)
+    if model is not None and registry.get(model) is None:  # run's private stack warms it
+        raise RegistryError(
+            f"--model {model!r} is not in the registry; its ids: {', '.join(registry.models)}"
+        )
     unknown = [m for m in settings.warm_models if registry.get(m) is None]
     if unknown:
         raise SettingError(
@@ -496,8 +500,10 @@ def main(argv: list[str] | None = None) -> None:
     if a.cmd == "worker" and a.processes is not None and (a.burst or a.processes < 1):
         p.error("worker --processes takes N >= 1 and cannot be combined with --burst")
     try:
-        if a.cmd in ("serve", "worker") or (a.cmd == "run" and a.url is None):
+        if a.cmd in ("serve", "worker"):
             _configured()
+        elif a.cmd == "run" and a.url is None:
+            _configured(a.model)
         a.fn(a)
     except (SettingError, RegistryError) as exc:  # before anything started: one line
         sys.exit(f"{p.prog} {a.cmd}: {exc}")

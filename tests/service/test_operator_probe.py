@@ -477,3 +477,14 @@ def test_build_demo_into_a_folder_it_cannot_write(tmp_path: Path) -> None:
     assert done.stderr.strip() == (
         f"python -m service build-demo: cannot write to --out {blocked / 'models'}: Not a directory"
     )
+
+
+def test_run_without_url_names_a_model_the_registry_lacks(tmp_path: Path) -> None:
+    """``run`` warms its model in a private stack: a model the registry lacks is said before
+    anything starts (the worker would refuse the warm id and the wait end unexplained)."""
+    registry = _registry(tmp_path, f"models:\n- {ENTRY}\n")
+    done = _command({"BACKTRACE_REGISTRY": str(registry)}, "run", "--model", "typo", "--text", "x")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == (
+        "python -m service run: --model 'typo' is not in the registry; its ids: a"
+    )
