@@ -124,7 +124,13 @@ class ImageSpec(BaseModel):
     @model_validator(mode="after")
     def _per_channel(self) -> ImageSpec:
         """Defaults that follow ``channels``, and a mean and std of one value per channel."""
-        self.mode = self.mode or ("L" if self.channels == 1 else "RGB")
+        fits = "L" if self.channels == 1 else "RGB"
+        if self.mode not in (None, fits):  # every picture became the wrong channel count
+            raise ValueError(
+                f"mode {self.mode} gives {4 - self.channels} channels, not {self.channels} "
+                f"(channels): give mode {fits}"
+            )
+        self.mode = fits
         self.mean = self.mean or [0.0] * self.channels
         self.std = self.std or [1.0] * self.channels
         if len(self.mean) != self.channels or len(self.std) != self.channels:

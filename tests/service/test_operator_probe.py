@@ -122,6 +122,11 @@ def _registry(tmp_path: Path, text: str) -> Path:
             "image: {channels: 1, std: [0]}}",
             "std [0.0]: each value must be above 0",
         ),
+        (
+            "models:\n- {id: a, task: image-classification, source: {kind: demo}, "
+            "image: {channels: 1, mode: RGB}}",
+            "mode RGB gives 3 channels, not 1 (channels): give mode L",
+        ),
         ("models:\n- {task: generation, source: {kind: demo}}", "models[0]: id: missing"),
         (
             "models:\n- {id: a, task: generation, source: {kind: transformers}}",
