@@ -60,7 +60,9 @@ def test_generation_streams_and_selected_token_changes_shading(page: Any) -> Non
     latest = page.locator("#sequence button.generated").last
     assert latest.get_attribute("aria-pressed") == "true", "the latest token is selected"
     before = page.evaluate(PROMPT_SHADING)
-    assert [t["text"] for t in before] == ["a3", "c1", "f9", "h0", "?", "c"]
+    # each token's piece is what it adds to the decoded text (its leading space drawn as
+    # "·"; the decoder writes "h0?" without one)
+    assert [t["text"] for t in before] == ["a3", "·c1", "·f9", "·h0", "?", "·c"]
     assert all(t["rel"] is not None for t in before), before
 
     first = page.locator("#sequence button.generated").first
@@ -70,7 +72,7 @@ def test_generation_streams_and_selected_token_changes_shading(page: Any) -> Non
     after = page.evaluate(PROMPT_SHADING)
     assert [t["bg"] for t in after] != [t["bg"] for t in before], "shading follows the token"
     strongest = max(after, key=lambda t: t["rel"])
-    assert strongest["text"] == "c1", "the answer to '? c' comes from the pair 'c1'"
+    assert strongest["text"] == "·c1", "the answer to '? c' comes from the pair 'c1'"
     assert page.text_content("#selected-info").startswith("Relevance for generated token 1")
 
     page.keyboard.press("ArrowRight")  # keyboard focus selects too
