@@ -149,7 +149,8 @@ class ModelMetadata:
         now = time.monotonic()
         when, signature = self.signatures.get(spec.id, (0.0, None))
         if now >= when:
-            signature = _signature(await ar.get(store.GRAPH.format(spec.id)))
+            signature = _published(await ar.get(store.GRAPH.format(spec.id)), "signature")
+            signature = signature if isinstance(signature, dict) else None
             self.signatures[spec.id] = (now + RECHECK_S, signature)
         return meta if signature is None else _with_signature(meta, signature)
 
@@ -157,11 +158,7 @@ class ModelMetadata:
         """The node names a worker published when it captured the model's graph; None until
         one has (or when the value is not what workers write). Read at each request that
         names layers, never cached: a worker that captures a new revision publishes anew."""
-        raw = await ar.get(store.GRAPH.format(spec.id))
-        try:
-            nodes = json.loads(raw)["nodes"] if raw else None
-        except (ValueError, KeyError, TypeError):
-            return None
+        nodes = _published(await ar.get(store.GRAPH.format(spec.id)), "nodes")
         return set(nodes) if isinstance(nodes, list) else None
 
     def _folder(self, spec: ModelSpec) -> Path | None:
@@ -173,14 +170,13 @@ class ModelMetadata:
         return None
 
 
-def _signature(raw: bytes | None) -> dict[str, Any] | None:
-    """The signature in a published graph (None if there is none, or it is not what workers
-    write)."""
+def _published(raw: bytes | None, key: str) -> Any:
+    """``key`` of a graph a worker published (``store.publish_graph``); None where there is
+    none, or the value is not what workers write."""
     try:
-        signature = json.loads(raw)["signature"] if raw else None
+        return json.loads(raw)[key] if raw else None
     except (ValueError, KeyError, TypeError):
         return None
-    return signature if isinstance(signature, dict) else None
 
 
 def _with_signature(meta: ModelMeta, signature: dict[str, Any]) -> ModelMeta:
