@@ -456,6 +456,8 @@ class CachedModel:
     on_capture: OnCapture | None = None
     # Told (model id, why) when the first capture shows the model cannot serve its entry.
     on_unusable: Callable[[str, Exception], None] | None = None
+    # What the first graph takes and gives (``graph_signature``), set at its capture.
+    signature: dict[str, Any] = field(default_factory=dict)
 
     @functools.cached_property
     def input_name(self) -> str:
@@ -494,7 +496,8 @@ class CachedModel:
         if key not in self.backtraces:
             dlb = DLBacktrace(self.loaded.model, inputs, device=self.device)
             if not self.backtraces:  # a demo's or a factory's classes are known from here
-                output = graph_signature(dlb)["output"] or [None]
+                self.signature = graph_signature(dlb)
+                output = self.signature["output"] or [None]
                 try:
                     check_labels(self.loaded, output[-1], f"its output is {output}")
                 except EntryError as exc:
@@ -503,10 +506,8 @@ class CachedModel:
                     raise
             self.backtraces[key] = dlb
             if self.on_capture is not None:
-                graphs = list(self.backtraces.values())
-                names = sorted({n for dlb in graphs for n in node_names(dlb)})
-                signature = graph_signature(graphs[0])
-                self.on_capture(self.loaded.model_id, self.revision, names, signature)
+                names = sorted({n for dlb in self.backtraces.values() for n in node_names(dlb)})
+                self.on_capture(self.loaded.model_id, self.revision, names, self.signature)
         return self.backtraces[key]
 
 
