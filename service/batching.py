@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,6 +44,9 @@ from rq.job import Job
 from rq.job import JobStatus as RQStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.utils import current_timestamp as rq_timestamp
+from rq.utils import now as rq_now
+from rq.utils import utcformat
 
 from engine.tasks import TASKS
 
@@ -105,9 +109,9 @@ class Start:
 # the script (as RQ's own keys are: one Redis, not a cluster). A claimed job is marked
 # started in RQ, gets its ``started`` event (data as ``service.work.run`` writes it for the
 # jobs RQ hands out: worker and attempt), and comes back as its id, whether a cancel was
-# asked, and its job hash (HGETALL's field, value list): the claim is the batch's only
-# round trip before the engine runs. An id whose hash is gone (expired) leaves the queue
-# and is not claimed.
+# asked, and the fields of its hash the worker reads (``CLAIMED_FIELDS``): the claim is the
+# batch's only round trip before the engine runs. An id whose hash is gone (expired) leaves
+# the queue and is not claimed.
 _CLAIM = """
 local claimed, n = {}, 0
 while n < tonumber(ARGV[1]) do
@@ -126,11 +130,53 @@ while n < tonumber(ARGV[1]) do
     n = n + 1
     claimed[#claimed + 1] = id
     claimed[#claimed + 1] = redis.call('EXISTS', ARGV[7] .. id)
-    claimed[#claimed + 1] = redis.call('HGETALL', job)
+    claimed[#claimed + 1] = redis.call('HMGET', job, 'data', 'enqueued_at', 'retries_left')
   end
 end
 return claimed
 """
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A job a claim took for this worker: its id, its request as the API stored it, when
+    it was enqueued (unix seconds), the retries RQ has left for it, and whether a cancel
+    was asked by the time of the claim. Read from the three fields of RQ's hash that the
+    worker needs: building RQ's ``Job`` from the whole hash (``Job.restore`` parses every
+    timestamp) was a tenth of a small job's worker CPU."""
+
+    id: str
+    request: dict[str, Any]
+    enqueued_at: float | None
+    retries_left: int | None
+    canceled: bool
+
+    @classmethod
+    def of(cls, raw_id: bytes, canceled: int, fields: list[bytes | None]) -> Claimed:
+        data, enqueued_at, retries_left = fields
+        return cls(
+            raw_id.decode(),
+            job_request(data or b""),
+            rq_time(enqueued_at),
+            int(retries_left) if retries_left is not None else None,
+            bool(canceled),
+        )
+
+
+def job_request(data: bytes) -> dict[str, Any]:
+    """The request in RQ's ``data`` field of a job the API enqueued: the zlib-compressed
+    JSON of (function, instance, args, kwargs), as ``Job.restore`` and ``Job.kwargs`` read
+    it (data that is not compressed taken as it is, as RQ does)."""
+    try:
+        data = zlib.decompress(data)
+    except zlib.error:
+        pass
+    return JSONSerializer.loads(data)[3]["request"]
+
+
+def rq_time(value: bytes | None) -> float | None:
+    """A timestamp RQ wrote (``utcformat``: ISO 8601 in UTC, with a Z) as unix seconds."""
+    return datetime.fromisoformat(value.decode()).timestamp() if value else None
 
 
 def claim(
@@ -142,10 +188,9 @@ def claim(
     timeout: float,
     start: Start,
     pipe: Any = None,
-) -> list[tuple[Job, bool]]:
+) -> list[Claimed]:
     """Take up to ``limit`` jobs of ``group`` out of RQ's queue for this worker, each with
-    its ``started`` event written; returns them (their requests are in ``job.kwargs``), each
-    with whether a cancel was asked. A claim not settled within ``timeout`` seconds counts
+    its ``started`` event written. A claim not settled within ``timeout`` seconds counts
     as lost even if the worker lives (a batch that died on a Redis error must not strand
     its jobs). With ``pipe``, its commands go first in the same round trip."""
     if limit <= 0:
@@ -158,30 +203,47 @@ def claim(
     # EVAL with the script's text: a pipeline's EVALSHA costs a SCRIPT EXISTS round trip.
     pipe = pipe if pipe is not None else r.pipeline(transaction=False)
     reply = _after(pipe, lambda p: p.eval(_CLAIM, len(keys), *keys, *args))
-    jobs = []
-    for raw_id, canceled, fields in zip(reply[::3], reply[1::3], reply[2::3], strict=True):
-        job = Job(raw_id.decode(), connection=r, serializer=JSONSerializer)
-        job.restore(dict(zip(fields[::2], fields[1::2], strict=True)))
-        jobs.append((job, bool(canceled)))
-    return jobs
+    return [Claimed.of(*one) for one in zip(reply[::3], reply[1::3], reply[2::3], strict=True)]
 
 
-def settle(pipe: Any, job: Job, status: str, result_ttl: int, failure_ttl: int) -> None:
-    """End a claimed job in RQ, on the pipeline that stores its result: status (a
-    ``JobStatus``; any other ends it failed), ended_at, the finished or failed registry and
-    the hash's expiry, as RQ does for the jobs it runs."""
-    ok = status == JobStatus.FINISHED
-    ttl = result_ttl if ok else failure_ttl
-    rq_status = {JobStatus.FINISHED: RQStatus.FINISHED, JobStatus.CANCELED: RQStatus.CANCELED}
-    job.set_status(rq_status.get(status, RQStatus.FAILED), pipeline=pipe)
-    pipe.hset(job.key, "ended_at", datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
-    registry = FinishedJobRegistry if ok else FailedJobRegistry
-    if status != JobStatus.CANCELED:
-        registry(job.origin, connection=job.connection, serializer=JSONSerializer).add(
-            job, ttl, pipeline=pipe
-        )
-    job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
-    pipe.hdel(CLAIMS, job.id)
+# RQ's ending of jobs it did not run itself, as ``Job.set_status``, ``BaseRegistry.add`` and
+# ``Job.cleanup`` (a positive TTL) write it, and their claims removed: one command for a
+# batch, where those took six per job, each built through RQ's objects. KEYS: the claims
+# hash. ARGV: RQ's job key prefix, ended_at, then per job: its id, RQ's status, its
+# registry's key ('' for none: a canceled job is in none), the registry's score, the TTL.
+_SETTLE = """
+for i = 3, #ARGV, 5 do
+  local id, registry, ttl = ARGV[i], ARGV[i + 2], ARGV[i + 4]
+  local job = ARGV[1] .. id
+  redis.call('HSET', job, 'status', ARGV[i + 1], 'ended_at', ARGV[2])
+  if registry ~= '' then redis.call('ZADD', registry, ARGV[i + 3], id) end
+  redis.call('EXPIRE', job, ttl)
+  redis.call('EXPIRE', job .. ':dependents', ttl)
+  redis.call('EXPIRE', job .. ':dependencies', ttl)
+  redis.call('HDEL', KEYS[1], id)
+end
+"""
+_RQ_STATUS = {JobStatus.FINISHED: RQStatus.FINISHED, JobStatus.CANCELED: RQStatus.CANCELED}
+
+
+def settle(
+    pipe: Any, queue: str, ended: list[tuple[str, str]], result_ttl: int, failure_ttl: int
+) -> None:
+    """End claimed jobs of ``queue`` in RQ, on the pipeline that stores their results (or
+    the one of the worker's next command): each (id, status) as RQ ends the jobs it runs:
+    its status (a ``JobStatus``; any other ends it failed), ended_at, the finished or
+    failed registry (none for a canceled job) and the hash's expiry."""
+    if not ended:
+        return
+    now = rq_timestamp()
+    args: list[Any] = [Job.redis_job_namespace_prefix, utcformat(rq_now())]
+    for job_id, status in ended:
+        ok = status == JobStatus.FINISHED
+        ttl = result_ttl if ok else failure_ttl
+        registry = FinishedJobRegistry if ok else FailedJobRegistry
+        key = "" if status == JobStatus.CANCELED else registry.key_template.format(queue)
+        args += [job_id, _RQ_STATUS.get(status, RQStatus.FAILED), key, now + ttl, ttl]
+    pipe.eval(_SETTLE, 1, CLAIMS, *args)
 
 
 def requeue_lost(
@@ -207,7 +269,7 @@ def requeue_lost(
         doc = store.get_result(r, job_id) if job is not None else None
         if doc is not None:  # its result is stored: the worker died before settling it
             pipe = r.pipeline(transaction=False)
-            settle(pipe, job, doc["status"], result_ttl, failure_ttl)
+            settle(pipe, job.origin, [(job_id, doc["status"])], result_ttl, failure_ttl)
             pipe.execute()
         elif job is not None and job.get_status(refresh=False) == RQStatus.STARTED:
             on_requeue(job)

@@ -50,7 +50,7 @@ def run_job(request: dict[str, Any]) -> dict[str, Any]:
     job = get_current_job()
     job_id = job.id if job is not None else "local"  # called directly, without RQ
     r = job.connection if job is not None else store.connect(st.settings.redis_url)
-    primary = Work(job_id, request, job)
+    primary = Work.handed_out(job, request) if job is not None else Work(job_id, request)
     group = batching.group_key(request)
     batched = job is not None and group is not None and st.settings.max_batch > 1
     start = batching.Start(st.settings.result_ttl, st.settings.stream_maxlen, st.settings.retries)
@@ -64,7 +64,7 @@ def run_job(request: dict[str, Any]) -> dict[str, Any]:
             return []
         timeout = st.settings.job_timeout + 60  # as RQ's own started-job registry
         jobs = batching.claim(r, group, job.origin, st.name, n, timeout, start, settle)
-        return [Work(j.id, j.kwargs["request"], j, started=True, cancel_asked=c) for j, c in jobs]
+        return [Work.claimed(j, job.origin) for j in jobs]
 
     outcome = run_batch(st, r, [primary, *claim(st.settings.max_batch - 1)], primary, settle)
     try:  # the primary's result is stored: nothing after this may fail or rerun its job

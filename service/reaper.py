@@ -261,7 +261,7 @@ def _end_in_rq(
         r.zrem(registry, member)
         return
     pipe = r.pipeline(transaction=False)
-    batching.settle(pipe, job, status, result_ttl, failure_ttl)
+    batching.settle(pipe, job.origin, [(job.id, status)], result_ttl, failure_ttl)
     execution = Execution(execution_id, job_id, r, worker_name=job.worker_name or "")
     execution.delete(job, pipe)
     pipe.execute()

@@ -20,6 +20,7 @@ from engine.tasks import TaskName
 
 from .. import load_failures, store
 from .. import worker_metrics as m
+from ..batching import Claimed
 from ..config import Settings
 from ..models import CachedModel, ModelCache
 from ..registry import ModelSpec, Registry, load_registry
@@ -156,17 +157,39 @@ def state() -> WorkerState:
 
 @dataclass
 class Work:
-    """One job as the worker runs it. ``request`` is as the API stored it; ``job`` is its RQ
-    job (None when called directly); ``picked`` is when this worker took it. A job claimed
-    for a batch is ``started`` already (the claim wrote its event) and knows whether a
-    cancel was asked by then (``cancel_asked``)."""
+    """One job as the worker runs it. ``request`` is as the API stored it; ``queue`` is the
+    RQ queue it was taken from (None when called directly), ``enqueued_at`` when it was put
+    there (unix seconds) and ``retries_left`` RQ's count of its retries; ``picked`` is when
+    this worker took it. A job claimed for a batch is ``started`` already (the claim wrote
+    its event) and knows whether a cancel was asked by then (``cancel_asked``)."""
 
     job_id: str
     request: dict[str, Any]
-    job: Job | None = None
+    queue: str | None = None
+    enqueued_at: float | None = None
+    retries_left: int | None = None
     picked: float = field(default_factory=time.time)
     started: bool = False
     cancel_asked: bool = False
+
+    @classmethod
+    def handed_out(cls, job: Job, request: dict[str, Any]) -> Work:
+        """The job RQ handed this worker."""
+        enqueued = job.enqueued_at.timestamp() if job.enqueued_at is not None else None
+        return cls(job.id, request, job.origin, enqueued, job.retries_left)
+
+    @classmethod
+    def claimed(cls, job: Claimed, queue: str) -> Work:
+        """A job a batch's claim took from ``queue`` (``service.batching``)."""
+        return cls(
+            job.id,
+            job.request,
+            queue,
+            job.enqueued_at,
+            job.retries_left,
+            started=True,
+            cancel_asked=job.canceled,
+        )
 
     @cached_property
     def req(self) -> RunTaskRequest:
@@ -191,15 +214,15 @@ class Work:
 
     @property
     def queue_wait(self) -> float | None:
-        if self.job is None or self.job.enqueued_at is None:
+        if self.enqueued_at is None:
             return None
-        return max(0.0, self.picked - self.job.enqueued_at.timestamp())
+        return max(0.0, self.picked - self.enqueued_at)
 
     def attempt(self, retries: int) -> int:
         """Which run of the job this is (RQ's Retry re-runs a job whose worker died)."""
-        if self.job is None or self.job.retries_left is None:
+        if self.retries_left is None:
             return 1
-        return 1 + max(0, retries - self.job.retries_left)
+        return 1 + max(0, retries - self.retries_left)
 
 
 @dataclass(frozen=True)

@@ -70,10 +70,13 @@ def run_batch(
         leave_handed_on(st.name)
     switched = [isinstance(o, dict) and x == 1 for o, x in zip(outcomes, replies, strict=True)]
     ended = [JobCanceled() if c else o for o, c in zip(outcomes, switched, strict=True)]
+    claimed: dict[str, list[tuple[str, str]]] = {}  # by queue: a batch's claims share one
     for w, o, n, c in zip(works, ended, written, switched, strict=True):
         status = _count(st, w, o, 0 if c else n)  # a canceled ending: a few bytes, not n
-        if w is not primary and w.job is not None:
-            batching.settle(settle, w.job, status, st.settings.result_ttl, st.settings.failure_ttl)
+        if w is not primary and w.queue is not None:
+            claimed.setdefault(w.queue, []).append((w.job_id, status))
+    for queue, jobs in claimed.items():
+        batching.settle(settle, queue, jobs, st.settings.result_ttl, st.settings.failure_ttl)
     return ended[0] if primary is not None else None
 
 

@@ -126,7 +126,7 @@ def test_jobs_claimed_for_a_batch_by_a_dead_worker_go_back_to_the_queue(
     (key,) = r.scan_iter("bt:batch:digits-cnn:*")
     group = key.decode().removeprefix("bt:batch:")
     claimed = batching.claim(r, group, "default", "ghost.1.dead", 10, 600, START)
-    assert sorted(j.id for j, _ in claimed) == sorted(jobs)
+    assert sorted(j.id for j in claimed) == sorted(jobs)
     assert not {i.decode() for i in r.lrange("rq:queue:default", 0, -1)} & set(jobs)
     assert {r.hget(f"rq:job:{j}", "status") for j in jobs} == {b"started"}
     cluster.workers(1)
@@ -156,7 +156,7 @@ def test_claims_past_their_deadline_go_back_even_while_the_worker_lives(
         jobs = [submit(cluster.url, body) for _ in range(2)]
         (key,) = r.scan_iter("bt:batch:digits-cnn:*")
         group = key.decode().removeprefix("bt:batch:")
-        claimed = [j.id for j, _ in batching.claim(r, group, "default", worker.name, 10, -1, START)]
+        claimed = [j.id for j in batching.claim(r, group, "default", worker.name, 10, -1, START)]
         assert sorted(claimed) == sorted(jobs)
     finally:
         resume(r)

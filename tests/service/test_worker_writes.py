@@ -11,10 +11,13 @@ from collections.abc import Iterator
 import pytest
 import redis
 from rq import Queue, Retry
+from rq.job import Job
+from rq.job import JobStatus as RQStatus
+from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
 from service import batching, store
-from service.vocabulary import Event
+from service.vocabulary import Event, JobStatus
 from tests.helpers.databases import own_database
 
 QUEUE = "writes-test"
@@ -42,8 +45,12 @@ def test_a_claim_starts_its_jobs_and_reports_their_cancel_flags(r: redis.Redis) 
     ids = _queued(r, 3)
     store.request_cancel(r, ids[1], 60)
     claimed = batching.claim(r, GROUP, QUEUE, "w.1.ab", 10, 600, START)
-    assert [(j.id, c) for j, c in claimed] == [(ids[0], False), (ids[1], True), (ids[2], False)]
-    assert [j.kwargs["request"]["i"] for j, _ in claimed] == [0, 1, 2]
+    assert [(j.id, j.canceled) for j in claimed] == [
+        (ids[0], False),
+        (ids[1], True),
+        (ids[2], False),
+    ]
+    assert [j.request["i"] for j in claimed] == [0, 1, 2]
     for job_id in ids:
         ((_, fields),) = r.xrange(store.EVENTS.format(job_id))
         assert fields[b"event"] == Event.STARTED.encode()
@@ -67,10 +74,55 @@ def test_a_claim_never_revives_an_expired_job(r: redis.Redis) -> None:
     gone, kept = _queued(r, 2)
     r.delete(f"rq:job:{gone}")
     claimed = batching.claim(r, GROUP, QUEUE, "w.1.ab", 10, 600, START)
-    assert [j.id for j, _ in claimed] == [kept]
+    assert [j.id for j in claimed] == [kept]
     assert not r.exists(f"rq:job:{gone}") and not r.exists(store.EVENTS.format(gone))
     assert r.hkeys(batching.CLAIMS) == [kept.encode()]
     assert not r.lrange(f"rq:queue:{QUEUE}", 0, -1)
+
+
+def test_a_claim_reads_the_enqueue_time_and_retries_as_rq_does(r: redis.Redis) -> None:
+    """A claim reads three fields of RQ's hash instead of building RQ's ``Job``: what it
+    reads is what ``Job.fetch`` would give."""
+    (job_id,) = _queued(r, 1)
+    r.hset(f"rq:job:{job_id}", "retries_left", 1)
+    rq_job = Job.fetch(job_id, connection=r, serializer=JSONSerializer)
+    (claimed,) = batching.claim(r, GROUP, QUEUE, "w.1.ab", 10, 600, START)
+    assert claimed.request == rq_job.kwargs["request"]
+    assert claimed.enqueued_at == rq_job.enqueued_at.timestamp()
+    assert claimed.retries_left == rq_job.retries_left == 1
+
+
+@pytest.mark.parametrize("status", [JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED])
+def test_settling_claimed_jobs_ends_them_in_rq_as_rq_ends_its_own(
+    r: redis.Redis, status: JobStatus
+) -> None:
+    """``settle`` writes in one script what RQ's ``set_status``, registry ``add`` and
+    ``cleanup`` write for a job it ran (the reference, ended here through RQ's objects), and
+    removes the claims."""
+    ours, theirs = _queued(r, 2)
+    batching.claim(r, GROUP, QUEUE, "w.1.ab", 10, 600, START)
+    pipe = r.pipeline(transaction=False)
+    batching.settle(pipe, QUEUE, [(ours, status)], 60, 600)
+    pipe.execute()
+    job = Job.fetch(theirs, connection=r, serializer=JSONSerializer)
+    ok, canceled = status == JobStatus.FINISHED, status == JobStatus.CANCELED
+    rq_status = {JobStatus.FINISHED: RQStatus.FINISHED, JobStatus.CANCELED: RQStatus.CANCELED}
+    pipe = r.pipeline(transaction=False)
+    job.set_status(rq_status.get(status, RQStatus.FAILED), pipeline=pipe)
+    registry = (FinishedJobRegistry if ok else FailedJobRegistry)(QUEUE, connection=r)
+    if not canceled:
+        registry.add(job, 60 if ok else 600, pipeline=pipe)
+    job.cleanup(60 if ok else 600, pipeline=pipe, remove_from_queue=False)
+    pipe.execute()
+    assert r.hget(f"rq:job:{ours}", "status") == r.hget(f"rq:job:{theirs}", "status")
+    assert r.hget(f"rq:job:{ours}", "ended_at")
+    assert abs(r.ttl(f"rq:job:{ours}") - r.ttl(f"rq:job:{theirs}")) <= 1
+    for key in (FinishedJobRegistry(QUEUE).key, FailedJobRegistry(QUEUE).key):
+        ours_score, theirs_score = r.zscore(key, ours), r.zscore(key, theirs)
+        assert (ours_score is None) == (theirs_score is None)
+        assert ours_score is None or abs(ours_score - theirs_score) <= 1
+    assert (r.zscore(registry.key, ours) is None) == canceled
+    assert ours.encode() not in r.hkeys(batching.CLAIMS)
 
 
 @pytest.mark.parametrize("cancel", [False, True])
