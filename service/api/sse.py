@@ -279,7 +279,7 @@ async def _read(streams: EventStreams, job_id: str, last: str, block: float, hel
     quiet job that RQ says is over gets its terminal event here (not checked at the end of
     a hold, which is no sign of a quiet job)."""
     key = store.EVENTS.format(job_id)
-    resp = await streams.hub.read(key, last, block)
+    resp = await streams.hub.read(key, last, block, urgent=not held)  # held: they can wait
     if not resp and not held:
         await _close_dead_job(streams.redis, job_id, key, last)
     return resp

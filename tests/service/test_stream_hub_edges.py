@@ -14,8 +14,9 @@ import time
 import pytest
 import redis.asyncio as aredis
 
+from service.api import hub as hub_module
 from service.api.deps import AsyncClients
-from service.api.hub import HUB_BLOCK_S, StreamHub
+from service.api.hub import HUB_BLOCK_S, WAKE_LATER_S, StreamHub
 
 ENTRY = {"event": "queued", "data": "{}"}
 
@@ -127,5 +128,60 @@ def test_an_error_a_cancelled_reader_never_waited_for_is_not_logged(redis_url: s
         gc.collect()
         await asyncio.sleep(0)
         assert not [m for m in logged if "never retrieved" in m], logged
+
+    asyncio.run(_with_hub(redis_url, body))
+
+
+def _count_unblocks(hub: StreamHub) -> list[int]:
+    """The CLIENT UNBLOCKs the hub sends, counted as they go out."""
+    sent: list[int] = []
+    sse = hub.clients.get("sse")
+    unblock = sse.client_unblock
+
+    async def counted(client_id: int) -> bool:
+        sent.append(client_id)
+        return await unblock(client_id)
+
+    sse.client_unblock = counted  # type: ignore[method-assign]
+    return sent
+
+
+def test_a_reader_that_can_wait_joins_the_next_read_without_a_wake(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream holding back its first events (not ``urgent``) lets the read in flight
+    return with another stream's entry, and is in the read after it: no unblock sent (each
+    new stream used to wake the read at once, a CLIENT UNBLOCK and a read sent again for
+    nothing, most of them under load). The wake's delay is made long here, so that a slow
+    machine cannot send it before the read returns."""
+    monkeypatch.setattr(hub_module, "WAKE_LATER_S", 2.0)
+
+    async def body(hub: StreamHub, w: aredis.Redis) -> None:
+        sent = _count_unblocks(hub)
+        busy = asyncio.ensure_future(hub.read("hub:edge:busy", "0-0", 5))
+        await asyncio.sleep(0.2)  # the hub's read blocks on the busy stream alone
+        await w.xadd("hub:edge:joins", ENTRY)
+        joins = asyncio.ensure_future(hub.read("hub:edge:joins", "0-0", 5, urgent=False))
+        await w.xadd("hub:edge:busy", ENTRY)  # the read returns with it
+        assert await joins and await busy
+        assert sent == []
+
+    asyncio.run(_with_hub(redis_url, body))
+
+
+def test_a_reader_that_can_wait_wakes_a_quiet_read_soon(redis_url: str) -> None:
+    """Where the read in flight stays quiet, the reader that can wait wakes it after
+    ``WAKE_LATER_S``, not after the read's whole block."""
+
+    async def body(hub: StreamHub, w: aredis.Redis) -> None:
+        sent = _count_unblocks(hub)
+        quiet = asyncio.ensure_future(hub.read("hub:edge:quiet2", "0-0", 5))
+        await asyncio.sleep(0.2)
+        await w.xadd("hub:edge:late2", ENTRY)
+        t0 = time.monotonic()
+        assert await hub.read("hub:edge:late2", "0-0", 5, urgent=False)
+        assert time.monotonic() - t0 < WAKE_LATER_S + HUB_BLOCK_S / 4
+        assert len(sent) == 1
+        quiet.cancel()
 
     asyncio.run(_with_hub(redis_url, body))
