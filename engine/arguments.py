@@ -7,6 +7,7 @@ misspelt node name in ``relevance_nodes`` returned no relevance for it)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, fx
 
+from .heads import DEFAULT_THRESHOLD
 from .params import RelevanceParams
 from .tasks import ONE_DECISION_TASKS, TaskName
 
@@ -32,6 +34,30 @@ def check_ranges(params: RelevanceParams) -> None:
     if params.scaler <= 0:
         raise ValueError(
             f"scaler must be > 0 (it multiplies every reported value), got {params.scaler}"
+        )
+
+
+def check_generation(reference: Any, target: Any, position: Any, thresholding: float) -> None:
+    """What generation has no use for is named, not dropped: each step explains the token it
+    emitted, at the position whose logits chose it, against zero embeddings. A ``target`` or
+    ``position`` would otherwise be ignored without a word (the generated token explained
+    instead of the one asked for), as would a ``thresholding``, which decides nothing there
+    (a warning, as for a classifier decided by argmax: the keyword is in the public API)."""
+    if reference is not None:
+        raise ValueError("generation explains against zero embeddings: no reference=")
+    given = {"target": target, "position": position}
+    asked = [name for name, value in given.items() if value is not None]
+    if asked:
+        raise ValueError(
+            f"generation explains each generated token at the position that chose it: no "
+            f"{' or '.join(f'{name}=' for name in asked)} (to explain another token at a "
+            "position, run task='text-classification' with position= and target=)"
+        )
+    if thresholding != DEFAULT_THRESHOLD:
+        warnings.warn(
+            f"thresholding={thresholding} has no effect on generation: each step's token is "
+            "the decode's choice; thresholding decides single-logit binary classifiers",
+            stacklevel=3,
         )
 
 

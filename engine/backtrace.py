@@ -299,9 +299,9 @@ class DLBacktrace:
         if task not in TASK_NAMES:
             raise ValueError(f"task must be one of {tuple(map(str, TASK_NAMES))}, got {task!r}")
         task = self.detect_task(inputs, tokenizer) if task == TaskName.AUTO else TaskName(task)
-        if task == TaskName.GENERATION and reference is not None:
-            raise ValueError("generation explains against zero embeddings: no reference=")
         generating = task == TaskName.GENERATION
+        if generating:
+            arguments.check_generation(reference, target, position, thresholding)
         if relevance_nodes is None:
             relevance_nodes = "inputs" if generating else "all"
         params = RelevanceParams(

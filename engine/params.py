@@ -172,6 +172,32 @@ class DecodingParams:
             raise TypeError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        self._check_search()
+
+    def _check_search(self) -> None:
+        """Beam search and sampling switches as ``generate`` takes them. Each is read by a
+        test that would otherwise take a wrong value silently or fail deep in the decode:
+        ``num_beams=2.5`` in ``torch.full``; a NaN ``length_penalty`` scored every finished
+        beam NaN and returned a shorter sequence; the decode stops early only on
+        ``early_stopping is True`` and plans for the longest on ``"never"``, so ``1`` or
+        ``"yes"`` were the heuristic without a word; ``do_sample="no"`` sampled."""
+        if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, numbers.Integral):
+            raise TypeError(f"num_beams must be an integer, got {self.num_beams!r}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        _finite("length_penalty", self.length_penalty)
+        if self.early_stopping not in (True, False, "never") or not isinstance(
+            self.early_stopping, bool | str
+        ):
+            raise ValueError(
+                f'early_stopping must be True, False or "never", got {self.early_stopping!r}'
+            )
+        if self.do_sample is not None and not isinstance(self.do_sample, bool):
+            raise TypeError(f"do_sample must be True, False or None, got {self.do_sample!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
+        ):
+            raise TypeError(f"seed must be an integer, got {self.seed!r}")
 
     def resolve(self, lm: Any, tokenizer: Any = None) -> DecodingConfig:
         """The decode to run: greedy or sampling decided, unset sampling settings at
@@ -254,6 +280,9 @@ class StepPlan:
     def __post_init__(self) -> None:
         if self.path not in PATHS:
             raise ValueError(f"path must be 'batched' or 'stepwise', got {self.path!r}")
+        seeds = self.max_seeds_per_sweep
+        if isinstance(seeds, bool) or not isinstance(seeds, numbers.Integral) or seeds < 1:
+            raise ValueError(f"max_seeds_per_sweep must be an integer >= 1, got {seeds!r}")
         if self.memory_budget is not None and self.memory_budget != "auto":
             object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget))
 

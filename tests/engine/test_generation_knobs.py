@@ -84,6 +84,49 @@ def test_out_of_range_knobs_are_rejected(gpt2, knobs, match):
         DecodingParams(**knobs)
 
 
+@pytest.mark.parametrize(
+    "knobs,error,match",
+    [
+        (dict(num_beams=2.5), TypeError, "num_beams must be an integer"),
+        (dict(num_beams=2, length_penalty=float("nan")), ValueError, "length_penalty"),
+        (dict(num_beams=2, early_stopping="yes"), ValueError, "early_stopping"),
+        (dict(num_beams=2, early_stopping=1), ValueError, "early_stopping"),
+        (dict(do_sample="no"), TypeError, "do_sample"),
+        (dict(do_sample=True, seed="a"), TypeError, "seed must be an integer"),
+        (dict(max_seeds_per_sweep=0), ValueError, "max_seeds_per_sweep"),
+    ],
+)
+def test_malformed_search_settings_are_named(gpt2, knobs, error, match):
+    """Before, each ran: a NaN length penalty returned a shorter sequence, early_stopping=1
+    and do_sample="no" were taken as another setting, or torch failed deep in the decode
+    (num_beams=2.5: 'full(): argument size', max_seeds_per_sweep=0: 'range() arg 3')."""
+    _, batch, dlb = gpt2
+    with pytest.raises(error, match=match):
+        _generate(dlb, batch, steps="all", **knobs)
+
+
+@pytest.mark.parametrize(
+    "given,match",
+    [
+        (dict(target=3), "no target="),
+        (dict(position=0), "no position="),
+        (dict(target=0, position=[1, 2]), "no target= or position="),
+    ],
+)
+def test_target_and_position_are_refused_not_ignored(gpt2, given, match):
+    """Each step explains the token it emitted: a target or position was dropped without a
+    word, and the generated token explained instead of the one asked for."""
+    _, batch, dlb = gpt2
+    with pytest.raises(ValueError, match=match):
+        _generate(dlb, batch, **given)
+
+
+def test_a_threshold_warns_that_generation_does_not_read_it(gpt2):
+    _, batch, dlb = gpt2
+    with pytest.warns(UserWarning, match="thresholding=0.2 has no effect on generation"):
+        _generate(dlb, batch, thresholding=0.2)
+
+
 def test_prompt_checked_before_decoding(gpt2):
     _, batch, dlb = gpt2
     with pytest.raises(ValueError, match=r"6 \+ 123|129 positions.*has 128"):
