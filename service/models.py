@@ -27,7 +27,7 @@ import torch
 from engine.tasks import TaskName
 
 from .demo import ensure_built, load_demo_model
-from .registry import ImageSpec, ModelSpec, Registry
+from .registry import VOCABULARY_HEADS, ImageSpec, ModelSpec, Registry
 
 log = logging.getLogger("service.models")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -261,7 +261,7 @@ def _load_transformers(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel
     if spec.task == TaskName.IMAGE_CLASSIFICATION:
         image = _folder_image(spec, model.config, _image_processor(where, kw))
     loaded = LoadedModel(spec.id, spec.task, model, tok, labels, image)
-    if head not in ("causal-lm", "masked-lm"):  # an LM's classes are its vocabulary
+    if head not in VOCABULARY_HEADS:  # an LM's classes are its vocabulary
         check_labels(loaded, getattr(model.config, "num_labels", None), "config.json")
     loaded.warnings = _untrained(spec, model, report.get("missing_keys"))
     return loaded, Path(where) if local else None
@@ -282,9 +282,12 @@ def _has_vocabulary(spec: ModelSpec, tok: Any, where: str | Path) -> None:
 
 
 def _labels(model: Any, tok: Any, head: str) -> list[str]:
-    """A model's class names: its config's, or a masked LM's vocabulary (its classes are
-    the tokens it may fill in; a row past the tokenizer's is named by its index)."""
-    if head != "masked-lm":
+    """A model's class names: its config's, or a language model's vocabulary (its classes
+    are the tokens it may fill in or read next; a row past the tokenizer's is named by its
+    index). A causal LM registered as a text classifier had its config's default two labels,
+    so that every job failed at the first capture on "labels has 2 names, but the model
+    has V classes", labels its entry never gave."""
+    if head not in VOCABULARY_HEADS:
         return [model.config.id2label[i] for i in range(len(model.config.id2label))]
     tokens = tok.convert_ids_to_tokens(list(range(min(len(tok), model.config.vocab_size))))
     return tokens + [str(i) for i in range(len(tokens), model.config.vocab_size)]

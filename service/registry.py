@@ -41,6 +41,9 @@ HEAD_TASKS: dict[str, tuple[str, ...]] = {
     "masked-lm": ("text-classification",),  # fill-mask: the mask token's prediction
 }
 Head = Literal[tuple(HEAD_TASKS)]
+# The heads of language models: their classes are the tokens of their vocabulary (its
+# config.json's id2label, two LABEL_N by default, names none of them).
+VOCABULARY_HEADS = ("causal-lm", "masked-lm")
 
 # The devices an entry may name: "auto" and the strings torch.device takes for the devices the
 # worker runs on, written as torch writes them (no "cuda:01"), matched here because the API,

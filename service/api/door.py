@@ -373,13 +373,14 @@ def _check_contrast_with(
 
 
 def _not_a_token(spec: ModelSpec, alt: str, meta: ModelMeta) -> str:
-    """Why a label names no class of a masked LM (its classes are its tokens), with the
-    tokens its tokenizer makes of it: a word it splits, or writes otherwise (``Ġsat``)."""
+    """Why a label names no class of a language model (its classes are its tokens), with
+    the tokens its tokenizer makes of it: a word it splits, or writes otherwise (``Ġsat``)."""
     top = meta.num_classes - 1 if meta.num_classes else "the vocabulary size - 1"
     pieces = meta.tokenizer.encode(alt, add_special_tokens=False).tokens
     reads = f"; its tokenizer reads {alt!r} as {', '.join(map(repr, pieces))}" if pieces else ""
+    kind = "masked" if spec.source.head == "masked-lm" else "causal"
     return (
-        f"{alt!r} is not a token of {spec.id} (a masked LM: its classes are the tokens of "
+        f"{alt!r} is not a token of {spec.id} (a {kind} LM: its classes are the tokens of "
         f"its vocabulary): runner-up, rest, a token id (0 to {top}) or one token as its "
         f"tokenizer writes it{reads}"
     )

@@ -23,7 +23,7 @@ import redis.asyncio as aredis
 from engine.tasks import TaskName
 
 from .. import demo, store
-from ..registry import ModelSpec, Registry
+from ..registry import VOCABULARY_HEADS, ModelSpec, Registry
 
 RECHECK_S = 1.0
 
@@ -53,8 +53,8 @@ class ModelMeta:
     pads_left: bool | None = None
     # the token a masked LM fills in (``[MASK]``, ``<mask>``); None for other models
     mask_token: str | None = None
-    # a masked LM without labels in its entry: its classes are its vocabulary, named by
-    # their tokens (``token_class``)
+    # a language model (masked or causal) without labels in its entry: its classes are its
+    # vocabulary, named by their tokens (``token_class``)
     token_classes: bool = False
     # how many features a row of ``inputs.features`` has (a tabular model's input width)
     features: int | None = None
@@ -80,7 +80,7 @@ class ModelMeta:
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def token_class(self, name: str) -> int | None:
-        """The class a masked LM's label names, as the worker names its classes (each id by
+        """The class a language model's label names, as the worker names its classes (each id by
         its token, an id past the tokenizer's tokens by its digits); None for a name that is
         none of them or where the tokenizer is not known."""
         if not self.token_classes or self.tokenizer is None:
@@ -284,7 +284,8 @@ def _read(folder: Path, config: dict[str, Any], spec: ModelSpec) -> ModelMeta:
     classes = _source_classes(spec) or (len(labels) if isinstance(labels, dict) else None)
     names = _labels(spec, labels)
     masked = spec.source.head == "masked-lm"
-    if masked:  # its classes are its vocabulary (its config's labels mean nothing)
+    lm = spec.source.head in VOCABULARY_HEADS
+    if lm:  # its classes are its vocabulary (its config's labels mean nothing)
         classes, names = config.get("vocab_size"), None
     positions = _positions(config)
     tok_config = _tokenizer_config(folder)
@@ -299,7 +300,7 @@ def _read(folder: Path, config: dict[str, Any], spec: ModelSpec) -> ModelMeta:
         token_axis=_token_axis(spec),
         pads_left=_pads_left(tok_config),
         mask_token=_mask_token(tok_config) if masked else None,
-        token_classes=masked and not spec.labels,  # the registry's labels name its classes
+        token_classes=lm and not spec.labels,  # the registry's labels name its classes
     )
 
 

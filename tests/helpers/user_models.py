@@ -3,7 +3,8 @@ checkpoints written with ``save_pretrained`` (DistilBERT classifiers of one labe
 of several labels and of a value, a bare DistilBERT encoder, a DistilBERT masked LM
 registered for fill-mask (``head: masked-lm``), a RoBERTa sequence classifier,
 with fewer positions than the registry's default ``max_tokens``, a ViT with its image
-processor, a one-channel ViT, a Llama whose tokenizer has no pad token, a T5), each with its
+processor, a one-channel ViT, a Llama whose tokenizer has no pad token (also registered as a
+text classifier of the token it reads next, ``head: causal-lm``), a T5), each with its
 tokenizer built offline.
 ``python -m tests.helpers.user_models DIR`` writes them, so that test processes need not
 import torch."""
@@ -177,14 +178,17 @@ def entries(folder: Path) -> list[dict[str, Any]]:
         "vit": "image-classification",
         "vit-gray": "image-classification",
         "llama": "generation",
+        "llama-next-token": "text-classification",
         "t5": "generation",
     }
-    heads = {"distilbert-mlm": "masked-lm"}  # the others: the head their task implies
+    # the others: the head their task implies
+    heads = {"distilbert-mlm": "masked-lm", "llama-next-token": "causal-lm"}
+    folders = {"llama-next-token": "llama"}  # the others: the folder of their name
     return [
         {
             "id": f"user-{name}",
             "task": task,
-            "source": {"kind": "transformers", "path": str(folder / name)}
+            "source": {"kind": "transformers", "path": str(folder / folders.get(name, name))}
             | ({"head": heads[name]} if name in heads else {}),
         }
         for name, task in tasks.items()

@@ -215,6 +215,41 @@ def test_a_masked_lm_fills_in_its_mask_token(api: Client, models: Path) -> None:
     assert explained["predictions"][0]["index"] == row["index"]
 
 
+def _next_token_logits(models: Path, text: str) -> list[float]:
+    """The Llama's logits for the token after ``text``, as transformers runs it."""
+    code = (
+        "import sys, json, torch; import transformers as tf; d = sys.argv[1]; "
+        "m = tf.AutoModelForCausalLM.from_pretrained(d).eval(); "
+        "t = tf.AutoTokenizer.from_pretrained(d); x = t(sys.argv[2], return_tensors='pt'); "
+        "print(json.dumps(m(**x).logits[0, -1].tolist()))"
+    )
+    return _transformers_says(code, models / "llama", text)
+
+
+def test_a_causal_lm_classifies_by_the_token_it_reads_next(api: Client, models: Path) -> None:
+    """head causal-lm for text-classification: the prediction is the token the model reads
+    after the text (its logits there, as transformers gives them), named by the vocabulary,
+    and a token of it names a contrast's alternative. Every job failed at the first
+    capture, on labels the entry never gave: its config's default two (LABEL_0, LABEL_1)
+    were taken for its classes ("labels has 2 names, but the model has V classes")."""
+    text = "the cat sat on the"
+    body = {"model": "user-llama-next-token", "inputs": {"text": text}}
+    result = api.run(body, timeout=300)
+    (row,) = result["predictions"]
+    expected = _next_token_logits(models, text)
+    assert np.allclose(row["logits"], expected, atol=1e-4)
+    assert row["index"] == int(np.argmax(expected)) and row["label"] in row["scores"]
+    contrast = {"mode": "contrast", "contrast_with": "Ġcat"}
+    explained = api.run({**body, "relevance": contrast}, timeout=300)
+    assert explained["predictions"][0]["index"] == row["index"]
+    assert _refusal(api, {**body, "relevance": {**contrast, "contrast_with": "LABEL_0"}}) == (
+        "relevance.contrast_with: 'LABEL_0' is not a token of user-llama-next-token (a causal "
+        "LM: its classes are the tokens of its vocabulary): runner-up, rest, a token id (0 to "
+        f"{len(expected) - 1}) or one token as its tokenizer writes it; its tokenizer reads "
+        "'LABEL_0' as 'L', 'A', 'B', 'E', 'L', '_', '0'"
+    )
+
+
 def test_a_tokenizer_without_a_pad_token_generates(api: Client) -> None:
     """One prompt, and two of unequal length in one job, each row as it is alone."""
     texts = ["the cat sat on the mat", "a dog"]
