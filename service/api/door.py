@@ -426,26 +426,27 @@ def _check_positions(req: RunTaskRequest, meta: ModelMeta) -> None:
     """The prompt and the generated tokens together fit the model's positions; for an
     encoder-decoder, the decoder's start token and the generated tokens do (its source is
     bounded by ``_token_bound``). The default number of new tokens (none sent) is lowered
-    to what fits: a prompt near the positions was refused for a setting it never sent."""
+    to what fits: a prompt near the positions was refused for a setting it never sent. A
+    prompt that fills the positions is refused on the prompt, new tokens sent or not: with
+    them sent it was refused on max_new_tokens, "at most 0", which no value fits."""
     n = 1 if meta.encoder_decoder else _prompt_length(req, meta)
     new = req.generation.max_new_tokens or 0
     if meta.max_positions is None or n is None or n + new <= meta.max_positions:
         return
-    sent = "max_new_tokens" in req.generation.model_fields_set
-    if not sent and n < meta.max_positions:  # the default: as many as the prompt leaves room for
-        req.generation.max_new_tokens = meta.max_positions - n
-        return
-    if not sent:
+    if n >= meta.max_positions:  # the prompt's fault, whatever max_new_tokens says
         raise invalid(
             ["inputs", "token_ids" if req.inputs.token_ids else "text"],
             f"a {n}-token prompt fills the model's {meta.max_positions} positions: none is "
             f"left for a generated token; send at most {meta.max_positions - 1} tokens",
         )
+    if "max_new_tokens" not in req.generation.model_fields_set:  # the default: what fits
+        req.generation.max_new_tokens = meta.max_positions - n
+        return
     after = "the decoder's start token" if meta.encoder_decoder else f"a {n}-token prompt"
     raise invalid(
         ["generation", "max_new_tokens"],
         f"{new} after {after} is more than the model's {meta.max_positions} "
-        f"positions: at most {max(meta.max_positions - n, 0)}",
+        f"positions: at most {meta.max_positions - n}",
     )
 
 

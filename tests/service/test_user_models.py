@@ -266,6 +266,14 @@ def test_generation_settings_out_of_range_name_the_field(api: Client) -> None:
         "generation.max_new_tokens: 10 after a 60-token prompt is more than the model's 64 "
         "positions: at most 4"
     )
+    # a prompt that fills the positions is the prompt's fault, new tokens sent or not (it was
+    # refused on max_new_tokens, "at most 0")
+    assert _refusal(
+        api, {**prompt, "inputs": {"token_ids": [1] * 64}, "generation": {"max_new_tokens": 1}}
+    ) == (
+        "inputs.token_ids: a 64-token prompt fills the model's 64 positions: none is left for "
+        "a generated token; send at most 63 tokens"
+    )
     assert _refusal(api, {**prompt, "inputs": {"token_ids": [1, 999]}}).startswith(
         "inputs.token_ids: id 999 is not a token id (0 to "
     )
