@@ -79,11 +79,18 @@ def pick_device(spec: ModelSpec) -> str:
     return spec.device
 
 
-def _sha(path: Path) -> str:
+def _revision(files: list[Path]) -> str:
+    """The hash of the weights files a model loads, in order, or "unversioned" without any
+    (a python factory's, a hub id's): each torchvision entry's own file (they hashed the
+    first .safetensors file of its folder, so that entries whose weights share a folder all
+    reported one revision) and every shard of a sharded checkpoint."""
+    if not files:
+        return "unversioned"
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for path in files:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
     return h.hexdigest()[:16]
 
 
@@ -99,19 +106,18 @@ class ModelLoadError(RuntimeError):
 
 
 def load_model(spec: ModelSpec, registry: Registry, data_dir: str) -> tuple[LoadedModel, str]:
-    """The model for a registry entry and its revision (hash of the weights file); a
+    """The model for a registry entry and its revision (``_revision``); a
     ``ModelLoadError`` when it does not load."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        loaded, path = _load(spec, registry, data_dir)
+        loaded = _load(spec, registry, data_dir)
     except EntryError:
         raise
     except Exception as exc:
         raise ModelLoadError(
             _not_loaded(spec, _weights_files(spec, registry, data_dir), exc)
         ) from exc
-    weights = next(iter(sorted(Path(path).glob("*.safetensors"))), None) if path else None
-    return loaded, (_sha(weights) if weights else "unversioned")
+    return loaded, _revision(_weights_files(spec, registry, data_dir))
 
 
 def _weights_files(spec: ModelSpec, registry: Registry, data_dir: str) -> list[Path]:
@@ -154,23 +160,19 @@ def _unreadable(path: Path) -> str | None:
         return f"is unreadable ({type(exc).__name__}: {exc})"
 
 
-def _load(
-    spec: ModelSpec, registry: Registry, data_dir: str
-) -> tuple[LoadedModel, str | Path | None]:
-    """The model as its source kind loads it, and the folder its weights came from."""
+def _load(spec: ModelSpec, registry: Registry, data_dir: str) -> LoadedModel:
+    """The model as its source kind loads it."""
     src = spec.source
     if src.kind == "demo":
         name = src.name or spec.id
-        path = registry.resolve(src.path) or ensure_built(name, data_dir)
-        loaded = load_demo_model(path, name)
+        loaded = load_demo_model(registry.resolve(src.path) or ensure_built(name, data_dir), name)
     elif src.kind == "transformers":
-        loaded, path = _load_transformers(spec, registry)
+        loaded = _load_transformers(spec, registry)
     elif src.kind == "torchvision":
-        loaded, path = _load_torchvision(spec, registry)
+        loaded = _load_torchvision(spec, registry)
     else:
         module, _, fn = (src.factory or "").partition(":")
         loaded = getattr(importlib.import_module(module), fn)()
-        path = None
         if not isinstance(loaded, LoadedModel):  # it failed later, on a missing attribute
             raise EntryError(
                 f"registry entry {spec.id}: source.factory {src.factory} returned "
@@ -179,7 +181,7 @@ def _load(
     loaded.model_id = spec.id
     loaded.labels = spec.labels or loaded.labels
     loaded.image = spec.image or loaded.image
-    return loaded, path
+    return loaded
 
 
 # The tasks whose classes the entry's ``labels`` name, one per class of the model's output.
@@ -234,7 +236,7 @@ def _default_head(spec: ModelSpec, config: Any) -> str:
     return _DEFAULT_HEADS.get(spec.task, "sequence-classification")
 
 
-def _load_transformers(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel, Path | None]:
+def _load_transformers(spec: ModelSpec, registry: Registry) -> LoadedModel:
     import transformers as tf
 
     src = spec.source
@@ -264,7 +266,7 @@ def _load_transformers(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel
     if head not in VOCABULARY_HEADS:  # an LM's classes are its vocabulary
         check_labels(loaded, getattr(model.config, "num_labels", None), "config.json")
     loaded.warnings = _untrained(spec, model, report.get("missing_keys"))
-    return loaded, Path(where) if local else None
+    return loaded
 
 
 def _has_vocabulary(spec: ModelSpec, tok: Any, where: str | Path) -> None:
@@ -382,7 +384,7 @@ def _per_channel(value: Any, channels: int) -> list[float]:
     return [float(value)] * channels if isinstance(value, int | float) else list(value)
 
 
-def _load_torchvision(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel, Path | None]:
+def _load_torchvision(spec: ModelSpec, registry: Registry) -> LoadedModel:
     import torchvision
     from safetensors.torch import load_file
 
@@ -407,7 +409,7 @@ def _load_torchvision(spec: ModelSpec, registry: Registry) -> tuple[LoadedModel,
     )
     loaded = LoadedModel(spec.id, spec.task, model.eval(), None, spec.labels, image)
     check_labels(loaded, src.num_classes, "source.num_classes")
-    return loaded, weights.parent
+    return loaded
 
 
 def _first_mismatch(exc: RuntimeError) -> str:

@@ -440,6 +440,29 @@ def test_torchvision_weights_of_other_classes_name_num_classes(tmp_path: Path) -
     )
 
 
+def test_torchvision_entries_of_one_folder_have_their_own_revisions(tmp_path: Path) -> None:
+    """A result's receipt names the weights that produced it: each entry's revision was
+    the hash of the first .safetensors file of its weights' folder, so that every entry
+    whose file shares the folder reported the first one's."""
+    import torchvision
+    from safetensors.torch import save_file
+
+    from service.models import load_model
+
+    revisions = {}
+    for classes in (2, 3):
+        save_file(
+            torchvision.models.squeezenet1_1(num_classes=classes).state_dict(),
+            tmp_path / f"squeeze-{classes}.safetensors",
+        )
+        source = {"kind": "torchvision", "arch": "squeezenet1_1", "num_classes": classes}
+        source["weights"] = f"squeeze-{classes}.safetensors"
+        spec = ModelSpec.model_validate({"id": f"s{classes}", "task": "image-classification",
+                                         "source": source})  # fmt: skip
+        revisions[classes] = load_model(spec, Registry([spec], tmp_path), str(tmp_path))[1]
+    assert revisions[2] != revisions[3], revisions
+
+
 def test_a_url_that_reaches_another_server_is_named() -> None:
     """A proxy's page with 200 was a JSONDecodeError traceback."""
     client = Client("http://service.test")
