@@ -178,9 +178,5 @@ def _count(st: WorkerState, w: Work, outcome: Outcome, written: int) -> JobStatu
     spec = st.registry.get(model_id)
     task = task or (spec.task if spec else "unknown")
     status = _status(outcome)
-    if w.queue_wait is not None:
-        m.QUEUE_WAIT.labels(task=task, model=model_id).observe(w.queue_wait)
-    m.JOBS.labels(task=task, model=model_id, status=status).inc()
-    m.RUN.labels(task=task, model=model_id).observe(time.time() - w.picked)
-    m.TRACE_BYTES.labels(model=model_id).inc(written)
+    m.job_ended(task, model_id, status, w.queue_wait, time.time() - w.picked, written)
     return status
