@@ -70,6 +70,30 @@ def image_overlay(image_png_b64: str, relevance_map: np.ndarray, size: int = 256
 def token_grid(rows: list[np.ndarray], col_labels: list[str], row_labels: list[str]) -> bytes:
     """One row per explained step (or per text), one cell per token; rows may be shorter
     than the widest (a generation step sees only the tokens before it)."""
+    return _png(with_scale(_grid(rows, col_labels, row_labels), ROW_NOTE))
+
+
+def text_rows(rows: list[np.ndarray], tokens: list[list[str]], row_labels: list[str]) -> bytes:
+    """One row per text under that text's own tokens: texts of a batch differ in their
+    tokens, and every row's cells were labelled with the first text's. Texts of the same
+    tokens share one header."""
+    if all(t == tokens[0] for t in tokens):
+        return token_grid(rows, tokens[0], row_labels)
+    names = row_labels + [""] * (len(rows) - len(row_labels))
+    grids = [_grid([r], t, [n]) for r, t, n in zip(rows, tokens, names, strict=True)]
+    out = Image.new("RGB", (max(g.width for g in grids), sum(g.height for g in grids)), "white")
+    y = 0
+    for g in grids:
+        out.paste(g, (0, y))
+        y += g.height
+    return _png(with_scale(out, ROW_NOTE))
+
+
+ROW_NOTE = "max: each row's largest |relevance|"
+
+
+def _grid(rows: list[np.ndarray], col_labels: list[str], row_labels: list[str]) -> Image.Image:
+    """The cells of ``token_grid`` under their rotated column labels, without the scale."""
     font = ImageFont.load_default()
     cell_w, cell_h, left, top = 28, 18, 90, 70
     width = max((len(r) for r in rows), default=0)
@@ -90,4 +114,4 @@ def token_grid(rows: list[np.ndarray], col_labels: list[str], row_labels: list[s
         img.paste(
             tile.rotate(90, expand=True), (left + j * cell_w, 2), tile.rotate(90, expand=True)
         )
-    return _png(with_scale(img, "max: each row's largest |relevance|"))
+    return img

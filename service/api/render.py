@@ -31,7 +31,7 @@ def heatmap_png(result: dict[str, Any]) -> bytes:
     if items and "tokens" in items[0] and "relevance" in items[0]:
         rows = [codec.decode(it["relevance"]) for it in items]
         labels = [p["label"] for p in result.get("predictions", [])]
-        return heatmap.token_grid(rows, [str(t) for t in items[0]["tokens"] or []], labels)
+        return heatmap.text_rows(rows, [_cells(it) for it in items], labels)
     arrays = [
         np.atleast_1d(codec.decode(it["relevance"])).reshape(-1)
         for it in items
@@ -57,11 +57,20 @@ def _labels(g: dict[str, Any]) -> tuple[list[str], list[str]]:
     return [str(t) for t in prompt], [str(t) for t in new]
 
 
+def _cells(item: dict[str, Any]) -> list[str]:
+    """A text's cell labels: the text each token adds (``documents``: ' cat' for 'Ġcat'),
+    its token string where it adds none of its own (a character's first bytes) or the
+    document predates the pieces; its ids without a tokenizer."""
+    tokens = [str(t) for t in item.get("tokens") or item["token_ids"]]
+    texts = item.get("text") or tokens
+    return [t or raw for t, raw in zip(texts, tokens, strict=True)]
+
+
 def _seed_rows(item: dict[str, Any]) -> bytes:
     """A token task's text (``documents.per_token``): relevance [seeds, tokens], one row per
     seed, labelled with what it explains (a token's label, the answer's start or end)."""
     rows = list(np.atleast_2d(codec.decode(item["relevance"])))
-    tokens = [str(t) for t in item.get("tokens") or item["token_ids"]]
+    tokens = _cells(item)
     if "answer_span" in item:
         names = list(item["seeds"])
     else:

@@ -200,10 +200,10 @@ def per_token(run: Run, batch: Batch, res: dict[str, Any], output: OutputOptions
     for i in range(ids.shape[0]):
         real = mask[i].numpy()
         row_ids = ids[i][mask[i]].tolist()
-        tokens = loaded.tokenizer.convert_ids_to_tokens(row_ids) if loaded.tokenizer else None
         seed_names = ["token"] if at_position else list(res["seeds"])
-        item: Doc = {"token_ids": row_ids, "tokens": tokens, "seeds": seed_names}
-        item.update(_segments(batch, i, mask))
+        item: Doc = {"token_ids": row_ids, **_tokens(loaded.tokenizer, row_ids)}
+        item.update(seeds=seed_names, **_segments(batch, i, mask))
+        tokens = item["tokens"]
         seeds = real
         if at_position:
             item["position"] = int((np.cumsum(real) - 1)[int(res["position"][i])])
@@ -301,11 +301,7 @@ def _items(
         per_token = relevance.get("input_ids")
         for i in range(ids.shape[0]):
             row_ids = ids[i][mask[i]].tolist()
-            item: Doc = {
-                "token_ids": row_ids,
-                "tokens": tok.convert_ids_to_tokens(row_ids) if tok is not None else None,
-                **_segments(batch, i, mask),
-            }
+            item: Doc = {"token_ids": row_ids, **_tokens(tok, row_ids), **_segments(batch, i, mask)}
             if per_token is not None:
                 item["relevance"] = encode(per_token[i][mask[i].numpy()])
             items.append(item)
@@ -319,6 +315,17 @@ def _items(
                 item["relevance_map"] = encode(x_rel[i].sum(0))
         items.append(item)
     return items
+
+
+def _tokens(tok: Any, row_ids: list[int]) -> Doc:
+    """A text's tokens as its tokenizer writes them, and the text each adds to it
+    (``text``, as a generation's prompt has it: ' cat' for a byte-level BPE's 'Ġcat', an
+    emoji on the token that completes its bytes, '' on the others), which people read (the
+    heatmap labels its cells with them; they were the token strings, mojibake for
+    CJK and emoji)."""
+    if tok is None:
+        return {"tokens": None}
+    return {"tokens": tok.convert_ids_to_tokens(row_ids), "text": Pieces(tok).prompt([row_ids])[0]}
 
 
 def prompt_event(tok: Any, prompt_ids: list[list[int]], pieces: Pieces) -> Doc:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -248,6 +249,32 @@ def test_a_causal_lm_classifies_by_the_token_it_reads_next(api: Client, models: 
         f"{len(expected) - 1}) or one token as its tokenizer writes it; its tokenizer reads "
         "'LABEL_0' as 'L', 'A', 'B', 'E', 'L', '_', '0'"
     )
+
+
+def test_a_batchs_heatmap_labels_each_text_with_its_own_pieces(
+    api: Client, models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each text of a classified batch carries the text each of its tokens adds (``text``:
+    ' cat' for 'Ġcat', an emoji on the last of its bytes), which joins to the decoded
+    text, and the heatmap labels each row's cells with its own text's pieces. Every row
+    was drawn under the first text's token strings (mojibake for an emoji's bytes)."""
+    from tokenizers import Tokenizer
+
+    from service.api import render
+
+    texts = ["😀 the cat sat", "a dog"]
+    body = {"model": "user-llama-next-token", "inputs": {"text": texts}}
+    result = api.run(body, timeout=300)
+    tok = Tokenizer.from_file(str(models / "llama" / "tokenizer.json"))
+    for item in result["inputs"]:
+        assert "".join(item["text"]) == tok.decode(item["token_ids"], skip_special_tokens=False)
+    assert "😀" in result["inputs"][0]["text"] and " cat" in result["inputs"][0]["text"]
+    drawn: dict[str, Any] = {}
+    monkeypatch.setattr(render.heatmap, "text_rows", lambda *a: drawn.update(args=a) or b"")
+    render.heatmap_png(result)
+    _, cells, _ = drawn["args"]
+    assert [len(c) for c in cells] == [len(it["token_ids"]) for it in result["inputs"]]
+    assert " dog" in cells[1] and " cat" in cells[0]
 
 
 def test_a_tokenizer_without_a_pad_token_generates(api: Client) -> None:
