@@ -514,17 +514,25 @@ class DLBacktrace:
     def evaluation(self, result: dict[str, Any], top_k: int = 5) -> dict[str, Any]:
         """Summary of a run_task result (classification or generation): conservation error
         and the strongest input features, as numpy arrays (indices as integers, into each
-        row's flattened input)."""
+        sample's flattened input). A result of several seeds per sample (token
+        classification, question answering: relevance [K, B, ...]) is summarised per seed
+        and sample ([K, B, top_k]), the axes its conservation report has."""
+        if result.get("conservation") is None:
+            raise ValueError(
+                "the result explains no step (generation with steps='none', or none reached): "
+                "nothing to evaluate"
+            )
         c = {k: _to_numpy(torch.as_tensor(v)) for k, v in result["conservation"].items()}
         error = np.abs(c["inputs"] + c["sinks"] - c["seed"]) / np.maximum(np.abs(c["seed"]), 1e-12)
+        lead = c["seed"].shape  # [B], or [K, B]: one seed per output explained
         top = {}
         for name in self.captured.input_names:
             rel = result["relevance"].get(name)
             if rel is None:
                 continue
-            flat = torch.as_tensor(rel).reshape(rel.shape[0], -1)
-            k = min(top_k, flat.shape[1])
-            values, index = flat.topk(k, dim=1)
+            flat = torch.as_tensor(rel).reshape(*lead, -1)
+            k = min(top_k, flat.shape[-1])
+            values, index = flat.topk(k, dim=-1)
             top[name] = {"index": index.cpu().numpy(), "value": _to_numpy(values)}
         return {
             "conservation_error": error,

@@ -162,6 +162,13 @@ def test_evaluation_after_generation_is_numpy(gpt2):
     assert (summary["conservation_error"] < 1e-3).all()
 
 
+def test_evaluation_of_a_generation_that_explains_no_step_says_so(gpt2):
+    """Its conservation is None: evaluation() failed on None.items()."""
+    _, batch, dlb = gpt2
+    with pytest.raises(ValueError, match="explains no step"):
+        dlb.evaluation(_generate(dlb, batch, max_new_tokens=1, steps="none"))
+
+
 def test_default_sweeps_carry_at_most_twelve_seeds(gpt2, monkeypatch):
     """Without a memory budget a sweep carries at most ``StepPlan.max_seeds_per_sweep`` = 12
     seeds (steps): measured on the CPU (``bench.generation --scale``, 512 + 64), 12 held the

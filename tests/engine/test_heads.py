@@ -251,3 +251,21 @@ def test_question_answering_refuses_contrast():
     dlb = DLBacktrace(tiny_bert("BertForQuestionAnswering", num_labels=2), padded(2))
     with pytest.raises(ValueError, match='mode "contrast" is not defined for question-answering'):
         dlb.run_task(task="question-answering", inputs=padded(2), mode="contrast")
+
+
+@pytest.mark.parametrize(
+    "cls,task,seeds",
+    [("BertForTokenClassification", "token-classification", 6),
+     ("BertForQuestionAnswering", "question-answering", 2)],
+)  # fmt: skip
+def test_evaluation_ranks_each_samples_tokens_per_seed(cls, task, seeds):
+    """Relevance [K, B, T] is ranked per seed and sample: the indices were into [B * T],
+    rows of one seed of both samples flattened together (index 8 in a text of 6 tokens)."""
+    x = padded(2)
+    model = tiny_bert(cls, num_labels=3 if task == "token-classification" else 2)
+    dlb = DLBacktrace(model, x)
+    res = dlb.run_task(task=task, inputs=x, relevance_nodes="inputs")
+    top = dlb.evaluation(res, top_k=3)["top_features"]["input_ids"]
+    assert top["index"].shape == top["value"].shape == (seeds, 2, 3)
+    expected = torch.as_tensor(res["relevance"]["input_ids"]).topk(3, dim=-1)
+    np.testing.assert_array_equal(top["index"], expected.indices.numpy())
