@@ -186,16 +186,17 @@ def test_a_checkpoint_without_its_head_warns_on_every_result(api: Client) -> Non
     assert "warnings" not in api.run({**body, "model": "user-distilbert"}, timeout=300)
 
 
-def _masked_lm_logits(models: Path, text: str) -> list[float]:
-    """The masked LM's logits at its mask token, as transformers runs it."""
+def _lm_logits(folder: Path, auto_class: str, text: str, at: str) -> list[float]:
+    """A language model's logits at one token of ``text`` as transformers runs it (class
+    ``auto_class``; ``at``: the token's index, an expression of the tokenizer ``t`` and the
+    inputs ``x``)."""
     code = (
         "import sys, json, torch; import transformers as tf; d = sys.argv[1]; "
-        "m = tf.AutoModelForMaskedLM.from_pretrained(d).eval(); "
+        f"m = tf.{auto_class}.from_pretrained(d).eval(); "
         "t = tf.AutoTokenizer.from_pretrained(d); x = t(sys.argv[2], return_tensors='pt'); "
-        "at = (x['input_ids'][0] == t.mask_token_id).nonzero()[0, 0]; "
-        "print(json.dumps(m(**x).logits[0, at].tolist()))"
+        f"print(json.dumps(m(**x).logits[0, {at}].tolist()))"
     )
-    return _transformers_says(code, models / "distilbert-mlm", text)
+    return _transformers_says(code, folder, text)
 
 
 def test_a_masked_lm_fills_in_its_mask_token(api: Client, models: Path) -> None:
@@ -206,7 +207,8 @@ def test_a_masked_lm_fills_in_its_mask_token(api: Client, models: Path) -> None:
     body = {"model": "user-distilbert-mlm", "inputs": {"text": text}}
     result = api.run(body, timeout=300)
     (row,) = result["predictions"]
-    expected = _masked_lm_logits(models, text)
+    mask = "(x['input_ids'][0] == t.mask_token_id).nonzero()[0, 0]"  # its mask token's
+    expected = _lm_logits(models / "distilbert-mlm", "AutoModelForMaskedLM", text, mask)
     assert np.allclose(row["logits"], expected, atol=1e-4)
     assert row["index"] == int(np.argmax(expected)) and row["label"] in row["scores"]
     assert len(result["inputs"][0]["tokens"]) == 8
@@ -214,17 +216,6 @@ def test_a_masked_lm_fills_in_its_mask_token(api: Client, models: Path) -> None:
     assert message.startswith("inputs.text: has no [MASK]: user-distilbert-mlm is a masked LM")
     explained = api.run({**body, "relevance": {"target": 7}}, timeout=300)
     assert explained["predictions"][0]["index"] == row["index"]
-
-
-def _next_token_logits(models: Path, text: str) -> list[float]:
-    """The Llama's logits for the token after ``text``, as transformers runs it."""
-    code = (
-        "import sys, json, torch; import transformers as tf; d = sys.argv[1]; "
-        "m = tf.AutoModelForCausalLM.from_pretrained(d).eval(); "
-        "t = tf.AutoTokenizer.from_pretrained(d); x = t(sys.argv[2], return_tensors='pt'); "
-        "print(json.dumps(m(**x).logits[0, -1].tolist()))"
-    )
-    return _transformers_says(code, models / "llama", text)
 
 
 def test_a_causal_lm_classifies_by_the_token_it_reads_next(api: Client, models: Path) -> None:
@@ -237,7 +228,7 @@ def test_a_causal_lm_classifies_by_the_token_it_reads_next(api: Client, models: 
     body = {"model": "user-llama-next-token", "inputs": {"text": text}}
     result = api.run(body, timeout=300)
     (row,) = result["predictions"]
-    expected = _next_token_logits(models, text)
+    expected = _lm_logits(models / "llama", "AutoModelForCausalLM", text, "-1")
     assert np.allclose(row["logits"], expected, atol=1e-4)
     assert row["index"] == int(np.argmax(expected)) and row["label"] in row["scores"]
     contrast = {"mode": "contrast", "contrast_with": "Ġcat"}
