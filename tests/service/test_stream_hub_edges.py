@@ -181,7 +181,7 @@ def test_a_reader_that_can_wait_wakes_a_quiet_read_soon(redis_url: str) -> None:
         t0 = time.monotonic()
         assert await hub.read("hub:edge:late2", "0-0", 5, urgent=False)
         assert time.monotonic() - t0 < WAKE_LATER_S + HUB_BLOCK_S / 4
-        assert len(sent) == 1
+        assert len(sent) <= 1  # none where the read had not been sent yet
         quiet.cancel()
 
     asyncio.run(_with_hub(redis_url, body))
