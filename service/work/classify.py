@@ -79,7 +79,7 @@ def _explain(
         inputs=on_device,
         relevance_nodes=req.output.relevance,
         target=req.relevance.target,
-        position=req.relevance.position,
+        position=_positions(req.relevance.position, batch, rows, prepared),
         reference=req.relevance.reference,
         tokenizer=run.entry.loaded.tokenizer,
         **engine_relevance(req, run.entry.loaded.labels),
@@ -104,3 +104,23 @@ def _explain(
         doc = documents.warned(doc, run.entry.loaded.warnings)
         docs.append({**doc, **documents.finished(run, p.work.req, timings)})
     return docs
+
+
+def _positions(
+    position: int | None, batch: Batch, rows: list[slice], prepared: list[Prepared]
+) -> int | list[int] | None:
+    """Each row's ``relevance.position`` in the merged batch. A job's position picks a token
+    of its input as padded alone; merged with longer inputs it is padded further, and where
+    the tokenizer pads on the left its tokens move right by as much: a job batched with a
+    longer one explained another token than alone, with another prediction (or failed
+    over to running alone, where the position fell on the new padding). The shift is read
+    from the masks: a job padded on the left has none of its tokens in the added columns."""
+    if position is None or len(prepared) == 1 or "attention_mask" not in batch:
+        return position
+    mask, width = batch["attention_mask"], batch["attention_mask"].shape[1]
+    positions = []
+    for p, sl in zip(prepared, rows, strict=True):
+        added = width - p.inputs["attention_mask"].shape[1]
+        shift = added if added and not mask[sl, :added].any() else 0
+        positions += [position + shift] * (sl.stop - sl.start)
+    return positions

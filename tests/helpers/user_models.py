@@ -4,8 +4,8 @@ of several labels and of a value, a bare DistilBERT encoder, a DistilBERT masked
 registered for fill-mask (``head: masked-lm``), a RoBERTa sequence classifier,
 with fewer positions than the registry's default ``max_tokens``, a ViT with its image
 processor, a one-channel ViT, a Llama whose tokenizer has no pad token (also registered as a
-text classifier of the token it reads next, ``head: causal-lm``), a T5), each with its
-tokenizer built offline.
+text classifier of the token it reads next, ``head: causal-lm``), one whose tokenizer pads on
+the left (a text classifier so), a T5), each with its tokenizer built offline.
 ``python -m tests.helpers.user_models DIR`` writes them, so that test processes need not
 import torch."""
 
@@ -109,10 +109,10 @@ def _templated(specials: list[str], single: str, special: str, **tokens: str) ->
     return bpe, tf.PreTrainedTokenizerFast(tokenizer_object=bpe, **tokens)
 
 
-def _llama(out: Path) -> None:
+def _llama(out: Path, padding_side: str = "right") -> None:
     import transformers as tf
 
-    bpe, tok = _templated(["<unk>", "<s>", "</s>"], "<s> $A", "<s>",
+    bpe, tok = _templated(["<unk>", "<s>", "</s>"], "<s> $A", "<s>", padding_side=padding_side,
                           bos_token="<s>", eos_token="</s>", unk_token="<unk>")  # fmt: skip
     bos = bpe.token_to_id("<s>")
     assert tok.pad_token is None  # what this model is here for
@@ -156,6 +156,7 @@ def write(out: Path) -> None:
     _vit(out / "vit", 3, VIT_SIZE)
     _vit(out / "vit-gray", 1, 16)
     _llama(out / "llama")
+    _llama(out / "llama-left", padding_side="left")
     _t5(out / "t5")
 
 
@@ -179,10 +180,15 @@ def entries(folder: Path) -> list[dict[str, Any]]:
         "vit-gray": "image-classification",
         "llama": "generation",
         "llama-next-token": "text-classification",
+        "llama-left": "text-classification",
         "t5": "generation",
     }
     # the others: the head their task implies
-    heads = {"distilbert-mlm": "masked-lm", "llama-next-token": "causal-lm"}
+    heads = {
+        "distilbert-mlm": "masked-lm",
+        "llama-next-token": "causal-lm",
+        "llama-left": "causal-lm",
+    }
     folders = {"llama-next-token": "llama"}  # the others: the folder of their name
     return [
         {

@@ -17,6 +17,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -266,6 +267,33 @@ def test_a_batchs_heatmap_labels_each_text_with_its_own_pieces(
     _, cells, _ = drawn["args"]
     assert [len(c) for c in cells] == [len(it["token_ids"]) for it in result["inputs"]]
     assert " dog" in cells[1] and " cat" in cells[0]
+
+
+def test_a_position_in_a_batch_explains_the_token_it_explains_alone(api: Client) -> None:
+    """Jobs of one position queued together run as one batch (dynamic batching), and each
+    gets the result it gets alone. A tokenizer that pads on the left moved a shorter
+    input's tokens right when it was merged with a longer one, so that its position
+    picked another token: another prediction and relevance than alone."""
+    texts = ["the cat sat on the", "the cat sat on the mat in the park"]
+    bodies = [
+        {"model": "user-llama-left", "task": "text-classification", "inputs": {"text": t},
+         "relevance": {"position": 2}, "output": {"encoding": "json", "dtype": "float32"}}
+        for t in texts
+    ]  # fmt: skip
+    alone = [api.run(b, timeout=300) for b in bodies]
+    hold = {"model": "user-llama", "inputs": {"text": "the cat"},
+            "generation": {"max_new_tokens": 60, "path": "stepwise"}}  # fmt: skip
+    blocker = api.submit(hold)["job_id"]
+    while api.job(blocker)["status"] != "started":
+        time.sleep(0.02)
+    ids = [api.submit(b)["job_id"] for b in bodies]
+    api.cancel(blocker)
+    batched = [api.wait(j, timeout=300)["result"] for j in ids]
+    assert [b["timings"]["batch"]["jobs"] for b in batched] == [2, 2]
+    for one, together in zip(alone, batched, strict=True):
+        assert together["predictions"][0]["index"] == one["predictions"][0]["index"]
+        (a,), (b,) = one["inputs"], together["inputs"]
+        assert np.allclose(b["relevance"]["values"], a["relevance"]["values"], rtol=1e-3, atol=1e-3)
 
 
 def test_a_tokenizer_without_a_pad_token_generates(api: Client) -> None:
