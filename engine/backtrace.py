@@ -10,16 +10,25 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor, fx
 
 from . import arguments, validate
-from .capture import Captured, CaptureError, Inputs, bind_inputs, capture, placed
+from .capture import (
+    FAILED_ASSERTION,
+    Captured,
+    CaptureError,
+    Inputs,
+    bind_inputs,
+    capture,
+    placed,
+)
 from .contrast import class_index, contrast_seed
 from .heads import (
     SEEDS,
@@ -37,6 +46,7 @@ from .sweep import Explanation, NodeIO, Seed, Sweeper
 from .tasks import TASK_NAMES, TASKS, TaskName
 
 log = logging.getLogger("engine")
+_T = TypeVar("_T")
 
 
 class _Forwards(NamedTuple):
@@ -95,16 +105,21 @@ class DLBacktrace:
                 validate.check_length(self.model, value.shape[1], f"the {name} sequence")
         return prepared
 
-    def _graph_for(self, inputs: dict[str, Tensor]) -> tuple[Captured, Sweeper]:
+    def _graph_for(
+        self, inputs: dict[str, Tensor], as_given: bool = False
+    ) -> tuple[Captured, Sweeper]:
         """The captured graph that serves these inputs; capture again only when the shapes
-        fall outside every graph so far (a model that forced a static dimension). A capture
-        that fails for inputs the first graph cannot take says which shapes it was given."""
-        for entry in self._graphs:
+        fall outside every graph so far (a model that forced a static dimension), or, with
+        ``as_given``, for these inputs' own batch size (``_with_graph``). The newest graph that
+        takes the inputs serves them: a graph captured after the first takes fewer shapes
+        (static, specialised, as given), and was captured for them. A capture that fails for
+        inputs the first graph cannot take says which shapes it was given."""
+        for entry in reversed(self._graphs if not as_given else []):
             if entry[0].accepts(inputs):
                 return entry
         try:
             specialised = bool(self._graphs) and self.captured.example is not None
-            captured = capture(self.model, inputs, self.verbose, specialised)
+            captured = capture(self.model, inputs, self.verbose, specialised, not as_given)
         except CaptureError as exc:
             if not self._graphs:
                 raise
@@ -122,6 +137,20 @@ class DLBacktrace:
             self._drop_specialised()
         self._graphs.append(entry)
         return entry
+
+    def _with_graph(self, inputs: dict[str, Tensor], run: Callable[[Captured, Sweeper], _T]) -> _T:
+        """``run(captured, sweeper)`` on the graph for ``inputs``. Where one of the graph's
+        run-time assertions fails, the model is captured again for the inputs as given and
+        ``run`` repeated there: a graph exported with a batch of two (``capture``) can tie a
+        count of the data to that batch (BART's and T5's classifiers gather each sample's
+        EOS rows: 'u1 >= 2'), which a batch of one then failed inside the forward."""
+        try:
+            return run(*self._graph_for(inputs))
+        except RuntimeError as exc:
+            if FAILED_ASSERTION not in str(exc):
+                raise
+            log.info("capturing again for inputs the graph asserts against: %s", exc)
+        return run(*self._graph_for(inputs, as_given=True))
 
     def _drop_specialised(self) -> None:
         """Forget the graphs specialised to one input's values (``engine.specialise``) but the
@@ -193,16 +222,19 @@ class DLBacktrace:
         ``lean``'s seed, lean forwards that compute a linear head at its rows only.
         Question answering sweeps from its [B, T, 2] start and end logits (``qa_logits``)."""
         prepared = self._prepare(inputs, tokenizer)
-        captured, sweeper = self._graph_for(prepared)
-        arguments.check_relevance_nodes(params, captured)
-        if task == TaskName.QUESTION_ANSWERING and not answers_a_class(captured):
-            sweeper = self._head_sweeper(captured, qa_logits(captured))
-        sweeper.check_rules()
-        with torch.no_grad():
-            rows = None if lean is None else lean.index[..., :-1]
-            env, outputs = sweeper.forward(prepared, lean is not None, rows)
-            env_ref = self._reference_env(sweeper, prepared, env, params, tokenizer, rows)
-        return _Forwards(prepared, captured, sweeper, env, outputs, env_ref)
+        rows = None if lean is None else lean.index[..., :-1]
+
+        def run(captured: Captured, sweeper: Sweeper) -> _Forwards:
+            arguments.check_relevance_nodes(params, captured)
+            if task == TaskName.QUESTION_ANSWERING and not answers_a_class(captured):
+                sweeper = self._head_sweeper(captured, qa_logits(captured))
+            sweeper.check_rules()
+            with torch.no_grad():
+                env, outputs = sweeper.forward(prepared, lean is not None, rows)
+                env_ref = self._reference_env(sweeper, prepared, env, params, tokenizer, rows)
+            return _Forwards(prepared, captured, sweeper, env, outputs, env_ref)
+
+        return self._with_graph(prepared, run)
 
     def _head_sweeper(self, captured: Captured, node: fx.Node) -> Sweeper:
         """A sweeper seeded on ``node`` instead of the first output, built once per graph."""
@@ -231,21 +263,17 @@ class DLBacktrace:
         """Run the recorded forward; returns ``node_io`` and keeps it on ``self.node_io``, and
         the explained output (the logits, ``Captured.explained_output``) on ``predictions``."""
         prepared = self._prepare(inputs)
-        captured, sweeper = self._graph_for(prepared)
-        with torch.no_grad():
-            env, _ = sweeper.forward(prepared)
-        self.node_io = NodeIO(captured, env, sweeper.fused)
-        self.predictions = _to_numpy(env[sweeper.seed_node]) / temperature
+        node_io, _, logits = self._with_graph(prepared, partial(_recorded, prepared))
+        self.node_io = node_io
+        self.predictions = _to_numpy(logits) / temperature
         return self.node_io
 
     def record(self, inputs: Inputs) -> tuple[NodeIO, tuple]:
         """The recorded forward over ``inputs``, every op's value kept: its ``node_io`` and
         the graph's outputs."""
         prepared = self._prepare(inputs)
-        captured, sweeper = self._graph_for(prepared)
-        with torch.no_grad():
-            env, outputs = sweeper.forward(prepared)
-        return NodeIO(captured, env, sweeper.fused), outputs
+        node_io, outputs, _ = self._with_graph(prepared, partial(_recorded, prepared))
+        return node_io, outputs
 
     def run_task(
         self,
@@ -500,9 +528,8 @@ class DLBacktrace:
         """Compare the recorded graph's outputs with the eager model on the same inputs."""
         given: Inputs = named if named else (inputs[0] if len(inputs) == 1 else tuple(inputs))
         prepared = self._prepare(given)
-        _, sweeper = self._graph_for(prepared)
+        _, graph_out, _ = self._with_graph(prepared, partial(_recorded, prepared))
         with torch.no_grad():
-            _, graph_out = sweeper.forward(prepared)
             eager = self.model(**prepared)
         eager_flat = [t for t in torch.utils._pytree.tree_leaves(eager) if isinstance(t, Tensor)]
         diffs = [
@@ -539,6 +566,14 @@ class DLBacktrace:
             "input_share": c["inputs"] / np.where(c["seed"] == 0, 1, c["seed"]),
             "top_features": top,
         }
+
+
+def _recorded(prepared: dict[str, Tensor], captured: Captured, sweeper: Sweeper) -> tuple:
+    """The recorded forward over ``prepared``: its ``node_io``, the graph's outputs and the
+    explained output."""
+    with torch.no_grad():
+        env, outputs = sweeper.forward(prepared)
+    return NodeIO(captured, env, sweeper.fused), outputs, env[sweeper.seed_node]
 
 
 def _to_numpy(t: Tensor) -> np.ndarray:

@@ -184,14 +184,19 @@ def _grouped_experts(model: torch.nn.Module) -> Iterator[None]:
 def _dynamic_spec(example: dict[str, torch.Tensor]) -> dict[str, dict[int, object]]:
     """Batch is dynamic for every input; the second dimension of token-like (integer, 2-D)
     inputs is dynamic too. ``Dim.AUTO`` lets export keep a dimension static when the model
-    needs it instead of failing."""
+    needs it instead of failing. A batch of one (exported as given) stays static: export
+    would specialise it anyway, with a warning."""
     spec: dict[str, dict[int, object]] = {}
     for name, t in example.items():
-        dims: dict[int, object] = {0: Dim.AUTO} if t.dim() > 0 else {}
+        dims: dict[int, object] = {0: Dim.AUTO} if t.dim() > 0 and t.shape[0] > 1 else {}
         if t.dim() == 2 and not t.is_floating_point():
             dims[1] = Dim.AUTO
         spec[name] = dims
     return spec
+
+
+# How torch.export's run-time assertions (``aten._assert_scalar`` in the graph) fail.
+FAILED_ASSERTION = "Runtime assertion failed for expression"
 
 
 def _widen_batch(example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -327,13 +332,17 @@ def capture(
     example: dict[str, torch.Tensor],
     verbose: bool = False,
     specialised: bool = False,
+    widen: bool = True,
 ) -> Captured:
     """Export ``model(**example)``: first with dynamic dims, then, if that fails, static;
     then, if they stopped at a data-dependent guard, by draft export, then specialised to
     the example's values (``_export``). ``specialised``: only the last (the model needed it
-    for another input already: the others would fail again, at seconds each)."""
+    for another input already: the others would fail again, at seconds each). ``widen``: a
+    batch of one is exported as two (``_widen_batch``); False exports it as given (a graph
+    of batch two failed one of its run-time assertions on it)."""
+    first = _widen_batch(example) if widen else _fresh(example)
     attempts = [
-        ("dynamic", _widen_batch(example), _dynamic_spec(example)),
+        ("dynamic", first, _dynamic_spec(first)),
         # fresh tensors: a failed attempt may have marked the example's dims dynamic
         ("static", _fresh(example), None),
         ("draft", _fresh(example), None),

@@ -169,3 +169,35 @@ def test_several_rows_of_ids_per_sample_are_refused_clearly():
     dlb = DLBacktrace(model, inputs)
     with pytest.raises(ValueError, match="one row of ids per sequence"):
         dlb.run_task(task="generation", inputs=inputs, max_new_tokens=2)
+
+
+_BART = dict(
+    vocab_size=96, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+    decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+    max_position_embeddings=32, num_labels=3, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+)  # fmt: skip
+
+
+def test_a_batch_of_one_through_a_graph_that_asserts_a_batch_of_two():
+    """BART's classifier gathers each sample's EOS rows (``hidden[eos_mask].view(B, -1, H)``):
+    exported with a batch of two, the graph asserts at least two such rows ('u1 >= 2'), and
+    one sample failed inside the forward with torch's 'Runtime assertion failed'. It is
+    captured again for the batch as given, and explained as it is within the batch."""
+    model = tiny_model("BartConfig", "BartForSequenceClassification", _BART)
+    inputs = _ids(tokens=7)
+    inputs["input_ids"][:, -1] = 1  # one EOS per sample, last
+    dlb = DLBacktrace(model, inputs)
+    batch = dlb.run_task(inputs=inputs, relevance_nodes="inputs")
+    for i in range(2):
+        one = {k: v[i : i + 1] for k, v in inputs.items()}
+        single = dlb.run_task(inputs=one, relevance_nodes="inputs")
+        with torch.no_grad():
+            eager = model(**one).logits
+        torch.testing.assert_close(torch.as_tensor(single["predictions"]), eager)
+        torch.testing.assert_close(
+            single["relevance"]["input_ids"][0], batch["relevance"]["input_ids"][i],
+            rtol=1e-4, atol=1e-5,
+        )  # fmt: skip
+        _conserved(single["conservation"])
+    assert len(dlb._graphs) == 2  # the first graph and one for a batch of one
+    assert dlb.debug_execution_differences(**one)["match"]
