@@ -143,6 +143,31 @@ TokenIdsInput = Annotated[
 ]
 
 
+def position_refusal(kind: str, pos: int, lengths: list[int], left: bool | None) -> str | None:
+    """Why ``relevance.position`` picks no token of every input of ``inputs.<kind>``, each
+    of ``lengths`` tokens padded to the longest (on the left where ``left``; None where the
+    side is not known), or None where it does (the door's and the worker's words: a
+    python factory's tokenizer is the worker's alone, and the engine said only "position
+    [1, 1] falls on padding")."""
+    longest, shortest = max(lengths), min(lengths)
+    if pos >= longest:
+        what = "the input" if len(lengths) == 1 else "the longest input"
+        return (
+            f"{pos} is past the last token of {what}: {longest} tokens, special ones included "
+            f"(0 to {longest - 1})"
+        )
+    if left is None:
+        return None
+    first, last = (longest - shortest, longest - 1) if left else (0, shortest - 1)
+    if first <= pos <= last:
+        return None
+    return (
+        f"{pos} falls on the padding of inputs.{kind}.{lengths.index(shortest)} ({shortest} "
+        f"tokens, padded on the {'left' if left else 'right'} to {longest}): positions {first} "
+        f"to {last} are tokens of every input"
+    )
+
+
 def pair_refusal(task: str) -> str:
     """Why a task takes no ``text_pair`` (the door's and the worker's words)."""
     return f"{task} takes one text per input: text_pair is for {', '.join(PAIR_TASKS)}"

@@ -18,7 +18,15 @@ from engine.tasks import CLASSIFICATION_TASKS, ONE_DECISION_TASKS, TaskName
 
 from .. import layer_names
 from ..registry import ModelSpec
-from ..schemas import INDEX_END, RunTaskRequest, listed, no_labels, no_separator, shown
+from ..schemas import (
+    INDEX_END,
+    RunTaskRequest,
+    listed,
+    no_labels,
+    no_separator,
+    position_refusal,
+    shown,
+)
 from .errors import invalid
 from .metadata import ModelMeta, ModelMetadata
 
@@ -284,30 +292,8 @@ def _check_position(spec: ModelSpec, task: TaskName, req: RunTaskRequest, meta: 
     lengths = _lengths(req, meta)
     if lengths is None:
         return
-    if pos >= (longest := max(lengths)):
-        what = "the input" if len(lengths) == 1 else "the longest input"
-        raise invalid(
-            ["relevance", "position"],
-            f"{pos} is past the last token of {what}: {longest} tokens, special ones included "
-            f"(0 to {longest - 1})",
-        )
-    if meta.pads_left is not None:
-        _check_off_padding(req, pos, lengths, meta.pads_left)
-
-
-def _check_off_padding(req: RunTaskRequest, pos: int, lengths: list[int], left: bool) -> None:
-    """In a batch, one position for every input: a token of each, not the padding of a
-    shorter one (the worker failed the job with "position [3, 3] falls on padding")."""
-    longest, shortest = max(lengths), min(lengths)
-    first, last = (longest - shortest, longest - 1) if left else (0, shortest - 1)
-    if not first <= pos <= last:
-        row = f"inputs.{req.inputs.kind()}.{lengths.index(shortest)}"
-        raise invalid(
-            ["relevance", "position"],
-            f"{pos} falls on the padding of {row} ({shortest} tokens, padded on the "
-            f"{'left' if left else 'right'} to {longest}): positions {first} to {last} are "
-            "tokens of every input",
-        )
+    if refusal := position_refusal(req.inputs.kind(), pos, lengths, meta.pads_left):
+        raise invalid(["relevance", "position"], refusal)
 
 
 # Settings some tasks never read: where they sit, what they are for, and the tasks that read

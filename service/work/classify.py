@@ -11,6 +11,7 @@ from engine.tasks import TASKS
 
 from .. import layer_names
 from ..models import node_names
+from ..schemas import position_refusal
 from . import documents, inputs
 from .context import Outcome, Run, Work, engine_relevance, one
 from .inputs import Batch, Tensors
@@ -38,6 +39,7 @@ def classify(run: Run, works: list[Work]) -> list[Outcome]:
     for w in works:
         try:
             tensors = inputs.for_task(run.entry, run.spec, run.task, w.req.inputs)
+            _check_position(w, tensors.batch)
         except Exception as exc:  # noqa: BLE001 - this job's input is bad
             outcomes.append(exc)
             continue
@@ -104,6 +106,21 @@ def _explain(
         doc = documents.warned(doc, run.entry.loaded.warnings)
         docs.append({**doc, **documents.finished(run, p.work.req, timings)})
     return docs
+
+
+def _check_position(work: Work, batch: Batch) -> None:
+    """A position on a token of each of the job's inputs as the worker tokenized them, in
+    the door's words (``schemas.position_refusal``): the door checks it only where it
+    knows the tokenizer, which a python factory's model keeps to itself. The padding side
+    is read from the mask (left padding leaves a shorter input's first columns empty)."""
+    pos = work.req.relevance.position
+    if pos is None or "attention_mask" not in batch:
+        return
+    mask = batch["attention_mask"].bool()
+    lengths = mask.sum(1).tolist()
+    left = None if min(lengths) == max(lengths) else bool((~mask[:, 0]).any())
+    if refusal := position_refusal(work.req.inputs.kind(), pos, lengths, left):
+        raise ValueError(f"relevance.position: {refusal}")
 
 
 def _positions(

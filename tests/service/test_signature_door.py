@@ -6,8 +6,9 @@ its embedding table is a 422 naming the field; before, the job fails with the en
 reason (accepted: the door cannot know).
 
 Its own stack (``private_stack``): a private redis-server, an API process and one real
-worker, with a tabular classifier (4 features, 3 classes) and a token classifier of a
-20-token vocabulary (2 classes), both ``python`` sources, not warm."""
+worker, with a tabular classifier (4 features, 3 classes), a token classifier of a
+20-token vocabulary (2 classes) and a tagger of its tokens (2 classes per token), ``python``
+sources, not warm."""
 
 from __future__ import annotations
 
@@ -59,6 +60,26 @@ def bag_of_ids() -> Any:
     return LoadedModel("ids", TaskName.TEXT_CLASSIFICATION, Bag().eval(), None)
 
 
+def tagger_of_ids() -> Any:
+    """Token ids (vocabulary of 20) -> 2 classes per token ([B, T, 2] logits)."""
+    import torch
+
+    from engine.tasks import TaskName
+    from service.models import LoadedModel
+
+    class Tagger(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(VOCAB, 8)
+            self.out = torch.nn.Linear(8, 2)
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.out(self.emb(input_ids))
+
+    torch.manual_seed(0)
+    return LoadedModel("tagger", TaskName.TEXT_CLASSIFICATION, Tagger().eval(), None)
+
+
 @pytest.fixture(scope="module")
 def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("signature-door")
@@ -72,6 +93,11 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "id": "ids",
             "task": "text-classification",
             "source": {"kind": "python", "factory": f"{__name__}:bag_of_ids"},
+        },
+        {
+            "id": "tagger",
+            "task": "text-classification",
+            "source": {"kind": "python", "factory": f"{__name__}:tagger_of_ids"},
         },
     ]
     with private_stack(tmp, entries) as stack:
@@ -123,3 +149,19 @@ def test_a_token_models_vocabulary_from_its_graph(url: str) -> None:
         loc, message = _refused(client, {"model": "ids", "inputs": {"token_ids": [1, 25]}})
     assert loc == ["body", "inputs", "token_ids"], message
     assert "25" in message and "0 to 19" in message, message
+
+
+def test_a_position_on_padding_is_named_where_only_the_worker_pads(url: str) -> None:
+    """A python factory's padding is the worker's to know: a batch's position on a shorter
+    input's padding fails the job in the door's words, naming the field and the input; it
+    was the engine's "position [2, 2] falls on padding". On a token of each, it runs."""
+    body = {"model": "tagger", "inputs": {"token_ids": [[1, 2, 3], [4]]}}
+    with httpx.Client(base_url=url, timeout=60) as client:
+        bad = wait(client, submit(client, {**body, "relevance": {"position": 2}})["job_id"])
+        ok = wait(client, submit(client, {**body, "relevance": {"position": 0}})["job_id"])
+    assert bad["status"] == JobStatus.FAILED, bad
+    assert bad["error"]["message"] == (
+        "relevance.position: 2 falls on the padding of inputs.token_ids.1 (1 tokens, padded "
+        "on the right to 3): positions 0 to 0 are tokens of every input"
+    )
+    assert ok["status"] == JobStatus.FINISHED, ok["error"]
