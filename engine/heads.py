@@ -104,15 +104,16 @@ def _present(
     return None, {}
 
 
-def _unused_threshold(thresholding: float, classes: int) -> None:
+def _unused_threshold(thresholding: float, classes: int, stacklevel: int = 6) -> None:
     """A warning, not an error, where a threshold other than the default meets a model of
     several logits: the public package's examples pass ``thresholding`` to any classifier
-    (there it meant something else), and they should run, but not with a silent no-op."""
+    (there it meant something else), and they should run, but not with a silent no-op.
+    ``stacklevel``: the caller of ``run_task``, from the seeding function's depth."""
     if thresholding != DEFAULT_THRESHOLD:
         warnings.warn(
             f"thresholding={thresholding} has no effect: this model returns {classes} logits, "
             "decided by argmax; thresholding decides single-logit binary classifiers",
-            stacklevel=6,
+            stacklevel=stacklevel,
         )
 
 
@@ -164,6 +165,7 @@ def token_classification(
     scaled = logits.float() / params.temperature
     labels = scaled.argmax(-1)  # [B, T]
     classes = logits.shape[-1]
+    _unused_threshold(params.thresholding, classes, stacklevel=5)  # each token's by argmax
     explained = labels if params.target is None else _targets(params.target, labels, classes)
     if position is not None:
         pos = _positions(position, mask, logits)

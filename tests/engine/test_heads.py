@@ -269,3 +269,13 @@ def test_evaluation_ranks_each_samples_tokens_per_seed(cls, task, seeds):
     assert top["index"].shape == top["value"].shape == (seeds, 2, 3)
     expected = torch.as_tensor(res["relevance"]["input_ids"]).topk(3, dim=-1)
     np.testing.assert_array_equal(top["index"], expected.indices.numpy())
+
+
+def test_a_threshold_warns_that_token_labels_are_decided_by_argmax():
+    """Each token's label is its argmax: thresholding=0.3 changed nothing, without a word
+    (as a classifier of several logits already says)."""
+    x = padded(2)
+    dlb = DLBacktrace(tiny_bert("BertForTokenClassification"), x)
+    with pytest.warns(UserWarning, match="thresholding=0.3 has no effect") as caught:
+        dlb.run_task(task="token-classification", inputs=x, thresholding=0.3)
+    assert caught[0].filename == __file__  # at the caller of run_task
