@@ -61,6 +61,20 @@ def check_generation(reference: Any, target: Any, position: Any, thresholding: f
         )
 
 
+def check_task_inputs(task: str | None, prepared: dict[str, Tensor]) -> None:
+    """An image classifier reads pixels, floating-point values: asked of token ids alone,
+    ``image-classification`` ran as a text classifier under the wrong name, and the wrong
+    task was never said."""
+    if task != TaskName.IMAGE_CLASSIFICATION:
+        return
+    if not any(v.is_floating_point() for v in prepared.values()):
+        shapes = ", ".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in prepared.items())
+        raise ValueError(
+            f"image-classification explains images, a float input [B, C, H, W]; these inputs "
+            f"are integer ids ({shapes}): task='text-classification'"
+        )
+
+
 def target_classes(target: Any, model: torch.nn.Module) -> Tensor | None:
     """``target`` as class indices (a LongTensor, one or one per sample): integers as given
     (int, numpy or tensor, or a list), labels looked up in the model's ``config.label2id``.

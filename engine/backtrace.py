@@ -222,6 +222,7 @@ class DLBacktrace:
         ``lean``'s seed, lean forwards that compute a linear head at its rows only.
         Question answering sweeps from its [B, T, 2] start and end logits (``qa_logits``)."""
         prepared = self._prepare(inputs, tokenizer)
+        arguments.check_task_inputs(task, prepared)
         rows = None if lean is None else lean.index[..., :-1]
 
         def run(captured: Captured, sweeper: Sweeper) -> _Forwards:

@@ -279,3 +279,11 @@ def test_a_threshold_warns_that_token_labels_are_decided_by_argmax():
     with pytest.warns(UserWarning, match="thresholding=0.3 has no effect") as caught:
         dlb.run_task(task="token-classification", inputs=x, thresholding=0.3)
     assert caught[0].filename == __file__  # at the caller of run_task
+
+
+def test_image_classification_of_token_ids_names_the_task_that_fits():
+    """It ran, as a text classifier reported under the wrong task."""
+    x = padded(2)
+    dlb = DLBacktrace(tiny_bert("BertForSequenceClassification"), x)
+    with pytest.raises(ValueError, match=r"explains images.*task='text-classification'"):
+        dlb.run_task(task="image-classification", inputs=x)
