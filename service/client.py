@@ -161,6 +161,8 @@ class Client:
                         time.sleep(min(5.0, float(resp.headers.get("retry-after", 1))))
                         continue
                     unreachable_since = None
+                    if resp.status_code == 204:  # resumed after the ending: nothing follows
+                        return
                     checked(resp)
                     for event, data, eid in parse_sse(resp.iter_lines()):
                         last = eid or last

@@ -337,16 +337,24 @@ def is_stream_id(s: str) -> bool:
 ID_LENGTH = 127  # the most characters of a stream id Redis reads (its parser's buffer)
 
 
+# What ``resume_error`` says of a Last-Event-ID that is the job's ending: nothing follows it.
+ENDED = "ended"
+
+
 async def resume_error(ar: aredis.Redis, job_id: str, last: str) -> str | None:
-    """Why ``last`` cannot resume the job's stream, or None when it can. An id after the
-    stream's last entry would block until an event newer than it, which the job never
-    writes: the stream would hang instead of ending."""
+    """Why ``last`` cannot resume the job's stream, or None when it can; ``ENDED`` when
+    ``last`` is the job's ending. An id after the stream's last entry would block until an
+    event newer than it, which the job never writes: the stream would hang instead of
+    ending. So would the ending's own id, which is what a client that reconnects right
+    after the ending sends (EventSource reconnects by itself whenever a stream closes)."""
     if last == "0-0":
         return None
     newest = await ar.xrevrange(store.EVENTS.format(job_id), count=1)
     if not newest:
         return f"Last-Event-ID {last}: the job has no events yet; reconnect without it"
-    top = newest[0][0].decode()
+    top, fields = newest[0][0].decode(), newest[0][1]
     if id_key(last) > id_key(top):
         return f"Last-Event-ID {last} is after the job's last event {top}; use an id it sent"
+    if id_key(last) == id_key(top) and _decoded(fields)[0] in TERMINAL_EVENTS:
+        return ENDED
     return None

@@ -1,6 +1,7 @@
 """Streams of jobs that wait: a quiet stream sends keep-alives (never a Redis outage that is
 not one) and ends with the job's final event; while no worker is alive the job view and the
-stream say so; a Last-Event-ID after the job's last event is a 400, not a hang.
+stream say so; a Last-Event-ID after the job's last event is a 400, and the ending's own a 204,
+not a hang.
 
 A second API on Redis database 1 of the session's server has no worker at all, so its jobs
 stay queued as long as the test wants. Its keep-alive is 6 s: longer than redis-py's default
@@ -17,7 +18,7 @@ import pytest
 import redis
 
 from service import store
-from service.client import parse_sse
+from service.client import Client, parse_sse
 from service.vocabulary import Event, JobStatus
 from tests.helpers.jobs import events, submit
 from tests.helpers.stack import Stack, start_api
@@ -81,6 +82,23 @@ def test_last_event_id_after_the_last_event_is_400(lonely) -> None:
     client.delete(f"/jobs/{job}")
     resumed = events(client, job, last_id=first_id)
     assert [e for _, e, _ in resumed] == ["canceled"]
+
+
+def test_resuming_after_the_ending_is_204(lonely) -> None:
+    """EventSource reconnects by itself whenever a stream closes, with the id of the last
+    event it had: after a job's ending that is the ending's id, and the stream stayed open
+    with keep-alives for good. Now a 204, which tells EventSource to stop; the Python
+    client's resume ends too."""
+    client, _ = lonely
+    job = submit(client, JOB)["job_id"]
+    client.delete(f"/jobs/{job}")
+    (*_, (ending_id, event, _)) = events(client, job)
+    assert event == "canceled"
+    t0 = time.monotonic()
+    resp = client.get(f"/jobs/{job}/events", headers={"Last-Event-ID": ending_id})
+    assert resp.status_code == 204 and not resp.content
+    assert list(Client(str(client.base_url)).stream(job, last_event_id=ending_id)) == []
+    assert time.monotonic() - t0 < 5
 
 
 def _first_event(client: httpx.Client, job: str) -> list[tuple[str, str, dict]]:
