@@ -237,7 +237,9 @@ def _predictions(labels: list[str] | None, res: dict[str, Any]) -> list[Doc]:
     """Per row: the predicted class with its score, every logit (not of ``MANY_CLASSES``),
     and every class's score (``_listed``: of many, the most probable): a softmax, a sigmoid
     for a single-logit binary classifier, or for a multi-label one a sigmoid per label, with
-    the labels present (``labels``); a regression's are its values (``value``, ``values``)."""
+    the labels present (``labels``); a regression's are its values (``value``, ``values``).
+    ``explained`` names the class (or output) the relevance explains: the prediction, or
+    the ``relevance.target`` asked for, which a row's ``label`` alone did not say."""
     logits = np.asarray(res["predictions"], dtype=np.float64)
     logits = logits.reshape(logits.shape[0], -1)
     kind = res.get("problem_type")
@@ -249,9 +251,14 @@ def _predictions(labels: list[str] | None, res: dict[str, Any]) -> list[Doc]:
 
     one, every = ("value", "values") if kind == "regression" else ("score", "scores")
     predicted = np.asarray(res["predicted_labels"]).astype(int).reshape(-1)
+    explained = np.asarray(res.get("target", predicted)).astype(int).reshape(-1)
+    if explained.shape != predicted.shape:  # not one explained class per row
+        explained = predicted
     rows = []
     for i, k in enumerate(predicted):
         row = {"index": int(k), "label": name(k), one: float(scores[i, k])}
+        t = int(explained[i])
+        row["explained"] = {"index": t, "label": name(t)}
         if logits.shape[1] <= MANY_CLASSES:  # a vocabulary's would be megabytes per row
             row["logits"] = logits[i].tolist()
         row[every] = {name(j): float(scores[i, j]) for j in _listed(scores[i])}

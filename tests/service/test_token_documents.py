@@ -51,3 +51,19 @@ def test_per_token_document(task, cls_name, labels):
     np.testing.assert_allclose(
         np.add(c["inputs"], c["sinks"]), np.asarray(c["seed"]), atol=1e-4, rtol=0
     )
+
+
+def test_a_prediction_names_the_class_its_relevance_explains() -> None:
+    """With ``relevance.target`` the relevance explains another class (or a regression's
+    other output) than the prediction: each row says which, with its label; it said only
+    the prediction, so a target's relevance read as the predicted class's."""
+    res = {
+        "predictions": np.array([[2.0, -1.0, 0.5], [0.1, 3.0, 0.2]]),
+        "predicted_labels": np.array([0, 1]),
+        "target": np.array([2, 2]),
+    }
+    rows = documents._predictions(["calm", "arousal", "valence"], res)
+    assert [r["label"] for r in rows] == ["calm", "arousal"]
+    assert [r["explained"] for r in rows] == [{"index": 2, "label": "valence"}] * 2
+    del res["target"]  # no target: the prediction is what is explained
+    assert [r["explained"]["label"] for r in documents._predictions(None, res)] == ["0", "1"]
