@@ -47,6 +47,10 @@ from .tasks import TASK_NAMES, TASKS, TaskName
 
 log = logging.getLogger("engine")
 _T = TypeVar("_T")
+# Graphs kept per model: the first, and those captured since for inputs it does not serve
+# (another static length, a batch or branch its assertions refuse). Bounded, so that inputs
+# that each need their own graph do not grow the cache for good.
+MAX_GRAPHS = 8
 
 
 class _Forwards(NamedTuple):
@@ -136,6 +140,8 @@ class DLBacktrace:
         if captured.example is not None:
             self._drop_specialised()
         self._graphs.append(entry)
+        if len(self._graphs) > MAX_GRAPHS:  # the oldest but the first (the signature) goes
+            self._forget(self._graphs[1][0])
         return entry
 
     def _with_graph(self, inputs: dict[str, Tensor], run: Callable[[Captured, Sweeper], _T]) -> _T:
@@ -144,21 +150,33 @@ class DLBacktrace:
         ``run`` repeated there: a graph exported with a batch of two (``capture``) can tie a
         count of the data to that batch (BART's and T5's classifiers gather each sample's
         EOS rows: 'u1 >= 2'), which a batch of one then failed inside the forward."""
-        try:
-            return run(*self._graph_for(inputs))
-        except RuntimeError as exc:
-            if FAILED_ASSERTION not in str(exc):
-                raise
-            log.info("capturing again for inputs the graph asserts against: %s", exc)
+        first = self._graph_for(inputs)
+        for entry in [first, *(e for e in reversed(self._graphs) if e is not first)]:
+            if entry is not first and not entry[0].accepts(inputs):
+                continue
+            try:
+                return run(*entry)
+            except RuntimeError as exc:
+                if FAILED_ASSERTION not in str(exc):
+                    raise
+                # every graph that takes these shapes is tried before capturing again: inputs
+                # that alternate between a model's branches reuse the graph of each
+                log.info("a graph asserts against these inputs: %s", exc)
         return run(*self._graph_for(inputs, as_given=True))
 
     def _drop_specialised(self) -> None:
         """Forget the graphs specialised to one input's values (``engine.specialise``) but the
         first (the signature others are checked against): each serves only its own input, and
         a model that needs them would otherwise keep one graph per input it was asked about."""
-        dropped = {id(c) for c, _ in self._graphs[1:] if c.example is not None}
-        self._graphs = [e for e in self._graphs if id(e[0]) not in dropped]
-        self._head_sweepers = {k: v for k, v in self._head_sweepers.items() if k[0] not in dropped}
+        for captured, _ in self._graphs[1:]:
+            if captured.example is not None:
+                self._forget(captured)
+
+    def _forget(self, captured: Captured) -> None:
+        """Drop one graph and the head sweepers built on it."""
+        self._graphs = [e for e in self._graphs if e[0] is not captured]
+        dropped = id(captured)
+        self._head_sweepers = {k: v for k, v in self._head_sweepers.items() if k[0] != dropped}
 
     def graph_for(self, inputs: Inputs) -> Captured:
         """The captured graph that runs ``inputs``, captured now if none fits them (other

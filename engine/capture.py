@@ -562,7 +562,8 @@ def _export(label: str, model: torch.nn.Module, args: dict, spec: dict | None) -
     data-dependent guard: Longformer's "any global attention?") cannot be traced
     symbolically; draft export runs real tensors alongside, takes the example's branch and
     records the condition as a runtime assertion in the graph, so an input that would take
-    the other branch raises ("Runtime assertion failed") instead of running the wrong one.
+    the other branch raises ("Runtime assertion failed") instead of running the wrong one,
+    and is captured for itself (``DLBacktrace._with_graph``).
     ``specialised``: where draft export fails too (a loop over ``nonzero``'s rows), the graph
     of the example's own values (``engine.specialise``)."""
     positional, named = _by_position(model, args)
@@ -573,7 +574,7 @@ def _export(label: str, model: torch.nn.Module, args: dict, spec: dict | None) -
     program = torch.export.draft_export(model, positional, named)
     warnings.warn(
         f"{type(model).__name__}: captured by draft export, with its data-dependent branches "
-        "fixed to the example's; inputs that take another branch raise",
+        "fixed to the example's; inputs that take another branch are captured again",
         stacklevel=4,
     )
     return program

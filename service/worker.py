@@ -17,6 +17,7 @@ from typing import Any
 
 import redis
 from rq import Queue, SimpleWorker
+from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -68,8 +69,15 @@ class Worker(SimpleWorker):
 
     def _install_signal_handlers(self) -> None:
         super()._install_signal_handlers()
-        if EARLY_STOP.signum is not None:  # it came during RQ's bootstrap: stop at once
+        if EARLY_STOP.signum is None:
+            return
+        # It came during RQ's bootstrap: stop before the first dequeue. RQ's request_stop
+        # raises StopRequested when idle, which only its loop catches, and this runs before
+        # the loop: the flag it checks first instead.
+        try:
             self.request_stop(EARLY_STOP.signum, None)
+        except StopRequested:
+            self._stop_requested = True
 
     def handle_exception(self, job: Job, *exc_info: Any) -> None:
         """A job canceled by request is logged in one line: it is an ending a client asked

@@ -654,16 +654,26 @@ class Branch(nn.Module):
         return self.head(h)
 
 
-def test_a_data_dependent_branch_is_captured_by_draft_export_and_asserted():
+def test_a_data_dependent_branch_is_captured_by_draft_export_and_again_for_the_other_way():
+    """Draft export captures the branch the example took and asserts it; an input that goes
+    the other way fails that assertion, and is captured again for itself (it raised torch's
+    'Runtime assertion failed' before ``DLBacktrace._with_graph``): each run equals eager,
+    the doubled branch included, and conserves. Inputs that alternate reuse both graphs."""
+    model = Branch().eval()
     x, flags = rand(B, D), torch.zeros(B, D, dtype=torch.long)
     with pytest.warns(UserWarning, match="draft export"):
-        dlb = DLBacktrace(Branch().eval(), {"x": x, "flags": flags})
-    result = dlb.run_task(inputs={"x": rand(B, D, seed=1), "flags": flags})
-    c = result["conservation"]
-    assert abs(c["inputs"] + c["sinks"] - c["seed"]).max() <= 1e-5 * 100.0, c
-    assert (abs(c["inputs"]) > 1.0).all(), c
-    with pytest.raises(RuntimeError, match="Runtime assertion failed"):
-        dlb.run_task(inputs={"x": x, "flags": torch.ones_like(flags)})
+        dlb = DLBacktrace(model, {"x": x, "flags": flags})
+    other = {"x": x, "flags": torch.ones_like(flags)}
+    for inputs in ({"x": rand(B, D, seed=1), "flags": flags}, other, {"x": x, "flags": flags},
+                   other):  # fmt: skip
+        result = dlb.run_task(inputs=inputs)
+        c = result["conservation"]
+        assert abs(c["inputs"] + c["sinks"] - c["seed"]).max() <= 1e-5 * 100.0, c
+        assert (abs(c["inputs"]) > 1.0).all(), c
+        with torch.no_grad():
+            eager = model(**inputs)
+        torch.testing.assert_close(torch.as_tensor(result["predictions"]), eager)
+    assert len(dlb._graphs) == 2  # not one more per alternation
 
 
 @pytest.mark.parametrize("mode", ["default", "contrast", "reference"])

@@ -22,8 +22,10 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from service import store
+from service.config import Settings
 from service.redis_server import PrivateRedis
 from service.vocabulary import WorkerExit
+from service.worker import EARLY_STOP, _rq_worker
 from tests.helpers.stack import ROOT
 
 
@@ -113,3 +115,19 @@ def test_a_worker_told_to_stop_while_it_warms_exits_0() -> None:
     status, out = _worker_exit(_stop, warm="digits-cnn")
     assert status == 0, out[-3000:]
     assert "stopped while warming (SIGTERM)" in out, out[-3000:]
+
+
+def test_a_stop_that_came_before_rqs_loop_ends_it_at_its_first_turn(redis_url, monkeypatch) -> None:
+    """SIGTERM between ``ready`` and RQ's loop (kept by ``EARLY_STOP``) is replayed when RQ
+    installs its handlers. RQ's request_stop raises StopRequested when idle, which only its
+    loop catches: raised before the loop, it escaped ``work()`` with a traceback and exit 1
+    (seen in CI on a slow machine, where the race is wide)."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    worker = _rq_worker(Settings(redis_url=redis_url, queue="early-stop-test"), "early-stop")
+    monkeypatch.setattr(EARLY_STOP, "signum", signal.SIGTERM)
+    try:
+        assert worker.work(burst=False) is False  # returns: no job taken, no StopRequested
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    assert worker.quit_cleanly(burst=False, max_jobs=None)  # exits 0, not 75
