@@ -401,7 +401,8 @@ def _found(item: dict[str, Any]) -> str:
     """What a token task found in one text: each token's label, or the answer span."""
     if "answer_span" in item:
         start, end = item["answer_span"]
-        return f"answer: {' '.join(map(str, item['answer_tokens']))} (tokens {start} to {end})"
+        answer = item.get("answer") or " ".join(map(str, item["answer_tokens"]))
+        return f"answer: {answer} (tokens {start} to {end})"
     tokens = [str(t) for t in item.get("tokens") or item.get("token_ids", [])]
     return "labels: " + " ".join(
         f"{t}:{lab}" for t, lab in zip(tokens, item["labels"], strict=False)

@@ -336,7 +336,7 @@ function showTokens(result) {
   const item = result.inputs[0];
   const answer = item.answer_tokens;
   $("label").textContent = answer
-    ? `Answer: ${answer.map(render.display).join(" ")}`
+    ? `Answer: ${item.answer ?? answer.map(render.display).join(" ")}`
     : `Labels: ${item.tokens.map((t, i) => `${render.display(t)}/${item.labels[i]}`).join(" ")}`;
   $("probabilities").replaceChildren();
   const captions = answer

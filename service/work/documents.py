@@ -212,6 +212,9 @@ def per_token(run: Run, batch: Batch, res: dict[str, Any], output: OutputOptions
             span = (np.cumsum(real) - 1)[np.asarray(res["answer_span"][i])]
             item["answer_span"] = span.tolist()
             item["answer_tokens"] = (tokens or row_ids)[span[0] : span[1] + 1]
+            # what people read: 'Ġparis' is a byte-level BPE's token for ' paris'
+            answer_ids = row_ids[span[0] : span[1] + 1]
+            item["answer"] = loaded.tokenizer.decode(answer_ids).strip() if tokens else None
             seeds = np.ones(len(res["seeds"]), dtype=bool)
         else:
             names = loaded.labels or []
@@ -227,6 +230,8 @@ def per_token(run: Run, batch: Batch, res: dict[str, Any], output: OutputOptions
         "conservation": {k: v.tolist() for k, v in conservation.items()},
         "summary": {key: [item[key] for item in items]},
     }
+    if run.task == TaskName.QUESTION_ANSWERING:
+        doc["summary"]["answer"] = [item["answer"] for item in items]
     if output.relevance != "inputs":  # [seeds, rows, ...] per layer, padding included
         layers = {k: v.detach().float().cpu().numpy() for k, v in res["relevance"].items()}
         doc["layers"] = _layers(layers, batch, output)

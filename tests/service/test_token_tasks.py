@@ -93,6 +93,10 @@ def test_question_answering_explains_start_and_end(client: httpx.Client) -> None
     assert 0 <= start <= end < len(tokens), item["answer_span"]
     assert item["answer_tokens"] == tokens[start : end + 1]
     assert result["summary"]["answer_tokens"] == [item["answer_tokens"]]
+    # the answer as text, not the tokenizer's pieces (a byte-level BPE's 'Ġparis')
+    words = item["text"][start : end + 1]
+    assert item["answer"] == "".join(words).strip() and "#" not in item["answer"], item
+    assert result["summary"]["answer"] == [item["answer"]]
     seed, at_inputs, _ = _conserved(result)
     assert seed.shape == (2, 1)
     rel = np.asarray(item["relevance"]["values"])
