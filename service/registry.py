@@ -260,6 +260,24 @@ class Registry:
         p = Path(path)
         return p if p.is_absolute() or self.base_dir is None else self.base_dir / p
 
+    def missing_files(self, spec: ModelSpec) -> str | None:
+        """Why ``spec``'s files cannot be where its source says (a folder or weights file that
+        does not exist), or None: read where a worker starts, so that a mistyped path is said
+        then and shown by ``GET /models``, not found by the model's first job. A stat, no
+        load: a file that exists but does not load is found when it is loaded."""
+        src = spec.source
+        wanted = {"torchvision": ("weights", src.weights, Path.is_file),
+                  "transformers": ("path", src.path, Path.is_dir),
+                  "demo": ("path", src.path, Path.is_dir)}.get(src.kind)  # fmt: skip
+        if wanted is None or wanted[1] is None:
+            return None
+        field, value, exists = wanted
+        where = self.resolve(value)
+        if exists(where):
+            return None
+        kind = "file" if exists is Path.is_file else "folder"
+        return f"registry entry {spec.id}: source.{field} {where} is not a {kind} on this machine"
+
 
 class RegistryError(ValueError):
     """A registry file that cannot be served: one line naming the file, the entry and the

@@ -233,6 +233,17 @@ def _warm(registry: Registry, wanted: list[str], beat: Heartbeat) -> None:
         log.info("warm %s in %.1f s", model_id, time.perf_counter() - t0)
 
 
+def _report_missing_files(st: WorkerState) -> None:
+    """Log each registry entry whose folder or weights file is not on this machine, and
+    report it as a load failure (``GET /models`` shows it): a mistyped path was found only
+    by the model's first job. The worker still serves the other models."""
+    for spec in st.registry.models.values():
+        if (why := st.registry.missing_files(spec)) is not None:
+            log.error("%s", why)
+            if st.reports is not None:
+                st.reports.load_failed(spec.id, st.name, FileNotFoundError(why))
+
+
 def run_worker(
     settings: Settings | None = None,
     burst: bool = False,
@@ -250,6 +261,7 @@ def run_worker(
     tune_allocator()  # a serving process: keep freed tensor memory for the next job
     st = init_worker(settings, store.worker_id())
     m.declare((s.id, s.task) for s in st.registry.models.values())
+    _report_missing_files(st)
     port = settings.metrics_port if metrics_port is None else metrics_port
     beat = Heartbeat(settings, st)
     if port:  # before the heartbeat: a taken port leaves no warming key

@@ -81,3 +81,26 @@ def test_a_broken_weights_file_is_named_and_shown(tmp_path: Path) -> None:
             assert wait(client, submit(client, JOB)["job_id"])["status"] == "finished"
             model = _model(client)
             assert model["load_error"] is None and model["status"] != "failed"
+
+
+def test_a_missing_model_folder_is_said_when_the_worker_starts(tmp_path: Path) -> None:
+    """A mistyped ``source.path`` of a model not warmed was found by its first job only: a
+    starting worker names it in its log and ``GET /models`` shows it failed (the other
+    models are served as before)."""
+    weights = tmp_path / "resnet.safetensors"
+    _write_weights(weights)
+    good = {**_entry(weights), "id": "good", "warm": False}
+    folder = tmp_path / "no-such-folder"
+    missing = {"id": "typo", "task": "text-classification", "labels": ["a", "b"],
+               "source": {"kind": "transformers", "path": str(folder)}}  # fmt: skip
+    message = f"registry entry typo: source.path {folder} is not a folder on this machine"
+    with private_stack(tmp_path, [good, missing]) as ps:
+        Client(ps.url).wait_ready(timeout=300, processes=[ps.worker])
+        _wait_for_log(ps.worker_log, message, 1)
+        with httpx.Client(base_url=ps.url, timeout=30) as client:
+            models = {m["id"]: m for m in client.get("/models").json()["models"]}
+            assert models["typo"]["status"] == "failed", models["typo"]
+            assert models["typo"]["load_error"]["message"] == message
+            assert models["good"]["load_error"] is None
+            job = {**JOB, "model": "good"}
+            assert wait(client, submit(client, job)["job_id"])["status"] == "finished"
