@@ -16,6 +16,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
+# Heatmap labels (service.heatmap): DejaVu for Latin, Greek and Cyrillic, Noto for CJK.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends fonts-dejavu-core fonts-noto-cjk \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 
 # --- dependencies of the API alone (no torch) ------------------------------------------------

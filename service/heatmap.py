@@ -5,7 +5,10 @@ scale under each picture."""
 from __future__ import annotations
 
 import base64
+import functools
+import importlib.util
 import io
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -21,13 +24,38 @@ def diverging(values: np.ndarray) -> np.ndarray:
     return (rgb * 255).round().astype(np.uint8)
 
 
+# Label fonts, the first found is used: Pillow's own (Aileron) has no accented letters,
+# Cyrillic or CJK, and drew 'café' or 'Жизнь' as boxes. Noto Sans CJK (Debian's
+# fonts-noto-cjk, in the image) covers CJK and Latin; DejaVu Sans (fonts-dejavu-core, and
+# matplotlib's copy where the engine extra is installed) Latin, Greek and Cyrillic.
+FONT_FILES = (
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+)
+FONT_SIZE = 10
+
+
+@functools.cache
+def label_font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """The first of ``FONT_FILES`` (then matplotlib's DejaVu Sans, found without importing
+    matplotlib) that exists, else Pillow's default."""
+    mpl = importlib.util.find_spec("matplotlib")
+    bundled = [] if mpl is None or mpl.origin is None else [
+        Path(mpl.origin).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+    ]  # fmt: skip
+    for path in [*map(Path, FONT_FILES), *bundled]:
+        if path.is_file():
+            return ImageFont.truetype(str(path), FONT_SIZE)
+    return ImageFont.load_default(FONT_SIZE)
+
+
 SCALE_H = 46  # the colour scale under a heatmap: a bar, its labels and what max is
 
 
 def with_scale(img: Image.Image, note: str) -> Image.Image:
     """``img`` with the colour scale under it: the diverging colours from -1 to +1 of the
     largest magnitude, labelled, and ``note`` saying what that magnitude is taken over."""
-    font = ImageFont.load_default()
+    font = label_font()
     bar_w = max(120, min(img.width - 8, 300))
     note_w = int(_text_width(font, note)) + 8
     out = Image.new("RGB", (max(img.width, bar_w + 8, note_w), img.height + SCALE_H), "white")
@@ -45,7 +73,7 @@ def with_scale(img: Image.Image, note: str) -> Image.Image:
     return out
 
 
-def _text_width(font: ImageFont.ImageFont, text: str) -> float:
+def _text_width(font: ImageFont.FreeTypeFont | ImageFont.ImageFont, text: str) -> float:
     return ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=font)
 
 
@@ -94,7 +122,7 @@ ROW_NOTE = "max: each row's largest |relevance|"
 
 def _grid(rows: list[np.ndarray], col_labels: list[str], row_labels: list[str]) -> Image.Image:
     """The cells of ``token_grid`` under their rotated column labels, without the scale."""
-    font = ImageFont.load_default()
+    font = label_font()
     cell_w, cell_h, left, top = 28, 18, 90, 70
     width = max((len(r) for r in rows), default=0)
     img = Image.new(

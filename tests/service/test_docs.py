@@ -80,6 +80,20 @@ def test_text_heatmap_has_a_colour_scale() -> None:
     assert blue.any() and red.any()
 
 
+@pytest.mark.parametrize("word", ["café", "Жизнь", "straße"])
+def test_heatmap_labels_draw_letters_beyond_ascii(word: str) -> None:
+    """A token's label is drawn with its letters: Pillow's own font has no accented letters
+    or Cyrillic and drew them as the box of a missing glyph (``heatmap.label_font``)."""
+
+    def drawn(label: str) -> np.ndarray:
+        png = heatmap.token_grid([np.ones(1)], [label], ["x"])
+        return np.asarray(Image.open(io.BytesIO(png)).convert("L"))
+
+    box = drawn("\U0010ffff")  # no font has a glyph for it: a missing glyph's box
+    for letter in set(word) - set("abcdefghijklmnopqrstuvwxyz"):
+        assert not np.array_equal(drawn(letter), box), letter
+
+
 def test_models_say_what_they_expect(redis_url: str) -> None:
     """/models carries each registry entry's ``expects`` (the page shows it). It reads the
     workers and their load failures from Redis: a real one here."""
