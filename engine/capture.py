@@ -354,7 +354,12 @@ def capture(
             break
         try:
             with _without_kv_cache(model), _grouped_experts(model), torch.no_grad():
-                program = _export(label, model, args, spec)
+                with warnings.catch_warnings():
+                    # nn.LSTM and nn.GRU reassign their _flat_weights in forward, which
+                    # export reports as attributes that should be buffers: nothing a user
+                    # of the engine can act on, and the graph is right
+                    warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_w")
+                    program = _export(label, model, args, spec)
             program = program.run_decompositions(DECOMPOSITIONS)
             captured = with_rules(_wrap(program))
             if label == "specialised":
