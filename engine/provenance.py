@@ -113,6 +113,15 @@ ID_PATH_OPS = {
     aten.permute.default,
     aten.transpose.int,
     aten.index_put.default,  # ids masked to a placeholder id (gemma3's image tokens)
+    # ids shifted into a buffer of constant ids (BART's and T5's decoder ids: input_ids[:, :-1]
+    # copied into new_zeros(...)[:, 1:], the start id written at [:, 0]): the written ids come
+    # from the input's positions, the buffer's and the start id's are constants
+    aten.copy.default,
+    aten.slice_scatter.default,
+    aten.select_scatter.default,
+    # ids with some replaced by a constant id (-100 labels by the pad id)
+    aten.masked_fill.Scalar,
+    aten.masked_fill.Tensor,
     aten.pad.default,  # ids padded to a multiple of the attention window (Longformer)
     # ids with some replaced by a placeholder id (Gemma 4's multimodal positions)
     aten.where.self,

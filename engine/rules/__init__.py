@@ -24,7 +24,8 @@ composites pick rules: a new mode is one method per family that needs one plus o
 ``COMPOSITES``; an alternative rule for one op is one method on its family plus one
 ``overrides`` entry. The registry (op -> family) is built once at import and never changes;
 graph facts the rules need (folded batch norms, a relu after a linear map, hand-written RMS
-norms, routing) come from ``engine.canonize`` through ``Ctx.facts``.
+norms, routing, ids replaced where a condition on them holds) come from ``engine.canonize``
+through ``Ctx.facts``.
 """
 
 from ..tasks import MODES

@@ -29,8 +29,14 @@ class Canonical:
     relu_after: frozenset[fx.Node] = frozenset()
     # x * rsqrt(mean(x ** 2, -1, keepdim) + eps) products: the hand-written RMS norm -> eps
     rms_eps: dict[fx.Node, float] = field(default_factory=dict)
+    # adds of a constant (position or token-type embeddings) to an input's token embeddings
+    embedded: frozenset[fx.Node] = frozenset()
     # the topk nodes that route tokens to the experts of grouped matmuls
     routing: tuple[fx.Node, ...] = ()
+    # masked_fill / where nodes on ids whose condition is computed elementwise from the ids
+    # they fill (``ids.masked_fill(ids == -100, pad)``): each output id re-encodes the id
+    # at its position (``canonize.recoded_ids``)
+    recoded: frozenset[fx.Node] = frozenset()
 
 
 @dataclass

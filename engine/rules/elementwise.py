@@ -157,7 +157,9 @@ def _finite(magnitude: Tensor) -> Tensor:
 
 class Add(Family):
     """Residuals: split elementwise in proportion to |operand|; a constant's share is a sink.
-    On integer ids, R goes whole to the ids (``IdArithmetic``)."""
+    On integer ids, R goes whole to the ids (``IdArithmetic``). A constant added to an input's
+    token embeddings (positions, token types: ``Canonical.embedded``) is part of each token's
+    input: R goes whole to the embeddings, as relevance read at their sum would have it."""
 
     ops = (
         aten.add.Tensor,
@@ -171,6 +173,9 @@ class Add(Family):
     def default(self, ctx: Ctx) -> Propagation:
         if _on_ids(ctx):
             return {ctx.first: ctx.R}, None
+        if ctx.node in ctx.facts.embedded:
+            name = "self" if ctx.is_data("self") else "other"
+            return {name: unbroadcast(ctx.R, ctx.args[name].shape)}, None
         a, b = ctx.args["self"], ctx.args["other"] * ctx.args.get("alpha", 1)
         aa = _finite(a.abs()) if isinstance(a, Tensor) else abs(a)
         ab = _finite(b.abs()) if isinstance(b, Tensor) else abs(b)
@@ -247,13 +252,28 @@ class Mul(Family):
         return self.default(ctx)
 
 
+def _recoded(ctx: Ctx) -> Propagation | None:
+    """On ids whose condition is computed from those ids alone (``Canonical.recoded``:
+    ``ids.masked_fill(ids == -100, pad)``), every output id stands for the id at its position,
+    replaced or not: R goes whole to the ids, as ``IdArithmetic`` gives it. None elsewhere."""
+    if ctx.node not in ctx.facts.recoded:
+        return None
+    name = next(
+        n for n in ("self", "other") if isinstance(ctx.args.get(n), Tensor) and ctx.is_data(n)
+    )
+    return {name: unbroadcast(ctx.R, ctx.args[name].shape)}, None
+
+
 class Where(Family):
     """Each output element's relevance goes to the operand it was taken from (a sink where
-    that is a constant or a number)."""
+    that is a constant or a number), on ids recoded by their own condition to the ids."""
 
     ops = (aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar)
 
     def default(self, ctx: Ctx) -> Propagation:
+        recoded = _recoded(ctx)
+        if recoded is not None:
+            return recoded
         cond = ctx.args["condition"]
         grads, sink = {}, ctx.R * 0
         for name, keep in (("self", cond), ("other", ~cond)):
@@ -267,11 +287,15 @@ class Where(Family):
 
 
 class MaskedFill(Family):
-    """Filled positions hold a constant: their relevance is a sink."""
+    """Filled positions hold a constant: their relevance is a sink, but for ids filled where
+    a condition on those ids holds (-100 labels made pad ids), which it goes to."""
 
     ops = (aten.masked_fill.Scalar, aten.masked_fill.Tensor)
 
     def default(self, ctx: Ctx) -> Propagation:
+        recoded = _recoded(ctx)
+        if recoded is not None:
+            return recoded
         mask = ctx.args["mask"]
         kept = unbroadcast(torch.where(mask, 0, ctx.R), ctx.x.shape)
         return {"self": kept}, torch.where(mask, ctx.R, 0)
