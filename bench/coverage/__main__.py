@@ -6,8 +6,9 @@ limit, so that a hang or a crash stops only its own architecture.
     python -m bench.coverage --mapping causal-lm --only 'llama|gpt2'
 
 Results are merged into ``bench/results/coverage.json`` (per architecture: mapping, status,
-detail, seconds), written after each architecture; then the summary per mapping (JSON), the
-failures by cause (JSON) and both as markdown for ``bench/README.md`` are printed.
+detail, seconds, input share), written after each architecture; then the summary per mapping
+(JSON), the failures by cause (JSON), the ok rows with little relevance at the inputs (JSON)
+and all as markdown for ``bench/README.md`` are printed.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from .architectures import MAPPINGS, Arch, list_architectures
 from .check import Outcome, check_architecture
-from .report import failures, markdown, summary
+from .report import failures, low_shares, markdown, summary
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "coverage.json"
 _RESULT = "@result "
@@ -55,17 +56,19 @@ def main(argv: list[str] | None = None) -> None:
         outcome = run_isolated(arch, args.timeout, args.memory_gb)
         with lock:
             results.update(_merge(args.out, {arch.key: outcome.as_dict()}))
-            print(f"{arch.key}: {outcome.status} {outcome.detail} ({outcome.seconds:.1f} s)",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            share = "" if outcome.input_share is None else f" share {outcome.input_share:.3f}"
+            print(f"{arch.key}: {outcome.status} {outcome.detail}{share} "
+                  f"({outcome.seconds:.1f} s)", file=sys.stderr, flush=True)  # fmt: skip
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(one, todo))
     totals = {m: len(list_architectures(m)) for m in MAPPINGS}
-    summ, fails = summary(results, totals), failures(results)
+    summ, fails, low = summary(results, totals), failures(results), low_shares(results)
     print(json.dumps({"summary": summ}, indent=1))
     print(json.dumps({"failures": [{k: f[k] for k in ("cause", "count")} for f in fails]},
                      indent=1))  # fmt: skip
-    print(markdown(summ, fails))
+    print(json.dumps({"low_input_share": low}, indent=1))
+    print(markdown(summ, fails, low))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -6,7 +6,9 @@ made here: not the engine's failure), ``capture`` (``DLBacktrace(model, inputs)`
 ``unsupported-op`` (an op without a rule; the detail names the ops), ``run-error``
 (``run_task`` raised), ``forward-differs`` (the engine's logits or tokens are not the eager
 model's), ``conservation`` (inputs + sinks != seed per sample, or nothing reaches the inputs),
-``ok``; the CLI adds ``timeout`` and ``memory`` for runs it had to stop.
+``ok``; the CLI adds ``timeout`` and ``memory`` for runs it had to stop. A conserved row also
+records ``input_share``: the least share of the seed that reaches the inputs (over samples, and
+over steps for generation); the rest ends in sinks, which a user's explanation does not show.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class Outcome:
     status: str
     detail: str = ""
     seconds: float = 0.0
+    input_share: float | None = None  # min inputs / seed, for rows that reach conservation
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,17 +87,20 @@ def stage(name: str) -> None:
 def check_architecture(arch: Arch) -> Outcome:
     """Build, capture and run ``arch``; the first failure decides the status."""
     started = time.perf_counter()
+    share = None
     try:
-        status, detail = OK, _check(arch)
+        status, (detail, share) = OK, _check(arch)
     except _Failed as f:
         status, detail = f.status, f.detail
     if status != OK and _MEMORY.search(detail):
         status = "memory"
-    return Outcome(arch.mapping, arch.name, status, detail, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return Outcome(arch.mapping, arch.name, status, detail, seconds, share)
 
 
-def _check(arch: Arch) -> str:
-    """Raises ``_Failed``; returns a note for an ok row (empty when there is none)."""
+def _check(arch: Arch) -> tuple[str, float | None]:
+    """Raises ``_Failed``; returns a note for an ok row (empty when there is none) and its
+    input share."""
     from engine import DLBacktrace
 
     stage("build")
@@ -111,8 +117,7 @@ def _check(arch: Arch) -> str:
     task = engine_task(arch.mapping)
     if task == "generation":
         return _check_generation(dlb, model, inputs)
-    _check_classification(dlb, model, inputs, task)
-    return ""
+    return "", _check_classification(dlb, model, inputs, task)
 
 
 def engine_task(mapping: str) -> str:
@@ -152,7 +157,7 @@ def _describe(e: BaseException) -> str:
 # ------------------------------------------------------------------ classification
 
 
-def _check_classification(dlb: Any, model: nn.Module, inputs: dict, task: str) -> None:
+def _check_classification(dlb: Any, model: nn.Module, inputs: dict, task: str) -> float | None:
     result, _ = _run(dlb, task=task, inputs=inputs)
     with torch.no_grad():
         eager = _logits(model(**inputs))
@@ -164,7 +169,7 @@ def _check_classification(dlb: Any, model: nn.Module, inputs: dict, task: str) -
             have, want.float(), rtol=FORWARD_RTOL, atol=FORWARD_ATOL
         ):
             raise _Failed("forward-differs", _difference(want, have))
-    _check_conservation([result["conservation"]])
+    return _check_conservation([result["conservation"]])
 
 
 def _logits(out: Any) -> list[torch.Tensor]:
@@ -190,8 +195,10 @@ def _difference(want: torch.Tensor, have: torch.Tensor) -> str:
     return f"max |diff| {float((have - want.float()).abs().max()):.3g}"
 
 
-def _check_conservation(reports: list[dict[str, Any]]) -> None:
-    """inputs + sinks == seed per sample (1e-4 of the multiplier), and not all in sinks."""
+def _check_conservation(reports: list[dict[str, Any]]) -> float | None:
+    """inputs + sinks == seed per sample (1e-4 of the multiplier), and not all in sinks;
+    returns the least share of a seed that reaches the inputs (None: every seed is 0)."""
+    shares = []
     for c in reports:
         seed, at_inputs, sinks = (np.asarray(_numpy(c[k]), np.float64) for k in
                                   ("seed", "inputs", "sinks"))  # fmt: skip
@@ -205,6 +212,8 @@ def _check_conservation(reports: list[dict[str, Any]]) -> None:
             )
         if np.any(seed != 0) and not np.any(at_inputs[seed != 0]):
             raise _Failed("conservation", "nothing reaches the inputs (all in sinks)")
+        shares += (at_inputs[seed != 0] / seed[seed != 0]).ravel().tolist()
+    return round(min(shares), 4) if shares else None
 
 
 def _numpy(x: Any) -> Any:
@@ -214,7 +223,7 @@ def _numpy(x: Any) -> Any:
 # ------------------------------------------------------------------ generation
 
 
-def _check_generation(dlb: Any, model: nn.Module, inputs: dict) -> str:
+def _check_generation(dlb: Any, model: nn.Module, inputs: dict) -> tuple[str, float | None]:
     """The engine's tokens against the reference (``_reference``), each step's graph logits
     against the decode's (no 'logits differ' warning), and conservation."""
     result, said = _run(
@@ -239,8 +248,8 @@ def _check_generation(dlb: Any, model: nn.Module, inputs: dict) -> str:
             "forward-differs", f"tokens {have[:, -NEW_TOKENS:].tolist()}, "
             f"{source} {want[:, -NEW_TOKENS:].tolist()}"
         )  # fmt: skip
-    _check_conservation([c for c in result["conservation_trace"] if c is not None])
-    return note
+    share = _check_conservation([c for c in result["conservation_trace"] if c is not None])
+    return note, share
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """The coverage results summarised: per mapping how many architectures built and how many are
 ok, the failures grouped by cause (each missing op counted once per architecture it stops),
-and both as markdown for ``bench/README.md``."""
+the ok rows whose relevance mostly ends in sinks, and all as markdown for ``bench/README.md``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from typing import Any
 
 from .architectures import MAPPINGS
 from .check import OK
+
+LOW_SHARE = 0.3  # under this share of the seed at the inputs, an explanation shows little
 
 
 def summary(results: dict[str, dict[str, Any]], totals: dict[str, int]) -> dict[str, Any]:
@@ -55,8 +57,18 @@ def failures(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"cause": c, "count": len(keys), "architectures": keys} for c, keys in ranked]
 
 
-def markdown(summ: dict[str, Any], fails: list[dict[str, Any]]) -> str:
-    """The two tables for ``bench/README.md``."""
+def low_shares(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Ok rows whose ``input_share`` is under ``LOW_SHARE``, least first."""
+    low = {k: r["input_share"] for k, r in results.items()
+           if r["status"] == OK and r.get("input_share") is not None
+           and r["input_share"] < LOW_SHARE}  # fmt: skip
+    return dict(sorted(low.items(), key=lambda kv: kv[1]))
+
+
+def markdown(
+    summ: dict[str, Any], fails: list[dict[str, Any]], low: dict[str, float] | None = None
+) -> str:
+    """The three tables for ``bench/README.md``."""
     lines = [
         "| mapping | architectures | run | built | ok | ok / built |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -70,4 +82,6 @@ def markdown(summ: dict[str, Any], fails: list[dict[str, Any]]) -> str:
     for f in fails:
         which = ", ".join(k.split("/", 1)[1] for k in f["architectures"])
         lines.append(f"| {f['cause'].replace('|', '/')} | {f['count']} | {which} |")
+    lines += ["", f"| input share < {LOW_SHARE} | share |", "| --- | ---: |"]
+    lines += [f"| {key} | {share:.3f} |" for key, share in (low or {}).items()]
     return "\n".join(lines)

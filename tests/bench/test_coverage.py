@@ -11,7 +11,7 @@ import torch
 
 from bench.coverage.architectures import Arch, list_architectures
 from bench.coverage.check import STATUSES, check_architecture, missing_ops
-from bench.coverage.report import failures, markdown, summary
+from bench.coverage.report import failures, low_shares, markdown, summary
 
 SUBSET = [
     ("sequence-classification", "bert"),
@@ -28,6 +28,7 @@ def test_representative_architectures_are_ok(mapping, name):
     outcome = check_architecture(arch)
     assert (outcome.status, outcome.detail) == ("ok", "")
     assert outcome.seconds > 0
+    assert isinstance(outcome.input_share, float)
 
 
 def test_a_model_class_that_does_not_exist_is_not_built():
@@ -66,6 +67,20 @@ def test_report_counts_built_ok_and_groups_failures_by_op():
     assert "| causal-lm | 9 | 5 | 4 | 1 | 25.0 % |" in table
     assert "| no rule for p | 2 | c, d |" in table
     assert set(r["status"] for r in rows.values()) <= set(STATUSES)
+
+
+def test_report_lists_ok_rows_whose_relevance_mostly_ends_in_sinks():
+    rows = {
+        "causal-lm/a": {"mapping": "causal-lm", "status": "ok", "input_share": 0.9},
+        "causal-lm/b": {"mapping": "causal-lm", "status": "ok", "input_share": 0.2},
+        "causal-lm/c": {"mapping": "causal-lm", "status": "ok", "input_share": 0.05},
+        "causal-lm/d": {"mapping": "causal-lm", "status": "ok"},  # recorded before shares
+        "causal-lm/e": {"mapping": "causal-lm", "status": "timeout", "input_share": None},
+    }
+    low = low_shares(rows)
+    assert low == {"causal-lm/c": 0.05, "causal-lm/b": 0.2}
+    table = markdown(summary(rows, {}), failures(rows), low)
+    assert "| causal-lm/c | 0.050 |" in table
 
 
 def test_results_merge_into_the_file_as_it_is_then(tmp_path):
