@@ -163,7 +163,8 @@ def embedding_sums(provenance: Provenance, order: list[fx.Node]) -> frozenset[fx
     """The sums of a constant tensor and an input's token embeddings: ``embed(ids) + pos``,
     ``embed(ids) * scale + embed(positions)``, ``... + embed(token_types)`` (BERT, GPT-2, BART
     and most encoders). Each element of the constant belongs to the token at its position, as
-    the token's embedding does (``rules.Canonical.embedded``)."""
+    the token's embedding does (``rules.Canonical.embedded``). A constant broadcast over the
+    positions (a bias [D]) belongs to no token: its share stays a sink."""
     memo: dict[fx.Node, bool] = {}
     found = set()
     for node in order:
@@ -173,9 +174,23 @@ def embedding_sums(provenance: Provenance, order: list[fx.Node]) -> frozenset[fx
         if not all(isinstance(a, fx.Node) for a in operands):
             continue  # a number added: not an embedding
         data = [a for a in operands if provenance.carries(node, a)]
-        if len(data) == 1 and _embedded(data[0], provenance, memo):
+        if len(data) != 1 or not _embedded(data[0], provenance, memo):
+            continue
+        constant = operands[1] if data[0] is operands[0] else operands[0]
+        if _per_position(constant.meta.get("val"), node.meta.get("val")):
             found.add(node)
     return frozenset(found)
+
+
+def _per_position(constant: Any, out: Any) -> bool:
+    """Whether ``constant`` has a value per position of ``out`` (sizes equal on every axis but
+    the batch, the first, which it may lack): [1, T, D] or [T, D] for [B, T, D], not [D]."""
+    if not (isinstance(constant, Tensor) and isinstance(out, Tensor)):
+        return False
+    if constant.dim() < out.dim() - 1 or constant.dim() > out.dim():
+        return False
+    sizes = [1] * (out.dim() - constant.dim()) + list(constant.shape)
+    return all(str(c) == str(o) for c, o in list(zip(sizes, out.shape, strict=True))[1:])
 
 
 def _embedded(node: fx.Node, provenance: Provenance, memo: dict[fx.Node, bool]) -> bool:
