@@ -155,11 +155,29 @@ def _finite(magnitude: Tensor) -> Tensor:
     return magnitude.masked_fill(magnitude.isinf(), torch.finfo(magnitude.dtype).max / 4)
 
 
+def _number(value: object) -> bool:
+    """A Python number, or a 0-dim tensor (a number torch.export lifted to a constant)."""
+    return not isinstance(value, Tensor) or value.dim() == 0
+
+
+def _shifted(ctx: Ctx) -> str | None:
+    """The data operand of a sum with a number (``x + 1``, ``1 - x``), None for any other sum:
+    such a sum is an elementwise function of that operand alone."""
+    names = [n for n in ("self", "other") if isinstance(ctx.args[n], Tensor) and ctx.is_data(n)]
+    if len(names) != 1:
+        return None
+    other = "other" if names[0] == "self" else "self"
+    same = isinstance(ctx.out, Tensor) and ctx.out.shape == ctx.args[names[0]].shape
+    return names[0] if same and _number(ctx.args[other]) else None
+
+
 class Add(Family):
     """Residuals: split elementwise in proportion to |operand|; a constant's share is a sink.
     On integer ids, R goes whole to the ids (``IdArithmetic``). A constant added to an input's
     token embeddings (positions, token types: ``Canonical.embedded``) is part of each token's
-    input: R goes whole to the embeddings, as relevance read at their sum would have it."""
+    input: R goes whole to the embeddings, as relevance read at their sum would have it. A
+    number added (``1 + tanh(...)`` of a GELU written out, ``x + 3`` of a hard sigmoid) makes
+    an elementwise function of one tensor, an activation: R goes whole to that tensor."""
 
     ops = (
         aten.add.Tensor,
@@ -176,6 +194,9 @@ class Add(Family):
         if ctx.node in ctx.facts.embedded:
             name = "self" if ctx.is_data("self") else "other"
             return {name: unbroadcast(ctx.R, ctx.args[name].shape)}, None
+        shifted = _shifted(ctx)
+        if shifted is not None:
+            return {shifted: ctx.R}, None
         a, b = ctx.args["self"], ctx.args["other"] * ctx.args.get("alpha", 1)
         aa = _finite(a.abs()) if isinstance(a, Tensor) else abs(a)
         ab = _finite(b.abs()) if isinstance(b, Tensor) else abs(b)
