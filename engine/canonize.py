@@ -148,14 +148,9 @@ def rms_eps(normaliser: Any, x: Any) -> float | None:
 # constants, casts and copies.
 _SUMS = {aten.add.Tensor, aten.sub.Tensor}
 _SCALINGS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
-_CASTS = {
-    aten._to_copy.default,
-    aten.clone.default,
-    aten.alias.default,
-    aten.contiguous.default,
-    aten.dropout.default,
-    aten.type_as.default,
-}
+# Ops whose output holds their input's values, as they were.
+_COPIES = {aten.clone.default, aten.alias.default, aten.contiguous.default, aten._to_copy.default}
+_CASTS = _COPIES | {aten.dropout.default, aten.type_as.default}
 _EMBEDDING_STEPS = _SUMS | _SCALINGS | _CASTS
 
 
@@ -277,10 +272,6 @@ def _elementwise_of(node: Any, ids: fx.Node, provenance: Provenance) -> bool:
     return bool(args) and all(
         _elementwise_of(a, ids, provenance) or _scalar_constant(a, provenance) for a in args
     )
-
-
-# Ops whose output holds their input's values, as they were.
-_COPIES = {aten.clone.default, aten.alias.default, aten.contiguous.default, aten._to_copy.default}
 
 
 def _same_ids(node: fx.Node) -> fx.Node:

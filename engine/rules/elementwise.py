@@ -160,10 +160,15 @@ def _number(value: object) -> bool:
     return not isinstance(value, Tensor) or value.dim() == 0
 
 
+def _data_operands(ctx: Ctx) -> list[str]:
+    """The names of a binary op's tensor operands ("self", "other") that carry data."""
+    return [n for n in ("self", "other") if isinstance(ctx.args.get(n), Tensor) and ctx.is_data(n)]
+
+
 def _shifted(ctx: Ctx) -> str | None:
     """The data operand of a sum with a number (``x + 1``, ``1 - x``), None for any other sum:
     such a sum is an elementwise function of that operand alone."""
-    names = [n for n in ("self", "other") if isinstance(ctx.args[n], Tensor) and ctx.is_data(n)]
+    names = _data_operands(ctx)
     if len(names) != 1:
         return None
     other = "other" if names[0] == "self" else "self"
@@ -246,7 +251,7 @@ class Mul(Family):
 
     def targets(self, ctx: Ctx) -> list[str]:
         """The data operands relevance goes to."""
-        names = [n for n in ("self", "other") if isinstance(ctx.args[n], Tensor) and ctx.is_data(n)]
+        names = _data_operands(ctx)
         return ["self"] if self.division(ctx) and "self" in names else names
 
     def division(self, ctx: Ctx) -> bool:
@@ -279,9 +284,7 @@ def _recoded(ctx: Ctx) -> Propagation | None:
     replaced or not: R goes whole to the ids, as ``IdArithmetic`` gives it. None elsewhere."""
     if ctx.node not in ctx.facts.recoded:
         return None
-    name = next(
-        n for n in ("self", "other") if isinstance(ctx.args.get(n), Tensor) and ctx.is_data(n)
-    )
+    name = _data_operands(ctx)[0]
     return {name: unbroadcast(ctx.R, ctx.args[name].shape)}, None
 
 
