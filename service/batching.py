@@ -29,7 +29,6 @@ How, keeping RQ's queue the one source of truth:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 import zlib
@@ -69,7 +68,7 @@ def group_key(request: dict[str, Any]) -> str | None:
     if rel.get("target") is not None and not isinstance(rel["target"], int):
         return None
     agree = {"model": request.get("model"), "task": task, "relevance": rel, "output": out}
-    digest = hashlib.sha1(json.dumps(agree, sort_keys=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha1(store.dumps(agree, sort_keys=True)).hexdigest()[:16]
     return f"{request.get('model')}:{digest}"
 
 

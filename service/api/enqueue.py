@@ -5,7 +5,6 @@ accepted job. A job that made the queue longer than its limit is taken back out 
 
 from __future__ import annotations
 
-import json
 import zlib
 from typing import Any
 
@@ -23,6 +22,10 @@ from ..vocabulary import Event
 from .errors import RETRY_AFTER
 
 JOB_FUNC = "service.jobs.run_job"
+# The job's data is compressed, as RQ writes it, only past this many bytes: RQ reads data
+# that is not compressed as it is (``Job.restore``), and compressing a small request (a
+# digit's PNG) took about a tenth of a POST's CPU in our code for a few dozen bytes saved.
+COMPRESS_ABOVE = 8 << 10
 
 # What RQ's ``Queue.enqueue_call`` writes for a job without dependencies (the queue in RQ's
 # set of queues, the job's hash with its expiry, its id on the queue), then the job's first
@@ -77,7 +80,7 @@ async def enqueue(
     keys = [Job.key_for(job_id), queue.key, queue.redis_queues_keys, store.EVENTS.format(job_id)]
     if group is not None:
         keys.append(batching.BATCH.format(group))
-    event = json.dumps({"model": model, "task": task})  # as store.add_event writes data
+    event = store.dumps({"model": model, "task": task})  # as store.add_event writes data
     args = [job_id, settings.result_ttl, stream_ttl, settings.stream_maxlen, Event.QUEUED, event]
     fields = job_fields(queue, settings, body, model, task)
     args += [x for field_value in fields.items() for x in field_value]
@@ -95,22 +98,25 @@ def job_fields(
 ) -> dict[str, Any]:
     """The fields of RQ's hash for a job of ``body``: those RQ's ``Job.to_dict`` gives every
     job of these settings, from a job RQ built once (``_template``), and those of this job
-    (what it runs, its description and meta, its timestamps) as ``to_dict`` writes them.
+    (what it runs, its description and meta, its timestamps) as RQ reads them back.
     RQ building and serialising a ``Job`` per request (``create_job``, ``to_dict``: timeouts
     parsed four times, its serializer checked against a runtime Protocol) took 88 us of a
-    POST's CPU in-process, 32 in a tight loop; this takes about 50 and 17, most of it the
-    compression of the job's data (tests/service/test_enqueue_fields.py: the same hash)."""
+    POST's CPU in-process. Here the JSON is ``store.dumps``' (RQ's JSON serializer reads it
+    with ``json.loads``), the data compressed only past ``COMPRESS_ABOVE``, and the job created
+    and enqueued in the same instant (tests/service/test_enqueue_fields.py: RQ reads the
+    same job from it)."""
     s = settings
     key = (queue.name, s.job_timeout, s.result_ttl, s.failure_ttl, s.retries)
     if key not in _TEMPLATES:
         _TEMPLATES[key] = _template(queue, settings)
     fields = dict(_TEMPLATES[key])  # the template's order: the fields below keep their places
-    fields["created_at"] = utcformat(now())
-    job = (JOB_FUNC, None, (), {"request": body})  # (function, instance, args, kwargs)
-    fields["data"] = zlib.compress(queue.serializer.dumps(job))
+    stamp = utcformat(now())
+    fields["created_at"] = stamp
+    data = store.dumps((JOB_FUNC, None, (), {"request": body}))  # (func, instance, args, kwargs)
+    fields["data"] = zlib.compress(data) if len(data) > COMPRESS_ABOVE else data
     fields["description"] = f"{model} {task}"
-    fields["enqueued_at"] = utcformat(now())
-    fields["meta"] = queue.serializer.dumps({"model": model, "task": task})
+    fields["enqueued_at"] = stamp
+    fields["meta"] = store.dumps({"model": model, "task": task})
     return fields
 
 

@@ -1,25 +1,30 @@
 """The API writes RQ's hash of a job from a template RQ built once (``enqueue.job_fields``),
-not from a ``Job`` per request: the hash must be the one RQ's own ``create_job`` and
-``to_dict`` give, field for field (the timestamps aside), or workers would read another
-job than the one asked for."""
+not from a ``Job`` per request: the hash must hold the fields RQ's own ``create_job`` and
+``to_dict`` give, in their order and with their values (the timestamps aside, and the job's
+data and meta as JSON of the same values), and RQ must read the same job back from it, or
+workers would run another job than the one asked for."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import zlib
 
 import pytest
 import redis
 from rq import Queue, Retry
+from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from service.api.enqueue import JOB_FUNC, job_fields
+from service.api.enqueue import COMPRESS_ABOVE, JOB_FUNC, job_fields
 from service.config import Settings
 
 BODIES = [
     {"model": "digits-cnn", "inputs": {"image": "aGVsbG8="}, "task": "image-classification"},
     {"model": "tiny-gpt", "inputs": {"text": ["é ü", "\u2028"]}, "generation": {"seed": None}},
     {},
+    {"model": "tiny-bert", "inputs": {"text": "a long text " * 2000}},  # compressed
+    {"model": "tiny-bert", "inputs": {"token_ids": [2**70]}},  # past orjson's integers
 ]
 
 
@@ -50,12 +55,37 @@ def test_fields_are_rqs(body: dict, retries: int) -> None:
     ours = job_fields(queue, s, body, "m", "image-classification")
     theirs = rq_fields(queue, s, body, "m", "image-classification")
     assert list(ours) == list(theirs)  # the same fields, in the same order
-    stamps = ("created_at", "enqueued_at")
-    assert {k: v for k, v in ours.items() if k not in stamps} == {
-        k: v for k, v in theirs.items() if k not in stamps
+    as_json = ("created_at", "enqueued_at", "data", "meta")
+    assert {k: v for k, v in ours.items() if k not in as_json} == {
+        k: v for k, v in theirs.items() if k not in as_json
     }
-    assert zlib.decompress(ours["data"]) == zlib.decompress(theirs["data"])
+    assert json.loads(_data(ours["data"])) == json.loads(_data(theirs["data"]))
+    assert json.loads(ours["meta"]) == json.loads(theirs["meta"])
+    assert (len(_data(ours["data"])) > COMPRESS_ABOVE) == (_data(ours["data"]) != ours["data"])
+    stamps = ("created_at", "enqueued_at")
     assert all(ours[k].endswith("Z") and len(ours[k]) == len(theirs[k]) for k in stamps)
+
+
+def _data(raw: bytes) -> bytes:
+    """RQ's ``data`` field as RQ reads it: decompressed when it is compressed."""
+    try:
+        return zlib.decompress(raw)
+    except zlib.error:
+        return raw
+
+
+@pytest.mark.parametrize("body", BODIES)
+def test_rq_reads_the_job_back(body: dict, redis_url: str) -> None:
+    """RQ's own ``Job.fetch`` of the hash gives the function, the request and the meta."""
+    r = redis.Redis.from_url(redis_url)
+    queue = Queue("q", connection=r, serializer=JSONSerializer)
+    fields = job_fields(queue, Settings(), body, "m", "image-classification")
+    r.hset(Job.key_for("fields-test"), mapping=fields)
+    job = Job.fetch("fields-test", connection=r, serializer=JSONSerializer)
+    assert job.func_name == JOB_FUNC
+    assert job.kwargs == {"request": body}
+    assert job.meta == {"model": "m", "task": "image-classification"}
+    assert job.enqueued_at == job.created_at
 
 
 def test_fields_follow_settings() -> None:
