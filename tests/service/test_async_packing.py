@@ -44,3 +44,47 @@ def test_round_trip(redis_url: str) -> None:
         return got
 
     assert asyncio.run(run()) == ["é".encode(), b"3", b"2.5"]
+
+
+def _stock(clients: AsyncClients, purpose: str) -> aredis.Redis:
+    client = clients.get(purpose)
+    client.connection_pool.connection_class = aredis.Connection
+    return client
+
+
+def test_large_command_sent_whole(redis_url: str) -> None:
+    """A command larger than the socket takes at once (8 MiB) is waited for, not cut."""
+
+    async def run() -> bytes:
+        clients = AsyncClients(redis_url)
+        ar = clients.get("enqueue")
+        await ar.set("packing:big", b"x" * (8 << 20))
+        got = await ar.get("packing:big")
+        await clients.aclose()
+        return got
+
+    assert asyncio.run(run()) == b"x" * (8 << 20)
+
+
+@pytest.mark.parametrize("ours", [True, False])
+def test_a_killed_connection_fails_as_redis_pys(redis_url: str, ours: bool) -> None:
+    """A connection Redis closed under the client: the next command ends as it does with
+    redis-py's own connection (a reconnect, or its ConnectionError), and the one after works."""
+
+    async def run() -> tuple[str, bytes | None]:
+        clients = AsyncClients(redis_url)
+        ar = clients.get("enqueue") if ours else _stock(clients, "enqueue")
+        await ar.set("packing:k", b"v")
+        me = await ar.client_id()
+        await redis.asyncio.Redis.from_url(redis_url).client_kill_filter(_id=me)
+        try:
+            first = repr(await ar.get("packing:k"))
+        except redis.RedisError as exc:
+            first = type(exc).__name__
+        after = await ar.get("packing:k")
+        await clients.aclose()
+        return first, after
+
+    first, after = asyncio.run(run())
+    assert after == b"v"
+    assert first in ("b'v'", "ConnectionError")
