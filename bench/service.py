@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -95,8 +95,7 @@ class LeanClient:
 
     def _follow(self, resp: http.client.HTTPResponse) -> dict:
         try:
-            lines = (raw.decode().rstrip("\r\n") for raw in iter(resp.readline, b""))
-            for event, data, _ in parse_sse(lines):
+            for event, data, _ in parse_sse(sse_lines(resp)):
                 if event in ("done", "error", "canceled"):
                     if event != "done":
                         raise RuntimeError(f"{event}: {data}")
@@ -104,6 +103,20 @@ class LeanClient:
             raise RuntimeError("the event stream ended without a terminal event")
         finally:
             resp.read()  # the server ends the stream after the terminal event
+
+
+def sse_lines(resp: http.client.HTTPResponse) -> Iterator[str]:
+    """The lines of an event stream as they arrive, from whatever the socket has (``read1``)
+    split at once: ``readline`` parses the chunked encoding in Python once per line, which
+    made a stream's lines cost the load generator about 4 us each (our streams have 13 lines
+    to the floor's 3: 30 us of the client's CPU per request, taken from the service)."""
+    rest = b""
+    while chunk := resp.read1(1 << 16):
+        *lines, rest = (rest + chunk).split(b"\n")
+        for raw in lines:
+            yield raw.decode().rstrip("\r")
+    if rest:
+        yield rest.decode().rstrip("\r")
 
 
 def one(client: LeanClient, body: bytes) -> tuple[float, float, float, int, float]:
