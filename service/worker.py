@@ -21,7 +21,7 @@ from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from . import reaper, store, worker_http
+from . import heap, reaper, store, worker_http
 from . import worker_metrics as m
 from .config import Settings
 from .models import DeviceUnavailable, EntryError, ModelLoadError
@@ -285,6 +285,7 @@ def run_worker(
         _warm(st.registry, wanted, beat)
         EARLY_STOP.warming = False
         worker = _rq_worker(settings, st.name)
+        heap.settle()  # what warming captured and ran stays: out of the collector's walks
         beat.ready()
         worker.work(burst=burst, max_jobs=max_jobs, logging_level="INFO")
     except redis.RedisError as exc:  # RQ's own goodbye failed too (Redis refuses writes)

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import redis
 from fastapi import FastAPI
 
-from .. import reaper
+from .. import heap, reaper
 from ..config import Settings
 
 log = logging.getLogger("service.api")
@@ -20,6 +20,7 @@ log = logging.getLogger("service.api")
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     task = asyncio.create_task(reap_forever(app.state.redis, app.state.settings))
+    heap.settle()  # the app, its routes and imports live as long as the process
     yield
     task.cancel()
     if app.state.hub.task is not None:  # the streams' shared read, before its clients close

@@ -18,7 +18,7 @@ from rq.job import Job
 
 from engine.tasks import TaskName
 
-from .. import load_failures, store
+from .. import heap, load_failures, store
 from .. import worker_metrics as m
 from ..batching import Claimed
 from ..config import Settings
@@ -77,6 +77,7 @@ class WorkerState:
             raise
         (m.CACHE_HITS if hit else m.CACHE_MISSES).labels(model=spec.id).inc()
         if not hit:
+            heap.settle()  # a model joined the long-lived objects, and others may have left
             m.LOAD.labels(model=spec.id).observe(entry.load_s)
             if self.reports is not None:
                 self.reports.loaded(spec.id)
