@@ -7,6 +7,7 @@ from ``engine.tasks``."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import warnings
@@ -173,10 +174,14 @@ class DLBacktrace:
                 self._forget(captured)
 
     def _forget(self, captured: Captured) -> None:
-        """Drop one graph and the head sweepers built on it."""
+        """Drop one graph and the head sweepers built on it. A process that froze its heap
+        (``gc.freeze``: a worker, ``service.heap``) may have frozen the graph, whose reference
+        cycles the collector then never frees: its heap is unfrozen, to be walked again."""
         self._graphs = [e for e in self._graphs if e[0] is not captured]
         dropped = id(captured)
         self._head_sweepers = {k: v for k, v in self._head_sweepers.items() if k[0] != dropped}
+        if gc.get_freeze_count():
+            gc.unfreeze()
 
     def graph_for(self, inputs: Inputs) -> Captured:
         """The captured graph that runs ``inputs``, captured now if none fits them (other

@@ -92,3 +92,35 @@ def test_a_model_evicted_after_the_freeze_is_freed(tmp_path) -> None:
     worker.load(specs[1])  # evicts "a"
     assert cache.warm_ids() == ["b"]
     assert gone() is None
+
+
+class _StaticLength(torch.nn.Module):
+    """A model whose graphs each take one sequence length (a branch on it): every new length
+    is a capture of its own, and past ``MAX_GRAPHS`` the oldest but the first is dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x)
+        if x.shape[1] == 5:
+            y = y * 2
+        return y.sum(1)
+
+
+def test_a_graph_dropped_after_the_freeze_is_freed(monkeypatch) -> None:
+    """A captured graph (reference cycles) that was frozen while it served and that its
+    model's cache of graphs then drops, between two model loads, is still collected."""
+    from engine import DLBacktrace
+    from engine import backtrace as bt
+
+    monkeypatch.setattr(bt, "MAX_GRAPHS", 2)  # the first graph and one more
+    dlb = DLBacktrace(_StaticLength().eval(), {"x": torch.randn(2, 3, 4)})
+    second = dlb.graph_for({"x": torch.randn(2, 4, 4)})
+    gone = weakref.ref(second)
+    del second
+    heap.settle()  # a worker's load of another model
+    dlb.graph_for({"x": torch.randn(2, 6, 4)})  # drops the graph of length 4
+    gc.collect()
+    assert gone() is None
