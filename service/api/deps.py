@@ -55,8 +55,9 @@ class _CPackedConnection(aredis.Connection):
         socket takes at once (nearly every one): on Python 3.11 that runs the write as a task
         of its own, 10-15 us of a round trip's 50-90 us of CPU. A write the socket does not
         take whole is waited for redis-py's way, under the socket timeout; a connection to
-        open or check, and a write that fails, go redis-py's way too (its errors, its
-        disconnect)."""
+        open or check, and a write that raises, go redis-py's way too (its errors, its
+        disconnect). A send that fails inside the transport (a connection lost) raises
+        nothing here: it ends at the reply, as a ConnectionError that disconnects too."""
         if self.is_connected and not (check_health and self.health_check_interval):
             transport = self._writer.transport
             if isinstance(command, str):
