@@ -164,12 +164,41 @@ def _check_classification(dlb: Any, model: nn.Module, inputs: dict, task: str) -
     got = [torch.as_tensor(np.asarray(p)).float() for p in _leaves(result["predictions"])]
     if len(eager) == 2 and len(got) == 1 and got[0].shape == (*eager[0].shape, 2):
         eager = [torch.stack(eager, -1)]  # question answering: start and end as [B, T, 2]
-    for want, have in zip(eager, got, strict=False):
-        if want.shape != have.shape or not torch.allclose(
+    exact: list[torch.Tensor] | None = None
+    for i, (want, have) in enumerate(zip(eager, got, strict=False)):
+        if want.shape == have.shape and torch.allclose(
             have, want.float(), rtol=FORWARD_RTOL, atol=FORWARD_ATOL
         ):
+            continue
+        exact = exact if exact is not None else _float64_logits(model, inputs)
+        if want.shape != have.shape or not as_close_as_eager(want, have, exact, i):
             raise _Failed("forward-differs", _difference(want, have))
     return _check_conservation([result["conservation"]])
+
+
+def _float64_logits(model: nn.Module, inputs: dict) -> list[torch.Tensor]:
+    """The eager logits of a float64 copy of the model (empty where it cannot run so)."""
+    import copy
+
+    cast = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    try:
+        with torch.no_grad():
+            return _logits(copy.deepcopy(model).double()(**cast))
+    except Exception:  # noqa: BLE001 - no float64 reference: the float32 check stands
+        return []
+
+
+def as_close_as_eager(
+    want: torch.Tensor, have: torch.Tensor, exact: list[torch.Tensor], i: int
+) -> bool:
+    """Whether the engine's logits are no farther from the float64 model's than eager
+    float32's own (plus the tolerance): float32's rounding over a deep model (hgnet_v2:
+    1.5e-4 from float64, where the engine's were 7e-5) is not the engine's error."""
+    if i >= len(exact) or exact[i].shape != want.shape:
+        return False
+    ref = exact[i]
+    own = float((want.double() - ref).abs().max())
+    return float((have.double() - ref).abs().max()) <= own + FORWARD_ATOL
 
 
 def _logits(out: Any) -> list[torch.Tensor]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bench.coverage.architectures import Arch, list_architectures
-from bench.coverage.check import STATUSES, check_architecture, missing_ops
+from bench.coverage.check import STATUSES, as_close_as_eager, check_architecture, missing_ops
 from bench.coverage.report import failures, low_shares, markdown, summary
 
 SUBSET = [
@@ -299,3 +299,15 @@ def test_per_layer_settings_serialised_with_text_keys_and_parts_of_the_depth_are
     assert out["layer_types"] == ["s", "s", "f", "s", "f"]
     assert out["per_layer_config"] == {2: {"head_dim": 512}, 4: {"head_dim": 512}}
     assert (out["n_input_layers"], out["n_recurrent_layers"], out["n_output_layers"]) == (1, 3, 1)
+
+
+def test_float32_rounding_of_the_eager_model_is_not_a_forward_difference():
+    """hgnet_v2's eager float32 logits are 1.5e-4 from its float64 ones and the engine's
+    7e-5: ok. An engine as far again from float64 as eager is, past the tolerance, is not."""
+    arch = next(a for a in list_architectures("image-classification") if a.name == "hgnet_v2")
+    assert check_architecture(arch).status == "ok"
+    exact = torch.zeros(1, 3, dtype=torch.float64)
+    eager = torch.full((1, 3), 1.5e-4)
+    assert as_close_as_eager(eager, torch.full((1, 3), 7e-5), [exact], 0)
+    assert not as_close_as_eager(eager, torch.full((1, 3), 5e-4), [exact], 0)
+    assert not as_close_as_eager(eager, torch.full((1, 3), 7e-5), [], 0)  # no float64 run

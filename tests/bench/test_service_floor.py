@@ -75,7 +75,7 @@ class _Canned:
 
 STREAM = (
     b"retry: 2000\n\nid: 1-0\nevent: queued\ndata: {}\n\n: keep-alive\n\n"
-    b"id: 2-0\r\nevent: done\r\ndata: {\"a\": 1}\r\n\r\n"
+    b'id: 2-0\r\nevent: done\r\ndata: {"a": 1}\r\n\r\n'
 )
 
 
