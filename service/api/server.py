@@ -14,6 +14,8 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from .one_write import OneWriteProtocol
+
 # The longest uvicorn waits for other requests in flight at shutdown (a POST in its enqueue,
 # a heatmap being drawn) before it cancels them: under Kubernetes' default grace period of
 # 30 s, after which the process is killed whatever it is doing.
@@ -29,7 +31,12 @@ class Server(uvicorn.Server):
 
     def __init__(self, app: FastAPI, before_drain: Callable[[], None] | None = None, **config: Any):
         super().__init__(
-            uvicorn.Config(app, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **config)
+            uvicorn.Config(
+                app,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                http=OneWriteProtocol,
+                **config,
+            )
         )
         self.app, self.before_drain = app, before_drain
 
