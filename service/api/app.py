@@ -14,6 +14,7 @@ from ..config import Settings
 from ..registry import load_registry
 from . import errors
 from .deps import AsyncClients
+from .first_events import FirstEvents
 from .hub import HUB_BLOCK_S, StreamHub
 from .lifespan import lifespan
 from .metadata import ModelMetadata
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         },
     )
     app.state.hub = StreamHub(app.state.async_redis)
+    app.state.first_events = FirstEvents()
     app.state.queue = Queue(
         settings.queue,
         connection=r,

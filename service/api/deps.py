@@ -126,7 +126,8 @@ def event_streams(request: Request) -> EventStreams:
     declared as a dependency, as ``submission`` is."""
     state = request.app.state
     sse = state.async_redis.get("sse")
-    return EventStreams(sse, state.settings.keepalive_s, state.metrics, state.draining, state.hub)
+    settings, metrics, draining = state.settings, state.metrics, state.draining
+    return EventStreams(sse, settings.keepalive_s, metrics, draining, state.hub, state.first_events)
 
 
 @dataclass(frozen=True)

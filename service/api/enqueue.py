@@ -20,6 +20,7 @@ from .. import batching, store
 from ..config import Settings
 from ..vocabulary import Event
 from .errors import RETRY_AFTER
+from .first_events import Entry
 
 JOB_FUNC = "service.jobs.run_job"
 # The job's data is compressed, as RQ writes it, only past this many bytes: RQ reads data
@@ -29,7 +30,8 @@ COMPRESS_ABOVE = 8 << 10
 
 # What RQ's ``Queue.enqueue_call`` writes for a job without dependencies (the queue in RQ's
 # set of queues, the job's hash with its expiry, its id on the queue), then the job's first
-# event and its batch offer (``service.batching``), and the queue's length after the push.
+# event and its batch offer (``service.batching``); it returns the queue's length after the
+# push and the event's stream id.
 # RQ on a transaction pipeline took fifteen commands (MULTI, EXEC, expiries of dependency
 # keys that a job without dependencies never has), each packed and each reply parsed in
 # this process. KEYS: the job's hash, RQ's queue, RQ's set of queues, the job's stream, its
@@ -40,13 +42,14 @@ redis.call('SADD', KEYS[3], KEYS[2])
 redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('RPUSH', KEYS[2], ARGV[1])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[5], 'data', ARGV[6])
+local event = {'event', ARGV[5], 'data', ARGV[6]}
+local id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', unpack(event))
 redis.call('EXPIRE', KEYS[4], ARGV[3])
 if KEYS[5] then
   redis.call('RPUSH', KEYS[5], ARGV[1])
   redis.call('EXPIRE', KEYS[5], ARGV[2])
 end
-return redis.call('LLEN', KEYS[2])
+return {redis.call('LLEN', KEYS[2]), id}
 """
 
 # Take a just-enqueued job back out of the queue, with its RQ hash, its stream and its batch
@@ -68,8 +71,9 @@ async def enqueue(
     body: dict[str, Any],
     model: str,
     task: TaskName,
-) -> None:
-    """Enqueue the validated request ``body`` as job ``job_id`` (429 when the queue is full).
+) -> Entry:
+    """Enqueue the validated request ``body`` as job ``job_id`` (429 when the queue is full);
+    returns the job's first event (``queued``), as its stream holds it.
 
     ``job_fields`` gives the job's hash, as ``Queue.enqueue_call`` would store it;
     ``_ENQUEUE`` writes it. The queue's length is read by the same script, after the push:
@@ -84,9 +88,10 @@ async def enqueue(
     args = [job_id, settings.result_ttl, stream_ttl, settings.stream_maxlen, Event.QUEUED, event]
     fields = job_fields(queue, settings, body, model, task)
     args += [x for field_value in fields.items() for x in field_value]
-    depth = await ar.eval(_ENQUEUE, len(keys), *keys, *args)
+    depth, entry_id = await ar.eval(_ENQUEUE, len(keys), *keys, *args)
     if depth > settings.max_queue and await _withdraw(ar, queue.key, job_id, group):
         raise HTTPException(429, "queue full, retry later", headers=RETRY_AFTER)
+    return entry_id, {b"event": Event.QUEUED.encode(), b"data": event}
 
 
 # RQ's hash of a job, by the queue's name and the settings that shape it (``_template``).

@@ -19,6 +19,7 @@ from rq.job import JobStatus as RqStatus
 
 from .. import store
 from ..vocabulary import LIFECYCLE_EVENTS, TERMINAL_EVENTS, Event
+from .first_events import FirstEvents
 from .hub import StreamHub, id_key
 from .jobview import waiting_note
 from .metrics import ApiMetrics
@@ -166,13 +167,15 @@ class EventStreamResponse(StreamingResponse):
 @dataclass(frozen=True)
 class EventStreams:
     """What a job's event stream needs: the SSE readers' Redis client, the keep-alive
-    interval, the metrics (which count connected clients) and the process's open streams."""
+    interval, the metrics (which count connected clients), the process's open streams, its
+    shared read and the first events of the jobs it has just accepted."""
 
     redis: aredis.Redis
     keepalive: float
     metrics: ApiMetrics
     draining: Draining
     hub: StreamHub
+    first_events: FirstEvents
 
     async def exists(self, job_id: str) -> bool:
         """Whether there is a job (or its events) to stream."""

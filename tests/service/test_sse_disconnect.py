@@ -14,6 +14,7 @@ import uuid
 import redis
 
 from service.api.deps import AsyncClients
+from service.api.first_events import FirstEvents
 from service.api.hub import StreamHub
 from service.api.metrics import ApiMetrics
 from service.api.sse import Draining, EventStreams
@@ -27,7 +28,9 @@ async def _serve(url: str, job: str, disconnect_after: float | None) -> tuple[fl
     sent and the connected-clients gauge after it."""
     clients = AsyncClients(url)
     metrics = ApiMetrics(redis.Redis.from_url(url), "q")
-    streams = EventStreams(clients.get("sse"), KEEPALIVE_S, metrics, Draining(), StreamHub(clients))
+    streams = EventStreams(
+        clients.get("sse"), KEEPALIVE_S, metrics, Draining(), StreamHub(clients), FirstEvents()
+    )
     sent: list[dict] = []
 
     async def receive() -> dict:

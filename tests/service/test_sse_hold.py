@@ -11,6 +11,7 @@ import redis
 import redis.asyncio as aredis
 
 from service.api.deps import AsyncClients
+from service.api.first_events import FirstEvents
 from service.api.hub import StreamHub
 from service.api.metrics import ApiMetrics
 from service.api.sse import SSE_HOLD_S, Draining, EventStreams, _events
@@ -23,7 +24,9 @@ async def _first_chunks(url: str, job: str, writer, n: int) -> list[tuple[float,
     (an async callable on its own client), each with the seconds since the relay started."""
     clients, w = AsyncClients(url), aredis.Redis.from_url(url)
     metrics = ApiMetrics(redis.Redis.from_url(url), "q")
-    streams = EventStreams(clients.get("sse"), 15.0, metrics, Draining(), StreamHub(clients))
+    streams = EventStreams(
+        clients.get("sse"), 15.0, metrics, Draining(), StreamHub(clients), FirstEvents()
+    )
     task = asyncio.create_task(writer(w))
     t0, chunks = time.monotonic(), []
     gen = _events(streams, job, "0-0")

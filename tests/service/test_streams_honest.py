@@ -9,6 +9,7 @@ socket timeout (5 s), which is how the production default (15 s) misreported qui
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -128,3 +129,44 @@ def test_a_job_whose_keys_are_lost_ends_its_stream_with_a_kept_error(lonely) -> 
     assert [e for _, e, _ in evs] == ["queued", "error"]
     assert "no longer in Redis" in evs[-1][2]["message"]
     assert 0 < r.ttl(store.EVENTS.format(job)) <= 3600
+
+
+def test_a_stream_of_a_job_just_accepted_starts_without_a_read(lonely) -> None:
+    """The API keeps the ``queued`` event of the jobs it accepts (``first_events``): the
+    client's GET of the events right after its POST starts with it, with no read of the
+    job's Redis stream (only the shared blocking read that waits for what follows); a
+    second GET of the same job reads it first, and gets the same event."""
+    client, r = lonely
+    job = submit(client, JOB)["job_id"]
+    with _commands(r) as seen:
+        first = _first_event(client, job)
+        r.echo("second")
+        again = _first_event(client, job)
+    assert [e for _, e, _ in first] == ["queued"] and first == again
+    reads = [c for c in seen if c.startswith("XREAD") and job in c]
+    second = seen.index("ECHO second")
+    assert [c.startswith("XREAD BLOCK") for c in seen[:second] if c in reads] == [True]
+    assert not reads[1].startswith("XREAD BLOCK"), reads  # the second GET's read
+
+
+@contextlib.contextmanager
+def _commands(r: redis.Redis) -> Iterator[list[str]]:
+    """The commands Redis runs meanwhile (MONITOR), as text."""
+    seen: list[str] = []
+
+    def watch() -> None:
+        with r.monitor() as m:
+            for c in m.listen():
+                if c["command"] == "ECHO end":
+                    return
+                seen.append(c["command"])
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    while not any("O" in c["flags"] for c in r.client_list()):
+        time.sleep(0.01)
+    try:
+        yield seen
+    finally:
+        r.echo("end")
+        thread.join(10)

@@ -37,7 +37,10 @@ async def job_events(job_id: JobId, request: Request) -> Response:
     streams = event_streams(request)  # not a dependency: see deps.submission
     last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     last = last if last and is_stream_id(last) else "0-0"
-    first = await streams.peek(job_id, last)  # events there: the job exists, resumes
+    # events there: the job exists, resumes (one this process has just accepted: no read)
+    first = streams.first_events.take(job_id) if last == "0-0" else None
+    if first is None:
+        first = await streams.peek(job_id, last)
     if not first:
         if not await streams.exists(job_id):
             raise no_job(job_id)

@@ -95,11 +95,13 @@ async def run_task(
             replayed = JobAccepted.model_validate(first)
             return _answer(replayed, wants_stream, api.streams, replayed=True)
     try:
-        await enqueue(api.redis, api.queue, api.settings, job_id, body, spec.id, task)
+        queued = await enqueue(api.redis, api.queue, api.settings, job_id, body, spec.id, task)
     except BaseException:
         if idem is not None:  # not accepted: a retry with the same key may try again
             await idem.release(api.redis)
         raise
+    if not wants_stream:  # for the client's GET of its events, most often next
+        api.streams.first_events.add(job_id, queued)
     return _answer(accepted, wants_stream, api.streams, replayed=False)
 
 
