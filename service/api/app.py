@@ -20,7 +20,7 @@ from .lifespan import lifespan
 from .metadata import ModelMetadata
 from .metrics import ApiMetrics
 from .middleware import BodyLimitAndMetrics
-from .routes import events, jobs, meta
+from .routes import AUTHORIZED, events, jobs, meta
 from .sse import SSE_SOCKET_MARGIN_S, Draining
 
 
@@ -66,7 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodyLimitAndMetrics, limit=settings.max_body_bytes, metrics=app.state.metrics
     )
     errors.install(app)
-    for router in (jobs.router, events.router, meta.router):
-        app.include_router(router)
+    for router in (jobs.router, events.router):
+        app.include_router(router, dependencies=AUTHORIZED if settings.api_keys else None)
+    app.include_router(meta.router)
     web.mount(app)
     return app

@@ -27,6 +27,14 @@ def test_api_keys_and_back_pressure(stack) -> None:
         assert httpx.get(f"{url}/healthz").status_code == 200  # probes need no key
         assert httpx.get(f"{url}/models").status_code == 401
         assert httpx.post(f"{url}/run_task", json=body).status_code == 401
+        # every route of a job, whether the job exists or not: the key comes first
+        for method, path in [
+            ("GET", "/jobs/x"),
+            ("GET", "/jobs/x/events"),
+            ("DELETE", "/jobs/x"),
+            ("GET", "/jobs/x/heatmap.png"),
+        ]:
+            assert httpx.request(method, f"{url}{path}").status_code == 401, path
         wrong = httpx.post(f"{url}/run_task", json=body, headers={"X-API-Key": "k3"})
         assert wrong.status_code == 401
         assert httpx.get(f"{url}/models", headers={"Authorization": "Bearer k2"}).status_code == 200
