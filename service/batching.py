@@ -221,27 +221,6 @@ def claimed(reply: list[Any]) -> list[Claimed]:
     return [Claimed.of(*one) for one in zip(reply[::3], reply[1::3], reply[2::3], strict=True)]
 
 
-# Claims of this worker made overdue: the reaper's next pass puts their jobs back in the
-# queue (``requeue_lost``), though the worker lives. KEYS: the claims hash. ARGV: the
-# worker, then the claimed ids; a claim that is no longer this worker's is left as it is.
-_GIVE_BACK = """
-for i = 2, #ARGV do
-  local claim = redis.call('HGET', KEYS[1], ARGV[i])
-  if claim and string.match(claim, '^(.*)|') == ARGV[1] then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[1] .. '|0')
-  end
-end
-"""
-
-
-def give_back(r: redis.Redis, worker: str, ids: list[Any]) -> None:
-    """Hand jobs that ``worker`` claimed and will not run to the reaper's next pass,
-    instead of their claims' deadline (``service.work.run.run_batch``: a claim that went
-    out with results that failed)."""
-    if ids:
-        r.eval(_GIVE_BACK, 1, CLAIMS, worker, *ids)
-
-
 # RQ's ending of jobs it did not run itself, as ``Job.set_status``, ``BaseRegistry.add`` and
 # ``Job.cleanup`` (a positive TTL) write it, and their claims removed: one command for a
 # batch, where those took six per job, each built through RQ's objects. KEYS: the claims

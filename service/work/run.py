@@ -78,7 +78,7 @@ def run_batch(
     if then is not None:
         then(settle)
     replies = settle.execute(raise_on_error=False)
-    after = _after_results(r, st.name, replies, before + len(works), then is not None)
+    after = _after_results(replies, before + len(works), then is not None)
     replies = replies[before : before + len(works)]
     if any(x is None for x in replies):  # behind the fence: the jobs run elsewhere now
         leave_handed_on(st.name)
@@ -94,27 +94,20 @@ def run_batch(
     return (ended[0] if primary is not None else None), after
 
 
-def _after_results(
-    r: redis.Redis, worker: str, replies: list[Any], results_end: int, then: bool
-) -> Any:
-    """The reply of the command after a batch's results, when there is one. A failed
-    command after them (the next claim) is logged, and counts as none: the results are
-    stored, and the caller goes on without it. Raises the first error of the commands up
-    to the results (as a pipeline's ``execute`` does); the caller then runs no more
-    batches, so the jobs that the claim after them took go to the reaper first
-    (``batching.give_back``), not at their claim's deadline."""
-    after = replies[-1] if then else None
-    if isinstance(after, Exception):
-        log.warning("the command after a batch's results failed: %s", after)
-        after = None
-    error = next((x for x in replies[:results_end] if isinstance(x, Exception)), None)
-    if error is None:
-        return after
-    try:
-        batching.give_back(r, worker, (after or [])[::3])
-    except redis.RedisError:
-        log.warning("could not hand claimed jobs to the reaper", exc_info=True)
-    raise error
+def _after_results(replies: list[Any], results_end: int, then: bool) -> Any:
+    """The reply of the command after a batch's results, when there is one; raises the
+    first error of the commands up to the results (as a pipeline's ``execute`` does). A
+    failed command after them (the next claim) is logged, and counts as none: the
+    results are stored, and the caller goes on without it."""
+    for reply in replies[:results_end]:
+        if isinstance(reply, Exception):
+            raise reply
+    if not then:
+        return None
+    if isinstance(replies[-1], Exception):
+        log.warning("the command after a batch's results failed: %s", replies[-1])
+        return None
+    return replies[-1]
 
 
 def _outcomes(st: WorkerState, r: redis.Redis, works: list[Work]) -> list[Outcome]:

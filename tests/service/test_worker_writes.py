@@ -6,9 +6,7 @@ into ``canceled`` when a cancel was asked while the job ran."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
@@ -19,12 +17,7 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
 from service import batching, store
-from service.config import Settings
-from service.models import ModelCache
-from service.registry import Registry
 from service.vocabulary import Event, JobStatus
-from service.work.context import Work, WorkerState
-from service.work.run import run_batch
 from tests.helpers.databases import own_database
 
 QUEUE = "writes-test"
@@ -228,30 +221,3 @@ def test_the_first_ending_stands(r: redis.Redis) -> None:
     assert pipe.execute()[0] == 0
     assert [f[b"event"] for _, f in r.xrange(store.EVENTS.format("j3"))] == [b"error"]
     assert store.get_result(r, "j3")["status"] == "failed"
-
-
-def test_jobs_claimed_with_results_that_failed_go_back_at_once(
-    r: redis.Redis, tmp_path: Path
-) -> None:
-    """A batch's results go out with the claim of the next batch (``run_batch``'s
-    ``then``). When a write of that round trip fails, ``run_batch`` raises and the worker
-    runs no more batches, but the claim ran in the same round trip: its jobs go back to
-    the queue at the reaper's next pass, though the worker lives, not at the claim's
-    deadline (the job timeout and a minute later). Another worker's claim is left alone."""
-    ids = _queued(r, 2)
-    r.hset(batching.CLAIMS, "other", f"w.1.ab.2|{time.time() + 600}")
-    registry = Registry([])
-    st = WorkerState(Settings(), registry, ModelCache(registry, str(tmp_path), 1), "w.1.ab")
-    r.set(store.EVENTS.format("broken"), "not a stream")  # its result's write fails
-    work = Work("broken", {}, QUEUE, started=True)  # not a valid request: fails at once
-
-    def then(pipe: redis.client.Pipeline) -> None:
-        batching.claim_on(pipe, GROUP, QUEUE, st.name, 10, 600, START)
-
-    with pytest.raises(redis.ResponseError):
-        run_batch(st, r, [work], None, r.pipeline(transaction=False), then)
-    assert sorted(r.hkeys(batching.CLAIMS)) == sorted([i.encode() for i in ids] + [b"other"])
-    requeued = batching.requeue_lost(r, lambda _: True, lambda _: None, 60, 600)
-    assert sorted(requeued) == sorted(ids)
-    assert sorted(r.lrange(f"rq:queue:{QUEUE}", 0, -1)) == sorted(i.encode() for i in ids)
-    assert r.hkeys(batching.CLAIMS) == [b"other"]
