@@ -101,9 +101,7 @@ class Start:
     retries: int
 
 
-# KEYS: the group's list, RQ's queue, the claims hash, the worker's fence (``store.fence``:
-# a worker the reaper took for dead claims nothing, as its writes are refused). ARGV: how
-# many to claim, the worker,
+# KEYS: the group's list, RQ's queue, the claims hash. ARGV: how many to claim, the worker,
 # started_at as RQ writes it, RQ's job key prefix, the claim's deadline (unix seconds), the
 # events' key prefix, the cancel flags' key prefix, the stream's TTL and MAXLEN, the retry
 # limit, the started event's name. Job hashes, streams and flags are addressed by id inside
@@ -115,7 +113,6 @@ class Start:
 # the queue and is not claimed.
 _CLAIM = """
 local claimed, n = {}, 0
-if redis.call('EXISTS', KEYS[4]) == 1 then return claimed end
 while n < tonumber(ARGV[1]) do
   local id = redis.call('LPOP', KEYS[1])
   if not id then break end
@@ -197,27 +194,14 @@ def claim(
     its jobs). With ``pipe``, its commands go first in the same round trip."""
     if limit <= 0:
         return []
-    pipe = pipe if pipe is not None else r.pipeline(transaction=False)
-    return claimed(_after(pipe, lambda p: claim_on(p, group, queue, worker, limit, timeout, start)))
-
-
-def claim_on(
-    pipe: Any, group: str, queue: str, worker: str, limit: int, timeout: float, start: Start
-) -> None:
-    """``claim``'s command, queued on ``pipe`` after what it holds (the worker's results:
-    ``service.work.run.run_batch``); ``claimed`` reads its reply."""
     started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     keys = [BATCH.format(group), Queue.redis_queue_namespace_prefix + queue, CLAIMS]
-    keys.append(store.fence(worker))
     args = [limit, worker, started, Job.redis_job_namespace_prefix, time.time() + timeout]
     args += [store.EVENTS.format(""), store.CANCEL.format(""), start.ttl, start.maxlen]
     args += [start.retries, Event.STARTED]
     # EVAL with the script's text: a pipeline's EVALSHA costs a SCRIPT EXISTS round trip.
-    pipe.eval(_CLAIM, len(keys), *keys, *args)
-
-
-def claimed(reply: list[Any]) -> list[Claimed]:
-    """The jobs a claim's reply names."""
+    pipe = pipe if pipe is not None else r.pipeline(transaction=False)
+    reply = _after(pipe, lambda p: p.eval(_CLAIM, len(keys), *keys, *args))
     return [Claimed.of(*one) for one in zip(reply[::3], reply[1::3], reply[2::3], strict=True)]
 
 

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import redis
 from rq import get_current_job
-from rq.job import Job
 
 from . import batching, store
 from . import worker_metrics as m
 from .vocabulary import JobStatus
-from .work.context import Outcome, Work, WorkerState, state
+from .work.context import Work, WorkerState, state
 from .work.run import run_batch
 
 log = logging.getLogger("service.worker")
@@ -57,25 +56,24 @@ def run_job(request: dict[str, Any]) -> dict[str, Any]:
     start = batching.Start(st.settings.result_ttl, st.settings.stream_maxlen, st.settings.retries)
 
     # RQ's bookkeeping of the claimed jobs of each batch (``batching.settle``) travels with
-    # the worker's next round trip (the next results, claim or wait): their results are stored.
+    # the next claim or wait: their results are stored already, and it saves a round trip.
     settle = r.pipeline(transaction=False)
 
-    if not batched:
-        return _outcome(job, run_batch(st, r, [primary], primary, settle)[0])
-    claims = _Claims(st, r, group, job.origin, start, settle)  # type: ignore[arg-type, union-attr]
-    first = [primary, *claims.now(st.settings.max_batch - 1)]
-    outcome, reply = run_batch(st, r, first, primary, settle, claims.on)
+    def claim(n: int) -> list[Work]:
+        if not batched:
+            return []
+        timeout = st.settings.job_timeout + 60  # as RQ's own started-job registry
+        jobs = batching.claim(r, group, job.origin, st.name, n, timeout, start, settle)
+        return [Work.claimed(j, job.origin) for j in jobs]
+
+    outcome = run_batch(st, r, [primary, *claim(st.settings.max_batch - 1)], primary, settle)
     try:  # the primary's result is stored: nothing after this may fail or rerun its job
-        _further_batches(st, r, group, claims.read(reply), claims, settle)
+        if batched:
+            _further_batches(st, r, group, claim, settle)
     except Exception:  # noqa: BLE001 - logged; the jobs claimed meanwhile go to the reaper
         log.warning("stopped running further batches of %s", group, exc_info=True)
     finally:
         _send(settle)
-    return _outcome(job, outcome)
-
-
-def _outcome(job: Job | None, outcome: Outcome | None) -> dict[str, Any]:
-    """The RQ job's return value, or its failure raised (not retried: deterministic)."""
     m.update_gpu_memory()
     if isinstance(outcome, Exception):
         if job is not None:
@@ -84,56 +82,23 @@ def _outcome(job: Job | None, outcome: Outcome | None) -> dict[str, Any]:
     return {"status": JobStatus.FINISHED}
 
 
-@dataclass(frozen=True)
-class _Claims:
-    """This worker's claims of the queued jobs of one batch group (``service.batching``):
-    one sent now (``now``: on ``settle``, with what it holds), or one queued on a batch's
-    results (``on``), whose reply ``read`` gives as ``Work``."""
-
-    st: WorkerState
-    r: redis.Redis
-    group: str
-    queue: str
-    start: batching.Start
-    settle: redis.client.Pipeline
-
-    @property
-    def timeout(self) -> int:
-        return self.st.settings.job_timeout + 60  # a claim's deadline, as RQ's own registry's
-
-    def now(self, n: int) -> list[Work]:
-        args = (self.group, self.queue, self.st.name, n, self.timeout, self.start, self.settle)
-        return [Work.claimed(j, self.queue) for j in batching.claim(self.r, *args)]
-
-    def on(self, pipe: redis.client.Pipeline) -> None:
-        n = self.st.settings.max_batch
-        batching.claim_on(pipe, self.group, self.queue, self.st.name, n, self.timeout, self.start)
-
-    def read(self, reply: Any) -> list[Work]:
-        return [Work.claimed(j, self.queue) for j in batching.claimed(reply or [])]
-
-
 def _further_batches(
     st: WorkerState,
     r: redis.Redis,
     group: str,
-    works: list[Work],
-    claims: _Claims,
+    claim: Callable[[int], list[Work]],
     settle: redis.client.Pipeline,
 ) -> None:
-    """Run ``works`` and the batches of ``group`` that keep arriving, claiming more for up
-    to ``BATCH_ROUNDS_S``: each batch's results go out with the claim of the next. Jobs
-    claimed are run, also past the time (the last batch claims no more)."""
+    """Run the batches of ``group`` that keep arriving, for up to ``BATCH_ROUNDS_S``."""
     until, waited = time.monotonic() + BATCH_ROUNDS_S, False
-    while True:
-        left = until - time.monotonic()
-        if works:
-            more = claims.on if left > 0 else None
-            works, waited = claims.read(run_batch(st, r, works, None, settle, more)[1]), False
-        elif left <= 0 or waited or not batching.wait(r, group, min(BATCH_WAIT_S, left), settle):
-            return
-        else:  # one of the group arrived: claim it (another worker may have)
-            works, waited = claims.now(st.settings.max_batch), True
+    while (left := until - time.monotonic()) > 0:
+        if works := claim(st.settings.max_batch):
+            run_batch(st, r, works, None, settle)
+            waited = False
+        elif waited or not batching.wait(r, group, min(BATCH_WAIT_S, left), settle):
+            break
+        else:
+            waited = True  # one of the group arrived: claim it (another worker may have)
 
 
 def _send(settle: redis.client.Pipeline) -> None:

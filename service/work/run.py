@@ -7,10 +7,7 @@ meanwhile is checked by the same write), RQ's bookkeeping, and the worker's metr
 from __future__ import annotations
 
 import functools
-import logging
 import time
-from collections.abc import Callable
-from typing import Any
 
 import redis
 
@@ -33,8 +30,6 @@ from .context import (
     state,
 )
 from .generate import generate
-
-log = logging.getLogger("service.worker")
 
 
 def warm(spec: ModelSpec) -> None:
@@ -59,27 +54,18 @@ def run_batch(
     works: list[Work],
     primary: Work | None,
     settle: redis.client.Pipeline,
-    then: Callable[[redis.client.Pipeline], None] | None = None,
-) -> tuple[Outcome | None, Any]:
+) -> Outcome | None:
     """Run the works as one batch and store every result; RQ's ending of the jobs claimed
     from the queue is queued on ``settle``, for the caller to send with its next command.
-    Returns the outcome of ``primary`` (the job RQ handed out) and the reply of ``then``'s
-    command (None without one, or when it failed: logged).
+    Returns the outcome of ``primary`` (the job RQ handed out).
 
-    The results go out in one round trip, each written as ``canceled`` instead where a
+    The results go out in one pipeline, each written as ``canceled`` instead where a
     cancel was asked while the batch ran (``store.finish``): the clients' terminal events
-    wait for no other round trip. It carries what ``settle`` holds (the last batch's RQ
-    bookkeeping) before them and ``then``'s command (the next batch's claim) after them:
-    a batch's one round trip, where the claim took one of its own. RQ's bookkeeping needs
-    the endings, so this batch's follows with the next round trip."""
+    wait for no other round trip. RQ's bookkeeping needs those endings, so it follows."""
     outcomes = _outcomes(st, r, works)
-    before = len(settle)
-    written = [_write(st, settle, w, o) for w, o in zip(works, outcomes, strict=True)]
-    if then is not None:
-        then(settle)
-    replies = settle.execute(raise_on_error=False)
-    after = _after_results(replies, before + len(works), then is not None)
-    replies = replies[before : before + len(works)]
+    pipe = r.pipeline(transaction=False)
+    written = [_write(st, pipe, w, o) for w, o in zip(works, outcomes, strict=True)]
+    replies = pipe.execute()
     if any(x is None for x in replies):  # behind the fence: the jobs run elsewhere now
         leave_handed_on(st.name)
     switched = [isinstance(o, dict) and x == 1 for o, x in zip(outcomes, replies, strict=True)]
@@ -91,23 +77,7 @@ def run_batch(
             claimed.setdefault(w.queue, []).append((w.job_id, status))
     for queue, jobs in claimed.items():
         batching.settle(settle, queue, jobs, st.settings.result_ttl, st.settings.failure_ttl)
-    return (ended[0] if primary is not None else None), after
-
-
-def _after_results(replies: list[Any], results_end: int, then: bool) -> Any:
-    """The reply of the command after a batch's results, when there is one; raises the
-    first error of the commands up to the results (as a pipeline's ``execute`` does). A
-    failed command after them (the next claim) is logged, and counts as none: the
-    results are stored, and the caller goes on without it."""
-    for reply in replies[:results_end]:
-        if isinstance(reply, Exception):
-            raise reply
-    if not then:
-        return None
-    if isinstance(replies[-1], Exception):
-        log.warning("the command after a batch's results failed: %s", replies[-1])
-        return None
-    return replies[-1]
+    return ended[0] if primary is not None else None
 
 
 def _outcomes(st: WorkerState, r: redis.Redis, works: list[Work]) -> list[Outcome]:
