@@ -101,7 +101,9 @@ class Start:
     retries: int
 
 
-# KEYS: the group's list, RQ's queue, the claims hash. ARGV: how many to claim, the worker,
+# KEYS: the group's list, RQ's queue, the claims hash, the worker's fence (``store.fence``:
+# a worker the reaper took for dead claims nothing, as its writes are refused). ARGV: how
+# many to claim, the worker,
 # started_at as RQ writes it, RQ's job key prefix, the claim's deadline (unix seconds), the
 # events' key prefix, the cancel flags' key prefix, the stream's TTL and MAXLEN, the retry
 # limit, the started event's name. Job hashes, streams and flags are addressed by id inside
@@ -113,6 +115,7 @@ class Start:
 # the queue and is not claimed.
 _CLAIM = """
 local claimed, n = {}, 0
+if redis.call('EXISTS', KEYS[4]) == 1 then return claimed end
 while n < tonumber(ARGV[1]) do
   local id = redis.call('LPOP', KEYS[1])
   if not id then break end
@@ -196,6 +199,7 @@ def claim(
         return []
     started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     keys = [BATCH.format(group), Queue.redis_queue_namespace_prefix + queue, CLAIMS]
+    keys.append(store.fence(worker))
     args = [limit, worker, started, Job.redis_job_namespace_prefix, time.time() + timeout]
     args += [store.EVENTS.format(""), store.CANCEL.format(""), start.ttl, start.maxlen]
     args += [start.retries, Event.STARTED]

@@ -80,6 +80,20 @@ def test_a_claim_never_revives_an_expired_job(r: redis.Redis) -> None:
     assert not r.lrange(f"rq:queue:{QUEUE}", 0, -1)
 
 
+def test_a_worker_behind_its_fence_claims_nothing(r: redis.Redis) -> None:
+    """Once the reaper took a worker for dead (its fence is set, ``store.fence``), its
+    claims take nothing: a worker stopped past its heartbeat and resumed would otherwise
+    claim jobs before its first refused write sends it away, and they would wait for its
+    heartbeat to expire. Another worker claims them."""
+    ids = _queued(r, 2)
+    r.set(store.fence("w.1.ab"), 1)
+    assert batching.claim(r, GROUP, QUEUE, "w.1.ab", 10, 600, START) == []
+    assert r.lrange(f"rq:queue:{QUEUE}", 0, -1) == [i.encode() for i in ids]
+    assert not r.exists(batching.CLAIMS)
+    claimed = batching.claim(r, GROUP, QUEUE, "w.2.cd", 10, 600, START)
+    assert [j.id for j in claimed] == ids
+
+
 def test_a_claim_reads_the_enqueue_time_and_retries_as_rq_does(r: redis.Redis) -> None:
     """A claim reads three fields of RQ's hash instead of building RQ's ``Job``: what it
     reads is what ``Job.fetch`` would give."""
