@@ -34,6 +34,14 @@ def app() -> FastAPI:
     async def job() -> JSONResponse:
         return JSONResponse({"job_id": "x" * 32}, status_code=202)
 
+    @api.get("/big")
+    async def big() -> StreamingResponse:
+        async def chunks():
+            for i in range(64):  # 4 MiB in one step: written as they come, in order
+                yield bytes([65 + i % 26]) * (64 << 10)
+
+        return StreamingResponse(chunks(), media_type="application/octet-stream")
+
     @api.get("/slow")
     async def slow() -> StreamingResponse:
         async def events():
@@ -97,3 +105,14 @@ def test_what_a_later_step_writes_follows_in_order(server: tuple[int, type]) -> 
     assert body == b"a\r\nevent: a\n\n\r\na\r\nevent: b\n\n\r\n0\r\n\r\n"
     # headers with the first chunk; the second chunk with the end of the response
     assert segments == (2 if protocol is OneWriteProtocol else 4)
+
+
+def test_large_writes_go_at_once_and_in_order(server: tuple[int, type]) -> None:
+    """Writes past ``JOIN_BYTES`` are not held (uvicorn's flow control must see the socket
+    as it is, tests/chaos/test_streams.py: a stalled reader): 4 MiB sent in one step arrive
+    whole and in order."""
+    port, _ = server
+    got, _ = exchange(port, b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n", b"0\r\n\r\n")
+    body = got.partition(b"\r\n\r\n")[2]
+    chunks = [bytes([65 + i % 26]) * (64 << 10) for i in range(64)]
+    assert body == b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
