@@ -103,16 +103,15 @@ class Start:
 
 # KEYS: the group's list, RQ's queue, the claims hash, the worker's fence (``store.fence``:
 # a worker the reaper took for dead claims nothing, as its writes are refused). ARGV: how
-# many to claim, the worker,
-# started_at as RQ writes it, RQ's job key prefix, the claim's deadline (unix seconds), the
-# events' key prefix, the cancel flags' key prefix, the stream's TTL and MAXLEN, the retry
-# limit, the started event's name. Job hashes, streams and flags are addressed by id inside
-# the script (as RQ's own keys are: one Redis, not a cluster). A claimed job is marked
-# started in RQ, gets its ``started`` event (data as ``service.work.run`` writes it for the
-# jobs RQ hands out: worker and attempt), and comes back as its id, whether a cancel was
-# asked, and the fields of its hash the worker reads (``CLAIMED_FIELDS``): the claim is the
-# batch's only round trip before the engine runs. An id whose hash is gone (expired) leaves
-# the queue and is not claimed.
+# many to claim, the worker, started_at as RQ writes it, RQ's job key prefix, the claim's
+# deadline (unix seconds), the events' key prefix, the cancel flags' key prefix, the
+# stream's TTL and MAXLEN, the retry limit, the started event's name. Job hashes, streams
+# and flags are addressed by id inside the script (as RQ's own keys are: one Redis, not a
+# cluster). A claimed job is marked started in RQ, gets its ``started`` event (data as
+# ``service.work.run`` writes it for the jobs RQ hands out: worker and attempt), and comes
+# back as its id, whether a cancel was asked, and the fields of its hash the worker reads
+# (``CLAIMED_FIELDS``): the claim is the batch's only round trip before the engine runs. An
+# id whose hash is gone (expired) leaves the queue and is not claimed.
 _CLAIM = """
 local claimed, n = {}, 0
 if redis.call('EXISTS', KEYS[4]) == 1 then return claimed end

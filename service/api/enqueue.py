@@ -42,8 +42,8 @@ redis.call('SADD', KEYS[3], KEYS[2])
 redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('RPUSH', KEYS[2], ARGV[1])
-local event = {'event', ARGV[5], 'data', ARGV[6]}
-local id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', unpack(event))
+local id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*',
+  'event', ARGV[5], 'data', ARGV[6])
 redis.call('EXPIRE', KEYS[4], ARGV[3])
 if KEYS[5] then
   redis.call('RPUSH', KEYS[5], ARGV[1])
